@@ -1,0 +1,177 @@
+//! Fixed-size link cells (`doc/protocol.md` section "Cells").
+//!
+//! Every cell on every link is [`CELL_LEN`] bytes: a 4-byte circuit id, a
+//! 1-byte command and a [`PAYLOAD_LEN`]-byte payload.
+
+use crate::Error;
+use crate::wire::{Reader, Writer};
+
+pub const CELL_LEN: usize = 514;
+pub const PAYLOAD_LEN: usize = CELL_LEN - 5;
+
+/// A cell command: an open newtype so unknown values survive parsing.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CellCmd(pub u8);
+
+impl CellCmd {
+    pub const PADDING: Self = Self(0);
+    pub const CREATE: Self = Self(1);
+    pub const CREATED: Self = Self(2);
+    pub const RELAY: Self = Self(3);
+    pub const DESTROY: Self = Self(4);
+}
+
+impl std::fmt::Debug for CellCmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::PADDING => f.write_str("PADDING"),
+            Self::CREATE => f.write_str("CREATE"),
+            Self::CREATED => f.write_str("CREATED"),
+            Self::RELAY => f.write_str("RELAY"),
+            Self::DESTROY => f.write_str("DESTROY"),
+            CellCmd(n) => write!(f, "CellCmd({n})"),
+        }
+    }
+}
+
+/// One link cell.
+#[derive(Clone)]
+pub struct Cell {
+    pub circ_id: u32,
+    pub cmd: CellCmd,
+    pub payload: Box<[u8; PAYLOAD_LEN]>,
+}
+
+impl std::fmt::Debug for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cell").field("circ_id", &self.circ_id).field("cmd", &self.cmd).finish()
+    }
+}
+
+impl Cell {
+    /// A cell whose payload is `body` followed by zero bytes.
+    pub fn new(circ_id: u32, cmd: CellCmd, body: &[u8]) -> Result<Self, Error> {
+        if body.len() > PAYLOAD_LEN {
+            return Err(Error::TooLarge { what: "cell body", len: body.len(), max: PAYLOAD_LEN });
+        }
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        payload[..body.len()].copy_from_slice(body);
+        Ok(Cell { circ_id, cmd, payload })
+    }
+
+    pub fn destroy(circ_id: u32, reason: DestroyReason) -> Self {
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        payload[0] = reason.0;
+        Cell { circ_id, cmd: CellCmd::DESTROY, payload }
+    }
+
+    pub fn encode_into(&self, out: &mut [u8]) {
+        out[..4].copy_from_slice(&self.circ_id.to_be_bytes());
+        out[4] = self.cmd.0;
+        out[5..CELL_LEN].copy_from_slice(&self.payload[..]);
+    }
+
+    pub fn encode(&self) -> [u8; CELL_LEN] {
+        let mut out = [0u8; CELL_LEN];
+        self.encode_into(&mut out);
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, Error> {
+        if b.len() != CELL_LEN {
+            return Err(Error::malformed("cell", format!("length {} != {CELL_LEN}", b.len())));
+        }
+        let mut r = Reader::new(b);
+        let circ_id = r.take_u32()?;
+        let cmd = CellCmd(r.take_u8()?);
+        let payload = Box::new(r.take_array::<PAYLOAD_LEN>()?);
+        Ok(Cell { circ_id, cmd, payload })
+    }
+}
+
+/// Why a circuit was destroyed (the first payload byte of DESTROY).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DestroyReason(pub u8);
+
+impl DestroyReason {
+    pub const NONE: Self = Self(0);
+    pub const PROTOCOL: Self = Self(1);
+    pub const INTERNAL: Self = Self(2);
+    pub const REQUESTED: Self = Self(3);
+    pub const CONNECT_FAILED: Self = Self(6);
+    pub const CHANNEL_CLOSED: Self = Self(8);
+    pub const FINISHED: Self = Self(9);
+    pub const TIMEOUT: Self = Self(10);
+    pub const DESTROYED: Self = Self(11);
+    pub const NO_SUCH_SERVICE: Self = Self(12);
+    /// The onion-layer authentication failed: modified, replayed, reordered or dropped cell.
+    pub const CELL_AUTH: Self = Self(13);
+}
+
+impl std::fmt::Debug for DestroyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match *self {
+            Self::NONE => "NONE",
+            Self::PROTOCOL => "PROTOCOL",
+            Self::INTERNAL => "INTERNAL",
+            Self::REQUESTED => "REQUESTED",
+            Self::CONNECT_FAILED => "CONNECT_FAILED",
+            Self::CHANNEL_CLOSED => "CHANNEL_CLOSED",
+            Self::FINISHED => "FINISHED",
+            Self::TIMEOUT => "TIMEOUT",
+            Self::DESTROYED => "DESTROYED",
+            Self::NO_SUCH_SERVICE => "NO_SUCH_SERVICE",
+            Self::CELL_AUTH => "CELL_AUTH",
+            DestroyReason(n) => return write!(f, "DestroyReason({n})"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// CREATE payload: handshake type, length, handshake bytes.
+pub const HANDSHAKE_NTOR: u16 = 2;
+
+pub fn encode_create(htype: u16, hdata: &[u8]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.put_u16(htype).put_u16(hdata.len() as u16).put(hdata);
+    w.finish()
+}
+
+pub fn decode_create(payload: &[u8]) -> Result<(u16, &[u8]), Error> {
+    let mut r = Reader::new(payload);
+    let htype = r.take_u16()?;
+    let len = r.take_u16()? as usize;
+    Ok((htype, r.take(len)?))
+}
+
+/// CREATED payload: length, handshake bytes.
+pub fn encode_created(hdata: &[u8]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.put_u16(hdata.len() as u16).put(hdata);
+    w.finish()
+}
+
+pub fn decode_created(payload: &[u8]) -> Result<&[u8], Error> {
+    let mut r = Reader::new(payload);
+    let len = r.take_u16()? as usize;
+    r.take(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cell_roundtrip_and_length() {
+        let c = Cell::new(0x8000_0001, CellCmd::CREATE, &encode_create(2, &[9; 96])).unwrap();
+        let b = c.encode();
+        assert_eq!(&b[..6], &[0x80, 0, 0, 1, 1, 0]);
+        let d = Cell::decode(&b).unwrap();
+        assert_eq!(d.circ_id, c.circ_id);
+        assert_eq!(d.cmd, CellCmd::CREATE);
+        let (t, h) = decode_create(&d.payload[..]).unwrap();
+        assert_eq!((t, h), (2, &[9u8; 96][..]));
+        assert!(Cell::decode(&b[..513]).is_err());
+        assert!(Cell::new(1, CellCmd::RELAY, &[0; PAYLOAD_LEN + 1]).is_err());
+    }
+}

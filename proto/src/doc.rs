@@ -1,0 +1,418 @@
+//! Signed directory documents (`doc/protocol.md` section "Documents").
+//!
+//! A document on the wire is the postcard encoding of
+//! [`SignedDocument`] `{ body, signatures }`. Each signature is Ed25519 over
+//! `domain | body`, where `body` is exactly the bytes received: documents are
+//! never re-encoded to be verified. Parsing gives an `Unverified*` value;
+//! only `verify` yields the trusted one.
+
+use std::net::SocketAddr;
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+use crate::policy::ExitPolicy;
+
+pub const DESCRIPTOR_DOMAIN: &[u8] = b"allium descriptor v1\0";
+pub const CONSENSUS_DOMAIN: &[u8] = b"allium consensus v1\0";
+pub const MAX_DESCRIPTOR_LEN: usize = 16 * 1024;
+pub const MAX_CONSENSUS_LEN: usize = 4 * 1024 * 1024;
+pub const MAX_SIGNATURES: usize = 16;
+pub const MAX_FAMILY: usize = 64;
+pub const MAX_NICKNAME_LEN: usize = 19;
+/// How far in the future a document's time may be (clock skew).
+pub const MAX_CLOCK_SKEW: u64 = 3600;
+
+/// An Ed25519 signature (64 bytes) with a compact serde form.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sig(pub [u8; 64]);
+
+impl Serialize for Sig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Sig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("64 signature bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Sig, E> {
+                let a: [u8; 64] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                Ok(Sig(a))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DocSignature {
+    /// The Ed25519 public key that made the signature.
+    pub key: [u8; 32],
+    pub sig: Sig,
+}
+
+/// What travels on the wire.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignedDocument {
+    pub body: Vec<u8>,
+    pub signatures: Vec<DocSignature>,
+}
+
+fn decode_exact<'a, T: Deserialize<'a>>(what: &'static str, b: &'a [u8]) -> Result<T, Error> {
+    let (v, rest) = postcard::take_from_bytes(b).map_err(|e| Error::malformed(what, e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(Error::TrailingBytes(rest.len()));
+    }
+    Ok(v)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("encoding to a Vec cannot fail")
+}
+
+impl SignedDocument {
+    pub fn parse(what: &'static str, b: &[u8], max: usize) -> Result<Self, Error> {
+        if b.len() > max {
+            return Err(Error::TooLarge { what, len: b.len(), max });
+        }
+        let d: SignedDocument = decode_exact(what, b)?;
+        if d.signatures.len() > MAX_SIGNATURES {
+            return Err(Error::TooLarge { what: "signature list", len: d.signatures.len(), max: MAX_SIGNATURES });
+        }
+        Ok(d)
+    }
+    pub fn new(body: Vec<u8>) -> Self {
+        SignedDocument { body, signatures: vec![] }
+    }
+    pub fn sign(&mut self, domain: &[u8], key: &SigningKey) {
+        let msg = [domain, &self.body].concat();
+        let sig = key.sign(&msg).to_bytes();
+        let pk = key.verifying_key().to_bytes();
+        self.signatures.retain(|s| s.key != pk);
+        self.signatures.push(DocSignature { key: pk, sig: Sig(sig) });
+    }
+    /// Does `s` verify over this body?
+    pub fn check(&self, domain: &[u8], s: &DocSignature) -> bool {
+        let Ok(vk) = VerifyingKey::from_bytes(&s.key) else { return false };
+        let sig = ed25519_dalek::Signature::from_bytes(&s.sig.0);
+        let msg = [domain, &self.body].concat();
+        vk.verify_strict(&msg, &sig).is_ok()
+    }
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(&self.body).into()
+    }
+}
+
+/// What a relay publishes about itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayDescriptor {
+    pub nickname: String,
+    /// Ed25519 identity: signs this descriptor and the link handshake.
+    pub identity: [u8; 32],
+    /// X25519 static key of the Noise link.
+    pub link_key: [u8; 32],
+    /// Current X25519 onion key for the circuit handshake.
+    pub onion_key: [u8; 32],
+    /// The previous onion key, still answered during the overlap.
+    pub prev_onion_key: Option<[u8; 32]>,
+    pub addr: SocketAddr,
+    /// Declared bandwidth, bytes per second.
+    pub bandwidth: u32,
+    pub exit_policy: ExitPolicy,
+    /// Identities of relays run by the same operator.
+    pub family: Vec<[u8; 32]>,
+    /// UNIX seconds.
+    pub published: u64,
+}
+
+pub fn valid_nickname(n: &str) -> bool {
+    !n.is_empty() && n.len() <= MAX_NICKNAME_LEN && n.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+impl RelayDescriptor {
+    pub fn sign(&self, key: &SigningKey) -> SignedDocument {
+        let mut d = SignedDocument::new(encode(self));
+        d.sign(DESCRIPTOR_DOMAIN, key);
+        d
+    }
+}
+
+/// A descriptor as received: parsed, not yet trusted.
+pub struct UnverifiedDescriptor {
+    doc: SignedDocument,
+    desc: RelayDescriptor,
+}
+
+/// A descriptor whose signature, binding and freshness have been checked.
+#[derive(Clone)]
+pub struct VerifiedDescriptor {
+    pub desc: RelayDescriptor,
+    pub digest: [u8; 32],
+    /// The exact bytes received, to serve again.
+    pub bytes: Vec<u8>,
+}
+
+impl UnverifiedDescriptor {
+    pub fn parse(b: &[u8]) -> Result<Self, Error> {
+        let doc = SignedDocument::parse("descriptor", b, MAX_DESCRIPTOR_LEN)?;
+        let desc: RelayDescriptor = decode_exact("descriptor body", &doc.body)?;
+        Ok(UnverifiedDescriptor { doc, desc })
+    }
+
+    /// Check the identity signature, key binding and that `published` lies
+    /// within `[now - max_age, now + MAX_CLOCK_SKEW]`.
+    pub fn verify(self, now: u64, max_age: u64) -> Result<VerifiedDescriptor, Error> {
+        let d = &self.desc;
+        match self.doc.signatures.as_slice() {
+            [s] if s.key == d.identity => {
+                if !self.doc.check(DESCRIPTOR_DOMAIN, s) {
+                    return Err(Error::BadSignature("descriptor"));
+                }
+            }
+            [_] => return Err(Error::BadSignature("descriptor (signed by a key other than its identity)")),
+            _ => return Err(Error::malformed("descriptor", "must carry exactly one signature")),
+        }
+        if d.published > now + MAX_CLOCK_SKEW {
+            return Err(Error::Expired(format!("published {}s in the future", d.published - now)));
+        }
+        if d.published + max_age < now {
+            return Err(Error::Expired(format!("published {}s ago, limit {max_age}s", now - d.published)));
+        }
+        if !valid_nickname(&d.nickname) {
+            return Err(Error::malformed("descriptor", "nickname must be 1-19 ASCII letters or digits"));
+        }
+        if d.family.len() > MAX_FAMILY {
+            return Err(Error::TooLarge { what: "family", len: d.family.len(), max: MAX_FAMILY });
+        }
+        if d.addr.port() == 0 {
+            return Err(Error::malformed("descriptor", "port 0"));
+        }
+        d.exit_policy.check()?;
+        let digest = self.doc.digest();
+        let bytes = self.doc.to_bytes();
+        Ok(VerifiedDescriptor { desc: self.desc, digest, bytes })
+    }
+}
+
+/// Relay flags in the consensus.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayFlags(pub u16);
+
+impl RelayFlags {
+    pub const RUNNING: u16 = 1;
+    pub const VALID: u16 = 2;
+    pub const EXIT: u16 = 4;
+    pub const GUARD: u16 = 8;
+    pub const STABLE: u16 = 16;
+    pub const FAST: u16 = 32;
+    pub const BAD_EXIT: u16 = 64;
+    pub fn has(self, f: u16) -> bool {
+        self.0 & f == f
+    }
+    pub fn names(self) -> Vec<&'static str> {
+        let all = [
+            (Self::RUNNING, "Running"),
+            (Self::VALID, "Valid"),
+            (Self::EXIT, "Exit"),
+            (Self::GUARD, "Guard"),
+            (Self::STABLE, "Stable"),
+            (Self::FAST, "Fast"),
+            (Self::BAD_EXIT, "BadExit"),
+        ];
+        all.iter().filter(|(b, _)| self.has(*b)).map(|(_, n)| *n).collect()
+    }
+}
+
+/// One relay as the consensus lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConsensusRelay {
+    pub nickname: String,
+    pub identity: [u8; 32],
+    pub link_key: [u8; 32],
+    pub onion_key: [u8; 32],
+    pub addr: SocketAddr,
+    pub flags: RelayFlags,
+    /// Weight for path selection (bytes per second).
+    pub bandwidth: u32,
+    pub exit_policy: ExitPolicy,
+    pub family: Vec<[u8; 32]>,
+    pub descriptor_digest: [u8; 32],
+}
+
+/// The network's agreed view, valid for a window of time.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Consensus {
+    pub valid_after: u64,
+    pub fresh_until: u64,
+    pub valid_until: u64,
+    /// Sorted by identity.
+    pub relays: Vec<ConsensusRelay>,
+}
+
+/// An authority's public key, as clients and relays pin it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AuthorityKey(pub [u8; 32]);
+
+impl Consensus {
+    pub fn to_document(&self) -> SignedDocument {
+        SignedDocument::new(encode(self))
+    }
+    pub fn relay(&self, id: &[u8; 32]) -> Option<&ConsensusRelay> {
+        self.relays.binary_search_by(|r| r.identity.cmp(id)).ok().map(|i| &self.relays[i])
+    }
+}
+
+/// A consensus as received: parsed, not yet trusted.
+pub struct UnverifiedConsensus {
+    pub doc: SignedDocument,
+    consensus: Consensus,
+}
+
+impl UnverifiedConsensus {
+    pub fn parse(b: &[u8]) -> Result<Self, Error> {
+        let doc = SignedDocument::parse("consensus", b, MAX_CONSENSUS_LEN)?;
+        let consensus: Consensus = decode_exact("consensus body", &doc.body)?;
+        if !consensus.relays.windows(2).all(|w| w[0].identity < w[1].identity) {
+            return Err(Error::malformed("consensus", "relays not sorted by identity or repeated"));
+        }
+        Ok(UnverifiedConsensus { doc, consensus })
+    }
+
+    /// For display before trust: the claimed contents.
+    pub fn peek(&self) -> &Consensus {
+        &self.consensus
+    }
+
+    /// Which of `authorities` signed it validly.
+    pub fn valid_signers(&self, authorities: &[AuthorityKey]) -> Vec<AuthorityKey> {
+        let mut out: Vec<AuthorityKey> = Vec::new();
+        for s in &self.doc.signatures {
+            let k = AuthorityKey(s.key);
+            if authorities.contains(&k) && !out.contains(&k) && self.doc.check(CONSENSUS_DOMAIN, s) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
+    /// Trust it only if more than half of `authorities` signed it and `now`
+    /// lies within its validity (with [`MAX_CLOCK_SKEW`] of tolerance before
+    /// `valid_after`).
+    pub fn verify(self, authorities: &[AuthorityKey], now: u64) -> Result<Consensus, Error> {
+        let needed = authorities.len() / 2 + 1;
+        let valid = self.valid_signers(authorities).len();
+        if authorities.is_empty() || valid < needed {
+            return Err(Error::NotEnoughSignatures { valid, needed });
+        }
+        let c = &self.consensus;
+        if now + MAX_CLOCK_SKEW < c.valid_after {
+            return Err(Error::Expired(format!("consensus valid only from {}", c.valid_after)));
+        }
+        if now > c.valid_until {
+            return Err(Error::Expired(format!("consensus expired at {}", c.valid_until)));
+        }
+        if !(c.valid_after <= c.fresh_until && c.fresh_until <= c.valid_until) {
+            return Err(Error::malformed("consensus", "validity times out of order"));
+        }
+        Ok(self.consensus)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::ExitPolicy;
+
+    pub(crate) fn key(b: u8) -> SigningKey {
+        SigningKey::from_bytes(&[b; 32])
+    }
+
+    pub(crate) fn desc(id: &SigningKey, published: u64) -> RelayDescriptor {
+        RelayDescriptor {
+            nickname: "relay1".into(),
+            identity: id.verifying_key().to_bytes(),
+            link_key: [1; 32],
+            onion_key: [2; 32],
+            prev_onion_key: None,
+            addr: "127.0.0.1:9001".parse().unwrap(),
+            bandwidth: 1_000_000,
+            exit_policy: ExitPolicy::default_exit(),
+            family: vec![],
+            published,
+        }
+    }
+
+    #[test]
+    fn descriptor_verifies_and_rejects() {
+        let k = key(1);
+        let now = 1_800_000_000;
+        let bytes = desc(&k, now).sign(&k).to_bytes();
+        let v = UnverifiedDescriptor::parse(&bytes).unwrap().verify(now, 3600).unwrap();
+        assert_eq!(v.bytes, bytes);
+        // Signed by another key than its identity.
+        let bad = desc(&k, now).sign(&key(2)).to_bytes();
+        assert!(UnverifiedDescriptor::parse(&bad).unwrap().verify(now, 3600).is_err());
+        // Body tampered after signing.
+        let mut doc = desc(&k, now).sign(&k);
+        let n = doc.body.len();
+        doc.body[n - 1] ^= 1;
+        assert!(matches!(
+            UnverifiedDescriptor::parse(&doc.to_bytes()).and_then(|d| d.verify(now, 3600)),
+            Err(_)
+        ));
+        // Expired and future-dated.
+        assert!(UnverifiedDescriptor::parse(&bytes).unwrap().verify(now + 7200, 3600).is_err());
+        assert!(UnverifiedDescriptor::parse(&bytes).unwrap().verify(now - 7200, 3600).is_err());
+        // Trailing bytes.
+        let mut t = bytes.clone();
+        t.push(0);
+        assert!(matches!(UnverifiedDescriptor::parse(&t), Err(Error::TrailingBytes(1))));
+        // Oversize.
+        let mut big = desc(&k, now);
+        big.nickname = "x".repeat(MAX_DESCRIPTOR_LEN);
+        assert!(matches!(UnverifiedDescriptor::parse(&big.sign(&k).to_bytes()), Err(Error::TooLarge { .. })));
+    }
+
+    fn consensus(now: u64) -> Consensus {
+        Consensus { valid_after: now, fresh_until: now + 60, valid_until: now + 180, relays: vec![] }
+    }
+
+    #[test]
+    fn consensus_needs_a_majority() {
+        let now = 1_800_000_000;
+        let auths: Vec<SigningKey> = (1..=3).map(key).collect();
+        let pinned: Vec<AuthorityKey> = auths.iter().map(|k| AuthorityKey(k.verifying_key().to_bytes())).collect();
+        let mut doc = consensus(now).to_document();
+        doc.sign(CONSENSUS_DOMAIN, &auths[0]);
+        doc.sign(CONSENSUS_DOMAIN, &key(9)); // unknown key does not count
+        let b = doc.to_bytes();
+        assert!(matches!(
+            UnverifiedConsensus::parse(&b).unwrap().verify(&pinned, now),
+            Err(Error::NotEnoughSignatures { valid: 1, needed: 2 })
+        ));
+        doc.sign(CONSENSUS_DOMAIN, &auths[1]);
+        let b = doc.to_bytes();
+        UnverifiedConsensus::parse(&b).unwrap().verify(&pinned, now).unwrap();
+        assert!(UnverifiedConsensus::parse(&b).unwrap().verify(&pinned, now + 181).is_err());
+        // A signature made with the descriptor domain does not count.
+        let mut d2 = consensus(now).to_document();
+        d2.sign(DESCRIPTOR_DOMAIN, &auths[0]);
+        d2.sign(DESCRIPTOR_DOMAIN, &auths[1]);
+        assert!(UnverifiedConsensus::parse(&d2.to_bytes()).unwrap().verify(&pinned, now).is_err());
+        // Trailing bytes.
+        let mut t = b.clone();
+        t.push(1);
+        assert!(UnverifiedConsensus::parse(&t).is_err());
+    }
+}

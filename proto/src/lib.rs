@@ -1,0 +1,63 @@
+//! Allium's protocol, as pure code.
+//!
+//! This crate holds every wire format (cells, relay messages, link frames,
+//! SOCKS), the circuit handshake, the onion-layer crypto and the signed
+//! directory documents. It does **not** open sockets, read the clock, spawn
+//! tasks or draw randomness on its own: callers pass in the time as UNIX
+//! seconds and an `&mut impl CryptoRng`. Every byte it reads or writes is
+//! described in `doc/protocol.md`.
+
+pub mod aead;
+pub mod cell;
+pub mod doc;
+pub mod link;
+pub mod ntor;
+pub mod onion;
+pub mod policy;
+pub mod relaymsg;
+pub mod socks;
+pub mod wire;
+
+pub use doc::{
+    AuthorityKey, Consensus, ConsensusRelay, RelayDescriptor, RelayFlags, SignedDocument,
+    UnverifiedConsensus, UnverifiedDescriptor,
+};
+
+/// Everything that can go wrong in this crate. Peer faults say what the peer
+/// sent; none of them carry secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("message truncated")]
+    Truncated,
+    #[error("{0} unexpected trailing bytes")]
+    TrailingBytes(usize),
+    #[error("malformed {what}: {why}")]
+    Malformed { what: &'static str, why: String },
+    #[error("{what} too large: {len} bytes, limit {max}")]
+    TooLarge { what: &'static str, len: usize, max: usize },
+    #[error("bad signature on {0}")]
+    BadSignature(&'static str),
+    #[error("document not valid at this time: {0}")]
+    Expired(String),
+    #[error("not enough authority signatures: {valid} valid of {needed} needed")]
+    NotEnoughSignatures { valid: usize, needed: usize },
+    #[error("circuit handshake failed: {0}")]
+    Handshake(&'static str),
+    #[error("cell failed authentication (modified, replayed, reordered or dropped)")]
+    CellAuth,
+    #[error("link handshake failed: {0}")]
+    Link(String),
+    #[error("nonce counter exhausted")]
+    CounterExhausted,
+}
+
+impl Error {
+    pub(crate) fn malformed(what: &'static str, why: impl Into<String>) -> Self {
+        Error::Malformed { what, why: why.into() }
+    }
+}
+
+/// Hex of the first bytes of a key or id, for logs (never a secret).
+pub fn short_id(id: &[u8; 32]) -> String {
+    hex::encode(&id[..6])
+}

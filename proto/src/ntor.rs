@@ -1,0 +1,179 @@
+//! The circuit handshake: one-way authenticated X25519 in the style of Tor's
+//! ntor (`doc/protocol.md` section "Circuit handshake").
+//!
+//! ```text
+//! client -> relay:  ID[32] | B[32] | X[32]                  (96 bytes)
+//! relay  -> client: Y[32] | AUTH[32]                        (64 bytes)
+//! secret_input = X25519(y,X) | X25519(b,X) | ID | B | X | Y | PROTOID
+//! PRK  = HKDF-Extract(salt = PROTOID, secret_input)
+//! AUTH = HKDF-Expand(PRK, PROTOID | ":auth", 32)
+//! KEYS = HKDF-Expand(PRK, PROTOID | ":keys", 64)  -> forward key | backward key
+//! ```
+//! `ID` is the relay's Ed25519 identity, `B` the onion key the client chose
+//! from the consensus. Only the relay holding `b` can compute AUTH; the
+//! client stays anonymous.
+
+use hkdf::Hkdf;
+use rand_core::CryptoRng;
+use sha2::Sha256;
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+use crate::Error;
+use crate::aead::ct_eq;
+use crate::onion::HopKeys;
+use crate::wire::Reader;
+
+pub const PROTOID: &[u8] = b"allium-ntor-x25519-sha256-1";
+pub const CLIENT_LEN: usize = 96;
+pub const SERVER_LEN: usize = 64;
+
+/// The client's secret state between sending CREATE and reading CREATED.
+pub struct ClientState {
+    x: StaticSecret,
+    id: [u8; 32],
+    b: [u8; 32],
+}
+
+/// Start a handshake with relay `id` whose onion key is `b`.
+pub fn client_start(rng: &mut impl CryptoRng, id: &[u8; 32], b: &[u8; 32]) -> (ClientState, Vec<u8>) {
+    client_start_with_ephemeral(StaticSecret::random_from_rng(rng), id, b)
+}
+
+/// [`client_start`] with a given ephemeral key, for test vectors.
+pub fn client_start_with_ephemeral(x: StaticSecret, id: &[u8; 32], b: &[u8; 32]) -> (ClientState, Vec<u8>) {
+    let xpub = PublicKey::from(&x);
+    let mut msg = Vec::with_capacity(CLIENT_LEN);
+    msg.extend_from_slice(id);
+    msg.extend_from_slice(b);
+    msg.extend_from_slice(xpub.as_bytes());
+    (ClientState { x, id: *id, b: *b }, msg)
+}
+
+fn derive(
+    xy: &[u8; 32],
+    xb: &[u8; 32],
+    id: &[u8; 32],
+    b: &[u8; 32],
+    x: &[u8; 32],
+    y: &[u8; 32],
+) -> ([u8; 32], HopKeys) {
+    let mut input = Zeroizing::new(Vec::with_capacity(192 + PROTOID.len()));
+    for part in [xy, xb, id, b, x, y] {
+        input.extend_from_slice(part);
+    }
+    input.extend_from_slice(PROTOID);
+    let hk = Hkdf::<Sha256>::new(Some(PROTOID), &input);
+    let mut auth = [0u8; 32];
+    let mut keys = Zeroizing::new([0u8; 64]);
+    let label = |s: &str| [PROTOID, s.as_bytes()].concat();
+    hk.expand(&label(":auth"), &mut auth).expect("32 bytes is a valid HKDF length");
+    hk.expand(&label(":keys"), &mut keys[..]).expect("64 bytes is a valid HKDF length");
+    (auth, HopKeys::from_bytes(&keys))
+}
+
+/// The relay's onion keys it will answer for: current and previous.
+pub struct OnionKeys<'a> {
+    pub identity: [u8; 32],
+    pub keys: &'a [&'a StaticSecret],
+}
+
+/// Answer a CREATE: returns the CREATED reply and the hop keys.
+pub fn server(rng: &mut impl CryptoRng, keys: &OnionKeys<'_>, msg: &[u8]) -> Result<(Vec<u8>, HopKeys), Error> {
+    server_with_ephemeral(StaticSecret::random_from_rng(rng), keys, msg)
+}
+
+/// [`server`] with a given ephemeral key, for test vectors.
+pub fn server_with_ephemeral(y: StaticSecret, keys: &OnionKeys<'_>, msg: &[u8]) -> Result<(Vec<u8>, HopKeys), Error> {
+    let mut r = Reader::new(msg);
+    let id: [u8; 32] = r.take_array()?;
+    let b: [u8; 32] = r.take_array()?;
+    let x: [u8; 32] = r.take_array()?;
+    r.should_be_exhausted()?;
+    if id != keys.identity {
+        return Err(Error::Handshake("CREATE names another relay's identity"));
+    }
+    let secret = keys
+        .keys
+        .iter()
+        .find(|k| PublicKey::from(**k).as_bytes() == &b)
+        .ok_or(Error::Handshake("CREATE names an unknown or expired onion key"))?;
+    let xpub = PublicKey::from(x);
+    let xy = y.diffie_hellman(&xpub);
+    let xb = secret.diffie_hellman(&xpub);
+    if !xy.was_contributory() || !xb.was_contributory() {
+        return Err(Error::Handshake("client key is a low-order point"));
+    }
+    let ypub = PublicKey::from(&y);
+    let (auth, hk) = derive(xy.as_bytes(), xb.as_bytes(), &id, &b, &x, ypub.as_bytes());
+    let mut reply = Vec::with_capacity(SERVER_LEN);
+    reply.extend_from_slice(ypub.as_bytes());
+    reply.extend_from_slice(&auth);
+    Ok((reply, hk))
+}
+
+impl ClientState {
+    /// Check the relay's CREATED reply and derive the hop keys.
+    pub fn finish(self, reply: &[u8]) -> Result<HopKeys, Error> {
+        let mut r = Reader::new(reply);
+        let y: [u8; 32] = r.take_array()?;
+        let auth: [u8; 32] = r.take_array()?;
+        r.should_be_exhausted()?;
+        let ypub = PublicKey::from(y);
+        let xy = self.x.diffie_hellman(&ypub);
+        let xb = self.x.diffie_hellman(&PublicKey::from(self.b));
+        if !xy.was_contributory() || !xb.was_contributory() {
+            return Err(Error::Handshake("relay key is a low-order point"));
+        }
+        let xpub = PublicKey::from(&self.x);
+        let (expect, keys) = derive(xy.as_bytes(), xb.as_bytes(), &self.id, &self.b, xpub.as_bytes(), &y);
+        if !ct_eq(&expect, &auth) {
+            return Err(Error::Handshake("relay's AUTH does not verify"));
+        }
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay_keys() -> (StaticSecret, StaticSecret, [u8; 32]) {
+        (StaticSecret::from([0x11; 32]), StaticSecret::from([0x22; 32]), [0x33; 32])
+    }
+
+    #[test]
+    fn handshake_agrees_with_current_and_previous_key() {
+        let (cur, prev, id) = relay_keys();
+        let ks = [&cur, &prev];
+        let keys = OnionKeys { identity: id, keys: &ks };
+        let mut rng = rand::rng();
+        for b in [PublicKey::from(&cur), PublicKey::from(&prev)] {
+            let (st, m) = client_start(&mut rng, &id, b.as_bytes());
+            let (reply, sk) = server(&mut rng, &keys, &m).unwrap();
+            let ck = st.finish(&reply).unwrap();
+            assert_eq!(ck.forward, sk.forward);
+            assert_eq!(ck.backward, sk.backward);
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_identity_unknown_key_and_bad_auth() {
+        let (cur, _prev, id) = relay_keys();
+        let ks = [&cur];
+        let keys = OnionKeys { identity: id, keys: &ks };
+        let mut rng = rand::rng();
+        let b = PublicKey::from(&cur);
+        let (_, m) = client_start(&mut rng, &[0; 32], b.as_bytes());
+        assert!(server(&mut rng, &keys, &m).is_err());
+        let (_, m) = client_start(&mut rng, &id, &[9; 32]);
+        assert!(server(&mut rng, &keys, &m).is_err());
+        let (st, m) = client_start(&mut rng, &id, b.as_bytes());
+        let (mut reply, _) = server(&mut rng, &keys, &m).unwrap();
+        reply[40] ^= 1;
+        assert!(st.finish(&reply).is_err());
+        let (_, mut m) = client_start(&mut rng, &id, b.as_bytes());
+        m.push(0);
+        assert!(server(&mut rng, &keys, &m).is_err());
+    }
+}

@@ -1,0 +1,398 @@
+//! Onion-layer cell crypto (`doc/protocol.md` section "Cell crypto").
+//!
+//! Each hop shares two 32-byte keys with the client, one per direction, and
+//! keeps a 64-bit counter per direction. Every layer is ChaCha20-Poly1305
+//! (RFC 8439) under `(key, counter)`; the counter advances once per cell the
+//! hop processes in that direction, so a modified, replayed, reordered or
+//! dropped cell fails authentication and the circuit is torn down.
+//!
+//! The RELAY cell payload is `tag[16] | body[493]` at every hop:
+//!
+//! * **Forward** (client to relays): the cell carries the tag of the hop that
+//!   receives it. That hop checks it, decrypts the body, and forwards
+//!   `body[0..493] | 0^16`: the first 16 plaintext bytes are the next hop's
+//!   tag. The client precomputes the "filler" that those appended zero blocks
+//!   become, so each hop's tag covers exactly the bytes that hop sees. A hop
+//!   tells "for me" from "pass on" by the associated data of the tag
+//!   (`0x00` = pass on, `0x01` = deliver). A message for the hop at depth `d`
+//!   (0-based) has room for `493 - 16*d` plaintext bytes.
+//! * **Backward** (relays to client): the originating hop encrypts the body
+//!   and writes its tag; every hop on the way re-encrypts the body with its
+//!   own layer and XORs its tag (over the new ciphertext) into the tag field.
+//!   The client peels layers one by one, accumulating the tags it computes,
+//!   until the accumulated value equals the tag field: that tells it which
+//!   hop sent the cell. Nothing can be changed, injected, dropped or
+//!   reordered without knowing the keys of the hops behind it.
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::Error;
+use crate::aead::{Aead, TAG_LEN, ct_eq};
+use crate::cell::PAYLOAD_LEN;
+
+/// Bytes of the body that every layer encrypts.
+pub const BODY_LEN: usize = PAYLOAD_LEN - TAG_LEN;
+/// The longest circuit the client-side filler supports.
+pub const MAX_HOPS: usize = 8;
+
+const AD_FORWARD: &[u8] = &[0];
+const AD_DELIVER: &[u8] = &[1];
+
+/// Plaintext bytes available in a forward message for hop `depth` (0-based).
+pub const fn forward_capacity(depth: usize) -> usize {
+    BODY_LEN - TAG_LEN * depth
+}
+/// Plaintext bytes available in a backward message.
+pub const BACKWARD_CAPACITY: usize = BODY_LEN;
+
+/// One direction of one hop: a key and the counter of the next cell.
+#[derive(Zeroize, ZeroizeOnDrop)]
+struct Direction {
+    key: [u8; 32],
+    counter: u64,
+}
+
+impl Direction {
+    fn new(key: [u8; 32]) -> Self {
+        Direction { key, counter: 0 }
+    }
+    fn aead(&self) -> Result<Aead, Error> {
+        if self.counter == u64::MAX {
+            return Err(Error::CounterExhausted);
+        }
+        Ok(Aead::new(&self.key, self.counter))
+    }
+    fn advance(&mut self) {
+        self.counter += 1;
+    }
+}
+
+/// The 64 bytes of key material a circuit handshake yields for one hop.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct HopKeys {
+    pub forward: [u8; 32],
+    pub backward: [u8; 32],
+}
+
+impl HopKeys {
+    pub fn from_bytes(b: &[u8; 64]) -> Self {
+        let mut forward = [0; 32];
+        let mut backward = [0; 32];
+        forward.copy_from_slice(&b[..32]);
+        backward.copy_from_slice(&b[32..]);
+        HopKeys { forward, backward }
+    }
+}
+
+/// What a relay does with a forward cell after removing its layer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Peeled {
+    /// Pass the rewritten payload to the next hop.
+    Forward,
+    /// The cell is for this hop: the body plaintext is `payload[16..]`.
+    Deliver,
+}
+
+/// A relay's layer of one circuit.
+pub struct RelayLayer {
+    fwd: Direction,
+    back: Direction,
+}
+
+impl RelayLayer {
+    pub fn new(keys: &HopKeys) -> Self {
+        RelayLayer { fwd: Direction::new(keys.forward), back: Direction::new(keys.backward) }
+    }
+
+    /// Remove this hop's layer from a forward cell, in place.
+    ///
+    /// With `has_next`, a cell that authenticates as "pass on" is rewritten
+    /// for the next hop; otherwise only "deliver" is accepted.
+    pub fn peel_forward(
+        &mut self,
+        payload: &mut [u8; PAYLOAD_LEN],
+        has_next: bool,
+    ) -> Result<Peeled, Error> {
+        let aead = self.fwd.aead()?;
+        let (tag, body) = payload.split_at_mut(TAG_LEN);
+        let verdict = if has_next && ct_eq(&aead.tag(AD_FORWARD, body), tag) {
+            Peeled::Forward
+        } else if ct_eq(&aead.tag(AD_DELIVER, body), tag) {
+            Peeled::Deliver
+        } else {
+            return Err(Error::CellAuth);
+        };
+        let mut aead = aead;
+        aead.apply_keystream(body);
+        self.fwd.advance();
+        if verdict == Peeled::Forward {
+            payload.copy_within(TAG_LEN.., 0);
+            payload[BODY_LEN..].fill(0);
+        }
+        Ok(verdict)
+    }
+
+    /// Originate a backward cell: `body` is a relay message plaintext of at
+    /// most [`BACKWARD_CAPACITY`] bytes (zero padded).
+    pub fn originate_backward(&mut self, body: &[u8]) -> Result<Box<[u8; PAYLOAD_LEN]>, Error> {
+        if body.len() > BODY_LEN {
+            return Err(Error::TooLarge { what: "backward body", len: body.len(), max: BODY_LEN });
+        }
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        payload[TAG_LEN..TAG_LEN + body.len()].copy_from_slice(body);
+        let tag = self.back.aead()?.seal(&[], &mut payload[TAG_LEN..]);
+        payload[..TAG_LEN].copy_from_slice(&tag);
+        self.back.advance();
+        Ok(payload)
+    }
+
+    /// Add this hop's layer to a backward cell from the next hop, in place.
+    pub fn wrap_backward(&mut self, payload: &mut [u8; PAYLOAD_LEN]) -> Result<(), Error> {
+        let aead = self.back.aead()?;
+        let (tag, body) = payload.split_at_mut(TAG_LEN);
+        let t = aead.seal(&[], body);
+        for (a, b) in tag.iter_mut().zip(t) {
+            *a ^= b;
+        }
+        self.back.advance();
+        Ok(())
+    }
+}
+
+/// The client's layers of one circuit, hop 0 (the guard) first.
+#[derive(Default)]
+pub struct ClientLayers {
+    hops: Vec<(Direction, Direction)>,
+}
+
+impl ClientLayers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn len(&self) -> usize {
+        self.hops.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.hops.is_empty()
+    }
+    pub fn push(&mut self, keys: &HopKeys) -> Result<(), Error> {
+        if self.hops.len() >= MAX_HOPS {
+            return Err(Error::TooLarge { what: "circuit", len: self.hops.len() + 1, max: MAX_HOPS });
+        }
+        self.hops.push((Direction::new(keys.forward), Direction::new(keys.backward)));
+        Ok(())
+    }
+    pub fn truncate(&mut self, n: usize) {
+        self.hops.truncate(n);
+    }
+
+    /// Build the payload of a forward cell for hop `target` (0-based).
+    /// `msg` is at most [`forward_capacity`]`(target)` bytes; it is zero padded.
+    pub fn encrypt_forward(&mut self, target: usize, msg: &[u8]) -> Result<Box<[u8; PAYLOAD_LEN]>, Error> {
+        if target >= self.hops.len() {
+            return Err(Error::malformed("forward cell", "target beyond the circuit"));
+        }
+        let cap = forward_capacity(target);
+        if msg.len() > cap {
+            return Err(Error::TooLarge { what: "forward message", len: msg.len(), max: cap });
+        }
+        let mut aeads = Vec::with_capacity(target + 1);
+        let mut streams = Vec::with_capacity(target + 1);
+        for (fwd, _) in &self.hops[..=target] {
+            let mut a = fwd.aead()?;
+            let mut ks = [0u8; BODY_LEN];
+            a.apply_keystream(&mut ks);
+            aeads.push(a);
+            streams.push(ks);
+        }
+        // The filler: what the zero blocks appended by hops 0..target look like
+        // in the body hop `target` receives (its last 16*target bytes).
+        let mut filler: Vec<u8> = Vec::with_capacity(TAG_LEN * target);
+        for ks in &streams[..target] {
+            let start = BODY_LEN - filler.len();
+            for (f, k) in filler.iter_mut().zip(&ks[start..]) {
+                *f ^= k;
+            }
+            filler.extend_from_slice(&[0u8; TAG_LEN]);
+        }
+        // Innermost layer: message, then the bytes that encrypt to the filler.
+        let mut ct = [0u8; BODY_LEN];
+        ct[..msg.len()].copy_from_slice(msg);
+        let split = BODY_LEN - filler.len();
+        for (i, b) in ct.iter_mut().enumerate() {
+            *b ^= streams[target][i];
+        }
+        ct[split..].copy_from_slice(&filler);
+        let mut tag = aeads[target].tag(AD_DELIVER, &ct);
+        for j in (0..target).rev() {
+            let mut next = [0u8; BODY_LEN];
+            next[..TAG_LEN].copy_from_slice(&tag);
+            next[TAG_LEN..].copy_from_slice(&ct[..BODY_LEN - TAG_LEN]);
+            for (b, k) in next.iter_mut().zip(&streams[j]) {
+                *b ^= k;
+            }
+            ct = next;
+            tag = aeads[j].tag(AD_FORWARD, &ct);
+        }
+        for (fwd, _) in &mut self.hops[..=target] {
+            fwd.advance();
+        }
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        payload[..TAG_LEN].copy_from_slice(&tag);
+        payload[TAG_LEN..].copy_from_slice(&ct);
+        Ok(payload)
+    }
+
+    /// Remove the layers of a backward cell in place. Returns the hop that
+    /// sent it; its plaintext is then `payload[16..]`.
+    pub fn decrypt_backward(&mut self, payload: &mut [u8; PAYLOAD_LEN]) -> Result<usize, Error> {
+        let (tag, body) = payload.split_at_mut(TAG_LEN);
+        let mut acc = [0u8; TAG_LEN];
+        let mut work = [0u8; BODY_LEN];
+        work.copy_from_slice(body);
+        for (j, (_, back)) in self.hops.iter().enumerate() {
+            let mut aead = back.aead()?;
+            for (a, t) in acc.iter_mut().zip(aead.tag(&[], &work)) {
+                *a ^= t;
+            }
+            aead.apply_keystream(&mut work);
+            if ct_eq(&acc, tag) {
+                body.copy_from_slice(&work);
+                for (_, back) in &mut self.hops[..=j] {
+                    back.advance();
+                }
+                return Ok(j);
+            }
+        }
+        Err(Error::CellAuth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(i: u8) -> HopKeys {
+        HopKeys { forward: [i; 32], backward: [i ^ 0x80; 32] }
+    }
+
+    fn circuit(n: u8) -> (ClientLayers, Vec<RelayLayer>) {
+        let mut c = ClientLayers::new();
+        let mut relays = vec![];
+        for i in 0..n {
+            c.push(&keys(i + 1)).unwrap();
+            relays.push(RelayLayer::new(&keys(i + 1)));
+        }
+        (c, relays)
+    }
+
+    /// Carry a forward payload through the relays; returns the delivering hop.
+    fn carry_forward(relays: &mut [RelayLayer], p: &mut [u8; PAYLOAD_LEN]) -> Result<usize, Error> {
+        let n = relays.len();
+        for (i, r) in relays.iter_mut().enumerate() {
+            if r.peel_forward(p, i + 1 < n)? == Peeled::Deliver {
+                return Ok(i);
+            }
+        }
+        Err(Error::CellAuth)
+    }
+
+    #[test]
+    fn three_hop_roundtrip_every_target() {
+        let (mut c, mut relays) = circuit(3);
+        for round in 0..5u8 {
+            for target in 0..3 {
+                let msg: Vec<u8> = (0..forward_capacity(target)).map(|i| i as u8 ^ round).collect();
+                let mut p = c.encrypt_forward(target, &msg).unwrap();
+                assert_eq!(carry_forward(&mut relays[..=target], &mut p).unwrap(), target);
+                assert_eq!(&p[TAG_LEN..TAG_LEN + msg.len()], &msg[..]);
+                // and back from that hop
+                let back: Vec<u8> = (0..BACKWARD_CAPACITY).map(|i| (i as u8).wrapping_mul(3) ^ round).collect();
+                let mut p = relays[target].originate_backward(&back).unwrap();
+                for r in relays[..target].iter_mut().rev() {
+                    r.wrap_backward(&mut p).unwrap();
+                }
+                assert_eq!(c.decrypt_backward(&mut p).unwrap(), target);
+                assert_eq!(&p[TAG_LEN..], &back[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn eight_hops() {
+        let (mut c, mut relays) = circuit(8);
+        let msg = vec![0x5a; forward_capacity(7)];
+        let mut p = c.encrypt_forward(7, &msg).unwrap();
+        assert_eq!(carry_forward(&mut relays, &mut p).unwrap(), 7);
+        assert_eq!(&p[TAG_LEN..TAG_LEN + msg.len()], &msg[..]);
+    }
+
+    #[test]
+    fn every_bit_flip_is_caught_at_the_next_hop() {
+        for bit in 0..PAYLOAD_LEN * 8 {
+            let (mut c, mut relays) = circuit(3);
+            let mut p = c.encrypt_forward(2, b"hello").unwrap();
+            p[bit / 8] ^= 1 << (bit % 8);
+            assert!(matches!(relays[0].peel_forward(&mut p, true), Err(Error::CellAuth)), "bit {bit}");
+        }
+        // A flip between hop 1 and hop 2 is caught by hop 2.
+        let (mut c, mut relays) = circuit(3);
+        let mut p = c.encrypt_forward(2, b"hello").unwrap();
+        relays[0].peel_forward(&mut p, true).unwrap();
+        p[300] ^= 4;
+        assert!(relays[1].peel_forward(&mut p, true).is_err());
+    }
+
+    #[test]
+    fn backward_bit_flips_are_caught_by_the_client() {
+        for bit in (0..PAYLOAD_LEN * 8).step_by(7) {
+            let (mut c, mut relays) = circuit(3);
+            let mut p = relays[2].originate_backward(b"data").unwrap();
+            relays[1].wrap_backward(&mut p).unwrap();
+            p[bit / 8] ^= 1 << (bit % 8);
+            relays[0].wrap_backward(&mut p).unwrap();
+            assert!(c.decrypt_backward(&mut p).is_err(), "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn replay_reorder_and_drop_are_caught() {
+        // Replay.
+        let (mut c, mut relays) = circuit(3);
+        let p1 = c.encrypt_forward(2, b"one").unwrap();
+        let mut a = p1.clone();
+        carry_forward(&mut relays, &mut a).unwrap();
+        let mut again = p1.clone();
+        assert!(relays[0].peel_forward(&mut again, true).is_err());
+        // Reorder.
+        let (mut c, mut relays) = circuit(3);
+        let p1 = c.encrypt_forward(2, b"one").unwrap();
+        let mut p2 = c.encrypt_forward(2, b"two").unwrap();
+        assert!(relays[0].peel_forward(&mut p2, true).is_err());
+        let _ = p1;
+        // Drop between the middle and the exit: the next cell fails at the exit.
+        let (mut c, mut relays) = circuit(3);
+        let mut p1 = c.encrypt_forward(2, b"one").unwrap();
+        relays[0].peel_forward(&mut p1, true).unwrap();
+        relays[1].peel_forward(&mut p1, true).unwrap(); // dropped before hop 2
+        let mut p2 = c.encrypt_forward(2, b"two").unwrap();
+        relays[0].peel_forward(&mut p2, true).unwrap();
+        relays[1].peel_forward(&mut p2, true).unwrap();
+        assert!(relays[2].peel_forward(&mut p2, false).is_err());
+        // Backward drop: the client rejects the following cell.
+        let (mut c, mut relays) = circuit(2);
+        let _dropped = relays[1].originate_backward(b"x").unwrap();
+        let mut p = relays[1].originate_backward(b"y").unwrap();
+        relays[0].wrap_backward(&mut p).unwrap();
+        assert!(c.decrypt_backward(&mut p).is_err());
+    }
+
+    #[test]
+    fn middle_cannot_fake_a_cell_from_the_exit() {
+        let (mut c, mut relays) = circuit(3);
+        // The middle originates a cell as itself: accepted as hop 1, not hop 2.
+        let mut p = relays[1].originate_backward(b"me").unwrap();
+        relays[0].wrap_backward(&mut p).unwrap();
+        assert_eq!(c.decrypt_backward(&mut p).unwrap(), 1);
+    }
+}

@@ -1,0 +1,291 @@
+//! Exit policies (`doc/protocol.md` section "Exit policy").
+//!
+//! A policy is an ordered list of rules; the first rule matching the
+//! address and port decides, and an address no rule matches is rejected.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    Accept,
+    Reject,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AddrPattern {
+    /// Every address.
+    Any,
+    /// Loopback, RFC 1918, link-local, CGNAT, unique-local, unspecified and
+    /// multicast addresses: what an exit must not reach by default.
+    Private,
+    V4(Ipv4Addr, u8),
+    V6(Ipv6Addr, u8),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub action: Action,
+    pub addr: AddrPattern,
+    pub port_lo: u16,
+    pub port_hi: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitPolicy {
+    pub rules: Vec<Rule>,
+}
+
+/// Ports Tor's default exit policy rejects (SMTP, NNTP, NetBIOS, SMB, P2P).
+pub const DEFAULT_REJECTED_PORTS: &[(u16, u16)] = &[
+    (25, 25),
+    (119, 119),
+    (135, 139),
+    (445, 445),
+    (563, 563),
+    (1214, 1214),
+    (4661, 4666),
+    (6346, 6429),
+    (6699, 6699),
+    (6881, 6999),
+];
+
+pub const MAX_RULES: usize = 256;
+
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_loopback()
+                || a.is_private()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || a.is_broadcast()
+                || a.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(a) => {
+            if let Some(v4) = a.to_ipv4_mapped() {
+                return is_private(IpAddr::V4(v4));
+            }
+            let s = a.segments();
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+fn prefix_match(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let full = (bits / 8) as usize;
+    let rem = bits % 8;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    if rem == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rem);
+    (a[full] & mask) == (b[full] & mask)
+}
+
+impl AddrPattern {
+    pub fn matches(&self, ip: IpAddr) -> bool {
+        match (*self, ip) {
+            (AddrPattern::Any, _) => true,
+            (AddrPattern::Private, ip) => is_private(ip),
+            (AddrPattern::V4(net, bits), IpAddr::V4(a)) => prefix_match(&net.octets(), &a.octets(), bits),
+            (AddrPattern::V6(net, bits), IpAddr::V6(a)) => prefix_match(&net.octets(), &a.octets(), bits),
+            _ => false,
+        }
+    }
+}
+
+impl Rule {
+    fn port_matches(&self, port: u16) -> bool {
+        self.port_lo <= port && port <= self.port_hi
+    }
+}
+
+impl ExitPolicy {
+    /// Rejects everything: a relay that is not an exit.
+    pub fn reject_all() -> Self {
+        ExitPolicy { rules: vec![] }
+    }
+
+    /// Tor-like default for an exit: reject private addresses and the
+    /// abuse-prone ports, accept the rest.
+    pub fn default_exit() -> Self {
+        let mut rules = vec![Rule { action: Action::Reject, addr: AddrPattern::Private, port_lo: 1, port_hi: 65535 }];
+        for &(lo, hi) in DEFAULT_REJECTED_PORTS {
+            rules.push(Rule { action: Action::Reject, addr: AddrPattern::Any, port_lo: lo, port_hi: hi });
+        }
+        rules.push(Rule { action: Action::Accept, addr: AddrPattern::Any, port_lo: 1, port_hi: 65535 });
+        ExitPolicy { rules }
+    }
+
+    /// Parse rules like `accept 127.0.0.0/8:*`, `reject private:*`,
+    /// `reject *:25`, `accept *:80-443`, `accept [::1]/128:*`.
+    pub fn parse_rules<S: AsRef<str>>(lines: &[S]) -> Result<Self, Error> {
+        let mut rules = Vec::new();
+        for line in lines {
+            rules.push(Rule::parse(line.as_ref())?);
+        }
+        let p = ExitPolicy { rules };
+        p.check()?;
+        Ok(p)
+    }
+
+    pub fn check(&self) -> Result<(), Error> {
+        if self.rules.len() > MAX_RULES {
+            return Err(Error::TooLarge { what: "exit policy", len: self.rules.len(), max: MAX_RULES });
+        }
+        for r in &self.rules {
+            let bad_prefix = match r.addr {
+                AddrPattern::V4(_, b) => b > 32,
+                AddrPattern::V6(_, b) => b > 128,
+                _ => false,
+            };
+            if bad_prefix || r.port_lo == 0 || r.port_lo > r.port_hi {
+                return Err(Error::malformed("exit policy", format!("bad rule {r:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Would this exit connect to `ip:port`?
+    pub fn allows(&self, ip: IpAddr, port: u16) -> bool {
+        self.rules
+            .iter()
+            .find(|r| r.port_matches(port) && r.addr.matches(ip))
+            .is_some_and(|r| r.action == Action::Accept)
+    }
+
+    /// Might this exit connect to some address on `port`? Used for
+    /// hostnames, which only the exit resolves.
+    pub fn may_allow_port(&self, port: u16) -> bool {
+        for r in self.rules.iter().filter(|r| r.port_matches(port)) {
+            match (r.action, r.addr) {
+                (Action::Accept, _) => return true,
+                (Action::Reject, AddrPattern::Any) => return false,
+                (Action::Reject, _) => continue,
+            }
+        }
+        false
+    }
+
+    /// Does it allow anything at all?
+    pub fn is_exit(&self) -> bool {
+        self.rules.iter().any(|r| r.action == Action::Accept)
+    }
+
+    pub fn to_strings(&self) -> Vec<String> {
+        self.rules.iter().map(|r| r.to_string()).collect()
+    }
+}
+
+impl Rule {
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::malformed("exit policy rule", format!("{s:?}: {why}"));
+        let (act, rest) = s.trim().split_once(char::is_whitespace).ok_or_else(|| bad("no action"))?;
+        let action = match act {
+            "accept" => Action::Accept,
+            "reject" => Action::Reject,
+            _ => return Err(bad("action must be accept or reject")),
+        };
+        let rest = rest.trim();
+        let (addr, ports) = rest.rsplit_once(':').ok_or_else(|| bad("missing :port"))?;
+        let addr = match addr {
+            "*" => AddrPattern::Any,
+            "private" => AddrPattern::Private,
+            a => {
+                let (ip, bits) = match a.split_once('/') {
+                    Some((ip, b)) => (ip, Some(b.parse::<u8>().map_err(|_| bad("bad prefix length"))?)),
+                    None => (a, None),
+                };
+                let ip = ip.trim_start_matches('[').trim_end_matches(']');
+                match ip.parse::<IpAddr>().map_err(|_| bad("bad address"))? {
+                    IpAddr::V4(v) => AddrPattern::V4(v, bits.unwrap_or(32)),
+                    IpAddr::V6(v) => AddrPattern::V6(v, bits.unwrap_or(128)),
+                }
+            }
+        };
+        let (port_lo, port_hi) = match ports {
+            "*" => (1, 65535),
+            p => match p.split_once('-') {
+                Some((a, b)) => (
+                    a.parse().map_err(|_| bad("bad port"))?,
+                    b.parse().map_err(|_| bad("bad port"))?,
+                ),
+                None => {
+                    let v = p.parse().map_err(|_| bad("bad port"))?;
+                    (v, v)
+                }
+            },
+        };
+        let r = Rule { action, addr, port_lo, port_hi };
+        ExitPolicy { rules: vec![r] }.check()?;
+        Ok(r)
+    }
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let act = match self.action {
+            Action::Accept => "accept",
+            Action::Reject => "reject",
+        };
+        let addr = match self.addr {
+            AddrPattern::Any => "*".to_string(),
+            AddrPattern::Private => "private".to_string(),
+            AddrPattern::V4(a, b) => format!("{a}/{b}"),
+            AddrPattern::V6(a, b) => format!("[{a}]/{b}"),
+        };
+        let ports = match (self.port_lo, self.port_hi) {
+            (1, 65535) => "*".to_string(),
+            (a, b) if a == b => a.to_string(),
+            (a, b) => format!("{a}-{b}"),
+        };
+        write!(f, "{act} {addr}:{ports}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_exit_rejects_private_and_smtp() {
+        let p = ExitPolicy::default_exit();
+        assert!(!p.allows("127.0.0.1".parse().unwrap(), 80));
+        assert!(!p.allows("10.1.1.1".parse().unwrap(), 80));
+        assert!(!p.allows("::1".parse().unwrap(), 80));
+        assert!(!p.allows("192.168.0.1".parse().unwrap(), 443));
+        assert!(!p.allows("8.8.8.8".parse().unwrap(), 25));
+        assert!(p.allows("8.8.8.8".parse().unwrap(), 443));
+        assert!(p.may_allow_port(443));
+        assert!(!p.may_allow_port(25));
+        assert!(!ExitPolicy::reject_all().is_exit());
+    }
+
+    #[test]
+    fn parse_and_display_roundtrip() {
+        let lines = ["reject *:25", "accept 127.0.0.0/8:*", "accept [::1]/128:80-443", "reject private:*", "accept *:*"];
+        let p = ExitPolicy::parse_rules(&lines).unwrap();
+        assert_eq!(p.to_strings(), lines);
+        assert!(p.allows("127.0.0.1".parse().unwrap(), 8080));
+        assert!(!p.allows("127.0.0.1".parse().unwrap(), 25));
+        assert!(!p.allows("10.0.0.1".parse().unwrap(), 80));
+        assert!(p.allows("::1".parse().unwrap(), 443));
+        assert!(!p.may_allow_port(25));
+        for bad in ["allow *:*", "accept *", "accept 1.2.3.4/40:*", "accept *:0", "accept *:9-3"] {
+            assert!(Rule::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! Relay messages: what travels inside the onion layers of a RELAY cell
+//! (`doc/protocol.md` section "Relay messages").
+//!
+//! Plaintext layout: `cmd u8 | stream_id u16 | len u16 | body[len] | padding`.
+//! The padding up to the layer's capacity is ignored on receipt (on forward
+//! cells it holds the filler described in [`crate::onion`]).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::Error;
+use crate::wire::{Reader, Writer};
+
+pub const HEADER_LEN: usize = 5;
+/// The longest hostname accepted in BEGIN and RESOLVE.
+pub const MAX_HOSTNAME_LEN: usize = 255;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RelayCmd(pub u8);
+
+impl RelayCmd {
+    pub const BEGIN: Self = Self(1);
+    pub const DATA: Self = Self(2);
+    pub const END: Self = Self(3);
+    pub const CONNECTED: Self = Self(4);
+    pub const SENDME: Self = Self(5);
+    pub const EXTEND: Self = Self(6);
+    pub const EXTENDED: Self = Self(7);
+    pub const TRUNCATE: Self = Self(8);
+    pub const TRUNCATED: Self = Self(9);
+    pub const DROP: Self = Self(10);
+    pub const RESOLVE: Self = Self(11);
+    pub const RESOLVED: Self = Self(12);
+}
+
+impl std::fmt::Debug for RelayCmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = [
+            "?", "BEGIN", "DATA", "END", "CONNECTED", "SENDME", "EXTEND", "EXTENDED", "TRUNCATE",
+            "TRUNCATED", "DROP", "RESOLVE", "RESOLVED",
+        ];
+        match names.get(self.0 as usize) {
+            Some(n) if self.0 != 0 => f.write_str(n),
+            _ => write!(f, "RelayCmd({})", self.0),
+        }
+    }
+}
+
+/// Why a stream ended (END body); numbered as in Tor's tor-spec.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct EndReason(pub u8);
+
+impl EndReason {
+    pub const MISC: Self = Self(1);
+    pub const RESOLVE_FAILED: Self = Self(2);
+    pub const CONNECT_REFUSED: Self = Self(3);
+    pub const EXIT_POLICY: Self = Self(4);
+    pub const DESTROY: Self = Self(5);
+    pub const DONE: Self = Self(6);
+    pub const TIMEOUT: Self = Self(7);
+    pub const NO_ROUTE: Self = Self(8);
+    pub const INTERNAL: Self = Self(10);
+    pub const RESOURCE_LIMIT: Self = Self(11);
+    pub const CONN_RESET: Self = Self(12);
+    pub const PROTOCOL: Self = Self(13);
+}
+
+impl std::fmt::Debug for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match *self {
+            Self::MISC => "MISC",
+            Self::RESOLVE_FAILED => "RESOLVE_FAILED",
+            Self::CONNECT_REFUSED => "CONNECT_REFUSED",
+            Self::EXIT_POLICY => "EXIT_POLICY",
+            Self::DESTROY => "DESTROY",
+            Self::DONE => "DONE",
+            Self::TIMEOUT => "TIMEOUT",
+            Self::NO_ROUTE => "NO_ROUTE",
+            Self::INTERNAL => "INTERNAL",
+            Self::RESOURCE_LIMIT => "RESOURCE_LIMIT",
+            Self::CONN_RESET => "CONN_RESET",
+            Self::PROTOCOL => "PROTOCOL",
+            EndReason(n) => return write!(f, "EndReason({n})"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// A stream target: a hostname (resolved at the exit) or an address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TargetAddr {
+    Host(String),
+    Ip(IpAddr),
+}
+
+impl std::fmt::Display for TargetAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetAddr::Host(h) => f.write_str(h),
+            TargetAddr::Ip(IpAddr::V6(a)) => write!(f, "[{a}]"),
+            TargetAddr::Ip(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+const ATYP_HOST: u8 = 0;
+const ATYP_V4: u8 = 4;
+const ATYP_V6: u8 = 6;
+
+/// Is `h` a hostname we are willing to carry (LDH labels, dots, underscores)?
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= MAX_HOSTNAME_LEN
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+impl TargetAddr {
+    /// Parse a SOCKS/BEGIN host: address literals become [`TargetAddr::Ip`].
+    pub fn from_host(h: &str) -> Result<Self, Error> {
+        if let Ok(ip) = h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            return Ok(TargetAddr::Ip(ip));
+        }
+        if !valid_hostname(h) {
+            return Err(Error::malformed("hostname", "not a valid hostname"));
+        }
+        Ok(TargetAddr::Host(h.to_ascii_lowercase()))
+    }
+
+    pub(crate) fn write(&self, w: &mut Writer) {
+        match self {
+            TargetAddr::Host(h) => {
+                w.put_u8(ATYP_HOST).put_u8(h.len() as u8).put(h.as_bytes());
+            }
+            TargetAddr::Ip(IpAddr::V4(a)) => {
+                w.put_u8(ATYP_V4).put(&a.octets());
+            }
+            TargetAddr::Ip(IpAddr::V6(a)) => {
+                w.put_u8(ATYP_V6).put(&a.octets());
+            }
+        }
+    }
+
+    pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, Error> {
+        match r.take_u8()? {
+            ATYP_HOST => {
+                let len = r.take_u8()? as usize;
+                let h = std::str::from_utf8(r.take(len)?)
+                    .map_err(|_| Error::malformed("hostname", "not UTF-8"))?;
+                TargetAddr::from_host(h)
+            }
+            ATYP_V4 => Ok(TargetAddr::Ip(IpAddr::V4(Ipv4Addr::from(r.take_array::<4>()?)))),
+            ATYP_V6 => Ok(TargetAddr::Ip(IpAddr::V6(Ipv6Addr::from(r.take_array::<16>()?)))),
+            t => Err(Error::malformed("address", format!("unknown address type {t}"))),
+        }
+    }
+}
+
+/// A parsed relay message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelayMsg {
+    Begin { addr: TargetAddr, port: u16 },
+    Data(Vec<u8>),
+    End(EndReason),
+    /// The exit connected; carries the address it connected to, if it says.
+    Connected(Option<IpAddr>),
+    /// Acknowledges a window of cells; `tag` is the authentication tag of the
+    /// cell that triggered it (Tor prop 289's authenticated SENDME).
+    Sendme { tag: [u8; 16] },
+    Extend(Extend),
+    Extended(Vec<u8>),
+    Truncate,
+    Truncated(u8),
+    Drop,
+    Resolve(String),
+    /// Addresses with TTL seconds; empty means the name did not resolve.
+    Resolved(Vec<(IpAddr, u32)>),
+}
+
+/// Ask the last hop to extend the circuit to another relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extend {
+    pub identity: [u8; 32],
+    pub link_key: [u8; 32],
+    pub addr: SocketAddr,
+    pub htype: u16,
+    pub hdata: Vec<u8>,
+}
+
+impl RelayMsg {
+    pub fn cmd(&self) -> RelayCmd {
+        match self {
+            RelayMsg::Begin { .. } => RelayCmd::BEGIN,
+            RelayMsg::Data(_) => RelayCmd::DATA,
+            RelayMsg::End(_) => RelayCmd::END,
+            RelayMsg::Connected(_) => RelayCmd::CONNECTED,
+            RelayMsg::Sendme { .. } => RelayCmd::SENDME,
+            RelayMsg::Extend(_) => RelayCmd::EXTEND,
+            RelayMsg::Extended(_) => RelayCmd::EXTENDED,
+            RelayMsg::Truncate => RelayCmd::TRUNCATE,
+            RelayMsg::Truncated(_) => RelayCmd::TRUNCATED,
+            RelayMsg::Drop => RelayCmd::DROP,
+            RelayMsg::Resolve(_) => RelayCmd::RESOLVE,
+            RelayMsg::Resolved(_) => RelayCmd::RESOLVED,
+        }
+    }
+
+    fn body(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            RelayMsg::Begin { addr, port } => {
+                addr.write(&mut w);
+                w.put_u16(*port);
+            }
+            RelayMsg::Data(d) => {
+                w.put(d);
+            }
+            RelayMsg::End(r) => {
+                w.put_u8(r.0);
+            }
+            RelayMsg::Connected(a) => {
+                if let Some(a) = a {
+                    TargetAddr::Ip(*a).write(&mut w);
+                }
+            }
+            RelayMsg::Sendme { tag } => {
+                w.put_u8(1).put(tag);
+            }
+            RelayMsg::Extend(e) => {
+                w.put(&e.identity).put(&e.link_key);
+                TargetAddr::Ip(e.addr.ip()).write(&mut w);
+                w.put_u16(e.addr.port()).put_u16(e.htype).put_u16(e.hdata.len() as u16).put(&e.hdata);
+            }
+            RelayMsg::Extended(h) => {
+                w.put_u16(h.len() as u16).put(h);
+            }
+            RelayMsg::Truncate | RelayMsg::Drop => {}
+            RelayMsg::Truncated(r) => {
+                w.put_u8(*r);
+            }
+            RelayMsg::Resolve(h) => {
+                TargetAddr::Host(h.clone()).write(&mut w);
+            }
+            RelayMsg::Resolved(addrs) => {
+                w.put_u8(addrs.len() as u8);
+                for (a, ttl) in addrs {
+                    TargetAddr::Ip(*a).write(&mut w);
+                    w.put_u32(*ttl);
+                }
+            }
+        }
+        w.finish()
+    }
+
+    /// Encode into a plaintext of exactly `capacity` bytes (zero padded).
+    pub fn encode(&self, stream_id: u16, capacity: usize) -> Result<Vec<u8>, Error> {
+        let body = self.body();
+        if HEADER_LEN + body.len() > capacity {
+            return Err(Error::TooLarge {
+                what: "relay message",
+                len: HEADER_LEN + body.len(),
+                max: capacity,
+            });
+        }
+        let mut w = Writer::new();
+        w.put_u8(self.cmd().0).put_u16(stream_id).put_u16(body.len() as u16).put(&body);
+        let mut out = w.finish();
+        out.resize(capacity, 0);
+        Ok(out)
+    }
+
+    /// Decode from a layer's plaintext; returns (stream id, message).
+    pub fn decode(plain: &[u8]) -> Result<(u16, RelayMsg), Error> {
+        let mut r = Reader::new(plain);
+        let cmd = RelayCmd(r.take_u8()?);
+        let stream_id = r.take_u16()?;
+        let len = r.take_u16()? as usize;
+        let body = r.take(len).map_err(|_| Error::malformed("relay message", "length beyond cell"))?;
+        let mut r = Reader::new(body);
+        let msg = match cmd {
+            RelayCmd::BEGIN => {
+                let addr = TargetAddr::read(&mut r)?;
+                RelayMsg::Begin { addr, port: r.take_u16()? }
+            }
+            RelayCmd::DATA => RelayMsg::Data(r.take_rest().to_vec()),
+            RelayCmd::END => RelayMsg::End(EndReason(r.take_u8()?)),
+            RelayCmd::CONNECTED => {
+                if r.remaining() == 0 {
+                    RelayMsg::Connected(None)
+                } else {
+                    match TargetAddr::read(&mut r)? {
+                        TargetAddr::Ip(a) => RelayMsg::Connected(Some(a)),
+                        TargetAddr::Host(_) => {
+                            return Err(Error::malformed("CONNECTED", "hostname address"));
+                        }
+                    }
+                }
+            }
+            RelayCmd::SENDME => {
+                let v = r.take_u8()?;
+                if v != 1 {
+                    return Err(Error::malformed("SENDME", format!("version {v}")));
+                }
+                RelayMsg::Sendme { tag: r.take_array()? }
+            }
+            RelayCmd::EXTEND => {
+                let identity = r.take_array()?;
+                let link_key = r.take_array()?;
+                let ip = match TargetAddr::read(&mut r)? {
+                    TargetAddr::Ip(ip) => ip,
+                    TargetAddr::Host(_) => return Err(Error::malformed("EXTEND", "hostname address")),
+                };
+                let port = r.take_u16()?;
+                let htype = r.take_u16()?;
+                let hlen = r.take_u16()? as usize;
+                let hdata = r.take(hlen)?.to_vec();
+                RelayMsg::Extend(Extend { identity, link_key, addr: SocketAddr::new(ip, port), htype, hdata })
+            }
+            RelayCmd::EXTENDED => {
+                let hlen = r.take_u16()? as usize;
+                RelayMsg::Extended(r.take(hlen)?.to_vec())
+            }
+            RelayCmd::TRUNCATE => RelayMsg::Truncate,
+            RelayCmd::TRUNCATED => RelayMsg::Truncated(r.take_u8()?),
+            RelayCmd::DROP => {
+                r.take_rest();
+                RelayMsg::Drop
+            }
+            RelayCmd::RESOLVE => match TargetAddr::read(&mut r)? {
+                TargetAddr::Host(h) => RelayMsg::Resolve(h),
+                TargetAddr::Ip(_) => return Err(Error::malformed("RESOLVE", "address, not a name")),
+            },
+            RelayCmd::RESOLVED => {
+                let n = r.take_u8()? as usize;
+                let mut addrs = Vec::with_capacity(n.min(16));
+                for _ in 0..n {
+                    let a = match TargetAddr::read(&mut r)? {
+                        TargetAddr::Ip(a) => a,
+                        TargetAddr::Host(_) => return Err(Error::malformed("RESOLVED", "hostname")),
+                    };
+                    addrs.push((a, r.take_u32()?));
+                }
+                RelayMsg::Resolved(addrs)
+            }
+            c => return Err(Error::malformed("relay message", format!("unknown command {c:?}"))),
+        };
+        r.should_be_exhausted()?;
+        Ok((stream_id, msg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_msgs() -> Vec<RelayMsg> {
+        vec![
+            RelayMsg::Begin { addr: TargetAddr::Host("example.com".into()), port: 443 },
+            RelayMsg::Begin { addr: TargetAddr::Ip("127.0.0.1".parse().unwrap()), port: 80 },
+            RelayMsg::Begin { addr: TargetAddr::Ip("::1".parse().unwrap()), port: 8080 },
+            RelayMsg::Data(b"hello".to_vec()),
+            RelayMsg::End(EndReason::CONNECT_REFUSED),
+            RelayMsg::Connected(Some("10.1.2.3".parse().unwrap())),
+            RelayMsg::Connected(None),
+            RelayMsg::Sendme { tag: [5; 16] },
+            RelayMsg::Extend(Extend {
+                identity: [1; 32],
+                link_key: [2; 32],
+                addr: "127.0.0.1:9001".parse().unwrap(),
+                htype: 2,
+                hdata: vec![3; 96],
+            }),
+            RelayMsg::Extended(vec![4; 64]),
+            RelayMsg::Truncate,
+            RelayMsg::Truncated(3),
+            RelayMsg::Drop,
+            RelayMsg::Resolve("example.org".into()),
+            RelayMsg::Resolved(vec![("1.2.3.4".parse().unwrap(), 60)]),
+        ]
+    }
+
+    #[test]
+    fn roundtrip_all() {
+        for m in all_msgs() {
+            let b = m.encode(7, 456).unwrap();
+            assert_eq!(b.len(), 456);
+            let (sid, d) = RelayMsg::decode(&b).unwrap();
+            assert_eq!(sid, 7);
+            assert_eq!(d, m);
+        }
+    }
+
+    #[test]
+    fn rejects_bad() {
+        // Length field beyond the plaintext.
+        assert!(RelayMsg::decode(&[2, 0, 1, 0xff, 0xff, 0]).is_err());
+        // Trailing bytes inside the declared body.
+        assert!(RelayMsg::decode(&[3, 0, 1, 0, 2, 1, 9]).is_err());
+        // Unknown command.
+        assert!(RelayMsg::decode(&[99, 0, 1, 0, 0]).is_err());
+        // Bad hostname.
+        assert!(RelayMsg::decode(&[1, 0, 1, 0, 6, 0, 3, b'a', b' ', b'b', 0]).is_err());
+        assert!(RelayMsg::Data(vec![0; 500]).encode(1, 456).is_err());
+    }
+}

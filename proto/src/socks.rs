@@ -1,0 +1,287 @@
+//! A sans-IO SOCKS5 server (RFC 1928, RFC 1929), as Tor's SocksPort speaks
+//! it (`doc/protocol.md` section "SOCKS").
+//!
+//! Feed received bytes to [`SocksServer::step`]; it says how many it
+//! consumed, what to send back, and finally the request. No-auth and
+//! username/password are offered on the same port; the credentials are
+//! returned with the request so the caller can isolate streams by them.
+//! Malformed requests get their RFC 1928 reply code before the close.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::relaymsg::TargetAddr;
+use crate::wire::Reader;
+use crate::Error;
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum SocksAuth {
+    NoAuth,
+    UserPass { user: Vec<u8>, pass: Vec<u8> },
+}
+
+impl std::fmt::Debug for SocksAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocksAuth::NoAuth => f.write_str("NoAuth"),
+            SocksAuth::UserPass { .. } => f.write_str("UserPass(..)"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocksCmd {
+    Connect,
+    /// Tor's extension 0xF0: resolve a name through the exit.
+    Resolve,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocksRequest {
+    pub auth: SocksAuth,
+    pub cmd: SocksCmd,
+    pub addr: TargetAddr,
+    pub port: u16,
+}
+
+/// RFC 1928 reply codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyCode(pub u8);
+
+impl ReplyCode {
+    pub const SUCCEEDED: Self = Self(0);
+    pub const GENERAL_FAILURE: Self = Self(1);
+    pub const NOT_ALLOWED: Self = Self(2);
+    pub const NETWORK_UNREACHABLE: Self = Self(3);
+    pub const HOST_UNREACHABLE: Self = Self(4);
+    pub const CONNECTION_REFUSED: Self = Self(5);
+    pub const TTL_EXPIRED: Self = Self(6);
+    pub const COMMAND_NOT_SUPPORTED: Self = Self(7);
+    pub const ADDRTYPE_NOT_SUPPORTED: Self = Self(8);
+}
+
+/// What to do after a step.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Not enough bytes yet; nothing consumed.
+    NeedMore,
+    /// Send `reply` and keep going; `consumed` bytes were used.
+    Reply { consumed: usize, reply: Vec<u8> },
+    /// The request is complete; the caller answers it with [`reply`].
+    Done { consumed: usize, request: SocksRequest },
+    /// Send `reply` (if any), then close.
+    Fail { reply: Option<Vec<u8>>, why: String },
+}
+
+#[derive(Debug)]
+enum State {
+    Greeting,
+    UserPass,
+    Request(SocksAuth),
+    Finished,
+}
+
+#[derive(Debug)]
+pub struct SocksServer {
+    state: State,
+}
+
+impl Default for SocksServer {
+    fn default() -> Self {
+        SocksServer { state: State::Greeting }
+    }
+}
+
+const METHOD_NONE: u8 = 0;
+const METHOD_USERPASS: u8 = 2;
+const NO_ACCEPTABLE: u8 = 0xff;
+
+fn fail(code: ReplyCode, why: impl Into<String>) -> Step {
+    Step::Fail { reply: Some(reply(code, None)), why: why.into() }
+}
+
+/// A SOCKS5 reply with `code` and the bound address (0.0.0.0:0 if none).
+pub fn reply(code: ReplyCode, bound: Option<SocketAddr>) -> Vec<u8> {
+    let mut out = vec![5, code.0, 0];
+    match bound.unwrap_or_else(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)) {
+        SocketAddr::V4(a) => {
+            out.push(1);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        SocketAddr::V6(a) => {
+            out.push(4);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+    }
+    out
+}
+
+impl SocksServer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn step(&mut self, input: &[u8]) -> Step {
+        match self.try_step(input) {
+            Ok(s) => s,
+            Err(Error::Truncated) => Step::NeedMore,
+            Err(e) => {
+                self.state = State::Finished;
+                fail(ReplyCode::GENERAL_FAILURE, e.to_string())
+            }
+        }
+    }
+
+    fn try_step(&mut self, input: &[u8]) -> Result<Step, Error> {
+        let mut r = Reader::new(input);
+        match &self.state {
+            State::Greeting => {
+                let ver = r.take_u8()?;
+                if ver != 5 {
+                    self.state = State::Finished;
+                    return Ok(Step::Fail { reply: None, why: format!("SOCKS version {ver} is not supported") });
+                }
+                let n = r.take_u8()? as usize;
+                let methods = r.take(n)?;
+                let (method, next) = if methods.contains(&METHOD_USERPASS) {
+                    (METHOD_USERPASS, State::UserPass)
+                } else if methods.contains(&METHOD_NONE) {
+                    (METHOD_NONE, State::Request(SocksAuth::NoAuth))
+                } else {
+                    self.state = State::Finished;
+                    return Ok(Step::Fail {
+                        reply: Some(vec![5, NO_ACCEPTABLE]),
+                        why: "no acceptable authentication method offered".into(),
+                    });
+                };
+                self.state = next;
+                Ok(Step::Reply { consumed: r.consumed(), reply: vec![5, method] })
+            }
+            State::UserPass => {
+                let ver = r.take_u8()?;
+                let ulen = r.take_u8()? as usize;
+                let user = r.take(ulen)?.to_vec();
+                let plen = r.take_u8()? as usize;
+                let pass = r.take(plen)?.to_vec();
+                if ver != 1 {
+                    self.state = State::Finished;
+                    return Ok(Step::Fail { reply: Some(vec![1, 1]), why: format!("auth version {ver}") });
+                }
+                self.state = State::Request(SocksAuth::UserPass { user, pass });
+                Ok(Step::Reply { consumed: r.consumed(), reply: vec![1, 0] })
+            }
+            State::Request(auth) => {
+                let auth = auth.clone();
+                let ver = r.take_u8()?;
+                let cmd = r.take_u8()?;
+                let _rsv = r.take_u8()?;
+                let atyp = r.take_u8()?;
+                if ver != 5 {
+                    self.state = State::Finished;
+                    return Ok(fail(ReplyCode::GENERAL_FAILURE, format!("request version {ver}")));
+                }
+                let cmd = match cmd {
+                    1 => SocksCmd::Connect,
+                    0xf0 => SocksCmd::Resolve,
+                    c => {
+                        self.state = State::Finished;
+                        return Ok(fail(ReplyCode::COMMAND_NOT_SUPPORTED, format!("command {c} not supported")));
+                    }
+                };
+                let addr = match atyp {
+                    1 => TargetAddr::Ip(IpAddr::V4(Ipv4Addr::from(r.take_array::<4>()?))),
+                    4 => TargetAddr::Ip(IpAddr::V6(Ipv6Addr::from(r.take_array::<16>()?))),
+                    3 => {
+                        let n = r.take_u8()? as usize;
+                        let h = r.take(n)?;
+                        let h = std::str::from_utf8(h).map_err(|_| Error::malformed("hostname", "not UTF-8"))?;
+                        TargetAddr::from_host(h)?
+                    }
+                    t => {
+                        self.state = State::Finished;
+                        return Ok(fail(ReplyCode::ADDRTYPE_NOT_SUPPORTED, format!("address type {t}")));
+                    }
+                };
+                let port = r.take_u16()?;
+                if port == 0 && cmd == SocksCmd::Connect {
+                    self.state = State::Finished;
+                    return Ok(fail(ReplyCode::GENERAL_FAILURE, "port 0"));
+                }
+                self.state = State::Finished;
+                Ok(Step::Done { consumed: r.consumed(), request: SocksRequest { auth, cmd, addr, port } })
+            }
+            State::Finished => Ok(Step::Fail { reply: None, why: "handshake already finished".into() }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drive the server over `input`, fed one byte at a time; collect replies.
+    fn drive(input: &[u8]) -> (Vec<u8>, Step) {
+        let mut s = SocksServer::new();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for &b in input {
+            buf.push(b);
+            match s.step(&buf) {
+                Step::NeedMore => {}
+                Step::Reply { consumed, reply } => {
+                    buf.drain(..consumed);
+                    out.extend(reply);
+                }
+                done => return (out, done),
+            }
+        }
+        (out, Step::NeedMore)
+    }
+
+    #[test]
+    fn no_auth_hostname_connect() {
+        let mut req = vec![5, 1, 0, 5, 1, 0, 3, 11];
+        req.extend(b"example.com");
+        req.extend(443u16.to_be_bytes());
+        let (out, step) = drive(&req);
+        assert_eq!(out, vec![5, 0]);
+        let Step::Done { request, .. } = step else { panic!("{step:?}") };
+        assert_eq!(request.addr, TargetAddr::Host("example.com".into()));
+        assert_eq!((request.port, request.cmd, request.auth), (443, SocksCmd::Connect, SocksAuth::NoAuth));
+    }
+
+    #[test]
+    fn user_pass_preferred_and_returned() {
+        let mut req = vec![5, 2, 0, 2, 1, 1, b'u', 2, b'p', b'w', 5, 1, 0, 1, 127, 0, 0, 1, 0, 80];
+        let (out, step) = drive(&req);
+        assert_eq!(out, vec![5, 2, 1, 0]);
+        let Step::Done { request, .. } = step else { panic!() };
+        assert_eq!(request.auth, SocksAuth::UserPass { user: b"u".to_vec(), pass: b"pw".to_vec() });
+        assert_eq!(request.addr, TargetAddr::Ip("127.0.0.1".parse().unwrap()));
+        req.clear();
+    }
+
+    #[test]
+    fn malformed_requests_get_rfc_codes() {
+        let (_, s) = drive(&[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80]);
+        assert_eq!(s, fail(ReplyCode::COMMAND_NOT_SUPPORTED, "command 2 not supported"));
+        let (_, s) = drive(&[5, 1, 0, 5, 1, 0, 9]);
+        assert!(matches!(s, Step::Fail { reply: Some(r), .. } if r[1] == 8));
+        let (_, s) = drive(&[5, 1, 0, 5, 1, 0, 3, 3, b'a', b' ', b'b', 0, 80]);
+        assert!(matches!(s, Step::Fail { reply: Some(r), .. } if r[1] == 1));
+        let (_, s) = drive(&[5, 1, 0, 4, 1, 0, 1]);
+        assert!(matches!(s, Step::Fail { reply: Some(r), .. } if r[1] == 1));
+        let (out, s) = drive(&[5, 1, 9]);
+        assert!(out.is_empty());
+        assert_eq!(s, Step::Fail { reply: Some(vec![5, 0xff]), why: "no acceptable authentication method offered".into() });
+        let (_, s) = drive(&[4, 1]);
+        assert!(matches!(s, Step::Fail { reply: None, .. }));
+    }
+
+    #[test]
+    fn reply_encoding() {
+        assert_eq!(reply(ReplyCode::CONNECTION_REFUSED, None), vec![5, 5, 0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(reply(ReplyCode::SUCCEEDED, Some("[::1]:80".parse().unwrap())).len(), 22);
+    }
+}
