@@ -1,1 +1,67 @@
-pub fn x(){}
+//! Allium client: fetches and verifies the consensus, chooses paths, builds
+//! three-hop circuits over an NK link to the guard, and serves SOCKS5 on
+//! loopback. Hostnames are sent to the exit and resolved there; the client
+//! never resolves a name itself.
+//!
+//! It does not relay traffic for others and keeps no state beyond its data
+//! directory.
+
+pub mod circuit;
+pub mod client;
+pub mod config;
+pub mod dir;
+pub mod path;
+pub mod socks;
+
+pub use client::{Client, Isolation};
+pub use config::ClientConfig;
+
+use allium_proto::relaymsg::EndReason;
+use allium_proto::socks::ReplyCode;
+
+/// Errors of the client crate, each with the SOCKS reply it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no usable consensus: {0}")]
+    NoConsensus(String),
+    #[error("no exit relay allows {0}")]
+    NoExit(String),
+    #[error("no path: {0}")]
+    NoPath(String),
+    #[error("circuit build failed: {0}")]
+    Build(String),
+    #[error("the exit ended the stream: {0:?}")]
+    StreamEnded(EndReason),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("circuit closed")]
+    CircuitClosed,
+    #[error(transparent)]
+    Relay(#[from] allium_relay::RelayError),
+    #[error(transparent)]
+    Proto(#[from] allium_proto::Error),
+    #[error(transparent)]
+    Dir(#[from] allium_directory::DirError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad config: {0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The RFC 1928 reply code for this failure.
+    pub fn socks_reply(&self) -> ReplyCode {
+        match self {
+            ClientError::NoExit(_) => ReplyCode::NOT_ALLOWED,
+            ClientError::StreamEnded(r) => match *r {
+                EndReason::EXIT_POLICY => ReplyCode::NOT_ALLOWED,
+                EndReason::RESOLVE_FAILED | EndReason::NO_ROUTE => ReplyCode::HOST_UNREACHABLE,
+                EndReason::CONNECT_REFUSED => ReplyCode::CONNECTION_REFUSED,
+                EndReason::TIMEOUT => ReplyCode::TTL_EXPIRED,
+                _ => ReplyCode::GENERAL_FAILURE,
+            },
+            ClientError::Timeout(_) => ReplyCode::TTL_EXPIRED,
+            _ => ReplyCode::GENERAL_FAILURE,
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! A client circuit: built hop by hop, then driven by one task that owns
+//! the onion layers and the streams.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
+use allium_proto::ntor;
+use allium_proto::onion::{ClientLayers, forward_capacity};
+use allium_proto::relaymsg::{EndReason, Extend, HEADER_LEN, RelayMsg, TargetAddr};
+use allium_proto::{ConsensusRelay, short_id};
+use allium_relay::channel::ChannelHandle;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+use tracing::debug;
+
+use crate::ClientError;
+
+/// Payload bytes one forward DATA message carries on a 3-hop circuit.
+pub const DATA_MAX: usize = forward_capacity(2) - HEADER_LEN;
+const STREAM_QUEUE: usize = 64;
+const CMD_QUEUE: usize = 256;
+
+/// What a stream receives from the exit.
+#[derive(Debug)]
+pub enum StreamData {
+    Data(Vec<u8>),
+    End(EndReason),
+}
+
+enum CircCmd {
+    Begin { addr: TargetAddr, port: u16, reply: oneshot::Sender<Result<Stream, ClientError>> },
+    Resolve { host: String, reply: oneshot::Sender<Result<Vec<IpAddr>, ClientError>> },
+    Data(u16, Vec<u8>),
+    End(u16),
+}
+
+/// An open stream through a circuit.
+pub struct Stream {
+    pub id: u16,
+    pub rx: mpsc::Receiver<StreamData>,
+    tx: mpsc::Sender<CircCmd>,
+}
+
+impl Stream {
+    /// Send bytes toward the exit (split into DATA messages).
+    pub async fn send(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(DATA_MAX) {
+            self.tx.send(CircCmd::Data(self.id, chunk.to_vec())).await.map_err(|_| ClientError::CircuitClosed)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = self.tx.try_send(CircCmd::End(self.id));
+    }
+}
+
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A handle to a built circuit.
+#[derive(Clone)]
+pub struct CircuitHandle {
+    tx: mpsc::Sender<CircCmd>,
+    /// Unique within this process, for logs and tests.
+    pub serial: u64,
+    /// Guard, middle, exit.
+    pub path: Vec<ConsensusRelay>,
+}
+
+impl CircuitHandle {
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    pub async fn begin(&self, addr: TargetAddr, port: u16) -> Result<Stream, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(CircCmd::Begin { addr, port, reply }).await.map_err(|_| ClientError::CircuitClosed)?;
+        rx.await.map_err(|_| ClientError::CircuitClosed)?
+    }
+
+    pub async fn resolve(&self, host: String) -> Result<Vec<IpAddr>, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(CircCmd::Resolve { host, reply }).await.map_err(|_| ClientError::CircuitClosed)?;
+        rx.await.map_err(|_| ClientError::CircuitClosed)?
+    }
+}
+
+fn relay_cell(circ_id: u32, payload: Box<[u8; PAYLOAD_LEN]>) -> Cell {
+    Cell { circ_id, cmd: CellCmd::RELAY, payload }
+}
+
+async fn expect_cell(rx: &mut mpsc::Receiver<Cell>) -> Result<Cell, ClientError> {
+    rx.recv().await.ok_or_else(|| ClientError::Build("channel closed".into()))
+}
+
+/// Build a circuit through `path` over `chan` (a channel to `path[0]`).
+pub async fn build(chan: ChannelHandle, path: Vec<ConsensusRelay>, timeout: Duration) -> Result<CircuitHandle, ClientError> {
+    let (circ_id, mut rx) = chan.new_circuit().await?;
+    let work = async {
+        let mut layers = ClientLayers::new();
+        let first = &path[0];
+        let (st, hs) = ntor::client_start(&mut rand::rng(), &first.identity, &first.onion_key);
+        chan.send(Cell::new(circ_id, CellCmd::CREATE, &cell::encode_create(HANDSHAKE_NTOR, &hs))?).await?;
+        let c = expect_cell(&mut rx).await?;
+        if c.cmd != CellCmd::CREATED {
+            return Err(ClientError::Build(format!("guard answered {:?}", c.cmd)));
+        }
+        layers.push(&st.finish(cell::decode_created(&c.payload[..])?)?)?;
+        for hop in &path[1..] {
+            let (st, hs) = ntor::client_start(&mut rand::rng(), &hop.identity, &hop.onion_key);
+            let last = layers.len() - 1;
+            let msg = RelayMsg::Extend(Extend {
+                identity: hop.identity,
+                link_key: hop.link_key,
+                addr: hop.addr,
+                htype: HANDSHAKE_NTOR,
+                hdata: hs,
+            })
+            .encode(0, forward_capacity(last))?;
+            chan.send(relay_cell(circ_id, layers.encrypt_forward(last, &msg)?)).await?;
+            let mut c = expect_cell(&mut rx).await?;
+            if c.cmd != CellCmd::RELAY {
+                return Err(ClientError::Build(format!("extend to {} answered {:?}", hop.nickname, c.cmd)));
+            }
+            let from = layers.decrypt_backward(&mut c.payload)?;
+            match RelayMsg::decode(&c.payload[16..])? {
+                (0, RelayMsg::Extended(h)) if from == last => layers.push(&st.finish(&h)?)?,
+                (_, RelayMsg::Truncated(r)) => {
+                    return Err(ClientError::Build(format!("extend to {} failed: {:?}", hop.nickname, DestroyReason(r))));
+                }
+                (_, m) => return Err(ClientError::Build(format!("unexpected {:?} while extending", m.cmd()))),
+            }
+        }
+        Ok(layers)
+    };
+    let layers = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            let _ = chan.send(Cell::destroy(circ_id, DestroyReason::FINISHED)).await;
+            chan.unregister(circ_id);
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = chan.send(Cell::destroy(circ_id, DestroyReason::TIMEOUT)).await;
+            chan.unregister(circ_id);
+            return Err(ClientError::Timeout("circuit build"));
+        }
+    };
+    debug!(path = %path.iter().map(|r| short_id(&r.identity)).collect::<Vec<_>>().join(","), "circuit built");
+    let (tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
+    let task = CircTask {
+        chan,
+        circ_id,
+        rx,
+        layers,
+        cmd_rx,
+        cmd_tx: tx.downgrade(),
+        streams: HashMap::new(),
+        pending: HashMap::new(),
+        resolving: HashMap::new(),
+        next_stream: 1,
+    };
+    tokio::spawn(task.run().in_current_span());
+    let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(CircuitHandle { tx, serial, path })
+}
+
+struct CircTask {
+    chan: ChannelHandle,
+    circ_id: u32,
+    rx: mpsc::Receiver<Cell>,
+    layers: ClientLayers,
+    cmd_rx: mpsc::Receiver<CircCmd>,
+    cmd_tx: mpsc::WeakSender<CircCmd>,
+    streams: HashMap<u16, mpsc::Sender<StreamData>>,
+    pending: HashMap<u16, (oneshot::Sender<Result<Stream, ClientError>>, mpsc::Receiver<StreamData>)>,
+    resolving: HashMap<u16, oneshot::Sender<Result<Vec<IpAddr>, ClientError>>>,
+    next_stream: u16,
+}
+
+impl CircTask {
+    fn alloc_stream(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let id = self.next_stream;
+            self.next_stream = self.next_stream.wrapping_add(1).max(1);
+            if !self.streams.contains_key(&id) && !self.resolving.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    async fn send_msg(&mut self, sid: u16, msg: RelayMsg) -> Result<(), ClientError> {
+        let last = self.layers.len() - 1;
+        let body = msg.encode(sid, forward_capacity(last))?;
+        let payload = self.layers.encrypt_forward(last, &body)?;
+        self.chan.send(relay_cell(self.circ_id, payload)).await?;
+        Ok(())
+    }
+
+    async fn run(mut self) {
+        let reason = loop {
+            tokio::select! {
+                c = self.rx.recv() => match c {
+                    None => break DestroyReason::CHANNEL_CLOSED,
+                    Some(c) => match self.on_cell(c).await {
+                        Ok(()) => {}
+                        Err(r) => break r,
+                    },
+                },
+                cmd = self.cmd_rx.recv() => match cmd {
+                    None => break DestroyReason::FINISHED,
+                    Some(cmd) => if let Err(e) = self.on_cmd(cmd).await {
+                        debug!("circuit command failed: {e}");
+                        break DestroyReason::INTERNAL;
+                    },
+                },
+            }
+        };
+        debug!(?reason, "circuit closed");
+        if reason != DestroyReason::CHANNEL_CLOSED && reason != DestroyReason::DESTROYED {
+            let _ = self.chan.send(Cell::destroy(self.circ_id, reason)).await;
+        }
+        self.chan.unregister(self.circ_id);
+        for (_, (reply, _)) in self.pending.drain() {
+            let _ = reply.send(Err(ClientError::CircuitClosed));
+        }
+        for (_, tx) in self.streams.drain() {
+            let _ = tx.try_send(StreamData::End(EndReason::DESTROY));
+        }
+    }
+
+    async fn on_cmd(&mut self, cmd: CircCmd) -> Result<(), ClientError> {
+        match cmd {
+            CircCmd::Begin { addr, port, reply } => {
+                let Some(sid) = self.alloc_stream() else {
+                    let _ = reply.send(Err(ClientError::Build("no free stream id".into())));
+                    return Ok(());
+                };
+                let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+                self.streams.insert(sid, tx);
+                self.pending.insert(sid, (reply, rx));
+                self.send_msg(sid, RelayMsg::Begin { addr, port }).await
+            }
+            CircCmd::Resolve { host, reply } => {
+                let Some(sid) = self.alloc_stream() else {
+                    let _ = reply.send(Err(ClientError::Build("no free stream id".into())));
+                    return Ok(());
+                };
+                self.resolving.insert(sid, reply);
+                self.send_msg(sid, RelayMsg::Resolve(host)).await
+            }
+            CircCmd::Data(sid, d) => {
+                if self.streams.contains_key(&sid) {
+                    self.send_msg(sid, RelayMsg::Data(d)).await?;
+                }
+                Ok(())
+            }
+            CircCmd::End(sid) => {
+                self.pending.remove(&sid);
+                if self.streams.remove(&sid).is_some() {
+                    self.send_msg(sid, RelayMsg::End(EndReason::DONE)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_cell(&mut self, mut c: Cell) -> Result<(), DestroyReason> {
+        match c.cmd {
+            CellCmd::RELAY => {}
+            CellCmd::DESTROY => return Err(DestroyReason::DESTROYED),
+            CellCmd::PADDING => return Ok(()),
+            _ => return Err(DestroyReason::PROTOCOL),
+        }
+        let from = self.layers.decrypt_backward(&mut c.payload).map_err(|_| DestroyReason::CELL_AUTH)?;
+        let (sid, msg) = RelayMsg::decode(&c.payload[16..]).map_err(|_| DestroyReason::PROTOCOL)?;
+        if from != self.layers.len() - 1 {
+            debug!(hop = from, cmd = ?msg.cmd(), "message from an intermediate hop");
+            return match msg {
+                RelayMsg::Drop => Ok(()),
+                _ => Err(DestroyReason::PROTOCOL),
+            };
+        }
+        match msg {
+            RelayMsg::Connected(_) => {
+                if let Some((reply, rx)) = self.pending.remove(&sid) {
+                    let stream = Stream {
+                        id: sid,
+                        rx,
+                        tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
+                    };
+                    if let Err(Ok(s)) = reply.send(Ok(stream)) {
+                        drop(s);
+                    }
+                }
+            }
+            RelayMsg::Data(d) => {
+                if let Some(tx) = self.streams.get(&sid) {
+                    if tx.send(StreamData::Data(d)).await.is_err() {
+                        self.streams.remove(&sid);
+                    }
+                }
+            }
+            RelayMsg::End(r) => {
+                if let Some((reply, _)) = self.pending.remove(&sid) {
+                    let _ = reply.send(Err(ClientError::StreamEnded(r)));
+                }
+                if let Some(tx) = self.streams.remove(&sid) {
+                    let _ = tx.send(StreamData::End(r)).await;
+                }
+            }
+            RelayMsg::Resolved(addrs) => {
+                if let Some(reply) = self.resolving.remove(&sid) {
+                    let _ = reply.send(if addrs.is_empty() {
+                        Err(ClientError::StreamEnded(EndReason::RESOLVE_FAILED))
+                    } else {
+                        Ok(addrs.into_iter().map(|(a, _)| a).collect())
+                    });
+                }
+            }
+            RelayMsg::Drop | RelayMsg::Sendme { .. } => {}
+            _ => return Err(DestroyReason::PROTOCOL),
+        }
+        Ok(())
+    }
+}

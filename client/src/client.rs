@@ -1,0 +1,251 @@
+//! The client: consensus, channels to guards, a pool of circuits.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use allium_directory::unix_now;
+use allium_proto::relaymsg::TargetAddr;
+use allium_proto::socks::SocksAuth;
+use allium_proto::{AuthorityKey, Consensus, ConsensusRelay};
+use allium_relay::channel::{self, ChannelHandle};
+use tokio::sync::watch;
+use tracing::{Instrument, info, warn};
+
+use crate::circuit::{self, CircuitHandle, Stream};
+use crate::path::{self, ExitTarget};
+use crate::{ClientConfig, ClientError, dir};
+
+/// Streams with different isolation never share a circuit.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Isolation {
+    /// Which SOCKS listener the stream came from.
+    pub listener: usize,
+    pub auth: SocksAuth,
+}
+
+struct PooledCircuit {
+    circ: CircuitHandle,
+    /// Bound to the isolation of its first stream; `None` until then.
+    isolation: Option<Isolation>,
+    first_used: Option<Instant>,
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    keys: Vec<AuthorityKey>,
+    consensus: watch::Sender<Option<Arc<Consensus>>>,
+    guards: tokio::sync::Mutex<HashMap<[u8; 32], ChannelHandle>>,
+    pool: Mutex<Vec<PooledCircuit>>,
+    ready: watch::Sender<bool>,
+}
+
+/// A client; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+const BUILD_ATTEMPTS: usize = 3;
+
+impl Client {
+    pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
+        cfg.check()?;
+        let keys = allium_directory::authority_keys(&cfg.authorities)?;
+        let (consensus, _) = watch::channel(None);
+        let (ready, _) = watch::channel(false);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                cfg,
+                keys,
+                consensus,
+                guards: tokio::sync::Mutex::new(HashMap::new()),
+                pool: Mutex::new(Vec::new()),
+                ready,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.cfg
+    }
+
+    /// Fetch and verify a consensus once and install it.
+    pub async fn refresh_consensus(&self) -> Result<Arc<Consensus>, ClientError> {
+        let c = dir::fetch_consensus(&self.inner.cfg.authorities, &self.inner.keys).await?;
+        self.inner.consensus.send_replace(Some(c.clone()));
+        Ok(c)
+    }
+
+    /// The current consensus, if it is still valid.
+    pub fn consensus(&self) -> Option<Arc<Consensus>> {
+        self.inner.consensus.borrow().clone().filter(|c| unix_now() <= c.valid_until)
+    }
+
+    /// Keep the consensus fresh forever: refetch at fresh-until, retry on
+    /// failure, keep a still-valid one meanwhile.
+    pub async fn consensus_loop(self) {
+        let mut announced = false;
+        loop {
+            let wait = match self.refresh_consensus().await {
+                Ok(c) => {
+                    if !announced {
+                        info!(relays = c.relays.len(), "Bootstrapped 50%: consensus verified");
+                        announced = true;
+                    }
+                    c.fresh_until.saturating_sub(unix_now()).clamp(1, 3600)
+                }
+                Err(e) => {
+                    if self.consensus().is_none() {
+                        warn!("no valid consensus: {e}");
+                    }
+                    5
+                }
+            };
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
+    }
+
+    async fn guard_channel(&self, guard: &ConsensusRelay) -> Result<ChannelHandle, ClientError> {
+        let mut g = self.inner.guards.lock().await;
+        if let Some(h) = g.get(&guard.identity).filter(|h| !h.is_closed()) {
+            return Ok(h.clone());
+        }
+        let h = channel::connect_nk(guard.addr, &guard.link_key).await?;
+        g.insert(guard.identity, h.clone());
+        Ok(h)
+    }
+
+    /// Build a fresh circuit to an exit allowing `target`.
+    pub async fn build_circuit(&self, target: &ExitTarget<'_>) -> Result<CircuitHandle, ClientError> {
+        let c = self.consensus().ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
+        let mut last = None;
+        for _ in 0..BUILD_ATTEMPTS {
+            let p = path::choose_path(&mut rand::rng(), &c, target)?;
+            let chan = match self.guard_channel(&p[0]).await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    warn!(guard = %p[0].nickname, "cannot reach guard: {e}");
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let timeout = Duration::from_secs(self.inner.cfg.circuit_build_timeout_secs);
+            match circuit::build(chan, p.to_vec(), timeout).await {
+                Ok(circ) => return Ok(circ),
+                Err(e) => {
+                    warn!("circuit build failed: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Build("no attempt made".into())))
+    }
+
+    /// Build an unbound circuit for later streams (readiness and preemption).
+    pub async fn build_preemptive(&self) -> Result<(), ClientError> {
+        let circ = self.build_circuit(&ExitTarget::Any).await?;
+        self.pool().push(PooledCircuit { circ, isolation: None, first_used: None });
+        Ok(())
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, Vec<PooledCircuit>> {
+        self.inner.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The paths of the circuits open now (guard, middle, exit identities).
+    pub fn circuit_paths(&self) -> Vec<Vec<[u8; 32]>> {
+        self.pool().iter().filter(|p| !p.circ.is_closed()).map(|p| p.circ.path.iter().map(|r| r.identity).collect()).collect()
+    }
+
+    /// A circuit for a stream to `target` with `iso`: reuse or build.
+    pub async fn circuit_for(&self, target: &ExitTarget<'_>, iso: &Isolation) -> Result<CircuitHandle, ClientError> {
+        let dirty = Duration::from_secs(self.inner.cfg.max_circuit_dirtiness_secs);
+        {
+            let mut pool = self.pool();
+            pool.retain(|p| !p.circ.is_closed() && p.first_used.is_none_or(|t| t.elapsed() < dirty));
+            let found = pool.iter_mut().find(|p| {
+                p.isolation.as_ref().is_none_or(|i| i == iso)
+                    && p.circ.path.last().is_some_and(|e| path::exit_allows(e, target))
+            });
+            if let Some(p) = found {
+                p.isolation = Some(iso.clone());
+                p.first_used.get_or_insert_with(Instant::now);
+                return Ok(p.circ.clone());
+            }
+        }
+        let circ = self.build_circuit(target).await?;
+        self.pool().push(PooledCircuit { circ: circ.clone(), isolation: Some(iso.clone()), first_used: Some(Instant::now()) });
+        Ok(circ)
+    }
+
+    /// Open a stream to `addr:port` through the network.
+    pub async fn connect(&self, addr: TargetAddr, port: u16, iso: &Isolation) -> Result<Stream, ClientError> {
+        let circ = self.circuit_for(&ExitTarget::Addr(&addr, port), iso).await?;
+        let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
+        tokio::time::timeout(t, circ.begin(addr, port)).await.map_err(|_| ClientError::Timeout("stream connect"))?
+    }
+
+    /// Resolve a hostname at an exit.
+    pub async fn resolve(&self, host: String, iso: &Isolation) -> Result<Vec<IpAddr>, ClientError> {
+        let circ = self.circuit_for(&ExitTarget::Any, iso).await?;
+        let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
+        tokio::time::timeout(t, circ.resolve(host)).await.map_err(|_| ClientError::Timeout("resolve"))?
+    }
+
+    /// Wait until [`Client::bootstrap`] has succeeded (as run by [`Client::serve`]).
+    pub async fn wait_bootstrapped(&self) {
+        let mut rx = self.inner.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Wait for a valid consensus, then for a working circuit.
+    pub async fn bootstrap(&self, deadline: Duration) -> Result<(), ClientError> {
+        let start = Instant::now();
+        let mut last: Option<ClientError> = None;
+        while start.elapsed() < deadline {
+            if self.consensus().is_some() {
+                match self.build_preemptive().await {
+                    Ok(()) => {
+                        info!("Bootstrapped 100%: a circuit is ready");
+                        self.inner.ready.send_replace(true);
+                        return Ok(());
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(last.unwrap_or_else(|| ClientError::NoConsensus("none fetched before the deadline".into())))
+    }
+
+    /// Run everything: consensus upkeep and the SOCKS listeners.
+    pub async fn run(self) -> Result<(), ClientError> {
+        info!("Bootstrapped 0%: starting");
+        let mut listeners = Vec::new();
+        for a in &self.inner.cfg.socks_listen {
+            listeners.push(tokio::net::TcpListener::bind(a).await?);
+        }
+        self.serve(listeners).await
+    }
+
+    /// Like [`Client::run`] on already bound SOCKS listeners.
+    pub async fn serve(self, listeners: Vec<tokio::net::TcpListener>) -> Result<(), ClientError> {
+        let mut set = tokio::task::JoinSet::new();
+        set.spawn(self.clone().consensus_loop().in_current_span());
+        for (i, l) in listeners.into_iter().enumerate() {
+            info!(addr = %l.local_addr()?, "SOCKS5 listening");
+            set.spawn(crate::socks::serve(self.clone(), l, i).in_current_span());
+        }
+        let boot = self.clone();
+        set.spawn(async move {
+            if let Err(e) = boot.bootstrap(Duration::from_secs(3600)).await {
+                warn!("bootstrap: {e}");
+            }
+            std::future::pending::<()>().await
+        });
+        set.join_next().await;
+        Err(ClientError::Config("a client task ended".into()))
+    }
+}

@@ -1,0 +1,56 @@
+//! `allium client` configuration (TOML). See `examples/client.toml`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use allium_directory::AuthorityEntry;
+use serde::{Deserialize, Serialize};
+
+use crate::ClientError;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    pub data_dir: PathBuf,
+    pub authorities: Vec<AuthorityEntry>,
+    /// SOCKS5 listeners; loopback only unless `allow_non_loopback_socks`.
+    pub socks_listen: Vec<SocketAddr>,
+    pub allow_non_loopback_socks: bool,
+    /// A circuit takes new streams for this long after its first use.
+    pub max_circuit_dirtiness_secs: u64,
+    /// Give up on a circuit build after this long.
+    pub circuit_build_timeout_secs: u64,
+    /// Give up on a stream that has not connected after this long.
+    pub stream_timeout_secs: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            data_dir: PathBuf::from("allium-client"),
+            authorities: vec![],
+            socks_listen: vec!["127.0.0.1:9150".parse().expect("valid address")],
+            allow_non_loopback_socks: false,
+            max_circuit_dirtiness_secs: 600,
+            circuit_build_timeout_secs: 30,
+            stream_timeout_secs: 60,
+        }
+    }
+}
+
+impl ClientConfig {
+    pub fn check(&self) -> Result<(), ClientError> {
+        if self.authorities.is_empty() {
+            return Err(ClientError::Config("at least one authority is needed".into()));
+        }
+        allium_directory::authority_keys(&self.authorities)?;
+        for a in &self.socks_listen {
+            if !a.ip().is_loopback() && !self.allow_non_loopback_socks {
+                return Err(ClientError::Config(format!(
+                    "SOCKS listener {a} is not on loopback (set allow_non_loopback_socks to insist)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,61 @@
+//! A minimal HTTP/1.1 client for directory requests, with timeouts and
+//! response size limits.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+use crate::DirError;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn request(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, DirError> {
+    let fail = |why: String| DirError::Http { addr: addr.to_string(), why };
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| fail(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string())
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| fail(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| fail(format!("reading body: {e}")))?
+            .to_bytes()
+            .to_vec();
+        conn.abort();
+        if status != 200 {
+            return Err(DirError::Status { status, body: String::from_utf8_lossy(&body[..body.len().min(512)]).into() });
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(TIMEOUT, work).await.map_err(|_| fail("timed out".into()))?
+}
+
+/// Fetch the raw consensus document from an authority.
+pub async fn fetch_consensus(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
+    request(addr, "GET", "/consensus", vec![], allium_proto::doc::MAX_CONSENSUS_LEN).await
+}
+
+/// Upload a signed descriptor.
+pub async fn post_descriptor(addr: SocketAddr, desc: Vec<u8>) -> Result<(), DirError> {
+    request(addr, "POST", "/descriptor", desc, 4096).await.map(|_| ())
+}
+
+/// Fetch every descriptor an authority holds (postcard list of documents).
+pub async fn fetch_descriptors(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
+    request(addr, "GET", "/descriptors", vec![], 64 * 1024 * 1024).await
+}

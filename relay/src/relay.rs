@@ -1,0 +1,217 @@
+//! The relay process: keys, listener, descriptor publication.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use allium_directory::{http, unix_now};
+use allium_proto::policy::ExitPolicy;
+use allium_proto::{RelayDescriptor, SignedDocument};
+use hickory_resolver::TokioResolver;
+use tokio::net::TcpListener;
+use tracing::{Instrument, debug, info, warn};
+use x25519_dalek::PublicKey;
+
+use crate::channel::{self, ChannelHandle, CreateHandler, LinkIdentity};
+use crate::keys::{KeyStore, OnionKeySet};
+use crate::{RelayConfig, RelayError, RelayStats, circuit};
+
+/// Everything circuits of this relay share.
+pub struct RelayCtx {
+    pub nickname: String,
+    pub link: LinkIdentity,
+    pub identity_pub: [u8; 32],
+    pub onion: RwLock<OnionKeySet>,
+    pub policy: ExitPolicy,
+    pub channels: ChannelManager,
+    pub resolver: Option<TokioResolver>,
+    pub stats: Arc<RelayStats>,
+}
+
+/// Open channels to other relays, by identity.
+#[derive(Default)]
+pub struct ChannelManager {
+    map: Mutex<HashMap<[u8; 32], ChannelHandle>>,
+}
+
+impl ChannelManager {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], ChannelHandle>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, id: [u8; 32], h: ChannelHandle) {
+        let mut m = self.lock();
+        m.retain(|_, h| !h.is_closed());
+        m.insert(id, h);
+    }
+
+    /// An open channel to relay `id`, reusing one if there is one.
+    pub async fn get_or_connect(
+        ctx: &Arc<RelayCtx>,
+        id: [u8; 32],
+        link_key: &[u8; 32],
+        addr: SocketAddr,
+    ) -> Result<ChannelHandle, RelayError> {
+        if let Some(h) = ctx.channels.lock().get(&id).filter(|h| !h.is_closed()).cloned() {
+            return Ok(h);
+        }
+        let h = channel::connect_xk(addr, id, link_key, &ctx.link, Some(create_handler(ctx))).await?;
+        ctx.channels.insert(id, h.clone());
+        Ok(h)
+    }
+}
+
+/// Spawns a circuit task for each CREATE a peer sends.
+pub fn create_handler(ctx: &Arc<RelayCtx>) -> CreateHandler {
+    let ctx = ctx.clone();
+    Arc::new(move |nc| {
+        tokio::spawn(circuit::run(ctx.clone(), nc).in_current_span());
+    })
+}
+
+/// A relay, built inert by [`Relay::new`] and started by [`Relay::run`].
+pub struct Relay {
+    cfg: RelayConfig,
+    keys: KeyStore,
+    ctx: Arc<RelayCtx>,
+}
+
+impl Relay {
+    /// Load or create keys and check the configuration; no network yet.
+    pub fn new(cfg: RelayConfig) -> Result<Self, RelayError> {
+        cfg.check()?;
+        let keys = KeyStore::new(&cfg.data_dir);
+        let identity = keys.identity()?;
+        let link_secret = keys.link()?;
+        let onion = keys.onion(unix_now())?;
+        let resolver = match TokioResolver::builder_tokio().and_then(|b| b.build()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!("no DNS resolver ({e}): only address literals and localhost can be reached");
+                None
+            }
+        };
+        let ctx = Arc::new(RelayCtx {
+            nickname: cfg.nickname.clone(),
+            identity_pub: identity.verifying_key().to_bytes(),
+            link: LinkIdentity { identity, link_secret },
+            onion: RwLock::new(onion),
+            policy: cfg.policy()?,
+            channels: ChannelManager::default(),
+            resolver,
+            stats: Arc::new(RelayStats::default()),
+        });
+        Ok(Relay { cfg, keys, ctx })
+    }
+
+    pub fn identity(&self) -> [u8; 32] {
+        self.ctx.identity_pub
+    }
+
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.ctx.stats.clone()
+    }
+
+    pub fn nickname(&self) -> &str {
+        &self.cfg.nickname
+    }
+
+    /// The signed descriptor for `now`.
+    pub fn descriptor(&self, now: u64) -> Result<SignedDocument, RelayError> {
+        let onion = self.ctx.onion.read().unwrap_or_else(|p| p.into_inner());
+        let d = RelayDescriptor {
+            nickname: self.cfg.nickname.clone(),
+            identity: self.ctx.identity_pub,
+            link_key: self.ctx.link.link_pub(),
+            onion_key: PublicKey::from(&onion.current).to_bytes(),
+            prev_onion_key: onion.previous.as_ref().map(|k| PublicKey::from(k).to_bytes()),
+            addr: self.cfg.advertised()?,
+            bandwidth: self.cfg.bandwidth,
+            exit_policy: self.ctx.policy.clone(),
+            family: self.cfg.family_ids()?,
+            published: now,
+        };
+        Ok(d.sign(&self.ctx.link.identity))
+    }
+
+    async fn publish(&self) {
+        let doc = match self.descriptor(unix_now()) {
+            Ok(d) => d.to_bytes(),
+            Err(e) => return warn!("building descriptor: {e}"),
+        };
+        for a in &self.cfg.authorities {
+            match http::post_descriptor(a.addr, doc.clone()).await {
+                Ok(()) => debug!(authority = %a.name, "descriptor published"),
+                Err(e) => warn!(authority = %a.name, "publishing descriptor: {e}"),
+            }
+        }
+    }
+
+    fn maybe_rotate_onion(&self) -> bool {
+        let now = unix_now();
+        let mut set = self.ctx.onion.write().unwrap_or_else(|p| p.into_inner());
+        if now < set.created + self.cfg.onion_key_lifetime_secs {
+            return false;
+        }
+        match self.keys.rotate_onion(&mut set, now) {
+            Ok(()) => {
+                info!("onion key rotated");
+                true
+            }
+            Err(e) => {
+                warn!("rotating onion key: {e}");
+                false
+            }
+        }
+    }
+
+    /// Bind the listener and serve until an error.
+    pub async fn run(self) -> Result<(), RelayError> {
+        let listener = TcpListener::bind(self.cfg.listen)
+            .await
+            .map_err(|e| RelayError::Config(format!("cannot listen on {}: {e}", self.cfg.listen)))?;
+        self.serve(listener).await
+    }
+
+    /// Serve on an already bound listener.
+    pub async fn serve(self, listener: TcpListener) -> Result<(), RelayError> {
+        info!(nickname = %self.cfg.nickname, id = %allium_proto::short_id(&self.ctx.identity_pub), "relay listening");
+        let ctx = self.ctx.clone();
+        let accept = async move {
+            loop {
+                let (s, _peer) = listener.accept().await?;
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    match channel::accept(s, &ctx.link, create_handler(&ctx)).await {
+                        Ok(h) => {
+                            if let Some(id) = h.peer() {
+                                ctx.channels.insert(id, h);
+                            }
+                        }
+                        Err(e) => debug!("inbound link failed: {e}"),
+                    }
+                }.in_current_span());
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), RelayError>(())
+        };
+        let publish = async {
+            let period = Duration::from_secs(self.cfg.publish_interval_secs);
+            let check = Duration::from_secs(self.cfg.onion_key_lifetime_secs.clamp(1, 60));
+            let mut last = None::<tokio::time::Instant>;
+            loop {
+                let rotated = self.maybe_rotate_onion();
+                if rotated || last.is_none_or(|t| t.elapsed() >= period) {
+                    self.publish().await;
+                    last = Some(tokio::time::Instant::now());
+                }
+                tokio::time::sleep(check.min(period)).await;
+            }
+        };
+        tokio::select! {
+            r = accept => r,
+            () = publish => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The `allium` command: directory authority, relay, client, and the
+//! one-command local network (`allium testnet`), which also serves the
+//! whole-system tests.
+
+pub mod testnet;
