@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use serde::de::DeserializeOwned;
 
 #[derive(Parser)]
-#[command(name = "allium", version, about = "Allium: an onion-routed anonymity network")]
+#[command(
+    name = "allium",
+    version,
+    about = "Allium: an onion-routed anonymity network"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -112,12 +116,28 @@ async fn run(cli: Cli) -> Result<(), String> {
                 () = shutdown_signal() => Ok(()),
             }
         }
-        Cmd::Testnet { relays, socks, data_dir, init_only, base_port } => {
-            let opts = TestnetOptions { relays, socks, data_dir: data_dir.clone(), base_port, ..Default::default() };
+        Cmd::Testnet {
+            relays,
+            socks,
+            data_dir,
+            init_only,
+            base_port,
+        } => {
+            let opts = TestnetOptions {
+                relays,
+                socks,
+                data_dir: data_dir.clone(),
+                base_port,
+                ..Default::default()
+            };
             if init_only {
                 let dir = data_dir.ok_or("--init-only needs --data-dir")?;
                 testnet::init(&opts, &dir).map_err(|e| e.to_string())?;
-                println!("Wrote a test network to {}; see {}/README.md", dir.display(), dir.display());
+                println!(
+                    "Wrote a test network to {}; see {}/README.md",
+                    dir.display(),
+                    dir.display()
+                );
                 return Ok(());
             }
             let mut net = Testnet::start(opts).await.map_err(|e| e.to_string())?;

@@ -50,7 +50,14 @@ pub struct TestnetOptions {
 
 impl Default for TestnetOptions {
     fn default() -> Self {
-        TestnetOptions { relays: 6, exits: 2, socks: None, data_dir: None, base_port: None, interval_secs: 2 }
+        TestnetOptions {
+            relays: 6,
+            exits: 2,
+            socks: None,
+            data_dir: None,
+            base_port: None,
+            interval_secs: 2,
+        }
     }
 }
 
@@ -67,7 +74,13 @@ pub struct Plan {
 pub fn testnet_exit_policy() -> Vec<String> {
     let mut v: Vec<String> = DEFAULT_REJECTED_PORTS
         .iter()
-        .map(|&(a, b)| if a == b { format!("reject *:{a}") } else { format!("reject *:{a}-{b}") })
+        .map(|&(a, b)| {
+            if a == b {
+                format!("reject *:{a}")
+            } else {
+                format!("reject *:{a}-{b}")
+            }
+        })
         .collect();
     v.push("accept 127.0.0.0/8:*".into());
     v.push("accept [::1]/128:*".into());
@@ -81,9 +94,16 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 /// Make the configs (no files, no keys).
-pub fn plan(opts: &TestnetOptions, dir: &Path, base: u16, auth_key: &str) -> Result<Plan, TestnetError> {
+pub fn plan(
+    opts: &TestnetOptions,
+    dir: &Path,
+    base: u16,
+    auth_key: &str,
+) -> Result<Plan, TestnetError> {
     if opts.relays < 3 || opts.exits < 1 || opts.exits >= opts.relays {
-        return Err(TestnetError::Other("need at least 3 relays, at least 1 exit and at least 2 non-exits".into()));
+        return Err(TestnetError::Other(
+            "need at least 3 relays, at least 1 exit and at least 2 non-exits".into(),
+        ));
     }
     let auth = AuthConfig {
         nickname: "auth0".into(),
@@ -94,7 +114,11 @@ pub fn plan(opts: &TestnetOptions, dir: &Path, base: u16, auth_key: &str) -> Res
         descriptor_max_age_secs: 600,
         reject: vec![],
     };
-    let authorities = vec![AuthorityEntry { name: "auth0".into(), addr: auth.listen, key: auth_key.to_string() }];
+    let authorities = vec![AuthorityEntry {
+        name: "auth0".into(),
+        addr: auth.listen,
+        key: auth_key.to_string(),
+    }];
     let relays = (0..opts.relays)
         .map(|i| {
             let exit = i < opts.exits;
@@ -113,10 +137,18 @@ pub fn plan(opts: &TestnetOptions, dir: &Path, base: u16, auth_key: &str) -> Res
     let client = ClientConfig {
         data_dir: dir.join("client"),
         authorities,
-        socks_listen: vec![opts.socks.unwrap_or_else(|| loopback(base + 1 + opts.relays as u16))],
+        socks_listen: vec![
+            opts.socks
+                .unwrap_or_else(|| loopback(base + 1 + opts.relays as u16)),
+        ],
         ..ClientConfig::default()
     };
-    Ok(Plan { dir: dir.to_path_buf(), auth, relays, client })
+    Ok(Plan {
+        dir: dir.to_path_buf(),
+        auth,
+        relays,
+        client,
+    })
 }
 
 /// A block of `n` free consecutive loopback ports, held open.
@@ -128,7 +160,9 @@ async fn free_block(n: usize, start: Option<u16>) -> Result<(u16, Vec<TcpListene
     'outer: for base in candidates {
         let mut held = Vec::new();
         for i in 0..n {
-            let Some(port) = base.checked_add(i as u16) else { continue 'outer };
+            let Some(port) = base.checked_add(i as u16) else {
+                continue 'outer;
+            };
             match TcpListener::bind(loopback(port)).await {
                 Ok(l) => held.push(l),
                 Err(_) => continue 'outer,
@@ -136,7 +170,9 @@ async fn free_block(n: usize, start: Option<u16>) -> Result<(u16, Vec<TcpListene
         }
         return Ok((base, held));
     }
-    Err(TestnetError::Other("no free block of loopback ports".into()))
+    Err(TestnetError::Other(
+        "no free block of loopback ports".into(),
+    ))
 }
 
 fn write_toml<T: Serialize>(path: &Path, header: &str, cfg: &T) -> Result<(), TestnetError> {
@@ -148,7 +184,10 @@ fn write_toml<T: Serialize>(path: &Path, header: &str, cfg: &T) -> Result<(), Te
 
 /// Authority key: load or create it, return its hex.
 fn authority_key(dir: &Path) -> Result<String, TestnetError> {
-    let cfg = AuthConfig { data_dir: dir.join("auth0"), ..AuthConfig::default() };
+    let cfg = AuthConfig {
+        data_dir: dir.join("auth0"),
+        ..AuthConfig::default()
+    };
     Ok(hex::encode(Authority::new(cfg)?.public_key()))
 }
 
@@ -156,19 +195,34 @@ fn authority_key(dir: &Path) -> Result<String, TestnetError> {
 pub fn init(opts: &TestnetOptions, dir: &Path) -> Result<Plan, TestnetError> {
     let key = authority_key(dir)?;
     let p = plan(opts, dir, opts.base_port.unwrap_or(17000), &key)?;
-    write_toml(&dir.join("auth0/config.toml"), "allium dirauth --config auth0/config.toml", &p.auth)?;
+    write_toml(
+        &dir.join("auth0/config.toml"),
+        "allium dirauth --config auth0/config.toml",
+        &p.auth,
+    )?;
     for r in &p.relays {
         Relay::new(r.clone())?; // create its keys now
-        write_toml(&r.data_dir.join("config.toml"), &format!("allium relay --config {}/config.toml", r.nickname), r)?;
+        write_toml(
+            &r.data_dir.join("config.toml"),
+            &format!("allium relay --config {}/config.toml", r.nickname),
+            r,
+        )?;
     }
-    write_toml(&dir.join("client/config.toml"), "allium client --config client/config.toml", &p.client)?;
+    write_toml(
+        &dir.join("client/config.toml"),
+        "allium client --config client/config.toml",
+        &p.client,
+    )?;
     let mut readme = format!(
         "# Allium test network\n\nOne authority, {} relays ({} exits) and a client on 127.0.0.1.\nRun each role in its own terminal, from this directory:\n\n    allium dirauth --config auth0/config.toml\n",
         p.relays.len(),
         opts.exits
     );
     for r in &p.relays {
-        readme.push_str(&format!("    allium relay --config {}/config.toml\n", r.nickname));
+        readme.push_str(&format!(
+            "    allium relay --config {}/config.toml\n",
+            r.nickname
+        ));
     }
     readme.push_str(&format!(
         "    allium client --config client/config.toml\n\nThen: curl --socks5-hostname {} http://127.0.0.1:PORT/\n",
@@ -202,9 +256,16 @@ impl Testnet {
     pub async fn start(opts: TestnetOptions) -> Result<Testnet, TestnetError> {
         let tmp = match &opts.data_dir {
             Some(_) => None,
-            None => Some(tempfile::Builder::new().prefix("allium-testnet-").tempdir()?),
+            None => Some(
+                tempfile::Builder::new()
+                    .prefix("allium-testnet-")
+                    .tempdir()?,
+            ),
         };
-        let dir = opts.data_dir.clone().unwrap_or_else(|| tmp.as_ref().expect("temp dir").path().to_path_buf());
+        let dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| tmp.as_ref().expect("temp dir").path().to_path_buf());
         std::fs::create_dir_all(&dir)?;
         let n_ports = opts.relays + 2;
         let (base, mut held) = free_block(n_ports, opts.base_port).await?;
@@ -212,21 +273,32 @@ impl Testnet {
         let p = plan(&opts, &dir, base, &key)?;
         let socks_listener = match opts.socks {
             Some(a) => TcpListener::bind(a).await?,
-            None => held.pop().ok_or_else(|| TestnetError::Other("port block".into()))?,
+            None => held
+                .pop()
+                .ok_or_else(|| TestnetError::Other("port block".into()))?,
         };
         let mut held = held.into_iter();
         let mut tasks = JoinSet::new();
 
         let authority = Arc::new(Authority::new(p.auth.clone())?);
-        let auth_l = held.next().ok_or_else(|| TestnetError::Other("port block".into()))?;
+        let auth_l = held
+            .next()
+            .ok_or_else(|| TestnetError::Other("port block".into()))?;
         let a = authority.clone();
         tasks.spawn(
-            async move { ("auth0".to_string(), a.serve(auth_l).await.map_err(|e| e.to_string())) }
-                .instrument(tracing::info_span!("auth0")),
+            async move {
+                (
+                    "auth0".to_string(),
+                    a.serve(auth_l).await.map_err(|e| e.to_string()),
+                )
+            }
+            .instrument(tracing::info_span!("auth0")),
         );
         let mut relays = Vec::new();
         for rc in p.relays.iter() {
-            let l = held.next().ok_or_else(|| TestnetError::Other("port block".into()))?;
+            let l = held
+                .next()
+                .ok_or_else(|| TestnetError::Other("port block".into()))?;
             let relay = Relay::new(rc.clone())?;
             relays.push(RelayInfo {
                 nickname: rc.nickname.clone(),
@@ -236,16 +308,34 @@ impl Testnet {
             });
             let name = rc.nickname.clone();
             let span = tracing::info_span!("relay", name = %name);
-            tasks.spawn(async move { (name, relay.serve(l).await.map_err(|e| e.to_string())) }.instrument(span));
+            tasks.spawn(
+                async move { (name, relay.serve(l).await.map_err(|e| e.to_string())) }
+                    .instrument(span),
+            );
         }
         let client = Client::new(p.client.clone())?;
         let socks_addr = socks_listener.local_addr()?;
         let c = client.clone();
         tasks.spawn(
-            async move { ("client".to_string(), c.serve(vec![socks_listener]).await.map_err(|e| e.to_string())) }
-                .instrument(tracing::info_span!("client")),
+            async move {
+                (
+                    "client".to_string(),
+                    c.serve(vec![socks_listener])
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
+            }
+            .instrument(tracing::info_span!("client")),
         );
-        Ok(Testnet { authority, auth_addr: p.auth.listen, relays, client, socks_addr, tasks, _tmp: tmp })
+        Ok(Testnet {
+            authority,
+            auth_addr: p.auth.listen,
+            relays,
+            client,
+            socks_addr,
+            tasks,
+            _tmp: tmp,
+        })
     }
 
     /// Wait until the client has a verified consensus listing every relay
@@ -253,13 +343,15 @@ impl Testnet {
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), TestnetError> {
         let start = std::time::Instant::now();
         loop {
-            if let Some(c) = self.client.consensus() {
-                if c.relays.len() >= self.relays.len() {
-                    break;
-                }
+            if let Some(c) = self.client.consensus()
+                && c.relays.len() >= self.relays.len()
+            {
+                break;
             }
             if start.elapsed() > timeout {
-                return Err(TestnetError::Other("the consensus did not list every relay in time".into()));
+                return Err(TestnetError::Other(
+                    "the consensus did not list every relay in time".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -1,6 +1,8 @@
 //! The example configs parse, and `allium testnet --init-only` writes a
 //! network whose configs parse and point at each other.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 use allium::testnet::{TestnetOptions, init};
@@ -9,7 +11,8 @@ use allium_directory::AuthConfig;
 use allium_relay::RelayConfig;
 
 fn load<T: serde::de::DeserializeOwned>(p: &Path) -> T {
-    toml::from_str(&std::fs::read_to_string(p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    toml::from_str(&std::fs::read_to_string(p).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 #[test]
@@ -20,11 +23,17 @@ fn example_configs_parse() {
     assert_eq!(a.valid_intervals, AuthConfig::default().valid_intervals);
     let r: RelayConfig = load(&ex.join("relay.toml"));
     r.check().unwrap();
-    assert_eq!(r.onion_key_lifetime_secs, RelayConfig::default().onion_key_lifetime_secs);
+    assert_eq!(
+        r.onion_key_lifetime_secs,
+        RelayConfig::default().onion_key_lifetime_secs
+    );
     assert!(!r.policy().unwrap().is_exit());
     let c: ClientConfig = load(&ex.join("client.toml"));
     c.check().unwrap();
-    assert_eq!(c.max_circuit_dirtiness_secs, ClientConfig::default().max_circuit_dirtiness_secs);
+    assert_eq!(
+        c.max_circuit_dirtiness_secs,
+        ClientConfig::default().max_circuit_dirtiness_secs
+    );
     // Unknown keys are errors, not silently ignored.
     assert!(toml::from_str::<ClientConfig>("socks_listen = []\nsocks_port = 9050\n").is_err());
 }
@@ -32,17 +41,28 @@ fn example_configs_parse() {
 #[test]
 fn init_only_writes_a_runnable_network() {
     let d = tempfile::tempdir().unwrap();
-    let opts = TestnetOptions { base_port: Some(17000), ..Default::default() };
+    let opts = TestnetOptions {
+        base_port: Some(17000),
+        ..Default::default()
+    };
     init(&opts, d.path()).unwrap();
     let a: AuthConfig = load(&d.path().join("auth0/config.toml"));
-    let key = hex::encode(allium_directory::Authority::new(a.clone()).unwrap().public_key());
+    let key = hex::encode(
+        allium_directory::Authority::new(a.clone())
+            .unwrap()
+            .public_key(),
+    );
     for i in 0..6 {
         let r: RelayConfig = load(&d.path().join(format!("relay{i}/config.toml")));
         r.check().unwrap();
         assert_eq!(r.authorities[0].key, key);
         assert_eq!(r.authorities[0].addr, a.listen);
         assert_eq!(r.policy().unwrap().is_exit(), i < 2);
-        assert!(d.path().join(format!("relay{i}/keys/identity.key")).exists());
+        assert!(
+            d.path()
+                .join(format!("relay{i}/keys/identity.key"))
+                .exists()
+        );
     }
     let c: ClientConfig = load(&d.path().join("client/config.toml"));
     c.check().unwrap();

@@ -1,5 +1,7 @@
 //! Whole-system tests: a real testnet on loopback, real HTTP through it.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +26,9 @@ fn blob(seed: u64, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 32);
     let mut i = 0u64;
     while out.len() < len {
-        out.extend_from_slice(&Sha256::digest([seed.to_be_bytes(), i.to_be_bytes()].concat()));
+        out.extend_from_slice(&Sha256::digest(
+            [seed.to_be_bytes(), i.to_be_bytes()].concat(),
+        ));
         i += 1;
     }
     out.truncate(len);
@@ -34,8 +38,17 @@ fn blob(seed: u64, len: usize) -> Vec<u8> {
 async fn http_server() -> SocketAddr {
     let big = Arc::new(blob(1, BIG));
     let app = Router::new()
-        .route("/blob", get(move || { let b = big.clone(); async move { b.to_vec() } }))
-        .route("/small/{n}", get(|Path(n): Path<u64>| async move { blob(n, 50_000 + n as usize * 997) }));
+        .route(
+            "/blob",
+            get(move || {
+                let b = big.clone();
+                async move { b.to_vec() }
+            }),
+        )
+        .route(
+            "/small/{n}",
+            get(|Path(n): Path<u64>| async move { blob(n, 50_000 + n as usize * 997) }),
+        );
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
@@ -49,7 +62,9 @@ async fn socks_connect(proxy: SocketAddr, target: SocketAddr) -> u8 {
     let mut m = [0u8; 2];
     s.read_exact(&mut m).await.unwrap();
     assert_eq!(m, [5, 0]);
-    let SocketAddr::V4(t) = target else { panic!("v4 only") };
+    let SocketAddr::V4(t) = target else {
+        panic!("v4 only")
+    };
     let mut req = vec![5, 1, 0, 1];
     req.extend_from_slice(&t.ip().octets());
     req.extend_from_slice(&t.port().to_be_bytes());
@@ -60,7 +75,12 @@ async fn socks_connect(proxy: SocketAddr, target: SocketAddr) -> u8 {
 }
 
 /// Open a SOCKS5 connection to `host:port`, with username/password if given.
-async fn socks_open(proxy: SocketAddr, host: &str, port: u16, auth: Option<(&str, &str)>) -> TcpStream {
+async fn socks_open(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+) -> TcpStream {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     match auth {
         None => {
@@ -95,10 +115,18 @@ async fn socks_open(proxy: SocketAddr, host: &str, port: u16, auth: Option<(&str
 
 /// HTTP/1.1 GET with hyper's client over a SOCKS5 stream; the hostname is
 /// resolved at the exit.
-async fn http_get(proxy: SocketAddr, host: &str, port: u16, path: &str, auth: Option<(&str, &str)>) -> Vec<u8> {
+async fn http_get(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    path: &str,
+    auth: Option<(&str, &str)>,
+) -> Vec<u8> {
     use http_body_util::BodyExt;
     let s = socks_open(proxy, host, port, auth).await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header("host", format!("{host}:{port}"))
@@ -106,11 +134,18 @@ async fn http_get(proxy: SocketAddr, host: &str, port: u16, path: &str, auth: Op
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    resp.into_body().collect().await.unwrap().to_bytes().to_vec()
+    resp.into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
 }
 
 fn processed(s: &RelayStats) -> u64 {
-    RelayStats::get(&s.cells_relayed) + RelayStats::get(&s.cells_delivered) + RelayStats::get(&s.cells_originated)
+    RelayStats::get(&s.cells_relayed)
+        + RelayStats::get(&s.cells_delivered)
+        + RelayStats::get(&s.cells_originated)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -130,35 +165,65 @@ async fn whole_network_end_to_end() {
 
     // Three distinct relays each carried those cells.
     let carried = net.client.circuit_paths().into_iter().any(|path| {
-        let distinct = path.len() == 3 && path[0] != path[1] && path[1] != path[2] && path[0] != path[2];
+        let distinct =
+            path.len() == 3 && path[0] != path[1] && path[1] != path[2] && path[0] != path[2];
         distinct
             && path.iter().all(|id| {
-                net.relays.iter().find(|r| &r.identity == id).is_some_and(|r| processed(&r.stats) >= (BIG / 488) as u64)
+                net.relays
+                    .iter()
+                    .find(|r| &r.identity == id)
+                    .is_some_and(|r| processed(&r.stats) >= (BIG / 488) as u64)
             })
     });
-    assert!(carried, "no circuit of three distinct relays carried the 4 MiB");
+    assert!(
+        carried,
+        "no circuit of three distinct relays carried the 4 MiB"
+    );
 
     // The same with curl, if it is installed.
-    if std::process::Command::new("curl").arg("--version").output().is_ok() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
         let out = tokio::process::Command::new("curl")
-            .args(["-sS", "--max-time", "120", "--socks5-hostname", &proxy.to_string()])
+            .args([
+                "-sS",
+                "--max-time",
+                "120",
+                "--socks5-hostname",
+                &proxy.to_string(),
+            ])
             .arg(format!("http://127.0.0.1:{}/blob", web.port()))
             .output()
             .await
             .unwrap();
-        assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(Sha256::digest(&out.stdout), want);
     }
 
     // 20 concurrent streams, each with its own content.
     let mut set = tokio::task::JoinSet::new();
     for n in 0..20u64 {
-        set.spawn(async move { (n, http_get(proxy, "127.0.0.1", web.port(), &format!("/small/{n}"), None).await) });
+        set.spawn(async move {
+            (
+                n,
+                http_get(proxy, "127.0.0.1", web.port(), &format!("/small/{n}"), None).await,
+            )
+        });
     }
     let mut done = 0;
     while let Some(r) = set.join_next().await {
         let (n, b) = r.unwrap();
-        assert_eq!(&b[..], &blob(n, 50_000 + n as usize * 997)[..], "stream {n}");
+        assert_eq!(
+            &b[..],
+            &blob(n, 50_000 + n as usize * 997)[..],
+            "stream {n}"
+        );
         done += 1;
     }
     assert_eq!(done, 20);
@@ -168,17 +233,50 @@ async fn whole_network_end_to_end() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
     };
-    assert_eq!(socks_connect(proxy, closed).await, 5, "closed port: connection refused");
-    assert_eq!(socks_connect(proxy, "127.0.0.1:25".parse().unwrap()).await, 2, "port 25: not allowed by ruleset");
+    assert_eq!(
+        socks_connect(proxy, closed).await,
+        5,
+        "closed port: connection refused"
+    );
+    assert_eq!(
+        socks_connect(proxy, "127.0.0.1:25".parse().unwrap()).await,
+        2,
+        "port 25: not allowed by ruleset"
+    );
 
     // Different SOCKS credentials never share a circuit.
-    let iso = |u: &str| Isolation { listener: 0, auth: SocksAuth::UserPass { user: u.into(), pass: b"x".to_vec() } };
-    let a1 = net.client.circuit_for(&ExitTarget::Any, &iso("alice")).await.unwrap();
-    let a2 = net.client.circuit_for(&ExitTarget::Any, &iso("alice")).await.unwrap();
-    let b1 = net.client.circuit_for(&ExitTarget::Any, &iso("bob")).await.unwrap();
+    let iso = |u: &str| Isolation {
+        listener: 0,
+        auth: SocksAuth::UserPass {
+            user: u.into(),
+            pass: b"x".to_vec(),
+        },
+    };
+    let a1 = net
+        .client
+        .circuit_for(&ExitTarget::Any, &iso("alice"))
+        .await
+        .unwrap();
+    let a2 = net
+        .client
+        .circuit_for(&ExitTarget::Any, &iso("alice"))
+        .await
+        .unwrap();
+    let b1 = net
+        .client
+        .circuit_for(&ExitTarget::Any, &iso("bob"))
+        .await
+        .unwrap();
     assert_eq!(a1.serial, a2.serial);
     assert_ne!(a1.serial, b1.serial);
-    let body = http_get(proxy, "localhost", web.port(), "/small/3", Some(("carol", "pw"))).await;
+    let body = http_get(
+        proxy,
+        "localhost",
+        web.port(),
+        "/small/3",
+        Some(("carol", "pw")),
+    )
+    .await;
     assert_eq!(&body[..], &blob(3, 50_000 + 3 * 997)[..]);
 
     // Circuit build time, measured on warm channels.
@@ -193,12 +291,23 @@ async fn whole_network_end_to_end() {
 
     // A client pinned to the wrong authority key refuses the consensus and says why.
     let wrong = ClientConfig {
-        authorities: vec![AuthorityEntry { name: "auth0".into(), addr: net.auth_addr, key: hex::encode([7u8; 32]) }],
+        authorities: vec![AuthorityEntry {
+            name: "auth0".into(),
+            addr: net.auth_addr,
+            key: hex::encode([7u8; 32]),
+        }],
         ..ClientConfig::default()
     };
-    let err = Client::new(wrong).unwrap().refresh_consensus().await.err().expect("must refuse");
+    let err = Client::new(wrong)
+        .unwrap()
+        .refresh_consensus()
+        .await
+        .expect_err("must refuse");
     let msg = err.to_string();
-    assert!(msg.contains("not enough authority signatures: 0 valid of 1 needed"), "{msg}");
+    assert!(
+        msg.contains("not enough authority signatures: 0 valid of 1 needed"),
+        "{msg}"
+    );
 
     net.shutdown().await;
 }

@@ -30,8 +30,15 @@ pub enum StreamData {
 }
 
 enum CircCmd {
-    Begin { addr: TargetAddr, port: u16, reply: oneshot::Sender<Result<Stream, ClientError>> },
-    Resolve { host: String, reply: oneshot::Sender<Result<Vec<IpAddr>, ClientError>> },
+    Begin {
+        addr: TargetAddr,
+        port: u16,
+        reply: oneshot::Sender<Result<Stream, ClientError>>,
+    },
+    Resolve {
+        host: String,
+        reply: oneshot::Sender<Result<Vec<IpAddr>, ClientError>>,
+    },
     Data(u16, Vec<u8>),
     End(u16),
 }
@@ -47,7 +54,10 @@ impl Stream {
     /// Send bytes toward the exit (split into DATA messages).
     pub async fn send(&self, data: &[u8]) -> Result<(), ClientError> {
         for chunk in data.chunks(DATA_MAX) {
-            self.tx.send(CircCmd::Data(self.id, chunk.to_vec())).await.map_err(|_| ClientError::CircuitClosed)?;
+            self.tx
+                .send(CircCmd::Data(self.id, chunk.to_vec()))
+                .await
+                .map_err(|_| ClientError::CircuitClosed)?;
         }
         Ok(())
     }
@@ -78,33 +88,54 @@ impl CircuitHandle {
 
     pub async fn begin(&self, addr: TargetAddr, port: u16) -> Result<Stream, ClientError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(CircCmd::Begin { addr, port, reply }).await.map_err(|_| ClientError::CircuitClosed)?;
+        self.tx
+            .send(CircCmd::Begin { addr, port, reply })
+            .await
+            .map_err(|_| ClientError::CircuitClosed)?;
         rx.await.map_err(|_| ClientError::CircuitClosed)?
     }
 
     pub async fn resolve(&self, host: String) -> Result<Vec<IpAddr>, ClientError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(CircCmd::Resolve { host, reply }).await.map_err(|_| ClientError::CircuitClosed)?;
+        self.tx
+            .send(CircCmd::Resolve { host, reply })
+            .await
+            .map_err(|_| ClientError::CircuitClosed)?;
         rx.await.map_err(|_| ClientError::CircuitClosed)?
     }
 }
 
 fn relay_cell(circ_id: u32, payload: Box<[u8; PAYLOAD_LEN]>) -> Cell {
-    Cell { circ_id, cmd: CellCmd::RELAY, payload }
+    Cell {
+        circ_id,
+        cmd: CellCmd::RELAY,
+        payload,
+    }
 }
 
 async fn expect_cell(rx: &mut mpsc::Receiver<Cell>) -> Result<Cell, ClientError> {
-    rx.recv().await.ok_or_else(|| ClientError::Build("channel closed".into()))
+    rx.recv()
+        .await
+        .ok_or_else(|| ClientError::Build("channel closed".into()))
 }
 
 /// Build a circuit through `path` over `chan` (a channel to `path[0]`).
-pub async fn build(chan: ChannelHandle, path: Vec<ConsensusRelay>, timeout: Duration) -> Result<CircuitHandle, ClientError> {
+pub async fn build(
+    chan: ChannelHandle,
+    path: Vec<ConsensusRelay>,
+    timeout: Duration,
+) -> Result<CircuitHandle, ClientError> {
     let (circ_id, mut rx) = chan.new_circuit().await?;
     let work = async {
         let mut layers = ClientLayers::new();
         let first = &path[0];
         let (st, hs) = ntor::client_start(&mut rand::rng(), &first.identity, &first.onion_key);
-        chan.send(Cell::new(circ_id, CellCmd::CREATE, &cell::encode_create(HANDSHAKE_NTOR, &hs))?).await?;
+        chan.send(Cell::new(
+            circ_id,
+            CellCmd::CREATE,
+            &cell::encode_create(HANDSHAKE_NTOR, &hs),
+        )?)
+        .await?;
         let c = expect_cell(&mut rx).await?;
         if c.cmd != CellCmd::CREATED {
             return Err(ClientError::Build(format!("guard answered {:?}", c.cmd)));
@@ -121,18 +152,31 @@ pub async fn build(chan: ChannelHandle, path: Vec<ConsensusRelay>, timeout: Dura
                 hdata: hs,
             })
             .encode(0, forward_capacity(last))?;
-            chan.send(relay_cell(circ_id, layers.encrypt_forward(last, &msg)?)).await?;
+            chan.send(relay_cell(circ_id, layers.encrypt_forward(last, &msg)?))
+                .await?;
             let mut c = expect_cell(&mut rx).await?;
             if c.cmd != CellCmd::RELAY {
-                return Err(ClientError::Build(format!("extend to {} answered {:?}", hop.nickname, c.cmd)));
+                return Err(ClientError::Build(format!(
+                    "extend to {} answered {:?}",
+                    hop.nickname, c.cmd
+                )));
             }
             let from = layers.decrypt_backward(&mut c.payload)?;
             match RelayMsg::decode(&c.payload[16..])? {
                 (0, RelayMsg::Extended(h)) if from == last => layers.push(&st.finish(&h)?)?,
                 (_, RelayMsg::Truncated(r)) => {
-                    return Err(ClientError::Build(format!("extend to {} failed: {:?}", hop.nickname, DestroyReason(r))));
+                    return Err(ClientError::Build(format!(
+                        "extend to {} failed: {:?}",
+                        hop.nickname,
+                        DestroyReason(r)
+                    )));
                 }
-                (_, m) => return Err(ClientError::Build(format!("unexpected {:?} while extending", m.cmd()))),
+                (_, m) => {
+                    return Err(ClientError::Build(format!(
+                        "unexpected {:?} while extending",
+                        m.cmd()
+                    )));
+                }
             }
         }
         Ok(layers)
@@ -140,12 +184,16 @@ pub async fn build(chan: ChannelHandle, path: Vec<ConsensusRelay>, timeout: Dura
     let layers = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
-            let _ = chan.send(Cell::destroy(circ_id, DestroyReason::FINISHED)).await;
+            let _ = chan
+                .send(Cell::destroy(circ_id, DestroyReason::FINISHED))
+                .await;
             chan.unregister(circ_id);
             return Err(e);
         }
         Err(_) => {
-            let _ = chan.send(Cell::destroy(circ_id, DestroyReason::TIMEOUT)).await;
+            let _ = chan
+                .send(Cell::destroy(circ_id, DestroyReason::TIMEOUT))
+                .await;
             chan.unregister(circ_id);
             return Err(ClientError::Timeout("circuit build"));
         }
@@ -169,6 +217,12 @@ pub async fn build(chan: ChannelHandle, path: Vec<ConsensusRelay>, timeout: Dura
     Ok(CircuitHandle { tx, serial, path })
 }
 
+/// A BEGIN awaiting CONNECTED: who to tell, and the stream's inbox.
+type PendingStream = (
+    oneshot::Sender<Result<Stream, ClientError>>,
+    mpsc::Receiver<StreamData>,
+);
+
 struct CircTask {
     chan: ChannelHandle,
     circ_id: u32,
@@ -177,7 +231,7 @@ struct CircTask {
     cmd_rx: mpsc::Receiver<CircCmd>,
     cmd_tx: mpsc::WeakSender<CircCmd>,
     streams: HashMap<u16, mpsc::Sender<StreamData>>,
-    pending: HashMap<u16, (oneshot::Sender<Result<Stream, ClientError>>, mpsc::Receiver<StreamData>)>,
+    pending: HashMap<u16, PendingStream>,
     resolving: HashMap<u16, oneshot::Sender<Result<Vec<IpAddr>, ClientError>>>,
     next_stream: u16,
 }
@@ -277,7 +331,10 @@ impl CircTask {
             CellCmd::PADDING => return Ok(()),
             _ => return Err(DestroyReason::PROTOCOL),
         }
-        let from = self.layers.decrypt_backward(&mut c.payload).map_err(|_| DestroyReason::CELL_AUTH)?;
+        let from = self
+            .layers
+            .decrypt_backward(&mut c.payload)
+            .map_err(|_| DestroyReason::CELL_AUTH)?;
         let (sid, msg) = RelayMsg::decode(&c.payload[16..]).map_err(|_| DestroyReason::PROTOCOL)?;
         if from != self.layers.len() - 1 {
             debug!(hop = from, cmd = ?msg.cmd(), "message from an intermediate hop");
@@ -300,10 +357,10 @@ impl CircTask {
                 }
             }
             RelayMsg::Data(d) => {
-                if let Some(tx) = self.streams.get(&sid) {
-                    if tx.send(StreamData::Data(d)).await.is_err() {
-                        self.streams.remove(&sid);
-                    }
+                if let Some(tx) = self.streams.get(&sid)
+                    && tx.send(StreamData::Data(d)).await.is_err()
+                {
+                    self.streams.remove(&sid);
                 }
             }
             RelayMsg::End(r) => {

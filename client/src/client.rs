@@ -80,7 +80,11 @@ impl Client {
 
     /// The current consensus, if it is still valid.
     pub fn consensus(&self) -> Option<Arc<Consensus>> {
-        self.inner.consensus.borrow().clone().filter(|c| unix_now() <= c.valid_until)
+        self.inner
+            .consensus
+            .borrow()
+            .clone()
+            .filter(|c| unix_now() <= c.valid_until)
     }
 
     /// Keep the consensus fresh forever: refetch at fresh-until, retry on
@@ -91,7 +95,10 @@ impl Client {
             let wait = match self.refresh_consensus().await {
                 Ok(c) => {
                     if !announced {
-                        info!(relays = c.relays.len(), "Bootstrapped 50%: consensus verified");
+                        info!(
+                            relays = c.relays.len(),
+                            "Bootstrapped 50%: consensus verified"
+                        );
                         announced = true;
                     }
                     c.fresh_until.saturating_sub(unix_now()).clamp(1, 3600)
@@ -118,8 +125,13 @@ impl Client {
     }
 
     /// Build a fresh circuit to an exit allowing `target`.
-    pub async fn build_circuit(&self, target: &ExitTarget<'_>) -> Result<CircuitHandle, ClientError> {
-        let c = self.consensus().ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
+    pub async fn build_circuit(
+        &self,
+        target: &ExitTarget<'_>,
+    ) -> Result<CircuitHandle, ClientError> {
+        let c = self
+            .consensus()
+            .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
         let mut last = None;
         for _ in 0..BUILD_ATTEMPTS {
             let p = path::choose_path(&mut rand::rng(), &c, target)?;
@@ -146,7 +158,11 @@ impl Client {
     /// Build an unbound circuit for later streams (readiness and preemption).
     pub async fn build_preemptive(&self) -> Result<(), ClientError> {
         let circ = self.build_circuit(&ExitTarget::Any).await?;
-        self.pool().push(PooledCircuit { circ, isolation: None, first_used: None });
+        self.pool().push(PooledCircuit {
+            circ,
+            isolation: None,
+            first_used: None,
+        });
         Ok(())
     }
 
@@ -156,18 +172,31 @@ impl Client {
 
     /// The paths of the circuits open now (guard, middle, exit identities).
     pub fn circuit_paths(&self) -> Vec<Vec<[u8; 32]>> {
-        self.pool().iter().filter(|p| !p.circ.is_closed()).map(|p| p.circ.path.iter().map(|r| r.identity).collect()).collect()
+        self.pool()
+            .iter()
+            .filter(|p| !p.circ.is_closed())
+            .map(|p| p.circ.path.iter().map(|r| r.identity).collect())
+            .collect()
     }
 
     /// A circuit for a stream to `target` with `iso`: reuse or build.
-    pub async fn circuit_for(&self, target: &ExitTarget<'_>, iso: &Isolation) -> Result<CircuitHandle, ClientError> {
+    pub async fn circuit_for(
+        &self,
+        target: &ExitTarget<'_>,
+        iso: &Isolation,
+    ) -> Result<CircuitHandle, ClientError> {
         let dirty = Duration::from_secs(self.inner.cfg.max_circuit_dirtiness_secs);
         {
             let mut pool = self.pool();
-            pool.retain(|p| !p.circ.is_closed() && p.first_used.is_none_or(|t| t.elapsed() < dirty));
+            pool.retain(|p| {
+                !p.circ.is_closed() && p.first_used.is_none_or(|t| t.elapsed() < dirty)
+            });
             let found = pool.iter_mut().find(|p| {
                 p.isolation.as_ref().is_none_or(|i| i == iso)
-                    && p.circ.path.last().is_some_and(|e| path::exit_allows(e, target))
+                    && p.circ
+                        .path
+                        .last()
+                        .is_some_and(|e| path::exit_allows(e, target))
             });
             if let Some(p) = found {
                 p.isolation = Some(iso.clone());
@@ -176,22 +205,37 @@ impl Client {
             }
         }
         let circ = self.build_circuit(target).await?;
-        self.pool().push(PooledCircuit { circ: circ.clone(), isolation: Some(iso.clone()), first_used: Some(Instant::now()) });
+        self.pool().push(PooledCircuit {
+            circ: circ.clone(),
+            isolation: Some(iso.clone()),
+            first_used: Some(Instant::now()),
+        });
         Ok(circ)
     }
 
     /// Open a stream to `addr:port` through the network.
-    pub async fn connect(&self, addr: TargetAddr, port: u16, iso: &Isolation) -> Result<Stream, ClientError> {
-        let circ = self.circuit_for(&ExitTarget::Addr(&addr, port), iso).await?;
+    pub async fn connect(
+        &self,
+        addr: TargetAddr,
+        port: u16,
+        iso: &Isolation,
+    ) -> Result<Stream, ClientError> {
+        let circ = self
+            .circuit_for(&ExitTarget::Addr(&addr, port), iso)
+            .await?;
         let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
-        tokio::time::timeout(t, circ.begin(addr, port)).await.map_err(|_| ClientError::Timeout("stream connect"))?
+        tokio::time::timeout(t, circ.begin(addr, port))
+            .await
+            .map_err(|_| ClientError::Timeout("stream connect"))?
     }
 
     /// Resolve a hostname at an exit.
     pub async fn resolve(&self, host: String, iso: &Isolation) -> Result<Vec<IpAddr>, ClientError> {
         let circ = self.circuit_for(&ExitTarget::Any, iso).await?;
         let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
-        tokio::time::timeout(t, circ.resolve(host)).await.map_err(|_| ClientError::Timeout("resolve"))?
+        tokio::time::timeout(t, circ.resolve(host))
+            .await
+            .map_err(|_| ClientError::Timeout("resolve"))?
     }
 
     /// Wait until [`Client::bootstrap`] has succeeded (as run by [`Client::serve`]).
@@ -217,7 +261,8 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        Err(last.unwrap_or_else(|| ClientError::NoConsensus("none fetched before the deadline".into())))
+        Err(last
+            .unwrap_or_else(|| ClientError::NoConsensus("none fetched before the deadline".into())))
     }
 
     /// Run everything: consensus upkeep and the SOCKS listeners.

@@ -41,7 +41,9 @@ impl Default for ClientConfig {
 impl ClientConfig {
     pub fn check(&self) -> Result<(), ClientError> {
         if self.authorities.is_empty() {
-            return Err(ClientError::Config("at least one authority is needed".into()));
+            return Err(ClientError::Config(
+                "at least one authority is needed".into(),
+            ));
         }
         allium_directory::authority_keys(&self.authorities)?;
         for a in &self.socks_listen {

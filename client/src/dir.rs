@@ -12,7 +12,10 @@ use crate::ClientError;
 /// Fetch from the authorities (in random order) until one serves a
 /// consensus that verifies against `keys`; the error says what went wrong
 /// with each.
-pub async fn fetch_consensus(auths: &[AuthorityEntry], keys: &[AuthorityKey]) -> Result<Arc<Consensus>, ClientError> {
+pub async fn fetch_consensus(
+    auths: &[AuthorityEntry],
+    keys: &[AuthorityKey],
+) -> Result<Arc<Consensus>, ClientError> {
     let mut order: Vec<&AuthorityEntry> = auths.iter().collect();
     order.shuffle(&mut rand::rng());
     let mut why = Vec::new();

@@ -30,7 +30,10 @@ fn usable(r: &ConsensusRelay) -> bool {
 }
 
 /// Pick one of `cands` with probability proportional to bandwidth.
-pub fn weighted<'a, R: Rng + ?Sized>(rng: &mut R, cands: &[&'a ConsensusRelay]) -> Option<&'a ConsensusRelay> {
+pub fn weighted<'a, R: Rng + ?Sized>(
+    rng: &mut R,
+    cands: &[&'a ConsensusRelay],
+) -> Option<&'a ConsensusRelay> {
     let total: u64 = cands.iter().map(|r| r.bandwidth.max(1) as u64).sum();
     if total == 0 {
         return None;
@@ -55,7 +58,12 @@ pub fn choose_path<R: Rng + ?Sized>(
     let exits: Vec<&ConsensusRelay> = c
         .relays
         .iter()
-        .filter(|r| usable(r) && r.flags.has(RelayFlags::EXIT) && !r.flags.has(RelayFlags::BAD_EXIT) && exit_allows(r, target))
+        .filter(|r| {
+            usable(r)
+                && r.flags.has(RelayFlags::EXIT)
+                && !r.flags.has(RelayFlags::BAD_EXIT)
+                && exit_allows(r, target)
+        })
         .collect();
     let exit = weighted(rng, &exits).ok_or_else(|| {
         ClientError::NoExit(match target {
@@ -63,15 +71,20 @@ pub fn choose_path<R: Rng + ?Sized>(
             ExitTarget::Addr(a, p) => format!("{a}:{p}"),
         })
     })?;
-    let guards: Vec<&ConsensusRelay> =
-        c.relays.iter().filter(|r| usable(r) && r.flags.has(RelayFlags::GUARD) && r.identity != exit.identity).collect();
-    let guard = weighted(rng, &guards).ok_or_else(|| ClientError::NoPath("no guard available".into()))?;
+    let guards: Vec<&ConsensusRelay> = c
+        .relays
+        .iter()
+        .filter(|r| usable(r) && r.flags.has(RelayFlags::GUARD) && r.identity != exit.identity)
+        .collect();
+    let guard =
+        weighted(rng, &guards).ok_or_else(|| ClientError::NoPath("no guard available".into()))?;
     let middles: Vec<&ConsensusRelay> = c
         .relays
         .iter()
         .filter(|r| usable(r) && r.identity != exit.identity && r.identity != guard.identity)
         .collect();
-    let middle = weighted(rng, &middles).ok_or_else(|| ClientError::NoPath("no middle available".into()))?;
+    let middle =
+        weighted(rng, &middles).ok_or_else(|| ClientError::NoPath("no middle available".into()))?;
     Ok([guard.clone(), middle.clone(), exit.clone()])
 }
 
@@ -90,7 +103,11 @@ mod tests {
             addr: format!("127.0.0.1:{}", 9000 + i as u16).parse().unwrap(),
             flags: RelayFlags(flags | RelayFlags::RUNNING | RelayFlags::VALID),
             bandwidth: bw,
-            exit_policy: if exit { ExitPolicy::parse_rules(&["reject *:25", "accept *:*"]).unwrap() } else { ExitPolicy::reject_all() },
+            exit_policy: if exit {
+                ExitPolicy::parse_rules(&["reject *:25", "accept *:*"]).unwrap()
+            } else {
+                ExitPolicy::reject_all()
+            },
             family: vec![],
             descriptor_digest: [0; 32],
         }
@@ -119,7 +136,11 @@ mod tests {
             let p = choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 443)).unwrap();
             assert!(p[0].flags.has(RelayFlags::GUARD), "seed {seed}");
             assert!(p[2].flags.has(RelayFlags::EXIT));
-            assert!(p[0].identity != p[1].identity && p[1].identity != p[2].identity && p[0].identity != p[2].identity);
+            assert!(
+                p[0].identity != p[1].identity
+                    && p[1].identity != p[2].identity
+                    && p[0].identity != p[2].identity
+            );
             if p[2].identity == [5; 32] {
                 exit5 += 1;
             }

@@ -18,13 +18,18 @@ const MAX_HANDSHAKE: usize = 1024;
 
 pub async fn serve(client: Client, listener: TcpListener, index: usize) {
     loop {
-        let Ok((s, _)) = listener.accept().await else { continue };
+        let Ok((s, _)) = listener.accept().await else {
+            continue;
+        };
         let c = client.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(c, s, index).await {
-                debug!("SOCKS connection: {e}");
+        tokio::spawn(
+            async move {
+                if let Err(e) = handle(c, s, index).await {
+                    debug!("SOCKS connection: {e}");
+                }
             }
-        }.in_current_span());
+            .in_current_span(),
+        );
     }
 }
 
@@ -71,11 +76,15 @@ async fn handle(client: Client, mut s: TcpStream, index: usize) -> Result<(), Cl
     else {
         return Ok(());
     };
-    let iso = Isolation { listener: index, auth: req.auth.clone() };
+    let iso = Isolation {
+        listener: index,
+        auth: req.auth.clone(),
+    };
     match req.cmd {
         SocksCmd::Resolve => {
             let TargetAddr::Host(h) = req.addr else {
-                s.write_all(&socks::reply(ReplyCode::ADDRTYPE_NOT_SUPPORTED, None)).await?;
+                s.write_all(&socks::reply(ReplyCode::ADDRTYPE_NOT_SUPPORTED, None))
+                    .await?;
                 return Ok(());
             };
             match client.resolve(h, &iso).await {
@@ -96,7 +105,8 @@ async fn handle(client: Client, mut s: TcpStream, index: usize) -> Result<(), Cl
                     return Ok(());
                 }
             };
-            s.write_all(&socks::reply(ReplyCode::SUCCEEDED, None)).await?;
+            s.write_all(&socks::reply(ReplyCode::SUCCEEDED, None))
+                .await?;
             relay_bytes(s, stream).await
         }
     }

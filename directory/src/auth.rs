@@ -79,16 +79,27 @@ impl Authority {
     /// Load (or create) the key and persisted state. No I/O beyond files.
     pub fn new(cfg: AuthConfig) -> Result<Self, DirError> {
         if cfg.interval_secs == 0 || cfg.valid_intervals == 0 {
-            return Err(DirError::Config("interval_secs and valid_intervals must be positive".into()));
+            return Err(DirError::Config(
+                "interval_secs and valid_intervals must be positive".into(),
+            ));
         }
         let key = store::load_or_create_identity(&cfg.data_dir.join("keys/authority.key"))?;
-        let rejected = cfg.reject.iter().map(|s| parse_id(s)).collect::<Result<_, _>>()?;
-        let mut st = AuthState { descriptors: BTreeMap::new(), consensus: None };
+        let rejected = cfg
+            .reject
+            .iter()
+            .map(|s| parse_id(s))
+            .collect::<Result<_, _>>()?;
+        let mut st = AuthState {
+            descriptors: BTreeMap::new(),
+            consensus: None,
+        };
         let now = unix_now();
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/descriptors")) {
             let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
             for d in list {
-                if let Ok(v) = UnverifiedDescriptor::parse(&d).and_then(|u| u.verify(now, cfg.descriptor_max_age_secs)) {
+                if let Ok(v) = UnverifiedDescriptor::parse(&d)
+                    .and_then(|u| u.verify(now, cfg.descriptor_max_age_secs))
+                {
                     st.descriptors.insert(v.desc.identity, v);
                 }
             }
@@ -97,7 +108,12 @@ impl Authority {
             st.consensus = Some(Bytes::from(b));
         }
         info!(descriptors = st.descriptors.len(), "authority state loaded");
-        Ok(Authority { cfg, key, rejected, state: Mutex::new(st) })
+        Ok(Authority {
+            cfg,
+            key,
+            rejected,
+            state: Mutex::new(st),
+        })
     }
 
     pub fn public_key(&self) -> [u8; 32] {
@@ -119,20 +135,37 @@ impl Authority {
     }
 
     /// Take an uploaded descriptor. `Err` holds the HTTP status and reason.
-    pub fn accept_descriptor(&self, body: &[u8], now: u64) -> Result<&'static str, (StatusCode, String)> {
-        let bad = |e: allium_proto::Error| (StatusCode::BAD_REQUEST, format!("descriptor rejected: {e}"));
-        let v = UnverifiedDescriptor::parse(body).map_err(bad)?.verify(now, self.cfg.descriptor_max_age_secs).map_err(bad)?;
+    pub fn accept_descriptor(
+        &self,
+        body: &[u8],
+        now: u64,
+    ) -> Result<&'static str, (StatusCode, String)> {
+        let bad =
+            |e: allium_proto::Error| (StatusCode::BAD_REQUEST, format!("descriptor rejected: {e}"));
+        let v = UnverifiedDescriptor::parse(body)
+            .map_err(bad)?
+            .verify(now, self.cfg.descriptor_max_age_secs)
+            .map_err(bad)?;
         if self.rejected.contains(&v.desc.identity) {
-            return Err((StatusCode::FORBIDDEN, "descriptor rejected: relay identity is rejected by this authority".into()));
+            return Err((
+                StatusCode::FORBIDDEN,
+                "descriptor rejected: relay identity is rejected by this authority".into(),
+            ));
         }
         let mut st = self.lock();
         match st.descriptors.get(&v.desc.identity) {
             Some(old) if old.digest == v.digest => return Ok("already known"),
             Some(old) if old.desc.published >= v.desc.published => {
-                return Err((StatusCode::CONFLICT, "descriptor rejected: not newer than the one held (replay?)".into()));
+                return Err((
+                    StatusCode::CONFLICT,
+                    "descriptor rejected: not newer than the one held (replay?)".into(),
+                ));
             }
             None if st.descriptors.len() >= MAX_RELAYS => {
-                return Err((StatusCode::SERVICE_UNAVAILABLE, "descriptor rejected: relay table full".into()));
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "descriptor rejected: relay table full".into(),
+                ));
             }
             _ => {}
         }
@@ -148,13 +181,15 @@ impl Authority {
     pub fn build_consensus(&self, now: u64) -> Consensus {
         let mut st = self.lock();
         let max_age = self.cfg.descriptor_max_age_secs;
-        st.descriptors.retain(|_, d| d.desc.published + max_age >= now);
+        st.descriptors
+            .retain(|_, d| d.desc.published + max_age >= now);
         let relays = st
             .descriptors
             .values()
             .map(|v| {
                 let d = &v.desc;
-                let mut flags = RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::FAST | RelayFlags::STABLE;
+                let mut flags =
+                    RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::FAST | RelayFlags::STABLE;
                 if d.exit_policy.is_exit() {
                     flags |= RelayFlags::EXIT;
                 } else {
@@ -252,8 +287,11 @@ async fn post_descriptor(State(a): State<Arc<Authority>>, body: Bytes) -> (Statu
     }
 }
 
-async fn get_consensus(State(a): State<Arc<Authority>>) -> Result<Bytes, (StatusCode, &'static str)> {
-    a.consensus_bytes().ok_or((StatusCode::NOT_FOUND, "no consensus yet"))
+async fn get_consensus(
+    State(a): State<Arc<Authority>>,
+) -> Result<Bytes, (StatusCode, &'static str)> {
+    a.consensus_bytes()
+        .ok_or((StatusCode::NOT_FOUND, "no consensus yet"))
 }
 
 async fn get_descriptors(State(a): State<Arc<Authority>>) -> Vec<u8> {
@@ -286,18 +324,38 @@ mod tests {
     #[test]
     fn accepts_rejects_and_survives_restart() {
         let d = tempfile::tempdir().unwrap();
-        let cfg = AuthConfig { data_dir: d.path().into(), ..Default::default() };
+        let cfg = AuthConfig {
+            data_dir: d.path().into(),
+            ..Default::default()
+        };
         let a = Authority::new(cfg.clone()).unwrap();
         let now = unix_now();
         let k = SigningKey::from_bytes(&[4; 32]);
-        assert_eq!(a.accept_descriptor(&desc(&k, now), now).unwrap(), "accepted");
-        assert_eq!(a.accept_descriptor(&desc(&k, now), now).unwrap(), "already known");
-        assert_eq!(a.accept_descriptor(&desc(&k, now - 10), now).unwrap_err().0, StatusCode::CONFLICT);
+        assert_eq!(
+            a.accept_descriptor(&desc(&k, now), now).unwrap(),
+            "accepted"
+        );
+        assert_eq!(
+            a.accept_descriptor(&desc(&k, now), now).unwrap(),
+            "already known"
+        );
+        assert_eq!(
+            a.accept_descriptor(&desc(&k, now - 10), now).unwrap_err().0,
+            StatusCode::CONFLICT
+        );
         let mut forged = desc(&k, now + 1);
         let n = forged.len();
         forged[n - 70] ^= 1;
-        assert_eq!(a.accept_descriptor(&forged, now).unwrap_err().0, StatusCode::BAD_REQUEST);
-        assert_eq!(a.accept_descriptor(&desc(&k, now + 7200), now).unwrap_err().0, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            a.accept_descriptor(&forged, now).unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            a.accept_descriptor(&desc(&k, now + 7200), now)
+                .unwrap_err()
+                .0,
+            StatusCode::BAD_REQUEST
+        );
         a.publish_consensus(now).unwrap();
         let key = a.public_key();
         drop(a);

@@ -13,10 +13,21 @@ use crate::DirError;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn request(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, DirError> {
-    let fail = |why: String| DirError::Http { addr: addr.to_string(), why };
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+    limit: usize,
+) -> Result<Vec<u8>, DirError> {
+    let fail = |why: String| DirError::Http {
+        addr: addr.to_string(),
+        why,
+    };
     let work = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| fail(e.to_string()))?;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -28,7 +39,10 @@ async fn request(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>, limi
             .header("content-type", "application/octet-stream")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| fail(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| fail(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
         let status = resp.status().as_u16();
         let body = Limited::new(resp.into_body(), limit)
             .collect()
@@ -38,21 +52,35 @@ async fn request(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>, limi
             .to_vec();
         conn.abort();
         if status != 200 {
-            return Err(DirError::Status { status, body: String::from_utf8_lossy(&body[..body.len().min(512)]).into() });
+            return Err(DirError::Status {
+                status,
+                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into(),
+            });
         }
         Ok(body)
     };
-    tokio::time::timeout(TIMEOUT, work).await.map_err(|_| fail("timed out".into()))?
+    tokio::time::timeout(TIMEOUT, work)
+        .await
+        .map_err(|_| fail("timed out".into()))?
 }
 
 /// Fetch the raw consensus document from an authority.
 pub async fn fetch_consensus(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
-    request(addr, "GET", "/consensus", vec![], allium_proto::doc::MAX_CONSENSUS_LEN).await
+    request(
+        addr,
+        "GET",
+        "/consensus",
+        vec![],
+        allium_proto::doc::MAX_CONSENSUS_LEN,
+    )
+    .await
 }
 
 /// Upload a signed descriptor.
 pub async fn post_descriptor(addr: SocketAddr, desc: Vec<u8>) -> Result<(), DirError> {
-    request(addr, "POST", "/descriptor", desc, 4096).await.map(|_| ())
+    request(addr, "POST", "/descriptor", desc, 4096)
+        .await
+        .map(|_| ())
 }
 
 /// Fetch every descriptor an authority holds (postcard list of documents).

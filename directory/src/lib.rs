@@ -37,7 +37,12 @@ impl AuthorityEntry {
             .ok()
             .and_then(|v| <[u8; 32]>::try_from(v).ok())
             .map(AuthorityKey)
-            .ok_or_else(|| DirError::Config(format!("authority {}: key must be 64 hex digits", self.name)))
+            .ok_or_else(|| {
+                DirError::Config(format!(
+                    "authority {}: key must be 64 hex digits",
+                    self.name
+                ))
+            })
     }
 }
 
@@ -50,7 +55,10 @@ pub fn authority_keys(list: &[AuthorityEntry]) -> Result<Vec<AuthorityKey>, DirE
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("bad config: {0}")]
     Config(String),
     #[error("HTTP request to {addr} failed: {why}")]
@@ -63,7 +71,10 @@ pub enum DirError {
 
 impl DirError {
     pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
-        DirError::Io { path: path.display().to_string(), source }
+        DirError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 

@@ -12,10 +12,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| DirError::io(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let res = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -36,10 +44,17 @@ pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), DirError> {
 }
 
 /// Read a 32-byte secret key file, or create it from `fresh` if absent.
-pub fn load_or_create_secret(path: &Path, fresh: impl FnOnce() -> [u8; 32]) -> Result<[u8; 32], DirError> {
+pub fn load_or_create_secret(
+    path: &Path,
+    fresh: impl FnOnce() -> [u8; 32],
+) -> Result<[u8; 32], DirError> {
     match std::fs::read(path) {
         Ok(b) => b.as_slice().try_into().map_err(|_| {
-            DirError::Config(format!("{}: key file must hold exactly 32 bytes, has {}", path.display(), b.len()))
+            DirError::Config(format!(
+                "{}: key file must hold exactly 32 bytes, has {}",
+                path.display(),
+                b.len()
+            ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = fresh();
@@ -68,7 +83,10 @@ mod tests {
         let k1 = load_or_create_identity(&p).unwrap();
         let k2 = load_or_create_identity(&p).unwrap();
         assert_eq!(k1.to_bytes(), k2.to_bytes());
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         std::fs::write(&p, b"short").unwrap();
         assert!(load_or_create_identity(&p).is_err());
     }

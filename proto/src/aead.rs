@@ -84,12 +84,11 @@ mod tests {
     #[test]
     fn matches_rfc8439_vector() {
         // RFC 8439 section 2.8.2.
-        let key: [u8; 32] = hex::decode(
-            "808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f",
-        )
-        .unwrap()
-        .try_into()
-        .unwrap();
+        let key: [u8; 32] =
+            hex::decode("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
+                .unwrap()
+                .try_into()
+                .unwrap();
         let ad = hex::decode("50515253c0c1c2c3c4c5c6c7").unwrap();
         let pt = b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.";
         // The RFC's nonce is 07000000 4041424344454647: not our zero-prefixed
@@ -99,7 +98,11 @@ mod tests {
         let nonce = hex::decode("070000004041424344454647").unwrap();
         let mut buf = pt.to_vec();
         let tag = c
-            .encrypt_inout_detached(nonce.as_slice().try_into().unwrap(), &ad, buf.as_mut_slice().into())
+            .encrypt_inout_detached(
+                nonce.as_slice().try_into().unwrap(),
+                &ad,
+                buf.as_mut_slice().into(),
+            )
             .unwrap();
         assert_eq!(hex::encode(tag), "1ae10b594f09e26a7e902ecbd0600691");
     }

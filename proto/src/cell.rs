@@ -44,7 +44,10 @@ pub struct Cell {
 
 impl std::fmt::Debug for Cell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cell").field("circ_id", &self.circ_id).field("cmd", &self.cmd).finish()
+        f.debug_struct("Cell")
+            .field("circ_id", &self.circ_id)
+            .field("cmd", &self.cmd)
+            .finish()
     }
 }
 
@@ -52,17 +55,29 @@ impl Cell {
     /// A cell whose payload is `body` followed by zero bytes.
     pub fn new(circ_id: u32, cmd: CellCmd, body: &[u8]) -> Result<Self, Error> {
         if body.len() > PAYLOAD_LEN {
-            return Err(Error::TooLarge { what: "cell body", len: body.len(), max: PAYLOAD_LEN });
+            return Err(Error::TooLarge {
+                what: "cell body",
+                len: body.len(),
+                max: PAYLOAD_LEN,
+            });
         }
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         payload[..body.len()].copy_from_slice(body);
-        Ok(Cell { circ_id, cmd, payload })
+        Ok(Cell {
+            circ_id,
+            cmd,
+            payload,
+        })
     }
 
     pub fn destroy(circ_id: u32, reason: DestroyReason) -> Self {
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         payload[0] = reason.0;
-        Cell { circ_id, cmd: CellCmd::DESTROY, payload }
+        Cell {
+            circ_id,
+            cmd: CellCmd::DESTROY,
+            payload,
+        }
     }
 
     pub fn encode_into(&self, out: &mut [u8]) {
@@ -79,13 +94,20 @@ impl Cell {
 
     pub fn decode(b: &[u8]) -> Result<Self, Error> {
         if b.len() != CELL_LEN {
-            return Err(Error::malformed("cell", format!("length {} != {CELL_LEN}", b.len())));
+            return Err(Error::malformed(
+                "cell",
+                format!("length {} != {CELL_LEN}", b.len()),
+            ));
         }
         let mut r = Reader::new(b);
         let circ_id = r.take_u32()?;
         let cmd = CellCmd(r.take_u8()?);
         let payload = Box::new(r.take_array::<PAYLOAD_LEN>()?);
-        Ok(Cell { circ_id, cmd, payload })
+        Ok(Cell {
+            circ_id,
+            cmd,
+            payload,
+        })
     }
 }
 
@@ -104,6 +126,8 @@ impl DestroyReason {
     pub const TIMEOUT: Self = Self(10);
     pub const DESTROYED: Self = Self(11);
     pub const NO_SUCH_SERVICE: Self = Self(12);
+    /// A limit of the relay was reached (circuits per channel, memory).
+    pub const RESOURCE_LIMIT: Self = Self(14);
     /// The onion-layer authentication failed: modified, replayed, reordered or dropped cell.
     pub const CELL_AUTH: Self = Self(13);
 }
@@ -122,6 +146,7 @@ impl std::fmt::Debug for DestroyReason {
             Self::DESTROYED => "DESTROYED",
             Self::NO_SUCH_SERVICE => "NO_SUCH_SERVICE",
             Self::CELL_AUTH => "CELL_AUTH",
+            Self::RESOURCE_LIMIT => "RESOURCE_LIMIT",
             DestroyReason(n) => return write!(f, "DestroyReason({n})"),
         };
         f.write_str(name)

@@ -44,7 +44,9 @@ impl<'de> Deserialize<'de> for Sig {
                 f.write_str("64 signature bytes")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Sig, E> {
-                let a: [u8; 64] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                let a: [u8; 64] = v
+                    .try_into()
+                    .map_err(|_| E::invalid_length(v.len(), &self))?;
                 Ok(Sig(a))
             }
         }
@@ -67,7 +69,8 @@ pub struct SignedDocument {
 }
 
 fn decode_exact<'a, T: Deserialize<'a>>(what: &'static str, b: &'a [u8]) -> Result<T, Error> {
-    let (v, rest) = postcard::take_from_bytes(b).map_err(|e| Error::malformed(what, e.to_string()))?;
+    let (v, rest) =
+        postcard::take_from_bytes(b).map_err(|e| Error::malformed(what, e.to_string()))?;
     if !rest.is_empty() {
         return Err(Error::TrailingBytes(rest.len()));
     }
@@ -81,27 +84,43 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 impl SignedDocument {
     pub fn parse(what: &'static str, b: &[u8], max: usize) -> Result<Self, Error> {
         if b.len() > max {
-            return Err(Error::TooLarge { what, len: b.len(), max });
+            return Err(Error::TooLarge {
+                what,
+                len: b.len(),
+                max,
+            });
         }
         let d: SignedDocument = decode_exact(what, b)?;
         if d.signatures.len() > MAX_SIGNATURES {
-            return Err(Error::TooLarge { what: "signature list", len: d.signatures.len(), max: MAX_SIGNATURES });
+            return Err(Error::TooLarge {
+                what: "signature list",
+                len: d.signatures.len(),
+                max: MAX_SIGNATURES,
+            });
         }
         Ok(d)
     }
     pub fn new(body: Vec<u8>) -> Self {
-        SignedDocument { body, signatures: vec![] }
+        SignedDocument {
+            body,
+            signatures: vec![],
+        }
     }
     pub fn sign(&mut self, domain: &[u8], key: &SigningKey) {
         let msg = [domain, &self.body].concat();
         let sig = key.sign(&msg).to_bytes();
         let pk = key.verifying_key().to_bytes();
         self.signatures.retain(|s| s.key != pk);
-        self.signatures.push(DocSignature { key: pk, sig: Sig(sig) });
+        self.signatures.push(DocSignature {
+            key: pk,
+            sig: Sig(sig),
+        });
     }
     /// Does `s` verify over this body?
     pub fn check(&self, domain: &[u8], s: &DocSignature) -> bool {
-        let Ok(vk) = VerifyingKey::from_bytes(&s.key) else { return false };
+        let Ok(vk) = VerifyingKey::from_bytes(&s.key) else {
+            return false;
+        };
         let sig = ed25519_dalek::Signature::from_bytes(&s.sig.0);
         let msg = [domain, &self.body].concat();
         vk.verify_strict(&msg, &sig).is_ok()
@@ -180,20 +199,42 @@ impl UnverifiedDescriptor {
                     return Err(Error::BadSignature("descriptor"));
                 }
             }
-            [_] => return Err(Error::BadSignature("descriptor (signed by a key other than its identity)")),
-            _ => return Err(Error::malformed("descriptor", "must carry exactly one signature")),
+            [_] => {
+                return Err(Error::BadSignature(
+                    "descriptor (signed by a key other than its identity)",
+                ));
+            }
+            _ => {
+                return Err(Error::malformed(
+                    "descriptor",
+                    "must carry exactly one signature",
+                ));
+            }
         }
         if d.published > now + MAX_CLOCK_SKEW {
-            return Err(Error::Expired(format!("published {}s in the future", d.published - now)));
+            return Err(Error::Expired(format!(
+                "published {}s in the future",
+                d.published - now
+            )));
         }
         if d.published + max_age < now {
-            return Err(Error::Expired(format!("published {}s ago, limit {max_age}s", now - d.published)));
+            return Err(Error::Expired(format!(
+                "published {}s ago, limit {max_age}s",
+                now - d.published
+            )));
         }
         if !valid_nickname(&d.nickname) {
-            return Err(Error::malformed("descriptor", "nickname must be 1-19 ASCII letters or digits"));
+            return Err(Error::malformed(
+                "descriptor",
+                "nickname must be 1-19 ASCII letters or digits",
+            ));
         }
         if d.family.len() > MAX_FAMILY {
-            return Err(Error::TooLarge { what: "family", len: d.family.len(), max: MAX_FAMILY });
+            return Err(Error::TooLarge {
+                what: "family",
+                len: d.family.len(),
+                max: MAX_FAMILY,
+            });
         }
         if d.addr.port() == 0 {
             return Err(Error::malformed("descriptor", "port 0"));
@@ -201,7 +242,11 @@ impl UnverifiedDescriptor {
         d.exit_policy.check()?;
         let digest = self.doc.digest();
         let bytes = self.doc.to_bytes();
-        Ok(VerifiedDescriptor { desc: self.desc, digest, bytes })
+        Ok(VerifiedDescriptor {
+            desc: self.desc,
+            digest,
+            bytes,
+        })
     }
 }
 
@@ -230,7 +275,10 @@ impl RelayFlags {
             (Self::FAST, "Fast"),
             (Self::BAD_EXIT, "BadExit"),
         ];
-        all.iter().filter(|(b, _)| self.has(*b)).map(|(_, n)| *n).collect()
+        all.iter()
+            .filter(|(b, _)| self.has(*b))
+            .map(|(_, n)| *n)
+            .collect()
     }
 }
 
@@ -269,7 +317,10 @@ impl Consensus {
         SignedDocument::new(encode(self))
     }
     pub fn relay(&self, id: &[u8; 32]) -> Option<&ConsensusRelay> {
-        self.relays.binary_search_by(|r| r.identity.cmp(id)).ok().map(|i| &self.relays[i])
+        self.relays
+            .binary_search_by(|r| r.identity.cmp(id))
+            .ok()
+            .map(|i| &self.relays[i])
     }
 }
 
@@ -283,8 +334,15 @@ impl UnverifiedConsensus {
     pub fn parse(b: &[u8]) -> Result<Self, Error> {
         let doc = SignedDocument::parse("consensus", b, MAX_CONSENSUS_LEN)?;
         let consensus: Consensus = decode_exact("consensus body", &doc.body)?;
-        if !consensus.relays.windows(2).all(|w| w[0].identity < w[1].identity) {
-            return Err(Error::malformed("consensus", "relays not sorted by identity or repeated"));
+        if !consensus
+            .relays
+            .windows(2)
+            .all(|w| w[0].identity < w[1].identity)
+        {
+            return Err(Error::malformed(
+                "consensus",
+                "relays not sorted by identity or repeated",
+            ));
         }
         Ok(UnverifiedConsensus { doc, consensus })
     }
@@ -299,7 +357,8 @@ impl UnverifiedConsensus {
         let mut out: Vec<AuthorityKey> = Vec::new();
         for s in &self.doc.signatures {
             let k = AuthorityKey(s.key);
-            if authorities.contains(&k) && !out.contains(&k) && self.doc.check(CONSENSUS_DOMAIN, s) {
+            if authorities.contains(&k) && !out.contains(&k) && self.doc.check(CONSENSUS_DOMAIN, s)
+            {
                 out.push(k);
             }
         }
@@ -317,10 +376,16 @@ impl UnverifiedConsensus {
         }
         let c = &self.consensus;
         if now + MAX_CLOCK_SKEW < c.valid_after {
-            return Err(Error::Expired(format!("consensus valid only from {}", c.valid_after)));
+            return Err(Error::Expired(format!(
+                "consensus valid only from {}",
+                c.valid_after
+            )));
         }
         if now > c.valid_until {
-            return Err(Error::Expired(format!("consensus expired at {}", c.valid_until)));
+            return Err(Error::Expired(format!(
+                "consensus expired at {}",
+                c.valid_until
+            )));
         }
         if !(c.valid_after <= c.fresh_until && c.fresh_until <= c.valid_until) {
             return Err(Error::malformed("consensus", "validity times out of order"));
@@ -358,58 +423,107 @@ mod tests {
         let k = key(1);
         let now = 1_800_000_000;
         let bytes = desc(&k, now).sign(&k).to_bytes();
-        let v = UnverifiedDescriptor::parse(&bytes).unwrap().verify(now, 3600).unwrap();
+        let v = UnverifiedDescriptor::parse(&bytes)
+            .unwrap()
+            .verify(now, 3600)
+            .unwrap();
         assert_eq!(v.bytes, bytes);
         // Signed by another key than its identity.
         let bad = desc(&k, now).sign(&key(2)).to_bytes();
-        assert!(UnverifiedDescriptor::parse(&bad).unwrap().verify(now, 3600).is_err());
+        assert!(
+            UnverifiedDescriptor::parse(&bad)
+                .unwrap()
+                .verify(now, 3600)
+                .is_err()
+        );
         // Body tampered after signing.
         let mut doc = desc(&k, now).sign(&k);
         let n = doc.body.len();
         doc.body[n - 1] ^= 1;
-        assert!(matches!(
-            UnverifiedDescriptor::parse(&doc.to_bytes()).and_then(|d| d.verify(now, 3600)),
-            Err(_)
-        ));
+        assert!(
+            UnverifiedDescriptor::parse(&doc.to_bytes())
+                .and_then(|d| d.verify(now, 3600))
+                .is_err()
+        );
         // Expired and future-dated.
-        assert!(UnverifiedDescriptor::parse(&bytes).unwrap().verify(now + 7200, 3600).is_err());
-        assert!(UnverifiedDescriptor::parse(&bytes).unwrap().verify(now - 7200, 3600).is_err());
+        assert!(
+            UnverifiedDescriptor::parse(&bytes)
+                .unwrap()
+                .verify(now + 7200, 3600)
+                .is_err()
+        );
+        assert!(
+            UnverifiedDescriptor::parse(&bytes)
+                .unwrap()
+                .verify(now - 7200, 3600)
+                .is_err()
+        );
         // Trailing bytes.
         let mut t = bytes.clone();
         t.push(0);
-        assert!(matches!(UnverifiedDescriptor::parse(&t), Err(Error::TrailingBytes(1))));
+        assert!(matches!(
+            UnverifiedDescriptor::parse(&t),
+            Err(Error::TrailingBytes(1))
+        ));
         // Oversize.
         let mut big = desc(&k, now);
         big.nickname = "x".repeat(MAX_DESCRIPTOR_LEN);
-        assert!(matches!(UnverifiedDescriptor::parse(&big.sign(&k).to_bytes()), Err(Error::TooLarge { .. })));
+        assert!(matches!(
+            UnverifiedDescriptor::parse(&big.sign(&k).to_bytes()),
+            Err(Error::TooLarge { .. })
+        ));
     }
 
     fn consensus(now: u64) -> Consensus {
-        Consensus { valid_after: now, fresh_until: now + 60, valid_until: now + 180, relays: vec![] }
+        Consensus {
+            valid_after: now,
+            fresh_until: now + 60,
+            valid_until: now + 180,
+            relays: vec![],
+        }
     }
 
     #[test]
     fn consensus_needs_a_majority() {
         let now = 1_800_000_000;
         let auths: Vec<SigningKey> = (1..=3).map(key).collect();
-        let pinned: Vec<AuthorityKey> = auths.iter().map(|k| AuthorityKey(k.verifying_key().to_bytes())).collect();
+        let pinned: Vec<AuthorityKey> = auths
+            .iter()
+            .map(|k| AuthorityKey(k.verifying_key().to_bytes()))
+            .collect();
         let mut doc = consensus(now).to_document();
         doc.sign(CONSENSUS_DOMAIN, &auths[0]);
         doc.sign(CONSENSUS_DOMAIN, &key(9)); // unknown key does not count
         let b = doc.to_bytes();
         assert!(matches!(
             UnverifiedConsensus::parse(&b).unwrap().verify(&pinned, now),
-            Err(Error::NotEnoughSignatures { valid: 1, needed: 2 })
+            Err(Error::NotEnoughSignatures {
+                valid: 1,
+                needed: 2
+            })
         ));
         doc.sign(CONSENSUS_DOMAIN, &auths[1]);
         let b = doc.to_bytes();
-        UnverifiedConsensus::parse(&b).unwrap().verify(&pinned, now).unwrap();
-        assert!(UnverifiedConsensus::parse(&b).unwrap().verify(&pinned, now + 181).is_err());
+        UnverifiedConsensus::parse(&b)
+            .unwrap()
+            .verify(&pinned, now)
+            .unwrap();
+        assert!(
+            UnverifiedConsensus::parse(&b)
+                .unwrap()
+                .verify(&pinned, now + 181)
+                .is_err()
+        );
         // A signature made with the descriptor domain does not count.
         let mut d2 = consensus(now).to_document();
         d2.sign(DESCRIPTOR_DOMAIN, &auths[0]);
         d2.sign(DESCRIPTOR_DOMAIN, &auths[1]);
-        assert!(UnverifiedConsensus::parse(&d2.to_bytes()).unwrap().verify(&pinned, now).is_err());
+        assert!(
+            UnverifiedConsensus::parse(&d2.to_bytes())
+                .unwrap()
+                .verify(&pinned, now)
+                .is_err()
+        );
         // Trailing bytes.
         let mut t = b.clone();
         t.push(1);

@@ -34,7 +34,11 @@ pub enum Error {
     #[error("malformed {what}: {why}")]
     Malformed { what: &'static str, why: String },
     #[error("{what} too large: {len} bytes, limit {max}")]
-    TooLarge { what: &'static str, len: usize, max: usize },
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("bad signature on {0}")]
     BadSignature(&'static str),
     #[error("document not valid at this time: {0}")]
@@ -53,7 +57,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn malformed(what: &'static str, why: impl Into<String>) -> Self {
-        Error::Malformed { what, why: why.into() }
+        Error::Malformed {
+            what,
+            why: why.into(),
+        }
     }
 }
 

@@ -108,7 +108,10 @@ impl Dh for X25519 {
     }
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
         // snow passes its fixed-size key buffer: the key is the first 32 bytes.
-        let p: [u8; 32] = pubkey.get(..32).and_then(|k| k.try_into().ok()).ok_or(snow::Error::Dh)?;
+        let p: [u8; 32] = pubkey
+            .get(..32)
+            .and_then(|k| k.try_into().ok())
+            .ok_or(snow::Error::Dh)?;
         let s = StaticSecret::from(self.privkey).diffie_hellman(&PublicKey::from(p));
         if !s.was_contributory() {
             return Err(snow::Error::Dh);
@@ -137,8 +140,17 @@ impl Cipher for ChaChaPoly {
         out[n..n + TAG_LEN].copy_from_slice(&tag);
         n + TAG_LEN
     }
-    fn decrypt(&self, nonce: u64, authtext: &[u8], ciphertext: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
-        let n = ciphertext.len().checked_sub(TAG_LEN).ok_or(snow::Error::Decrypt)?;
+    fn decrypt(
+        &self,
+        nonce: u64,
+        authtext: &[u8],
+        ciphertext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, snow::Error> {
+        let n = ciphertext
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or(snow::Error::Decrypt)?;
         out[..n].copy_from_slice(&ciphertext[..n]);
         if Aead::new(&self.key, nonce).open(authtext, &mut out[..n], &ciphertext[n..]) {
             Ok(n)
@@ -182,20 +194,28 @@ impl CryptoResolver for Resolver {
         matches!(choice, DHChoice::Curve25519).then(|| Box::new(X25519::default()) as Box<dyn Dh>)
     }
     fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {
-        matches!(choice, HashChoice::SHA256).then(|| Box::new(Sha256Hash::default()) as Box<dyn Hash>)
+        matches!(choice, HashChoice::SHA256)
+            .then(|| Box::new(Sha256Hash::default()) as Box<dyn Hash>)
     }
     fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
-        matches!(choice, CipherChoice::ChaChaPoly).then(|| Box::new(ChaChaPoly::default()) as Box<dyn Cipher>)
+        matches!(choice, CipherChoice::ChaChaPoly)
+            .then(|| Box::new(ChaChaPoly::default()) as Box<dyn Cipher>)
     }
 }
 
 fn builder(rng: &mut impl CryptoRng, params: &str) -> Result<snow::Builder<'static>, Error> {
     let p: NoiseParams = params.parse().map_err(snow_err)?;
-    Ok(snow::Builder::with_resolver(p, Box::new(Resolver::new(rng))))
+    Ok(snow::Builder::with_resolver(
+        p,
+        Box::new(Resolver::new(rng)),
+    ))
 }
 
 /// Client side of NK: `guard_link_key` comes from the consensus.
-pub fn nk_initiator(rng: &mut impl CryptoRng, guard_link_key: &[u8; 32]) -> Result<HandshakeState, Error> {
+pub fn nk_initiator(
+    rng: &mut impl CryptoRng,
+    guard_link_key: &[u8; 32],
+) -> Result<HandshakeState, Error> {
     builder(rng, NK_PARAMS)?
         .prologue(PROLOGUE)
         .and_then(|b| b.remote_public_key(guard_link_key))
@@ -204,7 +224,11 @@ pub fn nk_initiator(rng: &mut impl CryptoRng, guard_link_key: &[u8; 32]) -> Resu
 }
 
 /// Relay side of either pattern.
-pub fn responder(rng: &mut impl CryptoRng, kind: u8, link_secret: &[u8; 32]) -> Result<HandshakeState, Error> {
+pub fn responder(
+    rng: &mut impl CryptoRng,
+    kind: u8,
+    link_secret: &[u8; 32],
+) -> Result<HandshakeState, Error> {
     let params = match kind {
         LINK_NK => NK_PARAMS,
         LINK_XK => XK_PARAMS,
@@ -218,7 +242,11 @@ pub fn responder(rng: &mut impl CryptoRng, kind: u8, link_secret: &[u8; 32]) -> 
 }
 
 /// Relay-to-relay initiator.
-pub fn xk_initiator(rng: &mut impl CryptoRng, link_secret: &[u8; 32], peer_link_key: &[u8; 32]) -> Result<HandshakeState, Error> {
+pub fn xk_initiator(
+    rng: &mut impl CryptoRng,
+    link_secret: &[u8; 32],
+    peer_link_key: &[u8; 32],
+) -> Result<HandshakeState, Error> {
     builder(rng, XK_PARAMS)?
         .prologue(PROLOGUE)
         .and_then(|b| b.local_private_key(link_secret))
@@ -234,7 +262,11 @@ fn xk_auth_msg(h: &[u8], s: &[u8; 32]) -> Vec<u8> {
 /// The payload of XK message 3, computed just before writing it.
 pub fn xk_auth_payload(hs: &HandshakeState, identity: &SigningKey, link_pub: &[u8; 32]) -> Vec<u8> {
     let sig = identity.sign(&xk_auth_msg(hs.get_handshake_hash(), link_pub));
-    [&identity.verifying_key().to_bytes()[..], &sig.to_bytes()[..]].concat()
+    [
+        &identity.verifying_key().to_bytes()[..],
+        &sig.to_bytes()[..],
+    ]
+    .concat()
 }
 
 /// Check XK message 3's payload. `h` is the responder's handshake hash
@@ -243,12 +275,17 @@ pub fn xk_check_auth(h: &[u8], remote_static: &[u8], payload: &[u8]) -> Result<[
     if payload.len() != XK_AUTH_LEN {
         return Err(Error::Link("XK auth payload has the wrong length".into()));
     }
-    let s: [u8; 32] = remote_static.try_into().map_err(|_| Error::Link("no remote static".into()))?;
+    let s: [u8; 32] = remote_static
+        .try_into()
+        .map_err(|_| Error::Link("no remote static".into()))?;
     let id: [u8; 32] = payload[..32].try_into().expect("checked length");
     let sig: [u8; 64] = payload[32..].try_into().expect("checked length");
     let vk = VerifyingKey::from_bytes(&id).map_err(|_| Error::Link("bad identity key".into()))?;
-    vk.verify_strict(&xk_auth_msg(h, &s), &ed25519_dalek::Signature::from_bytes(&sig))
-        .map_err(|_| Error::Link("identity signature over the link key does not verify".into()))?;
+    vk.verify_strict(
+        &xk_auth_msg(h, &s),
+        &ed25519_dalek::Signature::from_bytes(&sig),
+    )
+    .map_err(|_| Error::Link("identity signature over the link key does not verify".into()))?;
     Ok(id)
 }
 
@@ -260,7 +297,10 @@ pub struct LinkTransport {
 
 impl LinkTransport {
     pub fn new(hs: HandshakeState) -> Result<Self, Error> {
-        Ok(LinkTransport { ts: hs.into_transport_mode().map_err(snow_err)?, scratch: Vec::new() })
+        Ok(LinkTransport {
+            ts: hs.into_transport_mode().map_err(snow_err)?,
+            scratch: Vec::new(),
+        })
     }
 
     /// Append one frame (`len | noise message`) carrying `cells` to `out`.
@@ -274,7 +314,10 @@ impl LinkTransport {
         }
         let start = out.len();
         out.resize(start + 2 + self.scratch.len() + TAG_LEN, 0);
-        let n = self.ts.write_message(&self.scratch, &mut out[start + 2..]).map_err(snow_err)?;
+        let n = self
+            .ts
+            .write_message(&self.scratch, &mut out[start + 2..])
+            .map_err(snow_err)?;
         out[start..start + 2].copy_from_slice(&(n as u16).to_be_bytes());
         out.truncate(start + 2 + n);
         Ok(())
@@ -283,9 +326,14 @@ impl LinkTransport {
     /// Open one frame's noise message and append its cells to `out`.
     pub fn open_cells(&mut self, msg: &[u8], out: &mut Vec<Cell>) -> Result<(), Error> {
         self.scratch.resize(msg.len(), 0);
-        let n = self.ts.read_message(msg, &mut self.scratch).map_err(snow_err)?;
+        let n = self
+            .ts
+            .read_message(msg, &mut self.scratch)
+            .map_err(snow_err)?;
         if n == 0 || n % CELL_LEN != 0 {
-            return Err(Error::Link(format!("frame plaintext of {n} bytes is not whole cells")));
+            return Err(Error::Link(format!(
+                "frame plaintext of {n} bytes is not whole cells"
+            )));
         }
         for chunk in self.scratch[..n].chunks_exact(CELL_LEN) {
             out.push(Cell::decode(chunk)?);
@@ -316,7 +364,11 @@ mod tests {
     use super::*;
     use crate::cell::CellCmd;
 
-    fn run(mut i: HandshakeState, mut r: HandshakeState, id: Option<(&SigningKey, [u8; 32])>) -> Result<(LinkTransport, LinkTransport, Option<[u8; 32]>), Error> {
+    fn run(
+        mut i: HandshakeState,
+        mut r: HandshakeState,
+        id: Option<(&SigningKey, [u8; 32])>,
+    ) -> Result<(LinkTransport, LinkTransport, Option<[u8; 32]>), Error> {
         let mut seen = None;
         let m1 = handshake_frame(&mut i, &[])?;
         read_handshake(&mut r, &m1[2..])?;
@@ -343,7 +395,9 @@ mod tests {
             None,
         )
         .unwrap();
-        let cells: Vec<Cell> = (0..MAX_CELLS_PER_FRAME as u32).map(|i| Cell::new(i, CellCmd::RELAY, &[i as u8; 9]).unwrap()).collect();
+        let cells: Vec<Cell> = (0..MAX_CELLS_PER_FRAME as u32)
+            .map(|i| Cell::new(i, CellCmd::RELAY, &[i as u8; 9]).unwrap())
+            .collect();
         let mut frame = vec![];
         a.seal_cells(&cells, &mut frame).unwrap();
         assert!(frame.len() <= MAX_FRAME + 2);
@@ -368,18 +422,22 @@ mod tests {
         .unwrap();
         assert_eq!(seen, Some(ident.verifying_key().to_bytes()));
         // Claiming a link key that is not ours fails the binding.
-        assert!(run(
-            xk_initiator(&mut rng, &init_secret, &resp_pub).unwrap(),
-            responder(&mut rng, LINK_XK, &resp_secret).unwrap(),
-            Some((&ident, [9; 32])),
-        )
-        .is_err());
+        assert!(
+            run(
+                xk_initiator(&mut rng, &init_secret, &resp_pub).unwrap(),
+                responder(&mut rng, LINK_XK, &resp_secret).unwrap(),
+                Some((&ident, [9; 32])),
+            )
+            .is_err()
+        );
         // NK to the wrong static key fails.
-        assert!(run(
-            nk_initiator(&mut rng, &init_pub).unwrap(),
-            responder(&mut rng, LINK_NK, &resp_secret).unwrap(),
-            None,
-        )
-        .is_err());
+        assert!(
+            run(
+                nk_initiator(&mut rng, &init_pub).unwrap(),
+                responder(&mut rng, LINK_NK, &resp_secret).unwrap(),
+                None,
+            )
+            .is_err()
+        );
     }
 }

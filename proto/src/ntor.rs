@@ -36,12 +36,20 @@ pub struct ClientState {
 }
 
 /// Start a handshake with relay `id` whose onion key is `b`.
-pub fn client_start(rng: &mut impl CryptoRng, id: &[u8; 32], b: &[u8; 32]) -> (ClientState, Vec<u8>) {
+pub fn client_start(
+    rng: &mut impl CryptoRng,
+    id: &[u8; 32],
+    b: &[u8; 32],
+) -> (ClientState, Vec<u8>) {
     client_start_with_ephemeral(StaticSecret::random_from_rng(rng), id, b)
 }
 
 /// [`client_start`] with a given ephemeral key, for test vectors.
-pub fn client_start_with_ephemeral(x: StaticSecret, id: &[u8; 32], b: &[u8; 32]) -> (ClientState, Vec<u8>) {
+pub fn client_start_with_ephemeral(
+    x: StaticSecret,
+    id: &[u8; 32],
+    b: &[u8; 32],
+) -> (ClientState, Vec<u8>) {
     let xpub = PublicKey::from(&x);
     let mut msg = Vec::with_capacity(CLIENT_LEN);
     msg.extend_from_slice(id);
@@ -67,8 +75,10 @@ fn derive(
     let mut auth = [0u8; 32];
     let mut keys = Zeroizing::new([0u8; 64]);
     let label = |s: &str| [PROTOID, s.as_bytes()].concat();
-    hk.expand(&label(":auth"), &mut auth).expect("32 bytes is a valid HKDF length");
-    hk.expand(&label(":keys"), &mut keys[..]).expect("64 bytes is a valid HKDF length");
+    hk.expand(&label(":auth"), &mut auth)
+        .expect("32 bytes is a valid HKDF length");
+    hk.expand(&label(":keys"), &mut keys[..])
+        .expect("64 bytes is a valid HKDF length");
     (auth, HopKeys::from_bytes(&keys))
 }
 
@@ -79,12 +89,20 @@ pub struct OnionKeys<'a> {
 }
 
 /// Answer a CREATE: returns the CREATED reply and the hop keys.
-pub fn server(rng: &mut impl CryptoRng, keys: &OnionKeys<'_>, msg: &[u8]) -> Result<(Vec<u8>, HopKeys), Error> {
+pub fn server(
+    rng: &mut impl CryptoRng,
+    keys: &OnionKeys<'_>,
+    msg: &[u8],
+) -> Result<(Vec<u8>, HopKeys), Error> {
     server_with_ephemeral(StaticSecret::random_from_rng(rng), keys, msg)
 }
 
 /// [`server`] with a given ephemeral key, for test vectors.
-pub fn server_with_ephemeral(y: StaticSecret, keys: &OnionKeys<'_>, msg: &[u8]) -> Result<(Vec<u8>, HopKeys), Error> {
+pub fn server_with_ephemeral(
+    y: StaticSecret,
+    keys: &OnionKeys<'_>,
+    msg: &[u8],
+) -> Result<(Vec<u8>, HopKeys), Error> {
     let mut r = Reader::new(msg);
     let id: [u8; 32] = r.take_array()?;
     let b: [u8; 32] = r.take_array()?;
@@ -97,7 +115,9 @@ pub fn server_with_ephemeral(y: StaticSecret, keys: &OnionKeys<'_>, msg: &[u8]) 
         .keys
         .iter()
         .find(|k| PublicKey::from(**k).as_bytes() == &b)
-        .ok_or(Error::Handshake("CREATE names an unknown or expired onion key"))?;
+        .ok_or(Error::Handshake(
+            "CREATE names an unknown or expired onion key",
+        ))?;
     let xpub = PublicKey::from(x);
     let xy = y.diffie_hellman(&xpub);
     let xb = secret.diffie_hellman(&xpub);
@@ -126,7 +146,14 @@ impl ClientState {
             return Err(Error::Handshake("relay key is a low-order point"));
         }
         let xpub = PublicKey::from(&self.x);
-        let (expect, keys) = derive(xy.as_bytes(), xb.as_bytes(), &self.id, &self.b, xpub.as_bytes(), &y);
+        let (expect, keys) = derive(
+            xy.as_bytes(),
+            xb.as_bytes(),
+            &self.id,
+            &self.b,
+            xpub.as_bytes(),
+            &y,
+        );
         if !ct_eq(&expect, &auth) {
             return Err(Error::Handshake("relay's AUTH does not verify"));
         }
@@ -139,14 +166,21 @@ mod tests {
     use super::*;
 
     fn relay_keys() -> (StaticSecret, StaticSecret, [u8; 32]) {
-        (StaticSecret::from([0x11; 32]), StaticSecret::from([0x22; 32]), [0x33; 32])
+        (
+            StaticSecret::from([0x11; 32]),
+            StaticSecret::from([0x22; 32]),
+            [0x33; 32],
+        )
     }
 
     #[test]
     fn handshake_agrees_with_current_and_previous_key() {
         let (cur, prev, id) = relay_keys();
         let ks = [&cur, &prev];
-        let keys = OnionKeys { identity: id, keys: &ks };
+        let keys = OnionKeys {
+            identity: id,
+            keys: &ks,
+        };
         let mut rng = rand::rng();
         for b in [PublicKey::from(&cur), PublicKey::from(&prev)] {
             let (st, m) = client_start(&mut rng, &id, b.as_bytes());
@@ -161,7 +195,10 @@ mod tests {
     fn rejects_wrong_identity_unknown_key_and_bad_auth() {
         let (cur, _prev, id) = relay_keys();
         let ks = [&cur];
-        let keys = OnionKeys { identity: id, keys: &ks };
+        let keys = OnionKeys {
+            identity: id,
+            keys: &ks,
+        };
         let mut rng = rand::rng();
         let b = PublicKey::from(&cur);
         let (_, m) = client_start(&mut rng, &[0; 32], b.as_bytes());

@@ -101,7 +101,10 @@ pub struct RelayLayer {
 
 impl RelayLayer {
     pub fn new(keys: &HopKeys) -> Self {
-        RelayLayer { fwd: Direction::new(keys.forward), back: Direction::new(keys.backward) }
+        RelayLayer {
+            fwd: Direction::new(keys.forward),
+            back: Direction::new(keys.backward),
+        }
     }
 
     /// Remove this hop's layer from a forward cell, in place.
@@ -136,7 +139,11 @@ impl RelayLayer {
     /// most [`BACKWARD_CAPACITY`] bytes (zero padded).
     pub fn originate_backward(&mut self, body: &[u8]) -> Result<Box<[u8; PAYLOAD_LEN]>, Error> {
         if body.len() > BODY_LEN {
-            return Err(Error::TooLarge { what: "backward body", len: body.len(), max: BODY_LEN });
+            return Err(Error::TooLarge {
+                what: "backward body",
+                len: body.len(),
+                max: BODY_LEN,
+            });
         }
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         payload[TAG_LEN..TAG_LEN + body.len()].copy_from_slice(body);
@@ -177,9 +184,14 @@ impl ClientLayers {
     }
     pub fn push(&mut self, keys: &HopKeys) -> Result<(), Error> {
         if self.hops.len() >= MAX_HOPS {
-            return Err(Error::TooLarge { what: "circuit", len: self.hops.len() + 1, max: MAX_HOPS });
+            return Err(Error::TooLarge {
+                what: "circuit",
+                len: self.hops.len() + 1,
+                max: MAX_HOPS,
+            });
         }
-        self.hops.push((Direction::new(keys.forward), Direction::new(keys.backward)));
+        self.hops
+            .push((Direction::new(keys.forward), Direction::new(keys.backward)));
         Ok(())
     }
     pub fn truncate(&mut self, n: usize) {
@@ -188,13 +200,24 @@ impl ClientLayers {
 
     /// Build the payload of a forward cell for hop `target` (0-based).
     /// `msg` is at most [`forward_capacity`]`(target)` bytes; it is zero padded.
-    pub fn encrypt_forward(&mut self, target: usize, msg: &[u8]) -> Result<Box<[u8; PAYLOAD_LEN]>, Error> {
+    pub fn encrypt_forward(
+        &mut self,
+        target: usize,
+        msg: &[u8],
+    ) -> Result<Box<[u8; PAYLOAD_LEN]>, Error> {
         if target >= self.hops.len() {
-            return Err(Error::malformed("forward cell", "target beyond the circuit"));
+            return Err(Error::malformed(
+                "forward cell",
+                "target beyond the circuit",
+            ));
         }
         let cap = forward_capacity(target);
         if msg.len() > cap {
-            return Err(Error::TooLarge { what: "forward message", len: msg.len(), max: cap });
+            return Err(Error::TooLarge {
+                what: "forward message",
+                len: msg.len(),
+                max: cap,
+            });
         }
         let mut aeads = Vec::with_capacity(target + 1);
         let mut streams = Vec::with_capacity(target + 1);
@@ -273,7 +296,10 @@ mod tests {
     use super::*;
 
     fn keys(i: u8) -> HopKeys {
-        HopKeys { forward: [i; 32], backward: [i ^ 0x80; 32] }
+        HopKeys {
+            forward: [i; 32],
+            backward: [i ^ 0x80; 32],
+        }
     }
 
     fn circuit(n: u8) -> (ClientLayers, Vec<RelayLayer>) {
@@ -302,12 +328,19 @@ mod tests {
         let (mut c, mut relays) = circuit(3);
         for round in 0..5u8 {
             for target in 0..3 {
-                let msg: Vec<u8> = (0..forward_capacity(target)).map(|i| i as u8 ^ round).collect();
+                let msg: Vec<u8> = (0..forward_capacity(target))
+                    .map(|i| i as u8 ^ round)
+                    .collect();
                 let mut p = c.encrypt_forward(target, &msg).unwrap();
-                assert_eq!(carry_forward(&mut relays[..=target], &mut p).unwrap(), target);
+                assert_eq!(
+                    carry_forward(&mut relays[..=target], &mut p).unwrap(),
+                    target
+                );
                 assert_eq!(&p[TAG_LEN..TAG_LEN + msg.len()], &msg[..]);
                 // and back from that hop
-                let back: Vec<u8> = (0..BACKWARD_CAPACITY).map(|i| (i as u8).wrapping_mul(3) ^ round).collect();
+                let back: Vec<u8> = (0..BACKWARD_CAPACITY)
+                    .map(|i| (i as u8).wrapping_mul(3) ^ round)
+                    .collect();
                 let mut p = relays[target].originate_backward(&back).unwrap();
                 for r in relays[..target].iter_mut().rev() {
                     r.wrap_backward(&mut p).unwrap();
@@ -333,7 +366,10 @@ mod tests {
             let (mut c, mut relays) = circuit(3);
             let mut p = c.encrypt_forward(2, b"hello").unwrap();
             p[bit / 8] ^= 1 << (bit % 8);
-            assert!(matches!(relays[0].peel_forward(&mut p, true), Err(Error::CellAuth)), "bit {bit}");
+            assert!(
+                matches!(relays[0].peel_forward(&mut p, true), Err(Error::CellAuth)),
+                "bit {bit}"
+            );
         }
         // A flip between hop 1 and hop 2 is caught by hop 2.
         let (mut c, mut relays) = circuit(3);

@@ -100,8 +100,12 @@ impl AddrPattern {
         match (*self, ip) {
             (AddrPattern::Any, _) => true,
             (AddrPattern::Private, ip) => is_private(ip),
-            (AddrPattern::V4(net, bits), IpAddr::V4(a)) => prefix_match(&net.octets(), &a.octets(), bits),
-            (AddrPattern::V6(net, bits), IpAddr::V6(a)) => prefix_match(&net.octets(), &a.octets(), bits),
+            (AddrPattern::V4(net, bits), IpAddr::V4(a)) => {
+                prefix_match(&net.octets(), &a.octets(), bits)
+            }
+            (AddrPattern::V6(net, bits), IpAddr::V6(a)) => {
+                prefix_match(&net.octets(), &a.octets(), bits)
+            }
             _ => false,
         }
     }
@@ -122,11 +126,26 @@ impl ExitPolicy {
     /// Tor-like default for an exit: reject private addresses and the
     /// abuse-prone ports, accept the rest.
     pub fn default_exit() -> Self {
-        let mut rules = vec![Rule { action: Action::Reject, addr: AddrPattern::Private, port_lo: 1, port_hi: 65535 }];
+        let mut rules = vec![Rule {
+            action: Action::Reject,
+            addr: AddrPattern::Private,
+            port_lo: 1,
+            port_hi: 65535,
+        }];
         for &(lo, hi) in DEFAULT_REJECTED_PORTS {
-            rules.push(Rule { action: Action::Reject, addr: AddrPattern::Any, port_lo: lo, port_hi: hi });
+            rules.push(Rule {
+                action: Action::Reject,
+                addr: AddrPattern::Any,
+                port_lo: lo,
+                port_hi: hi,
+            });
         }
-        rules.push(Rule { action: Action::Accept, addr: AddrPattern::Any, port_lo: 1, port_hi: 65535 });
+        rules.push(Rule {
+            action: Action::Accept,
+            addr: AddrPattern::Any,
+            port_lo: 1,
+            port_hi: 65535,
+        });
         ExitPolicy { rules }
     }
 
@@ -144,7 +163,11 @@ impl ExitPolicy {
 
     pub fn check(&self) -> Result<(), Error> {
         if self.rules.len() > MAX_RULES {
-            return Err(Error::TooLarge { what: "exit policy", len: self.rules.len(), max: MAX_RULES });
+            return Err(Error::TooLarge {
+                what: "exit policy",
+                len: self.rules.len(),
+                max: MAX_RULES,
+            });
         }
         for r in &self.rules {
             let bad_prefix = match r.addr {
@@ -193,7 +216,10 @@ impl ExitPolicy {
 impl Rule {
     pub fn parse(s: &str) -> Result<Self, Error> {
         let bad = |why: &str| Error::malformed("exit policy rule", format!("{s:?}: {why}"));
-        let (act, rest) = s.trim().split_once(char::is_whitespace).ok_or_else(|| bad("no action"))?;
+        let (act, rest) = s
+            .trim()
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| bad("no action"))?;
         let action = match act {
             "accept" => Action::Accept,
             "reject" => Action::Reject,
@@ -206,7 +232,10 @@ impl Rule {
             "private" => AddrPattern::Private,
             a => {
                 let (ip, bits) = match a.split_once('/') {
-                    Some((ip, b)) => (ip, Some(b.parse::<u8>().map_err(|_| bad("bad prefix length"))?)),
+                    Some((ip, b)) => (
+                        ip,
+                        Some(b.parse::<u8>().map_err(|_| bad("bad prefix length"))?),
+                    ),
                     None => (a, None),
                 };
                 let ip = ip.trim_start_matches('[').trim_end_matches(']');
@@ -229,7 +258,12 @@ impl Rule {
                 }
             },
         };
-        let r = Rule { action, addr, port_lo, port_hi };
+        let r = Rule {
+            action,
+            addr,
+            port_lo,
+            port_hi,
+        };
         ExitPolicy { rules: vec![r] }.check()?;
         Ok(r)
     }
@@ -276,7 +310,13 @@ mod tests {
 
     #[test]
     fn parse_and_display_roundtrip() {
-        let lines = ["reject *:25", "accept 127.0.0.0/8:*", "accept [::1]/128:80-443", "reject private:*", "accept *:*"];
+        let lines = [
+            "reject *:25",
+            "accept 127.0.0.0/8:*",
+            "accept [::1]/128:80-443",
+            "reject private:*",
+            "accept *:*",
+        ];
         let p = ExitPolicy::parse_rules(&lines).unwrap();
         assert_eq!(p.to_strings(), lines);
         assert!(p.allows("127.0.0.1".parse().unwrap(), 8080));
@@ -284,7 +324,13 @@ mod tests {
         assert!(!p.allows("10.0.0.1".parse().unwrap(), 80));
         assert!(p.allows("::1".parse().unwrap(), 443));
         assert!(!p.may_allow_port(25));
-        for bad in ["allow *:*", "accept *", "accept 1.2.3.4/40:*", "accept *:0", "accept *:9-3"] {
+        for bad in [
+            "allow *:*",
+            "accept *",
+            "accept 1.2.3.4/40:*",
+            "accept *:0",
+            "accept *:9-3",
+        ] {
             assert!(Rule::parse(bad).is_err(), "{bad}");
         }
     }

@@ -35,8 +35,19 @@ impl RelayCmd {
 impl std::fmt::Debug for RelayCmd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names = [
-            "?", "BEGIN", "DATA", "END", "CONNECTED", "SENDME", "EXTEND", "EXTENDED", "TRUNCATE",
-            "TRUNCATED", "DROP", "RESOLVE", "RESOLVED",
+            "?",
+            "BEGIN",
+            "DATA",
+            "END",
+            "CONNECTED",
+            "SENDME",
+            "EXTEND",
+            "EXTENDED",
+            "TRUNCATE",
+            "TRUNCATED",
+            "DROP",
+            "RESOLVE",
+            "RESOLVED",
         ];
         match names.get(self.0 as usize) {
             Some(n) if self.0 != 0 => f.write_str(n),
@@ -110,13 +121,18 @@ const ATYP_V6: u8 = 6;
 pub fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= MAX_HOSTNAME_LEN
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
 impl TargetAddr {
     /// Parse a SOCKS/BEGIN host: address literals become [`TargetAddr::Ip`].
     pub fn from_host(h: &str) -> Result<Self, Error> {
-        if let Ok(ip) = h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(TargetAddr::Ip(ip));
         }
         if !valid_hostname(h) {
@@ -147,9 +163,16 @@ impl TargetAddr {
                     .map_err(|_| Error::malformed("hostname", "not UTF-8"))?;
                 TargetAddr::from_host(h)
             }
-            ATYP_V4 => Ok(TargetAddr::Ip(IpAddr::V4(Ipv4Addr::from(r.take_array::<4>()?)))),
-            ATYP_V6 => Ok(TargetAddr::Ip(IpAddr::V6(Ipv6Addr::from(r.take_array::<16>()?)))),
-            t => Err(Error::malformed("address", format!("unknown address type {t}"))),
+            ATYP_V4 => Ok(TargetAddr::Ip(IpAddr::V4(Ipv4Addr::from(
+                r.take_array::<4>()?,
+            )))),
+            ATYP_V6 => Ok(TargetAddr::Ip(IpAddr::V6(Ipv6Addr::from(
+                r.take_array::<16>()?,
+            )))),
+            t => Err(Error::malformed(
+                "address",
+                format!("unknown address type {t}"),
+            )),
         }
     }
 }
@@ -157,14 +180,19 @@ impl TargetAddr {
 /// A parsed relay message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RelayMsg {
-    Begin { addr: TargetAddr, port: u16 },
+    Begin {
+        addr: TargetAddr,
+        port: u16,
+    },
     Data(Vec<u8>),
     End(EndReason),
     /// The exit connected; carries the address it connected to, if it says.
     Connected(Option<IpAddr>),
     /// Acknowledges a window of cells; `tag` is the authentication tag of the
     /// cell that triggered it (Tor prop 289's authenticated SENDME).
-    Sendme { tag: [u8; 16] },
+    Sendme {
+        tag: [u8; 16],
+    },
     Extend(Extend),
     Extended(Vec<u8>),
     Truncate,
@@ -227,7 +255,10 @@ impl RelayMsg {
             RelayMsg::Extend(e) => {
                 w.put(&e.identity).put(&e.link_key);
                 TargetAddr::Ip(e.addr.ip()).write(&mut w);
-                w.put_u16(e.addr.port()).put_u16(e.htype).put_u16(e.hdata.len() as u16).put(&e.hdata);
+                w.put_u16(e.addr.port())
+                    .put_u16(e.htype)
+                    .put_u16(e.hdata.len() as u16)
+                    .put(&e.hdata);
             }
             RelayMsg::Extended(h) => {
                 w.put_u16(h.len() as u16).put(h);
@@ -261,7 +292,10 @@ impl RelayMsg {
             });
         }
         let mut w = Writer::new();
-        w.put_u8(self.cmd().0).put_u16(stream_id).put_u16(body.len() as u16).put(&body);
+        w.put_u8(self.cmd().0)
+            .put_u16(stream_id)
+            .put_u16(body.len() as u16)
+            .put(&body);
         let mut out = w.finish();
         out.resize(capacity, 0);
         Ok(out)
@@ -273,12 +307,17 @@ impl RelayMsg {
         let cmd = RelayCmd(r.take_u8()?);
         let stream_id = r.take_u16()?;
         let len = r.take_u16()? as usize;
-        let body = r.take(len).map_err(|_| Error::malformed("relay message", "length beyond cell"))?;
+        let body = r
+            .take(len)
+            .map_err(|_| Error::malformed("relay message", "length beyond cell"))?;
         let mut r = Reader::new(body);
         let msg = match cmd {
             RelayCmd::BEGIN => {
                 let addr = TargetAddr::read(&mut r)?;
-                RelayMsg::Begin { addr, port: r.take_u16()? }
+                RelayMsg::Begin {
+                    addr,
+                    port: r.take_u16()?,
+                }
             }
             RelayCmd::DATA => RelayMsg::Data(r.take_rest().to_vec()),
             RelayCmd::END => RelayMsg::End(EndReason(r.take_u8()?)),
@@ -299,20 +338,30 @@ impl RelayMsg {
                 if v != 1 {
                     return Err(Error::malformed("SENDME", format!("version {v}")));
                 }
-                RelayMsg::Sendme { tag: r.take_array()? }
+                RelayMsg::Sendme {
+                    tag: r.take_array()?,
+                }
             }
             RelayCmd::EXTEND => {
                 let identity = r.take_array()?;
                 let link_key = r.take_array()?;
                 let ip = match TargetAddr::read(&mut r)? {
                     TargetAddr::Ip(ip) => ip,
-                    TargetAddr::Host(_) => return Err(Error::malformed("EXTEND", "hostname address")),
+                    TargetAddr::Host(_) => {
+                        return Err(Error::malformed("EXTEND", "hostname address"));
+                    }
                 };
                 let port = r.take_u16()?;
                 let htype = r.take_u16()?;
                 let hlen = r.take_u16()? as usize;
                 let hdata = r.take(hlen)?.to_vec();
-                RelayMsg::Extend(Extend { identity, link_key, addr: SocketAddr::new(ip, port), htype, hdata })
+                RelayMsg::Extend(Extend {
+                    identity,
+                    link_key,
+                    addr: SocketAddr::new(ip, port),
+                    htype,
+                    hdata,
+                })
             }
             RelayCmd::EXTENDED => {
                 let hlen = r.take_u16()? as usize;
@@ -326,7 +375,9 @@ impl RelayMsg {
             }
             RelayCmd::RESOLVE => match TargetAddr::read(&mut r)? {
                 TargetAddr::Host(h) => RelayMsg::Resolve(h),
-                TargetAddr::Ip(_) => return Err(Error::malformed("RESOLVE", "address, not a name")),
+                TargetAddr::Ip(_) => {
+                    return Err(Error::malformed("RESOLVE", "address, not a name"));
+                }
             },
             RelayCmd::RESOLVED => {
                 let n = r.take_u8()? as usize;
@@ -334,13 +385,20 @@ impl RelayMsg {
                 for _ in 0..n {
                     let a = match TargetAddr::read(&mut r)? {
                         TargetAddr::Ip(a) => a,
-                        TargetAddr::Host(_) => return Err(Error::malformed("RESOLVED", "hostname")),
+                        TargetAddr::Host(_) => {
+                            return Err(Error::malformed("RESOLVED", "hostname"));
+                        }
                     };
                     addrs.push((a, r.take_u32()?));
                 }
                 RelayMsg::Resolved(addrs)
             }
-            c => return Err(Error::malformed("relay message", format!("unknown command {c:?}"))),
+            c => {
+                return Err(Error::malformed(
+                    "relay message",
+                    format!("unknown command {c:?}"),
+                ));
+            }
         };
         r.should_be_exhausted()?;
         Ok((stream_id, msg))
@@ -353,9 +411,18 @@ mod tests {
 
     fn all_msgs() -> Vec<RelayMsg> {
         vec![
-            RelayMsg::Begin { addr: TargetAddr::Host("example.com".into()), port: 443 },
-            RelayMsg::Begin { addr: TargetAddr::Ip("127.0.0.1".parse().unwrap()), port: 80 },
-            RelayMsg::Begin { addr: TargetAddr::Ip("::1".parse().unwrap()), port: 8080 },
+            RelayMsg::Begin {
+                addr: TargetAddr::Host("example.com".into()),
+                port: 443,
+            },
+            RelayMsg::Begin {
+                addr: TargetAddr::Ip("127.0.0.1".parse().unwrap()),
+                port: 80,
+            },
+            RelayMsg::Begin {
+                addr: TargetAddr::Ip("::1".parse().unwrap()),
+                port: 8080,
+            },
             RelayMsg::Data(b"hello".to_vec()),
             RelayMsg::End(EndReason::CONNECT_REFUSED),
             RelayMsg::Connected(Some("10.1.2.3".parse().unwrap())),

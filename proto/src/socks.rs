@@ -9,9 +9,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::Error;
 use crate::relaymsg::TargetAddr;
 use crate::wire::Reader;
-use crate::Error;
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum SocksAuth {
@@ -67,7 +67,10 @@ pub enum Step {
     /// Send `reply` and keep going; `consumed` bytes were used.
     Reply { consumed: usize, reply: Vec<u8> },
     /// The request is complete; the caller answers it with [`reply`].
-    Done { consumed: usize, request: SocksRequest },
+    Done {
+        consumed: usize,
+        request: SocksRequest,
+    },
     /// Send `reply` (if any), then close.
     Fail { reply: Option<Vec<u8>>, why: String },
 }
@@ -87,7 +90,9 @@ pub struct SocksServer {
 
 impl Default for SocksServer {
     fn default() -> Self {
-        SocksServer { state: State::Greeting }
+        SocksServer {
+            state: State::Greeting,
+        }
     }
 }
 
@@ -96,7 +101,10 @@ const METHOD_USERPASS: u8 = 2;
 const NO_ACCEPTABLE: u8 = 0xff;
 
 fn fail(code: ReplyCode, why: impl Into<String>) -> Step {
-    Step::Fail { reply: Some(reply(code, None)), why: why.into() }
+    Step::Fail {
+        reply: Some(reply(code, None)),
+        why: why.into(),
+    }
 }
 
 /// A SOCKS5 reply with `code` and the bound address (0.0.0.0:0 if none).
@@ -140,7 +148,10 @@ impl SocksServer {
                 let ver = r.take_u8()?;
                 if ver != 5 {
                     self.state = State::Finished;
-                    return Ok(Step::Fail { reply: None, why: format!("SOCKS version {ver} is not supported") });
+                    return Ok(Step::Fail {
+                        reply: None,
+                        why: format!("SOCKS version {ver} is not supported"),
+                    });
                 }
                 let n = r.take_u8()? as usize;
                 let methods = r.take(n)?;
@@ -156,7 +167,10 @@ impl SocksServer {
                     });
                 };
                 self.state = next;
-                Ok(Step::Reply { consumed: r.consumed(), reply: vec![5, method] })
+                Ok(Step::Reply {
+                    consumed: r.consumed(),
+                    reply: vec![5, method],
+                })
             }
             State::UserPass => {
                 let ver = r.take_u8()?;
@@ -166,10 +180,16 @@ impl SocksServer {
                 let pass = r.take(plen)?.to_vec();
                 if ver != 1 {
                     self.state = State::Finished;
-                    return Ok(Step::Fail { reply: Some(vec![1, 1]), why: format!("auth version {ver}") });
+                    return Ok(Step::Fail {
+                        reply: Some(vec![1, 1]),
+                        why: format!("auth version {ver}"),
+                    });
                 }
                 self.state = State::Request(SocksAuth::UserPass { user, pass });
-                Ok(Step::Reply { consumed: r.consumed(), reply: vec![1, 0] })
+                Ok(Step::Reply {
+                    consumed: r.consumed(),
+                    reply: vec![1, 0],
+                })
             }
             State::Request(auth) => {
                 let auth = auth.clone();
@@ -179,14 +199,20 @@ impl SocksServer {
                 let atyp = r.take_u8()?;
                 if ver != 5 {
                     self.state = State::Finished;
-                    return Ok(fail(ReplyCode::GENERAL_FAILURE, format!("request version {ver}")));
+                    return Ok(fail(
+                        ReplyCode::GENERAL_FAILURE,
+                        format!("request version {ver}"),
+                    ));
                 }
                 let cmd = match cmd {
                     1 => SocksCmd::Connect,
                     0xf0 => SocksCmd::Resolve,
                     c => {
                         self.state = State::Finished;
-                        return Ok(fail(ReplyCode::COMMAND_NOT_SUPPORTED, format!("command {c} not supported")));
+                        return Ok(fail(
+                            ReplyCode::COMMAND_NOT_SUPPORTED,
+                            format!("command {c} not supported"),
+                        ));
                     }
                 };
                 let addr = match atyp {
@@ -195,12 +221,16 @@ impl SocksServer {
                     3 => {
                         let n = r.take_u8()? as usize;
                         let h = r.take(n)?;
-                        let h = std::str::from_utf8(h).map_err(|_| Error::malformed("hostname", "not UTF-8"))?;
+                        let h = std::str::from_utf8(h)
+                            .map_err(|_| Error::malformed("hostname", "not UTF-8"))?;
                         TargetAddr::from_host(h)?
                     }
                     t => {
                         self.state = State::Finished;
-                        return Ok(fail(ReplyCode::ADDRTYPE_NOT_SUPPORTED, format!("address type {t}")));
+                        return Ok(fail(
+                            ReplyCode::ADDRTYPE_NOT_SUPPORTED,
+                            format!("address type {t}"),
+                        ));
                     }
                 };
                 let port = r.take_u16()?;
@@ -209,9 +239,20 @@ impl SocksServer {
                     return Ok(fail(ReplyCode::GENERAL_FAILURE, "port 0"));
                 }
                 self.state = State::Finished;
-                Ok(Step::Done { consumed: r.consumed(), request: SocksRequest { auth, cmd, addr, port } })
+                Ok(Step::Done {
+                    consumed: r.consumed(),
+                    request: SocksRequest {
+                        auth,
+                        cmd,
+                        addr,
+                        port,
+                    },
+                })
             }
-            State::Finished => Ok(Step::Fail { reply: None, why: "handshake already finished".into() }),
+            State::Finished => Ok(Step::Fail {
+                reply: None,
+                why: "handshake already finished".into(),
+            }),
         }
     }
 }
@@ -246,18 +287,33 @@ mod tests {
         req.extend(443u16.to_be_bytes());
         let (out, step) = drive(&req);
         assert_eq!(out, vec![5, 0]);
-        let Step::Done { request, .. } = step else { panic!("{step:?}") };
+        let Step::Done { request, .. } = step else {
+            panic!("{step:?}")
+        };
         assert_eq!(request.addr, TargetAddr::Host("example.com".into()));
-        assert_eq!((request.port, request.cmd, request.auth), (443, SocksCmd::Connect, SocksAuth::NoAuth));
+        assert_eq!(
+            (request.port, request.cmd, request.auth),
+            (443, SocksCmd::Connect, SocksAuth::NoAuth)
+        );
     }
 
     #[test]
     fn user_pass_preferred_and_returned() {
-        let mut req = vec![5, 2, 0, 2, 1, 1, b'u', 2, b'p', b'w', 5, 1, 0, 1, 127, 0, 0, 1, 0, 80];
+        let mut req = vec![
+            5, 2, 0, 2, 1, 1, b'u', 2, b'p', b'w', 5, 1, 0, 1, 127, 0, 0, 1, 0, 80,
+        ];
         let (out, step) = drive(&req);
         assert_eq!(out, vec![5, 2, 1, 0]);
-        let Step::Done { request, .. } = step else { panic!() };
-        assert_eq!(request.auth, SocksAuth::UserPass { user: b"u".to_vec(), pass: b"pw".to_vec() });
+        let Step::Done { request, .. } = step else {
+            panic!()
+        };
+        assert_eq!(
+            request.auth,
+            SocksAuth::UserPass {
+                user: b"u".to_vec(),
+                pass: b"pw".to_vec()
+            }
+        );
         assert_eq!(request.addr, TargetAddr::Ip("127.0.0.1".parse().unwrap()));
         req.clear();
     }
@@ -265,7 +321,10 @@ mod tests {
     #[test]
     fn malformed_requests_get_rfc_codes() {
         let (_, s) = drive(&[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80]);
-        assert_eq!(s, fail(ReplyCode::COMMAND_NOT_SUPPORTED, "command 2 not supported"));
+        assert_eq!(
+            s,
+            fail(ReplyCode::COMMAND_NOT_SUPPORTED, "command 2 not supported")
+        );
         let (_, s) = drive(&[5, 1, 0, 5, 1, 0, 9]);
         assert!(matches!(s, Step::Fail { reply: Some(r), .. } if r[1] == 8));
         let (_, s) = drive(&[5, 1, 0, 5, 1, 0, 3, 3, b'a', b' ', b'b', 0, 80]);
@@ -274,14 +333,26 @@ mod tests {
         assert!(matches!(s, Step::Fail { reply: Some(r), .. } if r[1] == 1));
         let (out, s) = drive(&[5, 1, 9]);
         assert!(out.is_empty());
-        assert_eq!(s, Step::Fail { reply: Some(vec![5, 0xff]), why: "no acceptable authentication method offered".into() });
+        assert_eq!(
+            s,
+            Step::Fail {
+                reply: Some(vec![5, 0xff]),
+                why: "no acceptable authentication method offered".into()
+            }
+        );
         let (_, s) = drive(&[4, 1]);
         assert!(matches!(s, Step::Fail { reply: None, .. }));
     }
 
     #[test]
     fn reply_encoding() {
-        assert_eq!(reply(ReplyCode::CONNECTION_REFUSED, None), vec![5, 5, 0, 1, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(reply(ReplyCode::SUCCEEDED, Some("[::1]:80".parse().unwrap())).len(), 22);
+        assert_eq!(
+            reply(ReplyCode::CONNECTION_REFUSED, None),
+            vec![5, 5, 0, 1, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            reply(ReplyCode::SUCCEEDED, Some("[::1]:80".parse().unwrap())).len(),
+            22
+        );
     }
 }

@@ -101,7 +101,10 @@ mod tests {
     fn reader_truncation_and_trailing() {
         let mut r = Reader::new(&[1, 2, 3]);
         assert_eq!(r.take_u16().unwrap(), 0x0102);
-        assert!(matches!(r.should_be_exhausted(), Err(Error::TrailingBytes(1))));
+        assert!(matches!(
+            r.should_be_exhausted(),
+            Err(Error::TrailingBytes(1))
+        ));
         assert!(matches!(r.take_u16(), Err(Error::Truncated)));
         assert_eq!(r.take_u8().unwrap(), 3);
         r.should_be_exhausted().unwrap();

@@ -9,15 +9,20 @@
 //! `ALLIUM_PRINT_VECTORS=1 cargo test -p allium-proto --test vectors -- --nocapture`
 //! prints them.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 
 use allium_proto::cell::{self, Cell, CellCmd, DestroyReason};
 use allium_proto::doc::{CONSENSUS_DOMAIN, SignedDocument};
 use allium_proto::ntor::{self, OnionKeys};
-use allium_proto::onion::{ClientLayers, HopKeys, RelayLayer, forward_capacity, BACKWARD_CAPACITY};
+use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
 use allium_proto::policy::ExitPolicy;
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
-use allium_proto::{Consensus, ConsensusRelay, RelayDescriptor, RelayFlags, UnverifiedConsensus, UnverifiedDescriptor};
+use allium_proto::{
+    Consensus, ConsensusRelay, RelayDescriptor, RelayFlags, UnverifiedConsensus,
+    UnverifiedDescriptor,
+};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -33,32 +38,77 @@ fn compute() -> BTreeMap<String, String> {
     };
 
     // Cells.
-    let c = Cell::new(0x8000_0001, CellCmd::CREATE, &cell::encode_create(cell::HANDSHAKE_NTOR, &[0xaa; 4])).unwrap();
+    let c = Cell::new(
+        0x8000_0001,
+        CellCmd::CREATE,
+        &cell::encode_create(cell::HANDSHAKE_NTOR, &[0xaa; 4]),
+    )
+    .unwrap();
     put("cell.create.head", &c.encode()[..13]);
-    put("cell.destroy.head", &Cell::destroy(7, DestroyReason::CELL_AUTH).encode()[..6]);
+    put(
+        "cell.destroy.head",
+        &Cell::destroy(7, DestroyReason::CELL_AUTH).encode()[..6],
+    );
 
     // Relay messages (header and body; the rest is zero padding).
     let msgs = [
-        ("relay.begin.host", 1u16, RelayMsg::Begin { addr: TargetAddr::Host("example.com".into()), port: 443 }),
-        ("relay.begin.ipv4", 2, RelayMsg::Begin { addr: TargetAddr::Ip("127.0.0.1".parse().unwrap()), port: 80 }),
-        ("relay.begin.ipv6", 3, RelayMsg::Begin { addr: TargetAddr::Ip("::1".parse().unwrap()), port: 8080 }),
-        ("relay.connected", 1, RelayMsg::Connected(Some("93.184.216.34".parse().unwrap()))),
-        ("relay.data", 1, RelayMsg::Data(b"GET / HTTP/1.0\r\n\r\n".to_vec())),
+        (
+            "relay.begin.host",
+            1u16,
+            RelayMsg::Begin {
+                addr: TargetAddr::Host("example.com".into()),
+                port: 443,
+            },
+        ),
+        (
+            "relay.begin.ipv4",
+            2,
+            RelayMsg::Begin {
+                addr: TargetAddr::Ip("127.0.0.1".parse().unwrap()),
+                port: 80,
+            },
+        ),
+        (
+            "relay.begin.ipv6",
+            3,
+            RelayMsg::Begin {
+                addr: TargetAddr::Ip("::1".parse().unwrap()),
+                port: 8080,
+            },
+        ),
+        (
+            "relay.connected",
+            1,
+            RelayMsg::Connected(Some("93.184.216.34".parse().unwrap())),
+        ),
+        (
+            "relay.data",
+            1,
+            RelayMsg::Data(b"GET / HTTP/1.0\r\n\r\n".to_vec()),
+        ),
         ("relay.end", 1, RelayMsg::End(EndReason::CONNECT_REFUSED)),
         ("relay.sendme", 0, RelayMsg::Sendme { tag: [0x11; 16] }),
-        ("relay.extend", 0, RelayMsg::Extend(Extend {
-            identity: [0x01; 32],
-            link_key: [0x02; 32],
-            addr: "127.0.0.1:9001".parse().unwrap(),
-            htype: cell::HANDSHAKE_NTOR,
-            hdata: vec![0x03; 4],
-        })),
+        (
+            "relay.extend",
+            0,
+            RelayMsg::Extend(Extend {
+                identity: [0x01; 32],
+                link_key: [0x02; 32],
+                addr: "127.0.0.1:9001".parse().unwrap(),
+                htype: cell::HANDSHAKE_NTOR,
+                hdata: vec![0x03; 4],
+            }),
+        ),
         ("relay.extended", 0, RelayMsg::Extended(vec![0x04; 4])),
         ("relay.truncate", 0, RelayMsg::Truncate),
         ("relay.truncated", 0, RelayMsg::Truncated(6)),
         ("relay.drop", 0, RelayMsg::Drop),
         ("relay.resolve", 5, RelayMsg::Resolve("example.org".into())),
-        ("relay.resolved", 5, RelayMsg::Resolved(vec![("1.2.3.4".parse().unwrap(), 60)])),
+        (
+            "relay.resolved",
+            5,
+            RelayMsg::Resolved(vec![("1.2.3.4".parse().unwrap(), 60)]),
+        ),
     ];
     for (name, sid, m) in msgs {
         let full = m.encode(sid, forward_capacity(2)).unwrap();
@@ -78,7 +128,15 @@ fn compute() -> BTreeMap<String, String> {
     let (st, cmsg) = ntor::client_start_with_ephemeral(x, &id, &bpub);
     put("ntor.client_msg", &cmsg);
     let list = [&b];
-    let (reply, skeys) = ntor::server_with_ephemeral(y, &OnionKeys { identity: id, keys: &list }, &cmsg).unwrap();
+    let (reply, skeys) = ntor::server_with_ephemeral(
+        y,
+        &OnionKeys {
+            identity: id,
+            keys: &list,
+        },
+        &cmsg,
+    )
+    .unwrap();
     put("ntor.server_msg", &reply);
     let ckeys = st.finish(&reply).unwrap();
     assert_eq!(ckeys.forward, skeys.forward);
@@ -86,13 +144,18 @@ fn compute() -> BTreeMap<String, String> {
     put("ntor.key_backward", &ckeys.backward);
 
     // Onion layers: three hops with fixed keys; the first cell each way.
-    let keys = |i: u8| HopKeys { forward: [0x10 + i; 32], backward: [0x20 + i; 32] };
+    let keys = |i: u8| HopKeys {
+        forward: [0x10 + i; 32],
+        backward: [0x20 + i; 32],
+    };
     let mut client = ClientLayers::new();
     let mut relays: Vec<RelayLayer> = (0..3).map(|i| RelayLayer::new(&keys(i))).collect();
     for i in 0..3 {
         client.push(&keys(i)).unwrap();
     }
-    let msg = RelayMsg::Data(b"hello".to_vec()).encode(1, forward_capacity(2)).unwrap();
+    let msg = RelayMsg::Data(b"hello".to_vec())
+        .encode(1, forward_capacity(2))
+        .unwrap();
     let mut p = client.encrypt_forward(2, &msg).unwrap();
     put("onion.forward.hop0_in.sha256", &Sha256::digest(&p[..]));
     put("onion.forward.hop0_in.head", &p[..32]);
@@ -102,7 +165,9 @@ fn compute() -> BTreeMap<String, String> {
     put("onion.forward.hop2_in.sha256", &Sha256::digest(&p[..]));
     relays[2].peel_forward(&mut p, false).unwrap();
     assert_eq!(&p[16..16 + msg.len()], &msg[..]);
-    let back = RelayMsg::Data(b"world".to_vec()).encode(1, BACKWARD_CAPACITY).unwrap();
+    let back = RelayMsg::Data(b"world".to_vec())
+        .encode(1, BACKWARD_CAPACITY)
+        .unwrap();
     let mut p = relays[2].originate_backward(&back).unwrap();
     relays[1].wrap_backward(&mut p).unwrap();
     relays[0].wrap_backward(&mut p).unwrap();
@@ -125,8 +190,16 @@ fn compute() -> BTreeMap<String, String> {
         published: 1_800_000_000,
     };
     let doc = desc.sign(&relay_key).to_bytes();
-    UnverifiedDescriptor::parse(&doc).unwrap().verify(1_800_000_000, 3600).unwrap();
-    assert_eq!(SignedDocument::parse("d", &doc, 1 << 20).unwrap().to_bytes(), doc);
+    UnverifiedDescriptor::parse(&doc)
+        .unwrap()
+        .verify(1_800_000_000, 3600)
+        .unwrap();
+    assert_eq!(
+        SignedDocument::parse("d", &doc, 1 << 20)
+            .unwrap()
+            .to_bytes(),
+        doc
+    );
     put("doc.descriptor", &doc);
     let auth_key = SigningKey::from_bytes(&[0x41; 32]);
     put("doc.authority_key", &auth_key.verifying_key().to_bytes());
@@ -152,14 +225,20 @@ fn compute() -> BTreeMap<String, String> {
     let cbytes = cd.to_bytes();
     UnverifiedConsensus::parse(&cbytes)
         .unwrap()
-        .verify(&[allium_proto::AuthorityKey(auth_key.verifying_key().to_bytes())], 1_800_000_001)
+        .verify(
+            &[allium_proto::AuthorityKey(
+                auth_key.verifying_key().to_bytes(),
+            )],
+            1_800_000_001,
+        )
         .unwrap();
     put("doc.consensus", &cbytes);
     v
 }
 
 fn spec_vectors() -> BTreeMap<String, String> {
-    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../doc/protocol.md")).unwrap();
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../doc/protocol.md"))
+        .unwrap();
     let mut out = BTreeMap::new();
     let mut inside = false;
     for line in spec.lines() {
@@ -168,11 +247,9 @@ fn spec_vectors() -> BTreeMap<String, String> {
             inside = t == "```vectors";
             continue;
         }
-        if inside {
-            if let Some((k, v)) = t.split_once(": ") {
-                // Long values may continue on following lines ending in '\'.
-                out.insert(k.to_string(), v.to_string());
-            }
+        if inside && let Some((k, v)) = t.split_once(": ") {
+            // Long values may continue on following lines ending in '\'.
+            out.insert(k.to_string(), v.to_string());
         }
     }
     out
@@ -191,6 +268,9 @@ fn spec_vectors_match_the_code() {
         assert_eq!(spec.get(k), Some(v), "vector {k} in doc/protocol.md");
     }
     for k in spec.keys() {
-        assert!(got.contains_key(k), "doc/protocol.md lists a vector {k} that no test computes");
+        assert!(
+            got.contains_key(k),
+            "doc/protocol.md lists a vector {k} that no test computes"
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use allium_proto::cell::{Cell, CellCmd};
+use allium_proto::cell::{Cell, CellCmd, DestroyReason};
 use allium_proto::link::{self, LINK_NK, LINK_XK, LinkTransport, MAX_CELLS_PER_FRAME};
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -33,6 +33,8 @@ pub const CIRC_QUEUE: usize = 256;
 /// Cells queued toward one channel.
 pub const CHANNEL_QUEUE: usize = 1024;
 const FRAME_QUEUE: usize = 8;
+/// Circuits one channel may carry; further CREATEs are refused.
+pub const MAX_CIRCUITS_PER_CHANNEL: usize = 8192;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A new circuit a peer asked for with CREATE.
@@ -76,7 +78,11 @@ impl ChannelHandle {
 
     /// Queue a cell; waits while the channel's queue is full.
     pub async fn send(&self, cell: Cell) -> Result<(), RelayError> {
-        self.inner.out.send(cell).await.map_err(|_| RelayError::ChannelClosed)
+        self.inner
+            .out
+            .send(cell)
+            .await
+            .map_err(|_| RelayError::ChannelClosed)
     }
 
     /// Allocate a circuit id and register an inbox for it.
@@ -89,7 +95,11 @@ impl ChannelHandle {
             }
             let (tx, rx) = mpsc::channel(CIRC_QUEUE);
             let (ack_tx, ack_rx) = oneshot::channel();
-            self.inner.ctrl.send(Ctrl::Register(id, tx, ack_tx)).await.map_err(|_| RelayError::ChannelClosed)?;
+            self.inner
+                .ctrl
+                .send(Ctrl::Register(id, tx, ack_tx))
+                .await
+                .map_err(|_| RelayError::ChannelClosed)?;
             if ack_rx.await.map_err(|_| RelayError::ChannelClosed)? {
                 return Ok((id, rx));
             }
@@ -139,10 +149,21 @@ impl Reactor {
             return;
         }
         match (cell.cmd, &self.on_create) {
-            (CellCmd::CREATE, Some(handler)) if id != 0 && (id & 0x8000_0000) == self.peer_high_bit => {
+            (CellCmd::CREATE, Some(_)) if self.circs.len() >= MAX_CIRCUITS_PER_CHANNEL => {
+                debug!("CREATE refused: channel circuit limit");
+                self.refuse(id);
+            }
+            (CellCmd::CREATE, Some(handler))
+                if id != 0 && (id & 0x8000_0000) == self.peer_high_bit =>
+            {
                 let (tx, rx) = mpsc::channel(CIRC_QUEUE);
                 self.circs.insert(id, tx);
-                handler(NewCircuit { circ_id: id, create: cell, inbox: rx, chan: self.handle.clone() });
+                handler(NewCircuit {
+                    circ_id: id,
+                    create: cell,
+                    inbox: rx,
+                    chan: self.handle.clone(),
+                });
             }
             (CellCmd::DESTROY | CellCmd::PADDING, _) => {}
             (cmd, _) => {
@@ -151,9 +172,20 @@ impl Reactor {
         }
     }
 
+    /// Answer a refused CREATE with DESTROY, through the channel's own queue.
+    fn refuse(&self, id: u32) {
+        let _ = self
+            .handle
+            .inner
+            .out
+            .try_send(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
+    }
+
     fn flush_pending(&mut self) {
         while let Some((id, cell)) = self.pending.pop_front() {
-            let Some(tx) = self.circs.get(&id) else { continue };
+            let Some(tx) = self.circs.get(&id) else {
+                continue;
+            };
             match tx.try_send(cell) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(cell)) => {
@@ -172,7 +204,10 @@ impl Reactor {
         let mut opened = Vec::new();
         loop {
             self.flush_pending();
-            let front = self.pending.front().and_then(|(id, _)| self.circs.get(id).cloned());
+            let front = self
+                .pending
+                .front()
+                .and_then(|(id, _)| self.circs.get(id).cloned());
             let blocked = front.is_some();
             let can_write = io.frames_out.capacity() > 0;
             tokio::select! {
@@ -228,7 +263,10 @@ impl Reactor {
 async fn read_frame(r: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Vec<u8>> {
     let len = r.read_u16().await? as usize;
     if len == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "empty frame"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "empty frame",
+        ));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -276,9 +314,20 @@ fn spawn_channel(
     let (ctrl_tx, ctrl_rx) = mpsc::channel(64);
     let high_bit = if we_opened { 0x8000_0000 } else { 0 };
     let handle = ChannelHandle {
-        inner: Arc::new(HandleInner { out: out_tx, ctrl: ctrl_tx, peer, next_id: AtomicU32::new(1), high_bit }),
+        inner: Arc::new(HandleInner {
+            out: out_tx,
+            ctrl: ctrl_tx,
+            peer,
+            next_id: AtomicU32::new(1),
+            high_bit,
+        }),
     };
-    let io = ReactorIo { frames_in: fin_rx, frames_out: fout_tx, cells_out: out_rx, ctrl: ctrl_rx };
+    let io = ReactorIo {
+        frames_in: fin_rx,
+        frames_out: fout_tx,
+        cells_out: out_rx,
+        ctrl: ctrl_rx,
+    };
     let reactor = Reactor {
         transport,
         circs: HashMap::new(),
@@ -287,15 +336,20 @@ fn spawn_channel(
         handle: handle.clone(),
         peer_high_bit: high_bit ^ 0x8000_0000,
     };
-    let reader = tokio::spawn(reader_task(BufReader::with_capacity(128 * 1024, r), fin_tx).in_current_span());
+    let reader = tokio::spawn(
+        reader_task(BufReader::with_capacity(128 * 1024, r), fin_tx).in_current_span(),
+    );
     tokio::spawn(writer_task(w, fout_rx).in_current_span());
-    tokio::spawn(async move {
-        if let Err(e) = reactor.run(io).await {
-            debug!("channel closed: {e}");
+    tokio::spawn(
+        async move {
+            if let Err(e) = reactor.run(io).await {
+                debug!("channel closed: {e}");
+            }
+            reader.abort();
+            trace!("channel reactor ended");
         }
-        reader.abort();
-        trace!("channel reactor ended");
-    }.in_current_span());
+        .in_current_span(),
+    );
     handle
 }
 
@@ -327,7 +381,10 @@ async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, RelayError> {
 }
 
 /// Client side: NK link to a guard whose link key comes from the consensus.
-pub async fn connect_nk(addr: SocketAddr, guard_link_key: &[u8; 32]) -> Result<ChannelHandle, RelayError> {
+pub async fn connect_nk(
+    addr: SocketAddr,
+    guard_link_key: &[u8; 32],
+) -> Result<ChannelHandle, RelayError> {
     let work = async {
         let mut s = connect_tcp(addr).await?;
         let mut hs = link::nk_initiator(&mut rand::rng(), guard_link_key)?;
@@ -338,7 +395,9 @@ pub async fn connect_nk(addr: SocketAddr, guard_link_key: &[u8; 32]) -> Result<C
         link::read_handshake(&mut hs, &m2)?;
         Ok::<_, RelayError>(spawn_channel(s, LinkTransport::new(hs)?, None, true, None))
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, work).await.map_err(|_| RelayError::Timeout("link handshake"))?
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| RelayError::Timeout("link handshake"))?
 }
 
 /// Relay side: XK link to another relay, proving our identity.
@@ -351,7 +410,8 @@ pub async fn connect_xk(
 ) -> Result<ChannelHandle, RelayError> {
     let work = async {
         let mut s = connect_tcp(addr).await?;
-        let mut hs = link::xk_initiator(&mut rand::rng(), me.link_secret.as_bytes(), peer_link_key)?;
+        let mut hs =
+            link::xk_initiator(&mut rand::rng(), me.link_secret.as_bytes(), peer_link_key)?;
         let mut m1 = vec![LINK_XK];
         m1.extend(link::handshake_frame(&mut hs, &[])?);
         s.write_all(&m1).await?;
@@ -360,13 +420,25 @@ pub async fn connect_xk(
         let auth = link::xk_auth_payload(&hs, &me.identity, &me.link_pub());
         let m3 = link::handshake_frame(&mut hs, &auth)?;
         s.write_all(&m3).await?;
-        Ok::<_, RelayError>(spawn_channel(s, LinkTransport::new(hs)?, Some(peer_identity), true, on_create))
+        Ok::<_, RelayError>(spawn_channel(
+            s,
+            LinkTransport::new(hs)?,
+            Some(peer_identity),
+            true,
+            on_create,
+        ))
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, work).await.map_err(|_| RelayError::Timeout("link handshake"))?
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| RelayError::Timeout("link handshake"))?
 }
 
 /// Responder side of either pattern.
-pub async fn accept(mut s: TcpStream, me: &LinkIdentity, on_create: CreateHandler) -> Result<ChannelHandle, RelayError> {
+pub async fn accept(
+    mut s: TcpStream,
+    me: &LinkIdentity,
+    on_create: CreateHandler,
+) -> Result<ChannelHandle, RelayError> {
     s.set_nodelay(true)?;
     let work = async {
         let kind = s.read_u8().await?;
@@ -379,13 +451,23 @@ pub async fn accept(mut s: TcpStream, me: &LinkIdentity, on_create: CreateHandle
             let m3 = read_hs(&mut s).await?;
             let h = hs.get_handshake_hash().to_vec();
             let payload = link::read_handshake(&mut hs, &m3)?;
-            let rs = hs.get_remote_static().ok_or_else(|| RelayError::Protocol("no remote static".into()))?;
+            let rs = hs
+                .get_remote_static()
+                .ok_or_else(|| RelayError::Protocol("no remote static".into()))?;
             Some(link::xk_check_auth(&h, rs, &payload)?)
         } else {
             None
         };
         Ok::<_, RelayError>((hs, peer))
     };
-    let (hs, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work).await.map_err(|_| RelayError::Timeout("link handshake"))??;
-    Ok(spawn_channel(s, LinkTransport::new(hs)?, peer, false, Some(on_create)))
+    let (hs, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| RelayError::Timeout("link handshake"))??;
+    Ok(spawn_channel(
+        s,
+        LinkTransport::new(hs)?,
+        peer,
+        false,
+        Some(on_create),
+    ))
 }

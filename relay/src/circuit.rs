@@ -43,7 +43,11 @@ struct Teardown {
 
 impl Teardown {
     fn both(reason: DestroyReason) -> Self {
-        Teardown { reason, tell_prev: true, tell_next: true }
+        Teardown {
+            reason,
+            tell_prev: true,
+            tell_next: true,
+        }
     }
 }
 
@@ -51,9 +55,13 @@ impl From<RelayError> for Teardown {
     fn from(e: RelayError) -> Self {
         debug!("circuit error: {e}");
         match e {
-            RelayError::Proto(allium_proto::Error::CellAuth) => Teardown::both(DestroyReason::CELL_AUTH),
+            RelayError::Proto(allium_proto::Error::CellAuth) => {
+                Teardown::both(DestroyReason::CELL_AUTH)
+            }
             RelayError::ChannelClosed => Teardown::both(DestroyReason::CHANNEL_CLOSED),
-            RelayError::Protocol(_) | RelayError::Proto(_) => Teardown::both(DestroyReason::PROTOCOL),
+            RelayError::Protocol(_) | RelayError::Proto(_) => {
+                Teardown::both(DestroyReason::PROTOCOL)
+            }
             _ => Teardown::both(DestroyReason::INTERNAL),
         }
     }
@@ -73,10 +81,16 @@ struct Circuit {
 
 /// Answer a CREATE and run the circuit until it ends.
 pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
-    let NewCircuit { circ_id, create, inbox, chan } = nc;
+    let NewCircuit {
+        circ_id,
+        create,
+        inbox,
+        chan,
+    } = nc;
     let keys = match answer_create(&ctx, &create) {
         Ok((reply, keys)) => {
-            let created = match Cell::new(circ_id, CellCmd::CREATED, &cell::encode_created(&reply)) {
+            let created = match Cell::new(circ_id, CellCmd::CREATED, &cell::encode_created(&reply))
+            {
                 Ok(c) => c,
                 Err(_) => return,
             };
@@ -87,7 +101,9 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         }
         Err(e) => {
             debug!("CREATE refused: {e}");
-            let _ = chan.send(Cell::destroy(circ_id, DestroyReason::PROTOCOL)).await;
+            let _ = chan
+                .send(Cell::destroy(circ_id, DestroyReason::PROTOCOL))
+                .await;
             chan.unregister(circ_id);
             return;
         }
@@ -109,17 +125,25 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
     c.teardown(t).await;
 }
 
-fn answer_create(ctx: &RelayCtx, create: &Cell) -> Result<(Vec<u8>, allium_proto::onion::HopKeys), RelayError> {
+fn answer_create(
+    ctx: &RelayCtx,
+    create: &Cell,
+) -> Result<(Vec<u8>, allium_proto::onion::HopKeys), RelayError> {
     let (htype, hdata) = cell::decode_create(&create.payload[..])?;
     if htype != HANDSHAKE_NTOR {
-        return Err(RelayError::Protocol(format!("unknown handshake type {htype}")));
+        return Err(RelayError::Protocol(format!(
+            "unknown handshake type {htype}"
+        )));
     }
     let set = ctx.onion.read().unwrap_or_else(|p| p.into_inner());
     let mut list = vec![&set.current];
     if let Some(p) = &set.previous {
         list.push(p);
     }
-    let keys = OnionKeys { identity: ctx.identity_pub, keys: &list };
+    let keys = OnionKeys {
+        identity: ctx.identity_pub,
+        keys: &list,
+    };
     Ok(ntor::server(&mut rand::rng(), &keys, hdata)?)
 }
 
@@ -135,11 +159,11 @@ impl Circuit {
         loop {
             let r = tokio::select! {
                 c = self.prev_rx.recv() => match c {
-                    Some(c) => self.from_prev(c).await,
+                    Some(c) => self.on_prev_cell(c).await,
                     None => return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: false, tell_next: true },
                 },
                 c = recv_next(&mut self.next) => match c {
-                    Some(c) => self.from_next(c).await,
+                    Some(c) => self.on_next_cell(c).await,
                     None => return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false },
                 },
                 Some(ev) = self.ev_rx.recv() => self.stream_event(ev).await.map_err(Teardown::from),
@@ -173,34 +197,55 @@ impl Circuit {
         let body = msg.encode(stream_id, BACKWARD_CAPACITY)?;
         let payload = self.layer.originate_backward(&body)?;
         RelayStats::inc(&self.ctx.stats.cells_originated, 1);
-        self.prev.send(Cell { circ_id: self.prev_id, cmd: CellCmd::RELAY, payload }).await
+        self.prev
+            .send(Cell {
+                circ_id: self.prev_id,
+                cmd: CellCmd::RELAY,
+                payload,
+            })
+            .await
     }
 
-    async fn from_prev(&mut self, mut c: Cell) -> Result<(), Teardown> {
+    async fn on_prev_cell(&mut self, mut c: Cell) -> Result<(), Teardown> {
         match c.cmd {
             CellCmd::RELAY => {
                 let has_next = self.next.as_ref().is_some_and(|n| n.open);
-                match self.layer.peel_forward(&mut c.payload, has_next).map_err(RelayError::from)? {
+                match self
+                    .layer
+                    .peel_forward(&mut c.payload, has_next)
+                    .map_err(RelayError::from)?
+                {
                     Peeled::Forward => {
                         let n = self.next.as_ref().expect("has_next checked");
                         RelayStats::inc(&self.ctx.stats.cells_relayed, 1);
-                        n.chan.send(Cell { circ_id: n.id, cmd: CellCmd::RELAY, payload: c.payload }).await?;
+                        n.chan
+                            .send(Cell {
+                                circ_id: n.id,
+                                cmd: CellCmd::RELAY,
+                                payload: c.payload,
+                            })
+                            .await?;
                     }
                     Peeled::Deliver => {
                         RelayStats::inc(&self.ctx.stats.cells_delivered, 1);
-                        let (sid, msg) = RelayMsg::decode(&c.payload[16..]).map_err(RelayError::from)?;
+                        let (sid, msg) =
+                            RelayMsg::decode(&c.payload[16..]).map_err(RelayError::from)?;
                         self.handle_msg(sid, msg).await?;
                     }
                 }
                 Ok(())
             }
-            CellCmd::DESTROY => Err(Teardown { reason: DestroyReason(c.payload[0]), tell_prev: false, tell_next: true }),
+            CellCmd::DESTROY => Err(Teardown {
+                reason: DestroyReason(c.payload[0]),
+                tell_prev: false,
+                tell_next: true,
+            }),
             CellCmd::PADDING => Ok(()),
             cmd => Err(RelayError::Protocol(format!("{cmd:?} on an open circuit")).into()),
         }
     }
 
-    async fn from_next(&mut self, mut c: Cell) -> Result<(), Teardown> {
+    async fn on_next_cell(&mut self, mut c: Cell) -> Result<(), Teardown> {
         match c.cmd {
             CellCmd::CREATED => {
                 let n = self.next.as_mut().expect("next exists");
@@ -208,17 +253,31 @@ impl Circuit {
                     return Err(RelayError::Protocol("second CREATED".into()).into());
                 }
                 n.open = true;
-                let h = cell::decode_created(&c.payload[..]).map_err(RelayError::from)?.to_vec();
+                let h = cell::decode_created(&c.payload[..])
+                    .map_err(RelayError::from)?
+                    .to_vec();
                 self.originate(0, RelayMsg::Extended(h)).await?;
                 Ok(())
             }
             CellCmd::RELAY => {
-                self.layer.wrap_backward(&mut c.payload).map_err(RelayError::from)?;
+                self.layer
+                    .wrap_backward(&mut c.payload)
+                    .map_err(RelayError::from)?;
                 RelayStats::inc(&self.ctx.stats.cells_relayed, 1);
-                self.prev.send(Cell { circ_id: self.prev_id, cmd: CellCmd::RELAY, payload: c.payload }).await?;
+                self.prev
+                    .send(Cell {
+                        circ_id: self.prev_id,
+                        cmd: CellCmd::RELAY,
+                        payload: c.payload,
+                    })
+                    .await?;
                 Ok(())
             }
-            CellCmd::DESTROY => Err(Teardown { reason: DestroyReason::DESTROYED, tell_prev: true, tell_next: false }),
+            CellCmd::DESTROY => Err(Teardown {
+                reason: DestroyReason::DESTROYED,
+                tell_prev: true,
+                tell_next: false,
+            }),
             CellCmd::PADDING => Ok(()),
             cmd => Err(RelayError::Protocol(format!("{cmd:?} from the next hop")).into()),
         }
@@ -226,7 +285,10 @@ impl Circuit {
 
     async fn extend(&mut self, e: Extend) -> Result<(), Teardown> {
         if self.next.is_some() {
-            return Err(RelayError::Protocol("EXTEND on a circuit that already has a next hop".into()).into());
+            return Err(RelayError::Protocol(
+                "EXTEND on a circuit that already has a next hop".into(),
+            )
+            .into());
         }
         if e.identity == self.ctx.identity_pub {
             return Err(RelayError::Protocol("EXTEND to ourselves".into()).into());
@@ -236,18 +298,26 @@ impl Circuit {
             Ok(Ok(ch)) => ch,
             Ok(Err(err)) => {
                 debug!("extend failed: {err}");
-                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0)).await?;
+                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0))
+                    .await?;
                 return Ok(());
             }
             Err(_) => {
-                self.originate(0, RelayMsg::Truncated(DestroyReason::TIMEOUT.0)).await?;
+                self.originate(0, RelayMsg::Truncated(DestroyReason::TIMEOUT.0))
+                    .await?;
                 return Ok(());
             }
         };
         let (id, rx) = chan.new_circuit().await?;
-        let create = Cell::new(id, CellCmd::CREATE, &cell::encode_create(e.htype, &e.hdata)).map_err(RelayError::from)?;
+        let create = Cell::new(id, CellCmd::CREATE, &cell::encode_create(e.htype, &e.hdata))
+            .map_err(RelayError::from)?;
         chan.send(create).await?;
-        self.next = Some(Next { chan, id, rx, open: false });
+        self.next = Some(Next {
+            chan,
+            id,
+            rx,
+            open: false,
+        });
         Ok(())
     }
 
@@ -256,32 +326,41 @@ impl Circuit {
             RelayMsg::Extend(e) if sid == 0 => self.extend(e).await,
             RelayMsg::Truncate if sid == 0 => {
                 if let Some(n) = self.next.take() {
-                    let _ = n.chan.send(Cell::destroy(n.id, DestroyReason::REQUESTED)).await;
+                    let _ = n
+                        .chan
+                        .send(Cell::destroy(n.id, DestroyReason::REQUESTED))
+                        .await;
                     n.chan.unregister(n.id);
                 }
-                self.originate(0, RelayMsg::Truncated(DestroyReason::REQUESTED.0)).await?;
+                self.originate(0, RelayMsg::Truncated(DestroyReason::REQUESTED.0))
+                    .await?;
                 Ok(())
             }
             RelayMsg::Begin { addr, port } if sid != 0 => {
                 if self.streams.contains_key(&sid) || self.streams.len() >= MAX_STREAMS {
-                    self.originate(sid, RelayMsg::End(EndReason::RESOURCE_LIMIT)).await?;
+                    self.originate(sid, RelayMsg::End(EndReason::RESOURCE_LIMIT))
+                        .await?;
                     return Ok(());
                 }
                 if !self.ctx.policy.is_exit() {
-                    self.originate(sid, RelayMsg::End(EndReason::EXIT_POLICY)).await?;
+                    self.originate(sid, RelayMsg::End(EndReason::EXIT_POLICY))
+                        .await?;
                     return Ok(());
                 }
                 let (tx, rx) = mpsc::channel(exit::STREAM_QUEUE);
                 self.streams.insert(sid, tx);
                 RelayStats::inc(&self.ctx.stats.streams_opened, 1);
-                tokio::spawn(exit::run_stream(self.ctx.clone(), sid, addr, port, self.ev_tx.clone(), rx).in_current_span());
+                tokio::spawn(
+                    exit::run_stream(self.ctx.clone(), sid, addr, port, self.ev_tx.clone(), rx)
+                        .in_current_span(),
+                );
                 Ok(())
             }
             RelayMsg::Data(d) if sid != 0 => {
-                if let Some(tx) = self.streams.get(&sid) {
-                    if tx.send(StreamCmd::Data(d)).await.is_err() {
-                        self.streams.remove(&sid);
-                    }
+                if let Some(tx) = self.streams.get(&sid)
+                    && tx.send(StreamCmd::Data(d)).await.is_err()
+                {
+                    self.streams.remove(&sid);
                 }
                 Ok(())
             }
@@ -296,14 +375,21 @@ impl Circuit {
                 }
                 let ctx = self.ctx.clone();
                 let ev = self.ev_tx.clone();
-                tokio::spawn(async move {
-                    let addrs = exit::resolve(&ctx, &host).await.unwrap_or_default();
-                    let _ = ev.send(StreamEvent::Resolved(sid, addrs)).await;
-                }.in_current_span());
+                tokio::spawn(
+                    async move {
+                        let addrs = exit::resolve(&ctx, &host).await.unwrap_or_default();
+                        let _ = ev.send(StreamEvent::Resolved(sid, addrs)).await;
+                    }
+                    .in_current_span(),
+                );
                 Ok(())
             }
             RelayMsg::Drop | RelayMsg::Sendme { .. } => Ok(()),
-            other => Err(RelayError::Protocol(format!("unexpected {:?} on stream {sid}", other.cmd())).into()),
+            other => Err(RelayError::Protocol(format!(
+                "unexpected {:?} on stream {sid}",
+                other.cmd()
+            ))
+            .into()),
         }
     }
 

@@ -59,15 +59,22 @@ impl Default for RelayConfig {
 impl RelayConfig {
     pub fn policy(&self) -> Result<ExitPolicy, RelayError> {
         if !self.exit_policy.is_empty() {
-            return ExitPolicy::parse_rules(&self.exit_policy).map_err(|e| RelayError::Config(e.to_string()));
+            return ExitPolicy::parse_rules(&self.exit_policy)
+                .map_err(|e| RelayError::Config(e.to_string()));
         }
-        Ok(if self.exit { ExitPolicy::default_exit() } else { ExitPolicy::reject_all() })
+        Ok(if self.exit {
+            ExitPolicy::default_exit()
+        } else {
+            ExitPolicy::reject_all()
+        })
     }
 
     pub fn advertised(&self) -> Result<SocketAddr, RelayError> {
         let a = self.advertise.unwrap_or(self.listen);
         if a.ip().is_unspecified() {
-            return Err(RelayError::Config("listen is a wildcard address: set advertise".into()));
+            return Err(RelayError::Config(
+                "listen is a wildcard address: set advertise".into(),
+            ));
         }
         Ok(a)
     }
@@ -79,14 +86,18 @@ impl RelayConfig {
                 hex::decode(s.trim())
                     .ok()
                     .and_then(|v| v.try_into().ok())
-                    .ok_or_else(|| RelayError::Config(format!("family entry {s:?} is not 64 hex digits")))
+                    .ok_or_else(|| {
+                        RelayError::Config(format!("family entry {s:?} is not 64 hex digits"))
+                    })
             })
             .collect()
     }
 
     pub fn check(&self) -> Result<(), RelayError> {
         if !allium_proto::doc::valid_nickname(&self.nickname) {
-            return Err(RelayError::Config("nickname must be 1-19 ASCII letters or digits".into()));
+            return Err(RelayError::Config(
+                "nickname must be 1-19 ASCII letters or digits".into(),
+            ));
         }
         if self.publish_interval_secs == 0 || self.onion_key_lifetime_secs == 0 {
             return Err(RelayError::Config("intervals must be positive".into()));

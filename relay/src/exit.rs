@@ -12,8 +12,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::relay::RelayCtx;
 use crate::RelayStats;
+use crate::relay::RelayCtx;
 
 pub const STREAM_QUEUE: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,13 +37,20 @@ pub enum StreamEvent {
 /// Resolve a hostname at the exit. `localhost` is loopback (RFC 6761).
 pub async fn resolve(ctx: &RelayCtx, host: &str) -> Result<Vec<IpAddr>, EndReason> {
     if host.eq_ignore_ascii_case("localhost") {
-        return Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]);
+        return Ok(vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]);
     }
     let r = ctx.resolver.as_ref().ok_or(EndReason::RESOLVE_FAILED)?;
     match tokio::time::timeout(RESOLVE_TIMEOUT, r.lookup_ip(host)).await {
         Ok(Ok(l)) => {
             let v: Vec<IpAddr> = l.iter().collect();
-            if v.is_empty() { Err(EndReason::RESOLVE_FAILED) } else { Ok(v) }
+            if v.is_empty() {
+                Err(EndReason::RESOLVE_FAILED)
+            } else {
+                Ok(v)
+            }
         }
         Ok(Err(_)) => Err(EndReason::RESOLVE_FAILED),
         Err(_) => Err(EndReason::TIMEOUT),
@@ -61,18 +68,30 @@ fn end_reason(e: &std::io::Error) -> EndReason {
     }
 }
 
-async fn connect(ctx: &RelayCtx, addr: &TargetAddr, port: u16) -> Result<(TcpStream, IpAddr), EndReason> {
+async fn connect(
+    ctx: &RelayCtx,
+    addr: &TargetAddr,
+    port: u16,
+) -> Result<(TcpStream, IpAddr), EndReason> {
     let candidates = match addr {
         TargetAddr::Ip(ip) => vec![*ip],
         TargetAddr::Host(h) => resolve(ctx, h).await?,
     };
-    let allowed: Vec<IpAddr> = candidates.into_iter().filter(|ip| ctx.policy.allows(*ip, port)).collect();
+    let allowed: Vec<IpAddr> = candidates
+        .into_iter()
+        .filter(|ip| ctx.policy.allows(*ip, port))
+        .collect();
     if allowed.is_empty() {
         return Err(EndReason::EXIT_POLICY);
     }
     let mut last = EndReason::MISC;
     for ip in allowed.into_iter().take(3) {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(SocketAddr::new(ip, port))).await {
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect(SocketAddr::new(ip, port)),
+        )
+        .await
+        {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 return Ok((s, ip));

@@ -27,15 +27,22 @@ fn fresh() -> [u8; 32] {
 
 impl KeyStore {
     pub fn new(data_dir: &Path) -> Self {
-        KeyStore { dir: data_dir.join("keys") }
+        KeyStore {
+            dir: data_dir.join("keys"),
+        }
     }
 
     pub fn identity(&self) -> Result<SigningKey, RelayError> {
-        Ok(store::load_or_create_identity(&self.dir.join("identity.key"))?)
+        Ok(store::load_or_create_identity(
+            &self.dir.join("identity.key"),
+        )?)
     }
 
     pub fn link(&self) -> Result<StaticSecret, RelayError> {
-        Ok(StaticSecret::from(store::load_or_create_secret(&self.dir.join("link.key"), fresh)?))
+        Ok(StaticSecret::from(store::load_or_create_secret(
+            &self.dir.join("link.key"),
+            fresh,
+        )?))
     }
 
     pub fn onion(&self, now: u64) -> Result<OnionKeySet, RelayError> {
@@ -44,7 +51,10 @@ impl KeyStore {
         let current = StaticSecret::from(store::load_or_create_secret(&cur, fresh)?);
         let created_path = self.dir.join("onion.created");
         let created = if existed {
-            std::fs::read_to_string(&created_path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(now)
+            std::fs::read_to_string(&created_path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(now)
         } else {
             store::write_atomic(&created_path, now.to_string().as_bytes(), 0o600)?;
             now
@@ -53,7 +63,11 @@ impl KeyStore {
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .map(StaticSecret::from);
-        Ok(OnionKeySet { current, previous, created })
+        Ok(OnionKeySet {
+            current,
+            previous,
+            created,
+        })
     }
 
     /// Make a new current onion key; the old one becomes the previous.
@@ -61,7 +75,11 @@ impl KeyStore {
         let new = StaticSecret::from(fresh());
         store::write_secret(&self.dir.join("onion.prev.key"), set.current.as_bytes())?;
         store::write_secret(&self.dir.join("onion.key"), new.as_bytes())?;
-        store::write_atomic(&self.dir.join("onion.created"), now.to_string().as_bytes(), 0o600)?;
+        store::write_atomic(
+            &self.dir.join("onion.created"),
+            now.to_string().as_bytes(),
+            0o600,
+        )?;
         set.previous = Some(std::mem::replace(&mut set.current, new));
         set.created = now;
         Ok(())
@@ -87,6 +105,9 @@ mod tests {
         assert_eq!(PublicKey::from(c.previous.as_ref().unwrap()), old);
         assert_ne!(PublicKey::from(&c.current), old);
         assert_eq!(c.created, 300);
-        assert_eq!(ks.identity().unwrap().to_bytes(), ks.identity().unwrap().to_bytes());
+        assert_eq!(
+            ks.identity().unwrap().to_bytes(),
+            ks.identity().unwrap().to_bytes()
+        );
     }
 }

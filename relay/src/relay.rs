@@ -53,10 +53,17 @@ impl ChannelManager {
         link_key: &[u8; 32],
         addr: SocketAddr,
     ) -> Result<ChannelHandle, RelayError> {
-        if let Some(h) = ctx.channels.lock().get(&id).filter(|h| !h.is_closed()).cloned() {
+        if let Some(h) = ctx
+            .channels
+            .lock()
+            .get(&id)
+            .filter(|h| !h.is_closed())
+            .cloned()
+        {
             return Ok(h);
         }
-        let h = channel::connect_xk(addr, id, link_key, &ctx.link, Some(create_handler(ctx))).await?;
+        let h =
+            channel::connect_xk(addr, id, link_key, &ctx.link, Some(create_handler(ctx))).await?;
         ctx.channels.insert(id, h.clone());
         Ok(h)
     }
@@ -95,7 +102,10 @@ impl Relay {
         let ctx = Arc::new(RelayCtx {
             nickname: cfg.nickname.clone(),
             identity_pub: identity.verifying_key().to_bytes(),
-            link: LinkIdentity { identity, link_secret },
+            link: LinkIdentity {
+                identity,
+                link_secret,
+            },
             onion: RwLock::new(onion),
             policy: cfg.policy()?,
             channels: ChannelManager::default(),
@@ -125,7 +135,10 @@ impl Relay {
             identity: self.ctx.identity_pub,
             link_key: self.ctx.link.link_pub(),
             onion_key: PublicKey::from(&onion.current).to_bytes(),
-            prev_onion_key: onion.previous.as_ref().map(|k| PublicKey::from(k).to_bytes()),
+            prev_onion_key: onion
+                .previous
+                .as_ref()
+                .map(|k| PublicKey::from(k).to_bytes()),
             addr: self.cfg.advertised()?,
             bandwidth: self.cfg.bandwidth,
             exit_policy: self.ctx.policy.clone(),
@@ -168,9 +181,9 @@ impl Relay {
 
     /// Bind the listener and serve until an error.
     pub async fn run(self) -> Result<(), RelayError> {
-        let listener = TcpListener::bind(self.cfg.listen)
-            .await
-            .map_err(|e| RelayError::Config(format!("cannot listen on {}: {e}", self.cfg.listen)))?;
+        let listener = TcpListener::bind(self.cfg.listen).await.map_err(|e| {
+            RelayError::Config(format!("cannot listen on {}: {e}", self.cfg.listen))
+        })?;
         self.serve(listener).await
     }
 
@@ -182,16 +195,19 @@ impl Relay {
             loop {
                 let (s, _peer) = listener.accept().await?;
                 let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    match channel::accept(s, &ctx.link, create_handler(&ctx)).await {
-                        Ok(h) => {
-                            if let Some(id) = h.peer() {
-                                ctx.channels.insert(id, h);
+                tokio::spawn(
+                    async move {
+                        match channel::accept(s, &ctx.link, create_handler(&ctx)).await {
+                            Ok(h) => {
+                                if let Some(id) = h.peer() {
+                                    ctx.channels.insert(id, h);
+                                }
                             }
+                            Err(e) => debug!("inbound link failed: {e}"),
                         }
-                        Err(e) => debug!("inbound link failed: {e}"),
                     }
-                }.in_current_span());
+                    .in_current_span(),
+                );
             }
             #[allow(unreachable_code)]
             Ok::<(), RelayError>(())
