@@ -319,26 +319,61 @@ async fn relay_destroys_a_circuit_on_a_forged_cell() {
     use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, PAYLOAD_LEN};
     use allium_proto::ntor;
 
-    let net = Testnet::start(TestnetOptions { relays: 3, exits: 1, ..Default::default() }).await.unwrap();
+    let net = Testnet::start(TestnetOptions {
+        relays: 3,
+        exits: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     net.wait_ready(Duration::from_secs(60)).await.unwrap();
     let cons = net.client.consensus().unwrap();
     let target = &net.relays[2];
-    let r = cons.relays.iter().find(|r| r.identity == target.identity).unwrap();
+    let r = cons
+        .relays
+        .iter()
+        .find(|r| r.identity == target.identity)
+        .unwrap();
 
-    let chan = allium_relay::channel::connect_nk(r.addr, &r.link_key).await.unwrap();
+    let chan = allium_relay::channel::connect_nk(r.addr, &r.link_key)
+        .await
+        .unwrap();
     let (id, mut rx) = chan.new_circuit().await.unwrap();
     let (st, hs) = ntor::client_start(&mut rand::rng(), &r.identity, &r.onion_key);
-    chan.send(Cell::new(id, CellCmd::CREATE, &cell::encode_create(cell::HANDSHAKE_NTOR, &hs)).unwrap()).await.unwrap();
-    let created = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    chan.send(
+        Cell::new(
+            id,
+            CellCmd::CREATE,
+            &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let created = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(created.cmd, CellCmd::CREATED);
-    st.finish(cell::decode_created(&created.payload[..]).unwrap()).unwrap();
+    st.finish(cell::decode_created(&created.payload[..]).unwrap())
+        .unwrap();
 
     let before = RelayStats::get(&target.stats.cell_auth_failures);
-    let forged = Cell { circ_id: id, cmd: CellCmd::RELAY, payload: Box::new([0x5a; PAYLOAD_LEN]) };
+    let forged = Cell {
+        circ_id: id,
+        cmd: CellCmd::RELAY,
+        payload: Box::new([0x5a; PAYLOAD_LEN]),
+    };
     chan.send(forged).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(d.cmd, CellCmd::DESTROY);
     assert_eq!(DestroyReason(d.payload[0]), DestroyReason::CELL_AUTH);
-    assert_eq!(RelayStats::get(&target.stats.cell_auth_failures), before + 1);
+    assert_eq!(
+        RelayStats::get(&target.stats.cell_auth_failures),
+        before + 1
+    );
     net.shutdown().await;
 }

@@ -9,29 +9,9 @@ use crate::wire::{Reader, Writer};
 pub const CELL_LEN: usize = 514;
 pub const PAYLOAD_LEN: usize = CELL_LEN - 5;
 
-/// A cell command: an open newtype so unknown values survive parsing.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CellCmd(pub u8);
-
-impl CellCmd {
-    pub const PADDING: Self = Self(0);
-    pub const CREATE: Self = Self(1);
-    pub const CREATED: Self = Self(2);
-    pub const RELAY: Self = Self(3);
-    pub const DESTROY: Self = Self(4);
-}
-
-impl std::fmt::Debug for CellCmd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            Self::PADDING => f.write_str("PADDING"),
-            Self::CREATE => f.write_str("CREATE"),
-            Self::CREATED => f.write_str("CREATED"),
-            Self::RELAY => f.write_str("RELAY"),
-            Self::DESTROY => f.write_str("DESTROY"),
-            CellCmd(n) => write!(f, "CellCmd({n})"),
-        }
-    }
+crate::open_enum! {
+    /// A cell command (`doc/protocol.md` section 2).
+    CellCmd(u8) { PADDING = 0, CREATE = 1, CREATED = 2, RELAY = 3, DESTROY = 4 }
 }
 
 /// One link cell.
@@ -111,45 +91,23 @@ impl Cell {
     }
 }
 
-/// Why a circuit was destroyed (the first payload byte of DESTROY).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct DestroyReason(pub u8);
-
-impl DestroyReason {
-    pub const NONE: Self = Self(0);
-    pub const PROTOCOL: Self = Self(1);
-    pub const INTERNAL: Self = Self(2);
-    pub const REQUESTED: Self = Self(3);
-    pub const CONNECT_FAILED: Self = Self(6);
-    pub const CHANNEL_CLOSED: Self = Self(8);
-    pub const FINISHED: Self = Self(9);
-    pub const TIMEOUT: Self = Self(10);
-    pub const DESTROYED: Self = Self(11);
-    pub const NO_SUCH_SERVICE: Self = Self(12);
-    /// A limit of the relay was reached (circuits per channel, memory).
-    pub const RESOURCE_LIMIT: Self = Self(14);
-    /// The onion-layer authentication failed: modified, replayed, reordered or dropped cell.
-    pub const CELL_AUTH: Self = Self(13);
-}
-
-impl std::fmt::Debug for DestroyReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match *self {
-            Self::NONE => "NONE",
-            Self::PROTOCOL => "PROTOCOL",
-            Self::INTERNAL => "INTERNAL",
-            Self::REQUESTED => "REQUESTED",
-            Self::CONNECT_FAILED => "CONNECT_FAILED",
-            Self::CHANNEL_CLOSED => "CHANNEL_CLOSED",
-            Self::FINISHED => "FINISHED",
-            Self::TIMEOUT => "TIMEOUT",
-            Self::DESTROYED => "DESTROYED",
-            Self::NO_SUCH_SERVICE => "NO_SUCH_SERVICE",
-            Self::CELL_AUTH => "CELL_AUTH",
-            Self::RESOURCE_LIMIT => "RESOURCE_LIMIT",
-            DestroyReason(n) => return write!(f, "DestroyReason({n})"),
-        };
-        f.write_str(name)
+crate::open_enum! {
+    /// Why a circuit was destroyed (the first payload byte of DESTROY).
+    DestroyReason(u8) {
+        NONE = 0,
+        PROTOCOL = 1,
+        INTERNAL = 2,
+        REQUESTED = 3,
+        CONNECT_FAILED = 6,
+        CHANNEL_CLOSED = 8,
+        FINISHED = 9,
+        TIMEOUT = 10,
+        DESTROYED = 11,
+        NO_SUCH_SERVICE = 12,
+        /// The onion-layer authentication failed: modified, replayed, reordered or dropped cell.
+        CELL_AUTH = 13,
+        /// A limit of the relay was reached (circuits per channel, memory).
+        RESOURCE_LIMIT = 14,
     }
 }
 

@@ -14,85 +14,39 @@ pub const HEADER_LEN: usize = 5;
 /// The longest hostname accepted in BEGIN and RESOLVE.
 pub const MAX_HOSTNAME_LEN: usize = 255;
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RelayCmd(pub u8);
-
-impl RelayCmd {
-    pub const BEGIN: Self = Self(1);
-    pub const DATA: Self = Self(2);
-    pub const END: Self = Self(3);
-    pub const CONNECTED: Self = Self(4);
-    pub const SENDME: Self = Self(5);
-    pub const EXTEND: Self = Self(6);
-    pub const EXTENDED: Self = Self(7);
-    pub const TRUNCATE: Self = Self(8);
-    pub const TRUNCATED: Self = Self(9);
-    pub const DROP: Self = Self(10);
-    pub const RESOLVE: Self = Self(11);
-    pub const RESOLVED: Self = Self(12);
-}
-
-impl std::fmt::Debug for RelayCmd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names = [
-            "?",
-            "BEGIN",
-            "DATA",
-            "END",
-            "CONNECTED",
-            "SENDME",
-            "EXTEND",
-            "EXTENDED",
-            "TRUNCATE",
-            "TRUNCATED",
-            "DROP",
-            "RESOLVE",
-            "RESOLVED",
-        ];
-        match names.get(self.0 as usize) {
-            Some(n) if self.0 != 0 => f.write_str(n),
-            _ => write!(f, "RelayCmd({})", self.0),
-        }
+crate::open_enum! {
+    /// A relay message command (`doc/protocol.md` section 5).
+    RelayCmd(u8) {
+        BEGIN = 1,
+        DATA = 2,
+        END = 3,
+        CONNECTED = 4,
+        SENDME = 5,
+        EXTEND = 6,
+        EXTENDED = 7,
+        TRUNCATE = 8,
+        TRUNCATED = 9,
+        DROP = 10,
+        RESOLVE = 11,
+        RESOLVED = 12,
     }
 }
 
-/// Why a stream ended (END body); numbered as in Tor's tor-spec.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct EndReason(pub u8);
-
-impl EndReason {
-    pub const MISC: Self = Self(1);
-    pub const RESOLVE_FAILED: Self = Self(2);
-    pub const CONNECT_REFUSED: Self = Self(3);
-    pub const EXIT_POLICY: Self = Self(4);
-    pub const DESTROY: Self = Self(5);
-    pub const DONE: Self = Self(6);
-    pub const TIMEOUT: Self = Self(7);
-    pub const NO_ROUTE: Self = Self(8);
-    pub const INTERNAL: Self = Self(10);
-    pub const RESOURCE_LIMIT: Self = Self(11);
-    pub const CONN_RESET: Self = Self(12);
-    pub const PROTOCOL: Self = Self(13);
-}
-
-impl std::fmt::Debug for EndReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match *self {
-            Self::MISC => "MISC",
-            Self::RESOLVE_FAILED => "RESOLVE_FAILED",
-            Self::CONNECT_REFUSED => "CONNECT_REFUSED",
-            Self::EXIT_POLICY => "EXIT_POLICY",
-            Self::DESTROY => "DESTROY",
-            Self::DONE => "DONE",
-            Self::TIMEOUT => "TIMEOUT",
-            Self::NO_ROUTE => "NO_ROUTE",
-            Self::INTERNAL => "INTERNAL",
-            Self::RESOURCE_LIMIT => "RESOURCE_LIMIT",
-            Self::CONN_RESET => "CONN_RESET",
-            Self::PROTOCOL => "PROTOCOL",
-            EndReason(n) => return write!(f, "EndReason({n})"),
-        };
-        f.write_str(name)
+crate::open_enum! {
+    /// Why a stream ended (END body); numbered as in Tor's tor-spec.
+    EndReason(u8) {
+        MISC = 1,
+        RESOLVE_FAILED = 2,
+        CONNECT_REFUSED = 3,
+        EXIT_POLICY = 4,
+        DESTROY = 5,
+        DONE = 6,
+        TIMEOUT = 7,
+        NO_ROUTE = 8,
+        INTERNAL = 10,
+        RESOURCE_LIMIT = 11,
+        CONN_RESET = 12,
+        PROTOCOL = 13,
     }
 }
 

@@ -43,20 +43,19 @@ pub struct SocksRequest {
     pub port: u16,
 }
 
-/// RFC 1928 reply codes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReplyCode(pub u8);
-
-impl ReplyCode {
-    pub const SUCCEEDED: Self = Self(0);
-    pub const GENERAL_FAILURE: Self = Self(1);
-    pub const NOT_ALLOWED: Self = Self(2);
-    pub const NETWORK_UNREACHABLE: Self = Self(3);
-    pub const HOST_UNREACHABLE: Self = Self(4);
-    pub const CONNECTION_REFUSED: Self = Self(5);
-    pub const TTL_EXPIRED: Self = Self(6);
-    pub const COMMAND_NOT_SUPPORTED: Self = Self(7);
-    pub const ADDRTYPE_NOT_SUPPORTED: Self = Self(8);
+crate::open_enum! {
+    /// RFC 1928 reply codes.
+    ReplyCode(u8) {
+        SUCCEEDED = 0,
+        GENERAL_FAILURE = 1,
+        NOT_ALLOWED = 2,
+        NETWORK_UNREACHABLE = 3,
+        HOST_UNREACHABLE = 4,
+        CONNECTION_REFUSED = 5,
+        TTL_EXPIRED = 6,
+        COMMAND_NOT_SUPPORTED = 7,
+        ADDRTYPE_NOT_SUPPORTED = 8,
+    }
 }
 
 /// What to do after a step.

@@ -6,6 +6,35 @@
 
 use crate::Error;
 
+/// Declare an open wire enum: a newtype over an integer with named
+/// constants, so unknown values survive parsing and `Debug` prints names.
+#[macro_export]
+macro_rules! open_enum {
+    ($(#[$m:meta])* $name:ident($int:ty) { $($(#[$vm:meta])* $var:ident = $val:expr),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+        pub struct $name(pub $int);
+        impl $name {
+            $($(#[$vm])* pub const $var: Self = Self($val);)+
+            /// The constant's name, if the value has one.
+            pub fn name(self) -> Option<&'static str> {
+                match self {
+                    $(Self::$var => Some(stringify!($var)),)+
+                    _ => None,
+                }
+            }
+        }
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self.name() {
+                    Some(n) => f.write_str(n),
+                    None => write!(f, "{}({})", stringify!($name), self.0),
+                }
+            }
+        }
+    };
+}
+
 /// A cursor over bytes received from a peer.
 pub struct Reader<'a> {
     buf: &'a [u8],
@@ -96,6 +125,15 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_enums_keep_unknown_values_and_print_names() {
+        use crate::cell::{CellCmd, DestroyReason};
+        assert_eq!(format!("{:?}", CellCmd::RELAY), "RELAY");
+        assert_eq!(format!("{:?}", CellCmd(77)), "CellCmd(77)");
+        assert_eq!(DestroyReason(13), DestroyReason::CELL_AUTH);
+        assert_eq!(crate::relaymsg::RelayCmd(200).name(), None);
+    }
 
     #[test]
     fn reader_truncation_and_trailing() {
