@@ -1,0 +1,185 @@
+//! Per-cell and per-handshake costs of the protocol code.
+//!
+//! `cargo bench -p allium-proto`. Cell crypto is the relay's hot path:
+//! one relay hop costs one `relay_peel_forward` (or `relay_wrap_backward`)
+//! per cell, the client one `client_*` per cell for all three layers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::hint::black_box;
+
+use allium_proto::aead::Aead;
+use allium_proto::cell::{Cell, CellCmd, PAYLOAD_LEN};
+use allium_proto::doc::CONSENSUS_DOMAIN;
+use allium_proto::link::{self, LinkTransport};
+use allium_proto::ntor::{self, OnionKeys};
+use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
+use allium_proto::policy::ExitPolicy;
+use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayFlags, UnverifiedConsensus};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use ed25519_dalek::SigningKey;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+fn keys(i: u8) -> HopKeys {
+    HopKeys { forward: [0x10 + i; 32], backward: [0x20 + i; 32] }
+}
+
+fn client3() -> ClientLayers {
+    let mut c = ClientLayers::new();
+    for i in 0..3 {
+        c.push(&keys(i)).unwrap();
+    }
+    c
+}
+
+fn cells(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cell");
+    g.throughput(Throughput::Bytes(PAYLOAD_LEN as u64));
+    let body = vec![7u8; BACKWARD_CAPACITY];
+    g.bench_function("aead_seal_493", |b| {
+        let mut buf = [0u8; 493];
+        let key = [1u8; 32];
+        let mut n = 0u64;
+        b.iter(|| {
+            n += 1;
+            black_box(Aead::new(&key, n).seal(&[], &mut buf));
+        })
+    });
+    // What hop 1 (the middle) receives for hop 2, counters at 0.
+    let msg = vec![1u8; forward_capacity(2)];
+    let first = client3().encrypt_forward(2, &msg).unwrap();
+    let mut at_middle = first.clone();
+    RelayLayer::new(&keys(0)).peel_forward(&mut at_middle, true).unwrap();
+    g.bench_function("relay_peel_forward", |b| {
+        b.iter_batched(
+            || (RelayLayer::new(&keys(1)), at_middle.clone()),
+            |(mut l, mut p)| black_box(l.peel_forward(&mut p, true).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("relay_wrap_backward", |b| {
+        let mut l = RelayLayer::new(&keys(1));
+        let mut p = Box::new([3u8; PAYLOAD_LEN]);
+        b.iter(|| l.wrap_backward(&mut p).unwrap())
+    });
+    g.bench_function("relay_originate_backward", |b| {
+        let mut l = RelayLayer::new(&keys(2));
+        b.iter(|| black_box(l.originate_backward(&body).unwrap()))
+    });
+    g.bench_function("client_encrypt_forward_3hop", |b| {
+        let mut cl = client3();
+        b.iter(|| black_box(cl.encrypt_forward(2, &msg).unwrap()))
+    });
+    let mut from_exit = RelayLayer::new(&keys(2)).originate_backward(&body).unwrap();
+    RelayLayer::new(&keys(1)).wrap_backward(&mut from_exit).unwrap();
+    RelayLayer::new(&keys(0)).wrap_backward(&mut from_exit).unwrap();
+    g.bench_function("client_decrypt_backward_3hop", |b| {
+        b.iter_batched(
+            || (client3(), from_exit.clone()),
+            |(mut cl, mut p)| black_box(cl.decrypt_backward(&mut p).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn handshakes(c: &mut Criterion) {
+    let b_sec = StaticSecret::from([0x21; 32]);
+    let bpub = PublicKey::from(&b_sec).to_bytes();
+    let id = [0x84; 32];
+    let list = [&b_sec];
+    let ok = OnionKeys { identity: id, keys: &list };
+    let mut rng = rand::rng();
+    let mut g = c.benchmark_group("ntor");
+    g.bench_function("client_start", |b| b.iter(|| black_box(ntor::client_start(&mut rng, &id, &bpub))));
+    let (_, m) = ntor::client_start(&mut rng, &id, &bpub);
+    g.bench_function("server", |b| b.iter(|| black_box(ntor::server(&mut rand::rng(), &ok, &m).unwrap())));
+    g.bench_function("client_finish", |b| {
+        b.iter_batched(
+            || {
+                let (st, m) = ntor::client_start(&mut rand::rng(), &id, &bpub);
+                (st, ntor::server(&mut rand::rng(), &ok, &m).unwrap().0)
+            },
+            |(st, r)| black_box(st.finish(&r).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn link_pair() -> (LinkTransport, LinkTransport) {
+    let mut rng = rand::rng();
+    let s = [3u8; 32];
+    let spub = PublicKey::from(&StaticSecret::from(s)).to_bytes();
+    let mut i = link::nk_initiator(&mut rng, &spub).unwrap();
+    let mut r = link::responder(&mut rng, link::LINK_NK, &s).unwrap();
+    let m1 = link::handshake_frame(&mut i, &[]).unwrap();
+    link::read_handshake(&mut r, &m1[2..]).unwrap();
+    let m2 = link::handshake_frame(&mut r, &[]).unwrap();
+    link::read_handshake(&mut i, &m2[2..]).unwrap();
+    (LinkTransport::new(i).unwrap(), LinkTransport::new(r).unwrap())
+}
+
+fn links(c: &mut Criterion) {
+    let mut g = c.benchmark_group("link");
+    for n in [1usize, 16, link::MAX_CELLS_PER_FRAME] {
+        let batch: Vec<Cell> = (0..n).map(|i| Cell::new(i as u32 + 1, CellCmd::RELAY, &[9; 100]).unwrap()).collect();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("seal_open_{n}_cells"), |b| {
+            let (mut a, mut z) = link_pair();
+            let mut frame = Vec::new();
+            let mut out = Vec::new();
+            b.iter(|| {
+                frame.clear();
+                out.clear();
+                a.seal_cells(&batch, &mut frame).unwrap();
+                z.open_cells(&frame[2..], &mut out).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+fn documents(c: &mut Criterion) {
+    let relays: Vec<ConsensusRelay> = (0..1000u32)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            ConsensusRelay {
+                nickname: format!("relay{i}"),
+                identity: id,
+                link_key: [1; 32],
+                onion_key: [2; 32],
+                addr: "127.0.0.1:9001".parse().unwrap(),
+                flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID),
+                bandwidth: 1000,
+                exit_policy: ExitPolicy::default_exit(),
+                family: vec![],
+                descriptor_digest: [3; 32],
+            }
+        })
+        .collect();
+    let cons = Consensus { valid_after: 100, fresh_until: 200, valid_until: 300, relays };
+    let keys: Vec<SigningKey> = (1..=3).map(|i| SigningKey::from_bytes(&[i; 32])).collect();
+    let pinned: Vec<AuthorityKey> = keys.iter().map(|k| AuthorityKey(k.verifying_key().to_bytes())).collect();
+    let mut g = c.benchmark_group("consensus_1000_relays");
+    g.bench_function("encode_and_sign", |b| {
+        b.iter(|| {
+            let mut d = cons.to_document();
+            d.sign(CONSENSUS_DOMAIN, &keys[0]);
+            black_box(d.to_bytes())
+        })
+    });
+    let mut d = cons.to_document();
+    for k in &keys {
+        d.sign(CONSENSUS_DOMAIN, k);
+    }
+    let bytes = d.to_bytes();
+    g.bench_function("parse_and_verify_3_signatures", |b| {
+        b.iter(|| black_box(UnverifiedConsensus::parse(&bytes).unwrap().verify(&pinned, 150).unwrap()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, cells, handshakes, links, documents);
+criterion_main!(benches);
