@@ -193,6 +193,9 @@ fn authority_key(dir: &Path) -> Result<String, TestnetError> {
 
 /// Write every role's config and a README of the commands (`--init-only`).
 pub fn init(opts: &TestnetOptions, dir: &Path) -> Result<Plan, TestnetError> {
+    std::fs::create_dir_all(dir)?;
+    // Absolute paths in the configs, so each role runs from any directory.
+    let dir = &std::fs::canonicalize(dir)?;
     let key = authority_key(dir)?;
     let p = plan(opts, dir, opts.base_port.unwrap_or(17000), &key)?;
     write_toml(

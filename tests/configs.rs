@@ -70,3 +70,90 @@ fn init_only_writes_a_runnable_network() {
     let readme = std::fs::read_to_string(d.path().join("README.md")).unwrap();
     assert!(readme.contains("allium relay --config relay5/config.toml"));
 }
+
+/// Kills the processes it holds, by pid, when dropped.
+struct Procs(Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `--init-only`, then every role as its own process, then a fetch through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_run_the_network() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // A block of 5 free loopback ports (authority, 3 relays, SOCKS).
+    let base = (0..50u16)
+        .map(|i| 27000 + i * 100)
+        .find(|b| (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
+        .expect("free ports");
+    let d = tempfile::tempdir().unwrap();
+    let opts = TestnetOptions {
+        relays: 3,
+        exits: 1,
+        base_port: Some(base),
+        ..Default::default()
+    };
+    init(&opts, d.path()).unwrap();
+
+    // Something to fetch.
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let web_port = web.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = web.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                    .await;
+            });
+        }
+    });
+
+    let exe = env!("CARGO_BIN_EXE_allium");
+    let spawn = |role: &str, cfg: &str| {
+        Command::new(exe)
+            .args([role, "--config", &d.path().join(cfg).to_string_lossy()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut procs = Procs(vec![spawn("dirauth", "auth0/config.toml")]);
+    for i in 0..3 {
+        procs
+            .0
+            .push(spawn("relay", &format!("relay{i}/config.toml")));
+    }
+    procs.0.push(spawn("client", "client/config.toml"));
+    let socks = format!("127.0.0.1:{}", base + 4);
+
+    // Ask until the client is bootstrapped (bounded).
+    let start = Instant::now();
+    let body = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no answer through the network"
+        );
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", "--max-time", "5", "--socks5-hostname", &socks])
+            .arg(format!("http://localhost:{web_port}/"))
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() && !o.stdout.is_empty() => break o.stdout,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(_) => return, // no curl on this machine: nothing more to check
+        }
+    };
+    assert_eq!(body, b"hello");
+}

@@ -94,12 +94,17 @@ impl Client {
         loop {
             let wait = match self.refresh_consensus().await {
                 Ok(c) => {
-                    if !announced {
+                    if !announced && c.relays.len() >= 3 {
                         info!(
                             relays = c.relays.len(),
                             "Bootstrapped 50%: consensus verified"
                         );
                         announced = true;
+                    } else if !announced {
+                        info!(
+                            relays = c.relays.len(),
+                            "Bootstrapped 25%: consensus verified, too few relays yet"
+                        );
                     }
                     c.fresh_until.saturating_sub(unix_now()).clamp(1, 3600)
                 }

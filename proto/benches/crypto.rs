@@ -21,7 +21,10 @@ use ed25519_dalek::SigningKey;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 fn keys(i: u8) -> HopKeys {
-    HopKeys { forward: [0x10 + i; 32], backward: [0x20 + i; 32] }
+    HopKeys {
+        forward: [0x10 + i; 32],
+        backward: [0x20 + i; 32],
+    }
 }
 
 fn client3() -> ClientLayers {
@@ -49,7 +52,9 @@ fn cells(c: &mut Criterion) {
     let msg = vec![1u8; forward_capacity(2)];
     let first = client3().encrypt_forward(2, &msg).unwrap();
     let mut at_middle = first.clone();
-    RelayLayer::new(&keys(0)).peel_forward(&mut at_middle, true).unwrap();
+    RelayLayer::new(&keys(0))
+        .peel_forward(&mut at_middle, true)
+        .unwrap();
     g.bench_function("relay_peel_forward", |b| {
         b.iter_batched(
             || (RelayLayer::new(&keys(1)), at_middle.clone()),
@@ -71,8 +76,12 @@ fn cells(c: &mut Criterion) {
         b.iter(|| black_box(cl.encrypt_forward(2, &msg).unwrap()))
     });
     let mut from_exit = RelayLayer::new(&keys(2)).originate_backward(&body).unwrap();
-    RelayLayer::new(&keys(1)).wrap_backward(&mut from_exit).unwrap();
-    RelayLayer::new(&keys(0)).wrap_backward(&mut from_exit).unwrap();
+    RelayLayer::new(&keys(1))
+        .wrap_backward(&mut from_exit)
+        .unwrap();
+    RelayLayer::new(&keys(0))
+        .wrap_backward(&mut from_exit)
+        .unwrap();
     g.bench_function("client_decrypt_backward_3hop", |b| {
         b.iter_batched(
             || (client3(), from_exit.clone()),
@@ -88,12 +97,19 @@ fn handshakes(c: &mut Criterion) {
     let bpub = PublicKey::from(&b_sec).to_bytes();
     let id = [0x84; 32];
     let list = [&b_sec];
-    let ok = OnionKeys { identity: id, keys: &list };
+    let ok = OnionKeys {
+        identity: id,
+        keys: &list,
+    };
     let mut rng = rand::rng();
     let mut g = c.benchmark_group("ntor");
-    g.bench_function("client_start", |b| b.iter(|| black_box(ntor::client_start(&mut rng, &id, &bpub))));
+    g.bench_function("client_start", |b| {
+        b.iter(|| black_box(ntor::client_start(&mut rng, &id, &bpub)))
+    });
     let (_, m) = ntor::client_start(&mut rng, &id, &bpub);
-    g.bench_function("server", |b| b.iter(|| black_box(ntor::server(&mut rand::rng(), &ok, &m).unwrap())));
+    g.bench_function("server", |b| {
+        b.iter(|| black_box(ntor::server(&mut rand::rng(), &ok, &m).unwrap()))
+    });
     g.bench_function("client_finish", |b| {
         b.iter_batched(
             || {
@@ -117,13 +133,18 @@ fn link_pair() -> (LinkTransport, LinkTransport) {
     link::read_handshake(&mut r, &m1[2..]).unwrap();
     let m2 = link::handshake_frame(&mut r, &[]).unwrap();
     link::read_handshake(&mut i, &m2[2..]).unwrap();
-    (LinkTransport::new(i).unwrap(), LinkTransport::new(r).unwrap())
+    (
+        LinkTransport::new(i).unwrap(),
+        LinkTransport::new(r).unwrap(),
+    )
 }
 
 fn links(c: &mut Criterion) {
     let mut g = c.benchmark_group("link");
     for n in [1usize, 16, link::MAX_CELLS_PER_FRAME] {
-        let batch: Vec<Cell> = (0..n).map(|i| Cell::new(i as u32 + 1, CellCmd::RELAY, &[9; 100]).unwrap()).collect();
+        let batch: Vec<Cell> = (0..n)
+            .map(|i| Cell::new(i as u32 + 1, CellCmd::RELAY, &[9; 100]).unwrap())
+            .collect();
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("seal_open_{n}_cells"), |b| {
             let (mut a, mut z) = link_pair();
@@ -159,9 +180,17 @@ fn documents(c: &mut Criterion) {
             }
         })
         .collect();
-    let cons = Consensus { valid_after: 100, fresh_until: 200, valid_until: 300, relays };
+    let cons = Consensus {
+        valid_after: 100,
+        fresh_until: 200,
+        valid_until: 300,
+        relays,
+    };
     let keys: Vec<SigningKey> = (1..=3).map(|i| SigningKey::from_bytes(&[i; 32])).collect();
-    let pinned: Vec<AuthorityKey> = keys.iter().map(|k| AuthorityKey(k.verifying_key().to_bytes())).collect();
+    let pinned: Vec<AuthorityKey> = keys
+        .iter()
+        .map(|k| AuthorityKey(k.verifying_key().to_bytes()))
+        .collect();
     let mut g = c.benchmark_group("consensus_1000_relays");
     g.bench_function("encode_and_sign", |b| {
         b.iter(|| {
@@ -176,7 +205,14 @@ fn documents(c: &mut Criterion) {
     }
     let bytes = d.to_bytes();
     g.bench_function("parse_and_verify_3_signatures", |b| {
-        b.iter(|| black_box(UnverifiedConsensus::parse(&bytes).unwrap().verify(&pinned, 150).unwrap()))
+        b.iter(|| {
+            black_box(
+                UnverifiedConsensus::parse(&bytes)
+                    .unwrap()
+                    .verify(&pinned, 150)
+                    .unwrap(),
+            )
+        })
     });
     g.finish();
 }

@@ -10,6 +10,7 @@ use allium_proto::policy::ExitPolicy;
 use allium_proto::{RelayDescriptor, SignedDocument};
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 use x25519_dalek::PublicKey;
 
@@ -148,17 +149,26 @@ impl Relay {
         Ok(d.sign(&self.ctx.link.identity))
     }
 
-    async fn publish(&self) {
+    /// Upload the descriptor to every authority; true if all took it.
+    async fn publish(&self) -> bool {
         let doc = match self.descriptor(unix_now()) {
             Ok(d) => d.to_bytes(),
-            Err(e) => return warn!("building descriptor: {e}"),
+            Err(e) => {
+                warn!("building descriptor: {e}");
+                return false;
+            }
         };
+        let mut all = true;
         for a in &self.cfg.authorities {
             match http::post_descriptor(a.addr, doc.clone()).await {
                 Ok(()) => debug!(authority = %a.name, "descriptor published"),
-                Err(e) => warn!(authority = %a.name, "publishing descriptor: {e}"),
+                Err(e) => {
+                    warn!(authority = %a.name, "publishing descriptor: {e}");
+                    all = false;
+                }
             }
         }
+        all
     }
 
     fn maybe_rotate_onion(&self) -> bool {
@@ -215,14 +225,31 @@ impl Relay {
         let publish = async {
             let period = Duration::from_secs(self.cfg.publish_interval_secs);
             let check = Duration::from_secs(self.cfg.onion_key_lifetime_secs.clamp(1, 60));
-            let mut last = None::<tokio::time::Instant>;
+            let mut last = None::<Instant>;
+            // After a failed upload, try again soon, backing off to the period.
+            let mut retry: Option<(Instant, Duration)> = None;
             loop {
                 let rotated = self.maybe_rotate_onion();
-                if rotated || last.is_none_or(|t| t.elapsed() >= period) {
-                    self.publish().await;
-                    last = Some(tokio::time::Instant::now());
+                let now = Instant::now();
+                let due = rotated
+                    || last.is_none_or(|t| now >= t + period)
+                    || retry.is_some_and(|(at, _)| now >= at);
+                if due {
+                    let ok = self.publish().await;
+                    last = Some(now);
+                    retry = if ok {
+                        None
+                    } else {
+                        let wait =
+                            retry.map_or(Duration::from_secs(1), |(_, w)| (w * 2).min(period));
+                        Some((now + wait, wait))
+                    };
                 }
-                tokio::time::sleep(check.min(period)).await;
+                let mut sleep = check.min(period);
+                if let Some((at, _)) = retry {
+                    sleep = sleep.min(at.saturating_duration_since(Instant::now()));
+                }
+                tokio::time::sleep(sleep).await;
             }
         };
         tokio::select! {
