@@ -2,4 +2,5 @@
 //! one-command local network (`allium testnet`), which also serves the
 //! whole-system tests.
 
+pub mod show;
 pub mod testnet;

@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use allium::show;
 use allium::testnet::{self, Testnet, TestnetOptions};
 use allium_client::{Client, ClientConfig};
-use allium_directory::{AuthConfig, Authority};
+use allium_directory::{AuthConfig, Authority, AuthorityEntry, keys};
 use allium_relay::{Relay, RelayConfig};
 use clap::{Parser, Subcommand};
 use serde::de::DeserializeOwned;
@@ -27,12 +28,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a directory authority.
+    /// Run a directory authority, or manage its keys.
     Dirauth {
+        /// The authority's config (needed to run; gives the data dir for key commands).
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         #[command(subcommand)]
         action: Option<DirauthAction>,
+    },
+    /// Inspect the consensus.
+    Consensus {
+        #[command(subcommand)]
+        action: ConsensusAction,
     },
     /// Run a relay.
     Relay {
@@ -46,6 +53,9 @@ enum Cmd {
     },
     /// Run a whole network on loopback: an authority, relays and a client.
     Testnet {
+        /// Number of directory authorities.
+        #[arg(long, default_value_t = 3)]
+        authorities: usize,
         /// Number of relays (the first two are exits).
         #[arg(long, default_value_t = 6)]
         relays: usize,
@@ -66,8 +76,53 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum DirauthAction {
-    /// Print the authority's public key (creating it if needed).
-    Fingerprint,
+    /// Create an identity key (keep it offline) and a first signing key.
+    Keygen {
+        /// Where to write the new identity key.
+        #[arg(long, default_value = "identity.key")]
+        identity: PathBuf,
+        /// The server's data directory (default: from --config).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 12)]
+        months: u64,
+    },
+    /// Certify a new signing key with the identity key.
+    Certify {
+        #[arg(long)]
+        identity: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 12)]
+        months: u64,
+    },
+    /// Print the identity key that clients and relays pin.
+    Fingerprint {
+        /// An identity key file (default: read the certificate in the data dir).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsensusAction {
+    /// Fetch the current consensus from one authority and print it as JSON.
+    Show {
+        /// e.g. http://127.0.0.1:7000
+        #[arg(long)]
+        authority: String,
+        /// A client or relay config whose authority keys to check against.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Any config with an `authorities` list (client or relay).
+#[derive(serde::Deserialize)]
+struct PinnedOnly {
+    authorities: Vec<AuthorityEntry>,
 }
 
 fn load<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
@@ -89,16 +144,90 @@ async fn shutdown_signal() {
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
         Cmd::Dirauth { config, action } => {
-            let cfg: AuthConfig = load(&config)?;
-            let a = Authority::new(cfg).map_err(|e| e.to_string())?;
-            if let Some(DirauthAction::Fingerprint) = action {
-                println!("{}", hex::encode(a.public_key()));
-                return Ok(());
+            let cfg: Option<AuthConfig> = config.as_deref().map(load).transpose()?;
+            let data_dir = |d: Option<PathBuf>| {
+                d.or_else(|| cfg.as_ref().map(|c| c.data_dir.clone()))
+                    .ok_or_else(|| "give --data-dir or --config".to_string())
+            };
+            let now = allium_directory::unix_now();
+            match action {
+                Some(DirauthAction::Keygen {
+                    identity,
+                    data_dir: d,
+                    months,
+                }) => {
+                    let id = keys::keygen(&identity, &data_dir(d)?, months, now)
+                        .map_err(|e| e.to_string())?;
+                    println!("{}", hex::encode(id));
+                    eprintln!(
+                        "Identity key written to {}: keep it offline.",
+                        identity.display()
+                    );
+                    Ok(())
+                }
+                Some(DirauthAction::Certify {
+                    identity,
+                    data_dir: d,
+                    months,
+                }) => {
+                    let c = keys::certify(&identity, &data_dir(d)?, months, now)
+                        .map_err(|e| e.to_string())?;
+                    println!(
+                        "new signing key {} valid until {}",
+                        hex::encode(c.signing_key),
+                        c.valid_until
+                    );
+                    Ok(())
+                }
+                Some(DirauthAction::Fingerprint {
+                    identity: Some(p), ..
+                }) => {
+                    println!(
+                        "{}",
+                        hex::encode(keys::fingerprint(&p).map_err(|e| e.to_string())?)
+                    );
+                    Ok(())
+                }
+                Some(DirauthAction::Fingerprint {
+                    identity: None,
+                    data_dir: d,
+                }) => {
+                    let s = keys::Signer::load(&data_dir(d)?).map_err(|e| e.to_string())?;
+                    println!("{}", hex::encode(s.parsed.identity));
+                    Ok(())
+                }
+                None => {
+                    let cfg = cfg.ok_or("give --config")?;
+                    let a = Authority::new(cfg).map_err(|e| e.to_string())?;
+                    tokio::select! {
+                        r = Arc::new(a).run() => r.map_err(|e| e.to_string()),
+                        () = shutdown_signal() => Ok(()),
+                    }
+                }
             }
-            tokio::select! {
-                r = Arc::new(a).run() => r.map_err(|e| e.to_string()),
-                () = shutdown_signal() => Ok(()),
-            }
+        }
+        Cmd::Consensus {
+            action: ConsensusAction::Show { authority, config },
+        } => {
+            let pinned = match config {
+                Some(p) => {
+                    let c: PinnedOnly = load(&p)?;
+                    allium_directory::authority_keys(&c.authorities).map_err(|e| e.to_string())?
+                }
+                None => vec![],
+            };
+            let addr: SocketAddr = authority
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .parse()
+                .map_err(|e| format!("--authority {authority}: {e}"))?;
+            let bytes = allium_directory::http::fetch_consensus(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let json = show::consensus_json(&bytes, &pinned, allium_directory::unix_now())
+                .map_err(|e| e.to_string())?;
+            println!("{json}");
+            Ok(())
         }
         Cmd::Relay { config } => {
             let cfg: RelayConfig = load(&config)?;
@@ -117,6 +246,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::Testnet {
+            authorities,
             relays,
             socks,
             data_dir,
@@ -124,6 +254,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             base_port,
         } => {
             let opts = TestnetOptions {
+                authorities,
                 relays,
                 socks,
                 data_dir: data_dir.clone(),
@@ -141,7 +272,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                 return Ok(());
             }
             let mut net = Testnet::start(opts).await.map_err(|e| e.to_string())?;
-            println!("Directory authority on http://{}", net.auth_addr);
+            for a in &net.authorities {
+                println!(
+                    "Directory authority {} on http://{} (identity {})",
+                    a.name,
+                    a.addr,
+                    hex::encode(a.identity)
+                );
+            }
             let ready = tokio::select! {
                 r = net.wait_ready(Duration::from_secs(120)) => r.map_err(|e| e.to_string()),
                 () = shutdown_signal() => Err("interrupted".into()),

@@ -1,9 +1,11 @@
 //! `allium testnet`: a whole network on loopback in one process.
 //!
-//! Layout: one directory authority, N relays (the first `exits` of them
-//! exits that may reach loopback), and a client with a SOCKS5 port. Each
-//! role has its own data directory and `config.toml`, so `--init-only`
-//! writes a network that can also be run one process per role.
+//! Layout: `authorities` directory authorities that vote, N relays (the
+//! first `exits` of them exits that may reach loopback), and a client with
+//! a SOCKS5 port. Each role has its own data directory and `config.toml`,
+//! so `--init-only` writes a network that can also run one process per
+//! role. Each authority's offline identity key is kept in
+//! `authN/offline/identity.key` (a real operator keeps it elsewhere).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -11,12 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allium_client::{Client, ClientConfig};
-use allium_directory::{AuthConfig, Authority, AuthorityEntry};
+use allium_directory::{AuthConfig, Authority, AuthorityEntry, keys, unix_now};
+use allium_proto::RelayFlags;
 use allium_proto::policy::DEFAULT_REJECTED_PORTS;
 use allium_relay::{Relay, RelayConfig, RelayStats};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +36,14 @@ pub enum TestnetError {
     Other(String),
 }
 
+fn other(s: &str) -> TestnetError {
+    TestnetError::Other(s.to_string())
+}
+
 /// Options of `allium testnet`.
 #[derive(Clone, Debug)]
 pub struct TestnetOptions {
+    pub authorities: usize,
     pub relays: usize,
     pub exits: usize,
     /// SOCKS listener (default: a free loopback port).
@@ -44,27 +52,37 @@ pub struct TestnetOptions {
     pub data_dir: Option<PathBuf>,
     /// First of the consecutive loopback ports to use (default: find a free block).
     pub base_port: Option<u16>,
-    /// Consensus interval of the authority, seconds.
+    /// Consensus interval of the authorities, seconds.
     pub interval_secs: u64,
+    /// A consensus stays valid for this many intervals.
+    pub valid_intervals: u64,
 }
 
 impl Default for TestnetOptions {
     fn default() -> Self {
         TestnetOptions {
+            authorities: 3,
             relays: 6,
             exits: 2,
             socks: None,
             data_dir: None,
             base_port: None,
-            interval_secs: 2,
+            interval_secs: 3,
+            valid_intervals: 20,
         }
+    }
+}
+
+impl TestnetOptions {
+    fn ports(&self) -> usize {
+        self.authorities + self.relays + 1
     }
 }
 
 /// The configs of every role.
 pub struct Plan {
     pub dir: PathBuf,
-    pub auth: AuthConfig,
+    pub auths: Vec<AuthConfig>,
     pub relays: Vec<RelayConfig>,
     pub client: ClientConfig,
 }
@@ -93,45 +111,83 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
 }
 
+fn identity_path(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("auth{i}/offline/identity.key"))
+}
+
+/// Make (or reuse) each authority's identity and signing keys; return the
+/// identities in hex.
+fn authority_keys(opts: &TestnetOptions, dir: &Path) -> Result<Vec<String>, TestnetError> {
+    (0..opts.authorities)
+        .map(|i| {
+            let idp = identity_path(dir, i);
+            let data = dir.join(format!("auth{i}"));
+            let id = if idp.exists() {
+                if keys::Signer::load(&data).is_err() {
+                    keys::certify(&idp, &data, 12, unix_now())?;
+                }
+                keys::fingerprint(&idp)?
+            } else {
+                keys::keygen(&idp, &data, 12, unix_now())?
+            };
+            Ok(hex::encode(id))
+        })
+        .collect()
+}
+
 /// Make the configs (no files, no keys).
 pub fn plan(
     opts: &TestnetOptions,
     dir: &Path,
     base: u16,
-    auth_key: &str,
+    auth_keys: &[String],
 ) -> Result<Plan, TestnetError> {
-    if opts.relays < 3 || opts.exits < 1 || opts.exits >= opts.relays {
-        return Err(TestnetError::Other(
-            "need at least 3 relays, at least 1 exit and at least 2 non-exits".into(),
+    if opts.relays < 3 || opts.exits < 1 || opts.exits >= opts.relays || opts.authorities < 1 {
+        return Err(other(
+            "need an authority, at least 3 relays, at least 1 exit and at least 2 non-exits",
         ));
     }
-    let auth = AuthConfig {
-        nickname: "auth0".into(),
-        listen: loopback(base),
-        data_dir: dir.join("auth0"),
-        interval_secs: opts.interval_secs,
-        valid_intervals: 30,
-        descriptor_max_age_secs: 600,
-        reject: vec![],
-    };
-    let authorities = vec![AuthorityEntry {
-        name: "auth0".into(),
-        addr: auth.listen,
-        key: auth_key.to_string(),
-    }];
+    let n_auth = opts.authorities;
+    let authorities: Vec<AuthorityEntry> = (0..n_auth)
+        .map(|i| AuthorityEntry {
+            name: format!("auth{i}"),
+            addr: loopback(base + i as u16),
+            key: auth_keys[i].clone(),
+        })
+        .collect();
+    let auths = (0..n_auth)
+        .map(|i| AuthConfig {
+            nickname: format!("auth{i}"),
+            listen: loopback(base + i as u16),
+            data_dir: dir.join(format!("auth{i}")),
+            authorities: authorities.clone(),
+            interval_secs: opts.interval_secs,
+            valid_intervals: opts.valid_intervals,
+            descriptor_max_age_secs: 600,
+            guard_min_uptime_secs: 0,
+            guard_min_bandwidth: 0,
+            stable_min_uptime_secs: 0,
+            // Everything shares 127.0.0.1 here.
+            requests_per_sec: 10_000,
+            request_burst: 10_000,
+            ..AuthConfig::default()
+        })
+        .collect();
+    let first_relay = base + n_auth as u16;
     let relays = (0..opts.relays)
-        .map(|i| {
-            let exit = i < opts.exits;
-            RelayConfig {
-                nickname: format!("relay{i}"),
-                listen: loopback(base + 1 + i as u16),
-                data_dir: dir.join(format!("relay{i}")),
-                authorities: authorities.clone(),
-                bandwidth: 50_000_000,
-                exit_policy: if exit { testnet_exit_policy() } else { vec![] },
-                publish_interval_secs: 60,
-                ..RelayConfig::default()
-            }
+        .map(|i| RelayConfig {
+            nickname: format!("relay{i}"),
+            listen: loopback(first_relay + i as u16),
+            data_dir: dir.join(format!("relay{i}")),
+            authorities: authorities.clone(),
+            bandwidth: 50_000_000,
+            exit_policy: if i < opts.exits {
+                testnet_exit_policy()
+            } else {
+                vec![]
+            },
+            publish_interval_secs: 60,
+            ..RelayConfig::default()
         })
         .collect();
     let client = ClientConfig {
@@ -139,13 +195,13 @@ pub fn plan(
         authorities,
         socks_listen: vec![
             opts.socks
-                .unwrap_or_else(|| loopback(base + 1 + opts.relays as u16)),
+                .unwrap_or_else(|| loopback(first_relay + opts.relays as u16)),
         ],
         ..ClientConfig::default()
     };
     Ok(Plan {
         dir: dir.to_path_buf(),
-        auth,
+        auths,
         relays,
         client,
     })
@@ -170,9 +226,7 @@ async fn free_block(n: usize, start: Option<u16>) -> Result<(u16, Vec<TcpListene
         }
         return Ok((base, held));
     }
-    Err(TestnetError::Other(
-        "no free block of loopback ports".into(),
-    ))
+    Err(other("no free block of loopback ports"))
 }
 
 fn write_toml<T: Serialize>(path: &Path, header: &str, cfg: &T) -> Result<(), TestnetError> {
@@ -182,71 +236,90 @@ fn write_toml<T: Serialize>(path: &Path, header: &str, cfg: &T) -> Result<(), Te
     Ok(())
 }
 
-/// Authority key: load or create it, return its hex.
-fn authority_key(dir: &Path) -> Result<String, TestnetError> {
-    let cfg = AuthConfig {
-        data_dir: dir.join("auth0"),
-        ..AuthConfig::default()
-    };
-    Ok(hex::encode(Authority::new(cfg)?.public_key()))
-}
-
 /// Write every role's config and a README of the commands (`--init-only`).
 pub fn init(opts: &TestnetOptions, dir: &Path) -> Result<Plan, TestnetError> {
     std::fs::create_dir_all(dir)?;
     // Absolute paths in the configs, so each role runs from any directory.
     let dir = &std::fs::canonicalize(dir)?;
-    let key = authority_key(dir)?;
-    let p = plan(opts, dir, opts.base_port.unwrap_or(17000), &key)?;
-    write_toml(
-        &dir.join("auth0/config.toml"),
-        "allium dirauth --config auth0/config.toml",
-        &p.auth,
-    )?;
+    let keys = authority_keys(opts, dir)?;
+    let p = plan(opts, dir, opts.base_port.unwrap_or(17000), &keys)?;
     for r in &p.relays {
         Relay::new(r.clone())?; // create its keys now
+    }
+    write_configs(&p, opts)?;
+    Ok(p)
+}
+
+/// Write each role's `config.toml` and a README of the commands.
+fn write_configs(p: &Plan, opts: &TestnetOptions) -> Result<(), TestnetError> {
+    let mut readme = format!(
+        "# Allium test network\n\n{} authorities, {} relays ({} exits) and a client on 127.0.0.1.\n\
+         Run each role in its own terminal, from this directory:\n\n",
+        p.auths.len(),
+        p.relays.len(),
+        opts.exits
+    );
+    for a in &p.auths {
+        write_toml(
+            &a.data_dir.join("config.toml"),
+            &format!("allium dirauth --config {}/config.toml", a.nickname),
+            a,
+        )?;
+        readme.push_str(&format!(
+            "    allium dirauth --config {}/config.toml\n",
+            a.nickname
+        ));
+    }
+    for r in &p.relays {
         write_toml(
             &r.data_dir.join("config.toml"),
             &format!("allium relay --config {}/config.toml", r.nickname),
             r,
         )?;
-    }
-    write_toml(
-        &dir.join("client/config.toml"),
-        "allium client --config client/config.toml",
-        &p.client,
-    )?;
-    let mut readme = format!(
-        "# Allium test network\n\nOne authority, {} relays ({} exits) and a client on 127.0.0.1.\nRun each role in its own terminal, from this directory:\n\n    allium dirauth --config auth0/config.toml\n",
-        p.relays.len(),
-        opts.exits
-    );
-    for r in &p.relays {
         readme.push_str(&format!(
             "    allium relay --config {}/config.toml\n",
             r.nickname
         ));
     }
+    write_toml(
+        &p.dir.join("client/config.toml"),
+        "allium client --config client/config.toml",
+        &p.client,
+    )?;
     readme.push_str(&format!(
-        "    allium client --config client/config.toml\n\nThen: curl --socks5-hostname {} http://127.0.0.1:PORT/\n",
-        p.client.socks_listen[0]
+        "    allium client --config client/config.toml\n\nThen: curl --socks5-hostname {} http://127.0.0.1:PORT/\n\n\
+         Inspect the consensus: allium consensus show --authority http://{} --config client/config.toml\n\n\
+         Each authority's offline identity key is in authN/offline/identity.key; a new signing key:\n\n    \
+         allium dirauth --config auth0/config.toml certify --identity auth0/offline/identity.key --months 12\n",
+        p.client.socks_listen[0],
+        p.auths[0].listen,
     ));
-    std::fs::write(dir.join("README.md"), readme)?;
-    Ok(p)
+    std::fs::write(p.dir.join("README.md"), readme)?;
+    Ok(())
 }
 
-/// A relay of a running testnet, for inspection.
+/// An authority of a running testnet.
+pub struct AuthorityInfo {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub identity: [u8; 32],
+    pub data_dir: PathBuf,
+    pub identity_key: PathBuf,
+    task: AbortHandle,
+}
+
+/// A relay of a running testnet.
 pub struct RelayInfo {
     pub nickname: String,
     pub identity: [u8; 32],
     pub addr: SocketAddr,
     pub stats: Arc<RelayStats>,
+    task: AbortHandle,
 }
 
 /// A running in-process testnet.
 pub struct Testnet {
-    pub authority: Arc<Authority>,
-    pub auth_addr: SocketAddr,
+    pub authorities: Vec<AuthorityInfo>,
     pub relays: Vec<RelayInfo>,
     pub client: Client,
     pub socks_addr: SocketAddr,
@@ -265,57 +338,65 @@ impl Testnet {
                     .tempdir()?,
             ),
         };
-        let dir = opts
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| tmp.as_ref().expect("temp dir").path().to_path_buf());
-        std::fs::create_dir_all(&dir)?;
-        let n_ports = opts.relays + 2;
-        let (base, mut held) = free_block(n_ports, opts.base_port).await?;
-        let key = authority_key(&dir)?;
-        let p = plan(&opts, &dir, base, &key)?;
-        let socks_listener = match opts.socks {
-            Some(a) => TcpListener::bind(a).await?,
-            None => held
-                .pop()
-                .ok_or_else(|| TestnetError::Other("port block".into()))?,
+        let dir = match (&opts.data_dir, &tmp) {
+            (Some(d), _) => d.clone(),
+            (None, Some(t)) => t.path().to_path_buf(),
+            (None, None) => return Err(other("no directory")),
         };
+        std::fs::create_dir_all(&dir)?;
+        let (base, held) = free_block(opts.ports(), opts.base_port).await?;
+        let keys = authority_keys(&opts, &dir)?;
+        let mut p = plan(&opts, &dir, base, &keys)?;
         let mut held = held.into_iter();
+        let mut next_port = || held.next().ok_or_else(|| other("port block"));
         let mut tasks = JoinSet::new();
 
-        let authority = Arc::new(Authority::new(p.auth.clone())?);
-        let auth_l = held
-            .next()
-            .ok_or_else(|| TestnetError::Other("port block".into()))?;
-        let a = authority.clone();
-        tasks.spawn(
-            async move {
-                (
-                    "auth0".to_string(),
-                    a.serve(auth_l).await.map_err(|e| e.to_string()),
-                )
-            }
-            .instrument(tracing::info_span!("auth0")),
-        );
-        let mut relays = Vec::new();
-        for rc in p.relays.iter() {
-            let l = held
-                .next()
-                .ok_or_else(|| TestnetError::Other("port block".into()))?;
-            let relay = Relay::new(rc.clone())?;
-            relays.push(RelayInfo {
-                nickname: rc.nickname.clone(),
-                identity: relay.identity(),
-                addr: rc.listen,
-                stats: relay.stats(),
+        let mut authorities = Vec::new();
+        for (i, ac) in p.auths.iter().enumerate() {
+            let l = next_port()?;
+            let a = Arc::new(Authority::new(ac.clone())?);
+            let identity = a.identity();
+            let name = ac.nickname.clone();
+            let span = tracing::info_span!("dirauth", name = %name);
+            let n = name.clone();
+            let task = tasks.spawn(
+                async move { (n, a.serve(l).await.map_err(|e| e.to_string())) }.instrument(span),
+            );
+            authorities.push(AuthorityInfo {
+                name,
+                addr: ac.listen,
+                identity,
+                data_dir: ac.data_dir.clone(),
+                identity_key: identity_path(&dir, i),
+                task,
             });
+        }
+        let mut relays = Vec::new();
+        for rc in &p.relays {
+            let l = next_port()?;
+            let relay = Relay::new(rc.clone())?;
             let name = rc.nickname.clone();
             let span = tracing::info_span!("relay", name = %name);
-            tasks.spawn(
-                async move { (name, relay.serve(l).await.map_err(|e| e.to_string())) }
+            let (identity, stats) = (relay.identity(), relay.stats());
+            let n = name.clone();
+            let task = tasks.spawn(
+                async move { (n, relay.serve(l).await.map_err(|e| e.to_string())) }
                     .instrument(span),
             );
+            relays.push(RelayInfo {
+                nickname: name,
+                identity,
+                addr: rc.listen,
+                stats,
+                task,
+            });
         }
+        let socks_listener = match opts.socks {
+            Some(a) => TcpListener::bind(a).await?,
+            None => next_port()?,
+        };
+        p.client.socks_listen = vec![socks_listener.local_addr()?];
+        write_configs(&p, &opts)?;
         let client = Client::new(p.client.clone())?;
         let socks_addr = socks_listener.local_addr()?;
         let c = client.clone();
@@ -331,8 +412,7 @@ impl Testnet {
             .instrument(tracing::info_span!("client")),
         );
         Ok(Testnet {
-            authority,
-            auth_addr: p.auth.listen,
+            authorities,
             relays,
             client,
             socks_addr,
@@ -342,18 +422,22 @@ impl Testnet {
     }
 
     /// Wait until the client has a verified consensus listing every relay
-    /// and has built a circuit.
+    /// as Running, and has built a circuit.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), TestnetError> {
         let start = std::time::Instant::now();
         loop {
-            if let Some(c) = self.client.consensus()
-                && c.relays.len() >= self.relays.len()
-            {
+            let running = self.client.consensus().map_or(0, |c| {
+                c.relays
+                    .iter()
+                    .filter(|r| r.flags.has(RelayFlags::RUNNING))
+                    .count()
+            });
+            if running >= self.relays.len() {
                 break;
             }
             if start.elapsed() > timeout {
-                return Err(TestnetError::Other(
-                    "the consensus did not list every relay in time".into(),
+                return Err(other(
+                    "the consensus did not list every relay as Running in time",
                 ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -361,7 +445,27 @@ impl Testnet {
         let left = timeout.saturating_sub(start.elapsed());
         tokio::time::timeout(left, self.client.wait_bootstrapped())
             .await
-            .map_err(|_| TestnetError::Other("the client built no circuit in time".into()))
+            .map_err(|_| other("the client built no circuit in time"))
+    }
+
+    /// Stop authority `i` (its HTTP server and its votes).
+    pub fn stop_authority(&self, i: usize) {
+        self.authorities[i].task.abort();
+    }
+
+    /// Stop relay `i` from accepting links (it stops answering).
+    pub fn stop_relay(&self, i: usize) {
+        self.relays[i].task.abort();
+    }
+
+    /// Certify a new signing key for authority `i` with its offline
+    /// identity key; the authority picks it up at its next round.
+    pub fn rotate_signing_key(
+        &self,
+        i: usize,
+    ) -> Result<allium_proto::AuthorityCert, TestnetError> {
+        let a = &self.authorities[i];
+        Ok(keys::certify(&a.identity_key, &a.data_dir, 12, unix_now())?)
     }
 
     /// Wait until a role's task ends (which is an error) and report it.
@@ -369,7 +473,7 @@ impl Testnet {
         match self.tasks.join_next().await {
             Some(Ok((name, Ok(())))) => format!("{name} stopped"),
             Some(Ok((name, Err(e)))) => format!("{name} failed: {e}"),
-            Some(Err(e)) => format!("a task panicked: {e}"),
+            Some(Err(e)) => format!("a task ended: {e}"),
             None => "no tasks".into(),
         }
     }

@@ -21,6 +21,21 @@ fn example_configs_parse() {
     let a: AuthConfig = load(&ex.join("dirauth.toml"));
     assert_eq!(a.interval_secs, AuthConfig::default().interval_secs);
     assert_eq!(a.valid_intervals, AuthConfig::default().valid_intervals);
+    assert_eq!(
+        a.guard_min_uptime_secs,
+        AuthConfig::default().guard_min_uptime_secs
+    );
+    assert_eq!(
+        a.stable_min_uptime_secs,
+        AuthConfig::default().stable_min_uptime_secs
+    );
+    assert_eq!(a.request_burst, AuthConfig::default().request_burst);
+    assert_eq!(
+        allium_directory::authority_keys(&a.authorities)
+            .unwrap()
+            .len(),
+        3
+    );
     let r: RelayConfig = load(&ex.join("relay.toml"));
     r.check().unwrap();
     assert_eq!(
@@ -50,11 +65,18 @@ fn init_only_writes_a_runnable_network() {
     let key = hex::encode(
         allium_directory::Authority::new(a.clone())
             .unwrap()
-            .public_key(),
+            .identity(),
     );
+    assert_eq!(a.authorities.len(), 3);
+    assert!(d.path().join("auth0/offline/identity.key").exists());
+    for i in 0..3 {
+        let ai: AuthConfig = load(&d.path().join(format!("auth{i}/config.toml")));
+        assert_eq!(ai.authorities, a.authorities);
+    }
     for i in 0..6 {
         let r: RelayConfig = load(&d.path().join(format!("relay{i}/config.toml")));
         r.check().unwrap();
+        assert_eq!(r.authorities, a.authorities);
         assert_eq!(r.authorities[0].key, key);
         assert_eq!(r.authorities[0].addr, a.listen);
         assert_eq!(r.policy().unwrap().is_exit(), i < 2);
@@ -128,14 +150,18 @@ async fn separate_processes_run_the_network() {
             .spawn()
             .unwrap()
     };
-    let mut procs = Procs(vec![spawn("dirauth", "auth0/config.toml")]);
+    let mut procs = Procs(
+        (0..3)
+            .map(|i| spawn("dirauth", &format!("auth{i}/config.toml")))
+            .collect(),
+    );
     for i in 0..3 {
         procs
             .0
             .push(spawn("relay", &format!("relay{i}/config.toml")));
     }
     procs.0.push(spawn("client", "client/config.toml"));
-    let socks = format!("127.0.0.1:{}", base + 4);
+    let socks = format!("127.0.0.1:{}", base + 6);
 
     // Ask until the client is bootstrapped (bounded).
     let start = Instant::now();

@@ -293,7 +293,7 @@ async fn whole_network_end_to_end() {
     let wrong = ClientConfig {
         authorities: vec![AuthorityEntry {
             name: "auth0".into(),
-            addr: net.auth_addr,
+            addr: net.authorities[0].addr,
             key: hex::encode([7u8; 32]),
         }],
         ..ClientConfig::default()

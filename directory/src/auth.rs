@@ -1,26 +1,48 @@
 //! The directory authority (`allium dirauth`).
+//!
+//! Every `interval_secs`, aligned to the clock, the authorities agree on
+//! the consensus that becomes valid at the next boundary `V`:
+//!
+//! 1. from `V - I`: test every known relay's reachability, sign a vote,
+//!    push it to the other authorities (`POST /vote`);
+//! 2. at `V - I/2`: fetch the votes still missing (`GET /vote/V`); with
+//!    votes from more than half of the authorities compute the consensus
+//!    ([`allium_proto::vote::compute_consensus`]), sign it and push the
+//!    detached signature (`POST /signature`);
+//! 3. at `V - I/4` and at `V`: fetch missing signatures
+//!    (`GET /signature/V`), then publish the consensus if more than half of
+//!    the authorities signed it; otherwise keep serving the last one.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use allium_proto::doc::{CONSENSUS_DOMAIN, MAX_DESCRIPTOR_LEN, VerifiedDescriptor};
-use allium_proto::{Consensus, ConsensusRelay, RelayFlags, UnverifiedDescriptor};
+use allium_proto::doc::{
+    AuthSigned, CONSENSUS_DOMAIN, MAX_DESCRIPTOR_LEN, VOTE_DOMAIN, VerifiedDescriptor,
+};
+use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
+use allium_proto::{
+    AuthorityKey, AuthoritySig, RelayFlags, UnverifiedConsensus, UnverifiedDescriptor, short_id,
+};
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::{DirError, store, unix_now};
+use crate::keys::Signer;
+use crate::{AuthorityEntry, DirError, http, reach, store, unix_now};
 
 /// At most this many relays are remembered; more uploads are refused.
 pub const MAX_RELAYS: usize = 10_000;
+/// Sources tracked by the rate limiter before it starts afresh.
+const MAX_TRACKED_SOURCES: usize = 10_000;
 
 /// `allium dirauth` configuration (TOML). See `examples/dirauth.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -29,16 +51,30 @@ pub struct AuthConfig {
     pub nickname: String,
     /// Where the directory HTTP server listens.
     pub listen: SocketAddr,
-    /// Keys and state live here.
+    /// The signing key, its certificate and the state live here.
     pub data_dir: PathBuf,
-    /// A new consensus is built every this many seconds.
+    /// Every authority of the network, this one included.
+    pub authorities: Vec<AuthorityEntry>,
+    /// A consensus is made every this many seconds.
     pub interval_secs: u64,
     /// A consensus stays valid for this many intervals.
     pub valid_intervals: u64,
     /// Descriptors older than this are dropped.
     pub descriptor_max_age_secs: u64,
-    /// Relay identities (hex) the operator refuses to list.
+    /// Relay identities (hex) this authority refuses to list.
     pub reject: Vec<String>,
+    /// Relay identities (hex) this authority votes BadExit.
+    pub bad_exits: Vec<String>,
+    /// Guard needs this much continuous reachability and bandwidth.
+    pub guard_min_uptime_secs: u64,
+    pub guard_min_bandwidth: u32,
+    /// Stable needs this much continuous reachability.
+    pub stable_min_uptime_secs: u64,
+    /// Fast needs this much bandwidth.
+    pub fast_min_bandwidth: u32,
+    /// HTTP requests allowed per second from one address, and the burst.
+    pub requests_per_sec: u32,
+    pub request_burst: u32,
 }
 
 impl Default for AuthConfig {
@@ -47,25 +83,58 @@ impl Default for AuthConfig {
             nickname: "auth".into(),
             listen: "127.0.0.1:7000".parse().expect("valid address"),
             data_dir: PathBuf::from("allium-dirauth"),
+            authorities: vec![],
             interval_secs: 3600,
             valid_intervals: 3,
             descriptor_max_age_secs: 48 * 3600,
             reject: vec![],
+            bad_exits: vec![],
+            guard_min_uptime_secs: 8 * 24 * 3600,
+            guard_min_bandwidth: 2_000_000,
+            stable_min_uptime_secs: 5 * 24 * 3600,
+            fast_min_bandwidth: 100_000,
+            requests_per_sec: 20,
+            request_burst: 200,
         }
     }
 }
 
+#[derive(Default, Clone, Copy)]
+struct Reach {
+    ok_at: Option<u64>,
+    running_since: Option<u64>,
+}
+
+struct Pending {
+    valid_after: u64,
+    doc: AuthSigned,
+}
+
+/// The votes for one period by authority: parsed and as received.
+type VotesOfPeriod = BTreeMap<[u8; 32], (Vote, Vec<u8>)>;
+
+#[derive(Default)]
 struct AuthState {
     descriptors: BTreeMap<[u8; 32], VerifiedDescriptor>,
+    reach: HashMap<[u8; 32], Reach>,
+    /// Votes by period, then by authority: parsed and as received.
+    votes: BTreeMap<u64, VotesOfPeriod>,
+    /// Our detached signature by period.
+    own_sigs: BTreeMap<u64, Vec<u8>>,
+    pending: Option<Pending>,
     consensus: Option<Bytes>,
 }
 
 /// A running authority's shared state.
 pub struct Authority {
     cfg: AuthConfig,
-    key: SigningKey,
+    pinned: Vec<AuthorityKey>,
+    identity: [u8; 32],
+    signer: Mutex<Signer>,
     rejected: Vec<[u8; 32]>,
+    bad_exits: Vec<[u8; 32]>,
     state: Mutex<AuthState>,
+    limiter: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
 
 fn parse_id(s: &str) -> Result<[u8; 32], DirError> {
@@ -75,24 +144,48 @@ fn parse_id(s: &str) -> Result<[u8; 32], DirError> {
         .ok_or_else(|| DirError::Config(format!("{s:?} is not a 64-digit hex relay identity")))
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn sleep_until_unix_ms(target_ms: u64) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    if target_ms > now_ms {
+        tokio::time::sleep(Duration::from_millis(target_ms - now_ms)).await;
+    }
+}
+
 impl Authority {
-    /// Load (or create) the key and persisted state. No I/O beyond files.
+    /// Load the signing key, certificate and persisted state. No network.
     pub fn new(cfg: AuthConfig) -> Result<Self, DirError> {
-        if cfg.interval_secs == 0 || cfg.valid_intervals == 0 {
+        if cfg.interval_secs < 2 || cfg.valid_intervals == 0 {
             return Err(DirError::Config(
-                "interval_secs and valid_intervals must be positive".into(),
+                "interval_secs must be at least 2 and valid_intervals positive".into(),
             ));
         }
-        let key = store::load_or_create_identity(&cfg.data_dir.join("keys/authority.key"))?;
+        let signer = Signer::load(&cfg.data_dir)?;
+        let pinned = crate::authority_keys(&cfg.authorities)?;
+        let identity = signer.parsed.identity;
+        if !pinned.contains(&AuthorityKey(identity)) {
+            return Err(DirError::Config(format!(
+                "this authority's identity {} is not in its own authorities list",
+                hex::encode(identity)
+            )));
+        }
         let rejected = cfg
             .reject
             .iter()
             .map(|s| parse_id(s))
             .collect::<Result<_, _>>()?;
-        let mut st = AuthState {
-            descriptors: BTreeMap::new(),
-            consensus: None,
-        };
+        let bad_exits = cfg
+            .bad_exits
+            .iter()
+            .map(|s| parse_id(s))
+            .collect::<Result<_, _>>()?;
+        let mut st = AuthState::default();
         let now = unix_now();
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/descriptors")) {
             let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
@@ -107,31 +200,56 @@ impl Authority {
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/consensus")) {
             st.consensus = Some(Bytes::from(b));
         }
+        if let Ok(b) = std::fs::read(cfg.data_dir.join("state/votes")) {
+            let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
+            for v in list {
+                if let Ok(vote) = Vote::verify(&v, &pinned, now) {
+                    st.votes
+                        .entry(vote.valid_after)
+                        .or_default()
+                        .insert(vote.authority, (vote, v));
+                }
+            }
+        }
         info!(descriptors = st.descriptors.len(), "authority state loaded");
         Ok(Authority {
             cfg,
-            key,
+            pinned,
+            identity,
+            signer: Mutex::new(signer),
             rejected,
+            bad_exits,
             state: Mutex::new(st),
+            limiter: Mutex::new(HashMap::new()),
         })
     }
 
-    pub fn public_key(&self) -> [u8; 32] {
-        self.key.verifying_key().to_bytes()
+    /// This authority's identity key (what clients pin).
+    pub fn identity(&self) -> [u8; 32] {
+        self.identity
     }
 
     pub fn config(&self) -> &AuthConfig {
         &self.cfg
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, AuthState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn persist_descriptors(&self, st: &AuthState) -> Result<(), DirError> {
         let list: Vec<&Vec<u8>> = st.descriptors.values().map(|d| &d.bytes).collect();
         let b = postcard::to_stdvec(&list).map_err(|e| DirError::Config(e.to_string()))?;
         store::write_atomic(&self.cfg.data_dir.join("state/descriptors"), &b, 0o600)
+    }
+
+    fn persist_votes(&self, st: &AuthState) {
+        let list: Vec<&Vec<u8>> = st
+            .votes
+            .values()
+            .flat_map(|m| m.values().map(|(_, b)| b))
+            .collect();
+        if let Ok(b) = postcard::to_stdvec(&list)
+            && let Err(e) = store::write_atomic(&self.cfg.data_dir.join("state/votes"), &b, 0o600)
+        {
+            warn!("persisting votes: {e}");
+        }
     }
 
     /// Take an uploaded descriptor. `Err` holds the HTTP status and reason.
@@ -152,7 +270,7 @@ impl Authority {
                 "descriptor rejected: relay identity is rejected by this authority".into(),
             ));
         }
-        let mut st = self.lock();
+        let mut st = lock(&self.state);
         match st.descriptors.get(&v.desc.identity) {
             Some(old) if old.digest == v.digest => return Ok("already known"),
             Some(old) if old.desc.published >= v.desc.published => {
@@ -169,7 +287,7 @@ impl Authority {
             }
             _ => {}
         }
-        info!(relay = %v.desc.nickname, id = %allium_proto::short_id(&v.desc.identity), "descriptor accepted");
+        info!(relay = %v.desc.nickname, id = %short_id(&v.desc.identity), "descriptor accepted");
         st.descriptors.insert(v.desc.identity, v);
         if let Err(e) = self.persist_descriptors(&st) {
             warn!("persisting descriptors: {e}");
@@ -177,70 +295,376 @@ impl Authority {
         Ok("accepted")
     }
 
-    /// Build the consensus for `now` from the fresh descriptors.
-    pub fn build_consensus(&self, now: u64) -> Consensus {
-        let mut st = self.lock();
-        let max_age = self.cfg.descriptor_max_age_secs;
-        st.descriptors
-            .retain(|_, d| d.desc.published + max_age >= now);
-        let relays = st
+    /// The period a vote sent now should be for.
+    fn upcoming(&self, now: u64) -> u64 {
+        (now / self.cfg.interval_secs + 1) * self.cfg.interval_secs
+    }
+
+    /// Take a vote pushed by another authority.
+    pub fn accept_vote(&self, body: &[u8], now: u64) -> Result<&'static str, (StatusCode, String)> {
+        let v = Vote::verify(body, &self.pinned, now)
+            .map_err(|e| (StatusCode::BAD_REQUEST, format!("vote rejected: {e}")))?;
+        let expected = self.upcoming(now);
+        if v.valid_after < expected {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "vote rejected: for period {} which is over (replay?)",
+                    v.valid_after
+                ),
+            ));
+        }
+        if v.valid_after > expected + self.cfg.interval_secs {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("vote rejected: future-dated period {}", v.valid_after),
+            ));
+        }
+        let mut st = lock(&self.state);
+        let slot = st.votes.entry(v.valid_after).or_default();
+        match slot.get(&v.authority) {
+            Some((_, old)) if old.as_slice() == body => return Ok("already known"),
+            Some(_) => {
+                return Err((
+                    StatusCode::CONFLICT,
+                    "vote rejected: a different vote from that authority is held".into(),
+                ));
+            }
+            None => {}
+        }
+        debug!(from = %short_id(&v.authority), period = v.valid_after, "vote accepted");
+        slot.insert(v.authority, (v, body.to_vec()));
+        self.persist_votes(&st);
+        Ok("accepted")
+    }
+
+    /// Take a detached signature on the consensus being assembled.
+    pub fn accept_signature(
+        &self,
+        body: &[u8],
+        now: u64,
+    ) -> Result<&'static str, (StatusCode, String)> {
+        let s: AuthoritySig = postcard::from_bytes(body)
+            .map_err(|e| (StatusCode::BAD_REQUEST, format!("signature rejected: {e}")))?;
+        let mut st = lock(&self.state);
+        let Some(p) = st.pending.as_mut() else {
+            return Err((
+                StatusCode::CONFLICT,
+                "signature rejected: no consensus being assembled".into(),
+            ));
+        };
+        s.check(CONSENSUS_DOMAIN, &p.doc.body, &self.pinned, now)
+            .map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("signature rejected: {e} (a different consensus?)"),
+                )
+            })?;
+        p.doc.add(s);
+        Ok("accepted")
+    }
+
+    fn flags_for(&self, d: &VerifiedDescriptor, r: Reach, now: u64) -> u16 {
+        let desc = &d.desc;
+        let mut f = RelayFlags::VALID;
+        let running = r.ok_at.is_some_and(|t| t + self.cfg.interval_secs >= now);
+        let up = r.running_since.map_or(0, |t| now.saturating_sub(t));
+        if running {
+            f |= RelayFlags::RUNNING;
+        }
+        if desc.exit_policy.may_allow_port(80) && desc.exit_policy.may_allow_port(443) {
+            f |= RelayFlags::EXIT;
+        }
+        if desc.bandwidth >= self.cfg.fast_min_bandwidth {
+            f |= RelayFlags::FAST;
+        }
+        if running && up >= self.cfg.stable_min_uptime_secs {
+            f |= RelayFlags::STABLE;
+        }
+        if running
+            && up >= self.cfg.guard_min_uptime_secs
+            && desc.bandwidth >= self.cfg.guard_min_bandwidth
+        {
+            f |= RelayFlags::GUARD;
+        }
+        if self.bad_exits.contains(&desc.identity) {
+            f |= RelayFlags::BAD_EXIT;
+        }
+        f
+    }
+
+    /// Test every known relay's reachability (concurrently, bounded).
+    pub async fn test_reachability(&self) {
+        let targets: Vec<([u8; 32], SocketAddr, [u8; 32])> = lock(&self.state)
             .descriptors
             .values()
-            .map(|v| {
-                let d = &v.desc;
-                let mut flags =
-                    RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::FAST | RelayFlags::STABLE;
-                if d.exit_policy.is_exit() {
-                    flags |= RelayFlags::EXIT;
-                } else {
-                    flags |= RelayFlags::GUARD;
-                }
-                ConsensusRelay {
-                    nickname: d.nickname.clone(),
-                    identity: d.identity,
-                    link_key: d.link_key,
-                    onion_key: d.onion_key,
-                    addr: d.addr,
-                    flags: RelayFlags(flags),
-                    bandwidth: d.bandwidth,
-                    exit_policy: d.exit_policy.clone(),
-                    family: d.family.clone(),
-                    descriptor_digest: v.digest,
-                }
-            })
+            .map(|d| (d.desc.identity, d.desc.addr, d.desc.link_key))
             .collect();
-        let interval = self.cfg.interval_secs;
-        Consensus {
-            valid_after: now,
-            fresh_until: now + interval,
-            valid_until: now + interval * self.cfg.valid_intervals,
-            relays,
+        let mut set = tokio::task::JoinSet::new();
+        for (id, addr, key) in targets {
+            set.spawn(async move { (id, reach::test_relay(addr, key).await) });
+        }
+        let now = unix_now();
+        while let Some(Ok((id, r))) = set.join_next().await {
+            let mut st = lock(&self.state);
+            let e = st.reach.entry(id).or_default();
+            match r {
+                Ok(()) => {
+                    e.ok_at = Some(now);
+                    e.running_since.get_or_insert(now);
+                }
+                Err(err) => {
+                    if e.running_since.is_some() {
+                        info!(id = %short_id(&id), "relay unreachable: {err}");
+                    }
+                    e.running_since = None;
+                }
+            }
         }
     }
 
-    /// Build, sign, store and persist a new consensus.
-    pub fn publish_consensus(&self, now: u64) -> Result<usize, DirError> {
-        let c = self.build_consensus(now);
-        let n = c.relays.len();
-        let mut doc = c.to_document();
-        doc.sign(CONSENSUS_DOMAIN, &self.key);
+    /// Our vote for the period starting at `valid_after`, signed.
+    pub fn make_vote(&self, valid_after: u64, now: u64) -> Vec<u8> {
+        let mut st = lock(&self.state);
+        let max_age = self.cfg.descriptor_max_age_secs;
+        st.descriptors
+            .retain(|_, d| d.desc.published + max_age >= now);
+        let relays: Vec<VoteRelay> = st
+            .descriptors
+            .values()
+            .filter(|d| !self.rejected.contains(&d.desc.identity))
+            .map(|d| VoteRelay {
+                identity: d.desc.identity,
+                digest: d.digest,
+                descriptor: d.bytes.clone(),
+                flags: RelayFlags(self.flags_for(
+                    d,
+                    st.reach.get(&d.desc.identity).copied().unwrap_or_default(),
+                    now,
+                )),
+                bandwidth: d.desc.bandwidth,
+            })
+            .collect();
+        let vote = Vote {
+            authority: self.identity,
+            valid_after,
+            interval: self.cfg.interval_secs,
+            valid_intervals: self.cfg.valid_intervals,
+            relays,
+        };
+        let mut doc = vote.to_document();
+        {
+            let s = lock(&self.signer);
+            doc.add(AuthoritySig::make(VOTE_DOMAIN, &doc.body, &s.cert, &s.key));
+        }
         let bytes = doc.to_bytes();
-        store::write_atomic(&self.cfg.data_dir.join("state/consensus"), &bytes, 0o644)?;
-        self.lock().consensus = Some(Bytes::from(bytes));
+        st.votes
+            .entry(valid_after)
+            .or_default()
+            .insert(self.identity, (vote, bytes.clone()));
+        self.persist_votes(&st);
+        bytes
+    }
+
+    fn peers(&self) -> Vec<(AuthorityKey, SocketAddr, String)> {
+        self.cfg
+            .authorities
+            .iter()
+            .filter_map(|a| a.parse_key().ok().map(|k| (k, a.addr, a.name.clone())))
+            .filter(|(k, _, _)| k.0 != self.identity)
+            .collect()
+    }
+
+    /// Fetch missing votes; if more than half of the authorities voted,
+    /// compute and sign the consensus. Returns our detached signature.
+    pub async fn assemble(&self, valid_after: u64) -> Option<Vec<u8>> {
+        for (k, addr, name) in self.peers() {
+            let have = lock(&self.state)
+                .votes
+                .get(&valid_after)
+                .is_some_and(|m| m.contains_key(&k.0));
+            if have {
+                continue;
+            }
+            match http::fetch_vote(addr, valid_after).await {
+                Ok(b) => match Vote::verify(&b, &self.pinned, unix_now()) {
+                    Ok(v) if v.authority == k.0 && v.valid_after == valid_after => {
+                        lock(&self.state)
+                            .votes
+                            .entry(valid_after)
+                            .or_default()
+                            .insert(v.authority, (v, b));
+                    }
+                    Ok(_) => {
+                        warn!(authority = %name, "fetched vote is for another period or author")
+                    }
+                    Err(e) => warn!(authority = %name, "fetched vote rejected: {e}"),
+                },
+                Err(e) => debug!(authority = %name, "no vote: {e}"),
+            }
+        }
+        let votes: Vec<Vote> = lock(&self.state)
+            .votes
+            .get(&valid_after)
+            .map(|m| m.values().map(|(v, _)| v.clone()).collect())
+            .unwrap_or_default();
+        if 2 * votes.len() <= self.pinned.len() {
+            warn!(
+                votes = votes.len(),
+                authorities = self.pinned.len(),
+                "not enough votes for a consensus"
+            );
+            return None;
+        }
+        let c = match compute_consensus(&votes) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("computing consensus: {e}");
+                return None;
+            }
+        };
+        let mut doc = c.to_document();
+        let sig = {
+            let s = lock(&self.signer);
+            AuthoritySig::make(CONSENSUS_DOMAIN, &doc.body, &s.cert, &s.key)
+        };
+        let sig_bytes = postcard::to_stdvec(&sig).ok()?;
+        doc.add(sig);
+        let mut st = lock(&self.state);
+        st.pending = Some(Pending { valid_after, doc });
+        st.own_sigs.insert(valid_after, sig_bytes.clone());
+        Some(sig_bytes)
+    }
+
+    /// Fetch the detached signatures we do not have yet.
+    pub async fn collect_signatures(&self, valid_after: u64) {
+        for (k, addr, name) in self.peers() {
+            let have = lock(&self.state).pending.as_ref().is_some_and(|p| {
+                p.valid_after == valid_after
+                    && p.doc.signatures.iter().any(|s| s.identity() == Some(k.0))
+            });
+            if have {
+                continue;
+            }
+            match http::fetch_signature(addr, valid_after).await {
+                Ok(b) => {
+                    if let Err((_, why)) = self.accept_signature(&b, unix_now()) {
+                        warn!(authority = %name, "{why}");
+                    }
+                }
+                Err(e) => debug!(authority = %name, "no signature: {e}"),
+            }
+        }
+    }
+
+    /// Publish the assembled consensus if enough authorities signed it.
+    pub fn publish(&self, valid_after: u64) -> Result<usize, String> {
+        let mut st = lock(&self.state);
+        let p = st
+            .pending
+            .as_ref()
+            .filter(|p| p.valid_after == valid_after)
+            .ok_or("no consensus assembled")?;
+        let bytes = p.doc.to_bytes();
+        let n = p.doc.signatures.len();
+        UnverifiedConsensus::parse(&bytes)
+            .and_then(|u| u.verify(&self.pinned, valid_after))
+            .map_err(|e| e.to_string())?;
+        if let Err(e) =
+            store::write_atomic(&self.cfg.data_dir.join("state/consensus"), &bytes, 0o644)
+        {
+            warn!("persisting consensus: {e}");
+        }
+        st.consensus = Some(Bytes::from(bytes));
+        st.votes
+            .retain(|va, _| *va + 2 * self.cfg.interval_secs > valid_after);
+        st.own_sigs
+            .retain(|va, _| *va + 2 * self.cfg.interval_secs > valid_after);
         Ok(n)
     }
 
+    /// Pick up a signing key certified while running.
+    fn reload_signer(&self) {
+        match Signer::load(&self.cfg.data_dir) {
+            Ok(s) if s.parsed.identity == self.identity => {
+                let mut cur = lock(&self.signer);
+                if cur.cert != s.cert {
+                    info!(valid_until = s.parsed.valid_until, "new signing key loaded");
+                    *cur = s;
+                }
+            }
+            Ok(_) => warn!("signing.cert names another identity; keeping the current key"),
+            Err(e) => warn!("reloading signing key: {e}"),
+        }
+        let until = lock(&self.signer).parsed.valid_until;
+        if until < unix_now() + 7 * 24 * 3600 {
+            warn!(
+                valid_until = until,
+                "the signing-key certificate expires soon: run `allium dirauth certify`"
+            );
+        }
+    }
+
+    /// One voting round for the consensus valid at `va`.
+    async fn round(&self, va: u64) {
+        let i_ms = self.cfg.interval_secs * 1000;
+        let va_ms = va * 1000;
+        self.reload_signer();
+        self.test_reachability().await;
+        let vote = self.make_vote(va, unix_now());
+        for (_, addr, name) in self.peers() {
+            if let Err(e) = http::post_vote(addr, vote.clone()).await {
+                debug!(authority = %name, "pushing vote: {e}");
+            }
+        }
+        sleep_until_unix_ms(va_ms - i_ms / 2).await;
+        if let Some(sig) = self.assemble(va).await {
+            for (_, addr, name) in self.peers() {
+                if let Err(e) = http::post_signature(addr, sig.clone()).await {
+                    debug!(authority = %name, "pushing signature: {e}");
+                }
+            }
+        }
+        sleep_until_unix_ms(va_ms - i_ms / 4).await;
+        self.collect_signatures(va).await;
+        sleep_until_unix_ms(va_ms).await;
+        self.collect_signatures(va).await;
+        match self.publish(va) {
+            Ok(n) => info!(signatures = n, valid_after = va, "consensus published"),
+            Err(e) => warn!(valid_after = va, "no new consensus: {e}"),
+        }
+    }
+
     pub fn consensus_bytes(&self) -> Option<Bytes> {
-        self.lock().consensus.clone()
+        lock(&self.state).consensus.clone()
     }
 
     fn descriptors_bytes(&self) -> Vec<u8> {
-        let st = self.lock();
+        let st = lock(&self.state);
         let list: Vec<&Vec<u8>> = st.descriptors.values().map(|d| &d.bytes).collect();
         postcard::to_stdvec(&list).unwrap_or_default()
     }
 
-    /// Serve HTTP and publish consensuses until an error.
+    fn allow(&self, ip: IpAddr) -> bool {
+        let mut m = lock(&self.limiter);
+        if m.len() >= MAX_TRACKED_SOURCES && !m.contains_key(&ip) {
+            m.clear();
+        }
+        let now = Instant::now();
+        let burst = self.cfg.request_burst.max(1) as f64;
+        let e = m.entry(ip).or_insert((burst, now));
+        e.0 = (e.0 + now.duration_since(e.1).as_secs_f64() * self.cfg.requests_per_sec as f64)
+            .min(burst);
+        e.1 = now;
+        if e.0 >= 1.0 {
+            e.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Bind the listener and serve until an error.
     pub async fn run(self: Arc<Self>) -> Result<(), DirError> {
         let listener = tokio::net::TcpListener::bind(self.cfg.listen)
             .await
@@ -248,43 +672,116 @@ impl Authority {
         self.serve(listener).await
     }
 
-    /// Like [`Authority::run`] on an already bound listener.
+    /// Serve HTTP and vote on an already bound listener.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<(), DirError> {
-        info!(addr = %self.cfg.listen, key = %hex::encode(self.public_key()), "directory authority listening");
+        info!(addr = %self.cfg.listen, identity = %hex::encode(self.identity), "directory authority listening");
         let app = Router::new()
             .route("/descriptor", post(post_descriptor))
+            .route("/vote", post(post_vote))
+            .route("/vote/{va}", get(get_vote))
+            .route("/signature", post(post_signature))
+            .route("/signature/{va}", get(get_signature))
             .route("/consensus", get(get_consensus))
             .route("/descriptors", get(get_descriptors))
-            .layer(DefaultBodyLimit::max(MAX_DESCRIPTOR_LEN))
+            .layer(DefaultBodyLimit::max(allium_proto::doc::MAX_VOTE_LEN))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                rate_limit,
+            ))
             .with_state(self.clone());
         let sched = self.clone();
         let schedule = async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(sched.cfg.interval_secs));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = 0;
             loop {
-                tick.tick().await;
-                match sched.publish_consensus(unix_now()) {
-                    Ok(n) => info!(relays = n, "consensus published"),
-                    Err(e) => warn!("publishing consensus: {e}"),
-                }
+                let va = sched
+                    .upcoming(unix_now())
+                    .max(last + sched.cfg.interval_secs);
+                sched.round(va).await;
+                last = va;
             }
         };
+        let svc = app.into_make_service_with_connect_info::<SocketAddr>();
         tokio::select! {
-            r = axum::serve(listener, app) => r.map_err(|e| DirError::Config(format!("HTTP server: {e}"))),
+            r = axum::serve(listener, svc) => r.map_err(|e| DirError::Config(format!("HTTP server: {e}"))),
             () = schedule => Ok(()),
         }
     }
 }
 
-async fn post_descriptor(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
-    let _span = tracing::info_span!("dirauth", name = %a.cfg.nickname).entered();
-    match a.accept_descriptor(&body, unix_now()) {
+async fn rate_limit(
+    State(a): State<Arc<Authority>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !a.allow(peer.ip()) {
+        return (StatusCode::TOO_MANY_REQUESTS, "too many requests").into_response();
+    }
+    next.run(req).await
+}
+
+fn answer(
+    a: &Authority,
+    what: &str,
+    r: Result<&'static str, (StatusCode, String)>,
+) -> (StatusCode, String) {
+    match r {
         Ok(s) => (StatusCode::OK, s.to_string()),
         Err((code, why)) => {
-            warn!("{why}");
+            warn!(authority = %a.cfg.nickname, "{what}: {why}");
             (code, why)
         }
     }
+}
+
+async fn post_descriptor(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
+    if body.len() > MAX_DESCRIPTOR_LEN {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "descriptor rejected: too large".into(),
+        );
+    }
+    let r = a.accept_descriptor(&body, unix_now());
+    answer(&a, "descriptor", r)
+}
+
+async fn post_vote(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
+    let r = a.accept_vote(&body, unix_now());
+    answer(&a, "vote", r)
+}
+
+async fn post_signature(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
+    if body.len() > 4096 {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "signature rejected: too large".into(),
+        );
+    }
+    let r = a.accept_signature(&body, unix_now());
+    answer(&a, "signature", r)
+}
+
+async fn get_vote(
+    State(a): State<Arc<Authority>>,
+    Path(va): Path<u64>,
+) -> Result<Vec<u8>, (StatusCode, &'static str)> {
+    lock(&a.state)
+        .votes
+        .get(&va)
+        .and_then(|m| m.get(&a.identity))
+        .map(|(_, b)| b.clone())
+        .ok_or((StatusCode::NOT_FOUND, "no vote for that period"))
+}
+
+async fn get_signature(
+    State(a): State<Arc<Authority>>,
+    Path(va): Path<u64>,
+) -> Result<Vec<u8>, (StatusCode, &'static str)> {
+    lock(&a.state)
+        .own_sigs
+        .get(&va)
+        .cloned()
+        .ok_or((StatusCode::NOT_FOUND, "no signature for that period"))
 }
 
 async fn get_consensus(
@@ -303,6 +800,7 @@ mod tests {
     use super::*;
     use allium_proto::RelayDescriptor;
     use allium_proto::policy::ExitPolicy;
+    use ed25519_dalek::SigningKey;
 
     fn desc(k: &SigningKey, published: u64) -> Vec<u8> {
         RelayDescriptor {
@@ -311,7 +809,7 @@ mod tests {
             link_key: [1; 32],
             onion_key: [2; 32],
             prev_onion_key: None,
-            addr: "127.0.0.1:9001".parse().unwrap(),
+            addr: "127.0.0.1:9".parse().unwrap(),
             bandwidth: 1000,
             exit_policy: ExitPolicy::default_exit(),
             family: vec![],
@@ -321,13 +819,25 @@ mod tests {
         .to_bytes()
     }
 
-    #[test]
-    fn accepts_rejects_and_survives_restart() {
-        let d = tempfile::tempdir().unwrap();
-        let cfg = AuthConfig {
-            data_dir: d.path().into(),
+    fn authority(dir: &std::path::Path) -> AuthConfig {
+        let id = crate::keys::keygen(&dir.join("identity.key"), &dir.join("srv"), 1, unix_now())
+            .unwrap();
+        AuthConfig {
+            data_dir: dir.join("srv"),
+            authorities: vec![AuthorityEntry {
+                name: "a".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                key: hex::encode(id),
+            }],
+            interval_secs: 60,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn accepts_rejects_votes_alone_and_survives_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = authority(d.path());
         let a = Authority::new(cfg.clone()).unwrap();
         let now = unix_now();
         let k = SigningKey::from_bytes(&[4; 32]);
@@ -356,17 +866,61 @@ mod tests {
                 .0,
             StatusCode::BAD_REQUEST
         );
-        a.publish_consensus(now).unwrap();
-        let key = a.public_key();
+
+        // A lone authority is a majority of one.
+        let va = a.upcoming(now);
+        let vote = a.make_vote(va, now);
+        assert_eq!(a.accept_vote(&vote, now).unwrap(), "already known");
+        let mut forged_vote = vote.clone();
+        let n = forged_vote.len();
+        forged_vote[n - 1] ^= 1;
+        assert_eq!(
+            a.accept_vote(&forged_vote, now).unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            a.accept_vote(&vote[..n - 1], now).unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
+        assert!(tokio_test_block(a.assemble(va)).is_some());
+        assert_eq!(a.publish(va).unwrap(), 1);
+        // Our own old vote pushed back later is a replay.
+        assert_eq!(
+            a.accept_vote(&vote, va + 60).unwrap_err().0,
+            StatusCode::CONFLICT
+        );
         drop(a);
         let b = Authority::new(cfg).unwrap();
-        assert_eq!(b.public_key(), key);
-        let c = allium_proto::UnverifiedConsensus::parse(&b.consensus_bytes().unwrap())
+        let c = UnverifiedConsensus::parse(&b.consensus_bytes().unwrap())
             .unwrap()
-            .verify(&[allium_proto::AuthorityKey(key)], now)
+            .verify(&[AuthorityKey(b.identity())], va)
             .unwrap();
         assert_eq!(c.relays.len(), 1);
+        assert!(!c.relays[0].flags.has(RelayFlags::RUNNING), "never reached");
         assert!(c.relays[0].flags.has(RelayFlags::EXIT));
-        assert_eq!(b.build_consensus(now).relays.len(), 1);
+    }
+
+    fn tokio_test_block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn rate_limit_per_source() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = AuthConfig {
+            requests_per_sec: 1,
+            request_burst: 3,
+            ..authority(d.path())
+        };
+        let a = Authority::new(cfg).unwrap();
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let other: IpAddr = "127.0.0.10".parse().unwrap();
+        assert!((0..3).all(|_| a.allow(ip)));
+        assert!(!a.allow(ip));
+        assert!(a.allow(other));
     }
 }

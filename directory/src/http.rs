@@ -13,7 +13,7 @@ use crate::DirError;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn request(
+pub(crate) async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -86,4 +86,40 @@ pub async fn post_descriptor(addr: SocketAddr, desc: Vec<u8>) -> Result<(), DirE
 /// Fetch every descriptor an authority holds (postcard list of documents).
 pub async fn fetch_descriptors(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
     request(addr, "GET", "/descriptors", vec![], 64 * 1024 * 1024).await
+}
+
+/// Fetch an authority's vote for the period starting at `valid_after`.
+pub async fn fetch_vote(addr: SocketAddr, valid_after: u64) -> Result<Vec<u8>, DirError> {
+    request(
+        addr,
+        "GET",
+        &format!("/vote/{valid_after}"),
+        vec![],
+        allium_proto::doc::MAX_VOTE_LEN,
+    )
+    .await
+}
+
+/// Push our vote to another authority.
+pub async fn post_vote(addr: SocketAddr, vote: Vec<u8>) -> Result<(), DirError> {
+    request(addr, "POST", "/vote", vote, 4096).await.map(|_| ())
+}
+
+/// Fetch an authority's detached consensus signature for a period.
+pub async fn fetch_signature(addr: SocketAddr, valid_after: u64) -> Result<Vec<u8>, DirError> {
+    request(
+        addr,
+        "GET",
+        &format!("/signature/{valid_after}"),
+        vec![],
+        4096,
+    )
+    .await
+}
+
+/// Push our detached consensus signature to another authority.
+pub async fn post_signature(addr: SocketAddr, sig: Vec<u8>) -> Result<(), DirError> {
+    request(addr, "POST", "/signature", sig, 4096)
+        .await
+        .map(|_| ())
 }

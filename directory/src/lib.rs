@@ -6,11 +6,13 @@
 //! persists its key and state in a data directory. This crate does not
 //! decide paths or carry traffic.
 //!
-//! Routes: `POST /descriptor`, `GET /consensus`, `GET /descriptors`
-//! (`doc/protocol.md` section "Directory HTTP").
+//! Several authorities vote: each consensus needs signatures from more
+//! than half of them (`doc/protocol.md` sections 7 and 8).
 
 pub mod auth;
 pub mod http;
+pub mod keys;
+pub mod reach;
 pub mod store;
 
 pub use auth::{AuthConfig, Authority};

@@ -15,7 +15,10 @@ use allium_proto::link::{self, LinkTransport};
 use allium_proto::ntor::{self, OnionKeys};
 use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
 use allium_proto::policy::ExitPolicy;
-use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayFlags, UnverifiedConsensus};
+use allium_proto::{
+    AuthorityCert, AuthorityKey, AuthoritySig, Consensus, ConsensusRelay, RelayFlags,
+    UnverifiedConsensus,
+};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::SigningKey;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -186,22 +189,43 @@ fn documents(c: &mut Criterion) {
         valid_until: 300,
         relays,
     };
-    let keys: Vec<SigningKey> = (1..=3).map(|i| SigningKey::from_bytes(&[i; 32])).collect();
-    let pinned: Vec<AuthorityKey> = keys
+    // Three authorities: identity keys certify signing keys.
+    let ids: Vec<SigningKey> = (1..=3).map(|i| SigningKey::from_bytes(&[i; 32])).collect();
+    let pinned: Vec<AuthorityKey> = ids
         .iter()
         .map(|k| AuthorityKey(k.verifying_key().to_bytes()))
+        .collect();
+    let keys: Vec<(SigningKey, Vec<u8>)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let sk = SigningKey::from_bytes(&[10 + i as u8; 32]);
+            let cert = AuthorityCert {
+                identity: id.verifying_key().to_bytes(),
+                signing_key: sk.verifying_key().to_bytes(),
+                valid_from: 0,
+                valid_until: u64::MAX,
+            }
+            .sign(id);
+            (sk, cert)
+        })
         .collect();
     let mut g = c.benchmark_group("consensus_1000_relays");
     g.bench_function("encode_and_sign", |b| {
         b.iter(|| {
             let mut d = cons.to_document();
-            d.sign(CONSENSUS_DOMAIN, &keys[0]);
+            d.add(AuthoritySig::make(
+                CONSENSUS_DOMAIN,
+                &d.body,
+                &keys[0].1,
+                &keys[0].0,
+            ));
             black_box(d.to_bytes())
         })
     });
     let mut d = cons.to_document();
-    for k in &keys {
-        d.sign(CONSENSUS_DOMAIN, k);
+    for (sk, cert) in &keys {
+        d.add(AuthoritySig::make(CONSENSUS_DOMAIN, &d.body, cert, sk));
     }
     let bytes = d.to_bytes();
     g.bench_function("parse_and_verify_3_signatures", |b| {

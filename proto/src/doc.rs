@@ -17,6 +17,10 @@ use crate::policy::ExitPolicy;
 
 pub const DESCRIPTOR_DOMAIN: &[u8] = b"allium descriptor v1\0";
 pub const CONSENSUS_DOMAIN: &[u8] = b"allium consensus v1\0";
+pub const CERT_DOMAIN: &[u8] = b"allium authority cert v1\0";
+pub const VOTE_DOMAIN: &[u8] = b"allium vote v1\0";
+pub const MAX_CERT_LEN: usize = 1024;
+pub const MAX_VOTE_LEN: usize = 32 * 1024 * 1024;
 pub const MAX_DESCRIPTOR_LEN: usize = 16 * 1024;
 pub const MAX_CONSENSUS_LEN: usize = 4 * 1024 * 1024;
 pub const MAX_SIGNATURES: usize = 16;
@@ -189,6 +193,21 @@ impl UnverifiedDescriptor {
         Ok(UnverifiedDescriptor { doc, desc })
     }
 
+    /// Check only the identity signature and key binding (no clock): what
+    /// the consensus computation needs to trust a descriptor in a vote.
+    pub fn verify_signature(&self) -> Result<[u8; 32], Error> {
+        match self.doc.signatures.as_slice() {
+            [s] if s.key == self.desc.identity && self.doc.check(DESCRIPTOR_DOMAIN, s) => {
+                Ok(self.doc.digest())
+            }
+            _ => Err(Error::BadSignature("descriptor")),
+        }
+    }
+
+    pub fn descriptor(&self) -> &RelayDescriptor {
+        &self.desc
+    }
+
     /// Check the identity signature, key binding and that `published` lies
     /// within `[now - max_age, now + MAX_CLOCK_SKEW]`.
     pub fn verify(self, now: u64, max_age: u64) -> Result<VerifiedDescriptor, Error> {
@@ -308,13 +327,144 @@ pub struct Consensus {
     pub relays: Vec<ConsensusRelay>,
 }
 
-/// An authority's public key, as clients and relays pin it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// An authority's long-term identity key, as clients and relays pin it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AuthorityKey(pub [u8; 32]);
 
+/// A signing-key certificate: the authority's offline identity key vouches
+/// for an online signing key for a window of time.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuthorityCert {
+    pub identity: [u8; 32],
+    pub signing_key: [u8; 32],
+    pub valid_from: u64,
+    pub valid_until: u64,
+}
+
+impl AuthorityCert {
+    /// Sign with the identity key (which must be `self.identity`).
+    pub fn sign(&self, identity: &SigningKey) -> Vec<u8> {
+        let mut d = SignedDocument::new(encode(self));
+        d.sign(CERT_DOMAIN, identity);
+        d.to_bytes()
+    }
+
+    /// Parse and check the identity's signature (not the validity window).
+    pub fn parse(b: &[u8]) -> Result<Self, Error> {
+        let d = SignedDocument::parse("certificate", b, MAX_CERT_LEN)?;
+        let c: AuthorityCert = decode_exact("certificate body", &d.body)?;
+        match d.signatures.as_slice() {
+            [s] if s.key == c.identity && d.check(CERT_DOMAIN, s) => Ok(c),
+            _ => Err(Error::BadSignature("signing-key certificate")),
+        }
+    }
+}
+
+/// One authority's signature on a consensus or vote, with its certificate.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuthoritySig {
+    pub cert: Vec<u8>,
+    pub sig: Sig,
+}
+
+impl AuthoritySig {
+    pub fn make(domain: &[u8], body: &[u8], cert: &[u8], signing_key: &SigningKey) -> Self {
+        let sig = signing_key.sign(&[domain, body].concat()).to_bytes();
+        AuthoritySig {
+            cert: cert.to_vec(),
+            sig: Sig(sig),
+        }
+    }
+
+    /// Which pinned authority made this signature over `body`, if it is
+    /// valid at `now`; otherwise why not.
+    pub fn check(
+        &self,
+        domain: &[u8],
+        body: &[u8],
+        pinned: &[AuthorityKey],
+        now: u64,
+    ) -> Result<AuthorityCert, String> {
+        let c = AuthorityCert::parse(&self.cert).map_err(|e| e.to_string())?;
+        if !pinned.contains(&AuthorityKey(c.identity)) {
+            return Err("certificate of an authority that is not pinned".into());
+        }
+        if now < c.valid_from || now > c.valid_until {
+            return Err(format!(
+                "signing-key certificate valid only {}..{}",
+                c.valid_from, c.valid_until
+            ));
+        }
+        let vk =
+            VerifyingKey::from_bytes(&c.signing_key).map_err(|_| "bad signing key".to_string())?;
+        vk.verify_strict(
+            &[domain, body].concat(),
+            &ed25519_dalek::Signature::from_bytes(&self.sig.0),
+        )
+        .map_err(|_| "signature does not verify".to_string())?;
+        Ok(c)
+    }
+
+    pub fn identity(&self) -> Option<[u8; 32]> {
+        AuthorityCert::parse(&self.cert).ok().map(|c| c.identity)
+    }
+}
+
+/// A document signed by authorities (consensus, vote) as it travels.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuthSigned {
+    pub body: Vec<u8>,
+    pub signatures: Vec<AuthoritySig>,
+}
+
+impl AuthSigned {
+    pub fn new(body: Vec<u8>) -> Self {
+        AuthSigned {
+            body,
+            signatures: vec![],
+        }
+    }
+
+    pub fn parse(what: &'static str, b: &[u8], max: usize) -> Result<Self, Error> {
+        if b.len() > max {
+            return Err(Error::TooLarge {
+                what,
+                len: b.len(),
+                max,
+            });
+        }
+        let d: AuthSigned = decode_exact(what, b)?;
+        if d.signatures.len() > MAX_SIGNATURES {
+            return Err(Error::TooLarge {
+                what: "signature list",
+                len: d.signatures.len(),
+                max: MAX_SIGNATURES,
+            });
+        }
+        Ok(d)
+    }
+
+    /// Add a signature, replacing any by the same authority, keeping the
+    /// list sorted by authority identity (so all copies are byte-identical).
+    pub fn add(&mut self, s: AuthoritySig) {
+        let id = s.identity();
+        self.signatures.retain(|x| x.identity() != id);
+        self.signatures.push(s);
+        self.signatures.sort_by_key(|x| x.identity());
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(&self.body).into()
+    }
+}
+
 impl Consensus {
-    pub fn to_document(&self) -> SignedDocument {
-        SignedDocument::new(encode(self))
+    pub fn to_document(&self) -> AuthSigned {
+        AuthSigned::new(encode(self))
     }
     pub fn relay(&self, id: &[u8; 32]) -> Option<&ConsensusRelay> {
         self.relays
@@ -324,15 +474,24 @@ impl Consensus {
     }
 }
 
+/// What `verify` found about one signature, for display.
+#[derive(Clone, Debug)]
+pub struct SignatureReport {
+    pub identity: Option<[u8; 32]>,
+    pub signing_key: Option<[u8; 32]>,
+    pub cert_valid_until: Option<u64>,
+    pub verdict: Result<(), String>,
+}
+
 /// A consensus as received: parsed, not yet trusted.
 pub struct UnverifiedConsensus {
-    pub doc: SignedDocument,
+    pub doc: AuthSigned,
     consensus: Consensus,
 }
 
 impl UnverifiedConsensus {
     pub fn parse(b: &[u8]) -> Result<Self, Error> {
-        let doc = SignedDocument::parse("consensus", b, MAX_CONSENSUS_LEN)?;
+        let doc = AuthSigned::parse("consensus", b, MAX_CONSENSUS_LEN)?;
         let consensus: Consensus = decode_exact("consensus body", &doc.body)?;
         if !consensus
             .relays
@@ -352,26 +511,46 @@ impl UnverifiedConsensus {
         &self.consensus
     }
 
-    /// Which of `authorities` signed it validly.
-    pub fn valid_signers(&self, authorities: &[AuthorityKey]) -> Vec<AuthorityKey> {
+    /// Each signature, and whether it counts for `pinned` at `now`.
+    pub fn report(&self, pinned: &[AuthorityKey], now: u64) -> Vec<SignatureReport> {
+        self.doc
+            .signatures
+            .iter()
+            .map(|s| {
+                let cert = AuthorityCert::parse(&s.cert).ok();
+                SignatureReport {
+                    identity: cert.as_ref().map(|c| c.identity),
+                    signing_key: cert.as_ref().map(|c| c.signing_key),
+                    cert_valid_until: cert.as_ref().map(|c| c.valid_until),
+                    verdict: s
+                        .check(CONSENSUS_DOMAIN, &self.doc.body, pinned, now)
+                        .map(|_| ()),
+                }
+            })
+            .collect()
+    }
+
+    /// The distinct pinned authorities whose signatures are valid at `now`.
+    pub fn valid_signers(&self, pinned: &[AuthorityKey], now: u64) -> Vec<AuthorityKey> {
         let mut out: Vec<AuthorityKey> = Vec::new();
         for s in &self.doc.signatures {
-            let k = AuthorityKey(s.key);
-            if authorities.contains(&k) && !out.contains(&k) && self.doc.check(CONSENSUS_DOMAIN, s)
-            {
-                out.push(k);
+            if let Ok(c) = s.check(CONSENSUS_DOMAIN, &self.doc.body, pinned, now) {
+                let k = AuthorityKey(c.identity);
+                if !out.contains(&k) {
+                    out.push(k);
+                }
             }
         }
         out
     }
 
-    /// Trust it only if more than half of `authorities` signed it and `now`
-    /// lies within its validity (with [`MAX_CLOCK_SKEW`] of tolerance before
-    /// `valid_after`).
-    pub fn verify(self, authorities: &[AuthorityKey], now: u64) -> Result<Consensus, Error> {
-        let needed = authorities.len() / 2 + 1;
-        let valid = self.valid_signers(authorities).len();
-        if authorities.is_empty() || valid < needed {
+    /// Trust it only if more than half of `pinned` signed it (through
+    /// certificates valid at `now`) and `now` lies within its validity
+    /// (with [`MAX_CLOCK_SKEW`] of tolerance before `valid_after`).
+    pub fn verify(self, pinned: &[AuthorityKey], now: u64) -> Result<Consensus, Error> {
+        let needed = pinned.len() / 2 + 1;
+        let valid = self.valid_signers(pinned, now).len();
+        if pinned.is_empty() || valid < needed {
             return Err(Error::NotEnoughSignatures { valid, needed });
         }
         let c = &self.consensus;
@@ -483,26 +662,49 @@ mod tests {
         }
     }
 
+    /// An authority: identity key, signing key, certificate.
+    pub(crate) fn authority(i: u8, from: u64, until: u64) -> (SigningKey, SigningKey, Vec<u8>) {
+        let id = key(i);
+        let sk = key(i + 100);
+        let cert = AuthorityCert {
+            identity: id.verifying_key().to_bytes(),
+            signing_key: sk.verifying_key().to_bytes(),
+            valid_from: from,
+            valid_until: until,
+        }
+        .sign(&id);
+        (id, sk, cert)
+    }
+
     #[test]
-    fn consensus_needs_a_majority() {
+    fn consensus_needs_a_majority_through_valid_certificates() {
         let now = 1_800_000_000;
-        let auths: Vec<SigningKey> = (1..=3).map(key).collect();
+        let auths: Vec<_> = (1..=3)
+            .map(|i| authority(i, now - 10, now + 1000))
+            .collect();
         let pinned: Vec<AuthorityKey> = auths
             .iter()
-            .map(|k| AuthorityKey(k.verifying_key().to_bytes()))
+            .map(|a| AuthorityKey(a.0.verifying_key().to_bytes()))
             .collect();
-        let mut doc = consensus(now).to_document();
-        doc.sign(CONSENSUS_DOMAIN, &auths[0]);
-        doc.sign(CONSENSUS_DOMAIN, &key(9)); // unknown key does not count
-        let b = doc.to_bytes();
+        let body_doc = consensus(now).to_document();
+        let sign = |d: &mut AuthSigned, a: &(SigningKey, SigningKey, Vec<u8>)| {
+            let s = AuthoritySig::make(CONSENSUS_DOMAIN, &d.body, &a.2, &a.1);
+            d.add(s);
+        };
+        // One valid authority plus one unknown key is refused.
+        let mut doc = body_doc.clone();
+        sign(&mut doc, &auths[0]);
+        sign(&mut doc, &authority(9, now - 10, now + 1000));
         assert!(matches!(
-            UnverifiedConsensus::parse(&b).unwrap().verify(&pinned, now),
+            UnverifiedConsensus::parse(&doc.to_bytes())
+                .unwrap()
+                .verify(&pinned, now),
             Err(Error::NotEnoughSignatures {
                 valid: 1,
                 needed: 2
             })
         ));
-        doc.sign(CONSENSUS_DOMAIN, &auths[1]);
+        sign(&mut doc, &auths[1]);
         let b = doc.to_bytes();
         UnverifiedConsensus::parse(&b)
             .unwrap()
@@ -514,16 +716,39 @@ mod tests {
                 .verify(&pinned, now + 181)
                 .is_err()
         );
-        // A signature made with the descriptor domain does not count.
-        let mut d2 = consensus(now).to_document();
-        d2.sign(DESCRIPTOR_DOMAIN, &auths[0]);
-        d2.sign(DESCRIPTOR_DOMAIN, &auths[1]);
-        assert!(
-            UnverifiedConsensus::parse(&d2.to_bytes())
-                .unwrap()
-                .verify(&pinned, now)
-                .is_err()
-        );
+        // The same signature added twice counts once; order does not matter.
+        let mut again = body_doc.clone();
+        sign(&mut again, &auths[1]);
+        sign(&mut again, &auths[0]);
+        sign(&mut again, &auths[0]);
+        assert_eq!(again.signatures.len(), 2);
+        let mut ordered = body_doc.clone();
+        sign(&mut ordered, &auths[0]);
+        sign(&mut ordered, &auths[1]);
+        assert_eq!(again.to_bytes(), ordered.to_bytes());
+        // An expired signing-key certificate does not count.
+        let expired = authority(2, now - 100, now - 1);
+        let mut d3 = body_doc.clone();
+        sign(&mut d3, &auths[0]);
+        sign(&mut d3, &expired);
+        let r = UnverifiedConsensus::parse(&d3.to_bytes()).unwrap();
+        let rep = r.report(&pinned, now);
+        assert!(rep.iter().any(|x| {
+            x.verdict
+                .as_ref()
+                .is_err_and(|e| e.contains("certificate valid only"))
+        }));
+        assert!(r.verify(&pinned, now).is_err());
+        // A certificate signed by someone other than its identity is rejected.
+        let (id, sk, _) = authority(3, now, now + 10);
+        let forged = AuthorityCert {
+            identity: id.verifying_key().to_bytes(),
+            signing_key: sk.verifying_key().to_bytes(),
+            valid_from: 0,
+            valid_until: u64::MAX,
+        }
+        .sign(&key(50));
+        assert!(AuthorityCert::parse(&forged).is_err());
         // Trailing bytes.
         let mut t = b.clone();
         t.push(1);

@@ -16,11 +16,12 @@ pub mod onion;
 pub mod policy;
 pub mod relaymsg;
 pub mod socks;
+pub mod vote;
 pub mod wire;
 
 pub use doc::{
-    AuthorityKey, Consensus, ConsensusRelay, RelayDescriptor, RelayFlags, SignedDocument,
-    UnverifiedConsensus, UnverifiedDescriptor,
+    AuthSigned, AuthorityCert, AuthorityKey, AuthoritySig, Consensus, ConsensusRelay,
+    RelayDescriptor, RelayFlags, SignedDocument, UnverifiedConsensus, UnverifiedDescriptor,
 };
 
 /// Everything that can go wrong in this crate. Peer faults say what the peer

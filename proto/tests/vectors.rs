@@ -14,11 +14,13 @@
 use std::collections::BTreeMap;
 
 use allium_proto::cell::{self, Cell, CellCmd, DestroyReason};
-use allium_proto::doc::{CONSENSUS_DOMAIN, SignedDocument};
+use allium_proto::doc::{CONSENSUS_DOMAIN, SignedDocument, VOTE_DOMAIN};
 use allium_proto::ntor::{self, OnionKeys};
 use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
 use allium_proto::policy::ExitPolicy;
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
+use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
+use allium_proto::{AuthorityCert, AuthoritySig};
 use allium_proto::{
     Consensus, ConsensusRelay, RelayDescriptor, RelayFlags, UnverifiedConsensus,
     UnverifiedDescriptor,
@@ -220,8 +222,23 @@ fn compute() -> BTreeMap<String, String> {
             descriptor_digest: Sha256::digest(&desc.sign(&relay_key).body).into(),
         }],
     };
+    // The authority's identity certifies an online signing key.
+    let signing = SigningKey::from_bytes(&[0x42; 32]);
+    let cert = AuthorityCert {
+        identity: auth_key.verifying_key().to_bytes(),
+        signing_key: signing.verifying_key().to_bytes(),
+        valid_from: 1_700_000_000,
+        valid_until: 1_900_000_000,
+    }
+    .sign(&auth_key);
+    put("doc.cert", &cert);
     let mut cd = cons.to_document();
-    cd.sign(CONSENSUS_DOMAIN, &auth_key);
+    cd.add(AuthoritySig::make(
+        CONSENSUS_DOMAIN,
+        &cd.body,
+        &cert,
+        &signing,
+    ));
     let cbytes = cd.to_bytes();
     UnverifiedConsensus::parse(&cbytes)
         .unwrap()
@@ -233,6 +250,30 @@ fn compute() -> BTreeMap<String, String> {
         )
         .unwrap();
     put("doc.consensus", &cbytes);
+
+    // A vote listing the same relay.
+    let vote = Vote {
+        authority: auth_key.verifying_key().to_bytes(),
+        valid_after: 1_800_000_000,
+        interval: 3600,
+        valid_intervals: 3,
+        relays: vec![VoteRelay {
+            identity: desc.identity,
+            digest: Sha256::digest(&desc.sign(&relay_key).body).into(),
+            descriptor: doc.clone(),
+            flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::EXIT),
+            bandwidth: 1_000_000,
+        }],
+    };
+    let mut vd = vote.to_document();
+    vd.add(AuthoritySig::make(VOTE_DOMAIN, &vd.body, &cert, &signing));
+    let vbytes = vd.to_bytes();
+    let pinned = [allium_proto::AuthorityKey(
+        auth_key.verifying_key().to_bytes(),
+    )];
+    assert_eq!(Vote::verify(&vbytes, &pinned, 1_800_000_000).unwrap(), vote);
+    assert_eq!(compute_consensus(&[vote]).unwrap(), cons);
+    put("doc.vote", &vbytes);
     v
 }
 

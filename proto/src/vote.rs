@@ -1,0 +1,313 @@
+//! Votes and the consensus computation (`doc/protocol.md` section 8).
+//!
+//! Each authority signs a [`Vote`] listing the relays it knows (their full
+//! signed descriptors), the flags it assigns and the bandwidth it sees.
+//! [`compute_consensus`] turns a set of votes for one period into the
+//! consensus; it is a pure function of the votes, so every authority that
+//! holds the same votes produces the same bytes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::doc::{AuthSigned, AuthorityKey, MAX_VOTE_LEN, VOTE_DOMAIN};
+use crate::{Consensus, ConsensusRelay, Error, RelayFlags, UnverifiedDescriptor};
+
+/// One relay as one authority sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VoteRelay {
+    pub identity: [u8; 32],
+    /// SHA-256 of the descriptor's body.
+    pub digest: [u8; 32],
+    /// The signed descriptor, exactly as the relay uploaded it.
+    pub descriptor: Vec<u8>,
+    pub flags: RelayFlags,
+    pub bandwidth: u32,
+}
+
+/// An authority's vote for the consensus that becomes valid at `valid_after`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vote {
+    pub authority: [u8; 32],
+    pub valid_after: u64,
+    pub interval: u64,
+    pub valid_intervals: u64,
+    /// Sorted by identity, no repeats.
+    pub relays: Vec<VoteRelay>,
+}
+
+impl Vote {
+    pub fn to_document(&self) -> AuthSigned {
+        AuthSigned::new(postcard::to_stdvec(self).expect("encoding to a Vec cannot fail"))
+    }
+
+    /// Parse a signed vote and check that a pinned authority signed it,
+    /// through a certificate valid at `now`, and that it is that
+    /// authority's own vote.
+    pub fn verify(b: &[u8], pinned: &[AuthorityKey], now: u64) -> Result<Vote, Error> {
+        let doc = AuthSigned::parse("vote", b, MAX_VOTE_LEN)?;
+        let (v, rest): (Vote, _) = postcard::take_from_bytes(&doc.body)
+            .map_err(|e| Error::malformed("vote", e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(Error::TrailingBytes(rest.len()));
+        }
+        let [s] = doc.signatures.as_slice() else {
+            return Err(Error::malformed("vote", "must carry exactly one signature"));
+        };
+        let c = s
+            .check(VOTE_DOMAIN, &doc.body, pinned, now)
+            .map_err(|_| Error::BadSignature("vote"))?;
+        if c.identity != v.authority {
+            return Err(Error::BadSignature(
+                "vote (signed by another authority than its author)",
+            ));
+        }
+        if !v.relays.windows(2).all(|w| w[0].identity < w[1].identity) {
+            return Err(Error::malformed(
+                "vote",
+                "relays not sorted by identity or repeated",
+            ));
+        }
+        if v.interval == 0 || v.valid_intervals == 0 {
+            return Err(Error::malformed("vote", "zero interval"));
+        }
+        Ok(v)
+    }
+}
+
+const FLAGS: [u16; 7] = [
+    RelayFlags::RUNNING,
+    RelayFlags::VALID,
+    RelayFlags::EXIT,
+    RelayFlags::GUARD,
+    RelayFlags::STABLE,
+    RelayFlags::FAST,
+    RelayFlags::BAD_EXIT,
+];
+
+fn low_median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[(v.len() - 1) / 2]
+}
+
+/// The consensus of `votes`, which must all be for the same `valid_after`
+/// and come from distinct authorities. Rules:
+///
+/// * a relay is listed only if more than half of the votes list it with
+///   the same descriptor digest, and that descriptor's signature verifies;
+/// * each flag is set if more than half of those listing votes set it;
+/// * its bandwidth is the low median of theirs;
+/// * `interval` and `valid_intervals` are the low medians over all votes;
+///   `fresh_until = valid_after + interval`,
+///   `valid_until = valid_after + interval * valid_intervals`.
+pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
+    let first = votes
+        .first()
+        .ok_or_else(|| Error::malformed("votes", "none"))?;
+    if votes.iter().any(|v| v.valid_after != first.valid_after) {
+        return Err(Error::malformed("votes", "for different periods"));
+    }
+    let mut by_relay: BTreeMap<[u8; 32], Vec<&VoteRelay>> = BTreeMap::new();
+    let mut sorted: Vec<&Vote> = votes.iter().collect();
+    sorted.sort_by_key(|v| v.authority);
+    for v in &sorted {
+        for r in &v.relays {
+            by_relay.entry(r.identity).or_default().push(r);
+        }
+    }
+    let n = votes.len();
+    let mut relays = Vec::new();
+    for (id, entries) in by_relay {
+        let mut counts: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+        for e in &entries {
+            *counts.entry(e.digest).or_default() += 1;
+        }
+        let Some((digest, _)) = counts.into_iter().find(|(_, c)| 2 * c > n) else {
+            continue;
+        };
+        let listing: Vec<&VoteRelay> = entries.into_iter().filter(|e| e.digest == digest).collect();
+        let Some(desc) = listing.iter().find_map(|e| {
+            let u = UnverifiedDescriptor::parse(&e.descriptor).ok()?;
+            (u.verify_signature().ok()? == digest && u.descriptor().identity == id)
+                .then(|| u.descriptor().clone())
+        }) else {
+            continue;
+        };
+        let mut flags = 0u16;
+        for f in FLAGS {
+            if 2 * listing.iter().filter(|e| e.flags.has(f)).count() > listing.len() {
+                flags |= f;
+            }
+        }
+        let bandwidth = low_median(listing.iter().map(|e| e.bandwidth as u64).collect()) as u32;
+        relays.push(ConsensusRelay {
+            nickname: desc.nickname,
+            identity: id,
+            link_key: desc.link_key,
+            onion_key: desc.onion_key,
+            addr: desc.addr,
+            flags: RelayFlags(flags),
+            bandwidth,
+            exit_policy: desc.exit_policy,
+            family: desc.family,
+            descriptor_digest: digest,
+        });
+    }
+    let interval = low_median(votes.iter().map(|v| v.interval).collect());
+    let valid_intervals = low_median(votes.iter().map(|v| v.valid_intervals).collect());
+    let va = first.valid_after;
+    Ok(Consensus {
+        valid_after: va,
+        fresh_until: va.saturating_add(interval),
+        valid_until: va.saturating_add(interval.saturating_mul(valid_intervals)),
+        relays,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RelayDescriptor;
+    use crate::doc::{AuthorityCert, AuthoritySig};
+    use crate::policy::ExitPolicy;
+    use ed25519_dalek::SigningKey;
+    use sha2::{Digest, Sha256};
+
+    fn relay(i: u8, published: u64, flags: u16, bw: u32) -> VoteRelay {
+        let k = SigningKey::from_bytes(&[i; 32]);
+        let d = RelayDescriptor {
+            nickname: format!("r{i}"),
+            identity: k.verifying_key().to_bytes(),
+            link_key: [1; 32],
+            onion_key: [2; 32],
+            prev_onion_key: None,
+            addr: "127.0.0.1:9001".parse().unwrap(),
+            bandwidth: 1000,
+            exit_policy: ExitPolicy::reject_all(),
+            family: vec![],
+            published,
+        }
+        .sign(&k);
+        VoteRelay {
+            identity: k.verifying_key().to_bytes(),
+            digest: Sha256::digest(&d.body).into(),
+            descriptor: d.to_bytes(),
+            flags: RelayFlags(flags),
+            bandwidth: bw,
+        }
+    }
+
+    fn vote(a: u8, relays: Vec<VoteRelay>) -> Vote {
+        let mut relays = relays;
+        relays.sort_by_key(|r| r.identity);
+        Vote {
+            authority: [a; 32],
+            valid_after: 1000,
+            interval: 60,
+            valid_intervals: 3,
+            relays,
+        }
+    }
+
+    const RV: u16 = RelayFlags::RUNNING | RelayFlags::VALID;
+
+    #[test]
+    fn majority_lists_flags_and_median() {
+        let votes = vec![
+            vote(
+                1,
+                vec![
+                    relay(10, 5, RV, 100),
+                    relay(11, 5, RV | RelayFlags::GUARD, 10),
+                ],
+            ),
+            vote(
+                2,
+                vec![
+                    relay(10, 5, RV | RelayFlags::GUARD, 300),
+                    relay(11, 5, RV, 20),
+                ],
+            ),
+            // Authority 3 alone knows relay 12, and does not list relay 11.
+            vote(
+                3,
+                vec![relay(10, 5, RelayFlags::VALID, 200), relay(12, 5, RV, 1)],
+            ),
+        ];
+        let c = compute_consensus(&votes).unwrap();
+        let ids: Vec<[u8; 32]> = c.relays.iter().map(|r| r.identity).collect();
+        assert!(ids.contains(&relay(10, 5, 0, 0).identity));
+        // One authority cannot remove a relay the other two list...
+        assert!(ids.contains(&relay(11, 5, 0, 0).identity));
+        // ...nor add one the others do not know.
+        assert!(!ids.contains(&relay(12, 5, 0, 0).identity));
+        let r10 = c.relay(&relay(10, 5, 0, 0).identity).unwrap();
+        assert_eq!(r10.flags.0, RV, "Running 2/3, Valid 3/3, Guard 1/3");
+        assert_eq!(r10.bandwidth, 200);
+        let r11 = c.relay(&relay(11, 5, 0, 0).identity).unwrap();
+        assert_eq!(r11.flags.0, RV, "Guard 1/2 is not a majority");
+        assert_eq!(
+            (c.valid_after, c.fresh_until, c.valid_until),
+            (1000, 1060, 1180)
+        );
+        // Deterministic: vote order does not matter.
+        let mut rev = votes.clone();
+        rev.reverse();
+        assert_eq!(compute_consensus(&rev).unwrap(), c);
+    }
+
+    #[test]
+    fn different_descriptors_split_the_vote() {
+        let votes = vec![
+            vote(1, vec![relay(10, 5, RV, 100)]),
+            vote(2, vec![relay(10, 6, RV, 100)]),
+            vote(3, vec![relay(10, 7, RV, 100)]),
+        ];
+        assert!(compute_consensus(&votes).unwrap().relays.is_empty());
+    }
+
+    #[test]
+    fn forged_descriptor_in_votes_is_not_listed() {
+        let mut r = relay(10, 5, RV, 100);
+        let n = r.descriptor.len();
+        r.descriptor[n - 1] ^= 1; // break the signature, keep the digest claim
+        let votes = vec![vote(1, vec![r.clone()]), vote(2, vec![r])];
+        assert!(compute_consensus(&votes).unwrap().relays.is_empty());
+    }
+
+    #[test]
+    fn vote_signatures() {
+        let id = SigningKey::from_bytes(&[1; 32]);
+        let sk = SigningKey::from_bytes(&[2; 32]);
+        let ident = id.verifying_key().to_bytes();
+        let cert = AuthorityCert {
+            identity: ident,
+            signing_key: sk.verifying_key().to_bytes(),
+            valid_from: 0,
+            valid_until: 5000,
+        }
+        .sign(&id);
+        let mut v = vote(0, vec![relay(10, 5, RV, 1)]);
+        v.authority = ident;
+        let mut d = v.to_document();
+        d.add(AuthoritySig::make(VOTE_DOMAIN, &d.body, &cert, &sk));
+        let pinned = [AuthorityKey(ident)];
+        assert_eq!(Vote::verify(&d.to_bytes(), &pinned, 1000).unwrap(), v);
+        assert!(
+            Vote::verify(&d.to_bytes(), &pinned, 6000).is_err(),
+            "expired certificate"
+        );
+        assert!(
+            Vote::verify(&d.to_bytes(), &[AuthorityKey([9; 32])], 1000).is_err(),
+            "not pinned"
+        );
+        let mut other = v.clone();
+        other.authority = [7; 32];
+        let mut d2 = other.to_document();
+        d2.add(AuthoritySig::make(VOTE_DOMAIN, &d2.body, &cert, &sk));
+        assert!(
+            Vote::verify(&d2.to_bytes(), &pinned, 1000).is_err(),
+            "vote claiming another author"
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! `allium consensus show`: a consensus as JSON, with what each signature
+//! is worth against pinned authority keys.
+
+use allium_proto::{AuthorityKey, UnverifiedConsensus};
+use serde_json::json;
+
+/// Render a consensus document; signatures are checked against `pinned`
+/// (an empty list marks every signature as not pinned).
+pub fn consensus_json(
+    bytes: &[u8],
+    pinned: &[AuthorityKey],
+    now: u64,
+) -> Result<String, allium_proto::Error> {
+    let u = UnverifiedConsensus::parse(bytes)?;
+    let c = u.peek();
+    let times = (c.valid_after, c.fresh_until, c.valid_until);
+    let relays: Vec<_> = c
+        .relays
+        .iter()
+        .map(|r| {
+            json!({
+                "nickname": r.nickname,
+                "identity": hex::encode(r.identity),
+                "address": r.addr.to_string(),
+                "flags": r.flags.names(),
+                "bandwidth": r.bandwidth,
+                "exit_policy": r.exit_policy.to_strings(),
+            })
+        })
+        .collect();
+    let sigs: Vec<_> = u
+        .report(pinned, now)
+        .into_iter()
+        .map(|s| {
+            json!({
+                "authority_identity": s.identity.map(hex::encode),
+                "signing_key": s.signing_key.map(hex::encode),
+                "certificate_valid_until": s.cert_valid_until,
+                "verifies": s.verdict.is_ok(),
+                "problem": s.verdict.err(),
+            })
+        })
+        .collect();
+    let verdict = match u.verify(pinned, now) {
+        _ if pinned.is_empty() => {
+            "unchecked: give --config to check against pinned authority keys".to_string()
+        }
+        Ok(_) => "valid".to_string(),
+        Err(e) => format!("not valid for the pinned authorities: {e}"),
+    };
+    Ok(serde_json::to_string_pretty(&json!({
+        "valid_after": times.0,
+        "fresh_until": times.1,
+        "valid_until": times.2,
+        "relays": relays,
+        "signatures": sigs,
+        "verdict": verdict,
+    }))
+    .unwrap_or_default())
+}

@@ -1,0 +1,172 @@
+//! Directory authorities that vote: a 3-authority testnet on loopback.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use allium::testnet::{Testnet, TestnetOptions};
+use allium_client::path::ExitTarget;
+use allium_directory::{DirError, http, unix_now};
+use allium_proto::{Consensus, RelayFlags, UnverifiedConsensus};
+
+async fn fetch(addr: SocketAddr) -> (Vec<u8>, Consensus, usize) {
+    let b = http::fetch_consensus(addr).await.unwrap();
+    let u = UnverifiedConsensus::parse(&b).unwrap();
+    let n = u.doc.signatures.len();
+    (b.clone(), u.peek().clone(), n)
+}
+
+/// Poll `f` every 250 ms until it holds, for at most `secs`.
+async fn eventually<F: AsyncFnMut() -> bool>(what: &str, secs: u64, mut f: F) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn status(r: Result<(), DirError>) -> u16 {
+    match r {
+        Err(DirError::Status { status, .. }) => status,
+        other => panic!("expected an HTTP error status, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_authorities_vote_and_survive_failures() {
+    let opts = TestnetOptions {
+        relays: 5,
+        exits: 2,
+        valid_intervals: 4,
+        ..Default::default()
+    };
+    let interval = opts.interval_secs;
+    let net = Testnet::start(opts).await.unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let addrs: Vec<SocketAddr> = net.authorities.iter().map(|a| a.addr).collect();
+
+    // All three serve the same bytes, signed by all three.
+    eventually(
+        "three byte-identical consensuses with three signatures",
+        20,
+        async || {
+            let mut docs = Vec::new();
+            for a in &addrs {
+                docs.push(fetch(*a).await);
+            }
+            docs.iter().all(|d| d.0 == docs[0].0 && d.2 == 3)
+        },
+    )
+    .await;
+
+    // Bad input gets a 4xx with a reason.
+    let (_, c0, _) = fetch(addrs[0]).await;
+    let old_vote = http::fetch_vote(addrs[0], c0.valid_after).await.unwrap();
+    assert_eq!(
+        status(http::post_vote(addrs[1], old_vote.clone()).await),
+        409,
+        "replayed vote"
+    );
+    let mut forged = old_vote.clone();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    assert_eq!(
+        status(http::post_vote(addrs[1], forged).await),
+        400,
+        "forged vote"
+    );
+    assert_eq!(
+        status(http::post_vote(addrs[1], vec![1, 2, 3]).await),
+        400,
+        "garbage vote"
+    );
+    assert_eq!(
+        status(http::post_descriptor(addrs[1], vec![0; 20_000]).await),
+        413,
+        "oversized descriptor"
+    );
+    assert_eq!(
+        status(http::post_descriptor(addrs[1], vec![9; 100]).await),
+        400,
+        "malformed descriptor"
+    );
+
+    // A signing key certified mid-run: the next consensus carries it, and
+    // clients (which pin identity keys only) keep accepting.
+    let cert = net.rotate_signing_key(0).unwrap();
+    eventually(
+        "a consensus signed with auth0's new signing key",
+        20,
+        async || {
+            let b = http::fetch_consensus(addrs[0]).await.unwrap();
+            let u = UnverifiedConsensus::parse(&b).unwrap();
+            u.report(&[], 0)
+                .iter()
+                .any(|s| s.signing_key == Some(cert.signing_key))
+        },
+    )
+    .await;
+    let c = net.client.refresh_consensus().await.unwrap();
+    assert!(c.relays.len() >= 5);
+
+    // A relay that stops answering loses Running, and clients stop choosing it.
+    let gone = net.relays[4].identity;
+    net.stop_relay(4);
+    eventually("relay4 without Running", 20, async || {
+        let c = net.client.refresh_consensus().await.unwrap();
+        c.relay(&gone)
+            .is_some_and(|r| !r.flags.has(RelayFlags::RUNNING))
+    })
+    .await;
+    for _ in 0..10 {
+        let circ = net.client.build_circuit(&ExitTarget::Any).await.unwrap();
+        assert!(
+            circ.path.iter().all(|r| r.identity != gone),
+            "a stopped relay was chosen"
+        );
+    }
+
+    // One authority down: the other two still make a consensus clients accept.
+    net.stop_authority(2);
+    let stopped_at = unix_now();
+    eventually("a consensus from two authorities", 20, async || {
+        let (_, c, n) = fetch(addrs[0]).await;
+        c.valid_after > stopped_at + interval && n == 2
+    })
+    .await;
+    let c = net.client.refresh_consensus().await.unwrap();
+    assert!(c.valid_after > stopped_at);
+
+    // Two down: no new consensus; the last one is used until it expires.
+    net.stop_authority(1);
+    let (_, last, _) = fetch(addrs[0]).await;
+    net.client.refresh_consensus().await.unwrap();
+    let wait = last.valid_until.saturating_sub(unix_now()) + 2;
+    assert!(net.client.consensus().is_some());
+    tokio::time::sleep(Duration::from_secs(wait.min(60))).await;
+    let (_, still, _) = fetch(addrs[0]).await;
+    assert_eq!(
+        still.valid_after, last.valid_after,
+        "one authority alone must not publish"
+    );
+    assert!(
+        net.client.consensus().is_none(),
+        "an expired consensus is not used"
+    );
+    let err = net
+        .client
+        .refresh_consensus()
+        .await
+        .expect_err("no valid consensus exists")
+        .to_string();
+    assert!(
+        err.contains("no usable consensus") && err.contains("expired"),
+        "{err}"
+    );
+
+    net.shutdown().await;
+}
