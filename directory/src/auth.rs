@@ -610,6 +610,14 @@ impl Authority {
         let i_ms = self.cfg.interval_secs * 1000;
         let va_ms = va * 1000;
         self.reload_signer();
+        {
+            // Keep votes and signatures of the last two periods only, even
+            // when no consensus gets published.
+            let mut st = lock(&self.state);
+            let keep_from = va.saturating_sub(2 * self.cfg.interval_secs);
+            st.votes.retain(|p, _| *p >= keep_from);
+            st.own_sigs.retain(|p, _| *p >= keep_from);
+        }
         self.test_reachability().await;
         let vote = self.make_vote(va, unix_now());
         for (_, addr, name) in self.peers() {
