@@ -289,6 +289,11 @@ async fn whole_network_end_to_end() {
     times.sort();
     println!("3-hop circuit build, median of 9: {:?}", times[4]);
 
+    // A restarted client starts from its cached consensus, without a fetch.
+    let again = Client::new(net.client_config.clone()).unwrap();
+    let cached = again.consensus().expect("cached consensus");
+    assert_eq!(cached.relays.len(), net.relays.len());
+
     // A client pinned to the wrong authority key refuses the consensus and says why.
     let wrong = ClientConfig {
         authorities: vec![AuthorityEntry {

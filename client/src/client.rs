@@ -53,7 +53,15 @@ impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
         cfg.check()?;
         let keys = allium_directory::authority_keys(&cfg.authorities)?;
-        let (consensus, _) = watch::channel(None);
+        let cached = dir::load_cached(&cfg.data_dir, &keys);
+        if let Some(c) = &cached {
+            info!(
+                relays = c.relays.len(),
+                valid_until = c.valid_until,
+                "Bootstrapped 50%: using the cached consensus"
+            );
+        }
+        let (consensus, _) = watch::channel(cached);
         let (ready, _) = watch::channel(false);
         Ok(Client {
             inner: Arc::new(Inner {
@@ -71,10 +79,20 @@ impl Client {
         &self.inner.cfg
     }
 
-    /// Fetch and verify a consensus once and install it.
+    /// Fetch and verify a consensus once, install it and cache it on disk.
     pub async fn refresh_consensus(&self) -> Result<Arc<Consensus>, ClientError> {
-        let c = dir::fetch_consensus(&self.inner.cfg.authorities, &self.inner.keys).await?;
-        self.inner.consensus.send_replace(Some(c.clone()));
+        let (c, bytes) =
+            dir::fetch_consensus(&self.inner.cfg.authorities, &self.inner.keys).await?;
+        let newer = self
+            .consensus()
+            .is_none_or(|old| old.valid_after < c.valid_after);
+        if newer {
+            let path = dir::cache_path(&self.inner.cfg.data_dir);
+            if let Err(e) = allium_directory::store::write_atomic(&path, &bytes, 0o644) {
+                warn!("caching the consensus: {e}");
+            }
+            self.inner.consensus.send_replace(Some(c.clone()));
+        }
         Ok(c)
     }
 
