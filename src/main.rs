@@ -62,6 +62,9 @@ enum Cmd {
         /// SOCKS5 listen address (default: a free loopback port).
         #[arg(long)]
         socks: Option<SocketAddr>,
+        /// Also serve an HTTP CONNECT proxy here (e.g. 127.0.0.1:8118).
+        #[arg(long)]
+        http_connect: Option<SocketAddr>,
         /// Keep keys and configs here instead of a temporary directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -249,6 +252,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             authorities,
             relays,
             socks,
+            http_connect,
             data_dir,
             init_only,
             base_port,
@@ -257,6 +261,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 authorities,
                 relays,
                 socks,
+                http_connect,
                 data_dir: data_dir.clone(),
                 base_port,
                 ..Default::default()
@@ -289,6 +294,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 return Err(e);
             }
             println!("SOCKS5 proxy ready on socks5h://{}", net.socks_addr);
+            if let Some(h) = net.http_addr {
+                println!("HTTP CONNECT proxy ready on http://{h}");
+            }
             let r = tokio::select! {
                 why = net.wait_failure() => Err(why),
                 () = shutdown_signal() => Ok(()),

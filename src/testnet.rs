@@ -48,6 +48,8 @@ pub struct TestnetOptions {
     pub exits: usize,
     /// SOCKS listener (default: a free loopback port).
     pub socks: Option<SocketAddr>,
+    /// An HTTP CONNECT proxy listener, if wanted.
+    pub http_connect: Option<SocketAddr>,
     /// Keep everything here (default: a temporary directory, removed at the end).
     pub data_dir: Option<PathBuf>,
     /// First of the consecutive loopback ports to use (default: find a free block).
@@ -65,6 +67,7 @@ impl Default for TestnetOptions {
             relays: 6,
             exits: 2,
             socks: None,
+            http_connect: None,
             data_dir: None,
             base_port: None,
             interval_secs: 3,
@@ -324,6 +327,7 @@ pub struct Testnet {
     pub client: Client,
     pub client_config: ClientConfig,
     pub socks_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
     tasks: JoinSet<(String, Result<(), String>)>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -397,6 +401,12 @@ impl Testnet {
             None => next_port()?,
         };
         p.client.socks_listen = vec![socks_listener.local_addr()?];
+        let http_listener = match opts.http_connect {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
+        let http_addr = http_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        p.client.http_connect_listen = http_addr.into_iter().collect();
         write_configs(&p, &opts)?;
         let client = Client::new(p.client.clone())?;
         let socks_addr = socks_listener.local_addr()?;
@@ -405,7 +415,7 @@ impl Testnet {
             async move {
                 (
                     "client".to_string(),
-                    c.serve(vec![socks_listener])
+                    c.serve(vec![socks_listener], http_listener.into_iter().collect())
                         .await
                         .map_err(|e| e.to_string()),
                 )
@@ -418,6 +428,7 @@ impl Testnet {
             client,
             client_config: p.client.clone(),
             socks_addr,
+            http_addr,
             tasks,
             _tmp: tmp,
         })

@@ -151,7 +151,12 @@ fn processed(s: &RelayStats) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whole_network_end_to_end() {
     let web = http_server().await;
-    let net = Testnet::start(TestnetOptions::default()).await.unwrap();
+    let net = Testnet::start(TestnetOptions {
+        http_connect: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     net.wait_ready(Duration::from_secs(60)).await.unwrap();
     let proxy = net.socks_addr;
 
@@ -204,6 +209,26 @@ async fn whole_network_end_to_end() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(Sha256::digest(&out.stdout), want);
+        // The same bytes through SOCKS4a and through the HTTP CONNECT port.
+        let http_proxy = format!("http://{}", net.http_addr.unwrap());
+        for args in [
+            vec!["--socks4a", &proxy.to_string()],
+            vec!["-p", "-x", &http_proxy],
+        ] {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sS", "--max-time", "120"])
+                .args(&args)
+                .arg(format!("http://localhost:{}/blob", web.port()))
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "curl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(Sha256::digest(&out.stdout), want, "curl {args:?}");
+        }
     }
 
     // 20 concurrent streams, each with its own content.

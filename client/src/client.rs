@@ -288,23 +288,37 @@ impl Client {
             .unwrap_or_else(|| ClientError::NoConsensus("none fetched before the deadline".into())))
     }
 
-    /// Run everything: consensus upkeep and the SOCKS listeners.
+    /// Run everything: consensus upkeep and the proxy listeners.
     pub async fn run(self) -> Result<(), ClientError> {
         info!("Bootstrapped 0%: starting");
-        let mut listeners = Vec::new();
+        let mut socks = Vec::new();
         for a in &self.inner.cfg.socks_listen {
-            listeners.push(tokio::net::TcpListener::bind(a).await?);
+            socks.push(tokio::net::TcpListener::bind(a).await?);
         }
-        self.serve(listeners).await
+        let mut http = Vec::new();
+        for a in &self.inner.cfg.http_connect_listen {
+            http.push(tokio::net::TcpListener::bind(a).await?);
+        }
+        self.serve(socks, http).await
     }
 
-    /// Like [`Client::run`] on already bound SOCKS listeners.
-    pub async fn serve(self, listeners: Vec<tokio::net::TcpListener>) -> Result<(), ClientError> {
+    /// Like [`Client::run`] on already bound SOCKS and HTTP CONNECT listeners.
+    /// Each listener is its own isolation domain.
+    pub async fn serve(
+        self,
+        socks: Vec<tokio::net::TcpListener>,
+        http: Vec<tokio::net::TcpListener>,
+    ) -> Result<(), ClientError> {
+        use crate::socks::Front;
         let mut set = tokio::task::JoinSet::new();
         set.spawn(self.clone().consensus_loop().in_current_span());
-        for (i, l) in listeners.into_iter().enumerate() {
-            info!(addr = %l.local_addr()?, "SOCKS5 listening");
-            set.spawn(crate::socks::serve(self.clone(), l, i).in_current_span());
+        let fronts = socks
+            .into_iter()
+            .map(|l| (l, Front::Socks))
+            .chain(http.into_iter().map(|l| (l, Front::HttpConnect)));
+        for (i, (l, front)) in fronts.enumerate() {
+            info!(addr = %l.local_addr()?, ?front, "proxy listening");
+            set.spawn(crate::socks::serve(self.clone(), l, i, front).in_current_span());
         }
         let boot = self.clone();
         set.spawn(async move {

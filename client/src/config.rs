@@ -15,6 +15,8 @@ pub struct ClientConfig {
     pub authorities: Vec<AuthorityEntry>,
     /// SOCKS5 listeners; loopback only unless `allow_non_loopback_socks`.
     pub socks_listen: Vec<SocketAddr>,
+    /// HTTP CONNECT proxy listeners (loopback only, like SOCKS).
+    pub http_connect_listen: Vec<SocketAddr>,
     pub allow_non_loopback_socks: bool,
     /// A circuit takes new streams for this long after its first use.
     pub max_circuit_dirtiness_secs: u64,
@@ -30,6 +32,7 @@ impl Default for ClientConfig {
             data_dir: PathBuf::from("allium-client"),
             authorities: vec![],
             socks_listen: vec!["127.0.0.1:9150".parse().expect("valid address")],
+            http_connect_listen: vec![],
             allow_non_loopback_socks: false,
             max_circuit_dirtiness_secs: 600,
             circuit_build_timeout_secs: 30,
@@ -46,10 +49,10 @@ impl ClientConfig {
             ));
         }
         allium_directory::authority_keys(&self.authorities)?;
-        for a in &self.socks_listen {
+        for a in self.socks_listen.iter().chain(&self.http_connect_listen) {
             if !a.ip().is_loopback() && !self.allow_non_loopback_socks {
                 return Err(ClientError::Config(format!(
-                    "SOCKS listener {a} is not on loopback (set allow_non_loopback_socks to insist)"
+                    "proxy listener {a} is not on loopback (set allow_non_loopback_socks to insist)"
                 )));
             }
         }

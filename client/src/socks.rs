@@ -1,22 +1,32 @@
-//! The SOCKS5 front end: sans-IO parser from `allium_proto::socks`, driven
-//! here over TCP, one task per connection.
+//! The proxy front ends: SOCKS4, SOCKS4a and SOCKS5 on one port (told apart
+//! by the first byte, as Tor's SocksPort does) and HTTP CONNECT, parsed by
+//! the sans-IO code in `allium_proto` and driven here over TCP, one task
+//! per connection.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use allium_proto::httpconnect;
 use allium_proto::relaymsg::TargetAddr;
-use allium_proto::socks::{self, ReplyCode, SocksCmd, SocksServer, Step};
+use allium_proto::socks::{ReplyCode, SocksCmd, SocksServer, Step};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info};
 
-use crate::circuit::{DATA_MAX, StreamData};
+use crate::circuit::{DATA_MAX, Stream, StreamData};
 use crate::{Client, ClientError, Isolation};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HANDSHAKE: usize = 1024;
 
-pub async fn serve(client: Client, listener: TcpListener, index: usize) {
+/// Which protocol a listener speaks.
+#[derive(Clone, Copy, Debug)]
+pub enum Front {
+    Socks,
+    HttpConnect,
+}
+
+pub async fn serve(client: Client, listener: TcpListener, index: usize, front: Front) {
     loop {
         let Ok((s, _)) = listener.accept().await else {
             continue;
@@ -24,8 +34,12 @@ pub async fn serve(client: Client, listener: TcpListener, index: usize) {
         let c = client.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = handle(c, s, index).await {
-                    debug!("SOCKS connection: {e}");
+                let r = match front {
+                    Front::Socks => handle_socks(c, s, index).await,
+                    Front::HttpConnect => handle_http(c, s, index).await,
+                };
+                if let Err(e) = r {
+                    debug!("proxy connection: {e}");
                 }
             }
             .in_current_span(),
@@ -33,7 +47,10 @@ pub async fn serve(client: Client, listener: TcpListener, index: usize) {
     }
 }
 
-async fn handshake(s: &mut TcpStream) -> Result<Option<socks::SocksRequest>, ClientError> {
+/// Run the SOCKS handshake; returns the request and bytes read past it.
+async fn socks_handshake(
+    s: &mut TcpStream,
+) -> Result<Option<(allium_proto::socks::SocksRequest, Vec<u8>)>, ClientError> {
     let mut p = SocksServer::new();
     let mut buf = Vec::new();
     let mut tmp = [0u8; 512];
@@ -55,7 +72,7 @@ async fn handshake(s: &mut TcpStream) -> Result<Option<socks::SocksRequest>, Cli
             }
             Step::Done { consumed, request } => {
                 buf.drain(..consumed);
-                return Ok(Some(request));
+                return Ok(Some((request, buf)));
             }
             Step::Fail { reply, why } => {
                 debug!("SOCKS request refused: {why}");
@@ -68,9 +85,9 @@ async fn handshake(s: &mut TcpStream) -> Result<Option<socks::SocksRequest>, Cli
     }
 }
 
-async fn handle(client: Client, mut s: TcpStream, index: usize) -> Result<(), ClientError> {
+async fn handle_socks(client: Client, mut s: TcpStream, index: usize) -> Result<(), ClientError> {
     s.set_nodelay(true)?;
-    let Some(req) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s))
+    let Some((req, early)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, socks_handshake(&mut s))
         .await
         .map_err(|_| ClientError::Timeout("SOCKS handshake"))??
     else {
@@ -82,38 +99,96 @@ async fn handle(client: Client, mut s: TcpStream, index: usize) -> Result<(), Cl
     };
     match req.cmd {
         SocksCmd::Resolve => {
-            let TargetAddr::Host(h) = req.addr else {
-                s.write_all(&socks::reply(ReplyCode::ADDRTYPE_NOT_SUPPORTED, None))
+            let TargetAddr::Host(h) = req.addr.clone() else {
+                s.write_all(&req.reply(ReplyCode::ADDRTYPE_NOT_SUPPORTED, None))
                     .await?;
                 return Ok(());
             };
             match client.resolve(h, &iso).await {
                 Ok(addrs) => {
                     let a = addrs.first().map(|ip| SocketAddr::new(*ip, 0));
-                    s.write_all(&socks::reply(ReplyCode::SUCCEEDED, a)).await?;
+                    s.write_all(&req.reply(ReplyCode::SUCCEEDED, a)).await?;
                 }
-                Err(e) => s.write_all(&socks::reply(e.socks_reply(), None)).await?,
+                Err(e) => s.write_all(&req.reply(e.socks_reply(), None)).await?,
             }
             Ok(())
         }
         SocksCmd::Connect => {
-            let stream = match client.connect(req.addr.clone(), req.port, &iso).await {
-                Ok(st) => st,
-                Err(e) => {
-                    info!(code = e.socks_reply().0, "stream failed: {e}");
-                    s.write_all(&socks::reply(e.socks_reply(), None)).await?;
-                    return Ok(());
-                }
-            };
-            s.write_all(&socks::reply(ReplyCode::SUCCEEDED, None))
-                .await?;
-            relay_bytes(s, stream).await
+            let r = connect(&client, req.addr.clone(), req.port, &iso).await;
+            let code = r
+                .as_ref()
+                .map_or_else(ClientError::socks_reply, |_| ReplyCode::SUCCEEDED);
+            s.write_all(&req.reply(code, None)).await?;
+            match r {
+                Ok(stream) => relay_bytes(s, stream, early).await,
+                Err(_) => Ok(()),
+            }
         }
     }
 }
 
+async fn handle_http(client: Client, mut s: TcpStream, index: usize) -> Result<(), ClientError> {
+    s.set_nodelay(true)?;
+    let head = async {
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 1024];
+        loop {
+            match httpconnect::parse(&buf) {
+                Ok(Some((n, req))) => return Ok::<_, ClientError>(Some((req, buf[n..].to_vec()))),
+                Ok(None) => {}
+                Err(r) => {
+                    debug!("HTTP CONNECT refused: {}", r.why);
+                    s.write_all(&r.response).await?;
+                    return Ok(None);
+                }
+            }
+            let n = s.read(&mut tmp).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        }
+    };
+    let Some((req, early)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, head)
+        .await
+        .map_err(|_| ClientError::Timeout("HTTP request"))??
+    else {
+        return Ok(());
+    };
+    let iso = Isolation {
+        listener: index,
+        auth: req.auth.clone(),
+    };
+    let r = connect(&client, req.addr, req.port, &iso).await;
+    let code = r
+        .as_ref()
+        .map_or_else(ClientError::socks_reply, |_| ReplyCode::SUCCEEDED);
+    s.write_all(&httpconnect::response(code)).await?;
+    match r {
+        Ok(stream) => relay_bytes(s, stream, early).await,
+        Err(_) => Ok(()),
+    }
+}
+
+async fn connect(
+    client: &Client,
+    addr: TargetAddr,
+    port: u16,
+    iso: &Isolation,
+) -> Result<Stream, ClientError> {
+    let r = client.connect(addr, port, iso).await;
+    if let Err(e) = &r {
+        info!(code = e.socks_reply().0, "stream failed: {e}");
+    }
+    r
+}
+
 /// Shuttle bytes between the application and the stream until either ends.
-async fn relay_bytes(s: TcpStream, mut stream: crate::circuit::Stream) -> Result<(), ClientError> {
+/// `early` is what the application sent right after its request.
+async fn relay_bytes(s: TcpStream, mut stream: Stream, early: Vec<u8>) -> Result<(), ClientError> {
+    if !early.is_empty() {
+        stream.send(&early).await?;
+    }
     let (mut r, mut w) = s.into_split();
     let mut buf = vec![0u8; DATA_MAX * 8];
     let mut app_open = true;

@@ -10,6 +10,7 @@
 pub mod aead;
 pub mod cell;
 pub mod doc;
+pub mod httpconnect;
 pub mod link;
 pub mod ntor;
 pub mod onion;

@@ -37,10 +37,48 @@ pub enum SocksCmd {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocksRequest {
+    /// 4 (SOCKS4 and 4a) or 5: the version the reply must use.
+    pub version: u8,
     pub auth: SocksAuth,
     pub cmd: SocksCmd,
     pub addr: TargetAddr,
     pub port: u16,
+}
+
+impl SocksRequest {
+    /// The reply to this request, in its SOCKS version.
+    pub fn reply(&self, code: ReplyCode, bound: Option<SocketAddr>) -> Vec<u8> {
+        if self.version == 4 {
+            socks4_reply(code == ReplyCode::SUCCEEDED)
+        } else {
+            reply(code, bound)
+        }
+    }
+}
+
+/// A SOCKS4 reply: granted (90) or rejected (91).
+pub fn socks4_reply(ok: bool) -> Vec<u8> {
+    vec![0, if ok { 90 } else { 91 }, 0, 0, 0, 0, 0, 0]
+}
+
+/// Longest SOCKS4 user id or 4a hostname accepted.
+const MAX_SOCKS4_FIELD: usize = 255;
+
+/// Take a NUL-terminated field of at most [`MAX_SOCKS4_FIELD`] bytes.
+fn take_cstr<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], Error> {
+    let rest = r.take_rest();
+    match rest.iter().position(|&b| b == 0) {
+        Some(n) if n <= MAX_SOCKS4_FIELD => {
+            let mut again = Reader::new(rest);
+            let out = again.take(n)?;
+            Ok(out)
+        }
+        Some(_) => Err(Error::malformed("SOCKS4 request", "field too long")),
+        None if rest.len() > MAX_SOCKS4_FIELD => {
+            Err(Error::malformed("SOCKS4 request", "field too long"))
+        }
+        None => Err(Error::Truncated),
+    }
 }
 
 crate::open_enum! {
@@ -143,6 +181,48 @@ impl SocksServer {
     fn try_step(&mut self, input: &[u8]) -> Result<Step, Error> {
         let mut r = Reader::new(input);
         match &self.state {
+            State::Greeting if input.first() == Some(&4) => {
+                // SOCKS4: VN CD DSTPORT[2] DSTIP[4] USERID NUL [HOST NUL for 4a].
+                r.take_u8()?;
+                let cd = r.take_u8()?;
+                let port = r.take_u16()?;
+                let ip = Ipv4Addr::from(r.take_array::<4>()?);
+                let user = take_cstr(&mut r)?.to_vec();
+                let mut consumed = 8 + user.len() + 1;
+                let o = ip.octets();
+                let addr = if o[0] == 0 && o[1] == 0 && o[2] == 0 && o[3] != 0 {
+                    let mut r2 = Reader::new(&input[consumed..]);
+                    let host = take_cstr(&mut r2)?;
+                    consumed += host.len() + 1;
+                    let h = std::str::from_utf8(host)
+                        .map_err(|_| Error::malformed("hostname", "not UTF-8"))?;
+                    TargetAddr::from_host(h)?
+                } else {
+                    TargetAddr::Ip(IpAddr::V4(ip))
+                };
+                self.state = State::Finished;
+                if cd != 1 || port == 0 {
+                    return Ok(Step::Fail {
+                        reply: Some(socks4_reply(false)),
+                        why: format!("SOCKS4 command {cd} or port 0"),
+                    });
+                }
+                let auth = if user.is_empty() {
+                    SocksAuth::NoAuth
+                } else {
+                    SocksAuth::UserPass { user, pass: vec![] }
+                };
+                Ok(Step::Done {
+                    consumed,
+                    request: SocksRequest {
+                        version: 4,
+                        auth,
+                        cmd: SocksCmd::Connect,
+                        addr,
+                        port,
+                    },
+                })
+            }
             State::Greeting => {
                 let ver = r.take_u8()?;
                 if ver != 5 {
@@ -241,6 +321,7 @@ impl SocksServer {
                 Ok(Step::Done {
                     consumed: r.consumed(),
                     request: SocksRequest {
+                        version: 5,
                         auth,
                         cmd,
                         addr,
@@ -339,8 +420,50 @@ mod tests {
                 why: "no acceptable authentication method offered".into()
             }
         );
-        let (_, s) = drive(&[4, 1]);
+        let (_, s) = drive(&[6, 1]);
         assert!(matches!(s, Step::Fail { reply: None, .. }));
+    }
+
+    #[test]
+    fn socks4_and_4a() {
+        let (out, s) = drive(&[4, 1, 0, 80, 127, 0, 0, 1, b'u', 0]);
+        assert!(out.is_empty());
+        let Step::Done { request, consumed } = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(consumed, 10);
+        assert_eq!((request.version, request.port), (4, 80));
+        assert_eq!(request.addr, TargetAddr::Ip("127.0.0.1".parse().unwrap()));
+        assert_eq!(
+            request.auth,
+            SocksAuth::UserPass {
+                user: b"u".to_vec(),
+                pass: vec![]
+            }
+        );
+        assert_eq!(
+            request.reply(ReplyCode::SUCCEEDED, None),
+            vec![0, 90, 0, 0, 0, 0, 0, 0]
+        );
+        let mut a = vec![4, 1, 1, 187, 0, 0, 0, 1, 0];
+        a.extend(b"example.com\0");
+        let (_, s) = drive(&a);
+        let Step::Done { request, .. } = s else {
+            panic!()
+        };
+        assert_eq!(request.addr, TargetAddr::Host("example.com".into()));
+        assert_eq!(request.auth, SocksAuth::NoAuth);
+        let (_, s) = drive(&[4, 2, 0, 80, 1, 2, 3, 4, 0]);
+        assert_eq!(
+            s,
+            Step::Fail {
+                reply: Some(socks4_reply(false)),
+                why: "SOCKS4 command 2 or port 0".into()
+            }
+        );
+        let mut long = vec![4, 1, 0, 80, 1, 2, 3, 4];
+        long.extend(vec![b'x'; 300]);
+        assert!(matches!(drive(&long).1, Step::Fail { .. }));
     }
 
     #[test]
