@@ -76,12 +76,6 @@ impl Default for TestnetOptions {
     }
 }
 
-impl TestnetOptions {
-    fn ports(&self) -> usize {
-        self.authorities + self.relays + 1
-    }
-}
-
 /// The configs of every role.
 pub struct Plan {
     pub dir: PathBuf,
@@ -138,12 +132,52 @@ fn authority_keys(opts: &TestnetOptions, dir: &Path) -> Result<Vec<String>, Test
         .collect()
 }
 
-/// Make the configs (no files, no keys).
+/// Relay `i` listens on its own loopback /16 (`127.(i+1).0.1`), so that
+/// the client's /16 rule is exercised rather than switched off.
+fn relay_addr(base: u16, n_auth: usize, i: usize) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(127, (i + 1) as u8, 0, 1),
+        base + (n_auth + i) as u16,
+    ))
+}
+
+/// Every address the network listens on, for a block starting at `base`.
+fn all_addrs(opts: &TestnetOptions, base: u16) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = (0..opts.authorities)
+        .map(|i| loopback(base + i as u16))
+        .collect();
+    v.extend((0..opts.relays).map(|i| relay_addr(base, opts.authorities, i)));
+    v.push(loopback(base + (opts.authorities + opts.relays) as u16));
+    v
+}
+
+/// The families the testnet declares: relays 2 and 3, and relays 1 and 5
+/// (an exit and a non-exit), when there are at least 6 relays.
+fn families(n_relays: usize) -> Vec<(usize, usize)> {
+    if n_relays >= 6 {
+        vec![(2, 3), (1, 5)]
+    } else {
+        vec![]
+    }
+}
+
+/// Make (or reuse) the relays' identity keys; return them in hex.
+fn relay_keys(opts: &TestnetOptions, dir: &Path) -> Result<Vec<String>, TestnetError> {
+    (0..opts.relays)
+        .map(|i| {
+            let ks = allium_relay::keys::KeyStore::new(&dir.join(format!("relay{i}")));
+            Ok(hex::encode(ks.identity()?.verifying_key().to_bytes()))
+        })
+        .collect()
+}
+
+/// Make the configs (no files; keys already made).
 pub fn plan(
     opts: &TestnetOptions,
     dir: &Path,
     base: u16,
     auth_keys: &[String],
+    relay_ids: &[String],
 ) -> Result<Plan, TestnetError> {
     if opts.relays < 3 || opts.exits < 1 || opts.exits >= opts.relays || opts.authorities < 1 {
         return Err(other(
@@ -180,7 +214,20 @@ pub fn plan(
     let relays = (0..opts.relays)
         .map(|i| RelayConfig {
             nickname: format!("relay{i}"),
-            listen: loopback(first_relay + i as u16),
+            listen: relay_addr(base, n_auth, i),
+            family: families(opts.relays)
+                .iter()
+                .filter_map(|&(a, b)| {
+                    if a == i {
+                        Some(b)
+                    } else if b == i {
+                        Some(a)
+                    } else {
+                        None
+                    }
+                })
+                .map(|j| relay_ids[j].clone())
+                .collect(),
             data_dir: dir.join(format!("relay{i}")),
             authorities: authorities.clone(),
             bandwidth: 50_000_000,
@@ -210,19 +257,16 @@ pub fn plan(
     })
 }
 
-/// A block of `n` free consecutive loopback ports, held open.
-async fn free_block(n: usize, start: Option<u16>) -> Result<(u16, Vec<TcpListener>), TestnetError> {
-    let candidates: Vec<u16> = match start {
+/// A free block of ports (all of `all_addrs` bindable), held open.
+async fn free_block(opts: &TestnetOptions) -> Result<(u16, Vec<TcpListener>), TestnetError> {
+    let candidates: Vec<u16> = match opts.base_port {
         Some(p) => vec![p],
         None => (0..200).map(|i| 17100 + i * 100).collect(),
     };
     'outer: for base in candidates {
         let mut held = Vec::new();
-        for i in 0..n {
-            let Some(port) = base.checked_add(i as u16) else {
-                continue 'outer;
-            };
-            match TcpListener::bind(loopback(port)).await {
+        for a in all_addrs(opts, base) {
+            match TcpListener::bind(a).await {
                 Ok(l) => held.push(l),
                 Err(_) => continue 'outer,
             }
@@ -245,7 +289,8 @@ pub fn init(opts: &TestnetOptions, dir: &Path) -> Result<Plan, TestnetError> {
     // Absolute paths in the configs, so each role runs from any directory.
     let dir = &std::fs::canonicalize(dir)?;
     let keys = authority_keys(opts, dir)?;
-    let p = plan(opts, dir, opts.base_port.unwrap_or(17000), &keys)?;
+    let ids = relay_keys(opts, dir)?;
+    let p = plan(opts, dir, opts.base_port.unwrap_or(17000), &keys, &ids)?;
     for r in &p.relays {
         Relay::new(r.clone())?; // create its keys now
     }
@@ -349,9 +394,10 @@ impl Testnet {
             (None, None) => return Err(other("no directory")),
         };
         std::fs::create_dir_all(&dir)?;
-        let (base, held) = free_block(opts.ports(), opts.base_port).await?;
+        let (base, held) = free_block(&opts).await?;
         let keys = authority_keys(&opts, &dir)?;
-        let mut p = plan(&opts, &dir, base, &keys)?;
+        let ids = relay_keys(&opts, &dir)?;
+        let mut p = plan(&opts, &dir, base, &keys, &ids)?;
         let mut held = held.into_iter();
         let mut next_port = || held.next().ok_or_else(|| other("port block"));
         let mut tasks = JoinSet::new();

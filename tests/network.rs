@@ -304,6 +304,25 @@ async fn whole_network_end_to_end() {
     .await;
     assert_eq!(&body[..], &blob(3, 50_000 + 3 * 997)[..]);
 
+    // Every circuit built respects the /16 and family rules (the testnet
+    // puts relays on distinct /16s and declares two families).
+    let cons = net.client.consensus().unwrap();
+    assert!(
+        cons.relays.iter().any(|r| !r.family.is_empty()),
+        "families declared"
+    );
+    for _ in 0..30 {
+        let c = net.client.build_circuit(&ExitTarget::Any).await.unwrap();
+        for (i, j) in [(0, 1), (1, 2), (0, 2)] {
+            assert!(
+                allium_client::path::compatible(&c.path[i], &c.path[j]),
+                "{} with {}",
+                c.path[i].nickname,
+                c.path[j].nickname
+            );
+        }
+    }
+
     // Circuit build time, measured on warm channels.
     let mut times = Vec::new();
     for _ in 0..9 {

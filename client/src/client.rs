@@ -157,7 +157,7 @@ impl Client {
             .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
         let mut last = None;
         for _ in 0..BUILD_ATTEMPTS {
-            let p = path::choose_path(&mut rand::rng(), &c, target)?;
+            let p = path::choose_path(&mut rand::rng(), &c, target, None)?;
             let chan = match self.guard_channel(&p[0]).await {
                 Ok(ch) => ch,
                 Err(e) => {

@@ -2,7 +2,9 @@
 //!
 //! Guard, middle and exit are drawn by consensus bandwidth among relays with
 //! the right flags; an exit must allow the target by its policy (for a
-//! hostname: allow the port somewhere). A relay never appears twice.
+//! hostname: allow the port somewhere). A relay never appears twice, and
+//! no two relays of a path share an IPv4 /16, an IPv6 /32, or a family
+//! (both relays list each other).
 
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::{Consensus, ConsensusRelay, RelayFlags};
@@ -25,36 +27,126 @@ pub fn exit_allows(r: &ConsensusRelay, t: &ExitTarget<'_>) -> bool {
     }
 }
 
+/// The network a relay's address belongs to for path diversity.
+fn subnet(r: &ConsensusRelay) -> (u8, [u8; 4]) {
+    match r.addr.ip() {
+        std::net::IpAddr::V4(a) => {
+            let o = a.octets();
+            (4, [o[0], o[1], 0, 0])
+        }
+        std::net::IpAddr::V6(a) => {
+            let o = a.octets();
+            (6, [o[0], o[1], o[2], o[3]])
+        }
+    }
+}
+
+/// May `a` and `b` be in the same circuit?
+pub fn compatible(a: &ConsensusRelay, b: &ConsensusRelay) -> bool {
+    let family = a.family.contains(&b.identity) && b.family.contains(&a.identity);
+    a.identity != b.identity && subnet(a) != subnet(b) && !family
+}
+
 fn usable(r: &ConsensusRelay) -> bool {
     r.flags.has(RelayFlags::RUNNING | RelayFlags::VALID)
 }
 
-/// Pick one of `cands` with probability proportional to bandwidth.
+/// A path position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    Guard,
+    Middle,
+    Exit,
+}
+
+/// Position weights: scarce Guard and Exit capacity is kept for its own
+/// position. With `T` the total bandwidth, `E` that of Exit relays and `G`
+/// that of Guard relays that are not exits:
+///
+/// * an Exit relay counts with its full bandwidth as exit; as guard or
+///   middle with the fraction `(E - T/3) / E` (0 if `E <= T/3`);
+/// * a Guard (non-exit) counts fully as guard; as middle with
+///   `(G - T/3) / G` (0 if `G <= T/3`);
+/// * any other relay counts fully as middle.
+#[derive(Clone, Copy, Debug)]
+pub struct Weights {
+    exit_elsewhere: f64,
+    guard_as_middle: f64,
+}
+
+impl Weights {
+    pub fn new(c: &Consensus) -> Self {
+        let bw = |r: &ConsensusRelay| r.bandwidth.max(1) as f64;
+        let live = c.relays.iter().filter(|r| usable(r));
+        let (mut t, mut e, mut g) = (0.0, 0.0, 0.0);
+        for r in live {
+            t += bw(r);
+            if r.flags.has(RelayFlags::EXIT) {
+                e += bw(r);
+            } else if r.flags.has(RelayFlags::GUARD) {
+                g += bw(r);
+            }
+        }
+        let surplus = |x: f64| {
+            if x > t / 3.0 && x > 0.0 {
+                (x - t / 3.0) / x
+            } else {
+                0.0
+            }
+        };
+        Weights {
+            exit_elsewhere: surplus(e),
+            guard_as_middle: surplus(g),
+        }
+    }
+
+    /// The weight of relay `r` in position `p`.
+    pub fn weight(&self, r: &ConsensusRelay, p: Position) -> u64 {
+        let bw = r.bandwidth.max(1) as f64;
+        let exit = r.flags.has(RelayFlags::EXIT);
+        let guard = r.flags.has(RelayFlags::GUARD);
+        let f = match p {
+            Position::Exit => 1.0,
+            Position::Guard | Position::Middle if exit => self.exit_elsewhere,
+            Position::Guard => 1.0,
+            Position::Middle if guard => self.guard_as_middle,
+            Position::Middle => 1.0,
+        };
+        (bw * f) as u64
+    }
+}
+
+/// Pick one of `cands` with probability proportional to its weight in `p`.
 pub fn weighted<'a, R: Rng + ?Sized>(
     rng: &mut R,
+    w: &Weights,
+    p: Position,
     cands: &[&'a ConsensusRelay],
 ) -> Option<&'a ConsensusRelay> {
-    let total: u64 = cands.iter().map(|r| r.bandwidth.max(1) as u64).sum();
+    let total: u64 = cands.iter().map(|r| w.weight(r, p)).sum();
     if total == 0 {
         return None;
     }
     let mut x = rng.random_range(0..total);
     for r in cands {
-        let w = r.bandwidth.max(1) as u64;
-        if x < w {
+        let wr = w.weight(r, p);
+        if x < wr {
             return Some(r);
         }
-        x -= w;
+        x -= wr;
     }
     None
 }
 
-/// Choose guard, middle and exit.
+/// Choose guard, middle and exit. With `guard` given (from the guard
+/// sample) only middle and exit are chosen, compatible with it.
 pub fn choose_path<R: Rng + ?Sized>(
     rng: &mut R,
     c: &Consensus,
     target: &ExitTarget<'_>,
+    guard: Option<&ConsensusRelay>,
 ) -> Result<[ConsensusRelay; 3], ClientError> {
+    let w = Weights::new(c);
     let exits: Vec<&ConsensusRelay> = c
         .relays
         .iter()
@@ -63,29 +155,60 @@ pub fn choose_path<R: Rng + ?Sized>(
                 && r.flags.has(RelayFlags::EXIT)
                 && !r.flags.has(RelayFlags::BAD_EXIT)
                 && exit_allows(r, target)
+                && guard.is_none_or(|g| compatible(g, r))
         })
         .collect();
-    let exit = weighted(rng, &exits).ok_or_else(|| {
+    let exit = weighted(rng, &w, Position::Exit, &exits).ok_or_else(|| {
         ClientError::NoExit(match target {
             ExitTarget::Any => "any target".into(),
             ExitTarget::Addr(a, p) => format!("{a}:{p}"),
         })
     })?;
-    let guards: Vec<&ConsensusRelay> = c
-        .relays
-        .iter()
-        .filter(|r| usable(r) && r.flags.has(RelayFlags::GUARD) && r.identity != exit.identity)
-        .collect();
-    let guard =
-        weighted(rng, &guards).ok_or_else(|| ClientError::NoPath("no guard available".into()))?;
+    let guard = match guard {
+        Some(g) => g,
+        None => {
+            let guards: Vec<&ConsensusRelay> = c
+                .relays
+                .iter()
+                .filter(|r| usable(r) && r.flags.has(RelayFlags::GUARD) && compatible(r, exit))
+                .collect();
+            weighted(rng, &w, Position::Guard, &guards)
+                .ok_or_else(|| ClientError::NoPath("no guard available".into()))?
+        }
+    };
     let middles: Vec<&ConsensusRelay> = c
         .relays
         .iter()
-        .filter(|r| usable(r) && r.identity != exit.identity && r.identity != guard.identity)
+        .filter(|r| usable(r) && compatible(r, exit) && compatible(r, guard))
         .collect();
-    let middle =
-        weighted(rng, &middles).ok_or_else(|| ClientError::NoPath("no middle available".into()))?;
+    let middle = weighted(rng, &w, Position::Middle, &middles)
+        .ok_or_else(|| ClientError::NoPath("no middle available".into()))?;
     Ok([guard.clone(), middle.clone(), exit.clone()])
+}
+
+/// Guard candidates for a new guard sample, best first (weighted random
+/// order, without repeats).
+pub fn sample_guards<R: Rng + ?Sized>(
+    rng: &mut R,
+    c: &Consensus,
+    n: usize,
+    exclude: &[[u8; 32]],
+) -> Vec<ConsensusRelay> {
+    let w = Weights::new(c);
+    let mut cands: Vec<&ConsensusRelay> = c
+        .relays
+        .iter()
+        .filter(|r| usable(r) && r.flags.has(RelayFlags::GUARD) && !exclude.contains(&r.identity))
+        .collect();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let Some(g) = weighted(rng, &w, Position::Guard, &cands) else {
+            break;
+        };
+        cands.retain(|r| r.identity != g.identity);
+        out.push(g.clone());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -100,7 +223,7 @@ mod tests {
             identity: [i; 32],
             link_key: [0; 32],
             onion_key: [0; 32],
-            addr: format!("127.0.0.1:{}", 9000 + i as u16).parse().unwrap(),
+            addr: format!("127.{i}.0.1:9000").parse().unwrap(),
             flags: RelayFlags(flags | RelayFlags::RUNNING | RelayFlags::VALID),
             bandwidth: bw,
             exit_policy: if exit {
@@ -113,44 +236,105 @@ mod tests {
         }
     }
 
-    #[test]
-    fn distinct_weighted_and_policy_respecting() {
-        let c = Consensus {
+    fn net() -> Consensus {
+        let mut relays = vec![
+            relay(1, 1000, RelayFlags::GUARD, false),
+            relay(2, 3000, RelayFlags::GUARD, false),
+            relay(3, 1000, 0, false),
+            relay(4, 1000, RelayFlags::EXIT, true),
+            relay(5, 3000, RelayFlags::EXIT, true),
+            relay(6, 2000, 0, false),
+            relay(7, 2000, RelayFlags::GUARD, false),
+        ];
+        // 6 and 7 share a /16 with 3 and 1; 2 and 5 are one family.
+        relays[5].addr = "127.3.9.9:9000".parse().unwrap();
+        relays[6].addr = "127.1.9.9:9000".parse().unwrap();
+        relays[1].family = vec![[5; 32]];
+        relays[4].family = vec![[2; 32]];
+        relays.sort_by_key(|r| r.identity);
+        Consensus {
             valid_after: 0,
             fresh_until: 0,
             valid_until: 0,
-            relays: vec![
-                relay(1, 1000, RelayFlags::GUARD, false),
-                relay(2, 3000, RelayFlags::GUARD, false),
-                relay(3, 1000, 0, false),
-                relay(4, 1000, RelayFlags::EXIT, true),
-                relay(5, 3000, RelayFlags::EXIT, true),
-            ],
-        };
+            relays,
+        }
+    }
+
+    #[test]
+    fn seeded_draws_follow_bandwidth_and_never_break_the_rules() {
+        let c = net();
         let seed = 7u64;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let target = TargetAddr::Host("example.com".into());
-        let mut exit5 = 0;
         let n = 10_000;
+        let mut exit5 = 0;
         for _ in 0..n {
-            let p = choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 443)).unwrap();
+            let p = choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 443), None).unwrap();
             assert!(p[0].flags.has(RelayFlags::GUARD), "seed {seed}");
-            assert!(p[2].flags.has(RelayFlags::EXIT));
-            assert!(
-                p[0].identity != p[1].identity
-                    && p[1].identity != p[2].identity
-                    && p[0].identity != p[2].identity
-            );
+            assert!(p[2].flags.has(RelayFlags::EXIT) && p[2].exit_policy.may_allow_port(443));
+            for (i, j) in [(0, 1), (1, 2), (0, 2)] {
+                assert!(
+                    compatible(&p[i], &p[j]),
+                    "seed {seed}: {} and {} together",
+                    p[i].nickname,
+                    p[j].nickname
+                );
+            }
             if p[2].identity == [5; 32] {
                 exit5 += 1;
             }
         }
-        // Exit 5 has 3/4 of the exit bandwidth.
+        // Relay 5 has 3/4 of the exit bandwidth; its family partner 2 is
+        // never its guard, which the guard choice does not change.
         let share = exit5 as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.03, "share {share}, seed {seed}");
         assert!(matches!(
-            choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 25)),
+            choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 25), None),
             Err(ClientError::NoExit(_))
         ));
+        let ip = TargetAddr::Ip("10.0.0.1".parse().unwrap());
+        assert!(
+            choose_path(&mut rng, &c, &ExitTarget::Addr(&ip, 80), None).is_ok(),
+            "this policy allows private"
+        );
+    }
+
+    #[test]
+    fn scarce_exits_are_not_middles() {
+        // Exits: 4000 of 13000, just under T/3: exits only as exits.
+        let c = net();
+        let w = Weights::new(&c);
+        let r5 = c.relay(&[5; 32]).unwrap();
+        assert_eq!(w.weight(r5, Position::Middle), 0);
+        assert_eq!(w.weight(r5, Position::Exit), 3000);
+        // Guards: 6000 of 13000, above T/3: guards give their surplus to middles.
+        let r2 = c.relay(&[2; 32]).unwrap();
+        let expect = (3000.0 * (6000.0 - 13000.0 / 3.0) / 6000.0) as u64;
+        assert_eq!(w.weight(r2, Position::Middle), expect);
+        assert_eq!(w.weight(c.relay(&[3; 32]).unwrap(), Position::Middle), 1000);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for _ in 0..2000 {
+            let p = choose_path(&mut rng, &c, &ExitTarget::Any, None).unwrap();
+            assert!(!p[1].flags.has(RelayFlags::EXIT), "an exit in the middle");
+        }
+    }
+
+    #[test]
+    fn fixed_guard_and_sample() {
+        let c = net();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let g = c.relay(&[2; 32]).unwrap().clone();
+        for _ in 0..500 {
+            let p = choose_path(&mut rng, &c, &ExitTarget::Any, Some(&g)).unwrap();
+            assert_eq!(p[0].identity, g.identity);
+            assert_ne!(p[2].identity, [5; 32], "relay 5 is relay 2's family");
+        }
+        let s = sample_guards(&mut rng, &c, 2, &[[2; 32]]);
+        assert_eq!(s.len(), 2);
+        assert!(
+            s.iter()
+                .all(|r| r.identity != [2; 32] && r.flags.has(RelayFlags::GUARD))
+        );
+        assert_ne!(s[0].identity, s[1].identity);
     }
 }
