@@ -11,11 +11,13 @@ use allium_proto::socks::SocksAuth;
 use allium_proto::{AuthorityKey, Consensus, ConsensusRelay};
 use allium_relay::channel::{self, ChannelHandle};
 use tokio::sync::watch;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::circuit::{self, CircuitHandle, Stream};
+use crate::guards::GuardSet;
 use crate::path::{self, ExitTarget};
 use crate::{ClientConfig, ClientError, dir};
+use allium_proto::relaymsg::EndReason;
 
 /// Streams with different isolation never share a circuit.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -36,9 +38,60 @@ struct Inner {
     cfg: ClientConfig,
     keys: Vec<AuthorityKey>,
     consensus: watch::Sender<Option<Arc<Consensus>>>,
-    guards: tokio::sync::Mutex<HashMap<[u8; 32], ChannelHandle>>,
+    guard_channels: tokio::sync::Mutex<HashMap<[u8; 32], ChannelHandle>>,
     pool: Mutex<Vec<PooledCircuit>>,
     ready: watch::Sender<bool>,
+    guards: Mutex<GuardSet>,
+    cbt: Mutex<BuildTimes>,
+    /// Relays on failed builds: failures and the last one.
+    avoid: Mutex<HashMap<[u8; 32], (u32, Instant)>>,
+}
+
+/// A relay on this many failed builds within [`AVOID_FOR`] is avoided.
+const AVOID_AFTER: u32 = 3;
+const AVOID_FOR: Duration = Duration::from_secs(60);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Recent circuit build times, for a learned build timeout.
+pub struct BuildTimes {
+    samples: std::collections::VecDeque<Duration>,
+    default: Duration,
+    floor: Duration,
+}
+
+impl BuildTimes {
+    const KEEP: usize = 100;
+    const MIN_SAMPLES: usize = 10;
+
+    pub fn new(default: Duration, floor: Duration) -> Self {
+        BuildTimes {
+            samples: Default::default(),
+            default,
+            floor,
+        }
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        if self.samples.len() == Self::KEEP {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(d);
+    }
+
+    /// Twice the 0.8 quantile of recent builds (at least the floor, at most
+    /// the default), or the default before there are enough samples.
+    pub fn timeout(&self) -> Duration {
+        if self.samples.len() < Self::MIN_SAMPLES {
+            return self.default;
+        }
+        let mut v: Vec<Duration> = self.samples.iter().copied().collect();
+        v.sort();
+        let q = v[(v.len() * 8 / 10).min(v.len() - 1)];
+        (q * 2).clamp(self.floor, self.default)
+    }
 }
 
 /// A client; cheap to clone.
@@ -63,14 +116,27 @@ impl Client {
         }
         let (consensus, _) = watch::channel(cached);
         let (ready, _) = watch::channel(false);
+        let guards = GuardSet::load(
+            cfg.data_dir.join("guards"),
+            cfg.guard_sample_size,
+            cfg.guard_lifetime_secs,
+            Duration::from_secs(cfg.guard_retry_secs),
+        );
+        let cbt = BuildTimes::new(
+            Duration::from_secs(cfg.circuit_build_timeout_secs),
+            Duration::from_millis(cfg.circuit_build_timeout_min_ms),
+        );
         Ok(Client {
             inner: Arc::new(Inner {
                 cfg,
                 keys,
                 consensus,
-                guards: tokio::sync::Mutex::new(HashMap::new()),
+                guard_channels: tokio::sync::Mutex::new(HashMap::new()),
                 pool: Mutex::new(Vec::new()),
                 ready,
+                guards: Mutex::new(guards),
+                cbt: Mutex::new(cbt),
+                avoid: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -138,7 +204,7 @@ impl Client {
     }
 
     async fn guard_channel(&self, guard: &ConsensusRelay) -> Result<ChannelHandle, ClientError> {
-        let mut g = self.inner.guards.lock().await;
+        let mut g = self.inner.guard_channels.lock().await;
         if let Some(h) = g.get(&guard.identity).filter(|h| !h.is_closed()) {
             return Ok(h.clone());
         }
@@ -152,30 +218,105 @@ impl Client {
         &self,
         target: &ExitTarget<'_>,
     ) -> Result<CircuitHandle, ClientError> {
+        self.build_circuit_avoiding(target, &[]).await
+    }
+
+    /// Build a fresh circuit whose exit is none of `avoid_exits`.
+    pub async fn build_circuit_avoiding(
+        &self,
+        target: &ExitTarget<'_>,
+        avoid_exits: &[[u8; 32]],
+    ) -> Result<CircuitHandle, ClientError> {
         let c = self
             .consensus()
             .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
         let mut last = None;
         for _ in 0..BUILD_ATTEMPTS {
-            let p = path::choose_path(&mut rand::rng(), &c, target, None)?;
-            let chan = match self.guard_channel(&p[0]).await {
+            let guard = {
+                let mut g = lock(&self.inner.guards);
+                g.update(&c, unix_now());
+                g.pick(&c)
+            }
+            .ok_or_else(|| {
+                ClientError::NoPath("every guard in the sample failed recently".into())
+            })?;
+            let p = self.choose_avoiding(&c, target, &guard, avoid_exits)?;
+            let chan = match self.guard_channel(&guard).await {
                 Ok(ch) => ch,
                 Err(e) => {
-                    warn!(guard = %p[0].nickname, "cannot reach guard: {e}");
+                    warn!(guard = %guard.nickname, "cannot reach guard: {e}");
+                    lock(&self.inner.guards).failed(&guard.identity);
                     last = Some(e);
                     continue;
                 }
             };
-            let timeout = Duration::from_secs(self.inner.cfg.circuit_build_timeout_secs);
+            let timeout = lock(&self.inner.cbt).timeout();
+            let started = Instant::now();
             match circuit::build(chan, p.to_vec(), timeout).await {
-                Ok(circ) => return Ok(circ),
+                Ok(circ) => {
+                    lock(&self.inner.guards).succeeded(&guard.identity);
+                    lock(&self.inner.cbt).record(started.elapsed());
+                    for r in &p[1..] {
+                        lock(&self.inner.avoid).remove(&r.identity);
+                    }
+                    return Ok(circ);
+                }
                 Err(e) => {
-                    warn!("circuit build failed: {e}");
+                    warn!(timeout = ?timeout, "circuit build failed: {e}");
+                    let mut avoid = lock(&self.inner.avoid);
+                    for r in &p[1..] {
+                        let f = avoid.entry(r.identity).or_insert((0, Instant::now()));
+                        f.0 += 1;
+                        f.1 = Instant::now();
+                    }
                     last = Some(e);
                 }
             }
         }
         Err(last.unwrap_or_else(|| ClientError::Build("no attempt made".into())))
+    }
+
+    /// A path through `guard`, avoiding exits in `avoid_exits` and relays
+    /// that failed repeatedly in the last minute, when there is a choice.
+    fn choose_avoiding(
+        &self,
+        c: &allium_proto::Consensus,
+        target: &ExitTarget<'_>,
+        guard: &ConsensusRelay,
+        avoid_exits: &[[u8; 32]],
+    ) -> Result<[ConsensusRelay; 3], ClientError> {
+        let bad: Vec<[u8; 32]> = {
+            let mut avoid = lock(&self.inner.avoid);
+            avoid.retain(|_, (_, at)| at.elapsed() < AVOID_FOR);
+            avoid
+                .iter()
+                .filter(|(_, (n, _))| *n >= AVOID_AFTER)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let mut rng = rand::rng();
+        let mut fallback = None;
+        for _ in 0..16 {
+            let p = path::choose_path(&mut rng, c, target, Some(guard))?;
+            let ok_exit = !avoid_exits.contains(&p[2].identity);
+            if ok_exit && !p[1..].iter().any(|r| bad.contains(&r.identity)) {
+                return Ok(p);
+            }
+            if ok_exit {
+                fallback.get_or_insert(p);
+            }
+        }
+        fallback.map_or_else(|| path::choose_path(&mut rng, c, target, Some(guard)), Ok)
+    }
+
+    /// The guard sample, in order (first is the one in use when reachable).
+    pub fn guards(&self) -> Vec<[u8; 32]> {
+        lock(&self.inner.guards).ids()
+    }
+
+    /// The circuit build timeout in force now.
+    pub fn build_timeout(&self) -> Duration {
+        lock(&self.inner.cbt).timeout()
     }
 
     /// Build an unbound circuit for later streams (readiness and preemption).
@@ -236,20 +377,74 @@ impl Client {
         Ok(circ)
     }
 
-    /// Open a stream to `addr:port` through the network.
+    /// Open a stream to `addr:port` through the network. A BEGIN that
+    /// fails for a reason another exit might not have (exit policy, name
+    /// resolution, timeout) is tried once more on a fresh circuit through
+    /// a different exit.
     pub async fn connect(
         &self,
         addr: TargetAddr,
         port: u16,
         iso: &Isolation,
     ) -> Result<Stream, ClientError> {
-        let circ = self
-            .circuit_for(&ExitTarget::Addr(&addr, port), iso)
-            .await?;
+        let target = ExitTarget::Addr(&addr, port);
+        let circ = self.circuit_for(&target, iso).await?;
         let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
+        let first = tokio::time::timeout(t, circ.begin(addr.clone(), port))
+            .await
+            .unwrap_or(Err(ClientError::Timeout("stream connect")));
+        let retry = matches!(
+            &first,
+            Err(ClientError::StreamEnded(
+                EndReason::EXIT_POLICY | EndReason::RESOLVE_FAILED | EndReason::TIMEOUT
+            )) | Err(ClientError::Timeout(_))
+        );
+        if !retry {
+            return first;
+        }
+        debug!("stream failed at the exit; retrying once through another exit");
+        let exit = circ
+            .path
+            .last()
+            .map(|r| r.identity)
+            .into_iter()
+            .collect::<Vec<_>>();
+        let circ = match self.build_circuit_avoiding(&target, &exit).await {
+            Ok(c) => c,
+            Err(_) => return first,
+        };
+        self.pool().push(PooledCircuit {
+            circ: circ.clone(),
+            isolation: Some(iso.clone()),
+            first_used: Some(Instant::now()),
+        });
         tokio::time::timeout(t, circ.begin(addr, port))
             .await
             .map_err(|_| ClientError::Timeout("stream connect"))?
+    }
+
+    /// Keep `preemptive_circuits` unbound circuits ready and retire
+    /// circuits past their dirtiness.
+    pub async fn preemptive_loop(self) {
+        let dirty = Duration::from_secs(self.inner.cfg.max_circuit_dirtiness_secs);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.consensus().is_none() {
+                continue;
+            }
+            let ready = {
+                let mut pool = self.pool();
+                pool.retain(|p| {
+                    !p.circ.is_closed() && p.first_used.is_none_or(|t| t.elapsed() < dirty)
+                });
+                pool.iter().filter(|p| p.isolation.is_none()).count()
+            };
+            if ready < self.inner.cfg.preemptive_circuits {
+                if let Err(e) = self.build_preemptive().await {
+                    debug!("preemptive circuit: {e}");
+                }
+            }
+        }
     }
 
     /// Resolve a hostname at an exit.
@@ -312,6 +507,7 @@ impl Client {
         use crate::socks::Front;
         let mut set = tokio::task::JoinSet::new();
         set.spawn(self.clone().consensus_loop().in_current_span());
+        set.spawn(self.clone().preemptive_loop().in_current_span());
         let fronts = socks
             .into_iter()
             .map(|l| (l, Front::Socks))

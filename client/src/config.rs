@@ -20,8 +20,19 @@ pub struct ClientConfig {
     pub allow_non_loopback_socks: bool,
     /// A circuit takes new streams for this long after its first use.
     pub max_circuit_dirtiness_secs: u64,
-    /// Give up on a circuit build after this long.
+    /// Give up on a circuit build after this long until enough builds have
+    /// been seen to learn a timeout (never more than this).
     pub circuit_build_timeout_secs: u64,
+    /// The learned build timeout is never below this.
+    pub circuit_build_timeout_min_ms: u64,
+    /// Unused circuits kept ready for new streams.
+    pub preemptive_circuits: usize,
+    /// Guards in the persisted sample.
+    pub guard_sample_size: usize,
+    /// A guard leaves the sample after this long.
+    pub guard_lifetime_secs: u64,
+    /// A failed guard is tried again after this long, doubling each time.
+    pub guard_retry_secs: u64,
     /// Give up on a stream that has not connected after this long.
     pub stream_timeout_secs: u64,
 }
@@ -36,6 +47,11 @@ impl Default for ClientConfig {
             allow_non_loopback_socks: false,
             max_circuit_dirtiness_secs: 600,
             circuit_build_timeout_secs: 30,
+            circuit_build_timeout_min_ms: 1000,
+            preemptive_circuits: 2,
+            guard_sample_size: 3,
+            guard_lifetime_secs: 120 * 24 * 3600,
+            guard_retry_secs: 30,
             stream_timeout_secs: 60,
         }
     }

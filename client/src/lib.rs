@@ -10,6 +10,7 @@ pub mod circuit;
 pub mod client;
 pub mod config;
 pub mod dir;
+pub mod guards;
 pub mod path;
 pub mod socks;
 

@@ -199,7 +199,11 @@ impl Reactor {
         }
     }
 
-    async fn run(mut self, mut io: ReactorIo) -> Result<(), RelayError> {
+    async fn run(
+        mut self,
+        mut io: ReactorIo,
+        mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<(), RelayError> {
         let mut batch = Vec::with_capacity(MAX_CELLS_PER_FRAME);
         let mut opened = Vec::new();
         loop {
@@ -245,6 +249,9 @@ impl Reactor {
                 }
                 p = io.frames_out.reserve(), if !can_write => {
                     if p.is_err() { return Err(RelayError::ChannelClosed); }
+                }
+                _ = async { match stop.as_mut() { Some(s) => { let _ = s.wait_for(|v| *v).await; } None => std::future::pending().await } } => {
+                    return Ok(());
                 }
                 ctl = io.ctrl.recv() => match ctl {
                     Some(Ctrl::Register(id, tx, ack)) => {
@@ -306,6 +313,7 @@ fn spawn_channel(
     peer: Option<[u8; 32]>,
     we_opened: bool,
     on_create: Option<CreateHandler>,
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> ChannelHandle {
     let (r, w) = stream.into_split();
     let (fin_tx, fin_rx) = mpsc::channel(FRAME_QUEUE);
@@ -342,7 +350,7 @@ fn spawn_channel(
     tokio::spawn(writer_task(w, fout_rx).in_current_span());
     tokio::spawn(
         async move {
-            if let Err(e) = reactor.run(io).await {
+            if let Err(e) = reactor.run(io, stop).await {
                 debug!("channel closed: {e}");
             }
             reader.abort();
@@ -357,6 +365,8 @@ fn spawn_channel(
 pub struct LinkIdentity {
     pub identity: SigningKey,
     pub link_secret: StaticSecret,
+    /// Becomes true when the relay stops: its channels close.
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl LinkIdentity {
@@ -393,7 +403,14 @@ pub async fn connect_nk(
         s.write_all(&m1).await?;
         let m2 = read_hs(&mut s).await?;
         link::read_handshake(&mut hs, &m2)?;
-        Ok::<_, RelayError>(spawn_channel(s, LinkTransport::new(hs)?, None, true, None))
+        Ok::<_, RelayError>(spawn_channel(
+            s,
+            LinkTransport::new(hs)?,
+            None,
+            true,
+            None,
+            None,
+        ))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
         .await
@@ -426,6 +443,7 @@ pub async fn connect_xk(
             Some(peer_identity),
             true,
             on_create,
+            me.stop.clone(),
         ))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
@@ -469,5 +487,6 @@ pub async fn accept(
         peer,
         false,
         Some(on_create),
+        me.stop.clone(),
     ))
 }

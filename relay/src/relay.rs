@@ -28,6 +28,17 @@ pub struct RelayCtx {
     pub channels: ChannelManager,
     pub resolver: Option<TokioResolver>,
     pub stats: Arc<RelayStats>,
+    /// Set to true when the relay stops; every channel watches it.
+    pub stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Stops the relay's channels when the serving future goes away.
+struct StopOnDrop(Arc<RelayCtx>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop.send_replace(true);
+    }
 }
 
 /// Open channels to other relays, by identity.
@@ -100,18 +111,21 @@ impl Relay {
                 None
             }
         };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(RelayCtx {
             nickname: cfg.nickname.clone(),
             identity_pub: identity.verifying_key().to_bytes(),
             link: LinkIdentity {
                 identity,
                 link_secret,
+                stop: Some(stop_rx),
             },
             onion: RwLock::new(onion),
             policy: cfg.policy()?,
             channels: ChannelManager::default(),
             resolver,
             stats: Arc::new(RelayStats::default()),
+            stop,
         });
         Ok(Relay { cfg, keys, ctx })
     }
@@ -199,6 +213,7 @@ impl Relay {
 
     /// Serve on an already bound listener.
     pub async fn serve(self, listener: TcpListener) -> Result<(), RelayError> {
+        let _stop = StopOnDrop(self.ctx.clone());
         info!(nickname = %self.cfg.nickname, id = %allium_proto::short_id(&self.ctx.identity_pub), "relay listening");
         let ctx = self.ctx.clone();
         let accept = async move {
