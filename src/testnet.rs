@@ -243,6 +243,7 @@ pub fn plan(
     let client = ClientConfig {
         data_dir: dir.join("client"),
         authorities,
+        guard_retry_secs: 1,
         socks_listen: vec![
             opts.socks
                 .unwrap_or_else(|| loopback(first_relay + opts.relays as u16)),
@@ -358,6 +359,7 @@ pub struct AuthorityInfo {
 
 /// A relay of a running testnet.
 pub struct RelayInfo {
+    pub config: RelayConfig,
     pub nickname: String,
     pub identity: [u8; 32],
     pub addr: SocketAddr,
@@ -435,6 +437,7 @@ impl Testnet {
                     .instrument(span),
             );
             relays.push(RelayInfo {
+                config: rc.clone(),
                 nickname: name,
                 identity,
                 addr: rc.listen,
@@ -512,9 +515,23 @@ impl Testnet {
         self.authorities[i].task.abort();
     }
 
-    /// Stop relay `i` from accepting links (it stops answering).
+    /// Stop relay `i`: it closes its links and stops answering.
     pub fn stop_relay(&self, i: usize) {
         self.relays[i].task.abort();
+    }
+
+    /// Start relay `i` again, with its keys, on its address.
+    pub async fn restart_relay(&mut self, i: usize) -> Result<(), TestnetError> {
+        let rc = self.relays[i].config.clone();
+        let l = TcpListener::bind(rc.listen).await?;
+        let relay = Relay::new(rc.clone())?;
+        let name = rc.nickname.clone();
+        self.relays[i].stats = relay.stats();
+        let span = tracing::info_span!("relay", name = %name);
+        self.relays[i].task = self.tasks.spawn(
+            async move { (name, relay.serve(l).await.map_err(|e| e.to_string())) }.instrument(span),
+        );
+        Ok(())
     }
 
     /// Certify a new signing key for authority `i` with its offline

@@ -165,11 +165,10 @@ pub async fn build(
             match RelayMsg::decode(&c.payload[16..])? {
                 (0, RelayMsg::Extended(h)) if from == last => layers.push(&st.finish(&h)?)?,
                 (_, RelayMsg::Truncated(r)) => {
-                    return Err(ClientError::Build(format!(
-                        "extend to {} failed: {:?}",
-                        hop.nickname,
-                        DestroyReason(r)
-                    )));
+                    return Err(ClientError::ExtendFailed {
+                        relay: hop.identity,
+                        why: format!("extend to {} failed: {:?}", hop.nickname, DestroyReason(r)),
+                    });
                 }
                 (_, m) => {
                     return Err(ClientError::Build(format!(
@@ -276,6 +275,9 @@ impl CircTask {
             }
         };
         debug!(?reason, "circuit closed");
+        // Mark the circuit closed before telling its streams, so that no
+        // new stream picks it meanwhile.
+        self.cmd_rx.close();
         if reason != DestroyReason::CHANNEL_CLOSED && reason != DestroyReason::DESTROYED {
             let _ = self.chan.send(Cell::destroy(self.circ_id, reason)).await;
         }

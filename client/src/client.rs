@@ -100,7 +100,7 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-const BUILD_ATTEMPTS: usize = 3;
+const BUILD_ATTEMPTS: usize = 5;
 
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
@@ -264,6 +264,10 @@ impl Client {
                 Err(e) => {
                     warn!(timeout = ?timeout, "circuit build failed: {e}");
                     let mut avoid = lock(&self.inner.avoid);
+                    if let ClientError::ExtendFailed { relay, .. } = &e {
+                        // That relay could not be reached: avoid it at once.
+                        avoid.insert(*relay, (AVOID_AFTER, Instant::now()));
+                    }
                     for r in &p[1..] {
                         let f = avoid.entry(r.identity).or_insert((0, Instant::now()));
                         f.0 += 1;
@@ -398,6 +402,7 @@ impl Client {
             Err(ClientError::StreamEnded(
                 EndReason::EXIT_POLICY | EndReason::RESOLVE_FAILED | EndReason::TIMEOUT
             )) | Err(ClientError::Timeout(_))
+                | Err(ClientError::CircuitClosed)
         );
         if !retry {
             return first;
@@ -439,12 +444,37 @@ impl Client {
                 });
                 pool.iter().filter(|p| p.isolation.is_none()).count()
             };
-            if ready < self.inner.cfg.preemptive_circuits {
-                if let Err(e) = self.build_preemptive().await {
-                    debug!("preemptive circuit: {e}");
-                }
+            if ready < self.inner.cfg.preemptive_circuits
+                && let Err(e) = self.build_preemptive().await
+            {
+                debug!("preemptive circuit: {e}");
             }
         }
+    }
+
+    /// Open a stream to `host:port` (a name is resolved at the exit) as an
+    /// `AsyncRead + AsyncWrite` byte stream, isolated from the proxy ports.
+    pub async fn open_stream(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<tokio::io::DuplexStream, ClientError> {
+        let addr = TargetAddr::from_host(host)?;
+        let iso = Isolation {
+            listener: usize::MAX,
+            auth: SocksAuth::NoAuth,
+        };
+        let stream = self.connect(addr, port, &iso).await?;
+        let (app, ours) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(
+            async move {
+                if let Err(e) = crate::socks::relay_bytes(ours, stream, Vec::new()).await {
+                    debug!("library stream: {e}");
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(app)
     }
 
     /// Resolve a hostname at an exit.

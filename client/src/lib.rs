@@ -5,6 +5,13 @@
 //!
 //! It does not relay traffic for others and keeps no state beyond its data
 //! directory.
+//!
+//! As a library: [`Client::new`] from a [`ClientConfig`], run
+//! [`Client::serve`] (or just [`Client::consensus_loop`]) in a task, wait
+//! for [`Client::wait_bootstrapped`] or call [`Client::bootstrap`], then
+//! [`Client::open_stream`] gives an `AsyncRead + AsyncWrite` stream to a
+//! host and port. Several clients can run in one process, each with its
+//! own data directory.
 
 pub mod circuit;
 pub mod client;
@@ -31,6 +38,9 @@ pub enum ClientError {
     NoPath(String),
     #[error("circuit build failed: {0}")]
     Build(String),
+    /// The circuit could not be extended to `relay` (it is unreachable).
+    #[error("{why}")]
+    ExtendFailed { relay: [u8; 32], why: String },
     #[error("the exit ended the stream: {0:?}")]
     StreamEnded(EndReason),
     #[error("timed out: {0}")]

@@ -185,11 +185,14 @@ async fn connect(
 
 /// Shuttle bytes between the application and the stream until either ends.
 /// `early` is what the application sent right after its request.
-async fn relay_bytes(s: TcpStream, mut stream: Stream, early: Vec<u8>) -> Result<(), ClientError> {
+pub async fn relay_bytes<S>(s: S, mut stream: Stream, early: Vec<u8>) -> Result<(), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
     if !early.is_empty() {
         stream.send(&early).await?;
     }
-    let (mut r, mut w) = s.into_split();
+    let (mut r, mut w) = tokio::io::split(s);
     let mut buf = vec![0u8; DATA_MAX * 8];
     let mut app_open = true;
     loop {

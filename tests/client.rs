@@ -1,0 +1,243 @@
+//! The client under failures: guards, a relay dying mid-download.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use allium::testnet::{Testnet, TestnetOptions};
+use allium_client::path::ExitTarget;
+use allium_client::{Client, Isolation};
+use allium_proto::relaymsg::TargetAddr;
+use allium_proto::socks::SocksAuth;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An HTTP server: `/slow` streams 16 KiB every 20 ms for up to 20 s,
+/// anything else answers "ok" at once.
+async fn server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if buf[..n].starts_with(b"GET /slow") {
+                    let _ = s
+                        .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 16384000\r\n\r\n")
+                        .await;
+                    for _ in 0..1000 {
+                        if s.write_all(&[7u8; 16384]).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                } else {
+                    let _ = s
+                        .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    a
+}
+
+/// GET `path` through SOCKS5 with username `user`; returns the body bytes
+/// read before the stream ended, and whether it ended cleanly.
+async fn get(proxy: SocketAddr, port: u16, path: &str, user: &str) -> (usize, bool) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    let mut a = vec![1, user.len() as u8];
+    a.extend_from_slice(user.as_bytes());
+    a.extend_from_slice(&[1, b'x']);
+    s.write_all(&a).await.unwrap();
+    s.read_exact(&mut m).await.unwrap();
+    let mut req = vec![5, 1, 0, 3, 9];
+    req.extend_from_slice(b"localhost");
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).await.unwrap();
+    if r[1] != 0 {
+        eprintln!("SOCKS reply {}", r[1]);
+        return (0, false);
+    }
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    let ok = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut all))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let body = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |i| all.len() - i - 4);
+    (body, ok)
+}
+
+fn iso(user: &str) -> Isolation {
+    Isolation {
+        listener: 0,
+        auth: SocksAuth::UserPass {
+            user: user.into(),
+            pass: b"x".to_vec(),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guards_persist_and_fail_over() {
+    let mut net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let sample = net.client.guards();
+    assert_eq!(sample.len(), 3);
+    let first = sample[0];
+
+    // The same sample, first guard first, after a restart.
+    let again = Client::new(net.client_config.clone()).unwrap();
+    again.refresh_consensus().await.unwrap();
+    again.build_circuit(&ExitTarget::Any).await.unwrap();
+    assert_eq!(again.guards(), sample);
+
+    // Kill the first guard: circuits go through the next one.
+    let i = net.relays.iter().position(|r| r.identity == first).unwrap();
+    net.stop_relay(i);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let c = net.client.build_circuit(&ExitTarget::Any).await.unwrap();
+        assert_ne!(c.path[0].identity, first, "a dead guard was used");
+    }
+    assert_eq!(
+        net.client.guards()[0],
+        first,
+        "a failed guard stays in the sample"
+    );
+
+    // Bring it back: it is retried and used again once it answers and the
+    // consensus lists it Running.
+    net.restart_relay(i).await.unwrap();
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the guard was not retried"
+        );
+        net.client.refresh_consensus().await.ok();
+        if let Ok(c) = net.client.build_circuit(&ExitTarget::Any).await
+            && c.path[0].identity == first
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn middle_relay_dies_during_a_download() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("allium_client=debug,allium_relay=info")
+        .with_test_writer()
+        .try_init();
+    let web = server().await;
+    let net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let proxy = net.socks_addr;
+
+    // The download's circuit is the one bound to user "dl".
+    let circ = net
+        .client
+        .circuit_for(
+            &ExitTarget::Addr(&TargetAddr::Host("localhost".into()), web.port()),
+            &iso("dl"),
+        )
+        .await
+        .unwrap();
+    let middle = circ.path[1].identity;
+    let dl = tokio::spawn(async move { get(proxy, web.port(), "/slow", "dl").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let i = net
+        .relays
+        .iter()
+        .position(|r| r.identity == middle)
+        .unwrap();
+    net.stop_relay(i);
+    let (got, clean) = tokio::time::timeout(Duration::from_secs(30), dl)
+        .await
+        .expect("the download must end")
+        .unwrap();
+    assert!(
+        got > 0 && got < 16_384_000,
+        "the download was cut short ({got} bytes)"
+    );
+    assert!(clean, "the application sees the stream close, not a hang");
+
+    // The next 20 requests all succeed, on fresh circuits, with no help.
+    for n in 0..20 {
+        let (body, ok) = get(proxy, web.port(), "/", "dl").await;
+        assert!(ok && body == 2, "request {n} after the relay died");
+    }
+    assert!(circ.is_closed(), "the broken circuit is gone");
+    net.shutdown().await;
+}
+
+/// Two independent library clients in one process, each with a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn library_clients_open_streams() {
+    let web = server().await;
+    let net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        relays: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut clients = Vec::new();
+    for d in &dirs {
+        let cfg = allium_client::ClientConfig {
+            data_dir: d.path().into(),
+            socks_listen: vec![],
+            ..net.client_config.clone()
+        };
+        let c = Client::new(cfg).unwrap();
+        tokio::spawn(c.clone().consensus_loop());
+        c.bootstrap(Duration::from_secs(30)).await.unwrap();
+        clients.push(c);
+    }
+    for c in &clients {
+        let mut s = c.open_stream("localhost", web.port()).await.unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.ends_with(b"\r\n\r\nok"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    assert!(
+        dirs.iter().all(|d| d.path().join("guards").exists()),
+        "each client keeps its own state"
+    );
+    net.shutdown().await;
+}
