@@ -241,3 +241,55 @@ async fn library_clients_open_streams() {
     );
     net.shutdown().await;
 }
+
+/// Different SOCKS credentials ride different circuits, as the exits see
+/// it; RESOLVE goes through the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn isolation_seen_at_the_relays_and_resolve() {
+    let web = server().await;
+    let net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        relays: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let carried = || {
+        net.relays
+            .iter()
+            .map(|r| allium_relay::RelayStats::get(&r.stats.circuits_with_streams))
+            .sum::<u64>()
+    };
+    let before = carried();
+    assert_eq!(
+        get(net.socks_addr, web.port(), "/", "alice").await,
+        (2, true)
+    );
+    assert_eq!(
+        get(net.socks_addr, web.port(), "/", "alice").await,
+        (2, true)
+    );
+    assert_eq!(carried(), before + 1, "one user, one circuit");
+    assert_eq!(get(net.socks_addr, web.port(), "/", "bob").await, (2, true));
+    assert_eq!(
+        carried(),
+        before + 2,
+        "another user, another circuit at the exit"
+    );
+
+    // Tor's SOCKS RESOLVE (F0): the exit resolves, the reply carries the address.
+    let mut s = TcpStream::connect(net.socks_addr).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    let mut req = vec![5, 0xf0, 0, 3, 9];
+    req.extend_from_slice(b"localhost");
+    req.extend_from_slice(&[0, 0]);
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!((r[1], r[3]), (0, 1));
+    assert_eq!(&r[4..8], &[127, 0, 0, 1]);
+    net.shutdown().await;
+}

@@ -49,6 +49,19 @@ fn example_configs_parse() {
         c.max_circuit_dirtiness_secs,
         ClientConfig::default().max_circuit_dirtiness_secs
     );
+    assert_eq!(
+        c.guard_lifetime_secs,
+        ClientConfig::default().guard_lifetime_secs
+    );
+    assert_eq!(c.guard_retry_secs, ClientConfig::default().guard_retry_secs);
+    assert_eq!(
+        c.preemptive_circuits,
+        ClientConfig::default().preemptive_circuits
+    );
+    assert_eq!(
+        c.circuit_build_timeout_min_ms,
+        ClientConfig::default().circuit_build_timeout_min_ms
+    );
     // Unknown keys are errors, not silently ignored.
     assert!(toml::from_str::<ClientConfig>("socks_listen = []\nsocks_port = 9050\n").is_err());
 }

@@ -557,3 +557,31 @@ impl Client {
         Err(ClientError::Config("a client task ended".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_timeout_is_learned() {
+        let mut b = BuildTimes::new(Duration::from_secs(30), Duration::from_millis(500));
+        assert_eq!(
+            b.timeout(),
+            Duration::from_secs(30),
+            "default before samples"
+        );
+        for ms in 1..=100u64 {
+            b.record(Duration::from_millis(ms * 10));
+        }
+        // 0.8 quantile of 10..1000 ms is 810 ms; twice that.
+        assert_eq!(b.timeout(), Duration::from_millis(1620));
+        for _ in 0..100 {
+            b.record(Duration::from_millis(3));
+        }
+        assert_eq!(
+            b.timeout(),
+            Duration::from_millis(500),
+            "never below the floor"
+        );
+    }
+}

@@ -77,6 +77,7 @@ struct Circuit {
     streams: HashMap<u16, mpsc::Sender<StreamCmd>>,
     ev_tx: mpsc::Sender<StreamEvent>,
     ev_rx: mpsc::Receiver<StreamEvent>,
+    had_stream: bool,
 }
 
 /// Answer a CREATE and run the circuit until it ends.
@@ -120,6 +121,7 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         streams: HashMap::new(),
         ev_tx,
         ev_rx,
+        had_stream: false,
     };
     let t = c.drive().await;
     c.teardown(t).await;
@@ -350,6 +352,10 @@ impl Circuit {
                 let (tx, rx) = mpsc::channel(exit::STREAM_QUEUE);
                 self.streams.insert(sid, tx);
                 RelayStats::inc(&self.ctx.stats.streams_opened, 1);
+                if !self.had_stream {
+                    self.had_stream = true;
+                    RelayStats::inc(&self.ctx.stats.circuits_with_streams, 1);
+                }
                 tokio::spawn(
                     exit::run_stream(self.ctx.clone(), sid, addr, port, self.ev_tx.clone(), rx)
                         .in_current_span(),

@@ -49,6 +49,8 @@ pub struct RelayStats {
     pub cells_originated: AtomicU64,
     pub cell_auth_failures: AtomicU64,
     pub streams_opened: AtomicU64,
+    /// Circuits that carried at least one stream (exits only).
+    pub circuits_with_streams: AtomicU64,
     pub exit_bytes: AtomicU64,
 }
 
