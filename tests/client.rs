@@ -80,6 +80,19 @@ async fn get(proxy: SocketAddr, port: u16, path: &str, user: &str) -> (usize, bo
     (body, ok)
 }
 
+/// A ready testnet with one authority and `relays` relays.
+async fn small_net(relays: usize) -> Testnet {
+    let net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        relays,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    net
+}
+
 fn iso(user: &str) -> Isolation {
     Isolation {
         listener: 0,
@@ -200,14 +213,7 @@ async fn middle_relay_dies_during_a_download() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn library_clients_open_streams() {
     let web = server().await;
-    let net = Testnet::start(TestnetOptions {
-        authorities: 1,
-        relays: 4,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let net = small_net(4).await;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let mut clients = Vec::new();
     for d in &dirs {
@@ -247,14 +253,7 @@ async fn library_clients_open_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn isolation_seen_at_the_relays_and_resolve() {
     let web = server().await;
-    let net = Testnet::start(TestnetOptions {
-        authorities: 1,
-        relays: 4,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let net = small_net(4).await;
     let carried = || {
         net.relays
             .iter()

@@ -85,24 +85,36 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_stdvec(v).expect("encoding to a Vec cannot fail")
 }
 
+/// Decode a signed document of at most `max` bytes and at most
+/// [`MAX_SIGNATURES`] signatures.
+fn parse_bounded<'a, T: Deserialize<'a>>(
+    what: &'static str,
+    b: &'a [u8],
+    max: usize,
+    signatures: impl Fn(&T) -> usize,
+) -> Result<T, Error> {
+    if b.len() > max {
+        return Err(Error::TooLarge {
+            what,
+            len: b.len(),
+            max,
+        });
+    }
+    let d: T = decode_exact(what, b)?;
+    let n = signatures(&d);
+    if n > MAX_SIGNATURES {
+        return Err(Error::TooLarge {
+            what: "signature list",
+            len: n,
+            max: MAX_SIGNATURES,
+        });
+    }
+    Ok(d)
+}
+
 impl SignedDocument {
     pub fn parse(what: &'static str, b: &[u8], max: usize) -> Result<Self, Error> {
-        if b.len() > max {
-            return Err(Error::TooLarge {
-                what,
-                len: b.len(),
-                max,
-            });
-        }
-        let d: SignedDocument = decode_exact(what, b)?;
-        if d.signatures.len() > MAX_SIGNATURES {
-            return Err(Error::TooLarge {
-                what: "signature list",
-                len: d.signatures.len(),
-                max: MAX_SIGNATURES,
-            });
-        }
-        Ok(d)
+        parse_bounded(what, b, max, |d: &Self| d.signatures.len())
     }
     pub fn new(body: Vec<u8>) -> Self {
         SignedDocument {
@@ -426,22 +438,7 @@ impl AuthSigned {
     }
 
     pub fn parse(what: &'static str, b: &[u8], max: usize) -> Result<Self, Error> {
-        if b.len() > max {
-            return Err(Error::TooLarge {
-                what,
-                len: b.len(),
-                max,
-            });
-        }
-        let d: AuthSigned = decode_exact(what, b)?;
-        if d.signatures.len() > MAX_SIGNATURES {
-            return Err(Error::TooLarge {
-                what: "signature list",
-                len: d.signatures.len(),
-                max: MAX_SIGNATURES,
-            });
-        }
-        Ok(d)
+        parse_bounded(what, b, max, |d: &Self| d.signatures.len())
     }
 
     /// Add a signature, replacing any by the same authority, keeping the
