@@ -83,11 +83,6 @@ pub async fn post_descriptor(addr: SocketAddr, desc: Vec<u8>) -> Result<(), DirE
         .map(|_| ())
 }
 
-/// Fetch every descriptor an authority holds (postcard list of documents).
-pub async fn fetch_descriptors(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
-    request(addr, "GET", "/descriptors", vec![], 64 * 1024 * 1024).await
-}
-
 /// Fetch an authority's vote for the period starting at `valid_after`.
 pub async fn fetch_vote(addr: SocketAddr, valid_after: u64) -> Result<Vec<u8>, DirError> {
     request(

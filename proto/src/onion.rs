@@ -194,10 +194,6 @@ impl ClientLayers {
             .push((Direction::new(keys.forward), Direction::new(keys.backward)));
         Ok(())
     }
-    pub fn truncate(&mut self, n: usize) {
-        self.hops.truncate(n);
-    }
-
     /// Build the payload of a forward cell for hop `target` (0-based).
     /// `msg` is at most [`forward_capacity`]`(target)` bytes; it is zero padded.
     pub fn encrypt_forward(
