@@ -5,13 +5,19 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
+use allium_proto::flow::{
+    CIRC_INCREMENT, CIRC_WINDOW, CircRecvWindow, CircSendWindow, STREAM_INCREMENT, STREAM_WINDOW,
+    StreamWindow,
+};
 use allium_proto::ntor;
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{EndReason, Extend, HEADER_LEN, RelayMsg, TargetAddr};
 use allium_proto::{ConsensusRelay, short_id};
-use allium_relay::channel::ChannelHandle;
-use tokio::sync::{mpsc, oneshot};
+use allium_relay::channel::{ChannelHandle, Inbox};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 use tracing::debug;
 
@@ -19,8 +25,8 @@ use crate::ClientError;
 
 /// Payload bytes one forward DATA message carries on a 3-hop circuit.
 pub const DATA_MAX: usize = forward_capacity(2) - HEADER_LEN;
-const STREAM_QUEUE: usize = 64;
 const CMD_QUEUE: usize = 256;
+const TAG_LEN: usize = 16;
 
 /// What a stream receives from the exit.
 #[derive(Debug)]
@@ -40,26 +46,56 @@ enum CircCmd {
         reply: oneshot::Sender<Result<Vec<IpAddr>, ClientError>>,
     },
     Data(u16, Vec<u8>),
+    /// The application took one DATA message of this stream.
+    Consumed(u16),
     End(u16),
 }
 
 /// An open stream through a circuit.
+///
+/// Sending waits for room in the stream's and the circuit's windows, so a
+/// stalled exit stops the application here. Received data waits in the
+/// stream's queue (at most a stream window) until [`Stream::recv`] takes it,
+/// and only then is the exit allowed to send more.
 pub struct Stream {
     pub id: u16,
-    pub rx: mpsc::Receiver<StreamData>,
+    rx: mpsc::UnboundedReceiver<StreamData>,
     tx: mpsc::Sender<CircCmd>,
+    window: Arc<Semaphore>,
+    circ_window: Arc<Semaphore>,
 }
 
 impl Stream {
     /// Send bytes toward the exit (split into DATA messages).
     pub async fn send(&self, data: &[u8]) -> Result<(), ClientError> {
         for chunk in data.chunks(DATA_MAX) {
+            let a = self
+                .window
+                .acquire()
+                .await
+                .map_err(|_| ClientError::CircuitClosed)?;
+            let b = self
+                .circ_window
+                .acquire()
+                .await
+                .map_err(|_| ClientError::CircuitClosed)?;
+            a.forget();
+            b.forget();
             self.tx
                 .send(CircCmd::Data(self.id, chunk.to_vec()))
                 .await
                 .map_err(|_| ClientError::CircuitClosed)?;
         }
         Ok(())
+    }
+
+    /// The next data from the exit, or its END; `None` if the circuit died.
+    pub async fn recv(&mut self) -> Option<StreamData> {
+        let d = self.rx.recv().await?;
+        if matches!(d, StreamData::Data(_)) {
+            let _ = self.tx.send(CircCmd::Consumed(self.id)).await;
+        }
+        Some(d)
     }
 }
 
@@ -113,7 +149,7 @@ fn relay_cell(circ_id: u32, payload: Box<[u8; PAYLOAD_LEN]>) -> Cell {
     }
 }
 
-async fn expect_cell(rx: &mut mpsc::Receiver<Cell>) -> Result<Cell, ClientError> {
+async fn expect_cell(rx: &mut Inbox) -> Result<Cell, ClientError> {
     rx.recv()
         .await
         .ok_or_else(|| ClientError::Build("channel closed".into()))
@@ -210,6 +246,10 @@ pub async fn build(
         pending: HashMap::new(),
         resolving: HashMap::new(),
         next_stream: 1,
+        circ_window: Arc::new(Semaphore::new(CIRC_WINDOW as usize)),
+        fc_send: CircSendWindow::new(),
+        fc_recv: CircRecvWindow::new(),
+        sendme_tags: Vec::new(),
     };
     tokio::spawn(task.run().in_current_span());
     let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -219,20 +259,44 @@ pub async fn build(
 /// A BEGIN awaiting CONNECTED: who to tell, and the stream's inbox.
 type PendingStream = (
     oneshot::Sender<Result<Stream, ClientError>>,
-    mpsc::Receiver<StreamData>,
+    mpsc::UnboundedReceiver<StreamData>,
 );
+
+/// A stream as its circuit task sees it.
+struct StreamEntry {
+    /// Unbounded by type; bounded by the stream window, which the exit
+    /// may not exceed (a cell past it closes the circuit).
+    tx: mpsc::UnboundedSender<StreamData>,
+    /// Forward window permits, taken by [`Stream::send`].
+    window: Arc<Semaphore>,
+    /// Forward window as counted here, to check the exit's SENDMEs.
+    sent: StreamWindow,
+    /// Backward window: DATA the exit may still send.
+    recv: StreamWindow,
+}
+
+impl Drop for StreamEntry {
+    fn drop(&mut self) {
+        self.window.close();
+    }
+}
 
 struct CircTask {
     chan: ChannelHandle,
     circ_id: u32,
-    rx: mpsc::Receiver<Cell>,
+    rx: Inbox,
     layers: ClientLayers,
     cmd_rx: mpsc::Receiver<CircCmd>,
     cmd_tx: mpsc::WeakSender<CircCmd>,
-    streams: HashMap<u16, mpsc::Sender<StreamData>>,
+    streams: HashMap<u16, StreamEntry>,
     pending: HashMap<u16, PendingStream>,
     resolving: HashMap<u16, oneshot::Sender<Result<Vec<IpAddr>, ClientError>>>,
     next_stream: u16,
+    /// Forward circuit window permits, shared with the streams.
+    circ_window: Arc<Semaphore>,
+    fc_send: CircSendWindow,
+    fc_recv: CircRecvWindow,
+    sendme_tags: Vec<[u8; TAG_LEN]>,
 }
 
 impl CircTask {
@@ -247,11 +311,24 @@ impl CircTask {
         None
     }
 
-    async fn send_msg(&mut self, sid: u16, msg: RelayMsg) -> Result<(), ClientError> {
+    /// Encrypt a message for the exit; returns the exit's tag.
+    async fn send_msg(&mut self, sid: u16, msg: RelayMsg) -> Result<[u8; TAG_LEN], ClientError> {
         let last = self.layers.len() - 1;
-        let body = msg.encode(sid, forward_capacity(last))?;
-        let payload = self.layers.encrypt_forward(last, &body)?;
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        msg.encode_into(sid, &mut payload[TAG_LEN..TAG_LEN + forward_capacity(last)])?;
+        let tag = self.layers.encrypt_forward_in_place(last, &mut payload)?;
         self.chan.send(relay_cell(self.circ_id, payload)).await?;
+        Ok(tag)
+    }
+
+    /// `n` DATA cells from the exit arrived: send the circuit SENDMEs due.
+    async fn circ_consumed(&mut self, n: u32) -> Result<(), ClientError> {
+        let mut tags = std::mem::take(&mut self.sendme_tags);
+        self.fc_recv.on_consumed(n, &mut tags);
+        for tag in tags.drain(..) {
+            self.send_msg(0, RelayMsg::Sendme { tag }).await?;
+        }
+        self.sendme_tags = tags;
         Ok(())
     }
 
@@ -278,15 +355,17 @@ impl CircTask {
         // Mark the circuit closed before telling its streams, so that no
         // new stream picks it meanwhile.
         self.cmd_rx.close();
+        self.circ_window.close();
         if reason != DestroyReason::CHANNEL_CLOSED && reason != DestroyReason::DESTROYED {
-            let _ = self.chan.send(Cell::destroy(self.circ_id, reason)).await;
+            self.chan.destroy(self.circ_id, reason);
+        } else {
+            self.chan.unregister(self.circ_id);
         }
-        self.chan.unregister(self.circ_id);
         for (_, (reply, _)) in self.pending.drain() {
             let _ = reply.send(Err(ClientError::CircuitClosed));
         }
-        for (_, tx) in self.streams.drain() {
-            let _ = tx.try_send(StreamData::End(EndReason::DESTROY));
+        for (_, st) in self.streams.drain() {
+            let _ = st.tx.send(StreamData::End(EndReason::DESTROY));
         }
     }
 
@@ -297,10 +376,19 @@ impl CircTask {
                     let _ = reply.send(Err(ClientError::Build("no free stream id".into())));
                     return Ok(());
                 };
-                let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-                self.streams.insert(sid, tx);
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.streams.insert(
+                    sid,
+                    StreamEntry {
+                        tx,
+                        window: Arc::new(Semaphore::new(STREAM_WINDOW as usize)),
+                        sent: StreamWindow::new(),
+                        recv: StreamWindow::new(),
+                    },
+                );
                 self.pending.insert(sid, (reply, rx));
-                self.send_msg(sid, RelayMsg::Begin { addr, port }).await
+                self.send_msg(sid, RelayMsg::Begin { addr, port }).await?;
+                Ok(())
             }
             CircCmd::Resolve { host, reply } => {
                 let Some(sid) = self.alloc_stream() else {
@@ -308,11 +396,26 @@ impl CircTask {
                     return Ok(());
                 };
                 self.resolving.insert(sid, reply);
-                self.send_msg(sid, RelayMsg::Resolve(host)).await
+                self.send_msg(sid, RelayMsg::Resolve(host)).await?;
+                Ok(())
             }
             CircCmd::Data(sid, d) => {
-                if self.streams.contains_key(&sid) {
-                    self.send_msg(sid, RelayMsg::Data(d)).await?;
+                let Some(st) = self.streams.get_mut(&sid) else {
+                    // The stream is gone: give back the circuit permit.
+                    self.circ_window.add_permits(1);
+                    return Ok(());
+                };
+                st.sent.take()?;
+                let tag = self.send_msg(sid, RelayMsg::Data(d)).await?;
+                self.fc_send.on_data_sent(&tag)?;
+                Ok(())
+            }
+            CircCmd::Consumed(sid) => {
+                if let Some(st) = self.streams.get_mut(&sid)
+                    && st.recv.consumed()
+                {
+                    self.send_msg(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })
+                        .await?;
                 }
                 Ok(())
             }
@@ -333,9 +436,9 @@ impl CircTask {
             CellCmd::PADDING => return Ok(()),
             _ => return Err(DestroyReason::PROTOCOL),
         }
-        let from = self
+        let (from, tag) = self
             .layers
-            .decrypt_backward(&mut c.payload)
+            .decrypt_backward_tagged(&mut c.payload)
             .map_err(|_| DestroyReason::CELL_AUTH)?;
         let (sid, msg) = RelayMsg::decode(&c.payload[16..]).map_err(|_| DestroyReason::PROTOCOL)?;
         if from != self.layers.len() - 1 {
@@ -348,10 +451,16 @@ impl CircTask {
         match msg {
             RelayMsg::Connected(_) => {
                 if let Some((reply, rx)) = self.pending.remove(&sid) {
+                    let window = match self.streams.get(&sid) {
+                        Some(st) => st.window.clone(),
+                        None => return Ok(()),
+                    };
                     let stream = Stream {
                         id: sid,
                         rx,
                         tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
+                        window,
+                        circ_window: self.circ_window.clone(),
                     };
                     if let Err(Ok(s)) = reply.send(Ok(stream)) {
                         drop(s);
@@ -359,18 +468,44 @@ impl CircTask {
                 }
             }
             RelayMsg::Data(d) => {
-                if let Some(tx) = self.streams.get(&sid)
-                    && tx.send(StreamData::Data(d)).await.is_err()
-                {
-                    self.streams.remove(&sid);
+                if self.fc_recv.on_data_received(&tag).is_err() {
+                    debug!("the exit sent DATA past the circuit window");
+                    return Err(DestroyReason::FLOW_CONTROL);
+                }
+                if let Some(st) = self.streams.get_mut(&sid) {
+                    if st.recv.take().is_err() {
+                        debug!("the exit sent DATA past a stream window");
+                        return Err(DestroyReason::FLOW_CONTROL);
+                    }
+                    if st.tx.send(StreamData::Data(d)).is_err() {
+                        self.streams.remove(&sid);
+                    }
+                }
+                self.circ_consumed(1)
+                    .await
+                    .map_err(|_| DestroyReason::INTERNAL)?;
+            }
+            RelayMsg::Sendme { tag } if sid == 0 => {
+                if self.fc_send.on_sendme(&tag).is_err() {
+                    debug!("the exit sent a SENDME that does not match");
+                    return Err(DestroyReason::FLOW_CONTROL);
+                }
+                self.circ_window.add_permits(CIRC_INCREMENT as usize);
+            }
+            RelayMsg::Sendme { .. } => {
+                if let Some(st) = self.streams.get_mut(&sid) {
+                    if st.sent.on_sendme().is_err() {
+                        return Err(DestroyReason::FLOW_CONTROL);
+                    }
+                    st.window.add_permits(STREAM_INCREMENT as usize);
                 }
             }
             RelayMsg::End(r) => {
                 if let Some((reply, _)) = self.pending.remove(&sid) {
                     let _ = reply.send(Err(ClientError::StreamEnded(r)));
                 }
-                if let Some(tx) = self.streams.remove(&sid) {
-                    let _ = tx.send(StreamData::End(r)).await;
+                if let Some(st) = self.streams.remove(&sid) {
+                    let _ = st.tx.send(StreamData::End(r));
                 }
             }
             RelayMsg::Resolved(addrs) => {
@@ -382,7 +517,7 @@ impl CircTask {
                     });
                 }
             }
-            RelayMsg::Drop | RelayMsg::Sendme { .. } => {}
+            RelayMsg::Drop => {}
             _ => return Err(DestroyReason::PROTOCOL),
         }
         Ok(())

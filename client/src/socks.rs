@@ -201,7 +201,7 @@ where
                 Ok(0) | Err(_) => app_open = false,
                 Ok(n) => stream.send(&buf[..n]).await?,
             },
-            d = stream.rx.recv() => match d {
+            d = stream.recv() => match d {
                 Some(StreamData::Data(d)) => w.write_all(&d).await?,
                 Some(StreamData::End(_)) | None => {
                     let _ = w.shutdown().await;

@@ -108,6 +108,9 @@ crate::open_enum! {
         CELL_AUTH = 13,
         /// A limit of the relay was reached (circuits per channel, memory).
         RESOURCE_LIMIT = 14,
+        /// The peer sent DATA past its window or a SENDME that acknowledges
+        /// cells it never received.
+        FLOW_CONTROL = 15,
     }
 }
 

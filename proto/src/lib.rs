@@ -10,6 +10,7 @@
 pub mod aead;
 pub mod cell;
 pub mod doc;
+pub mod flow;
 pub mod httpconnect;
 pub mod link;
 pub mod ntor;
@@ -55,6 +56,8 @@ pub enum Error {
     Link(String),
     #[error("nonce counter exhausted")]
     CounterExhausted,
+    #[error("flow control: {0}")]
+    FlowControl(&'static str),
 }
 
 impl Error {

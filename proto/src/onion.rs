@@ -147,10 +147,20 @@ impl RelayLayer {
         }
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         payload[TAG_LEN..TAG_LEN + body.len()].copy_from_slice(body);
+        self.originate_backward_in_place(&mut payload)?;
+        Ok(payload)
+    }
+
+    /// Originate a backward cell in place: `payload[16..]` holds the
+    /// plaintext body. Returns this hop's tag (also written to `payload[..16]`).
+    pub fn originate_backward_in_place(
+        &mut self,
+        payload: &mut [u8; PAYLOAD_LEN],
+    ) -> Result<[u8; TAG_LEN], Error> {
         let tag = self.back.aead()?.seal(&[], &mut payload[TAG_LEN..]);
         payload[..TAG_LEN].copy_from_slice(&tag);
         self.back.advance();
-        Ok(payload)
+        Ok(tag)
     }
 
     /// Add this hop's layer to a backward cell from the next hop, in place.
@@ -201,13 +211,7 @@ impl ClientLayers {
         target: usize,
         msg: &[u8],
     ) -> Result<Box<[u8; PAYLOAD_LEN]>, Error> {
-        if target >= self.hops.len() {
-            return Err(Error::malformed(
-                "forward cell",
-                "target beyond the circuit",
-            ));
-        }
-        let cap = forward_capacity(target);
+        let cap = forward_capacity(target.min(MAX_HOPS));
         if msg.len() > cap {
             return Err(Error::TooLarge {
                 what: "forward message",
@@ -215,72 +219,104 @@ impl ClientLayers {
                 max: cap,
             });
         }
-        let mut aeads = Vec::with_capacity(target + 1);
-        let mut streams = Vec::with_capacity(target + 1);
-        for (fwd, _) in &self.hops[..=target] {
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        payload[TAG_LEN..TAG_LEN + msg.len()].copy_from_slice(msg);
+        self.encrypt_forward_in_place(target, &mut payload)?;
+        Ok(payload)
+    }
+
+    /// Like [`ClientLayers::encrypt_forward`], in place: `payload[16..]`
+    /// holds the message for hop `target`, zero padded to
+    /// [`forward_capacity`]`(target)` bytes (what follows is overwritten).
+    /// Returns the tag that hop `target` finds on the cell (the tag a circuit
+    /// SENDME from that hop carries).
+    pub fn encrypt_forward_in_place(
+        &mut self,
+        target: usize,
+        payload: &mut [u8; PAYLOAD_LEN],
+    ) -> Result<[u8; TAG_LEN], Error> {
+        if target >= self.hops.len() {
+            return Err(Error::malformed(
+                "forward cell",
+                "target beyond the circuit",
+            ));
+        }
+        let mut aeads: [Option<Aead>; MAX_HOPS] = [const { None }; MAX_HOPS];
+        let mut streams = [[0u8; BODY_LEN]; MAX_HOPS];
+        for (j, (fwd, _)) in self.hops[..=target].iter().enumerate() {
             let mut a = fwd.aead()?;
-            let mut ks = [0u8; BODY_LEN];
-            a.apply_keystream(&mut ks);
-            aeads.push(a);
-            streams.push(ks);
+            a.apply_keystream(&mut streams[j]);
+            aeads[j] = Some(a);
         }
         // The filler: what the zero blocks appended by hops 0..target look like
         // in the body hop `target` receives (its last 16*target bytes).
-        let mut filler: Vec<u8> = Vec::with_capacity(TAG_LEN * target);
+        let mut filler = [0u8; TAG_LEN * MAX_HOPS];
+        let mut flen = 0;
         for ks in &streams[..target] {
-            let start = BODY_LEN - filler.len();
-            for (f, k) in filler.iter_mut().zip(&ks[start..]) {
+            let start = BODY_LEN - flen;
+            for (f, k) in filler[..flen].iter_mut().zip(&ks[start..]) {
                 *f ^= k;
             }
-            filler.extend_from_slice(&[0u8; TAG_LEN]);
+            filler[flen..flen + TAG_LEN].fill(0);
+            flen += TAG_LEN;
         }
         // Innermost layer: message, then the bytes that encrypt to the filler.
-        let mut ct = [0u8; BODY_LEN];
-        ct[..msg.len()].copy_from_slice(msg);
-        let split = BODY_LEN - filler.len();
-        for (i, b) in ct.iter_mut().enumerate() {
-            *b ^= streams[target][i];
+        let split = BODY_LEN - flen;
+        let (tag_field, ct) = payload.split_at_mut(TAG_LEN);
+        for (b, k) in ct[..split].iter_mut().zip(&streams[target][..split]) {
+            *b ^= k;
         }
-        ct[split..].copy_from_slice(&filler);
-        let mut tag = aeads[target].tag(AD_DELIVER, &ct);
+        ct[split..].copy_from_slice(&filler[..flen]);
+        let inner = aeads[target]
+            .as_ref()
+            .expect("set above")
+            .tag(AD_DELIVER, ct);
+        let mut tag = inner;
+        let mut next = [0u8; BODY_LEN];
         for j in (0..target).rev() {
-            let mut next = [0u8; BODY_LEN];
             next[..TAG_LEN].copy_from_slice(&tag);
             next[TAG_LEN..].copy_from_slice(&ct[..BODY_LEN - TAG_LEN]);
             for (b, k) in next.iter_mut().zip(&streams[j]) {
                 *b ^= k;
             }
-            ct = next;
-            tag = aeads[j].tag(AD_FORWARD, &ct);
+            ct.copy_from_slice(&next);
+            tag = aeads[j].as_ref().expect("set above").tag(AD_FORWARD, ct);
         }
         for (fwd, _) in &mut self.hops[..=target] {
             fwd.advance();
         }
-        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
-        payload[..TAG_LEN].copy_from_slice(&tag);
-        payload[TAG_LEN..].copy_from_slice(&ct);
-        Ok(payload)
+        tag_field.copy_from_slice(&tag);
+        streams.zeroize();
+        Ok(inner)
     }
 
     /// Remove the layers of a backward cell in place. Returns the hop that
     /// sent it; its plaintext is then `payload[16..]`.
     pub fn decrypt_backward(&mut self, payload: &mut [u8; PAYLOAD_LEN]) -> Result<usize, Error> {
+        self.decrypt_backward_tagged(payload).map(|(j, _)| j)
+    }
+
+    /// Like [`ClientLayers::decrypt_backward`]; also returns the tag the
+    /// sending hop's own layer put on the cell (the tag a circuit SENDME for
+    /// this cell carries).
+    pub fn decrypt_backward_tagged(
+        &mut self,
+        payload: &mut [u8; PAYLOAD_LEN],
+    ) -> Result<(usize, [u8; TAG_LEN]), Error> {
         let (tag, body) = payload.split_at_mut(TAG_LEN);
         let mut acc = [0u8; TAG_LEN];
-        let mut work = [0u8; BODY_LEN];
-        work.copy_from_slice(body);
         for (j, (_, back)) in self.hops.iter().enumerate() {
             let mut aead = back.aead()?;
-            for (a, t) in acc.iter_mut().zip(aead.tag(&[], &work)) {
+            let own = aead.tag(&[], body);
+            for (a, t) in acc.iter_mut().zip(own) {
                 *a ^= t;
             }
-            aead.apply_keystream(&mut work);
+            aead.apply_keystream(body);
             if ct_eq(&acc, tag) {
-                body.copy_from_slice(&work);
                 for (_, back) in &mut self.hops[..=j] {
                     back.advance();
                 }
-                return Ok(j);
+                return Ok((j, own));
             }
         }
         Err(Error::CellAuth)

@@ -255,6 +255,51 @@ impl RelayMsg {
         Ok(out)
     }
 
+    /// Encode into `out` (the plaintext area of a cell, `capacity` bytes):
+    /// header and body, then zeros. DATA is written without allocating.
+    pub fn encode_into(&self, stream_id: u16, out: &mut [u8]) -> Result<usize, Error> {
+        let owned;
+        let body: &[u8] = match self {
+            RelayMsg::Data(d) => d,
+            other => {
+                owned = other.body();
+                &owned
+            }
+        };
+        let len = HEADER_LEN + body.len();
+        if len > out.len() {
+            return Err(Error::TooLarge {
+                what: "relay message",
+                len,
+                max: out.len(),
+            });
+        }
+        out[0] = self.cmd().0;
+        out[1..3].copy_from_slice(&stream_id.to_be_bytes());
+        out[3..5].copy_from_slice(&(body.len() as u16).to_be_bytes());
+        out[HEADER_LEN..len].copy_from_slice(body);
+        out[len..].fill(0);
+        Ok(len)
+    }
+
+    /// Encode a DATA message from a borrowed slice (see [`RelayMsg::encode_into`]).
+    pub fn encode_data_into(stream_id: u16, data: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+        let len = HEADER_LEN + data.len();
+        if len > out.len() {
+            return Err(Error::TooLarge {
+                what: "relay message",
+                len,
+                max: out.len(),
+            });
+        }
+        out[0] = RelayCmd::DATA.0;
+        out[1..3].copy_from_slice(&stream_id.to_be_bytes());
+        out[3..5].copy_from_slice(&(data.len() as u16).to_be_bytes());
+        out[HEADER_LEN..len].copy_from_slice(data);
+        out[len..].fill(0);
+        Ok(len)
+    }
+
     /// Decode from a layer's plaintext; returns (stream id, message).
     pub fn decode(plain: &[u8]) -> Result<(u16, RelayMsg), Error> {
         let mut r = Reader::new(plain);

@@ -8,30 +8,51 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR};
+use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
+use allium_proto::flow::{
+    CIRC_WINDOW, CircRecvWindow, CircSendWindow, STREAM_WINDOW, StreamWindow,
+};
 use allium_proto::ntor::{self, OnionKeys};
-use allium_proto::onion::{BACKWARD_CAPACITY, Peeled, RelayLayer};
+use allium_proto::onion::{Peeled, RelayLayer};
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg};
-use tokio::sync::mpsc;
+use rand::RngExt;
+use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info};
 
-use crate::channel::{ChannelHandle, NewCircuit};
-use crate::exit::{self, StreamCmd, StreamEvent};
+use crate::channel::{ChannelHandle, Inbox, NewCircuit};
+use crate::exit::{self, CircShared, StreamCmd, StreamEvent};
+use crate::limits::{CELL_BYTES, CircAcct};
 use crate::relay::{ChannelManager, RelayCtx};
 use crate::{RelayError, RelayStats};
 
 const EXTEND_TIMEOUT: Duration = Duration::from_secs(15);
-/// Stream events (exit data toward the client) queued per circuit.
-const EVENT_QUEUE: usize = 64;
 /// Streams one circuit may have open at once.
 const MAX_STREAMS: usize = 512;
+const TAG_LEN: usize = 16;
 
 struct Next {
     chan: ChannelHandle,
     id: u32,
-    rx: mpsc::Receiver<Cell>,
+    rx: Inbox,
     /// CREATED has come back.
     open: bool,
+}
+
+/// An exit stream as its circuit sees it.
+struct ExitStream {
+    tx: mpsc::Sender<StreamCmd>,
+    /// Backward window: permits the stream task takes per DATA cell.
+    window: Arc<Semaphore>,
+    /// Backward window as counted here, to check the client's SENDMEs.
+    sent: StreamWindow,
+    /// Forward window: DATA cells the client may still send.
+    recv: StreamWindow,
+}
+
+impl Drop for ExitStream {
+    fn drop(&mut self) {
+        self.window.close();
+    }
 }
 
 /// How a circuit ends: who still has to be told.
@@ -58,6 +79,9 @@ impl From<RelayError> for Teardown {
             RelayError::Proto(allium_proto::Error::CellAuth) => {
                 Teardown::both(DestroyReason::CELL_AUTH)
             }
+            RelayError::Proto(allium_proto::Error::FlowControl(_)) => {
+                Teardown::both(DestroyReason::FLOW_CONTROL)
+            }
             RelayError::ChannelClosed => Teardown::both(DestroyReason::CHANNEL_CLOSED),
             RelayError::Protocol(_) | RelayError::Proto(_) => {
                 Teardown::both(DestroyReason::PROTOCOL)
@@ -71,13 +95,18 @@ struct Circuit {
     ctx: Arc<RelayCtx>,
     prev: ChannelHandle,
     prev_id: u32,
-    prev_rx: mpsc::Receiver<Cell>,
+    prev_rx: Inbox,
     next: Option<Next>,
     layer: RelayLayer,
-    streams: HashMap<u16, mpsc::Sender<StreamCmd>>,
-    ev_tx: mpsc::Sender<StreamEvent>,
-    ev_rx: mpsc::Receiver<StreamEvent>,
+    streams: HashMap<u16, ExitStream>,
+    shared: Arc<CircShared>,
+    ev_rx: mpsc::UnboundedReceiver<StreamEvent>,
     had_stream: bool,
+    /// Backward DATA this hop originated, against the client's SENDMEs.
+    fc_send: CircSendWindow,
+    /// Forward DATA delivered to this hop.
+    fc_recv: CircRecvWindow,
+    sendme_tags: Vec<[u8; TAG_LEN]>,
 }
 
 /// Answer a CREATE and run the circuit until it ends.
@@ -102,15 +131,14 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         }
         Err(e) => {
             debug!("CREATE refused: {e}");
-            let _ = chan
-                .send(Cell::destroy(circ_id, DestroyReason::PROTOCOL))
-                .await;
-            chan.unregister(circ_id);
+            RelayStats::inc(&ctx.stats.circuit_handshake_failures, 1);
+            chan.destroy(circ_id, DestroyReason::PROTOCOL);
             return;
         }
     };
     RelayStats::inc(&ctx.stats.circuits_created, 1);
-    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let acct: Option<Arc<CircAcct>> = inbox.acct().cloned();
     let mut c = Circuit {
         ctx,
         prev: chan,
@@ -119,12 +147,24 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         next: None,
         layer: RelayLayer::new(&keys),
         streams: HashMap::new(),
-        ev_tx,
+        shared: Arc::new(CircShared::new(CIRC_WINDOW, ev_tx, acct.clone())),
         ev_rx,
         had_stream: false,
+        fc_send: CircSendWindow::new(),
+        fc_recv: CircRecvWindow::new(),
+        sendme_tags: Vec::new(),
     };
-    let t = c.drive().await;
-    c.teardown(t).await;
+    let killed = async {
+        match &acct {
+            Some(a) => a.killed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let t = tokio::select! {
+        t = c.drive() => t,
+        () = killed => Teardown::both(DestroyReason::RESOURCE_LIMIT),
+    };
+    c.teardown(t);
 }
 
 fn answer_create(
@@ -176,28 +216,40 @@ impl Circuit {
         }
     }
 
-    async fn teardown(&mut self, t: Teardown) {
-        RelayStats::inc(&self.ctx.stats.circuits_destroyed, 1);
-        if t.reason == DestroyReason::CELL_AUTH {
-            RelayStats::inc(&self.ctx.stats.cell_auth_failures, 1);
-            info!("circuit destroyed: a cell failed authentication");
+    fn teardown(&mut self, t: Teardown) {
+        self.ctx.stats.destroyed(t.reason.0);
+        match t.reason {
+            DestroyReason::CELL_AUTH => {
+                RelayStats::inc(&self.ctx.stats.cell_auth_failures, 1);
+                info!("circuit destroyed: a cell failed authentication");
+            }
+            DestroyReason::FLOW_CONTROL => {
+                RelayStats::inc(&self.ctx.stats.flow_control_violations, 1);
+                info!("circuit destroyed: the client broke flow control");
+            }
+            _ => {}
         }
         if t.tell_prev {
-            let _ = self.prev.send(Cell::destroy(self.prev_id, t.reason)).await;
+            self.prev.destroy(self.prev_id, t.reason);
+        } else {
+            self.prev.unregister(self.prev_id);
         }
-        self.prev.unregister(self.prev_id);
         if let Some(n) = self.next.take() {
             if t.tell_next {
-                let _ = n.chan.send(Cell::destroy(n.id, t.reason)).await;
+                n.chan.destroy(n.id, t.reason);
+            } else {
+                n.chan.unregister(n.id);
             }
-            n.chan.unregister(n.id);
         }
+        self.shared.window.close();
+        RelayStats::inc(&self.ctx.stats.streams_closed, self.streams.len() as u64);
         self.streams.clear();
     }
 
     async fn originate(&mut self, stream_id: u16, msg: RelayMsg) -> Result<(), RelayError> {
-        let body = msg.encode(stream_id, BACKWARD_CAPACITY)?;
-        let payload = self.layer.originate_backward(&body)?;
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        msg.encode_into(stream_id, &mut payload[TAG_LEN..])?;
+        self.layer.originate_backward_in_place(&mut payload)?;
         RelayStats::inc(&self.ctx.stats.cells_originated, 1);
         self.prev
             .send(Cell {
@@ -208,10 +260,51 @@ impl Circuit {
             .await
     }
 
+    /// Originate a backward DATA cell; `acked` cells get random padding
+    /// (their tag is what the client's circuit SENDME must carry).
+    async fn originate_data(
+        &mut self,
+        sid: u16,
+        data: &[u8],
+        acked: bool,
+    ) -> Result<(), RelayError> {
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        let len = RelayMsg::encode_data_into(sid, data, &mut payload[TAG_LEN..])?;
+        if acked {
+            rand::rng().fill(&mut payload[TAG_LEN + len..]);
+        }
+        let tag = self.layer.originate_backward_in_place(&mut payload)?;
+        self.fc_send.on_data_sent(&tag)?;
+        if let Some(st) = self.streams.get_mut(&sid) {
+            st.sent.take()?;
+        }
+        RelayStats::inc(&self.ctx.stats.cells_originated, 1);
+        self.prev
+            .send(Cell {
+                circ_id: self.prev_id,
+                cmd: CellCmd::RELAY,
+                payload,
+            })
+            .await
+    }
+
+    /// `n` forward DATA cells left this hop: send the circuit SENDMEs due.
+    async fn consumed(&mut self, n: u32) -> Result<(), RelayError> {
+        let mut tags = std::mem::take(&mut self.sendme_tags);
+        self.fc_recv.on_consumed(n, &mut tags);
+        for tag in tags.drain(..) {
+            self.originate(0, RelayMsg::Sendme { tag }).await?;
+        }
+        self.sendme_tags = tags;
+        Ok(())
+    }
+
     async fn on_prev_cell(&mut self, mut c: Cell) -> Result<(), Teardown> {
         match c.cmd {
             CellCmd::RELAY => {
                 let has_next = self.next.as_ref().is_some_and(|n| n.open);
+                let mut tag = [0u8; TAG_LEN];
+                tag.copy_from_slice(&c.payload[..TAG_LEN]);
                 match self
                     .layer
                     .peel_forward(&mut c.payload, has_next)
@@ -232,7 +325,14 @@ impl Circuit {
                         RelayStats::inc(&self.ctx.stats.cells_delivered, 1);
                         let (sid, msg) =
                             RelayMsg::decode(&c.payload[16..]).map_err(RelayError::from)?;
-                        self.handle_msg(sid, msg).await?;
+                        if let RelayMsg::Data(d) = msg {
+                            self.fc_recv
+                                .on_data_received(&tag)
+                                .map_err(RelayError::from)?;
+                            self.deliver_data(sid, d).await?;
+                        } else {
+                            self.handle_msg(sid, msg).await?;
+                        }
                     }
                 }
                 Ok(())
@@ -244,6 +344,42 @@ impl Circuit {
             }),
             CellCmd::PADDING => Ok(()),
             cmd => Err(RelayError::Protocol(format!("{cmd:?} on an open circuit")).into()),
+        }
+    }
+
+    /// A forward DATA cell for stream `sid` (already counted in the circuit
+    /// window).
+    async fn deliver_data(&mut self, sid: u16, d: Vec<u8>) -> Result<(), Teardown> {
+        let Some(st) = self.streams.get_mut(&sid) else {
+            // A stream that is gone: the cell leaves at once.
+            self.consumed(1).await?;
+            return Ok(());
+        };
+        st.recv.take().map_err(RelayError::from)?;
+        if let Some(a) = &self.shared.acct {
+            a.add(CELL_BYTES);
+        }
+        match st.tx.try_send(StreamCmd::Data(d)) {
+            // Delivered to the stream's queue: the circuit window moves on
+            // (the stream window holds back a stalled target).
+            Ok(()) => {
+                self.consumed(1).await?;
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(a) = &self.shared.acct {
+                    a.sub(CELL_BYTES);
+                }
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    return Err(RelayError::Proto(allium_proto::Error::FlowControl(
+                        "stream queue overflow",
+                    ))
+                    .into());
+                }
+                self.streams.remove(&sid);
+                self.consumed(1).await?;
+                Ok(())
+            }
         }
     }
 
@@ -310,7 +446,7 @@ impl Circuit {
                 return Ok(());
             }
         };
-        let (id, rx) = chan.new_circuit().await?;
+        let (id, rx) = chan.new_circuit_counted(self.shared.acct.clone()).await?;
         let create = Cell::new(id, CellCmd::CREATE, &cell::encode_create(e.htype, &e.hdata))
             .map_err(RelayError::from)?;
         chan.send(create).await?;
@@ -328,11 +464,7 @@ impl Circuit {
             RelayMsg::Extend(e) if sid == 0 => self.extend(e).await,
             RelayMsg::Truncate if sid == 0 => {
                 if let Some(n) = self.next.take() {
-                    let _ = n
-                        .chan
-                        .send(Cell::destroy(n.id, DestroyReason::REQUESTED))
-                        .await;
-                    n.chan.unregister(n.id);
+                    n.chan.destroy(n.id, DestroyReason::REQUESTED);
                 }
                 self.originate(0, RelayMsg::Truncated(DestroyReason::REQUESTED.0))
                     .await?;
@@ -350,28 +482,54 @@ impl Circuit {
                     return Ok(());
                 }
                 let (tx, rx) = mpsc::channel(exit::STREAM_QUEUE);
-                self.streams.insert(sid, tx);
+                let window = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
+                self.streams.insert(
+                    sid,
+                    ExitStream {
+                        tx,
+                        window: window.clone(),
+                        sent: StreamWindow::new(),
+                        recv: StreamWindow::new(),
+                    },
+                );
                 RelayStats::inc(&self.ctx.stats.streams_opened, 1);
                 if !self.had_stream {
                     self.had_stream = true;
                     RelayStats::inc(&self.ctx.stats.circuits_with_streams, 1);
                 }
                 tokio::spawn(
-                    exit::run_stream(self.ctx.clone(), sid, addr, port, self.ev_tx.clone(), rx)
-                        .in_current_span(),
+                    exit::run_stream(
+                        self.ctx.clone(),
+                        sid,
+                        addr,
+                        port,
+                        self.shared.clone(),
+                        window,
+                        rx,
+                    )
+                    .in_current_span(),
                 );
                 Ok(())
             }
-            RelayMsg::Data(d) if sid != 0 => {
-                if let Some(tx) = self.streams.get(&sid)
-                    && tx.send(StreamCmd::Data(d)).await.is_err()
-                {
-                    self.streams.remove(&sid);
+            RelayMsg::End(_) if sid != 0 => {
+                if self.streams.remove(&sid).is_some() {
+                    RelayStats::inc(&self.ctx.stats.streams_closed, 1);
                 }
                 Ok(())
             }
-            RelayMsg::End(_) if sid != 0 => {
-                self.streams.remove(&sid);
+            RelayMsg::Sendme { tag } if sid == 0 => {
+                self.fc_send.on_sendme(&tag).map_err(RelayError::from)?;
+                self.shared
+                    .window
+                    .add_permits(allium_proto::flow::CIRC_INCREMENT as usize);
+                Ok(())
+            }
+            RelayMsg::Sendme { .. } => {
+                if let Some(st) = self.streams.get_mut(&sid) {
+                    st.sent.on_sendme().map_err(RelayError::from)?;
+                    st.window
+                        .add_permits(allium_proto::flow::STREAM_INCREMENT as usize);
+                }
                 Ok(())
             }
             RelayMsg::Resolve(host) if sid != 0 => {
@@ -380,17 +538,17 @@ impl Circuit {
                     return Ok(());
                 }
                 let ctx = self.ctx.clone();
-                let ev = self.ev_tx.clone();
+                let shared = self.shared.clone();
                 tokio::spawn(
                     async move {
                         let addrs = exit::resolve(&ctx, &host).await.unwrap_or_default();
-                        let _ = ev.send(StreamEvent::Resolved(sid, addrs)).await;
+                        let _ = shared.ev.send(StreamEvent::Resolved(sid, addrs));
                     }
                     .in_current_span(),
                 );
                 Ok(())
             }
-            RelayMsg::Drop | RelayMsg::Sendme { .. } => Ok(()),
+            RelayMsg::Drop => Ok(()),
             other => Err(RelayError::Protocol(format!(
                 "unexpected {:?} on stream {sid}",
                 other.cmd()
@@ -406,14 +564,26 @@ impl Circuit {
                     self.originate(sid, RelayMsg::Connected(Some(ip))).await?;
                 }
             }
-            StreamEvent::Data(sid, d) => {
-                if self.streams.contains_key(&sid) {
-                    RelayStats::inc(&self.ctx.stats.exit_bytes, d.len() as u64);
-                    self.originate(sid, RelayMsg::Data(d)).await?;
+            StreamEvent::Data { sid, data, acked } => {
+                if let Some(a) = &self.shared.acct {
+                    a.sub(CELL_BYTES);
+                }
+                // Sent even if the client has ended the stream meanwhile:
+                // the window already counts it.
+                RelayStats::inc(&self.ctx.stats.exit_bytes, data.len() as u64);
+                self.originate_data(sid, &data, acked).await?;
+            }
+            StreamEvent::Consumed(sid) => {
+                if let Some(st) = self.streams.get_mut(&sid)
+                    && st.recv.consumed()
+                {
+                    self.originate(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })
+                        .await?;
                 }
             }
             StreamEvent::End(sid, reason) => {
                 if self.streams.remove(&sid).is_some() {
+                    RelayStats::inc(&self.ctx.stats.streams_closed, 1);
                     self.originate(sid, RelayMsg::End(reason)).await?;
                 }
             }

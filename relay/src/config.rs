@@ -36,6 +36,25 @@ pub struct RelayConfig {
     /// Rotate the onion key this often; the previous one stays valid for one
     /// more period.
     pub onion_key_lifetime_secs: u64,
+    /// Cap on the bytes of cells queued in the relay (like Tor's
+    /// MaxMemInQueues): above it, the circuits whose queued data has waited
+    /// longest are killed.
+    pub max_queued_bytes: u64,
+    /// Relayed bytes per second (token bucket on link traffic read); 0 for
+    /// no limit. The declared bandwidth is at most this.
+    pub bandwidth_rate: u64,
+    /// Bucket size in bytes (default: one second of `bandwidth_rate`).
+    pub bandwidth_burst: u64,
+    /// Client connections one address may hold open (Tor: 50).
+    pub dos_max_connections_per_addr: u32,
+    /// Circuits one client address may create per second, on average
+    /// (Tor: 3), and in a burst (Tor: 90). Refused before any public-key work.
+    pub dos_circuit_rate: f64,
+    pub dos_circuit_burst: u32,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (off by default).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on a non-loopback address.
+    pub metrics_allow_remote: bool,
 }
 
 impl Default for RelayConfig {
@@ -52,6 +71,14 @@ impl Default for RelayConfig {
             family: vec![],
             publish_interval_secs: 3600,
             onion_key_lifetime_secs: 7 * 24 * 3600,
+            max_queued_bytes: 512 << 20,
+            bandwidth_rate: 0,
+            bandwidth_burst: 0,
+            dos_max_connections_per_addr: 50,
+            dos_circuit_rate: 3.0,
+            dos_circuit_burst: 90,
+            metrics_listen: None,
+            metrics_allow_remote: false,
         }
     }
 }
@@ -79,6 +106,16 @@ impl RelayConfig {
         Ok(a)
     }
 
+    /// The bandwidth the descriptor declares: the configured figure, but no
+    /// more than the rate limit.
+    pub fn declared_bandwidth(&self) -> u32 {
+        if self.bandwidth_rate > 0 {
+            (self.bandwidth as u64).min(self.bandwidth_rate) as u32
+        } else {
+            self.bandwidth
+        }
+    }
+
     pub fn family_ids(&self) -> Result<Vec<[u8; 32]>, RelayError> {
         self.family
             .iter()
@@ -102,6 +139,17 @@ impl RelayConfig {
         if self.publish_interval_secs == 0 || self.onion_key_lifetime_secs == 0 {
             return Err(RelayError::Config("intervals must be positive".into()));
         }
+        if self.max_queued_bytes < (1 << 20) {
+            return Err(RelayError::Config(
+                "max_queued_bytes must be at least 1 MiB".into(),
+            ));
+        }
+        if !(self.dos_circuit_rate >= 0.0 && self.dos_circuit_rate.is_finite())
+            || self.dos_max_connections_per_addr == 0
+        {
+            return Err(RelayError::Config("bad DoS limits".into()));
+        }
+        crate::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)?;
         self.policy()?;
         self.advertised()?;
         self.family_ids()?;

@@ -5,17 +5,23 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
+use allium_proto::flow::{CIRC_INCREMENT, SENDME_CELL_RANDOM, STREAM_WINDOW};
 use allium_proto::onion::BACKWARD_CAPACITY;
 use allium_proto::relaymsg::{EndReason, HEADER_LEN, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 use tracing::debug;
 
 use crate::RelayStats;
+use crate::limits::{CELL_BYTES, CircAcct};
 use crate::relay::RelayCtx;
 
-pub const STREAM_QUEUE: usize = 64;
+/// Forward DATA cells queued toward one stream: its whole window, so an
+/// honest client never finds it full (one that does loses the circuit).
+pub const STREAM_QUEUE: usize = STREAM_WINDOW as usize + 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most payload one backward DATA message carries.
@@ -29,9 +35,93 @@ pub enum StreamCmd {
 /// From a stream task to its circuit.
 pub enum StreamEvent {
     Connected(u16, IpAddr),
-    Data(u16, Vec<u8>),
+    /// Bytes read from the target. `acked`: this is a DATA cell whose tag a
+    /// circuit SENDME will carry, so its padding is to be random.
+    Data {
+        sid: u16,
+        data: Vec<u8>,
+        acked: bool,
+    },
+    /// One forward DATA cell of this stream was written to the target.
+    Consumed(u16),
     End(u16, EndReason),
     Resolved(u16, Vec<IpAddr>),
+}
+
+/// What a circuit's exit streams share with it: the backward circuit
+/// window, the numbering of backward DATA cells, and the event queue.
+///
+/// The event queue is unbounded by type but not in fact: DATA events are
+/// bounded by the circuit window (a stream task holds permits before it
+/// queues one), the rest by the stream limit.
+pub struct CircShared {
+    pub window: Semaphore,
+    seq: Mutex<u64>,
+    pub ev: mpsc::UnboundedSender<StreamEvent>,
+    pub acct: Option<Arc<CircAcct>>,
+}
+
+impl CircShared {
+    pub fn new(
+        window: u32,
+        ev: mpsc::UnboundedSender<StreamEvent>,
+        acct: Option<Arc<CircAcct>>,
+    ) -> Self {
+        CircShared {
+            window: Semaphore::new(window as usize),
+            seq: Mutex::new(0),
+            ev,
+            acct,
+        }
+    }
+
+    /// Queue one backward DATA cell from `pending` (the caller holds a
+    /// stream and a circuit permit). The cell that completes a hundred keeps
+    /// [`SENDME_CELL_RANDOM`] bytes free for random padding; what does not
+    /// fit stays in `pending`.
+    fn send_data(&self, sid: u16, pending: &mut Vec<u8>) -> bool {
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        *seq += 1;
+        let acked = (*seq).is_multiple_of(CIRC_INCREMENT as u64);
+        let max = if acked {
+            DATA_MAX - SENDME_CELL_RANDOM
+        } else {
+            DATA_MAX
+        };
+        let n = pending.len().min(max);
+        let data: Vec<u8> = pending.drain(..n).collect();
+        if let Some(a) = &self.acct {
+            a.add(CELL_BYTES);
+        }
+        self.ev.send(StreamEvent::Data { sid, data, acked }).is_ok()
+    }
+}
+
+/// A stream's forward queue; what is left in it when the stream ends is
+/// taken off the circuit's memory account.
+struct CmdRx {
+    rx: mpsc::Receiver<StreamCmd>,
+    acct: Option<Arc<CircAcct>>,
+}
+
+impl Drop for CmdRx {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(StreamCmd::Data(_)) = self.rx.try_recv() {
+            if let Some(a) = &self.acct {
+                a.sub(CELL_BYTES);
+            }
+        }
+    }
+}
+
+async fn acquire2<'a>(
+    a: &'a Semaphore,
+    b: &'a Semaphore,
+) -> Option<(SemaphorePermit<'a>, SemaphorePermit<'a>)> {
+    let x = a.acquire().await.ok()?;
+    let y = b.acquire().await.ok()?;
+    Some((x, y))
 }
 
 /// Resolve a hostname at the exit. `localhost` is loopback (RFC 6761).
@@ -103,50 +193,71 @@ async fn connect(
     Err(last)
 }
 
-/// One exit stream, from BEGIN to END.
+/// One exit stream, from BEGIN to END. `window` is the stream's backward
+/// window (permits added by the client's stream SENDMEs).
 pub async fn run_stream(
     ctx: Arc<RelayCtx>,
     sid: u16,
     addr: TargetAddr,
     port: u16,
-    ev: mpsc::Sender<StreamEvent>,
-    mut cmds: mpsc::Receiver<StreamCmd>,
+    circ: Arc<CircShared>,
+    window: Arc<Semaphore>,
+    cmds: mpsc::Receiver<StreamCmd>,
 ) {
+    let mut cmds = CmdRx {
+        rx: cmds,
+        acct: circ.acct.clone(),
+    };
     let (tcp, ip) = match connect(&ctx, &addr, port).await {
         Ok(x) => x,
         Err(reason) => {
             debug!(?reason, "exit connect failed");
-            let _ = ev.send(StreamEvent::End(sid, reason)).await;
+            let _ = circ.ev.send(StreamEvent::End(sid, reason));
             return;
         }
     };
-    if ev.send(StreamEvent::Connected(sid, ip)).await.is_err() {
+    if circ.ev.send(StreamEvent::Connected(sid, ip)).is_err() {
         return;
     }
     let (mut r, mut w) = tcp.into_split();
     let mut buf = vec![0u8; DATA_MAX];
+    let mut pending: Vec<u8> = Vec::with_capacity(DATA_MAX);
+    let mut eof = false;
     loop {
+        if eof && pending.is_empty() {
+            let _ = circ.ev.send(StreamEvent::End(sid, EndReason::DONE));
+            return;
+        }
+        let room = DATA_MAX - pending.len();
         tokio::select! {
-            n = r.read(&mut buf) => match n {
-                Ok(0) => {
-                    let _ = ev.send(StreamEvent::End(sid, EndReason::DONE)).await;
-                    return;
-                }
-                Ok(n) => {
-                    if ev.send(StreamEvent::Data(sid, buf[..n].to_vec())).await.is_err() {
-                        return;
-                    }
-                }
+            n = r.read(&mut buf[..room]), if !eof && room > 0 => match n {
+                Ok(0) => eof = true,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
                 Err(e) => {
-                    let _ = ev.send(StreamEvent::End(sid, end_reason(&e))).await;
+                    let _ = circ.ev.send(StreamEvent::End(sid, end_reason(&e)));
                     return;
                 }
             },
-            c = cmds.recv() => match c {
+            p = acquire2(&window, &circ.window), if !pending.is_empty() => {
+                let Some((a, b)) = p else { return };
+                a.forget();
+                b.forget();
+                if !circ.send_data(sid, &mut pending) {
+                    return;
+                }
+            },
+            c = cmds.rx.recv() => match c {
                 Some(StreamCmd::Data(d)) => {
                     RelayStats::inc(&ctx.stats.exit_bytes, d.len() as u64);
-                    if let Err(e) = w.write_all(&d).await {
-                        let _ = ev.send(StreamEvent::End(sid, end_reason(&e))).await;
+                    let res = w.write_all(&d).await;
+                    if let Some(a) = &circ.acct {
+                        a.sub(CELL_BYTES);
+                    }
+                    if let Err(e) = res {
+                        let _ = circ.ev.send(StreamEvent::End(sid, end_reason(&e)));
+                        return;
+                    }
+                    if circ.ev.send(StreamEvent::Consumed(sid)).is_err() {
                         return;
                     }
                 }

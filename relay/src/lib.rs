@@ -11,6 +11,8 @@ pub mod circuit;
 pub mod config;
 pub mod exit;
 pub mod keys;
+pub mod limits;
+pub mod metrics;
 pub mod relay;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +54,25 @@ pub struct RelayStats {
     /// Circuits that carried at least one stream (exits only).
     pub circuits_with_streams: AtomicU64,
     pub exit_bytes: AtomicU64,
+    /// Link bytes read and written (Noise frames).
+    pub link_bytes_read: AtomicU64,
+    pub link_bytes_written: AtomicU64,
+    /// Circuits destroyed, by DESTROY reason code (codes above 15 count as 15).
+    pub destroyed_by_reason: [AtomicU64; 16],
+    /// Cells dropped: for unknown circuits, or queued on a circuit that died.
+    pub cells_dropped: AtomicU64,
+    /// Circuits killed because queued cells exceeded the memory cap.
+    pub oom_kills: AtomicU64,
+    /// Connections refused by the per-address limit.
+    pub dos_refused_connections: AtomicU64,
+    /// CREATEs refused by the per-address circuit rate.
+    pub dos_refused_circuits: AtomicU64,
+    /// Link handshakes and circuit handshakes that failed.
+    pub link_handshake_failures: AtomicU64,
+    pub circuit_handshake_failures: AtomicU64,
+    /// Circuits closed because a peer broke flow control.
+    pub flow_control_violations: AtomicU64,
+    pub streams_closed: AtomicU64,
 }
 
 impl RelayStats {
@@ -60,5 +81,9 @@ impl RelayStats {
     }
     pub(crate) fn inc(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn destroyed(&self, reason: u8) {
+        Self::inc(&self.circuits_destroyed, 1);
+        Self::inc(&self.destroyed_by_reason[(reason as usize).min(15)], 1);
     }
 }

@@ -14,8 +14,9 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 use x25519_dalek::PublicKey;
 
-use crate::channel::{self, ChannelHandle, CreateHandler, LinkIdentity};
+use crate::channel::{self, ChannelEnv, ChannelHandle, CreateHandler, LinkIdentity};
 use crate::keys::{KeyStore, OnionKeySet};
+use crate::limits::{DosGuard, QueueMem, TokenBucket};
 use crate::{RelayConfig, RelayError, RelayStats, circuit};
 
 /// Everything circuits of this relay share.
@@ -30,6 +31,8 @@ pub struct RelayCtx {
     pub stats: Arc<RelayStats>,
     /// Set to true when the relay stops; every channel watches it.
     pub stop: tokio::sync::watch::Sender<bool>,
+    pub mem: Arc<QueueMem>,
+    pub dos: Arc<DosGuard>,
 }
 
 /// Stops the relay's channels when the serving future goes away.
@@ -112,6 +115,22 @@ impl Relay {
             }
         };
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let stats = Arc::new(RelayStats::default());
+        let mem = QueueMem::new(cfg.max_queued_bytes as usize, stats.clone());
+        let bucket = (cfg.bandwidth_rate > 0).then(|| {
+            let burst = if cfg.bandwidth_burst > 0 {
+                cfg.bandwidth_burst
+            } else {
+                cfg.bandwidth_rate
+            };
+            TokenBucket::start(cfg.bandwidth_rate, burst)
+        });
+        let dos = Arc::new(DosGuard::new(
+            cfg.dos_max_connections_per_addr,
+            cfg.dos_circuit_rate,
+            cfg.dos_circuit_burst,
+            stats.clone(),
+        ));
         let ctx = Arc::new(RelayCtx {
             nickname: cfg.nickname.clone(),
             identity_pub: identity.verifying_key().to_bytes(),
@@ -119,13 +138,20 @@ impl Relay {
                 identity,
                 link_secret,
                 stop: Some(stop_rx),
+                env: ChannelEnv {
+                    mem: Some(mem.clone()),
+                    bucket,
+                    stats: Some(stats.clone()),
+                },
             },
             onion: RwLock::new(onion),
             policy: cfg.policy()?,
             channels: ChannelManager::default(),
             resolver,
-            stats: Arc::new(RelayStats::default()),
+            stats,
             stop,
+            mem,
+            dos,
         });
         Ok(Relay { cfg, keys, ctx })
     }
@@ -136,6 +162,11 @@ impl Relay {
 
     pub fn stats(&self) -> Arc<RelayStats> {
         self.ctx.stats.clone()
+    }
+
+    /// The relay's queued-cell accounting.
+    pub fn queue_mem(&self) -> Arc<QueueMem> {
+        self.ctx.mem.clone()
     }
 
     pub fn nickname(&self) -> &str {
@@ -155,7 +186,7 @@ impl Relay {
                 .as_ref()
                 .map(|k| PublicKey::from(k).to_bytes()),
             addr: self.cfg.advertised()?,
-            bandwidth: self.cfg.bandwidth,
+            bandwidth: self.cfg.declared_bandwidth(),
             exit_policy: self.ctx.policy.clone(),
             family: self.cfg.family_ids()?,
             published: now,
@@ -218,17 +249,34 @@ impl Relay {
         let ctx = self.ctx.clone();
         let accept = async move {
             loop {
-                let (s, _peer) = listener.accept().await?;
+                let (s, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off, keep serving.
+                        warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Refused before any handshake work: just close.
+                let Some(conn) = ctx.dos.connection(peer.ip()) else {
+                    drop(s);
+                    continue;
+                };
                 let ctx = ctx.clone();
                 tokio::spawn(
                     async move {
-                        match channel::accept(s, &ctx.link, create_handler(&ctx)).await {
+                        match channel::accept(s, &ctx.link, create_handler(&ctx), Some(conn)).await
+                        {
                             Ok(h) => {
                                 if let Some(id) = h.peer() {
                                     ctx.channels.insert(id, h);
                                 }
                             }
-                            Err(e) => debug!("inbound link failed: {e}"),
+                            Err(e) => {
+                                RelayStats::inc(&ctx.stats.link_handshake_failures, 1);
+                                debug!("inbound link failed: {e}");
+                            }
                         }
                     }
                     .in_current_span(),
@@ -267,9 +315,25 @@ impl Relay {
                 tokio::time::sleep(sleep).await;
             }
         };
+        let metrics = async {
+            match self.cfg.metrics_listen {
+                Some(a) => {
+                    crate::metrics::serve(
+                        a,
+                        crate::metrics::relay_registry(
+                            self.ctx.stats.clone(),
+                            self.ctx.mem.clone(),
+                        ),
+                    )
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = accept => r,
             () = publish => Ok(()),
+            r = metrics => r,
         }
     }
 }

@@ -1,0 +1,408 @@
+//! What keeps a relay bounded: the queued-cell memory cap with its circuit
+//! killer, the bandwidth token bucket, and per-address DoS limits.
+//!
+//! None of these takes a lock per cell: queue accounting and the token
+//! bucket are atomics; the DoS table is locked once per connection or
+//! CREATE, and the killer's registry once per circuit and per kill round.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tracing::warn;
+
+use crate::RelayStats;
+
+/// Bytes one queued cell is counted as.
+pub const CELL_BYTES: usize = allium_proto::cell::CELL_LEN;
+
+fn now_ms(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// All queued cells of one relay, against a cap (Tor's MaxMemInQueues).
+pub struct QueueMem {
+    cap: usize,
+    total: AtomicUsize,
+    peak: AtomicUsize,
+    epoch: Instant,
+    next_id: AtomicU64,
+    registry: Mutex<HashMap<u64, Weak<CircAcct>>>,
+    killing: AtomicBool,
+    stats: Arc<RelayStats>,
+}
+
+impl QueueMem {
+    pub fn new(cap: usize, stats: Arc<RelayStats>) -> Arc<Self> {
+        Arc::new(QueueMem {
+            cap,
+            total: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(1),
+            registry: Mutex::new(HashMap::new()),
+            killing: AtomicBool::new(false),
+            stats,
+        })
+    }
+
+    /// Bytes of cells queued now.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+    /// The most ever queued at once.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Count bytes queued outside any one circuit (a channel's queue).
+    pub fn add_shared(&self, n: usize) {
+        let t = self.total.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak.fetch_max(t, Ordering::Relaxed);
+        if t > self.cap {
+            self.relieve();
+        }
+    }
+    pub fn sub_shared(&self, n: usize) {
+        self.total.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// A new circuit's account.
+    pub fn account(self: &Arc<Self>) -> Arc<CircAcct> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let acct = Arc::new(CircAcct {
+            id,
+            mem: self.clone(),
+            queued: AtomicUsize::new(0),
+            since: AtomicU64::new(0),
+            killed: AtomicBool::new(false),
+            kill: Notify::new(),
+        });
+        let mut reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        reg.insert(id, Arc::downgrade(&acct));
+        acct
+    }
+
+    /// Over the cap: kill the circuits whose queued data has waited longest
+    /// until what stays queued fits in 90% of the cap.
+    fn relieve(&self) {
+        if self.killing.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let now = now_ms(self.epoch);
+        let mut victims: Vec<(u64, usize, Arc<CircAcct>)> = {
+            let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+            reg.values()
+                .filter_map(Weak::upgrade)
+                .filter(|a| !a.killed.load(Ordering::Relaxed))
+                .filter_map(|a| {
+                    let q = a.queued.load(Ordering::Relaxed);
+                    (q > 0).then(|| (now.saturating_sub(a.since.load(Ordering::Relaxed)), q, a))
+                })
+                .collect()
+        };
+        victims.sort_by_key(|v| std::cmp::Reverse(v.0));
+        let mut left = self.total();
+        let target = self.cap / 10 * 9;
+        let mut killed = 0;
+        for (age, q, a) in victims {
+            if left <= target {
+                break;
+            }
+            a.killed.store(true, Ordering::Relaxed);
+            a.kill.notify_one();
+            left = left.saturating_sub(q);
+            killed += 1;
+            tracing::debug!(
+                age_ms = age,
+                queued = q,
+                "killing circuit to free queue memory"
+            );
+        }
+        if killed > 0 {
+            RelayStats::inc(&self.stats.oom_kills, killed);
+            warn!(
+                killed,
+                queued = self.total(),
+                cap = self.cap,
+                "queued cells over the memory cap: killed the circuits with the oldest queued data"
+            );
+        }
+        self.killing.store(false, Ordering::Release);
+    }
+}
+
+/// One circuit's share of [`QueueMem`]. Its age is the time since its queue
+/// was last empty or last made progress, whichever is later: the circuits
+/// that have held data longest without moving it are killed first.
+pub struct CircAcct {
+    id: u64,
+    mem: Arc<QueueMem>,
+    queued: AtomicUsize,
+    since: AtomicU64,
+    killed: AtomicBool,
+    kill: Notify,
+}
+
+impl CircAcct {
+    pub fn add(&self, n: usize) {
+        if self.queued.fetch_add(n, Ordering::Relaxed) == 0 {
+            self.since.store(now_ms(self.mem.epoch), Ordering::Relaxed);
+        }
+        self.mem.add_shared(n);
+    }
+
+    /// `n` bytes left the queue (the circuit made progress).
+    pub fn sub(&self, n: usize) {
+        let before = self.queued.fetch_sub(n, Ordering::Relaxed);
+        if before > n {
+            self.since.store(now_ms(self.mem.epoch), Ordering::Relaxed);
+        }
+        self.mem.sub_shared(n);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the memory cap picked this circuit to die.
+    pub async fn killed(&self) {
+        loop {
+            let n = self.kill.notified();
+            if self.killed.load(Ordering::Relaxed) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+impl Drop for CircAcct {
+    fn drop(&mut self) {
+        let q = self.queued.swap(0, Ordering::Relaxed);
+        self.mem.sub_shared(q);
+        let mut reg = self.mem.registry.lock().unwrap_or_else(|p| p.into_inner());
+        reg.remove(&self.id);
+    }
+}
+
+/// A token bucket on relayed bytes (rate and burst per second), refilled by
+/// a timer; takers wait while it is empty.
+pub struct TokenBucket {
+    rate: u64,
+    burst: u64,
+    tokens: AtomicI64,
+    refilled: Notify,
+}
+
+const REFILL: Duration = Duration::from_millis(10);
+
+impl TokenBucket {
+    /// `rate` bytes per second with bursts up to `burst` bytes; the refill
+    /// task runs until the bucket is dropped.
+    pub fn start(rate: u64, burst: u64) -> Arc<Self> {
+        let burst = burst.max(rate / 100).max(64 * 1024);
+        let b = Arc::new(TokenBucket {
+            rate,
+            burst,
+            tokens: AtomicI64::new(burst as i64),
+            refilled: Notify::new(),
+        });
+        let weak = Arc::downgrade(&b);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFILL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = Instant::now();
+            loop {
+                tick.tick().await;
+                let Some(b) = weak.upgrade() else { return };
+                let now = Instant::now();
+                let add =
+                    (b.rate as u128 * now.duration_since(last).as_micros() / 1_000_000) as i64;
+                last = now;
+                let cap = b.burst as i64;
+                let _ = b
+                    .tokens
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                        Some((t + add).min(cap))
+                    });
+                b.refilled.notify_waiters();
+            }
+        });
+        b
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Take `n` bytes, waiting while the bucket is in debt.
+    pub async fn take(&self, n: usize) {
+        loop {
+            let wait = self.refilled.notified();
+            if self.tokens.load(Ordering::Relaxed) > 0 {
+                self.tokens.fetch_sub(n as i64, Ordering::Relaxed);
+                return;
+            }
+            wait.await;
+        }
+    }
+}
+
+/// Per-address limits (Tor's DoS mitigation defaults): concurrent
+/// connections, and circuit creations as a token bucket.
+pub struct DosGuard {
+    max_conns: u32,
+    circ_rate: f64,
+    circ_burst: f64,
+    table: Mutex<HashMap<IpAddr, DosEntry>>,
+    stats: Arc<RelayStats>,
+}
+
+struct DosEntry {
+    conns: u32,
+    tokens: f64,
+    at: Instant,
+}
+
+/// Addresses the table tracks at most; beyond, idle entries are dropped
+/// first and then new addresses are refused connections.
+const DOS_TABLE_MAX: usize = 65_536;
+
+impl DosGuard {
+    pub fn new(max_conns: u32, circ_rate: f64, circ_burst: u32, stats: Arc<RelayStats>) -> Self {
+        DosGuard {
+            max_conns,
+            circ_rate,
+            circ_burst: circ_burst as f64,
+            table: Mutex::new(HashMap::new()),
+            stats,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, DosEntry>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection from `ip` arrived; `None` if it must be refused. The
+    /// returned guard counts it until dropped.
+    pub fn connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
+        let mut t = self.lock();
+        if t.len() >= DOS_TABLE_MAX && !t.contains_key(&ip) {
+            let burst = self.circ_burst;
+            t.retain(|_, e| e.conns > 0 || e.tokens < burst);
+            if t.len() >= DOS_TABLE_MAX {
+                RelayStats::inc(&self.stats.dos_refused_connections, 1);
+                return None;
+            }
+        }
+        let e = t.entry(ip).or_insert_with(|| DosEntry {
+            conns: 0,
+            tokens: self.circ_burst,
+            at: Instant::now(),
+        });
+        if e.conns >= self.max_conns {
+            RelayStats::inc(&self.stats.dos_refused_connections, 1);
+            return None;
+        }
+        e.conns += 1;
+        Some(ConnGuard {
+            guard: self.clone(),
+            ip,
+        })
+    }
+
+    /// May `ip` create a circuit now? Spends one token if so.
+    pub fn allow_circuit(&self, ip: IpAddr) -> bool {
+        let mut t = self.lock();
+        let Some(e) = t.get_mut(&ip) else {
+            return true;
+        };
+        let now = Instant::now();
+        e.tokens = (e.tokens + now.duration_since(e.at).as_secs_f64() * self.circ_rate)
+            .min(self.circ_burst);
+        e.at = now;
+        if e.tokens >= 1.0 {
+            e.tokens -= 1.0;
+            true
+        } else {
+            RelayStats::inc(&self.stats.dos_refused_circuits, 1);
+            false
+        }
+    }
+}
+
+/// Holds one counted connection of an address.
+pub struct ConnGuard {
+    guard: Arc<DosGuard>,
+    ip: IpAddr,
+}
+
+impl ConnGuard {
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+    pub fn allow_circuit(&self) -> bool {
+        self.guard.allow_circuit(self.ip)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut t = self.guard.lock();
+        if let Some(e) = t.get_mut(&self.ip) {
+            e.conns = e.conns.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_cap_kills_oldest_first() {
+        let stats = Arc::new(RelayStats::default());
+        let mem = QueueMem::new(10 * CELL_BYTES, stats.clone());
+        let old = mem.account();
+        old.add(4 * CELL_BYTES);
+        std::thread::sleep(Duration::from_millis(20));
+        let young = mem.account();
+        young.add(4 * CELL_BYTES);
+        assert!(!old.killed.load(Ordering::Relaxed));
+        young.add(4 * CELL_BYTES);
+        assert!(old.killed.load(Ordering::Relaxed), "oldest data dies first");
+        assert!(!young.killed.load(Ordering::Relaxed));
+        assert_eq!(RelayStats::get(&stats.oom_kills), 1);
+        drop(old);
+        assert_eq!(mem.total(), 8 * CELL_BYTES);
+        young.sub(8 * CELL_BYTES);
+        assert_eq!(mem.total(), 0);
+        assert_eq!(mem.peak(), 12 * CELL_BYTES);
+    }
+
+    #[test]
+    fn dos_limits_per_address() {
+        let stats = Arc::new(RelayStats::default());
+        let g = Arc::new(DosGuard::new(2, 0.0, 3, stats.clone()));
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let c1 = g.connection(a).unwrap();
+        let _c2 = g.connection(a).unwrap();
+        assert!(g.connection(a).is_none());
+        assert!(g.connection(b).is_some());
+        drop(c1);
+        let c3 = g.connection(a).unwrap();
+        assert!(c3.allow_circuit() && c3.allow_circuit() && c3.allow_circuit());
+        assert!(!c3.allow_circuit());
+        assert!(g.allow_circuit(b));
+        assert_eq!(RelayStats::get(&stats.dos_refused_connections), 1);
+        assert_eq!(RelayStats::get(&stats.dos_refused_circuits), 1);
+    }
+}
