@@ -237,6 +237,10 @@ pub fn plan(
                 vec![]
             },
             publish_interval_secs: 60,
+            // One address (127.0.0.1) is every client of this network.
+            dos_max_connections_per_addr: 1000,
+            dos_circuit_rate: 1000.0,
+            dos_circuit_burst: 20_000,
             ..RelayConfig::default()
         })
         .collect();
@@ -259,7 +263,7 @@ pub fn plan(
 }
 
 /// A free block of ports (all of `all_addrs` bindable), held open.
-async fn free_block(opts: &TestnetOptions) -> Result<(u16, Vec<TcpListener>), TestnetError> {
+pub async fn free_block(opts: &TestnetOptions) -> Result<(u16, Vec<TcpListener>), TestnetError> {
     let candidates: Vec<u16> = match opts.base_port {
         Some(p) => vec![p],
         None => (0..200).map(|i| 17100 + i * 100).collect(),

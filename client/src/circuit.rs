@@ -46,8 +46,8 @@ enum CircCmd {
         reply: oneshot::Sender<Result<Vec<IpAddr>, ClientError>>,
     },
     Data(u16, Vec<u8>),
-    /// The application took one DATA message of this stream.
-    Consumed(u16),
+    /// The application took this many DATA messages of this stream.
+    Consumed(u16, u32),
     End(u16),
 }
 
@@ -63,7 +63,12 @@ pub struct Stream {
     tx: mpsc::Sender<CircCmd>,
     window: Arc<Semaphore>,
     circ_window: Arc<Semaphore>,
+    /// DATA messages taken but not yet reported to the circuit.
+    unreported: u32,
 }
+
+/// Report consumption to the circuit in batches of this many cells.
+const CONSUMED_BATCH: u32 = 10;
 
 impl Stream {
     /// Send bytes toward the exit (split into DATA messages).
@@ -92,10 +97,26 @@ impl Stream {
     /// The next data from the exit, or its END; `None` if the circuit died.
     pub async fn recv(&mut self) -> Option<StreamData> {
         let d = self.rx.recv().await?;
-        if matches!(d, StreamData::Data(_)) {
-            let _ = self.tx.send(CircCmd::Consumed(self.id)).await;
-        }
+        self.taken(&d).await;
         Some(d)
+    }
+
+    /// Like [`Stream::recv`], without waiting.
+    pub async fn try_recv(&mut self) -> Option<StreamData> {
+        let d = self.rx.try_recv().ok()?;
+        self.taken(&d).await;
+        Some(d)
+    }
+
+    async fn taken(&mut self, d: &StreamData) {
+        if matches!(d, StreamData::Data(_)) {
+            self.unreported += 1;
+            // Report in batches, and whenever nothing more is waiting.
+            if self.unreported >= CONSUMED_BATCH || self.rx.is_empty() {
+                let n = std::mem::take(&mut self.unreported);
+                let _ = self.tx.send(CircCmd::Consumed(self.id, n)).await;
+            }
+        }
     }
 }
 
@@ -410,12 +431,14 @@ impl CircTask {
                 self.fc_send.on_data_sent(&tag)?;
                 Ok(())
             }
-            CircCmd::Consumed(sid) => {
-                if let Some(st) = self.streams.get_mut(&sid)
-                    && st.recv.consumed()
-                {
-                    self.send_msg(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })
-                        .await?;
+            CircCmd::Consumed(sid, n) => {
+                for _ in 0..n {
+                    if let Some(st) = self.streams.get_mut(&sid)
+                        && st.recv.consumed()
+                    {
+                        self.send_msg(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })
+                            .await?;
+                    }
                 }
                 Ok(())
             }
@@ -461,6 +484,7 @@ impl CircTask {
                         tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
                         window,
                         circ_window: self.circ_window.clone(),
+                        unreported: 0,
                     };
                     if let Err(Ok(s)) = reply.send(Ok(stream)) {
                         drop(s);

@@ -195,6 +195,7 @@ where
     let (mut r, mut w) = tokio::io::split(s);
     let mut buf = vec![0u8; DATA_MAX * 8];
     let mut app_open = true;
+    let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
         tokio::select! {
             n = r.read(&mut buf), if app_open => match n {
@@ -202,7 +203,27 @@ where
                 Ok(n) => stream.send(&buf[..n]).await?,
             },
             d = stream.recv() => match d {
-                Some(StreamData::Data(d)) => w.write_all(&d).await?,
+                Some(StreamData::Data(d)) => {
+                    // Write what has arrived in one go.
+                    out.clear();
+                    out.extend_from_slice(&d);
+                    let mut ended = false;
+                    while out.len() < 60 * 1024 {
+                        match stream.try_recv().await {
+                            Some(StreamData::Data(d)) => out.extend_from_slice(&d),
+                            Some(StreamData::End(_)) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    w.write_all(&out).await?;
+                    if ended {
+                        let _ = w.shutdown().await;
+                        return Ok(());
+                    }
+                }
                 Some(StreamData::End(_)) | None => {
                     let _ = w.shutdown().await;
                     return Ok(());

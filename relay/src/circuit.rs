@@ -573,12 +573,14 @@ impl Circuit {
                 RelayStats::inc(&self.ctx.stats.exit_bytes, data.len() as u64);
                 self.originate_data(sid, &data, acked).await?;
             }
-            StreamEvent::Consumed(sid) => {
-                if let Some(st) = self.streams.get_mut(&sid)
-                    && st.recv.consumed()
-                {
-                    self.originate(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })
-                        .await?;
+            StreamEvent::Consumed(sid, n) => {
+                for _ in 0..n {
+                    if let Some(st) = self.streams.get_mut(&sid)
+                        && st.recv.consumed()
+                    {
+                        self.originate(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })
+                            .await?;
+                    }
                 }
             }
             StreamEvent::End(sid, reason) => {

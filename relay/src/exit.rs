@@ -42,8 +42,8 @@ pub enum StreamEvent {
         data: Vec<u8>,
         acked: bool,
     },
-    /// One forward DATA cell of this stream was written to the target.
-    Consumed(u16),
+    /// Forward DATA cells of this stream written to the target.
+    Consumed(u16, u32),
     End(u16, EndReason),
     Resolved(u16, Vec<IpAddr>),
 }
@@ -219,7 +219,10 @@ pub async fn run_stream(
     if circ.ev.send(StreamEvent::Connected(sid, ip)).is_err() {
         return;
     }
-    let (mut r, mut w) = tcp.into_split();
+    let (r, mut w) = tcp.into_split();
+    // Big reads from the socket, cell-sized pieces from the buffer.
+    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
+    let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut buf = vec![0u8; DATA_MAX];
     let mut pending: Vec<u8> = Vec::with_capacity(DATA_MAX);
     let mut eof = false;
@@ -248,16 +251,29 @@ pub async fn run_stream(
             },
             c = cmds.rx.recv() => match c {
                 Some(StreamCmd::Data(d)) => {
-                    RelayStats::inc(&ctx.stats.exit_bytes, d.len() as u64);
-                    let res = w.write_all(&d).await;
+                    // Write what is queued in one go.
+                    out.clear();
+                    out.extend_from_slice(&d);
+                    let mut cells = 1u32;
+                    while out.len() < 60 * 1024 {
+                        match cmds.rx.try_recv() {
+                            Ok(StreamCmd::Data(d)) => {
+                                out.extend_from_slice(&d);
+                                cells += 1;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    RelayStats::inc(&ctx.stats.exit_bytes, out.len() as u64);
+                    let res = w.write_all(&out).await;
                     if let Some(a) = &circ.acct {
-                        a.sub(CELL_BYTES);
+                        a.sub(CELL_BYTES * cells as usize);
                     }
                     if let Err(e) = res {
                         let _ = circ.ev.send(StreamEvent::End(sid, end_reason(&e)));
                         return;
                     }
-                    if circ.ev.send(StreamEvent::Consumed(sid)).is_err() {
+                    if circ.ev.send(StreamEvent::Consumed(sid, cells)).is_err() {
                         return;
                     }
                 }

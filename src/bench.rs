@@ -1,0 +1,653 @@
+//! `allium bench`: the whole network on loopback, each authority, relay and
+//! the client in its own process, measured the way the C Tor reference
+//! harness measures C Tor (see `doc/performance.md`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use allium_client::path::ExitTarget;
+use allium_client::{Client, ClientConfig};
+use allium_proto::cell::{self, Cell, CellCmd};
+use allium_proto::ntor;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::testnet::{self, TestnetOptions};
+
+type BenchResult<T> = Result<T, String>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Kills the processes it holds, by pid, when dropped.
+struct Procs(Vec<(String, Child)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Procs {
+    fn pid(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm field: state is field 3, utime 14, stime 15.
+    let t = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (t(14) + t(15)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// (VmRSS, VmHWM) in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// 1 MiB of pseudo-random bytes, served over and over.
+fn pattern() -> Arc<Vec<u8>> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    Arc::new(
+        (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect(),
+    )
+}
+
+/// A small HTTP/1.0 server: `GET /N` answers N bytes and closes, headers and
+/// the start of the body in one write (as the reference harness's server).
+async fn http_server() -> BenchResult<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await.map_err(err)?;
+    let addr = l.local_addr().map_err(err)?;
+    let pat = pattern();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let pat = pat.clone();
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&req);
+                let n: usize = line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.trim_start_matches('/').parse().ok())
+                    .unwrap_or(0);
+                let mut out =
+                    format!("HTTP/1.0 200 OK\r\nContent-Length: {n}\r\n\r\n").into_bytes();
+                let first = n.min(64 * 1024);
+                out.extend_from_slice(&pat[..first]);
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+                let mut left = n - first;
+                while left > 0 {
+                    let k = left.min(pat.len());
+                    if s.write_all(&pat[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// What one GET through SOCKS took.
+struct Fetch {
+    open: Duration,
+    ttfb: Duration,
+    total: Duration,
+    bytes: usize,
+}
+
+/// GET `/{n}` from `target` through the SOCKS5 proxy; `user` picks an
+/// isolation class (username/password authentication).
+async fn socks_get(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    n: usize,
+    user: Option<&str>,
+) -> BenchResult<Fetch> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(proxy).await.map_err(err)?;
+    s.set_nodelay(true).map_err(err)?;
+    let method = if user.is_some() { 2u8 } else { 0 };
+    s.write_all(&[5, 1, method]).await.map_err(err)?;
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.map_err(err)?;
+    if m[1] != method {
+        return Err(format!("SOCKS method refused: {m:?}"));
+    }
+    if let Some(u) = user {
+        let mut a = vec![1, u.len() as u8];
+        a.extend_from_slice(u.as_bytes());
+        a.extend_from_slice(&[1, b'x']);
+        s.write_all(&a).await.map_err(err)?;
+        s.read_exact(&mut m).await.map_err(err)?;
+        if m[1] != 0 {
+            return Err("SOCKS authentication refused".into());
+        }
+    }
+    let SocketAddr::V4(t) = target else {
+        return Err("IPv4 target expected".into());
+    };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&t.ip().octets());
+    req.extend_from_slice(&t.port().to_be_bytes());
+    s.write_all(&req).await.map_err(err)?;
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).await.map_err(err)?;
+    if r[1] != 0 {
+        return Err(format!("SOCKS reply {}", r[1]));
+    }
+    let open = start.elapsed();
+    s.write_all(format!("GET /{n} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
+        .await
+        .map_err(err)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0usize;
+    let mut ttfb = None;
+    loop {
+        let k = s.read(&mut buf).await.map_err(err)?;
+        if k == 0 {
+            break;
+        }
+        ttfb.get_or_insert_with(|| start.elapsed());
+        got += k;
+    }
+    let total = start.elapsed();
+    let header = 38 + n.to_string().len();
+    if got < n + header - 4 {
+        return Err(format!("short response: {got} bytes for {n}"));
+    }
+    Ok(Fetch {
+        open,
+        ttfb: ttfb.unwrap_or(total),
+        total,
+        bytes: n,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Everything `allium bench` reports.
+#[derive(Serialize, Default)]
+pub struct Report {
+    pub date: String,
+    pub machine: String,
+    pub version: String,
+    pub bootstrap_s: f64,
+    pub circuit_build_ms: f64,
+    pub circuit_build_ms_min_max: (f64, f64),
+    pub ttfb_1k_ms: f64,
+    pub ttfb_1k_p90_ms: f64,
+    pub stream_open_ms: f64,
+    pub single_stream_100mib_mbps: f64,
+    pub single_stream_runs_mbps: Vec<f64>,
+    pub parallel_8_mbps: f64,
+    pub parallel_32_mbps: f64,
+    pub relay_cpu_s_per_gb_per_hop_single: f64,
+    pub relay_cpu_s_per_gb_per_hop_parallel: f64,
+    pub client_cpu_s_per_gb_single: f64,
+    pub relay_rss_idle_mib: Vec<f64>,
+    pub relay_rss_after_mib: Vec<f64>,
+    pub relay_rss_peak_mib: Vec<f64>,
+    pub authority_rss_mib: Vec<f64>,
+    pub client_rss_idle_mib: f64,
+    pub client_rss_after_mib: f64,
+    pub client_rss_peak_mib: f64,
+    pub idle_circuits: usize,
+    pub idle_circuit_relay_rss_growth_mib: f64,
+    pub idle_circuit_bytes_each: f64,
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} CPUs ({cpu}); kernel {}", kernel.trim())
+}
+
+fn today() -> String {
+    Command::new("date")
+        .arg("+%Y-%m-%d %H:%M")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// CPU seconds of the named processes, summed.
+fn cpu_of(procs: &Procs, names: &[String]) -> f64 {
+    names
+        .iter()
+        .filter_map(|n| procs.pid(n))
+        .map(cpu_secs)
+        .sum()
+}
+
+/// Run the benchmark; print the table and optionally write JSON.
+pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
+    let exe = std::env::current_exe().map_err(err)?;
+    let dir = tempfile::tempdir().map_err(err)?;
+    let opts0 = TestnetOptions::default();
+    let (base, held) = testnet::free_block(&opts0).await.map_err(err)?;
+    drop(held);
+    let opts = TestnetOptions {
+        base_port: Some(base),
+        ..opts0
+    };
+    let plan = testnet::init(&opts, dir.path()).map_err(err)?;
+    let socks = plan.client.socks_listen[0];
+    let mut procs = Procs(Vec::new());
+    let start = Instant::now();
+    let spawn = |role: &str, cfg: &Path| -> BenchResult<Child> {
+        let mut c = Command::new(&exe);
+        c.arg(role).arg("--config").arg(cfg);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.spawn().map_err(|e| format!("starting {role}: {e}"))
+    };
+    for a in &plan.auths {
+        let ch = spawn("dirauth", &a.data_dir.join("config.toml"))?;
+        procs.0.push((a.nickname.clone(), ch));
+    }
+    for r in &plan.relays {
+        let ch = spawn("relay", &r.data_dir.join("config.toml"))?;
+        procs.0.push((r.nickname.clone(), ch));
+    }
+    let ch = spawn("client", &plan.dir.join("client/config.toml"))?;
+    procs.0.push(("client".into(), ch));
+    let relay_names: Vec<String> = plan.relays.iter().map(|r| r.nickname.clone()).collect();
+    let auth_names: Vec<String> = plan.auths.iter().map(|a| a.nickname.clone()).collect();
+
+    let http = http_server().await?;
+    eprintln!(
+        "bench: network of {} processes started; waiting for the client",
+        procs.0.len()
+    );
+    let mut ok = false;
+    for _ in 0..240 {
+        if socks_get(socks, http, 1024, None).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if !ok {
+        return Err("the client did not bootstrap within 120 s".into());
+    }
+    let mut rep = Report {
+        date: today(),
+        machine: machine(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        bootstrap_s: start.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    eprintln!(
+        "bench: first request through the network after {:.1} s",
+        rep.bootstrap_s
+    );
+    tokio::time::sleep(Duration::from_secs(if quick { 1 } else { 5 })).await;
+    rep.relay_rss_idle_mib = relay_names
+        .iter()
+        .filter_map(|n| procs.pid(n))
+        .map(|p| rss_mib(p).0)
+        .collect();
+    let client_pid = procs.pid("client").ok_or("no client")?;
+    rep.client_rss_idle_mib = rss_mib(client_pid).0;
+
+    // a. Circuit builds on warm channels, by a library client of our own.
+    let mut ccfg: ClientConfig = plan.client.clone();
+    ccfg.data_dir = plan.dir.join("bench-client");
+    ccfg.socks_listen = vec![];
+    ccfg.preemptive_circuits = 0;
+    let lib = Client::new(ccfg).map_err(err)?;
+    lib.refresh_consensus().await.map_err(err)?;
+    let mut builds = Vec::new();
+    for i in 0..21 {
+        let t = Instant::now();
+        let c = lib.build_circuit(&ExitTarget::Any).await.map_err(err)?;
+        if i > 0 {
+            builds.push(ms(t.elapsed()));
+        }
+        drop(c);
+    }
+    rep.circuit_build_ms_min_max = (
+        builds.iter().cloned().fold(f64::INFINITY, f64::min),
+        builds.iter().cloned().fold(0.0, f64::max),
+    );
+    rep.circuit_build_ms = median(&mut builds);
+    eprintln!(
+        "bench: a. circuit build median {:.2} ms",
+        rep.circuit_build_ms
+    );
+
+    // b. Time to first byte of 1 KiB, new SOCKS connection and stream on a
+    // warm circuit.
+    socks_get(socks, http, 1024, Some("ttfb")).await?;
+    let mut ttfb = Vec::new();
+    let mut open = Vec::new();
+    for _ in 0..50 {
+        let f = socks_get(socks, http, 1024, Some("ttfb")).await?;
+        ttfb.push(ms(f.ttfb));
+        open.push(ms(f.open));
+    }
+    let mut sorted = ttfb.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    rep.ttfb_1k_p90_ms = sorted[sorted.len() * 9 / 10];
+    rep.ttfb_1k_ms = median(&mut ttfb);
+    rep.stream_open_ms = median(&mut open);
+    eprintln!("bench: b. 1 KiB TTFB median {:.2} ms", rep.ttfb_1k_ms);
+
+    // c. One stream of 100 MiB, each run on a fresh circuit.
+    let big = if quick { 20 << 20 } else { 100 << 20 };
+    let mut runs = Vec::new();
+    let mut relay_cpu = Vec::new();
+    let mut client_cpu = Vec::new();
+    for i in 0..3 {
+        let user = format!("bulk{i}");
+        socks_get(socks, http, 1024, Some(&user)).await?;
+        let (r0, c0) = (cpu_of(&procs, &relay_names), cpu_secs(client_pid));
+        let f = socks_get(socks, http, big, Some(&user)).await?;
+        let (r1, c1) = (cpu_of(&procs, &relay_names), cpu_secs(client_pid));
+        let gb = f.bytes as f64 / 1e9;
+        runs.push(f.bytes as f64 / f.total.as_secs_f64() / 1e6);
+        relay_cpu.push((r1 - r0) / (3.0 * gb));
+        client_cpu.push((c1 - c0) / gb);
+    }
+    rep.single_stream_runs_mbps = runs.clone();
+    rep.single_stream_100mib_mbps = median(&mut runs);
+    rep.relay_cpu_s_per_gb_per_hop_single = median(&mut relay_cpu);
+    rep.client_cpu_s_per_gb_single = median(&mut client_cpu);
+    eprintln!(
+        "bench: c. single stream {:.1} MB/s",
+        rep.single_stream_100mib_mbps
+    );
+
+    // d. 8 and 32 parallel downloads of 5 MiB, each on its own circuit.
+    let mut par_cpu = Vec::new();
+    for (n, slot) in [(8usize, 0usize), (32, 1)] {
+        let mut aggs = Vec::new();
+        for rnd in 0..3 {
+            let users: Vec<String> = (0..n).map(|i| format!("p{n}-{rnd}-{i}")).collect();
+            // Build the circuits first, as the reference pins fresh ones.
+            let warm: Vec<_> = users
+                .iter()
+                .map(|u| {
+                    let u = u.clone();
+                    tokio::spawn(async move { socks_get(socks, http, 1024, Some(&u)).await })
+                })
+                .collect();
+            for w in warm {
+                w.await.map_err(err)??;
+            }
+            let r0 = cpu_of(&procs, &relay_names);
+            let t0 = Instant::now();
+            let tasks: Vec<_> = users
+                .iter()
+                .map(|u| {
+                    let u = u.clone();
+                    tokio::spawn(async move { socks_get(socks, http, 5 << 20, Some(&u)).await })
+                })
+                .collect();
+            let mut bytes = 0usize;
+            for t in tasks {
+                bytes += t.await.map_err(err)??.bytes;
+            }
+            let el = t0.elapsed().as_secs_f64();
+            let r1 = cpu_of(&procs, &relay_names);
+            aggs.push(bytes as f64 / el / 1e6);
+            par_cpu.push((r1 - r0) / (3.0 * bytes as f64 / 1e9));
+        }
+        let m = median(&mut aggs);
+        if slot == 0 {
+            rep.parallel_8_mbps = m;
+        } else {
+            rep.parallel_32_mbps = m;
+        }
+        eprintln!("bench: d. {n} parallel {m:.1} MB/s aggregate");
+    }
+    rep.relay_cpu_s_per_gb_per_hop_parallel = median(&mut par_cpu);
+
+    // e. Memory after load.
+    let after: Vec<(f64, f64)> = relay_names
+        .iter()
+        .filter_map(|n| procs.pid(n))
+        .map(rss_mib)
+        .collect();
+    rep.relay_rss_after_mib = after.iter().map(|x| x.0).collect();
+    rep.relay_rss_peak_mib = after.iter().map(|x| x.1).collect();
+    rep.authority_rss_mib = auth_names
+        .iter()
+        .filter_map(|n| procs.pid(n))
+        .map(|p| rss_mib(p).0)
+        .collect();
+    let (cr, ch) = rss_mib(client_pid);
+    rep.client_rss_after_mib = cr;
+    rep.client_rss_peak_mib = ch;
+
+    // Memory per idle circuit: many one-hop circuits through one relay.
+    let n_idle: usize = if quick { 2000 } else { 10_000 };
+    let target = plan.relays.len() - 1;
+    let tpid = procs.pid(&plan.relays[target].nickname).ok_or("no relay")?;
+    let cons = lib.consensus().ok_or("no consensus")?;
+    let tr = cons
+        .relays
+        .iter()
+        .find(|r| r.nickname == plan.relays[target].nickname)
+        .ok_or("relay not in the consensus")?
+        .clone();
+    let before = rss_mib(tpid).0;
+    let mut held = Vec::new();
+    let per_chan = 5000;
+    let mut chans = Vec::new();
+    for _ in 0..n_idle.div_ceil(per_chan) {
+        chans.push(
+            allium_relay::channel::connect_nk(tr.addr, &tr.link_key)
+                .await
+                .map_err(err)?,
+        );
+    }
+    for i in 0..n_idle {
+        let chan = &chans[i / per_chan];
+        let (id, mut rx) = chan.new_circuit().await.map_err(err)?;
+        let (st, hs) = ntor::client_start(&mut rand::rng(), &tr.identity, &tr.onion_key);
+        chan.send(
+            Cell::new(
+                id,
+                CellCmd::CREATE,
+                &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
+            )
+            .map_err(err)?,
+        )
+        .await
+        .map_err(err)?;
+        let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .map_err(|_| "CREATE timed out")?
+            .ok_or("channel closed")?;
+        if c.cmd != CellCmd::CREATED {
+            return Err(format!("CREATE {i} answered {:?}", c.cmd));
+        }
+        st.finish(cell::decode_created(&c.payload[..]).map_err(err)?)
+            .map_err(err)?;
+        held.push(rx);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let grown = rss_mib(tpid).0 - before;
+    rep.idle_circuits = n_idle;
+    rep.idle_circuit_relay_rss_growth_mib = grown;
+    rep.idle_circuit_bytes_each = grown * 1024.0 * 1024.0 / n_idle as f64;
+    drop(held);
+    drop(chans);
+
+    print_report(&rep);
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&rep).map_err(err)? + "\n").map_err(err)?;
+    }
+    drop(procs);
+    Ok(rep)
+}
+
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.0}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+fn print_report(r: &Report) {
+    println!("==================================================================================");
+    println!("Allium private loopback network {}", r.version);
+    println!("{}; {}", r.date, r.machine);
+    println!("3 authorities + 6 relays (2 exits) + 1 client, each its own process");
+    println!("medians; MB = 10^6 bytes, GB = 10^9 bytes of payload");
+    println!("----------------------------------------------------------------------------------");
+    println!(
+        "first request through the network [s]              {:.1}",
+        r.bootstrap_s
+    );
+    println!(
+        "a. 3-hop circuit build, warm channels [ms] (n=20)   {:.2}  ({:.2} - {:.2})",
+        r.circuit_build_ms, r.circuit_build_ms_min_max.0, r.circuit_build_ms_min_max.1
+    );
+    println!(
+        "b. 1 KiB time to first byte, warm circuit [ms]     {:.2}  (p90 {:.2}, n=50)",
+        r.ttfb_1k_ms, r.ttfb_1k_p90_ms
+    );
+    println!(
+        "     SOCKS CONNECT answered (stream open) [ms]      {:.2}",
+        r.stream_open_ms
+    );
+    println!(
+        "c. 100 MiB single stream, 1 circuit [MB/s]         {:.1}  (runs {})",
+        r.single_stream_100mib_mbps,
+        list(&r.single_stream_runs_mbps)
+    );
+    println!(
+        "d.  8 parallel x 5 MiB, own circuits [MB/s]        {:.1}",
+        r.parallel_8_mbps
+    );
+    println!(
+        "d. 32 parallel x 5 MiB, own circuits [MB/s]        {:.1}",
+        r.parallel_32_mbps
+    );
+    println!(
+        "e. relay CPU-s per GB per hop, single stream       {:.2}",
+        r.relay_cpu_s_per_gb_per_hop_single
+    );
+    println!(
+        "e. relay CPU-s per GB per hop, parallel            {:.2}",
+        r.relay_cpu_s_per_gb_per_hop_parallel
+    );
+    println!(
+        "e. client CPU-s per GB, single stream              {:.2}",
+        r.client_cpu_s_per_gb_single
+    );
+    println!(
+        "e. RSS relays idle [MiB]                           {}",
+        list(&r.relay_rss_idle_mib)
+    );
+    println!(
+        "e. RSS relays after load [MiB]                     {}",
+        list(&r.relay_rss_after_mib)
+    );
+    println!(
+        "e. RSS relays peak [MiB]                           {}",
+        list(&r.relay_rss_peak_mib)
+    );
+    println!(
+        "e. RSS authorities [MiB]                           {}",
+        list(&r.authority_rss_mib)
+    );
+    println!(
+        "e. RSS client idle -> after load (peak) [MiB]      {:.1} -> {:.1} ({:.1})",
+        r.client_rss_idle_mib, r.client_rss_after_mib, r.client_rss_peak_mib
+    );
+    println!(
+        "   {} idle circuits through one relay: RSS +{:.1} MiB, {:.0} bytes each",
+        r.idle_circuits, r.idle_circuit_relay_rss_growth_mib, r.idle_circuit_bytes_each
+    );
+    println!("==================================================================================");
+}
