@@ -368,6 +368,8 @@ pub struct RelayInfo {
     pub identity: [u8; 32],
     pub addr: SocketAddr,
     pub stats: Arc<RelayStats>,
+    /// The relay's queued-cell accounting.
+    pub mem: Arc<allium_relay::limits::QueueMem>,
     task: AbortHandle,
 }
 
@@ -434,7 +436,7 @@ impl Testnet {
             let relay = Relay::new(rc.clone())?;
             let name = rc.nickname.clone();
             let span = tracing::info_span!("relay", name = %name);
-            let (identity, stats) = (relay.identity(), relay.stats());
+            let (identity, stats, mem) = (relay.identity(), relay.stats(), relay.queue_mem());
             let n = name.clone();
             let task = tasks.spawn(
                 async move { (n, relay.serve(l).await.map_err(|e| e.to_string())) }
@@ -446,6 +448,7 @@ impl Testnet {
                 identity,
                 addr: rc.listen,
                 stats,
+                mem,
                 task,
             });
         }

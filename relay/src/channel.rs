@@ -507,8 +507,25 @@ async fn read_hs(r: &mut TcpStream) -> Result<Vec<u8>, RelayError> {
     Ok(buf)
 }
 
-async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, RelayError> {
-    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+async fn connect_tcp(
+    addr: SocketAddr,
+    bind: Option<std::net::IpAddr>,
+) -> Result<TcpStream, RelayError> {
+    let connect = async {
+        match bind {
+            None => TcpStream::connect(addr).await,
+            Some(ip) => {
+                let sock = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                sock.bind(SocketAddr::new(ip, 0))?;
+                sock.connect(addr).await
+            }
+        }
+    };
+    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
         .await
         .map_err(|_| RelayError::Timeout("TCP connect"))??;
     s.set_nodelay(true)?;
@@ -520,8 +537,17 @@ pub async fn connect_nk(
     addr: SocketAddr,
     guard_link_key: &[u8; 32],
 ) -> Result<ChannelHandle, RelayError> {
+    connect_nk_from(addr, guard_link_key, None).await
+}
+
+/// [`connect_nk`] from a chosen local address.
+pub async fn connect_nk_from(
+    addr: SocketAddr,
+    guard_link_key: &[u8; 32],
+    bind: Option<std::net::IpAddr>,
+) -> Result<ChannelHandle, RelayError> {
     let work = async {
-        let mut s = connect_tcp(addr).await?;
+        let mut s = connect_tcp(addr, bind).await?;
         let mut hs = link::nk_initiator(&mut rand::rng(), guard_link_key)?;
         let mut m1 = vec![LINK_NK];
         m1.extend(link::handshake_frame(&mut hs, &[])?);
@@ -555,7 +581,7 @@ pub async fn connect_xk(
     on_create: Option<CreateHandler>,
 ) -> Result<ChannelHandle, RelayError> {
     let work = async {
-        let mut s = connect_tcp(addr).await?;
+        let mut s = connect_tcp(addr, None).await?;
         let mut hs =
             link::xk_initiator(&mut rand::rng(), me.link_secret.as_bytes(), peer_link_key)?;
         let mut m1 = vec![LINK_XK];

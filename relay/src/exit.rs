@@ -22,6 +22,8 @@ use crate::relay::RelayCtx;
 /// Forward DATA cells queued toward one stream: its whole window, so an
 /// honest client never finds it full (one that does loses the circuit).
 pub const STREAM_QUEUE: usize = STREAM_WINDOW as usize + 8;
+/// How often a stream paused by a full relay looks again.
+const FULL_RECHECK: Duration = Duration::from_millis(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most payload one backward DATA message carries.
@@ -73,6 +75,10 @@ impl CircShared {
             ev,
             acct,
         }
+    }
+
+    fn mem_full(&self) -> bool {
+        self.acct.as_ref().is_some_and(|a| a.mem_full())
     }
 
     /// Queue one backward DATA cell from `pending` (the caller holds a
@@ -241,7 +247,9 @@ pub async fn run_stream(
                     return;
                 }
             },
-            p = acquire2(&window, &circ.window), if !pending.is_empty() => {
+            // While the relay's queues are full, the exit stops reading.
+            () = tokio::time::sleep(FULL_RECHECK), if !pending.is_empty() && circ.mem_full() => {}
+            p = acquire2(&window, &circ.window), if !pending.is_empty() && !circ.mem_full() => {
                 let Some((a, b)) = p else { return };
                 a.forget();
                 b.forget();

@@ -60,12 +60,18 @@ impl QueueMem {
     pub fn cap(&self) -> usize {
         self.cap
     }
+    /// True while queued cells are at or over the cap: edges stop reading.
+    pub fn full(&self) -> bool {
+        self.total() >= self.cap
+    }
 
     /// Count bytes queued outside any one circuit (a channel's queue).
     pub fn add_shared(&self, n: usize) {
         let t = self.total.fetch_add(n, Ordering::Relaxed) + n;
         self.peak.fetch_max(t, Ordering::Relaxed);
-        if t > self.cap {
+        // Start killing a little below the cap, so that what arrives while
+        // the victims wind down still fits.
+        if t > self.cap / 10 * 9 {
             self.relieve();
         }
     }
@@ -89,8 +95,8 @@ impl QueueMem {
         acct
     }
 
-    /// Over the cap: kill the circuits whose queued data has waited longest
-    /// until what stays queued fits in 90% of the cap.
+    /// Near the cap (90%): kill the circuits whose queued data has waited
+    /// longest until what stays queued fits in 75% of the cap.
     fn relieve(&self) {
         if self.killing.swap(true, Ordering::Acquire) {
             return;
@@ -109,7 +115,7 @@ impl QueueMem {
         };
         victims.sort_by_key(|v| std::cmp::Reverse(v.0));
         let mut left = self.total();
-        let target = self.cap / 10 * 9;
+        let target = self.cap / 4 * 3;
         let mut killed = 0;
         for (age, q, a) in victims {
             if left <= target {
@@ -165,6 +171,11 @@ impl CircAcct {
             self.since.store(now_ms(self.mem.epoch), Ordering::Relaxed);
         }
         self.mem.sub_shared(n);
+    }
+
+    /// The relay's queues are at the cap.
+    pub fn mem_full(&self) -> bool {
+        self.mem.full()
     }
 
     pub fn queued(&self) -> usize {
@@ -369,22 +380,22 @@ mod tests {
     #[test]
     fn memory_cap_kills_oldest_first() {
         let stats = Arc::new(RelayStats::default());
-        let mem = QueueMem::new(10 * CELL_BYTES, stats.clone());
+        let mem = QueueMem::new(12 * CELL_BYTES, stats.clone());
         let old = mem.account();
         old.add(4 * CELL_BYTES);
         std::thread::sleep(Duration::from_millis(20));
         let young = mem.account();
         young.add(4 * CELL_BYTES);
         assert!(!old.killed.load(Ordering::Relaxed));
-        young.add(4 * CELL_BYTES);
+        young.add(3 * CELL_BYTES);
         assert!(old.killed.load(Ordering::Relaxed), "oldest data dies first");
         assert!(!young.killed.load(Ordering::Relaxed));
         assert_eq!(RelayStats::get(&stats.oom_kills), 1);
         drop(old);
-        assert_eq!(mem.total(), 8 * CELL_BYTES);
-        young.sub(8 * CELL_BYTES);
+        assert_eq!(mem.total(), 7 * CELL_BYTES);
+        young.sub(7 * CELL_BYTES);
         assert_eq!(mem.total(), 0);
-        assert_eq!(mem.peak(), 12 * CELL_BYTES);
+        assert_eq!(mem.peak(), 11 * CELL_BYTES);
     }
 
     #[test]

@@ -1,0 +1,563 @@
+//! The relay data plane under pressure: flow control, backpressure to the
+//! edge, the queued-cell memory cap, per-address DoS limits and metrics.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use allium::testnet::{Testnet, TestnetOptions, testnet_exit_policy};
+use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, DestroyReason, PAYLOAD_LEN};
+use allium_proto::flow::CIRC_WINDOW;
+use allium_proto::link::{self, LINK_NK, LinkTransport};
+use allium_proto::onion::{ClientLayers, forward_capacity};
+use allium_proto::relaymsg::{RelayMsg, TargetAddr};
+use allium_proto::{RelayDescriptor, UnverifiedDescriptor, ntor};
+use allium_relay::channel::{self, ChannelHandle, Inbox};
+use allium_relay::limits::QueueMem;
+use allium_relay::{Relay, RelayConfig, RelayStats};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A TCP server that writes to every connection as fast as it can, and
+/// counts what it wrote.
+async fn firehose() -> (SocketAddr, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let w = written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let w = w.clone();
+            tokio::spawn(async move {
+                let chunk = vec![0x42u8; 16 * 1024];
+                while s.write_all(&chunk).await.is_ok() {
+                    w.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, written)
+}
+
+/// A TCP server that accepts and never reads (small receive buffer).
+async fn sink() -> SocketAddr {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(64).unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// One relay (an exit for loopback), outside any network.
+struct Lone {
+    desc: RelayDescriptor,
+    stats: Arc<RelayStats>,
+    mem: Arc<QueueMem>,
+    _dir: tempfile::TempDir,
+}
+
+async fn lone_relay(tweak: impl FnOnce(&mut RelayConfig)) -> Lone {
+    let dir = tempfile::tempdir().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = RelayConfig {
+        nickname: "lone".into(),
+        listen: l.local_addr().unwrap(),
+        data_dir: dir.path().join("relay"),
+        exit_policy: testnet_exit_policy(),
+        ..RelayConfig::default()
+    };
+    tweak(&mut cfg);
+    let relay = Relay::new(cfg).unwrap();
+    let doc = relay.descriptor(allium_directory::unix_now()).unwrap();
+    let desc = UnverifiedDescriptor::parse(&doc.to_bytes())
+        .unwrap()
+        .descriptor()
+        .clone();
+    let (stats, mem) = (relay.stats(), relay.queue_mem());
+    tokio::spawn(async move { relay.serve(l).await });
+    Lone {
+        desc,
+        stats,
+        mem,
+        _dir: dir,
+    }
+}
+
+/// A one-hop circuit spoken by hand.
+struct RawCirc {
+    chan: ChannelHandle,
+    id: u32,
+    rx: Inbox,
+    layers: ClientLayers,
+}
+
+impl RawCirc {
+    async fn open(chan: ChannelHandle, d: &RelayDescriptor) -> Result<RawCirc, DestroyReason> {
+        let (id, mut rx) = chan.new_circuit().await.unwrap();
+        let (st, hs) = ntor::client_start(&mut rand::rng(), &d.identity, &d.onion_key);
+        chan.send(
+            Cell::new(
+                id,
+                CellCmd::CREATE,
+                &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if c.cmd == CellCmd::DESTROY {
+            return Err(DestroyReason(c.payload[0]));
+        }
+        assert_eq!(c.cmd, CellCmd::CREATED);
+        let mut layers = ClientLayers::new();
+        layers
+            .push(
+                &st.finish(cell::decode_created(&c.payload[..]).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+        Ok(RawCirc {
+            chan,
+            id,
+            rx,
+            layers,
+        })
+    }
+
+    async fn send(&mut self, sid: u16, msg: RelayMsg) {
+        let body = msg.encode(sid, forward_capacity(0)).unwrap();
+        let payload = self.layers.encrypt_forward(0, &body).unwrap();
+        let _ = self
+            .chan
+            .send(Cell {
+                circ_id: self.id,
+                cmd: CellCmd::RELAY,
+                payload,
+            })
+            .await;
+    }
+
+    /// The next message, with the exit's tag; `Err` with the DESTROY reason.
+    async fn recv(&mut self) -> Result<(u16, RelayMsg, [u8; 16]), DestroyReason> {
+        let mut c = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("a cell within 10 s")
+            .ok_or(DestroyReason::CHANNEL_CLOSED)?;
+        if c.cmd == CellCmd::DESTROY {
+            return Err(DestroyReason(c.payload[0]));
+        }
+        let (_, tag) = self.layers.decrypt_backward_tagged(&mut c.payload).unwrap();
+        let (sid, msg) = RelayMsg::decode(&c.payload[16..]).unwrap();
+        Ok((sid, msg, tag))
+    }
+
+    async fn begin(&mut self, sid: u16, target: SocketAddr) {
+        self.send(
+            sid,
+            RelayMsg::Begin {
+                addr: TargetAddr::Ip(target.ip()),
+                port: target.port(),
+            },
+        )
+        .await;
+        match self.recv().await {
+            Ok((s, RelayMsg::Connected(_), _)) => assert_eq!(s, sid),
+            other => panic!("BEGIN answered {:?}", other.map(|m| m.1.cmd())),
+        }
+    }
+}
+
+/// The reader of a SOCKS stream stops: the exit stops reading from the
+/// target, no relay holds more than a window of cells meanwhile, and the
+/// stream resumes intact when the reader does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_socks_reader_stops_the_exit() {
+    let net = Testnet::start(TestnetOptions {
+        relays: 3,
+        exits: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let (target, written) = firehose().await;
+
+    let mut s = TcpStream::connect(net.socks_addr).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    let SocketAddr::V4(t) = target else { panic!() };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&t.ip().octets());
+    req.extend_from_slice(&t.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r[1], 0);
+    // Read a little, then stop reading.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 200_000 {
+        got += s.read(&mut buf).await.unwrap();
+    }
+    // Let the stall settle: socket buffers fill, then the windows close.
+    let mut last = 0;
+    let mut stable = 0;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let w = written.load(Ordering::Relaxed);
+        stable = if w == last { stable + 1 } else { 0 };
+        last = w;
+        if stable >= 8 {
+            break;
+        }
+    }
+    assert!(stable >= 8, "the target kept being read: {last} bytes");
+    let window_bytes = CIRC_WINDOW as usize * CELL_LEN;
+    for _ in 0..8 {
+        for r in &net.relays {
+            let q = r.mem.total();
+            assert!(
+                q <= window_bytes,
+                "{} holds {q} bytes of cells during the stall",
+                r.nickname
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        written.load(Ordering::Relaxed),
+        last,
+        "exit read during the stall"
+    );
+    // The reader comes back: data flows again.
+    // (Socket buffers on the way hold megabytes: read until the target is
+    // being read again.)
+    let mut more = 0;
+    while written.load(Ordering::Relaxed) <= last + 1_000_000 {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        assert!(buf[..n].iter().all(|&b| b == 0x42));
+        more += n;
+        assert!(more < 200_000_000, "the stream did not resume");
+    }
+    net.shutdown().await;
+}
+
+/// DATA past the stream window costs the client its circuit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_past_the_window_loses_the_circuit() {
+    let relay = lone_relay(|_| {}).await;
+    let target = sink().await;
+    let chan = channel::connect_nk(relay.desc.addr, &relay.desc.link_key)
+        .await
+        .unwrap();
+    let mut c = RawCirc::open(chan, &relay.desc).await.unwrap();
+    c.begin(1, target).await;
+    let data = vec![7u8; forward_capacity(0) - 5];
+    let mut destroyed = None;
+    // Ignore every SENDME and keep sending until the exit gives up.
+    for i in 0..20_000 {
+        c.send(1, RelayMsg::Data(data.clone())).await;
+        if i % 64 == 0 {
+            while let Ok(Some(cell)) =
+                tokio::time::timeout(Duration::from_millis(1), c.rx.recv()).await
+            {
+                if cell.cmd == CellCmd::DESTROY {
+                    destroyed = Some(DestroyReason(cell.payload[0]));
+                }
+            }
+            if destroyed.is_some() {
+                break;
+            }
+        }
+    }
+    while destroyed.is_none() {
+        match c.recv().await {
+            Err(r) => destroyed = Some(r),
+            Ok(_) => {}
+        }
+    }
+    assert_eq!(destroyed, Some(DestroyReason::FLOW_CONTROL));
+    assert!(RelayStats::get(&relay.stats.flow_control_violations) >= 1);
+}
+
+/// A circuit SENDME must carry the tag of the cell it acknowledges: the
+/// right one opens the window, a forged one closes the circuit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_sendme_is_rejected() {
+    let relay = lone_relay(|_| {}).await;
+    let (target, _) = firehose().await;
+    let chan = channel::connect_nk(relay.desc.addr, &relay.desc.link_key)
+        .await
+        .unwrap();
+    let mut c = RawCirc::open(chan, &relay.desc).await.unwrap();
+    c.begin(1, target).await;
+    let mut data_cells = 0u32;
+    let mut tag100 = None;
+    // Stream SENDMEs keep the stream open; the circuit window is what we test.
+    loop {
+        let (sid, msg, tag) = c.recv().await.unwrap();
+        if let RelayMsg::Data(_) = msg {
+            data_cells += 1;
+            if data_cells % 50 == 0 {
+                c.send(sid, RelayMsg::Sendme { tag: [0; 16] }).await;
+            }
+            if data_cells == 100 {
+                tag100 = Some(tag);
+            }
+            if data_cells == CIRC_WINDOW {
+                break;
+            }
+        }
+    }
+    // The window is closed: nothing more comes until a SENDME.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), c.rx.recv())
+            .await
+            .is_err(),
+        "the exit sent past its circuit window"
+    );
+    // The genuine SENDME for the first hundred: 100 more cells come.
+    c.send(
+        0,
+        RelayMsg::Sendme {
+            tag: tag100.unwrap(),
+        },
+    )
+    .await;
+    let mut more = 0;
+    while more < 100 {
+        if let (_, RelayMsg::Data(_), _) = c.recv().await.unwrap() {
+            more += 1;
+        }
+    }
+    // A forged one (the next hundred's tag is not all 0x11).
+    c.send(0, RelayMsg::Sendme { tag: [0x11; 16] }).await;
+    let reason = loop {
+        match c.recv().await {
+            Err(r) => break r,
+            Ok(_) => {}
+        }
+    };
+    assert_eq!(reason, DestroyReason::FLOW_CONTROL);
+    assert!(RelayStats::get(&relay.stats.flow_control_violations) >= 1);
+}
+
+/// Open a client link by hand that never reads: what the relay sends it
+/// piles up in the relay.
+async fn stalled_link(d: &RelayDescriptor) -> (TcpStream, LinkTransport) {
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut hs = link::nk_initiator(&mut rand::rng(), &d.link_key).unwrap();
+    let mut m1 = vec![LINK_NK];
+    m1.extend(link::handshake_frame(&mut hs, &[]).unwrap());
+    s.write_all(&m1).await.unwrap();
+    let len = s.read_u16().await.unwrap() as usize;
+    let mut m2 = vec![0u8; len];
+    s.read_exact(&mut m2).await.unwrap();
+    link::read_handshake(&mut hs, &m2).unwrap();
+    (s, LinkTransport::new(hs).unwrap())
+}
+
+/// Many circuits whose client stopped reading fill the relay's queues: it
+/// stays under its memory cap by killing circuits and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_cap_kills_stalled_circuits() {
+    let cap: usize = 3 << 20;
+    let relay = lone_relay(|c| c.max_queued_bytes = cap as u64).await;
+    let (target, _) = firehose().await;
+    let d = &relay.desc;
+    let (mut s, mut t) = stalled_link(d).await;
+    let n = 64u32;
+    let mut layers = Vec::new();
+    // CREATE every circuit, then read the CREATEDs (the link is still read
+    // here), then BEGIN on each and never read again.
+    let mut frame = Vec::new();
+    let mut states = Vec::new();
+    let mut cells = Vec::new();
+    for i in 0..n {
+        let (st, hs) = ntor::client_start(&mut rand::rng(), &d.identity, &d.onion_key);
+        states.push(st);
+        cells.push(
+            Cell::new(
+                0x8000_0000 | (i + 1),
+                CellCmd::CREATE,
+                &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
+            )
+            .unwrap(),
+        );
+    }
+    for chunk in cells.chunks(64) {
+        frame.clear();
+        t.seal_cells(chunk, &mut frame).unwrap();
+        s.write_all(&frame).await.unwrap();
+    }
+    let mut created = Vec::new();
+    while created.len() < n as usize {
+        let len = s.read_u16().await.unwrap() as usize;
+        let mut f = vec![0u8; len];
+        s.read_exact(&mut f).await.unwrap();
+        t.open_cells(&f, &mut created).unwrap();
+    }
+    created.sort_by_key(|c| c.circ_id);
+    for (st, c) in states.into_iter().zip(&created) {
+        assert_eq!(c.cmd, CellCmd::CREATED);
+        let mut l = ClientLayers::new();
+        l.push(
+            &st.finish(cell::decode_created(&c.payload[..]).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        layers.push(l);
+    }
+    let begin = RelayMsg::Begin {
+        addr: TargetAddr::Ip(target.ip()),
+        port: target.port(),
+    }
+    .encode(1, forward_capacity(0))
+    .unwrap();
+    let cells: Vec<Cell> = layers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, l)| Cell {
+            circ_id: 0x8000_0000 | (i as u32 + 1),
+            cmd: CellCmd::RELAY,
+            payload: l.encrypt_forward(0, &begin).unwrap(),
+        })
+        .collect();
+    frame.clear();
+    t.seal_cells(&cells, &mut frame).unwrap();
+    s.write_all(&frame).await.unwrap();
+    // Now the link is not read: wait for the relay to kill.
+    let mut killed = 0;
+    for _ in 0..120 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        killed = RelayStats::get(&relay.stats.oom_kills);
+        assert!(
+            relay.mem.total() <= cap + cap / 4,
+            "{} queued",
+            relay.mem.total()
+        );
+        if killed > 0 && relay.mem.total() <= cap {
+            break;
+        }
+    }
+    assert!(
+        killed > 0,
+        "no circuit was killed; {} bytes queued",
+        relay.mem.total()
+    );
+    assert!(relay.mem.total() <= cap);
+    // Killing is decided as the data comes in: the peak overshoots the cap
+    // by at most what arrives while the victims wind down.
+    assert!(
+        relay.mem.peak() <= cap + cap / 4,
+        "peak {}",
+        relay.mem.peak()
+    );
+    // A fresh circuit through the same relay works.
+    let chan = channel::connect_nk(d.addr, &d.link_key).await.unwrap();
+    let mut c = RawCirc::open(chan, d).await.unwrap();
+    c.begin(1, target).await;
+    match c.recv().await {
+        Ok((1, RelayMsg::Data(v), _)) => assert!(!v.is_empty()),
+        other => panic!("expected data, got {:?}", other.map(|m| m.1.cmd())),
+    }
+    drop(s);
+}
+
+/// Floods of connections and CREATEs from one address are refused before
+/// any public-key work, while another address is served. The counters show
+/// on the metrics endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_from_one_address_are_refused() {
+    let ml = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = ml.local_addr().unwrap();
+    drop(ml);
+    let relay = lone_relay(|c| {
+        c.dos_max_connections_per_addr = 4;
+        c.dos_circuit_rate = 0.5;
+        c.dos_circuit_burst = 5;
+        c.metrics_listen = Some(metrics);
+    })
+    .await;
+    let d = &relay.desc;
+    let flooder: IpAddr = "127.0.0.2".parse().unwrap();
+    let other: IpAddr = "127.0.0.3".parse().unwrap();
+
+    // Connection flood: the first four are held, the rest closed at once.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..12 {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(flooder, 0)).unwrap();
+        let mut s = sock.connect(d.addr).await.unwrap();
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => refused += 1,
+            _ => held.push(s),
+        }
+    }
+    assert_eq!(held.len(), 4);
+    assert_eq!(refused, 8);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Circuit flood on one link: the burst is served, the rest refused.
+    let chan = channel::connect_nk_from(d.addr, &d.link_key, Some(flooder))
+        .await
+        .unwrap();
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..12 {
+        match RawCirc::open(chan.clone(), d).await {
+            Ok(_) => ok += 1,
+            Err(DestroyReason::RESOURCE_LIMIT) => limited += 1,
+            Err(r) => panic!("unexpected {r:?}"),
+        }
+    }
+    assert_eq!(ok, 5);
+    assert_eq!(limited, 7);
+    // Another address still gets circuits.
+    let chan2 = channel::connect_nk_from(d.addr, &d.link_key, Some(other))
+        .await
+        .unwrap();
+    RawCirc::open(chan2, d).await.unwrap();
+    assert_eq!(RelayStats::get(&relay.stats.dos_refused_connections), 8);
+    assert_eq!(RelayStats::get(&relay.stats.dos_refused_circuits), 7);
+
+    // The metrics endpoint, on loopback, reports them and nothing per user.
+    let mut s = TcpStream::connect(metrics).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    assert!(
+        body.contains("allium_relay_dos_refused_circuits_total 7"),
+        "{body}"
+    );
+    assert!(body.contains("allium_relay_dos_refused_connections_total 8"));
+    assert!(body.contains("allium_relay_circuits_created_total 6"));
+    assert!(body.contains("allium_relay_queued_bytes_limit"));
+    assert!(!body.contains("127.0.0"), "addresses in metrics");
+    let _ = PAYLOAD_LEN;
+}
