@@ -43,6 +43,16 @@ fn example_configs_parse() {
         RelayConfig::default().onion_key_lifetime_secs
     );
     assert!(!r.policy().unwrap().is_exit());
+    assert_eq!(r.max_queued_bytes, RelayConfig::default().max_queued_bytes);
+    assert_eq!(
+        r.dos_circuit_burst,
+        RelayConfig::default().dos_circuit_burst
+    );
+    assert_eq!(
+        r.dos_max_connections_per_addr,
+        RelayConfig::default().dos_max_connections_per_addr
+    );
+    assert_eq!(r.metrics_listen, None);
     let c: ClientConfig = load(&ex.join("client.toml"));
     c.check().unwrap();
     assert_eq!(

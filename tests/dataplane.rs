@@ -258,6 +258,14 @@ async fn a_stalled_socks_reader_stops_the_exit() {
         more += n;
         assert!(more < 200_000_000, "the stream did not resume");
     }
+    // The client's metrics count the stream, and name no address.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &net.client.metrics_registry()).unwrap();
+    assert!(
+        text.contains("allium_client_streams_opened_total 1"),
+        "{text}"
+    );
+    assert!(!text.contains("127.0.0"));
     net.shutdown().await;
 }
 
@@ -290,9 +298,8 @@ async fn data_past_the_window_loses_the_circuit() {
         }
     }
     while destroyed.is_none() {
-        match c.recv().await {
-            Err(r) => destroyed = Some(r),
-            Ok(_) => {}
+        if let Err(r) = c.recv().await {
+            destroyed = Some(r);
         }
     }
     assert_eq!(destroyed, Some(DestroyReason::FLOW_CONTROL));
@@ -317,7 +324,7 @@ async fn a_forged_sendme_is_rejected() {
         let (sid, msg, tag) = c.recv().await.unwrap();
         if let RelayMsg::Data(_) = msg {
             data_cells += 1;
-            if data_cells % 50 == 0 {
+            if data_cells.is_multiple_of(50) {
                 c.send(sid, RelayMsg::Sendme { tag: [0; 16] }).await;
             }
             if data_cells == 100 {
@@ -352,9 +359,8 @@ async fn a_forged_sendme_is_rejected() {
     // A forged one (the next hundred's tag is not all 0x11).
     c.send(0, RelayMsg::Sendme { tag: [0x11; 16] }).await;
     let reason = loop {
-        match c.recv().await {
-            Err(r) => break r,
-            Ok(_) => {}
+        if let Err(r) = c.recv().await {
+            break r;
         }
     };
     assert_eq!(reason, DestroyReason::FLOW_CONTROL);

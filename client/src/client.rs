@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,20 @@ struct Inner {
     cbt: Mutex<BuildTimes>,
     /// Relays on failed builds: failures and the last one.
     avoid: Mutex<HashMap<[u8; 32], (u32, Instant)>>,
+    stats: Arc<ClientStats>,
+}
+
+/// Counters a client keeps (totals only).
+#[derive(Default, Debug)]
+pub struct ClientStats {
+    pub circuits_built: AtomicU64,
+    pub circuit_build_failures: AtomicU64,
+    pub streams_opened: AtomicU64,
+    pub stream_failures: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A relay on this many failed builds within [`AVOID_FOR`] is avoided.
@@ -137,6 +152,7 @@ impl Client {
                 guards: Mutex::new(guards),
                 cbt: Mutex::new(cbt),
                 avoid: Mutex::new(HashMap::new()),
+                stats: Arc::new(ClientStats::default()),
             }),
         })
     }
@@ -254,6 +270,7 @@ impl Client {
             let started = Instant::now();
             match circuit::build(chan, p.to_vec(), timeout).await {
                 Ok(circ) => {
+                    inc(&self.inner.stats.circuits_built);
                     lock(&self.inner.guards).succeeded(&guard.identity);
                     lock(&self.inner.cbt).record(started.elapsed());
                     for r in &p[1..] {
@@ -262,6 +279,7 @@ impl Client {
                     return Ok(circ);
                 }
                 Err(e) => {
+                    inc(&self.inner.stats.circuit_build_failures);
                     warn!(timeout = ?timeout, "circuit build failed: {e}");
                     let mut avoid = lock(&self.inner.avoid);
                     if let ClientError::ExtendFailed { relay, .. } = &e {
@@ -386,6 +404,21 @@ impl Client {
     /// resolution, timeout) is tried once more on a fresh circuit through
     /// a different exit.
     pub async fn connect(
+        &self,
+        addr: TargetAddr,
+        port: u16,
+        iso: &Isolation,
+    ) -> Result<Stream, ClientError> {
+        let r = self.connect_inner(addr, port, iso).await;
+        inc(if r.is_ok() {
+            &self.inner.stats.streams_opened
+        } else {
+            &self.inner.stats.stream_failures
+        });
+        r
+    }
+
+    async fn connect_inner(
         &self,
         addr: TargetAddr,
         port: u16,
@@ -527,6 +560,44 @@ impl Client {
         self.serve(socks, http).await
     }
 
+    /// The client's counters.
+    pub fn stats(&self) -> Arc<ClientStats> {
+        self.inner.stats.clone()
+    }
+
+    /// The client's Prometheus metrics (totals; no addresses or destinations).
+    pub fn metrics_registry(&self) -> prometheus_client::registry::Registry {
+        use allium_relay::metrics::{Family, SnapshotCollector};
+        let me = self.clone();
+        let mut r = prometheus_client::registry::Registry::with_prefix("allium_client");
+        r.register_collector(Box::new(SnapshotCollector(move || {
+            let s = &me.inner.stats;
+            let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            let open = me.pool().iter().filter(|p| !p.circ.is_closed()).count();
+            vec![
+                Family::counter("circuits_built", "Circuits built", g(&s.circuits_built)),
+                Family::counter(
+                    "circuit_build_failures",
+                    "Circuit builds that failed",
+                    g(&s.circuit_build_failures),
+                ),
+                Family::gauge("circuits_open", "Circuits in the pool", open as i64),
+                Family::counter("streams_opened", "Streams opened", g(&s.streams_opened)),
+                Family::counter(
+                    "stream_failures",
+                    "Streams that could not be opened",
+                    g(&s.stream_failures),
+                ),
+                Family::gauge(
+                    "consensus_relays",
+                    "Relays in the current consensus",
+                    me.consensus().map_or(0, |c| c.relays.len() as i64),
+                ),
+            ]
+        })));
+        r
+    }
+
     /// Like [`Client::run`] on already bound SOCKS and HTTP CONNECT listeners.
     /// Each listener is its own isolation domain.
     pub async fn serve(
@@ -545,6 +616,15 @@ impl Client {
         for (i, (l, front)) in fronts.enumerate() {
             info!(addr = %l.local_addr()?, ?front, "proxy listening");
             set.spawn(crate::socks::serve(self.clone(), l, i, front).in_current_span());
+        }
+        if let Some(a) = self.inner.cfg.metrics_listen {
+            let me = self.clone();
+            set.spawn(async move {
+                if let Err(e) = allium_relay::metrics::serve(a, me.metrics_registry()).await {
+                    warn!("metrics: {e}");
+                }
+                std::future::pending::<()>().await
+            });
         }
         let boot = self.clone();
         set.spawn(async move {

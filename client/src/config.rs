@@ -35,6 +35,10 @@ pub struct ClientConfig {
     pub guard_retry_secs: u64,
     /// Give up on a stream that has not connected after this long.
     pub stream_timeout_secs: u64,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (off by default).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on a non-loopback address.
+    pub metrics_allow_remote: bool,
 }
 
 impl Default for ClientConfig {
@@ -53,6 +57,8 @@ impl Default for ClientConfig {
             guard_lifetime_secs: 120 * 24 * 3600,
             guard_retry_secs: 30,
             stream_timeout_secs: 60,
+            metrics_listen: None,
+            metrics_allow_remote: false,
         }
     }
 }
@@ -65,6 +71,8 @@ impl ClientConfig {
             ));
         }
         allium_directory::authority_keys(&self.authorities)?;
+        allium_relay::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)
+            .map_err(|e| ClientError::Config(e.to_string()))?;
         for a in self.socks_listen.iter().chain(&self.http_connect_listen) {
             if !a.ip().is_loopback() && !self.allow_non_loopback_socks {
                 return Err(ClientError::Config(format!(
