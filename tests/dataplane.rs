@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use allium::testnet::{Testnet, TestnetOptions, testnet_exit_policy};
-use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, DestroyReason, PAYLOAD_LEN};
+use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, DestroyReason};
 use allium_proto::flow::CIRC_WINDOW;
 use allium_proto::link::{self, LINK_NK, LinkTransport};
 use allium_proto::onion::{ClientLayers, forward_capacity};
@@ -565,5 +565,4 @@ async fn floods_from_one_address_are_refused() {
     assert!(body.contains("allium_relay_circuits_created_total 6"));
     assert!(body.contains("allium_relay_queued_bytes_limit"));
     assert!(!body.contains("127.0.0"), "addresses in metrics");
-    let _ = PAYLOAD_LEN;
 }

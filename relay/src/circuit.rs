@@ -250,6 +250,11 @@ impl Circuit {
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         msg.encode_into(stream_id, &mut payload[TAG_LEN..])?;
         self.layer.originate_backward_in_place(&mut payload)?;
+        self.send_back(payload).await
+    }
+
+    /// Send a cell this hop originated toward the client.
+    async fn send_back(&mut self, payload: Box<[u8; PAYLOAD_LEN]>) -> Result<(), RelayError> {
         RelayStats::inc(&self.ctx.stats.cells_originated, 1);
         self.prev
             .send(Cell {
@@ -278,14 +283,7 @@ impl Circuit {
         if let Some(st) = self.streams.get_mut(&sid) {
             st.sent.take()?;
         }
-        RelayStats::inc(&self.ctx.stats.cells_originated, 1);
-        self.prev
-            .send(Cell {
-                circ_id: self.prev_id,
-                cmd: CellCmd::RELAY,
-                payload,
-            })
-            .await
+        self.send_back(payload).await
     }
 
     /// `n` forward DATA cells left this hop: send the circuit SENDMEs due.
