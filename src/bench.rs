@@ -524,9 +524,13 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
     let mut chans = Vec::new();
     for _ in 0..n_idle.div_ceil(per_chan) {
         chans.push(
-            allium_relay::channel::connect_nk(tr.addr, &tr.link_key)
-                .await
-                .map_err(err)?,
+            allium_link::channel::connect_nk(
+                tr.addr,
+                &allium_proto::RelayId(tr.identity),
+                &tr.link_key,
+            )
+            .await
+            .map_err(err)?,
         );
     }
     for i in 0..n_idle {

@@ -369,7 +369,7 @@ pub struct RelayInfo {
     pub addr: SocketAddr,
     pub stats: Arc<RelayStats>,
     /// The relay's queued-cell accounting.
-    pub mem: Arc<allium_relay::limits::QueueMem>,
+    pub mem: Arc<allium_link::limits::QueueMem>,
     task: AbortHandle,
 }
 

@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use allium::testnet::{Testnet, TestnetOptions, testnet_exit_policy};
+use allium_link::channel::{self, ChannelHandle, Inbox};
+use allium_link::limits::QueueMem;
 use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, DestroyReason};
 use allium_proto::flow::CIRC_WINDOW;
-use allium_proto::link::{self, LINK_NK, LinkTransport};
+use allium_proto::link::LinkTransport;
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{RelayMsg, TargetAddr};
-use allium_proto::{RelayDescriptor, UnverifiedDescriptor, ntor};
-use allium_relay::channel::{self, ChannelHandle, Inbox};
-use allium_relay::limits::QueueMem;
+use allium_proto::{RelayDescriptor, RelayId, UnverifiedDescriptor, ntor};
 use allium_relay::{Relay, RelayConfig, RelayStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -274,9 +274,13 @@ async fn a_stalled_socks_reader_stops_the_exit() {
 async fn data_past_the_window_loses_the_circuit() {
     let relay = lone_relay(|_| {}).await;
     let target = sink().await;
-    let chan = channel::connect_nk(relay.desc.addr, &relay.desc.link_key)
-        .await
-        .unwrap();
+    let chan = channel::connect_nk(
+        relay.desc.addr,
+        &RelayId(relay.desc.identity),
+        &relay.desc.link_key,
+    )
+    .await
+    .unwrap();
     let mut c = RawCirc::open(chan, &relay.desc).await.unwrap();
     c.begin(1, target).await;
     let data = vec![7u8; forward_capacity(0) - 5];
@@ -312,9 +316,13 @@ async fn data_past_the_window_loses_the_circuit() {
 async fn a_forged_sendme_is_rejected() {
     let relay = lone_relay(|_| {}).await;
     let (target, _) = firehose().await;
-    let chan = channel::connect_nk(relay.desc.addr, &relay.desc.link_key)
-        .await
-        .unwrap();
+    let chan = channel::connect_nk(
+        relay.desc.addr,
+        &RelayId(relay.desc.identity),
+        &relay.desc.link_key,
+    )
+    .await
+    .unwrap();
     let mut c = RawCirc::open(chan, &relay.desc).await.unwrap();
     c.begin(1, target).await;
     let mut data_cells = 0u32;
@@ -370,17 +378,11 @@ async fn a_forged_sendme_is_rejected() {
 /// Open a client link by hand that never reads: what the relay sends it
 /// piles up in the relay.
 async fn stalled_link(d: &RelayDescriptor) -> (TcpStream, LinkTransport) {
-    let mut s = TcpStream::connect(d.addr).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    let mut hs = link::nk_initiator(&mut rand::rng(), &d.link_key).unwrap();
-    let mut m1 = vec![LINK_NK];
-    m1.extend(link::handshake_frame(&mut hs, &[]).unwrap());
-    s.write_all(&m1).await.unwrap();
-    let len = s.read_u16().await.unwrap() as usize;
-    let mut m2 = vec![0u8; len];
-    s.read_exact(&mut m2).await.unwrap();
-    link::read_handshake(&mut hs, &m2).unwrap();
-    (s, LinkTransport::new(hs).unwrap())
+    let (s, t, rest) = channel::handshake_nk(d.addr, None, &RelayId(d.identity), &d.link_key)
+        .await
+        .unwrap();
+    assert!(rest.is_empty());
+    (s, t)
 }
 
 /// Many circuits whose client stopped reading fill the relay's queues: it
@@ -421,7 +423,7 @@ async fn the_memory_cap_kills_stalled_circuits() {
         let len = s.read_u16().await.unwrap() as usize;
         let mut f = vec![0u8; len];
         s.read_exact(&mut f).await.unwrap();
-        t.open_cells(&f, &mut created).unwrap();
+        t.open_cells(&mut f, &mut created).unwrap();
     }
     created.sort_by_key(|c| c.circ_id);
     for (st, c) in states.into_iter().zip(&created) {
@@ -480,7 +482,9 @@ async fn the_memory_cap_kills_stalled_circuits() {
         relay.mem.peak()
     );
     // A fresh circuit through the same relay works.
-    let chan = channel::connect_nk(d.addr, &d.link_key).await.unwrap();
+    let chan = channel::connect_nk(d.addr, &RelayId(d.identity), &d.link_key)
+        .await
+        .unwrap();
     let mut c = RawCirc::open(chan, d).await.unwrap();
     c.begin(1, target).await;
     match c.recv().await {
@@ -528,7 +532,7 @@ async fn floods_from_one_address_are_refused() {
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Circuit flood on one link: the burst is served, the rest refused.
-    let chan = channel::connect_nk_from(d.addr, &d.link_key, Some(flooder))
+    let chan = channel::connect_nk_from(d.addr, &RelayId(d.identity), &d.link_key, Some(flooder))
         .await
         .unwrap();
     let mut ok = 0;
@@ -543,7 +547,7 @@ async fn floods_from_one_address_are_refused() {
     assert_eq!(ok, 5);
     assert_eq!(limited, 7);
     // Another address still gets circuits.
-    let chan2 = channel::connect_nk_from(d.addr, &d.link_key, Some(other))
+    let chan2 = channel::connect_nk_from(d.addr, &RelayId(d.identity), &d.link_key, Some(other))
         .await
         .unwrap();
     RawCirc::open(chan2, d).await.unwrap();

@@ -384,9 +384,10 @@ async fn relay_destroys_a_circuit_on_a_forged_cell() {
         .find(|r| r.identity == target.identity)
         .unwrap();
 
-    let chan = allium_relay::channel::connect_nk(r.addr, &r.link_key)
-        .await
-        .unwrap();
+    let chan =
+        allium_link::channel::connect_nk(r.addr, &allium_proto::RelayId(r.identity), &r.link_key)
+            .await
+            .unwrap();
     let (id, mut rx) = chan.new_circuit().await.unwrap();
     let (st, hs) = ntor::client_start(&mut rand::rng(), &r.identity, &r.onion_key);
     chan.send(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use allium_link::channel::{ChannelHandle, Inbox};
 use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
 use allium_proto::flow::{
     CIRC_INCREMENT, CIRC_WINDOW, CircRecvWindow, CircSendWindow, STREAM_INCREMENT, STREAM_WINDOW,
@@ -16,7 +17,6 @@ use allium_proto::ntor;
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{EndReason, Extend, HEADER_LEN, RelayMsg, TargetAddr};
 use allium_proto::{ConsensusRelay, short_id};
-use allium_relay::channel::{ChannelHandle, Inbox};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 use tracing::debug;

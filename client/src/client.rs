@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use allium_directory::unix_now;
+use allium_link::channel::{self, ChannelHandle};
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::socks::SocksAuth;
-use allium_proto::{AuthorityKey, Consensus, ConsensusRelay};
-use allium_relay::channel::{self, ChannelHandle};
+use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, warn};
 
@@ -224,7 +224,7 @@ impl Client {
         if let Some(h) = g.get(&guard.identity).filter(|h| !h.is_closed()) {
             return Ok(h.clone());
         }
-        let h = channel::connect_nk(guard.addr, &guard.link_key).await?;
+        let h = channel::connect_nk(guard.addr, &RelayId(guard.identity), &guard.link_key).await?;
         g.insert(guard.identity, h.clone());
         Ok(h)
     }
@@ -567,7 +567,7 @@ impl Client {
 
     /// The client's Prometheus metrics (totals; no addresses or destinations).
     pub fn metrics_registry(&self) -> prometheus_client::registry::Registry {
-        use allium_relay::metrics::{Family, SnapshotCollector};
+        use allium_link::metrics::{Family, SnapshotCollector};
         let me = self.clone();
         let mut r = prometheus_client::registry::Registry::with_prefix("allium_client");
         r.register_collector(Box::new(SnapshotCollector(move || {
@@ -620,7 +620,7 @@ impl Client {
         if let Some(a) = self.inner.cfg.metrics_listen {
             let me = self.clone();
             set.spawn(async move {
-                if let Err(e) = allium_relay::metrics::serve(a, me.metrics_registry()).await {
+                if let Err(e) = allium_link::metrics::serve(a, me.metrics_registry()).await {
                     warn!("metrics: {e}");
                 }
                 std::future::pending::<()>().await

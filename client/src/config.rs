@@ -71,7 +71,7 @@ impl ClientConfig {
             ));
         }
         allium_directory::authority_keys(&self.authorities)?;
-        allium_relay::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)
+        allium_link::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)
             .map_err(|e| ClientError::Config(e.to_string()))?;
         for a in self.socks_listen.iter().chain(&self.http_connect_listen) {
             if !a.ip().is_loopback() && !self.allow_non_loopback_socks {

@@ -48,7 +48,7 @@ pub enum ClientError {
     #[error("circuit closed")]
     CircuitClosed,
     #[error(transparent)]
-    Relay(#[from] allium_relay::RelayError),
+    Link(#[from] allium_link::LinkError),
     #[error(transparent)]
     Proto(#[from] allium_proto::Error),
     #[error(transparent)]

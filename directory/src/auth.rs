@@ -24,7 +24,8 @@ use allium_proto::doc::{
 };
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{
-    AuthorityKey, AuthoritySig, RelayFlags, UnverifiedConsensus, UnverifiedDescriptor, short_id,
+    AuthorityKey, AuthoritySig, RelayFlags, RelayId, UnverifiedConsensus, UnverifiedDescriptor,
+    short_id,
 };
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
@@ -402,7 +403,7 @@ impl Authority {
             .collect();
         let mut set = tokio::task::JoinSet::new();
         for (id, addr, key) in targets {
-            set.spawn(async move { (id, reach::test_relay(addr, key).await) });
+            set.spawn(async move { (id, reach::test_relay(addr, RelayId(id), key).await) });
         }
         let now = unix_now();
         while let Some(Ok((id, r))) = set.join_next().await {

@@ -128,18 +128,35 @@ fn handshakes(c: &mut Criterion) {
 
 fn link_pair() -> (LinkTransport, LinkTransport) {
     let mut rng = rand::rng();
-    let s = [3u8; 32];
-    let spub = PublicKey::from(&StaticSecret::from(s)).to_bytes();
-    let mut i = link::nk_initiator(&mut rng, &spub).unwrap();
-    let mut r = link::responder(&mut rng, link::LINK_NK, &s).unwrap();
-    let m1 = link::handshake_frame(&mut i, &[]).unwrap();
-    link::read_handshake(&mut r, &m1[2..]).unwrap();
-    let m2 = link::handshake_frame(&mut r, &[]).unwrap();
-    link::read_handshake(&mut i, &m2[2..]).unwrap();
-    (
-        LinkTransport::new(i).unwrap(),
-        LinkTransport::new(r).unwrap(),
-    )
+    let identity = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+    let secret = StaticSecret::from([3u8; 32]);
+    let keys = || link::LinkKeys {
+        identity: &identity,
+        link_secret: &secret,
+    };
+    let spub = PublicKey::from(&secret).to_bytes();
+    let mut i = link::Initiator::nk(&mut rng, &spub).unwrap();
+    let mut r = link::Responder::new(&mut rng, keys());
+    let (mut to_i, mut to_r) = (Vec::new(), Vec::new());
+    let (mut li, mut lr) = (None, None);
+    while li.is_none() || lr.is_none() {
+        if li.is_none() {
+            match i.step(&mut to_i).unwrap() {
+                link::Action::Send(b) => to_r.extend(b),
+                link::Action::Recv => {}
+                link::Action::Done(l) => li = Some(l),
+            }
+        }
+        if lr.is_none() {
+            match r.step(&mut to_r).unwrap() {
+                link::Action::Send(b) => to_i.extend(b),
+                link::Action::Recv => {}
+                link::Action::Done(l) => lr = Some(l.transport),
+            }
+        }
+    }
+    let id = allium_proto::RelayId(identity.verifying_key().to_bytes());
+    (li.unwrap().verify(&id).unwrap(), lr.unwrap())
 }
 
 fn links(c: &mut Criterion) {
@@ -157,7 +174,7 @@ fn links(c: &mut Criterion) {
                 frame.clear();
                 out.clear();
                 a.seal_cells(&batch, &mut frame).unwrap();
-                z.open_cells(&frame[2..], &mut out).unwrap();
+                z.open_cells(&mut frame[2..], &mut out).unwrap();
             })
         });
     }

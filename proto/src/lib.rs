@@ -73,3 +73,20 @@ impl Error {
 pub fn short_id(id: &[u8; 32]) -> String {
     hex::encode(&id[..6])
 }
+
+/// A relay's Ed25519 identity key: the name its descriptor, its consensus
+/// entry and its links are bound to.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayId(pub [u8; 32]);
+
+impl std::fmt::Debug for RelayId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RelayId({})", short_id(&self.0))
+    }
+}
+
+impl std::fmt::Display for RelayId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&short_id(&self.0))
+    }
+}

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use allium_proto::RelayId;
 use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
 use allium_proto::flow::{
     CIRC_WINDOW, CircRecvWindow, CircSendWindow, STREAM_WINDOW, StreamWindow,
@@ -19,11 +20,11 @@ use rand::RngExt;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info};
 
-use crate::channel::{ChannelHandle, Inbox, NewCircuit};
 use crate::exit::{self, CircShared, StreamCmd, StreamEvent};
-use crate::limits::{CELL_BYTES, CircAcct};
 use crate::relay::{ChannelManager, RelayCtx};
 use crate::{RelayError, RelayStats};
+use allium_link::channel::{ChannelHandle, Inbox, NewCircuit};
+use allium_link::limits::{CELL_BYTES, CircAcct};
 
 const EXTEND_TIMEOUT: Duration = Duration::from_secs(15);
 /// Streams one circuit may have open at once.
@@ -72,6 +73,12 @@ impl Teardown {
     }
 }
 
+impl From<allium_link::LinkError> for Teardown {
+    fn from(e: allium_link::LinkError) -> Self {
+        RelayError::from(e).into()
+    }
+}
+
 impl From<RelayError> for Teardown {
     fn from(e: RelayError) -> Self {
         debug!("circuit error: {e}");
@@ -82,7 +89,9 @@ impl From<RelayError> for Teardown {
             RelayError::Proto(allium_proto::Error::FlowControl(_)) => {
                 Teardown::both(DestroyReason::FLOW_CONTROL)
             }
-            RelayError::ChannelClosed => Teardown::both(DestroyReason::CHANNEL_CLOSED),
+            RelayError::Link(allium_link::LinkError::ChannelClosed) => {
+                Teardown::both(DestroyReason::CHANNEL_CLOSED)
+            }
             RelayError::Protocol(_) | RelayError::Proto(_) => {
                 Teardown::both(DestroyReason::PROTOCOL)
             }
@@ -263,6 +272,7 @@ impl Circuit {
                 payload,
             })
             .await
+            .map_err(RelayError::from)
     }
 
     /// Originate a backward DATA cell; `acked` cells get random padding
@@ -429,7 +439,8 @@ impl Circuit {
         if e.identity == self.ctx.identity_pub {
             return Err(RelayError::Protocol("EXTEND to ourselves".into()).into());
         }
-        let connect = ChannelManager::get_or_connect(&self.ctx, e.identity, &e.link_key, e.addr);
+        let connect =
+            ChannelManager::get_or_connect(&self.ctx, RelayId(e.identity), &e.link_key, e.addr);
         let chan = match tokio::time::timeout(EXTEND_TIMEOUT, connect).await {
             Ok(Ok(ch)) => ch,
             Ok(Err(err)) => {

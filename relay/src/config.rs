@@ -149,7 +149,7 @@ impl RelayConfig {
         {
             return Err(RelayError::Config("bad DoS limits".into()));
         }
-        crate::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)?;
+        allium_link::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)?;
         self.policy()?;
         self.advertised()?;
         self.family_ids()?;

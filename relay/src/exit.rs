@@ -16,8 +16,8 @@ use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 use tracing::debug;
 
 use crate::RelayStats;
-use crate::limits::{CELL_BYTES, CircAcct};
 use crate::relay::RelayCtx;
+use allium_link::limits::{CELL_BYTES, CircAcct};
 
 /// Forward DATA cells queued toward one stream: its whole window, so an
 /// honest client never finds it full (one that does loses the circuit).

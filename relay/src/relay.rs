@@ -7,17 +7,17 @@ use std::time::Duration;
 
 use allium_directory::{http, unix_now};
 use allium_proto::policy::ExitPolicy;
-use allium_proto::{RelayDescriptor, SignedDocument};
+use allium_proto::{RelayDescriptor, RelayId, SignedDocument};
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 use x25519_dalek::PublicKey;
 
-use crate::channel::{self, ChannelEnv, ChannelHandle, CreateHandler, LinkIdentity};
 use crate::keys::{KeyStore, OnionKeySet};
-use crate::limits::{DosGuard, QueueMem, TokenBucket};
 use crate::{RelayConfig, RelayError, RelayStats, circuit};
+use allium_link::channel::{self, ChannelEnv, ChannelHandle, CreateHandler, LinkIdentity};
+use allium_link::limits::{DosGuard, QueueMem, TokenBucket};
 
 /// Everything circuits of this relay share.
 pub struct RelayCtx {
@@ -47,24 +47,25 @@ impl Drop for StopOnDrop {
 /// Open channels to other relays, by identity.
 #[derive(Default)]
 pub struct ChannelManager {
-    map: Mutex<HashMap<[u8; 32], ChannelHandle>>,
+    map: Mutex<HashMap<RelayId, ChannelHandle>>,
 }
 
 impl ChannelManager {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], ChannelHandle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RelayId, ChannelHandle>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn insert(&self, id: [u8; 32], h: ChannelHandle) {
+    pub fn insert(&self, id: RelayId, h: ChannelHandle) {
         let mut m = self.lock();
         m.retain(|_, h| !h.is_closed());
         m.insert(id, h);
     }
 
-    /// An open channel to relay `id`, reusing one if there is one.
+    /// An open channel to relay `id`, reusing one if there is one. A new
+    /// one is used only if the far end proves that identity.
     pub async fn get_or_connect(
         ctx: &Arc<RelayCtx>,
-        id: [u8; 32],
+        id: RelayId,
         link_key: &[u8; 32],
         addr: SocketAddr,
     ) -> Result<ChannelHandle, RelayError> {
@@ -318,7 +319,7 @@ impl Relay {
         let metrics = async {
             match self.cfg.metrics_listen {
                 Some(a) => {
-                    crate::metrics::serve(
+                    allium_link::metrics::serve(
                         a,
                         crate::metrics::relay_registry(
                             self.ctx.stats.clone(),
@@ -333,7 +334,7 @@ impl Relay {
         tokio::select! {
             r = accept => r,
             () = publish => Ok(()),
-            r = metrics => r,
+            r = metrics => r.map_err(RelayError::from),
         }
     }
 }

@@ -204,7 +204,7 @@ impl Drop for CircAcct {
 }
 
 /// A token bucket on relayed bytes (rate and burst per second), refilled by
-/// a timer; takers wait while it is empty.
+/// a timer; readers spend what they read and wait while it is in debt.
 pub struct TokenBucket {
     rate: u64,
     burst: u64,
@@ -253,12 +253,21 @@ impl TokenBucket {
         self.rate
     }
 
-    /// Take `n` bytes, waiting while the bucket is in debt.
-    pub async fn take(&self, n: usize) {
+    /// Spend `n` bytes (the bucket may go into debt).
+    pub fn spend(&self, n: usize) {
+        self.tokens.fetch_sub(n as i64, Ordering::Relaxed);
+    }
+
+    /// True while the bucket is empty or in debt: readers wait.
+    pub fn in_debt(&self) -> bool {
+        self.tokens.load(Ordering::Relaxed) <= 0
+    }
+
+    /// Resolves once the bucket has tokens again.
+    pub async fn refilled(&self) {
         loop {
             let wait = self.refilled.notified();
-            if self.tokens.load(Ordering::Relaxed) > 0 {
-                self.tokens.fetch_sub(n as i64, Ordering::Relaxed);
+            if !self.in_debt() {
                 return;
             }
             wait.await;

@@ -1,0 +1,737 @@
+//! Channels: one Noise link to one peer, driven by one owner task.
+//!
+//! The task owns the socket, the link transport and the map from circuit
+//! id to circuit inbox. Frames are opened where they were read and sealed
+//! where their cells were encoded (`LinkTransport` works in place); cells go
+//! to circuits with `try_send`, so the task never waits on a circuit: a
+//! circuit whose inbox is full has ignored flow control and is destroyed.
+//!
+//! What keeps a channel bounded whatever the peer does:
+//! * every queue has a size: circuit inboxes ([`CIRC_QUEUE`]), the cells
+//!   waiting to be written ([`CHANNEL_QUEUE`]), the DESTROYs answered to the
+//!   peer ([`URGENT_MAX`]), the sealed bytes not yet written ([`OUT_HIGH`]);
+//! * a peer that makes us queue DESTROYs faster than it reads them, or that
+//!   has not read for [`READ_PAUSE`], is not read from until it does, and one
+//!   that has not read for [`WRITE_TIMEOUT`] loses its link;
+//! * the buffers of a channel that has been idle for [`IDLE_SHRINK`] are
+//!   given back, so an idle channel costs a few kilobytes.
+//!
+//! Circuit ids: the side that opened the link allocates ids with the high
+//! bit set, the other side without it; 0 is never used.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use allium_proto::RelayId;
+use allium_proto::cell::{CELL_LEN, Cell, CellCmd, DestroyReason};
+use allium_proto::link::{
+    self, Action, Initiator, LinkKeys, LinkTransport, MAX_CELLS_PER_FRAME, MAX_FRAME,
+    MIN_TRANSPORT_MSG, Responder,
+};
+use ed25519_dalek::SigningKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, trace};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::limits::{CircAcct, ConnGuard, QueueMem, TokenBucket};
+use crate::{LinkError, RelayStats};
+
+/// Cells queued toward one circuit. Flow control keeps an honest peer far
+/// below this (a circuit window of DATA plus a few control cells); a peer
+/// that fills it has ignored its window and loses the circuit, so one
+/// circuit can never stall its channel.
+pub const CIRC_QUEUE: usize = 1536;
+/// Cells queued toward one channel.
+pub const CHANNEL_QUEUE: usize = 1024;
+/// DESTROYs queued in answer to the peer; at this many the peer is not
+/// read from until it takes them.
+pub const URGENT_MAX: usize = 1024;
+/// Sealed bytes a channel holds for writing before it stops sealing more.
+pub const OUT_HIGH: usize = 128 * 1024;
+/// A peer that has not read anything for this long while we have bytes for
+/// it is not read from either.
+pub const READ_PAUSE: Duration = Duration::from_secs(2);
+/// A peer that has not read anything for this long loses its link.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An idle channel gives back its buffers after this long.
+pub const IDLE_SHRINK: Duration = Duration::from_secs(1);
+/// Circuits one channel may carry; further CREATEs are refused.
+pub const MAX_CIRCUITS_PER_CHANNEL: usize = 8192;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Buffer capacity an idle channel keeps.
+const IDLE_BUF: usize = 2 * 1024;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 2 + MAX_FRAME;
+
+/// A new circuit a peer asked for with CREATE.
+pub struct NewCircuit {
+    pub circ_id: u32,
+    pub create: Cell,
+    pub inbox: Inbox,
+    pub chan: ChannelHandle,
+}
+
+pub type CreateHandler = Arc<dyn Fn(NewCircuit) + Send + Sync>;
+
+/// A circuit's inbound cells, counted against the relay's memory cap.
+pub struct Inbox {
+    rx: mpsc::Receiver<Cell>,
+    acct: Option<Arc<CircAcct>>,
+}
+
+impl Inbox {
+    pub async fn recv(&mut self) -> Option<Cell> {
+        let c = self.rx.recv().await?;
+        if let Some(a) = &self.acct {
+            a.sub(CELL_LEN);
+        }
+        Some(c)
+    }
+    /// The memory account the cells are counted in (relays only).
+    pub fn acct(&self) -> Option<&Arc<CircAcct>> {
+        self.acct.as_ref()
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(_c) = self.rx.try_recv() {
+            if let Some(a) = &self.acct {
+                a.sub(CELL_LEN);
+            }
+        }
+    }
+}
+
+/// What a relay's channels share: memory accounting, bandwidth limit,
+/// counters. Clients use [`ChannelEnv::default`].
+#[derive(Clone, Default)]
+pub struct ChannelEnv {
+    pub mem: Option<Arc<QueueMem>>,
+    pub bucket: Option<Arc<TokenBucket>>,
+    pub stats: Option<Arc<RelayStats>>,
+}
+
+enum Ctrl {
+    Register(
+        u32,
+        mpsc::Sender<Cell>,
+        Option<Arc<CircAcct>>,
+        oneshot::Sender<bool>,
+    ),
+    /// Forget a circuit, telling the peer with DESTROY if a reason is given.
+    Close(u32, Option<DestroyReason>),
+}
+
+struct HandleInner {
+    out: mpsc::Sender<Cell>,
+    /// Unbounded by type; each message stands for a circuit of this side
+    /// (one to register it, one to close it).
+    ctrl: mpsc::UnboundedSender<Ctrl>,
+    peer: Option<RelayId>,
+    next_id: AtomicU32,
+    high_bit: u32,
+    mem: Option<Arc<QueueMem>>,
+}
+
+/// A cheap handle to a channel's task.
+#[derive(Clone)]
+pub struct ChannelHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl ChannelHandle {
+    /// The peer's relay identity, as proven in the link handshake.
+    pub fn peer(&self) -> Option<RelayId> {
+        self.inner.peer
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.out.is_closed()
+    }
+
+    /// Queue a cell; waits while the channel's queue is full.
+    pub async fn send(&self, cell: Cell) -> Result<(), LinkError> {
+        if let Some(m) = &self.inner.mem {
+            m.add_shared(CELL_LEN);
+        }
+        let r = self.inner.out.send(cell).await;
+        if r.is_err()
+            && let Some(m) = &self.inner.mem
+        {
+            m.sub_shared(CELL_LEN);
+        }
+        r.map_err(|_| LinkError::ChannelClosed)
+    }
+
+    /// Allocate a circuit id and register an inbox for it, counted in `acct`.
+    pub async fn new_circuit_counted(
+        &self,
+        acct: Option<Arc<CircAcct>>,
+    ) -> Result<(u32, Inbox), LinkError> {
+        for _ in 0..16 {
+            let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            let id = n | self.inner.high_bit;
+            if id == 0 {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(CIRC_QUEUE);
+            let (ack_tx, ack_rx) = oneshot::channel();
+            self.inner
+                .ctrl
+                .send(Ctrl::Register(id, tx, acct.clone(), ack_tx))
+                .map_err(|_| LinkError::ChannelClosed)?;
+            if ack_rx.await.map_err(|_| LinkError::ChannelClosed)? {
+                return Ok((
+                    id,
+                    Inbox {
+                        rx,
+                        acct: acct.clone(),
+                    },
+                ));
+            }
+        }
+        Err(LinkError::Config("no free circuit id".into()))
+    }
+
+    /// Allocate a circuit id and register an inbox for it.
+    pub async fn new_circuit(&self) -> Result<(u32, Inbox), LinkError> {
+        self.new_circuit_counted(None).await
+    }
+
+    /// Forget a circuit (its inbox is dropped).
+    pub fn unregister(&self, circ_id: u32) {
+        let _ = self.inner.ctrl.send(Ctrl::Close(circ_id, None));
+    }
+
+    /// Forget a circuit and tell the peer with DESTROY, ahead of queued
+    /// cells and without waiting for room in the channel's queue.
+    pub fn destroy(&self, circ_id: u32, reason: DestroyReason) {
+        let _ = self.inner.ctrl.send(Ctrl::Close(circ_id, Some(reason)));
+    }
+}
+
+struct CircEntry {
+    tx: mpsc::Sender<Cell>,
+    acct: Option<Arc<CircAcct>>,
+}
+
+/// The channel's owner task.
+struct Reactor {
+    transport: LinkTransport,
+    circs: HashMap<u32, CircEntry>,
+    /// DESTROYs to send ahead of the queue.
+    urgent: VecDeque<Cell>,
+    on_create: Option<CreateHandler>,
+    handle: ChannelHandle,
+    /// The high bit the peer's circuit ids carry.
+    peer_high_bit: u32,
+    env: ChannelEnv,
+    /// Set on inbound client links: the per-address circuit rate.
+    dos: Option<ConnGuard>,
+    /// Bytes read and not yet opened (at most one partial frame after a
+    /// round of opening).
+    inbuf: Vec<u8>,
+    /// Sealed frames; `out[written..]` is still to be written.
+    out: Vec<u8>,
+    written: usize,
+    /// Cells to seal into the next frame.
+    batch: Vec<Cell>,
+    opened: Vec<Cell>,
+}
+
+impl Reactor {
+    fn count(&self, f: impl Fn(&RelayStats)) {
+        if let Some(s) = &self.env.stats {
+            f(s);
+        }
+    }
+
+    fn dispatch(&mut self, cell: Cell) {
+        let id = cell.circ_id;
+        if let Some(e) = self.circs.get(&id) {
+            if let Some(a) = &e.acct {
+                a.add(CELL_LEN);
+            }
+            match e.tx.try_send(cell) {
+                Ok(()) => {}
+                Err(err) => {
+                    if let Some(a) = &e.acct {
+                        a.sub(CELL_LEN);
+                    }
+                    let full = matches!(err, mpsc::error::TrySendError::Full(_));
+                    self.circs.remove(&id);
+                    self.count(|s| RelayStats::inc(&s.cells_dropped, 1));
+                    if full {
+                        debug!("circuit queue overflow: the peer ignored flow control");
+                        self.count(|s| RelayStats::inc(&s.flow_control_violations, 1));
+                        self.urgent
+                            .push_back(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
+                    }
+                }
+            }
+            return;
+        }
+        match (cell.cmd, &self.on_create) {
+            (CellCmd::CREATE, Some(_)) if self.circs.len() >= MAX_CIRCUITS_PER_CHANNEL => {
+                debug!("CREATE refused: channel circuit limit");
+                self.urgent
+                    .push_back(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
+            }
+            (CellCmd::CREATE, Some(_)) if self.dos.as_ref().is_some_and(|d| !d.allow_circuit()) => {
+                trace!("CREATE refused: circuit rate of this address");
+                self.urgent
+                    .push_back(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
+            }
+            (CellCmd::CREATE, Some(handler))
+                if id != 0 && (id & 0x8000_0000) == self.peer_high_bit =>
+            {
+                let (tx, rx) = mpsc::channel(CIRC_QUEUE);
+                let acct = self.env.mem.as_ref().map(|m| m.account());
+                self.circs.insert(
+                    id,
+                    CircEntry {
+                        tx,
+                        acct: acct.clone(),
+                    },
+                );
+                handler(NewCircuit {
+                    circ_id: id,
+                    create: cell,
+                    inbox: Inbox { rx, acct },
+                    chan: self.handle.clone(),
+                });
+            }
+            (CellCmd::DESTROY | CellCmd::PADDING, _) => {}
+            (cmd, _) => {
+                self.count(|s| RelayStats::inc(&s.cells_dropped, 1));
+                debug!(?cmd, "cell for unknown circuit dropped");
+            }
+        }
+    }
+
+    fn on_ctrl(&mut self, c: Ctrl) {
+        match c {
+            Ctrl::Register(id, tx, acct, ack) => {
+                let free = !self.circs.contains_key(&id);
+                if free {
+                    self.circs.insert(id, CircEntry { tx, acct });
+                }
+                let _ = ack.send(free);
+            }
+            Ctrl::Close(id, reason) => {
+                self.circs.remove(&id);
+                if let Some(r) = reason {
+                    self.urgent.push_back(Cell::destroy(id, r));
+                }
+            }
+        }
+    }
+
+    /// A cell from the channel's queue, to be sealed.
+    fn take_out(&mut self, c: Cell) {
+        if let Some(m) = &self.env.mem {
+            m.sub_shared(CELL_LEN);
+        }
+        self.batch.push(c);
+    }
+
+    /// Seal what is waiting (DESTROYs first) into frames while there is
+    /// room in the output buffer.
+    fn fill(&mut self, cells: &mut mpsc::Receiver<Cell>) -> Result<(), LinkError> {
+        if self.written > 0 && self.written * 2 >= self.out.len() {
+            self.out.drain(..self.written);
+            self.written = 0;
+        }
+        while self.out.len() - self.written < OUT_HIGH {
+            while self.batch.len() < MAX_CELLS_PER_FRAME {
+                match self.urgent.pop_front() {
+                    Some(c) => self.batch.push(c),
+                    None => break,
+                }
+            }
+            while self.batch.len() < MAX_CELLS_PER_FRAME {
+                match cells.try_recv() {
+                    Ok(c) => self.take_out(c),
+                    Err(_) => break,
+                }
+            }
+            if self.batch.is_empty() {
+                break;
+            }
+            self.transport.seal_cells(&self.batch, &mut self.out)?;
+            self.batch.clear();
+        }
+        Ok(())
+    }
+
+    /// Open and dispatch every whole frame in the input buffer.
+    fn open_frames(&mut self) -> Result<(), LinkError> {
+        let mut pos = 0;
+        let mut opened = std::mem::take(&mut self.opened);
+        while let Some(len) = link::frame_len(&self.inbuf[pos..], MIN_TRANSPORT_MSG, MAX_FRAME)
+            .map_err(|e| LinkError::PeerMisbehaved(e.to_string()))?
+        {
+            let end = pos + 2 + len;
+            if self.inbuf.len() < end {
+                break;
+            }
+            self.transport
+                .open_cells(&mut self.inbuf[pos + 2..end], &mut opened)
+                .map_err(|e| LinkError::PeerMisbehaved(e.to_string()))?;
+            pos = end;
+            for c in opened.drain(..) {
+                self.dispatch(c);
+            }
+        }
+        self.opened = opened;
+        self.inbuf.drain(..pos);
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut stream: TcpStream,
+        mut cells: mpsc::Receiver<Cell>,
+        mut ctrl: mpsc::UnboundedReceiver<Ctrl>,
+        mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Result<(), LinkError> {
+        let (mut rd, mut wr) = stream.split();
+        let bucket = self.env.bucket.clone();
+        // Last time the peer took bytes, or we had none for it.
+        let mut progress = Instant::now();
+        let mut active = Instant::now();
+        self.open_frames()?;
+        loop {
+            self.fill(&mut cells)?;
+            let pending = self.written < self.out.len();
+            if !pending {
+                progress = Instant::now();
+            }
+            let stalled = pending && progress.elapsed() >= READ_PAUSE;
+            let in_debt = bucket.as_ref().is_some_and(|b| b.in_debt());
+            let can_read = self.urgent.len() < URGENT_MAX && !stalled && !in_debt;
+            let room = self.out.len() - self.written < OUT_HIGH;
+            let big = self.inbuf.capacity() > IDLE_BUF || self.out.capacity() > IDLE_BUF;
+            if can_read {
+                self.inbuf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                _ = async { match stop.as_mut() { Some(s) => { let _ = s.wait_for(|v| *v).await; } None => std::future::pending().await } } => {
+                    return Ok(());
+                }
+                c = ctrl.recv() => match c {
+                    Some(c) => self.on_ctrl(c),
+                    None => return Ok(()),
+                },
+                c = cells.recv(), if room => match c {
+                    Some(c) => self.take_out(c),
+                    None => return Ok(()),
+                },
+                n = wr.write(&self.out[self.written..]), if pending => {
+                    let n = n?;
+                    self.count(|s| RelayStats::inc(&s.link_bytes_written, n as u64));
+                    self.written += n;
+                    if self.written == self.out.len() {
+                        self.out.clear();
+                        self.written = 0;
+                    }
+                    progress = Instant::now();
+                    active = progress;
+                }
+                n = rd.read_buf(&mut self.inbuf), if can_read => {
+                    let n = n?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.count(|s| RelayStats::inc(&s.link_bytes_read, n as u64));
+                    if let Some(b) = &bucket {
+                        b.spend(n);
+                    }
+                    self.open_frames()?;
+                    active = Instant::now();
+                }
+                () = async { if let Some(b) = &bucket { b.refilled().await } }, if in_debt => {}
+                () = tokio::time::sleep_until(progress + WRITE_TIMEOUT), if pending => {
+                    self.count(|s| RelayStats::inc(&s.links_stalled, 1));
+                    return Err(LinkError::PeerMisbehaved(format!(
+                        "read nothing for {} s", WRITE_TIMEOUT.as_secs()
+                    )));
+                }
+                // Wake up to stop reading a peer that stopped reading.
+                () = tokio::time::sleep_until(progress + READ_PAUSE), if pending && !stalled => {}
+                () = tokio::time::sleep_until(active + IDLE_SHRINK), if big => {
+                    if self.inbuf.is_empty() {
+                        self.inbuf = Vec::new();
+                    }
+                    if self.out.is_empty() {
+                        self.out = Vec::new();
+                    }
+                    self.batch.shrink_to_fit();
+                    self.opened.shrink_to_fit();
+                    self.circs.shrink_to_fit();
+                    active = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// How a channel starts: who we are to it and what it shares.
+struct ChannelSetup {
+    peer: Option<RelayId>,
+    we_opened: bool,
+    on_create: Option<CreateHandler>,
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+    env: ChannelEnv,
+    dos: Option<ConnGuard>,
+}
+
+/// Start a channel's task over an established link; `inbuf` holds bytes
+/// that arrived after the handshake.
+fn spawn_channel(
+    stream: TcpStream,
+    transport: LinkTransport,
+    inbuf: Vec<u8>,
+    setup: ChannelSetup,
+) -> ChannelHandle {
+    let (out_tx, out_rx) = mpsc::channel(CHANNEL_QUEUE);
+    let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+    let high_bit = if setup.we_opened { 0x8000_0000 } else { 0 };
+    let handle = ChannelHandle {
+        inner: Arc::new(HandleInner {
+            out: out_tx,
+            ctrl: ctrl_tx,
+            peer: setup.peer,
+            next_id: AtomicU32::new(1),
+            high_bit,
+            mem: setup.env.mem.clone(),
+        }),
+    };
+    let reactor = Reactor {
+        transport,
+        circs: HashMap::new(),
+        urgent: VecDeque::new(),
+        on_create: setup.on_create,
+        handle: handle.clone(),
+        peer_high_bit: high_bit ^ 0x8000_0000,
+        env: setup.env,
+        dos: setup.dos,
+        inbuf,
+        out: Vec::new(),
+        written: 0,
+        batch: Vec::new(),
+        opened: Vec::new(),
+    };
+    let stop = setup.stop;
+    tokio::spawn(
+        async move {
+            if let Err(e) = reactor.run(stream, out_rx, ctrl_rx, stop).await {
+                debug!("channel closed: {e}");
+            }
+            trace!("channel task ended");
+        }
+        .in_current_span(),
+    );
+    handle
+}
+
+/// What a relay needs to run links.
+pub struct LinkIdentity {
+    pub identity: SigningKey,
+    pub link_secret: StaticSecret,
+    /// Becomes true when the relay stops: its channels close.
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    pub env: ChannelEnv,
+}
+
+impl LinkIdentity {
+    pub fn link_pub(&self) -> [u8; 32] {
+        PublicKey::from(&self.link_secret).to_bytes()
+    }
+    pub fn id(&self) -> RelayId {
+        RelayId(self.identity.verifying_key().to_bytes())
+    }
+    fn keys(&self) -> LinkKeys<'_> {
+        LinkKeys {
+            identity: &self.identity,
+            link_secret: &self.link_secret,
+        }
+    }
+}
+
+/// Run a handshake step machine over `s`. Returns its result and the bytes
+/// that arrived after the handshake.
+async fn drive<T>(
+    s: &mut TcpStream,
+    mut step: impl FnMut(&mut Vec<u8>) -> Result<Action<T>, allium_proto::Error>,
+) -> Result<(T, Vec<u8>), LinkError> {
+    let mut buf = Vec::new();
+    // Every handshake is a few messages; a peer cannot keep it going.
+    for _ in 0..16 {
+        match step(&mut buf)? {
+            Action::Send(b) => s.write_all(&b).await?,
+            Action::Recv => {
+                buf.reserve(512);
+                if s.read_buf(&mut buf).await? == 0 {
+                    return Err(LinkError::PeerMisbehaved(
+                        "closed the link during the handshake".into(),
+                    ));
+                }
+            }
+            Action::Done(t) => return Ok((t, buf)),
+        }
+    }
+    Err(LinkError::PeerMisbehaved(
+        "the handshake did not finish".into(),
+    ))
+}
+
+async fn connect_tcp(
+    addr: SocketAddr,
+    bind: Option<std::net::IpAddr>,
+) -> Result<TcpStream, LinkError> {
+    let connect = async {
+        match bind {
+            None => TcpStream::connect(addr).await,
+            Some(ip) => {
+                let sock = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                sock.bind(SocketAddr::new(ip, 0))?;
+                sock.connect(addr).await
+            }
+        }
+    };
+    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
+        .await
+        .map_err(|_| LinkError::Timeout("TCP connect"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// An NK link to relay `id` (its link key from the consensus or its
+/// descriptor), checked to be that relay. Returns the socket, the transport
+/// and any bytes that followed the handshake. Used by clients, and by
+/// authorities to test that a relay is reachable.
+pub async fn handshake_nk(
+    addr: SocketAddr,
+    bind: Option<std::net::IpAddr>,
+    id: &RelayId,
+    link_key: &[u8; 32],
+) -> Result<(TcpStream, LinkTransport, Vec<u8>), LinkError> {
+    let work = async {
+        let mut s = connect_tcp(addr, bind).await?;
+        let mut hs = Initiator::nk(&mut rand::rng(), link_key)?;
+        let (unverified, rest) = drive(&mut s, |b| hs.step(b)).await?;
+        Ok::<_, LinkError>((s, unverified.verify(id)?, rest))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| LinkError::Timeout("link handshake"))?
+}
+
+/// Client side: NK link to guard `id`.
+pub async fn connect_nk(
+    addr: SocketAddr,
+    id: &RelayId,
+    link_key: &[u8; 32],
+) -> Result<ChannelHandle, LinkError> {
+    connect_nk_from(addr, id, link_key, None).await
+}
+
+/// [`connect_nk`] from a chosen local address.
+pub async fn connect_nk_from(
+    addr: SocketAddr,
+    id: &RelayId,
+    link_key: &[u8; 32],
+    bind: Option<std::net::IpAddr>,
+) -> Result<ChannelHandle, LinkError> {
+    let (s, transport, rest) = handshake_nk(addr, bind, id, link_key).await?;
+    Ok(spawn_channel(
+        s,
+        transport,
+        rest,
+        ChannelSetup {
+            peer: Some(*id),
+            we_opened: true,
+            on_create: None,
+            stop: None,
+            env: ChannelEnv::default(),
+            dos: None,
+        },
+    ))
+}
+
+/// Relay side: XK link to relay `peer`, which must prove that identity;
+/// ours is proven to it.
+pub async fn connect_xk(
+    addr: SocketAddr,
+    peer: RelayId,
+    peer_link_key: &[u8; 32],
+    me: &LinkIdentity,
+    on_create: Option<CreateHandler>,
+) -> Result<ChannelHandle, LinkError> {
+    let work = async {
+        let mut s = connect_tcp(addr, None).await?;
+        let mut hs = Initiator::xk(&mut rand::rng(), me.keys(), peer_link_key)?;
+        let (unverified, rest) = drive(&mut s, |b| hs.step(b)).await?;
+        let transport = unverified.verify(&peer)?;
+        Ok::<_, LinkError>(spawn_channel(
+            s,
+            transport,
+            rest,
+            ChannelSetup {
+                peer: Some(peer),
+                we_opened: true,
+                on_create,
+                stop: me.stop.clone(),
+                env: me.env.clone(),
+                dos: None,
+            },
+        ))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, work)
+        .await
+        .map_err(|_| LinkError::Timeout("link handshake"))?
+}
+
+/// Responder side of either pattern. `conn` is the per-address guard of
+/// the peer's address: on a client (NK) link it also limits circuit
+/// creation, before any public-key work.
+pub async fn accept(
+    mut s: TcpStream,
+    me: &LinkIdentity,
+    on_create: CreateHandler,
+    conn: Option<ConnGuard>,
+) -> Result<ChannelHandle, LinkError> {
+    s.set_nodelay(true)?;
+    let mut hs = Responder::new(&mut rand::rng(), me.keys());
+    let (l, rest) = tokio::time::timeout(HANDSHAKE_TIMEOUT, drive(&mut s, |b| hs.step(b)))
+        .await
+        .map_err(|_| LinkError::Timeout("link handshake"))??;
+    Ok(spawn_channel(
+        s,
+        l.transport,
+        rest,
+        ChannelSetup {
+            peer: l.peer,
+            we_opened: false,
+            on_create: Some(on_create),
+            stop: me.stop.clone(),
+            env: me.env.clone(),
+            // Relays are authenticated and carry many clients' circuits:
+            // only client links get the per-address circuit rate.
+            dos: if l.peer.is_none() { conn } else { None },
+        },
+    ))
+}
