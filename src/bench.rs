@@ -73,6 +73,35 @@ fn clock_ticks() -> f64 {
     })
 }
 
+/// A one-hop circuit to `tr` over `chan`; its inbox keeps it open.
+async fn one_hop_circuit(
+    chan: &allium_link::channel::ChannelHandle,
+    tr: &allium_proto::ConsensusRelay,
+) -> Result<allium_link::channel::Inbox, String> {
+    let (id, mut rx) = chan.new_circuit().await.map_err(err)?;
+    let (st, hs) = ntor::client_start(&mut rand::rng(), &tr.identity, &tr.onion_key);
+    chan.send(
+        Cell::new(
+            id,
+            CellCmd::CREATE,
+            &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
+        )
+        .map_err(err)?,
+    )
+    .await
+    .map_err(err)?;
+    let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .map_err(|_| "CREATE timed out")?
+        .ok_or("channel closed")?;
+    if c.cmd != CellCmd::CREATED {
+        return Err(format!("CREATE answered {:?}", c.cmd));
+    }
+    st.finish(cell::decode_created(&c.payload[..]).map_err(err)?)
+        .map_err(err)?;
+    Ok(rx)
+}
+
 /// (VmRSS, VmHWM) in MiB.
 fn rss_mib(pid: u32) -> (f64, f64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -269,6 +298,8 @@ pub struct Report {
     pub idle_circuits: usize,
     pub idle_circuit_relay_rss_growth_mib: f64,
     pub idle_circuit_bytes_each: f64,
+    pub idle_channels: usize,
+    pub idle_channel_bytes_each: f64,
 }
 
 fn machine() -> String {
@@ -534,29 +565,7 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
         );
     }
     for i in 0..n_idle {
-        let chan = &chans[i / per_chan];
-        let (id, mut rx) = chan.new_circuit().await.map_err(err)?;
-        let (st, hs) = ntor::client_start(&mut rand::rng(), &tr.identity, &tr.onion_key);
-        chan.send(
-            Cell::new(
-                id,
-                CellCmd::CREATE,
-                &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
-            )
-            .map_err(err)?,
-        )
-        .await
-        .map_err(err)?;
-        let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .map_err(|_| "CREATE timed out")?
-            .ok_or("channel closed")?;
-        if c.cmd != CellCmd::CREATED {
-            return Err(format!("CREATE {i} answered {:?}", c.cmd));
-        }
-        st.finish(cell::decode_created(&c.payload[..]).map_err(err)?)
-            .map_err(err)?;
-        held.push(rx);
+        held.push(one_hop_circuit(&chans[i / per_chan], &tr).await?);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let grown = rss_mib(tpid).0 - before;
@@ -565,6 +574,32 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
     rep.idle_circuit_bytes_each = grown * 1024.0 * 1024.0 / n_idle as f64;
     drop(held);
     drop(chans);
+
+    // Memory per idle channel: client links from many loopback addresses
+    // (each address may hold 50), each used for one circuit, then idle.
+    let n_chan: usize = if quick { 200 } else { 1000 };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss_mib(tpid).0;
+    let mut links = Vec::new();
+    for i in 0..n_chan {
+        let ip = std::net::Ipv4Addr::new(127, 201, (i / 25) as u8, (i % 25) as u8 + 1);
+        let chan = allium_link::channel::connect_nk_from(
+            tr.addr,
+            &allium_proto::RelayId(tr.identity),
+            &tr.link_key,
+            Some(ip.into()),
+        )
+        .await
+        .map_err(err)?;
+        let rx = one_hop_circuit(&chan, &tr).await?;
+        links.push((chan, rx));
+    }
+    // Past the channels' idle time, when they give back their buffers.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = rss_mib(tpid).0 - before;
+    rep.idle_channels = n_chan;
+    rep.idle_channel_bytes_each = grown * 1024.0 * 1024.0 / n_chan as f64;
+    drop(links);
 
     print_report(&rep);
     if let Some(p) = json {
@@ -652,6 +687,10 @@ fn print_report(r: &Report) {
     println!(
         "   {} idle circuits through one relay: RSS +{:.1} MiB, {:.0} bytes each",
         r.idle_circuits, r.idle_circuit_relay_rss_growth_mib, r.idle_circuit_bytes_each
+    );
+    println!(
+        "   {} idle client links to one relay: {:.0} bytes each",
+        r.idle_channels, r.idle_channel_bytes_each
     );
     println!("==================================================================================");
 }

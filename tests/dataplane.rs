@@ -13,7 +13,7 @@ use allium_link::channel::{self, ChannelHandle, Inbox};
 use allium_link::limits::QueueMem;
 use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, DestroyReason};
 use allium_proto::flow::CIRC_WINDOW;
-use allium_proto::link::LinkTransport;
+use allium_proto::link::{LinkTransport, MAX_CELLS_PER_FRAME};
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{RelayMsg, TargetAddr};
 use allium_proto::{RelayDescriptor, RelayId, UnverifiedDescriptor, ntor};
@@ -569,4 +569,175 @@ async fn floods_from_one_address_are_refused() {
     assert!(body.contains("allium_relay_circuits_created_total 6"));
     assert!(body.contains("allium_relay_queued_bytes_limit"));
     assert!(!body.contains("127.0.0"), "addresses in metrics");
+}
+
+/// A link responder with keys of its own, posing as whatever an EXTEND
+/// names; counts the links it completes.
+async fn impostor() -> (SocketAddr, [u8; 32], Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let me = Arc::new(channel::LinkIdentity {
+        identity: ed25519_dalek::SigningKey::from_bytes(&[0x66; 32]),
+        link_secret: x25519_dalek::StaticSecret::from([0x77; 32]),
+        stop: None,
+        env: Default::default(),
+    });
+    let link_key = me.link_pub();
+    let linked = Arc::new(AtomicU64::new(0));
+    let n = linked.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (me, n) = (me.clone(), n.clone());
+            tokio::spawn(async move {
+                if let Ok(h) = channel::accept(s, &me, Arc::new(|_| {}), None).await {
+                    n.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    drop(h);
+                }
+            });
+        }
+    });
+    (addr, link_key, linked)
+}
+
+/// An EXTEND that names relay H but gives another host's address and link
+/// key does not reach that host as H: the host cannot prove H's identity,
+/// the extend fails, and a real extend to H still works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extend_reaches_only_the_relay_it_names() {
+    let v = lone_relay(|_| {}).await;
+    let h = lone_relay(|_| {}).await;
+    let (fake_addr, fake_key, _) = impostor().await;
+    let extend = |c: &mut RawCirc, link_key: [u8; 32], addr: SocketAddr| {
+        let (st, hs) = ntor::client_start(&mut rand::rng(), &h.desc.identity, &h.desc.onion_key);
+        let msg = RelayMsg::Extend(allium_proto::relaymsg::Extend {
+            identity: h.desc.identity,
+            link_key,
+            addr,
+            htype: cell::HANDSHAKE_NTOR,
+            hdata: hs,
+        });
+        let body = msg.encode(0, forward_capacity(0)).unwrap();
+        let payload = c.layers.encrypt_forward(0, &body).unwrap();
+        (st, c.id, payload)
+    };
+    let d = &v.desc;
+    let chan = channel::connect_nk(d.addr, &RelayId(d.identity), &d.link_key)
+        .await
+        .unwrap();
+
+    let mut c = RawCirc::open(chan.clone(), d).await.unwrap();
+    let (_, id, payload) = extend(&mut c, fake_key, fake_addr);
+    let relay = CellCmd::RELAY;
+    chan.send(Cell {
+        circ_id: id,
+        cmd: relay,
+        payload,
+    })
+    .await
+    .unwrap();
+    match c.recv().await {
+        Ok((0, RelayMsg::Truncated(r), _)) => {
+            assert_eq!(DestroyReason(r), DestroyReason::CONNECT_FAILED)
+        }
+        other => panic!(
+            "the extend to an impostor answered {:?}",
+            other.map(|m| m.1.cmd())
+        ),
+    }
+
+    // The real H, on a fresh circuit through the same relay.
+    let mut c = RawCirc::open(chan.clone(), d).await.unwrap();
+    let (st, id, payload) = extend(&mut c, h.desc.link_key, h.desc.addr);
+    chan.send(Cell {
+        circ_id: id,
+        cmd: relay,
+        payload,
+    })
+    .await
+    .unwrap();
+    match c.recv().await {
+        Ok((0, RelayMsg::Extended(reply), _)) => {
+            st.finish(&reply).unwrap();
+        }
+        other => panic!("the extend to H answered {:?}", other.map(|m| m.1.cmd())),
+    }
+    assert!(RelayStats::get(&h.stats.circuits_created) >= 1);
+}
+
+/// A peer that sends and never reads: the relay answers every refused
+/// CREATE with a DESTROY, but once the peer stops taking them the relay
+/// stops reading it (the peer's writes block) and, after the write timeout,
+/// closes the link; other clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_is_not_read_and_loses_its_link() {
+    let relay = lone_relay(|_| {}).await;
+    let d = &relay.desc;
+    let (mut s, mut t) = stalled_link(d).await;
+    // Frames of CREATEs beyond the address's circuit burst: each is refused
+    // with a DESTROY queued for the peer.
+    let creates: Vec<Cell> = (0..MAX_CELLS_PER_FRAME as u32)
+        .map(|i| {
+            Cell::new(
+                0x8000_0000 | (i + 1),
+                CellCmd::CREATE,
+                &cell::encode_create(cell::HANDSHAKE_NTOR, &[7; 84]),
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut frame = Vec::new();
+    let mut written = 0usize;
+    let limit = 256 << 20;
+    while written < limit {
+        frame.clear();
+        t.seal_cells(&creates, &mut frame).unwrap();
+        match tokio::time::timeout(Duration::from_secs(3), s.write_all(&frame)).await {
+            Ok(r) => r.unwrap(),
+            Err(_) => break,
+        }
+        written += frame.len();
+    }
+    assert!(
+        written < limit,
+        "the relay kept reading a peer that does not read ({written} bytes)"
+    );
+    let read = RelayStats::get(&relay.stats.link_bytes_read);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(RelayStats::get(&relay.stats.link_bytes_read), read);
+    assert!(RelayStats::get(&relay.stats.dos_refused_circuits) > 1000);
+
+    // Another client is served meanwhile.
+    let chan = channel::connect_nk_from(
+        d.addr,
+        &RelayId(d.identity),
+        &d.link_key,
+        Some("127.0.0.4".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    RawCirc::open(chan, d).await.unwrap();
+
+    // Past the write timeout the link is gone.
+    let mut closed = false;
+    for _ in 0..(channel::WRITE_TIMEOUT.as_secs() + 10) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if RelayStats::get(&relay.stats.links_stalled) == 1 {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the link of a peer that never reads stayed open");
+    let mut sink = vec![0u8; 1 << 20];
+    let drained = async {
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .expect("the relay closed the socket");
 }

@@ -66,8 +66,10 @@ pub const MAX_CIRCUITS_PER_CHANNEL: usize = 8192;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffer capacity an idle channel keeps.
 const IDLE_BUF: usize = 2 * 1024;
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 2 + MAX_FRAME;
+/// Room made for a read: small on a quiet link, large on a busy one (whose
+/// last read filled the room it had).
+const READ_SMALL: usize = 16 * 1024;
+const READ_BIG: usize = 128 * 1024;
 
 /// A new circuit a peer asked for with CREATE.
 pub struct NewCircuit {
@@ -245,6 +247,8 @@ struct Reactor {
     /// Cells to seal into the next frame.
     batch: Vec<Cell>,
     opened: Vec<Cell>,
+    /// The last read filled all the room it had.
+    busy: bool,
 }
 
 impl Reactor {
@@ -421,8 +425,10 @@ impl Reactor {
             let room = self.out.len() - self.written < OUT_HIGH;
             let big = self.inbuf.capacity() > IDLE_BUF || self.out.capacity() > IDLE_BUF;
             if can_read {
-                self.inbuf.reserve(READ_CHUNK);
+                self.inbuf
+                    .reserve(if self.busy { READ_BIG } else { READ_SMALL });
             }
+            let room_in = self.inbuf.capacity() - self.inbuf.len();
             tokio::select! {
                 _ = async { match stop.as_mut() { Some(s) => { let _ = s.wait_for(|v| *v).await; } None => std::future::pending().await } } => {
                     return Ok(());
@@ -452,6 +458,7 @@ impl Reactor {
                         return Ok(());
                     }
                     self.count(|s| RelayStats::inc(&s.link_bytes_read, n as u64));
+                    self.busy = n == room_in;
                     if let Some(b) = &bucket {
                         b.spend(n);
                     }
@@ -477,6 +484,7 @@ impl Reactor {
                     self.batch.shrink_to_fit();
                     self.opened.shrink_to_fit();
                     self.circs.shrink_to_fit();
+                    self.busy = false;
                     active = Instant::now();
                 }
             }
@@ -529,6 +537,7 @@ fn spawn_channel(
         written: 0,
         batch: Vec::new(),
         opened: Vec::new(),
+        busy: false,
     };
     let stop = setup.stop;
     tokio::spawn(
