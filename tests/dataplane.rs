@@ -8,16 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use allium::testnet::{Testnet, TestnetOptions, testnet_exit_policy};
-use allium_link::channel::{self, ChannelHandle, Inbox};
-use allium_link::limits::QueueMem;
+mod common;
+
+use allium::testnet::{Testnet, TestnetOptions};
+use allium_link::channel;
 use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, DestroyReason};
 use allium_proto::flow::CIRC_WINDOW;
 use allium_proto::link::{LinkTransport, MAX_CELLS_PER_FRAME};
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{RelayMsg, TargetAddr};
-use allium_proto::{RelayDescriptor, RelayId, UnverifiedDescriptor, ntor};
-use allium_relay::{Relay, RelayConfig, RelayStats};
+use allium_proto::{RelayDescriptor, RelayId, ntor};
+use allium_relay::RelayStats;
+use common::{ExtendTo, RawCirc, impostor, lone_relay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -56,129 +58,6 @@ async fn sink() -> SocketAddr {
         }
     });
     addr
-}
-
-/// One relay (an exit for loopback), outside any network.
-struct Lone {
-    desc: RelayDescriptor,
-    stats: Arc<RelayStats>,
-    mem: Arc<QueueMem>,
-    _dir: tempfile::TempDir,
-}
-
-async fn lone_relay(tweak: impl FnOnce(&mut RelayConfig)) -> Lone {
-    let dir = tempfile::tempdir().unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut cfg = RelayConfig {
-        nickname: "lone".into(),
-        listen: l.local_addr().unwrap(),
-        data_dir: dir.path().join("relay"),
-        exit_policy: testnet_exit_policy(),
-        ..RelayConfig::default()
-    };
-    tweak(&mut cfg);
-    let relay = Relay::new(cfg).unwrap();
-    let doc = relay.descriptor(allium_directory::unix_now()).unwrap();
-    let desc = UnverifiedDescriptor::parse(&doc.to_bytes())
-        .unwrap()
-        .descriptor()
-        .clone();
-    let (stats, mem) = (relay.stats(), relay.queue_mem());
-    tokio::spawn(async move { relay.serve(l).await });
-    Lone {
-        desc,
-        stats,
-        mem,
-        _dir: dir,
-    }
-}
-
-/// A one-hop circuit spoken by hand.
-struct RawCirc {
-    chan: ChannelHandle,
-    id: u32,
-    rx: Inbox,
-    layers: ClientLayers,
-}
-
-impl RawCirc {
-    async fn open(chan: ChannelHandle, d: &RelayDescriptor) -> Result<RawCirc, DestroyReason> {
-        let (id, mut rx) = chan.new_circuit().await.unwrap();
-        let (st, hs) = ntor::client_start(&mut rand::rng(), &d.identity, &d.onion_key);
-        chan.send(
-            Cell::new(
-                id,
-                CellCmd::CREATE,
-                &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-        let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if c.cmd == CellCmd::DESTROY {
-            return Err(DestroyReason(c.payload[0]));
-        }
-        assert_eq!(c.cmd, CellCmd::CREATED);
-        let mut layers = ClientLayers::new();
-        layers
-            .push(
-                &st.finish(cell::decode_created(&c.payload[..]).unwrap())
-                    .unwrap(),
-            )
-            .unwrap();
-        Ok(RawCirc {
-            chan,
-            id,
-            rx,
-            layers,
-        })
-    }
-
-    async fn send(&mut self, sid: u16, msg: RelayMsg) {
-        let body = msg.encode(sid, forward_capacity(0)).unwrap();
-        let payload = self.layers.encrypt_forward(0, &body).unwrap();
-        let _ = self
-            .chan
-            .send(Cell {
-                circ_id: self.id,
-                cmd: CellCmd::RELAY,
-                payload,
-            })
-            .await;
-    }
-
-    /// The next message, with the exit's tag; `Err` with the DESTROY reason.
-    async fn recv(&mut self) -> Result<(u16, RelayMsg, [u8; 16]), DestroyReason> {
-        let mut c = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
-            .await
-            .expect("a cell within 10 s")
-            .ok_or(DestroyReason::CHANNEL_CLOSED)?;
-        if c.cmd == CellCmd::DESTROY {
-            return Err(DestroyReason(c.payload[0]));
-        }
-        let (_, tag) = self.layers.decrypt_backward_tagged(&mut c.payload).unwrap();
-        let (sid, msg) = RelayMsg::decode(&c.payload[16..]).unwrap();
-        Ok((sid, msg, tag))
-    }
-
-    async fn begin(&mut self, sid: u16, target: SocketAddr) {
-        self.send(
-            sid,
-            RelayMsg::Begin {
-                addr: TargetAddr::Ip(target.ip()),
-                port: target.port(),
-            },
-        )
-        .await;
-        match self.recv().await {
-            Ok((s, RelayMsg::Connected(_), _)) => assert_eq!(s, sid),
-            other => panic!("BEGIN answered {:?}", other.map(|m| m.1.cmd())),
-        }
-    }
 }
 
 /// The reader of a SOCKS stream stops: the exit stops reading from the
@@ -281,7 +160,9 @@ async fn data_past_the_window_loses_the_circuit() {
     )
     .await
     .unwrap();
-    let mut c = RawCirc::open(chan, &relay.desc).await.unwrap();
+    let mut c = RawCirc::open(chan, &relay.desc.identity, &relay.desc.onion_key)
+        .await
+        .unwrap();
     c.begin(1, target).await;
     let data = vec![7u8; forward_capacity(0) - 5];
     let mut destroyed = None;
@@ -323,7 +204,9 @@ async fn a_forged_sendme_is_rejected() {
     )
     .await
     .unwrap();
-    let mut c = RawCirc::open(chan, &relay.desc).await.unwrap();
+    let mut c = RawCirc::open(chan, &relay.desc.identity, &relay.desc.onion_key)
+        .await
+        .unwrap();
     c.begin(1, target).await;
     let mut data_cells = 0u32;
     let mut tag100 = None;
@@ -464,7 +347,9 @@ async fn the_memory_cap_kills_stalled_circuits() {
             "{} queued",
             relay.mem.total()
         );
-        if killed > 0 && relay.mem.total() <= cap {
+        // Settled: what is left fits well under the cap, so a fresh
+        // circuit is not among the next victims.
+        if killed > 0 && relay.mem.total() <= cap / 2 {
             break;
         }
     }
@@ -485,7 +370,9 @@ async fn the_memory_cap_kills_stalled_circuits() {
     let chan = channel::connect_nk(d.addr, &RelayId(d.identity), &d.link_key)
         .await
         .unwrap();
-    let mut c = RawCirc::open(chan, d).await.unwrap();
+    let mut c = RawCirc::open(chan, &d.identity, &d.onion_key)
+        .await
+        .unwrap();
     c.begin(1, target).await;
     match c.recv().await {
         Ok((1, RelayMsg::Data(v), _)) => assert!(!v.is_empty()),
@@ -538,7 +425,7 @@ async fn floods_from_one_address_are_refused() {
     let mut ok = 0;
     let mut limited = 0;
     for _ in 0..12 {
-        match RawCirc::open(chan.clone(), d).await {
+        match RawCirc::open(chan.clone(), &d.identity, &d.onion_key).await {
             Ok(_) => ok += 1,
             Err(DestroyReason::RESOURCE_LIMIT) => limited += 1,
             Err(r) => panic!("unexpected {r:?}"),
@@ -550,7 +437,9 @@ async fn floods_from_one_address_are_refused() {
     let chan2 = channel::connect_nk_from(d.addr, &RelayId(d.identity), &d.link_key, Some(other))
         .await
         .unwrap();
-    RawCirc::open(chan2, d).await.unwrap();
+    RawCirc::open(chan2, &d.identity, &d.onion_key)
+        .await
+        .unwrap();
     assert_eq!(RelayStats::get(&relay.stats.dos_refused_connections), 8);
     assert_eq!(RelayStats::get(&relay.stats.dos_refused_circuits), 7);
 
@@ -571,35 +460,6 @@ async fn floods_from_one_address_are_refused() {
     assert!(!body.contains("127.0.0"), "addresses in metrics");
 }
 
-/// A link responder with keys of its own, posing as whatever an EXTEND
-/// names; counts the links it completes.
-async fn impostor() -> (SocketAddr, [u8; 32], Arc<AtomicU64>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let me = Arc::new(channel::LinkIdentity {
-        identity: ed25519_dalek::SigningKey::from_bytes(&[0x66; 32]),
-        link_secret: x25519_dalek::StaticSecret::from([0x77; 32]),
-        stop: None,
-        env: Default::default(),
-    });
-    let link_key = me.link_pub();
-    let linked = Arc::new(AtomicU64::new(0));
-    let n = linked.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let (me, n) = (me.clone(), n.clone());
-            tokio::spawn(async move {
-                if let Ok(h) = channel::accept(s, &me, Arc::new(|_| {}), None).await {
-                    n.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                    drop(h);
-                }
-            });
-        }
-    });
-    (addr, link_key, linked)
-}
-
 /// An EXTEND that names relay H but gives another host's address and link
 /// key does not reach that host as H: the host cannot prove H's identity,
 /// the extend fails, and a real extend to H still works afterwards.
@@ -607,62 +467,41 @@ async fn impostor() -> (SocketAddr, [u8; 32], Arc<AtomicU64>) {
 async fn an_extend_reaches_only_the_relay_it_names() {
     let v = lone_relay(|_| {}).await;
     let h = lone_relay(|_| {}).await;
-    let (fake_addr, fake_key, _) = impostor().await;
-    let extend = |c: &mut RawCirc, link_key: [u8; 32], addr: SocketAddr| {
-        let (st, hs) = ntor::client_start(&mut rand::rng(), &h.desc.identity, &h.desc.onion_key);
-        let msg = RelayMsg::Extend(allium_proto::relaymsg::Extend {
-            identity: h.desc.identity,
-            link_key,
-            addr,
-            htype: cell::HANDSHAKE_NTOR,
-            hdata: hs,
-        });
-        let body = msg.encode(0, forward_capacity(0)).unwrap();
-        let payload = c.layers.encrypt_forward(0, &body).unwrap();
-        (st, c.id, payload)
-    };
+    let (fake_addr, fake_key, linked) = impostor().await;
     let d = &v.desc;
     let chan = channel::connect_nk(d.addr, &RelayId(d.identity), &d.link_key)
         .await
         .unwrap();
-
-    let mut c = RawCirc::open(chan.clone(), d).await.unwrap();
-    let (_, id, payload) = extend(&mut c, fake_key, fake_addr);
-    let relay = CellCmd::RELAY;
-    chan.send(Cell {
-        circ_id: id,
-        cmd: relay,
-        payload,
-    })
-    .await
-    .unwrap();
-    match c.recv().await {
-        Ok((0, RelayMsg::Truncated(r), _)) => {
-            assert_eq!(DestroyReason(r), DestroyReason::CONNECT_FAILED)
+    let mut to = ExtendTo {
+        identity: h.desc.identity,
+        onion_key: h.desc.onion_key,
+        link_key: fake_key,
+        addr: fake_addr,
+    };
+    let mut c = RawCirc::open(chan.clone(), &d.identity, &d.onion_key)
+        .await
+        .unwrap();
+    assert_eq!(c.extend(&to).await, Err(DestroyReason::CONNECT_FAILED));
+    // It failed on the identity proof: the impostor did complete a link.
+    for _ in 0..50 {
+        if linked.load(Ordering::Relaxed) == 1 {
+            break;
         }
-        other => panic!(
-            "the extend to an impostor answered {:?}",
-            other.map(|m| m.1.cmd())
-        ),
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(
+        linked.load(Ordering::Relaxed),
+        1,
+        "the impostor was reached"
+    );
 
     // The real H, on a fresh circuit through the same relay.
-    let mut c = RawCirc::open(chan.clone(), d).await.unwrap();
-    let (st, id, payload) = extend(&mut c, h.desc.link_key, h.desc.addr);
-    chan.send(Cell {
-        circ_id: id,
-        cmd: relay,
-        payload,
-    })
-    .await
-    .unwrap();
-    match c.recv().await {
-        Ok((0, RelayMsg::Extended(reply), _)) => {
-            st.finish(&reply).unwrap();
-        }
-        other => panic!("the extend to H answered {:?}", other.map(|m| m.1.cmd())),
-    }
-    assert!(RelayStats::get(&h.stats.circuits_created) >= 1);
+    (to.link_key, to.addr) = (h.desc.link_key, h.desc.addr);
+    let mut c = RawCirc::open(chan, &d.identity, &d.onion_key)
+        .await
+        .unwrap();
+    assert_eq!(c.extend(&to).await, Ok(()));
+    assert_eq!(RelayStats::get(&h.stats.circuits_created), 1);
 }
 
 /// A peer that sends and never reads: the relay answers every refused
@@ -716,7 +555,9 @@ async fn a_peer_that_does_not_read_is_not_read_and_loses_its_link() {
     )
     .await
     .unwrap();
-    RawCirc::open(chan, d).await.unwrap();
+    RawCirc::open(chan, &d.identity, &d.onion_key)
+        .await
+        .unwrap();
 
     // Past the write timeout the link is gone.
     let mut closed = false;
@@ -740,4 +581,49 @@ async fn a_peer_that_does_not_read_is_not_read_and_loses_its_link() {
     tokio::time::timeout(Duration::from_secs(10), drained)
         .await
         .expect("the relay closed the socket");
+}
+
+/// Relay links pay the per-address limits too unless the consensus lists
+/// the relay at that address: fresh identities from one address get no
+/// more links and no more circuits than a client there would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_links_from_unlisted_identities_obey_the_address_limits() {
+    let relay = lone_relay(|c| {
+        c.dos_max_connections_per_addr = 4;
+        c.dos_circuit_rate = 0.0;
+        c.dos_circuit_burst = 5;
+    })
+    .await;
+    let d = &relay.desc;
+    let from: IpAddr = "127.0.0.5".parse().unwrap();
+    let mut chans = Vec::new();
+    let mut refused = 0;
+    for i in 0..6u8 {
+        let me = channel::LinkIdentity {
+            identity: ed25519_dalek::SigningKey::from_bytes(&[0x80 + i; 32]),
+            link_secret: x25519_dalek::StaticSecret::from([0x90 + i; 32]),
+            stop: None,
+            env: Default::default(),
+            bind: Some(from),
+            known_relay: None,
+        };
+        match channel::connect_xk(d.addr, RelayId(d.identity), &d.link_key, &me, None).await {
+            Ok(c) => chans.push(c),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!((chans.len(), refused), (4, 2), "links from one address");
+    let mut created = 0;
+    let mut destroyed = 0;
+    for i in 0..10 {
+        match RawCirc::open(chans[i % chans.len()].clone(), &d.identity, &d.onion_key).await {
+            Ok(_) => created += 1,
+            Err(r) => {
+                assert_eq!(r, DestroyReason::RESOURCE_LIMIT);
+                destroyed += 1;
+            }
+        }
+    }
+    assert_eq!((created, destroyed), (5, 5), "circuits from one address");
+    assert_eq!(RelayStats::get(&relay.stats.dos_refused_connections), 2);
 }

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -361,12 +363,13 @@ async fn whole_network_end_to_end() {
     net.shutdown().await;
 }
 
-/// A relay that receives a RELAY cell it cannot authenticate destroys the
-/// circuit and says why.
+/// A relay extends only to relays the consensus lists, where it lists
+/// them; and a RELAY cell it cannot authenticate makes it destroy the
+/// circuit and say why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_destroys_a_circuit_on_a_forged_cell() {
-    use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, PAYLOAD_LEN};
-    use allium_proto::ntor;
+async fn relays_extend_only_to_listed_relays_and_destroy_on_a_forged_cell() {
+    use allium_proto::cell::{Cell, CellCmd, DestroyReason, PAYLOAD_LEN};
+    use common::{ExtendTo, RawCirc, lone_relay};
 
     let net = Testnet::start(TestnetOptions {
         relays: 3,
@@ -377,50 +380,51 @@ async fn relay_destroys_a_circuit_on_a_forged_cell() {
     .unwrap();
     net.wait_ready(Duration::from_secs(60)).await.unwrap();
     let cons = net.client.consensus().unwrap();
-    let target = &net.relays[2];
-    let r = cons
-        .relays
-        .iter()
-        .find(|r| r.identity == target.identity)
-        .unwrap();
-
+    let listed = |i: usize| {
+        cons.relays
+            .iter()
+            .find(|r| r.identity == net.relays[i].identity)
+            .unwrap()
+            .clone()
+    };
+    let (r, other) = (listed(2), listed(0));
     let chan =
         allium_link::channel::connect_nk(r.addr, &allium_proto::RelayId(r.identity), &r.link_key)
             .await
             .unwrap();
-    let (id, mut rx) = chan.new_circuit().await.unwrap();
-    let (st, hs) = ntor::client_start(&mut rand::rng(), &r.identity, &r.onion_key);
-    chan.send(
-        Cell::new(
-            id,
-            CellCmd::CREATE,
-            &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let created = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(created.cmd, CellCmd::CREATED);
-    st.finish(cell::decode_created(&created.payload[..]).unwrap())
-        .unwrap();
+    let open = || RawCirc::open(chan.clone(), &r.identity, &r.onion_key);
 
+    // A relay outside the consensus, though it would prove its identity.
+    let outsider = lone_relay(|_| {}).await;
+    let d = &outsider.desc;
+    let mut to = ExtendTo {
+        identity: d.identity,
+        onion_key: d.onion_key,
+        link_key: d.link_key,
+        addr: d.addr,
+    };
+    let mut c = open().await.unwrap();
+    assert_eq!(c.extend(&to).await, Err(DestroyReason::CONNECT_FAILED));
+    assert_eq!(RelayStats::get(&outsider.stats.circuits_created), 0);
+    // A listed relay, named at another address.
+    (to.identity, to.onion_key, to.link_key) = (other.identity, other.onion_key, other.link_key);
+    let mut c = open().await.unwrap();
+    assert_eq!(c.extend(&to).await, Err(DestroyReason::CONNECT_FAILED));
+    // The same relay where the consensus lists it.
+    to.addr = other.addr;
+    let mut c = open().await.unwrap();
+    assert_eq!(c.extend(&to).await, Ok(()));
+
+    let target = &net.relays[2];
     let before = RelayStats::get(&target.stats.cell_auth_failures);
+    let mut c = open().await.unwrap();
     let forged = Cell {
-        circ_id: id,
+        circ_id: c.id,
         cmd: CellCmd::RELAY,
         payload: Box::new([0x5a; PAYLOAD_LEN]),
     };
-    chan.send(forged).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(d.cmd, CellCmd::DESTROY);
-    assert_eq!(DestroyReason(d.payload[0]), DestroyReason::CELL_AUTH);
+    c.chan.send(forged).await.unwrap();
+    assert_eq!(c.recv().await.err(), Some(DestroyReason::CELL_AUTH));
     assert_eq!(
         RelayStats::get(&target.stats.cell_auth_failures),
         before + 1

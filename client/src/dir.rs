@@ -4,37 +4,25 @@ use std::sync::Arc;
 
 use allium_directory::{AuthorityEntry, http, unix_now};
 use allium_proto::{AuthorityKey, Consensus, UnverifiedConsensus};
-use rand::seq::SliceRandom;
 use tracing::warn;
 
 use crate::ClientError;
 
-/// Fetch from the authorities (in random order) until one serves a
-/// consensus that verifies against `keys`; the error says what went wrong
-/// with each.
+/// Fetch a consensus that verifies against `keys` (see
+/// [`http::fetch_verified_consensus`]); a failure is logged per authority.
 pub async fn fetch_consensus(
     auths: &[AuthorityEntry],
     keys: &[AuthorityKey],
 ) -> Result<(Arc<Consensus>, Vec<u8>), ClientError> {
-    let mut order: Vec<&AuthorityEntry> = auths.iter().collect();
-    order.shuffle(&mut rand::rng());
-    let mut why = Vec::new();
-    for a in order {
-        let r = async {
-            let bytes = http::fetch_consensus(a.addr).await?;
-            let c = UnverifiedConsensus::parse(&bytes)?.verify(keys, unix_now())?;
-            Ok::<_, ClientError>((c, bytes))
-        }
-        .await;
-        match r {
-            Ok((c, b)) => return Ok((Arc::new(c), b)),
-            Err(e) => {
-                warn!(authority = %a.name, "consensus refused: {e}");
-                why.push(format!("{}: {e}", a.name));
+    http::fetch_verified_consensus(auths, keys)
+        .await
+        .map_err(|e| match e {
+            allium_directory::DirError::NoConsensus(why) => {
+                warn!("consensus refused: {why}");
+                ClientError::NoConsensus(why)
             }
-        }
-    }
-    Err(ClientError::NoConsensus(why.join("; ")))
+            e => e.into(),
+        })
 }
 
 /// Where the last verified consensus is kept.

@@ -9,7 +9,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
-use crate::DirError;
+use std::sync::Arc;
+
+use allium_proto::{AuthorityKey, Consensus, UnverifiedConsensus};
+use rand::seq::SliceRandom;
+use tracing::debug;
+
+use crate::{AuthorityEntry, DirError, unix_now};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -74,6 +80,34 @@ pub async fn fetch_consensus(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
         allium_proto::doc::MAX_CONSENSUS_LEN,
     )
     .await
+}
+
+/// Fetch from the authorities (in random order) until one serves a
+/// consensus that verifies against `keys`; returns it with its bytes. The
+/// error says what went wrong with each.
+pub async fn fetch_verified_consensus(
+    auths: &[AuthorityEntry],
+    keys: &[AuthorityKey],
+) -> Result<(Arc<Consensus>, Vec<u8>), DirError> {
+    let mut order: Vec<&AuthorityEntry> = auths.iter().collect();
+    order.shuffle(&mut rand::rng());
+    let mut why = Vec::new();
+    for a in order {
+        let r = async {
+            let bytes = fetch_consensus(a.addr).await?;
+            let c = UnverifiedConsensus::parse(&bytes)?.verify(keys, unix_now())?;
+            Ok::<_, DirError>((c, bytes))
+        }
+        .await;
+        match r {
+            Ok((c, b)) => return Ok((Arc::new(c), b)),
+            Err(e) => {
+                debug!(authority = %a.name, "consensus refused: {e}");
+                why.push(format!("{}: {e}", a.name));
+            }
+        }
+    }
+    Err(DirError::NoConsensus(why.join("; ")))
 }
 
 /// Upload a signed descriptor.

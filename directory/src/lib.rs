@@ -69,6 +69,8 @@ pub enum DirError {
     Status { status: u16, body: String },
     #[error(transparent)]
     Proto(#[from] allium_proto::Error),
+    #[error("no valid consensus: {0}")]
+    NoConsensus(String),
 }
 
 impl DirError {

@@ -236,8 +236,14 @@ struct Reactor {
     /// The high bit the peer's circuit ids carry.
     peer_high_bit: u32,
     env: ChannelEnv,
-    /// Set on inbound client links: the per-address circuit rate.
+    /// Set on inbound links: the per-address connection count and
+    /// circuit rate.
     dos: Option<ConnGuard>,
+    /// The peer's proven relay identity (inbound XK links).
+    peer: Option<RelayId>,
+    /// Tells whether a relay identity is listed at an address: such a peer
+    /// is exempt from the circuit rate.
+    known_relay: Option<RelayCheck>,
     /// Bytes read and not yet opened (at most one partial frame after a
     /// round of opening).
     inbuf: Vec<u8>,
@@ -289,7 +295,7 @@ impl Reactor {
                 self.urgent
                     .push_back(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
             }
-            (CellCmd::CREATE, Some(_)) if self.dos.as_ref().is_some_and(|d| !d.allow_circuit()) => {
+            (CellCmd::CREATE, Some(_)) if !self.may_create() => {
                 trace!("CREATE refused: circuit rate of this address");
                 self.urgent
                     .push_back(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
@@ -319,6 +325,18 @@ impl Reactor {
                 debug!(?cmd, "cell for unknown circuit dropped");
             }
         }
+    }
+
+    /// The per-address circuit rate, which listed relays at their listed
+    /// address do not pay (checked per CREATE: a relay may be listed after
+    /// its link was opened).
+    fn may_create(&self) -> bool {
+        let Some(d) = &self.dos else { return true };
+        let listed = match (&self.peer, &self.known_relay) {
+            (Some(id), Some(known)) => known(id, d.ip()),
+            _ => false,
+        };
+        listed || d.allow_circuit()
     }
 
     fn on_ctrl(&mut self, c: Ctrl) {
@@ -500,7 +518,11 @@ struct ChannelSetup {
     stop: Option<tokio::sync::watch::Receiver<bool>>,
     env: ChannelEnv,
     dos: Option<ConnGuard>,
+    known_relay: Option<RelayCheck>,
 }
+
+/// Is this relay identity listed in the consensus at this address?
+pub type RelayCheck = Arc<dyn Fn(&RelayId, std::net::IpAddr) -> bool + Send + Sync>;
 
 /// Start a channel's task over an established link; `inbuf` holds bytes
 /// that arrived after the handshake.
@@ -532,6 +554,8 @@ fn spawn_channel(
         peer_high_bit: high_bit ^ 0x8000_0000,
         env: setup.env,
         dos: setup.dos,
+        peer: setup.peer,
+        known_relay: setup.known_relay,
         inbuf,
         out: Vec::new(),
         written: 0,
@@ -559,6 +583,11 @@ pub struct LinkIdentity {
     /// Becomes true when the relay stops: its channels close.
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
     pub env: ChannelEnv,
+    /// The local address of links we open (a relay's own address, so that
+    /// its peers see it come from where the consensus lists it).
+    pub bind: Option<std::net::IpAddr>,
+    /// Which inbound relay links are exempt from the circuit rate.
+    pub known_relay: Option<RelayCheck>,
 }
 
 impl LinkIdentity {
@@ -677,6 +706,7 @@ pub async fn connect_nk_from(
             stop: None,
             env: ChannelEnv::default(),
             dos: None,
+            known_relay: None,
         },
     ))
 }
@@ -691,7 +721,7 @@ pub async fn connect_xk(
     on_create: Option<CreateHandler>,
 ) -> Result<ChannelHandle, LinkError> {
     let work = async {
-        let mut s = connect_tcp(addr, None).await?;
+        let mut s = connect_tcp(addr, me.bind).await?;
         let mut hs = Initiator::xk(&mut rand::rng(), me.keys(), peer_link_key)?;
         let (unverified, rest) = drive(&mut s, |b| hs.step(b)).await?;
         let transport = unverified.verify(&peer)?;
@@ -706,6 +736,7 @@ pub async fn connect_xk(
                 stop: me.stop.clone(),
                 env: me.env.clone(),
                 dos: None,
+                known_relay: None,
             },
         ))
     };
@@ -715,8 +746,10 @@ pub async fn connect_xk(
 }
 
 /// Responder side of either pattern. `conn` is the per-address guard of
-/// the peer's address: on a client (NK) link it also limits circuit
-/// creation, before any public-key work.
+/// the peer's address: it counts the link for as long as it lives, and
+/// limits circuit creation before any public-key work, except for relays
+/// [`LinkIdentity::known_relay`] lists at that address. A relay identity
+/// proven in the handshake is no exemption by itself: anyone can make one.
 pub async fn accept(
     mut s: TcpStream,
     me: &LinkIdentity,
@@ -738,9 +771,8 @@ pub async fn accept(
             on_create: Some(on_create),
             stop: me.stop.clone(),
             env: me.env.clone(),
-            // Relays are authenticated and carry many clients' circuits:
-            // only client links get the per-address circuit rate.
-            dos: if l.peer.is_none() { conn } else { None },
+            dos: conn,
+            known_relay: me.known_relay.clone(),
         },
     ))
 }

@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info};
 
 use crate::exit::{self, CircShared, StreamCmd, StreamEvent};
+use crate::netview::Listing;
 use crate::relay::{ChannelManager, RelayCtx};
 use crate::{RelayError, RelayStats};
 use allium_link::channel::{ChannelHandle, Inbox, NewCircuit};
@@ -438,6 +439,21 @@ impl Circuit {
         }
         if e.identity == self.ctx.identity_pub {
             return Err(RelayError::Protocol("EXTEND to ourselves".into()).into());
+        }
+        // Only to a relay the consensus lists, where it lists it: a relay is
+        // no way to reach arbitrary hosts.
+        match self.ctx.net.lookup(&RelayId(e.identity)).await {
+            Listing::Listed(r) if r.link_key == e.link_key && r.addr == e.addr => {}
+            Listing::NoDirectory => {}
+            listing => {
+                debug!(
+                    listed = matches!(listing, Listing::Listed(_)),
+                    "EXTEND refused: the target is not in the consensus as named"
+                );
+                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0))
+                    .await?;
+                return Ok(());
+            }
         }
         let connect =
             ChannelManager::get_or_connect(&self.ctx, RelayId(e.identity), &e.link_key, e.addr);

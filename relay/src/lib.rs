@@ -11,6 +11,7 @@ pub mod config;
 pub mod exit;
 pub mod keys;
 pub mod metrics;
+pub mod netview;
 pub mod relay;
 
 pub use allium_link::{LinkError, RelayStats};

@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, info, warn};
 use x25519_dalek::PublicKey;
 
 use crate::keys::{KeyStore, OnionKeySet};
+use crate::netview::NetView;
 use crate::{RelayConfig, RelayError, RelayStats, circuit};
 use allium_link::channel::{self, ChannelEnv, ChannelHandle, CreateHandler, LinkIdentity};
 use allium_link::limits::{DosGuard, QueueMem, TokenBucket};
@@ -33,6 +34,8 @@ pub struct RelayCtx {
     pub stop: tokio::sync::watch::Sender<bool>,
     pub mem: Arc<QueueMem>,
     pub dos: Arc<DosGuard>,
+    /// The consensus, to check extend targets and relay links against.
+    pub net: Arc<NetView>,
 }
 
 /// Stops the relay's channels when the serving future goes away.
@@ -132,6 +135,11 @@ impl Relay {
             cfg.dos_circuit_burst,
             stats.clone(),
         ));
+        let net = Arc::new(NetView::new(
+            cfg.authorities.clone(),
+            allium_directory::authority_keys(&cfg.authorities)?,
+        ));
+        let listed = net.clone();
         let ctx = Arc::new(RelayCtx {
             nickname: cfg.nickname.clone(),
             identity_pub: identity.verifying_key().to_bytes(),
@@ -144,6 +152,8 @@ impl Relay {
                     bucket,
                     stats: Some(stats.clone()),
                 },
+                bind: Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified()),
+                known_relay: Some(Arc::new(move |id, ip| listed.is_relay_at(id, ip))),
             },
             onion: RwLock::new(onion),
             policy: cfg.policy()?,
@@ -153,6 +163,7 @@ impl Relay {
             stop,
             mem,
             dos,
+            net,
         });
         Ok(Relay { cfg, keys, ctx })
     }
@@ -334,6 +345,7 @@ impl Relay {
         tokio::select! {
             r = accept => r,
             () = publish => Ok(()),
+            () = self.ctx.net.run() => Ok(()),
             r = metrics => r.map_err(RelayError::from),
         }
     }

@@ -1,0 +1,146 @@
+//! The relay's view of the network: the consensus, fetched and verified
+//! against the pinned authority keys as a client does, refreshed at each
+//! fresh-until.
+//!
+//! A relay needs it to check what peers claim: it extends circuits only to
+//! relays the consensus lists, at the address and link key listed there
+//! (so a relay cannot be used to reach arbitrary hosts), and it exempts
+//! links from listed relays, at their listed address, from the per-address
+//! circuit rate that every other link pays.
+//!
+//! A relay configured with no authorities (an isolated test relay) has no
+//! view: its extends rest on the identity proof of the link handshake alone.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allium_directory::{AuthorityEntry, http, unix_now};
+use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+/// Fetches asked for by lookups of unlisted relays happen at most this often.
+const POKE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a lookup of an unlisted relay waits for a fresher consensus.
+const LOOKUP_WAIT: Duration = Duration::from_secs(5);
+/// Retry after a failed fetch.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// What the consensus says of a relay.
+#[derive(Debug)]
+pub enum Listing {
+    Listed(Box<ConsensusRelay>),
+    NotListed,
+    /// No authorities are configured: nothing to check against.
+    NoDirectory,
+}
+
+pub struct NetView {
+    auths: Vec<AuthorityEntry>,
+    keys: Vec<AuthorityKey>,
+    current: watch::Sender<Option<Arc<Consensus>>>,
+    poke: Notify,
+}
+
+impl NetView {
+    pub fn new(auths: Vec<AuthorityEntry>, keys: Vec<AuthorityKey>) -> Self {
+        NetView {
+            auths,
+            keys,
+            current: watch::Sender::new(None),
+            poke: Notify::new(),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        !self.auths.is_empty()
+    }
+
+    /// The current consensus, if it is still valid.
+    pub fn consensus(&self) -> Option<Arc<Consensus>> {
+        self.current
+            .borrow()
+            .clone()
+            .filter(|c| unix_now() <= c.valid_until)
+    }
+
+    fn find(&self, id: &RelayId) -> Option<ConsensusRelay> {
+        let c = self.consensus()?;
+        c.relays
+            .binary_search_by(|r| r.identity.cmp(&id.0))
+            .ok()
+            .map(|i| c.relays[i].clone())
+    }
+
+    /// Is `id` a listed relay whose listed address is `ip`?
+    pub fn is_relay_at(&self, id: &RelayId, ip: IpAddr) -> bool {
+        let Some(c) = self.consensus() else {
+            return false;
+        };
+        c.relays
+            .binary_search_by(|r| r.identity.cmp(&id.0))
+            .is_ok_and(|i| c.relays[i].addr.ip() == ip)
+    }
+
+    /// What the consensus says of `id`. An unlisted relay may be newer than
+    /// our consensus: ask for a fresh one and wait a little for it.
+    pub async fn lookup(&self, id: &RelayId) -> Listing {
+        if !self.enabled() {
+            return Listing::NoDirectory;
+        }
+        if let Some(r) = self.find(id) {
+            return Listing::Listed(Box::new(r));
+        }
+        let mut rx = self.current.subscribe();
+        rx.mark_unchanged();
+        self.poke.notify_one();
+        let _ = tokio::time::timeout(LOOKUP_WAIT, rx.changed()).await;
+        match self.find(id) {
+            Some(r) => Listing::Listed(Box::new(r)),
+            None => Listing::NotListed,
+        }
+    }
+
+    /// Keep the consensus fresh: fetch at fresh-until, on a poke (at most
+    /// every [`POKE_INTERVAL`]), and retry failures.
+    pub async fn run(&self) {
+        if !self.enabled() {
+            return std::future::pending().await;
+        }
+        let mut announced = false;
+        loop {
+            let fetched = Instant::now();
+            let wait = match http::fetch_verified_consensus(&self.auths, &self.keys).await {
+                Ok((c, _)) => {
+                    let newer = self
+                        .consensus()
+                        .is_none_or(|old| old.valid_after < c.valid_after);
+                    if newer {
+                        if !announced {
+                            info!(relays = c.relays.len(), "consensus verified");
+                            announced = true;
+                        }
+                        self.current.send_replace(Some(c.clone()));
+                    } else {
+                        // Nothing newer: still wake those waiting for it.
+                        self.current.send_modify(|_| {});
+                    }
+                    Duration::from_secs(c.fresh_until.saturating_sub(unix_now()).clamp(1, 3600))
+                }
+                Err(e) => {
+                    debug!("fetching the consensus: {e}");
+                    self.current.send_modify(|_| {});
+                    RETRY
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.poke.notified() => {
+                    tokio::time::sleep_until(fetched + POKE_INTERVAL).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Helpers shared by the whole-system tests: a relay outside any network,
+//! a one-hop circuit spoken by hand, a link responder posing as a relay.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use allium::testnet::testnet_exit_policy;
+use allium_link::channel::{self, ChannelHandle, Inbox};
+use allium_link::limits::QueueMem;
+use allium_proto::cell::{self, Cell, CellCmd, DestroyReason};
+use allium_proto::ntor;
+use allium_proto::onion::{ClientLayers, forward_capacity};
+use allium_proto::relaymsg::{Extend, RelayMsg, TargetAddr};
+use allium_proto::{RelayDescriptor, UnverifiedDescriptor};
+use allium_relay::{Relay, RelayConfig, RelayStats};
+use tokio::net::TcpListener;
+
+/// One relay (an exit for loopback), outside any network.
+pub struct Lone {
+    pub desc: RelayDescriptor,
+    pub stats: Arc<RelayStats>,
+    pub mem: Arc<QueueMem>,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn lone_relay(tweak: impl FnOnce(&mut RelayConfig)) -> Lone {
+    let dir = tempfile::tempdir().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = RelayConfig {
+        nickname: "lone".into(),
+        listen: l.local_addr().unwrap(),
+        data_dir: dir.path().join("relay"),
+        exit_policy: testnet_exit_policy(),
+        ..RelayConfig::default()
+    };
+    tweak(&mut cfg);
+    let relay = Relay::new(cfg).unwrap();
+    let doc = relay.descriptor(allium_directory::unix_now()).unwrap();
+    let desc = UnverifiedDescriptor::parse(&doc.to_bytes())
+        .unwrap()
+        .descriptor()
+        .clone();
+    let (stats, mem) = (relay.stats(), relay.queue_mem());
+    tokio::spawn(async move { relay.serve(l).await });
+    Lone {
+        desc,
+        stats,
+        mem,
+        _dir: dir,
+    }
+}
+
+/// A one-hop circuit spoken by hand.
+pub struct RawCirc {
+    pub chan: ChannelHandle,
+    pub id: u32,
+    pub rx: Inbox,
+    pub layers: ClientLayers,
+}
+
+impl RawCirc {
+    /// CREATE to the relay with `identity` and `onion_key` over `chan`.
+    pub async fn open(
+        chan: ChannelHandle,
+        identity: &[u8; 32],
+        onion_key: &[u8; 32],
+    ) -> Result<RawCirc, DestroyReason> {
+        let (id, mut rx) = chan.new_circuit().await.unwrap();
+        let (st, hs) = ntor::client_start(&mut rand::rng(), identity, onion_key);
+        chan.send(
+            Cell::new(
+                id,
+                CellCmd::CREATE,
+                &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if c.cmd == CellCmd::DESTROY {
+            return Err(DestroyReason(c.payload[0]));
+        }
+        assert_eq!(c.cmd, CellCmd::CREATED);
+        let mut layers = ClientLayers::new();
+        layers
+            .push(
+                &st.finish(cell::decode_created(&c.payload[..]).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+        Ok(RawCirc {
+            chan,
+            id,
+            rx,
+            layers,
+        })
+    }
+
+    pub async fn send(&mut self, sid: u16, msg: RelayMsg) {
+        let body = msg.encode(sid, forward_capacity(0)).unwrap();
+        let payload = self.layers.encrypt_forward(0, &body).unwrap();
+        let _ = self
+            .chan
+            .send(Cell {
+                circ_id: self.id,
+                cmd: CellCmd::RELAY,
+                payload,
+            })
+            .await;
+    }
+
+    /// The next message, with the exit's tag; `Err` with the DESTROY reason.
+    pub async fn recv(&mut self) -> Result<(u16, RelayMsg, [u8; 16]), DestroyReason> {
+        let mut c = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("a cell within 10 s")
+            .ok_or(DestroyReason::CHANNEL_CLOSED)?;
+        if c.cmd == CellCmd::DESTROY {
+            return Err(DestroyReason(c.payload[0]));
+        }
+        let (_, tag) = self.layers.decrypt_backward_tagged(&mut c.payload).unwrap();
+        let (sid, msg) = RelayMsg::decode(&c.payload[16..]).unwrap();
+        Ok((sid, msg, tag))
+    }
+
+    pub async fn begin(&mut self, sid: u16, target: SocketAddr) {
+        self.send(
+            sid,
+            RelayMsg::Begin {
+                addr: TargetAddr::Ip(target.ip()),
+                port: target.port(),
+            },
+        )
+        .await;
+        match self.recv().await {
+            Ok((s, RelayMsg::Connected(_), _)) => assert_eq!(s, sid),
+            other => panic!("BEGIN answered {:?}", other.map(|m| m.1.cmd())),
+        }
+    }
+}
+
+/// Where an EXTEND should lead: the named relay's keys and the address to
+/// reach it at.
+pub struct ExtendTo {
+    pub identity: [u8; 32],
+    pub onion_key: [u8; 32],
+    pub link_key: [u8; 32],
+    pub addr: SocketAddr,
+}
+
+impl RawCirc {
+    /// EXTEND the one-hop circuit; `Ok` once EXTENDED completes the
+    /// handshake, `Err` with the TRUNCATED (or DESTROY) reason.
+    pub async fn extend(&mut self, to: &ExtendTo) -> Result<(), DestroyReason> {
+        let (st, hs) = ntor::client_start(&mut rand::rng(), &to.identity, &to.onion_key);
+        self.send(
+            0,
+            RelayMsg::Extend(Extend {
+                identity: to.identity,
+                link_key: to.link_key,
+                addr: to.addr,
+                htype: cell::HANDSHAKE_NTOR,
+                hdata: hs,
+            }),
+        )
+        .await;
+        match self.recv().await? {
+            (0, RelayMsg::Extended(reply), _) => {
+                st.finish(&reply).unwrap();
+                Ok(())
+            }
+            (0, RelayMsg::Truncated(r), _) => Err(DestroyReason(r)),
+            (_, m, _) => panic!("EXTEND answered {:?}", m.cmd()),
+        }
+    }
+}
+
+/// A link responder with keys of its own, posing as whatever an EXTEND
+/// names; counts the links it completes.
+pub async fn impostor() -> (SocketAddr, [u8; 32], Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let me = Arc::new(channel::LinkIdentity {
+        identity: ed25519_dalek::SigningKey::from_bytes(&[0x66; 32]),
+        link_secret: x25519_dalek::StaticSecret::from([0x77; 32]),
+        stop: None,
+        env: Default::default(),
+        bind: None,
+        known_relay: None,
+    });
+    let link_key = me.link_pub();
+    let linked = Arc::new(AtomicU64::new(0));
+    let n = linked.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (me, n) = (me.clone(), n.clone());
+            tokio::spawn(async move {
+                if let Ok(h) = channel::accept(s, &me, Arc::new(|_| {}), None).await {
+                    n.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    drop(h);
+                }
+            });
+        }
+    });
+    (addr, link_key, linked)
+}
