@@ -271,6 +271,8 @@ pub async fn build(
         fc_send: CircSendWindow::new(),
         fc_recv: CircRecvWindow::new(),
         sendme_tags: Vec::new(),
+        cells_in: Vec::new(),
+        out: Vec::new(),
     };
     tokio::spawn(task.run().in_current_span());
     let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -318,7 +320,14 @@ struct CircTask {
     fc_send: CircSendWindow,
     fc_recv: CircRecvWindow,
     sendme_tags: Vec<[u8; TAG_LEN]>,
+    /// Cells taken from the inbox, being handled.
+    cells_in: Vec<Cell>,
+    /// Cells for the guard, sent as one batch after every event.
+    out: Vec<Cell>,
 }
+
+/// Commands handled per wake-up at most (then the batch is sent).
+const CMD_BATCH: usize = 128;
 
 impl CircTask {
     fn alloc_stream(&mut self) -> Option<u16> {
@@ -338,7 +347,7 @@ impl CircTask {
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         msg.encode_into(sid, &mut payload[TAG_LEN..TAG_LEN + forward_capacity(last)])?;
         let tag = self.layers.encrypt_forward_in_place(last, &mut payload)?;
-        self.chan.send(relay_cell(self.circ_id, payload)).await?;
+        self.out.push(relay_cell(self.circ_id, payload));
         Ok(tag)
     }
 
@@ -356,20 +365,30 @@ impl CircTask {
     async fn run(mut self) {
         let reason = loop {
             tokio::select! {
-                c = self.rx.recv() => match c {
-                    None => break DestroyReason::CHANNEL_CLOSED,
-                    Some(c) => match self.on_cell(c).await {
-                        Ok(()) => {}
-                        Err(r) => break r,
-                    },
-                },
+                ok = self.rx.recv_batch(&mut self.cells_in) => {
+                    if !ok {
+                        break DestroyReason::CHANNEL_CLOSED;
+                    }
+                    if let Err(r) = self.on_cells().await {
+                        break r;
+                    }
+                }
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => break DestroyReason::FINISHED,
-                    Some(cmd) => if let Err(e) = self.on_cmd(cmd).await {
+                    Some(cmd) => if let Err(e) = self.on_cmds(cmd).await {
                         debug!("circuit command failed: {e}");
                         break DestroyReason::INTERNAL;
                     },
                 },
+            }
+            if !self.out.is_empty()
+                && self
+                    .chan
+                    .send_batch(std::mem::take(&mut self.out))
+                    .await
+                    .is_err()
+            {
+                break DestroyReason::CHANNEL_CLOSED;
             }
         };
         debug!(?reason, "circuit closed");
@@ -388,6 +407,32 @@ impl CircTask {
         for (_, st) in self.streams.drain() {
             let _ = st.tx.send(StreamData::End(EndReason::DESTROY));
         }
+    }
+
+    async fn on_cells(&mut self) -> Result<(), DestroyReason> {
+        let mut cells = std::mem::take(&mut self.cells_in);
+        let mut r = Ok(());
+        for c in cells.drain(..) {
+            r = self.on_cell(c).await;
+            if r.is_err() {
+                break;
+            }
+        }
+        cells.clear();
+        self.cells_in = cells;
+        r
+    }
+
+    /// Handle a command and those queued behind it.
+    async fn on_cmds(&mut self, first: CircCmd) -> Result<(), ClientError> {
+        self.on_cmd(first).await?;
+        for _ in 1..CMD_BATCH {
+            match self.cmd_rx.try_recv() {
+                Ok(cmd) => self.on_cmd(cmd).await?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
 
     async fn on_cmd(&mut self, cmd: CircCmd) -> Result<(), ClientError> {

@@ -22,7 +22,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use allium_proto::RelayId;
@@ -34,7 +34,7 @@ use allium_proto::link::{
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, trace};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -81,20 +81,69 @@ pub struct NewCircuit {
 
 pub type CreateHandler = Arc<dyn Fn(NewCircuit) + Send + Sync>;
 
-/// A circuit's inbound cells, counted against the relay's memory cap.
+/// A circuit's inbound cells, counted against the relay's memory cap. They
+/// arrive in batches: the cells of one frame for one circuit.
 pub struct Inbox {
-    rx: mpsc::Receiver<Cell>,
+    rx: mpsc::UnboundedReceiver<Vec<Cell>>,
+    /// Cells in `rx`; the channel refuses to queue past [`CIRC_QUEUE`].
+    queued: Arc<AtomicUsize>,
     acct: Option<Arc<CircAcct>>,
+    /// Taken from `rx`, not yet returned by [`Inbox::recv`].
+    taken: VecDeque<Cell>,
 }
 
 impl Inbox {
-    pub async fn recv(&mut self) -> Option<Cell> {
-        let c = self.rx.recv().await?;
-        if let Some(a) = &self.acct {
-            a.sub(CELL_LEN);
-        }
-        Some(c)
+    fn new(acct: Option<Arc<CircAcct>>) -> (Self, CircEntry) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let entry = CircEntry {
+            tx,
+            queued: queued.clone(),
+            acct: acct.clone(),
+        };
+        let inbox = Inbox {
+            rx,
+            queued,
+            acct,
+            taken: VecDeque::new(),
+        };
+        (inbox, entry)
     }
+
+    async fn next_batch(&mut self) -> Option<Vec<Cell>> {
+        let b = self.rx.recv().await?;
+        self.queued.fetch_sub(b.len(), Ordering::Relaxed);
+        if let Some(a) = &self.acct {
+            a.sub(CELL_LEN * b.len());
+        }
+        Some(b)
+    }
+
+    /// The next cell; `None` once the channel has dropped the circuit.
+    pub async fn recv(&mut self) -> Option<Cell> {
+        if self.taken.is_empty() {
+            let b = self.next_batch().await?;
+            self.taken.extend(b);
+        }
+        self.taken.pop_front()
+    }
+
+    /// Append the next batch of cells to `out`; false once the channel has
+    /// dropped the circuit. Cancel-safe.
+    pub async fn recv_batch(&mut self, out: &mut Vec<Cell>) -> bool {
+        if !self.taken.is_empty() {
+            out.extend(self.taken.drain(..));
+            return true;
+        }
+        match self.next_batch().await {
+            Some(b) => {
+                out.extend(b);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The memory account the cells are counted in (relays only).
     pub fn acct(&self) -> Option<&Arc<CircAcct>> {
         self.acct.as_ref()
@@ -104,9 +153,9 @@ impl Inbox {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.rx.close();
-        while let Ok(_c) = self.rx.try_recv() {
+        while let Ok(b) = self.rx.try_recv() {
             if let Some(a) = &self.acct {
-                a.sub(CELL_LEN);
+                a.sub(CELL_LEN * b.len());
             }
         }
     }
@@ -122,18 +171,16 @@ pub struct ChannelEnv {
 }
 
 enum Ctrl {
-    Register(
-        u32,
-        mpsc::Sender<Cell>,
-        Option<Arc<CircAcct>>,
-        oneshot::Sender<bool>,
-    ),
+    Register(u32, CircEntry, oneshot::Sender<bool>),
     /// Forget a circuit, telling the peer with DESTROY if a reason is given.
     Close(u32, Option<DestroyReason>),
 }
 
 struct HandleInner {
-    out: mpsc::Sender<Cell>,
+    /// Batches of cells to send; [`HandleInner::room`] bounds the cells.
+    out: mpsc::UnboundedSender<Vec<Cell>>,
+    /// Cells that may still be queued ([`CHANNEL_QUEUE`] in all).
+    room: Semaphore,
     /// Unbounded by type; each message stands for a circuit of this side
     /// (one to register it, one to close it).
     ctrl: mpsc::UnboundedSender<Ctrl>,
@@ -161,16 +208,31 @@ impl ChannelHandle {
 
     /// Queue a cell; waits while the channel's queue is full.
     pub async fn send(&self, cell: Cell) -> Result<(), LinkError> {
+        self.send_batch(vec![cell]).await
+    }
+
+    /// Queue cells, in order, as one hand-off; waits while the channel's
+    /// queue is full.
+    pub async fn send_batch(&self, cells: Vec<Cell>) -> Result<(), LinkError> {
+        if cells.is_empty() {
+            return Ok(());
+        }
+        let n = cells.len();
+        self.inner
+            .room
+            .acquire_many(permits(n))
+            .await
+            .map_err(|_| LinkError::ChannelClosed)?
+            .forget();
         if let Some(m) = &self.inner.mem {
-            m.add_shared(CELL_LEN);
+            m.add_shared(CELL_LEN * n);
         }
-        let r = self.inner.out.send(cell).await;
-        if r.is_err()
-            && let Some(m) = &self.inner.mem
-        {
-            m.sub_shared(CELL_LEN);
-        }
-        r.map_err(|_| LinkError::ChannelClosed)
+        self.inner.out.send(cells).map_err(|_| {
+            if let Some(m) = &self.inner.mem {
+                m.sub_shared(CELL_LEN * n);
+            }
+            LinkError::ChannelClosed
+        })
     }
 
     /// Allocate a circuit id and register an inbox for it, counted in `acct`.
@@ -184,20 +246,14 @@ impl ChannelHandle {
             if id == 0 {
                 continue;
             }
-            let (tx, rx) = mpsc::channel(CIRC_QUEUE);
+            let (inbox, entry) = Inbox::new(acct.clone());
             let (ack_tx, ack_rx) = oneshot::channel();
             self.inner
                 .ctrl
-                .send(Ctrl::Register(id, tx, acct.clone(), ack_tx))
+                .send(Ctrl::Register(id, entry, ack_tx))
                 .map_err(|_| LinkError::ChannelClosed)?;
             if ack_rx.await.map_err(|_| LinkError::ChannelClosed)? {
-                return Ok((
-                    id,
-                    Inbox {
-                        rx,
-                        acct: acct.clone(),
-                    },
-                ));
+                return Ok((id, inbox));
             }
         }
         Err(LinkError::Config("no free circuit id".into()))
@@ -221,8 +277,14 @@ impl ChannelHandle {
 }
 
 struct CircEntry {
-    tx: mpsc::Sender<Cell>,
+    tx: mpsc::UnboundedSender<Vec<Cell>>,
+    queued: Arc<AtomicUsize>,
     acct: Option<Arc<CircAcct>>,
+}
+
+/// Queue permits a batch of `n` cells takes.
+fn permits(n: usize) -> u32 {
+    n.min(CHANNEL_QUEUE) as u32
 }
 
 /// The channel's owner task.
@@ -252,7 +314,11 @@ struct Reactor {
     written: usize,
     /// Cells to seal into the next frame.
     batch: Vec<Cell>,
+    /// Cells taken from the queue, not yet sealed.
+    waiting: VecDeque<Cell>,
     opened: Vec<Cell>,
+    /// The cells of the frame being opened, by circuit.
+    staged: Vec<(u32, Vec<Cell>)>,
     /// The last read filled all the room it had.
     busy: bool,
 }
@@ -264,31 +330,52 @@ impl Reactor {
         }
     }
 
-    fn dispatch(&mut self, cell: Cell) {
-        let id = cell.circ_id;
-        if let Some(e) = self.circs.get(&id) {
-            if let Some(a) = &e.acct {
-                a.add(CELL_LEN);
-            }
-            match e.tx.try_send(cell) {
-                Ok(()) => {}
-                Err(err) => {
-                    if let Some(a) = &e.acct {
-                        a.sub(CELL_LEN);
-                    }
-                    let full = matches!(err, mpsc::error::TrySendError::Full(_));
-                    self.circs.remove(&id);
-                    self.count(|s| RelayStats::inc(&s.cells_dropped, 1));
-                    if full {
-                        debug!("circuit queue overflow: the peer ignored flow control");
-                        self.count(|s| RelayStats::inc(&s.flow_control_violations, 1));
-                        self.urgent
-                            .push_back(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
+    /// Hand each circuit its staged cells, one batch per circuit.
+    fn deliver_staged(&mut self) {
+        for (id, cells) in std::mem::take(&mut self.staged) {
+            let n = cells.len();
+            let Some(e) = self.circs.get(&id) else {
+                self.count(|s| RelayStats::inc(&s.cells_dropped, n as u64));
+                continue;
+            };
+            let overflow = e.queued.load(Ordering::Relaxed) + n > CIRC_QUEUE;
+            if !overflow {
+                e.queued.fetch_add(n, Ordering::Relaxed);
+                if let Some(a) = &e.acct {
+                    a.add(CELL_LEN * n);
+                }
+                match e.tx.send(cells) {
+                    Ok(()) => continue,
+                    Err(_) => {
+                        if let Some(a) = &e.acct {
+                            a.sub(CELL_LEN * n);
+                        }
                     }
                 }
             }
+            self.circs.remove(&id);
+            self.count(|s| RelayStats::inc(&s.cells_dropped, n as u64));
+            if overflow {
+                debug!("circuit queue overflow: the peer ignored flow control");
+                self.count(|s| RelayStats::inc(&s.flow_control_violations, 1));
+                self.urgent
+                    .push_back(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
+            }
+        }
+    }
+
+    /// Route a cell: to its circuit's batch, or (a new or unknown circuit)
+    /// at once, after the batches staged so far.
+    fn dispatch(&mut self, cell: Cell) {
+        let id = cell.circ_id;
+        if self.circs.contains_key(&id) {
+            match self.staged.iter_mut().find(|(i, _)| *i == id) {
+                Some((_, v)) => v.push(cell),
+                None => self.staged.push((id, vec![cell])),
+            }
             return;
         }
+        self.deliver_staged();
         match (cell.cmd, &self.on_create) {
             (CellCmd::CREATE, Some(_)) if self.circs.len() >= MAX_CIRCUITS_PER_CHANNEL => {
                 debug!("CREATE refused: channel circuit limit");
@@ -303,19 +390,12 @@ impl Reactor {
             (CellCmd::CREATE, Some(handler))
                 if id != 0 && (id & 0x8000_0000) == self.peer_high_bit =>
             {
-                let (tx, rx) = mpsc::channel(CIRC_QUEUE);
-                let acct = self.env.mem.as_ref().map(|m| m.account());
-                self.circs.insert(
-                    id,
-                    CircEntry {
-                        tx,
-                        acct: acct.clone(),
-                    },
-                );
+                let (inbox, entry) = Inbox::new(self.env.mem.as_ref().map(|m| m.account()));
+                self.circs.insert(id, entry);
                 handler(NewCircuit {
                     circ_id: id,
                     create: cell,
-                    inbox: Inbox { rx, acct },
+                    inbox,
                     chan: self.handle.clone(),
                 });
             }
@@ -341,10 +421,10 @@ impl Reactor {
 
     fn on_ctrl(&mut self, c: Ctrl) {
         match c {
-            Ctrl::Register(id, tx, acct, ack) => {
+            Ctrl::Register(id, entry, ack) => {
                 let free = !self.circs.contains_key(&id);
                 if free {
-                    self.circs.insert(id, CircEntry { tx, acct });
+                    self.circs.insert(id, entry);
                 }
                 let _ = ack.send(free);
             }
@@ -357,39 +437,49 @@ impl Reactor {
         }
     }
 
-    /// A cell from the channel's queue, to be sealed.
-    fn take_out(&mut self, c: Cell) {
+    /// A batch from the channel's queue, to be sealed.
+    fn take_out(&mut self, cells: Vec<Cell>) {
         if let Some(m) = &self.env.mem {
-            m.sub_shared(CELL_LEN);
+            m.sub_shared(CELL_LEN * cells.len());
         }
-        self.batch.push(c);
+        self.handle
+            .inner
+            .room
+            .add_permits(permits(cells.len()) as usize);
+        self.waiting.extend(cells);
     }
 
     /// Seal what is waiting (DESTROYs first) into frames while there is
     /// room in the output buffer.
-    fn fill(&mut self, cells: &mut mpsc::Receiver<Cell>) -> Result<(), LinkError> {
+    fn fill(&mut self, queue: &mut mpsc::UnboundedReceiver<Vec<Cell>>) -> Result<(), LinkError> {
         if self.written > 0 && self.written * 2 >= self.out.len() {
             self.out.drain(..self.written);
             self.written = 0;
         }
         while self.out.len() - self.written < OUT_HIGH {
-            while self.batch.len() < MAX_CELLS_PER_FRAME {
-                match self.urgent.pop_front() {
-                    Some(c) => self.batch.push(c),
-                    None => break,
+            let mut batch = std::mem::take(&mut self.batch);
+            let urgent = self.urgent.len().min(MAX_CELLS_PER_FRAME);
+            batch.extend(self.urgent.drain(..urgent));
+            loop {
+                let room = MAX_CELLS_PER_FRAME - batch.len();
+                let n = self.waiting.len().min(room);
+                batch.extend(self.waiting.drain(..n));
+                if batch.len() == MAX_CELLS_PER_FRAME {
+                    break;
                 }
-            }
-            while self.batch.len() < MAX_CELLS_PER_FRAME {
-                match cells.try_recv() {
-                    Ok(c) => self.take_out(c),
+                match queue.try_recv() {
+                    Ok(cells) => self.take_out(cells),
                     Err(_) => break,
                 }
             }
-            if self.batch.is_empty() {
+            if batch.is_empty() {
+                self.batch = batch;
                 break;
             }
-            self.transport.seal_cells(&self.batch, &mut self.out)?;
-            self.batch.clear();
+            let r = self.transport.seal_cells(&batch, &mut self.out);
+            batch.clear();
+            self.batch = batch;
+            r?;
         }
         Ok(())
     }
@@ -413,6 +503,8 @@ impl Reactor {
                 self.dispatch(c);
             }
         }
+        // One hand-off per circuit for all the frames of this read.
+        self.deliver_staged();
         self.opened = opened;
         self.inbuf.drain(..pos);
         Ok(())
@@ -421,7 +513,7 @@ impl Reactor {
     async fn run(
         mut self,
         mut stream: TcpStream,
-        mut cells: mpsc::Receiver<Cell>,
+        cells: &mut mpsc::UnboundedReceiver<Vec<Cell>>,
         mut ctrl: mpsc::UnboundedReceiver<Ctrl>,
         mut stop: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Result<(), LinkError> {
@@ -432,7 +524,7 @@ impl Reactor {
         let mut active = Instant::now();
         self.open_frames()?;
         loop {
-            self.fill(&mut cells)?;
+            self.fill(cells)?;
             let pending = self.written < self.out.len();
             if !pending {
                 progress = Instant::now();
@@ -440,7 +532,7 @@ impl Reactor {
             let stalled = pending && progress.elapsed() >= READ_PAUSE;
             let in_debt = bucket.as_ref().is_some_and(|b| b.in_debt());
             let can_read = self.urgent.len() < URGENT_MAX && !stalled && !in_debt;
-            let room = self.out.len() - self.written < OUT_HIGH;
+            let room = self.out.len() - self.written < OUT_HIGH && self.waiting.is_empty();
             let big = self.inbuf.capacity() > IDLE_BUF || self.out.capacity() > IDLE_BUF;
             if can_read {
                 self.inbuf
@@ -500,7 +592,9 @@ impl Reactor {
                         self.out = Vec::new();
                     }
                     self.batch.shrink_to_fit();
+                    self.waiting.shrink_to_fit();
                     self.opened.shrink_to_fit();
+                    self.staged.shrink_to_fit();
                     self.circs.shrink_to_fit();
                     self.busy = false;
                     active = Instant::now();
@@ -532,12 +626,13 @@ fn spawn_channel(
     inbuf: Vec<u8>,
     setup: ChannelSetup,
 ) -> ChannelHandle {
-    let (out_tx, out_rx) = mpsc::channel(CHANNEL_QUEUE);
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
     let high_bit = if setup.we_opened { 0x8000_0000 } else { 0 };
     let handle = ChannelHandle {
         inner: Arc::new(HandleInner {
             out: out_tx,
+            room: Semaphore::new(CHANNEL_QUEUE),
             ctrl: ctrl_tx,
             peer: setup.peer,
             next_id: AtomicU32::new(1),
@@ -560,14 +655,26 @@ fn spawn_channel(
         out: Vec::new(),
         written: 0,
         batch: Vec::new(),
+        waiting: VecDeque::new(),
         opened: Vec::new(),
+        staged: Vec::new(),
         busy: false,
     };
     let stop = setup.stop;
+    let h = handle.clone();
     tokio::spawn(
         async move {
-            if let Err(e) = reactor.run(stream, out_rx, ctrl_rx, stop).await {
+            let mut out_rx = out_rx;
+            if let Err(e) = reactor.run(stream, &mut out_rx, ctrl_rx, stop).await {
                 debug!("channel closed: {e}");
+            }
+            // Wake whoever waits for room, and uncount what was never sent.
+            h.inner.room.close();
+            out_rx.close();
+            while let Ok(b) = out_rx.try_recv() {
+                if let Some(m) = &h.inner.mem {
+                    m.sub_shared(CELL_LEN * b.len());
+                }
             }
             trace!("channel task ended");
         }

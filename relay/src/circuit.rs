@@ -117,7 +117,19 @@ struct Circuit {
     /// Forward DATA delivered to this hop.
     fc_recv: CircRecvWindow,
     sendme_tags: Vec<[u8; TAG_LEN]>,
+    /// Cells taken from the two inboxes, being handled.
+    cells_in: Vec<Cell>,
+    next_in: Vec<Cell>,
+    /// Cells for the next hop and for the previous one, sent as one batch
+    /// each after every event (in the order the layer processed them).
+    fwd_out: Vec<Cell>,
+    back_out: Vec<Cell>,
+    /// Cells passed on since the last flush, for the counter.
+    relayed: u64,
 }
+
+/// Stream events handled per wake-up at most (then the batch is flushed).
+const EVENT_BATCH: usize = 128;
 
 /// Answer a CREATE and run the circuit until it ends.
 pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
@@ -163,6 +175,11 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         fc_send: CircSendWindow::new(),
         fc_recv: CircRecvWindow::new(),
         sendme_tags: Vec::new(),
+        cells_in: Vec::new(),
+        next_in: Vec::new(),
+        fwd_out: Vec::new(),
+        back_out: Vec::new(),
+        relayed: 0,
     };
     let killed = async {
         match &acct {
@@ -199,9 +216,9 @@ fn answer_create(
     Ok(ntor::server(&mut rand::rng(), &keys, hdata)?)
 }
 
-async fn recv_next(next: &mut Option<Next>) -> Option<Cell> {
+async fn recv_next(next: &mut Option<Next>, out: &mut Vec<Cell>) -> bool {
     match next {
-        Some(n) => n.rx.recv().await,
+        Some(n) => n.rx.recv_batch(out).await,
         None => std::future::pending().await,
     }
 }
@@ -210,20 +227,86 @@ impl Circuit {
     async fn drive(&mut self) -> Teardown {
         loop {
             let r = tokio::select! {
-                c = self.prev_rx.recv() => match c {
-                    Some(c) => self.on_prev_cell(c).await,
-                    None => return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: false, tell_next: true },
+                ok = self.prev_rx.recv_batch(&mut self.cells_in) => if ok {
+                    self.on_prev_cells().await
+                } else {
+                    return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: false, tell_next: true };
                 },
-                c = recv_next(&mut self.next) => match c {
-                    Some(c) => self.on_next_cell(c).await,
-                    None => return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false },
+                ok = recv_next(&mut self.next, &mut self.next_in) => if ok {
+                    self.on_next_cells().await
+                } else {
+                    return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false };
                 },
-                Some(ev) = self.ev_rx.recv() => self.stream_event(ev).await.map_err(Teardown::from),
+                Some(ev) = self.ev_rx.recv() => self.stream_events(ev).await.map_err(Teardown::from),
             };
             if let Err(t) = r {
                 return t;
             }
+            if let Err(e) = self.flush().await {
+                return e.into();
+            }
         }
+    }
+
+    /// Send what the last event produced: one batch per direction.
+    async fn flush(&mut self) -> Result<(), RelayError> {
+        if self.relayed > 0 {
+            RelayStats::inc(&self.ctx.stats.cells_relayed, self.relayed);
+            self.relayed = 0;
+        }
+        if !self.fwd_out.is_empty() {
+            let cells = std::mem::take(&mut self.fwd_out);
+            // A next hop truncated meanwhile gets nothing more.
+            if let Some(n) = &self.next {
+                n.chan.send_batch(cells).await?;
+            }
+        }
+        if !self.back_out.is_empty() {
+            self.prev
+                .send_batch(std::mem::take(&mut self.back_out))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn on_prev_cells(&mut self) -> Result<(), Teardown> {
+        let mut cells = std::mem::take(&mut self.cells_in);
+        let mut r = Ok(());
+        for c in cells.drain(..) {
+            r = self.on_prev_cell(c).await;
+            if r.is_err() {
+                break;
+            }
+        }
+        cells.clear();
+        self.cells_in = cells;
+        r
+    }
+
+    async fn on_next_cells(&mut self) -> Result<(), Teardown> {
+        let mut cells = std::mem::take(&mut self.next_in);
+        let mut r = Ok(());
+        for c in cells.drain(..) {
+            r = self.on_next_cell(c).await;
+            if r.is_err() {
+                break;
+            }
+        }
+        cells.clear();
+        self.next_in = cells;
+        r
+    }
+
+    /// Handle a stream event and those queued behind it.
+    async fn stream_events(&mut self, first: StreamEvent) -> Result<(), RelayError> {
+        self.stream_event(first).await?;
+        for _ in 1..EVENT_BATCH {
+            match self.ev_rx.try_recv() {
+                Ok(ev) => self.stream_event(ev).await?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
 
     fn teardown(&mut self, t: Teardown) {
@@ -263,17 +346,15 @@ impl Circuit {
         self.send_back(payload).await
     }
 
-    /// Send a cell this hop originated toward the client.
+    /// Queue a cell this hop originated toward the client.
     async fn send_back(&mut self, payload: Box<[u8; PAYLOAD_LEN]>) -> Result<(), RelayError> {
         RelayStats::inc(&self.ctx.stats.cells_originated, 1);
-        self.prev
-            .send(Cell {
-                circ_id: self.prev_id,
-                cmd: CellCmd::RELAY,
-                payload,
-            })
-            .await
-            .map_err(RelayError::from)
+        self.back_out.push(Cell {
+            circ_id: self.prev_id,
+            cmd: CellCmd::RELAY,
+            payload,
+        });
+        Ok(())
     }
 
     /// Originate a backward DATA cell; `acked` cells get random padding
@@ -321,14 +402,12 @@ impl Circuit {
                 {
                     Peeled::Forward => {
                         let n = self.next.as_ref().expect("has_next checked");
-                        RelayStats::inc(&self.ctx.stats.cells_relayed, 1);
-                        n.chan
-                            .send(Cell {
-                                circ_id: n.id,
-                                cmd: CellCmd::RELAY,
-                                payload: c.payload,
-                            })
-                            .await?;
+                        self.relayed += 1;
+                        self.fwd_out.push(Cell {
+                            circ_id: n.id,
+                            cmd: CellCmd::RELAY,
+                            payload: c.payload,
+                        });
                     }
                     Peeled::Deliver => {
                         RelayStats::inc(&self.ctx.stats.cells_delivered, 1);
@@ -410,14 +489,12 @@ impl Circuit {
                 self.layer
                     .wrap_backward(&mut c.payload)
                     .map_err(RelayError::from)?;
-                RelayStats::inc(&self.ctx.stats.cells_relayed, 1);
-                self.prev
-                    .send(Cell {
-                        circ_id: self.prev_id,
-                        cmd: CellCmd::RELAY,
-                        payload: c.payload,
-                    })
-                    .await?;
+                self.relayed += 1;
+                self.back_out.push(Cell {
+                    circ_id: self.prev_id,
+                    cmd: CellCmd::RELAY,
+                    payload: c.payload,
+                });
                 Ok(())
             }
             CellCmd::DESTROY => Err(Teardown {
@@ -440,6 +517,8 @@ impl Circuit {
         if e.identity == self.ctx.identity_pub {
             return Err(RelayError::Protocol("EXTEND to ourselves".into()).into());
         }
+        // Extending takes a while: what is pending goes out first.
+        self.flush().await?;
         // Only to a relay the consensus lists, where it lists it: a relay is
         // no way to reach arbitrary hosts.
         match self.ctx.net.lookup(&RelayId(e.identity)).await {
