@@ -72,6 +72,51 @@ impl Aead {
     }
 }
 
+/// Whole-message ChaCha20-Poly1305 on `ring`'s assembly, for the places
+/// that need only RFC 8439's seal and open (the link transport and a
+/// relay's layer): it is about three times as fast per cell as composing
+/// the halves above (`doc/performance.md`). Same nonce layout.
+pub mod whole {
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
+
+    use super::{KEY_LEN, TAG_LEN};
+
+    fn key(k: &[u8; KEY_LEN]) -> LessSafeKey {
+        LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, k).expect("a 32-byte ChaCha20-Poly1305 key"),
+        )
+    }
+
+    fn nonce(counter: u64) -> Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&counter.to_le_bytes());
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// Encrypt `buf` in place; returns the tag.
+    pub fn seal(k: &[u8; KEY_LEN], counter: u64, ad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+        let tag = key(k)
+            .seal_in_place_separate_tag(nonce(counter), Aad::from(ad), buf)
+            .expect("messages far below ChaCha20's limit");
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag.as_ref());
+        t
+    }
+
+    /// Check `tag` and decrypt `buf` in place; on failure `buf` is zeroed.
+    pub fn open(
+        k: &[u8; KEY_LEN],
+        counter: u64,
+        ad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> bool {
+        key(k)
+            .open_in_place_separate_tag(nonce(counter), Aad::from(ad), Tag::from(*tag), buf, 0..)
+            .is_ok()
+    }
+}
+
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
@@ -105,6 +150,31 @@ mod tests {
             )
             .unwrap();
         assert_eq!(hex::encode(tag), "1ae10b594f09e26a7e902ecbd0600691");
+    }
+
+    #[test]
+    fn whole_matches_the_halves() {
+        let key = [9u8; 32];
+        for counter in [0u64, 1, 0x0102030405060708, u64::MAX - 1] {
+            for len in [0usize, 1, 63, 64, 65, 493, 1000, 65519] {
+                let pt: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+                for ad in [&b""[..], &[0], &[1]] {
+                    let mut a = pt.clone();
+                    let ta = Aead::new(&key, counter).seal(ad, &mut a);
+                    let mut b = pt.clone();
+                    let tb = whole::seal(&key, counter, ad, &mut b);
+                    assert_eq!((a.clone(), ta), (b, tb));
+                    assert!(whole::open(&key, counter, ad, &mut a, &ta));
+                    assert_eq!(a, pt);
+                    if len > 0 {
+                        let mut bad = pt.clone();
+                        let t = whole::seal(&key, counter, ad, &mut bad);
+                        bad[len - 1] ^= 1;
+                        assert!(!whole::open(&key, counter, ad, &mut bad, &t));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! After the handshake each direction has the key Noise's `Split()` gives
 //! it and a 64-bit message counter starting at 0; a message is
 //! ChaCha20-Poly1305 under `(key, 0^4 | counter le)` with empty associated
-//! data, exactly as Noise's `CipherState` does it (the tests open our
+//! data (on `ring`, see [`crate::aead::whole`]), exactly as Noise's
+//! `CipherState` does it (the tests open our
 //! messages with snow's own transport). Doing it here rather than in snow
 //! lets a frame be decrypted where it was read and sealed where its cells
 //! were encoded, with no copy and no buffer kept per link.
@@ -14,7 +15,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 use super::MAX_CELLS_PER_FRAME;
 use super::noise::snow_err;
 use crate::Error;
-use crate::aead::{Aead, TAG_LEN};
+use crate::aead::{TAG_LEN, whole};
 use crate::cell::{CELL_LEN, Cell};
 
 #[derive(Zeroize, ZeroizeOnDrop)]
@@ -24,12 +25,12 @@ struct Direction {
 }
 
 impl Direction {
-    /// The AEAD of the next message; Noise reserves the last nonce.
-    fn aead(&self) -> Result<Aead, Error> {
+    /// The nonce of the next message; Noise reserves the last one.
+    fn checked_n(&self) -> Result<u64, Error> {
         if self.n == u64::MAX {
             return Err(Error::CounterExhausted);
         }
-        Ok(Aead::new(&self.key, self.n))
+        Ok(self.n)
     }
 }
 
@@ -78,7 +79,12 @@ impl LinkTransport {
         if len > super::MAX_FRAME {
             return Err(Error::Link(format!("frame of {len} bytes")));
         }
-        let tag = self.send.aead()?.seal(&[], &mut out[start + 2..]);
+        let tag = whole::seal(
+            &self.send.key,
+            self.send.checked_n()?,
+            &[],
+            &mut out[start + 2..],
+        );
         self.send.n += 1;
         out.extend_from_slice(&tag);
         out[start..start + 2].copy_from_slice(&(len as u16).to_be_bytes());
@@ -93,7 +99,8 @@ impl LinkTransport {
             .checked_sub(TAG_LEN)
             .ok_or_else(|| Error::Link("frame shorter than its tag".into()))?;
         let (body, tag) = msg.split_at_mut(n);
-        if !self.recv.aead()?.open(&[], body, tag) {
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| Error::Truncated)?;
+        if !whole::open(&self.recv.key, self.recv.checked_n()?, &[], body, &tag) {
             return Err(Error::Link(
                 "frame failed authentication (modified, replayed, reordered or dropped)".into(),
             ));
