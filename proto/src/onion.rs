@@ -17,17 +17,17 @@
 //!   (`0x00` = pass on, `0x01` = deliver). A message for the hop at depth `d`
 //!   (0-based) has room for `493 - 16*d` plaintext bytes.
 //! * **Backward** (relays to client): the originating hop encrypts the body
-//!   and writes its tag; every hop on the way re-encrypts the body with its
-//!   own layer and XORs its tag (over the new ciphertext) into the tag field.
-//!   The client peels layers one by one, accumulating the tags it computes,
-//!   until the accumulated value equals the tag field: that tells it which
-//!   hop sent the cell. Nothing can be changed, injected, dropped or
-//!   reordered without knowing the keys of the hops behind it.
+//!   and writes its tag; every hop on the way XORs its keystream over the
+//!   whole payload, tag field included, so no byte is the same at two hops.
+//!   The client removes the layers of the hops before the last and opens
+//!   the last hop's message (the usual case) in one pass; failing that it
+//!   tries each hop in turn. Nothing can be changed, injected, dropped or
+//!   reordered without the keys of the hop whose message it is.
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::Error;
-use crate::aead::{Aead, TAG_LEN, ct_eq, whole};
+use crate::aead::{Aead, TAG_LEN, ct_eq, keystream, whole};
 use crate::cell::PAYLOAD_LEN;
 
 /// Bytes of the body that every layer encrypts.
@@ -180,14 +180,11 @@ impl RelayLayer {
         Ok(tag)
     }
 
-    /// Add this hop's layer to a backward cell from the next hop, in place.
+    /// Add this hop's layer to a backward cell from the next hop, in place:
+    /// its keystream over the whole payload, tag field included.
     pub fn wrap_backward(&mut self, payload: &mut [u8; PAYLOAD_LEN]) -> Result<(), Error> {
         let (key, n) = self.back.current()?;
-        let (tag, body) = payload.split_at_mut(TAG_LEN);
-        let t = whole::seal(key, n, &[], body);
-        for (a, b) in tag.iter_mut().zip(t) {
-            *a ^= b;
-        }
+        keystream(key, n, &mut payload[..]);
         self.back.advance();
         Ok(())
     }
@@ -320,21 +317,41 @@ impl ClientLayers {
         &mut self,
         payload: &mut [u8; PAYLOAD_LEN],
     ) -> Result<(usize, [u8; TAG_LEN]), Error> {
+        let Some(last) = self.hops.len().checked_sub(1) else {
+            return Err(Error::CellAuth);
+        };
+        let orig = *payload;
+        // Most cells come from the last hop: remove the layers of the hops
+        // before it, then open its message in one pass.
+        for (_, back) in &self.hops[..last] {
+            let (key, n) = back.current()?;
+            keystream(key, n, &mut payload[..]);
+        }
+        let (key, n) = self.hops[last].1.current()?;
         let (tag, body) = payload.split_at_mut(TAG_LEN);
-        let mut acc = [0u8; TAG_LEN];
-        for (j, (_, back)) in self.hops.iter().enumerate() {
-            let mut aead = back.aead()?;
-            let own = aead.tag(&[], body);
-            for (a, t) in acc.iter_mut().zip(own) {
-                *a ^= t;
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| Error::Truncated)?;
+        if whole::open(key, n, &[], body, &tag) {
+            for (_, back) in &mut self.hops {
+                back.advance();
             }
-            aead.apply_keystream(body);
-            if ct_eq(&acc, tag) {
+            return Ok((last, tag));
+        }
+        // Otherwise: hop by hop, is it the message of hop `j`?
+        *payload = orig;
+        for j in 0..last {
+            let (key, n) = self.hops[j].1.current()?;
+            let aead = Aead::new(key, n);
+            let (tag, body) = payload.split_at_mut(TAG_LEN);
+            if ct_eq(&aead.tag(&[], body), tag) {
+                let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| Error::Truncated)?;
+                let mut aead = aead;
+                aead.apply_keystream(body);
                 for (_, back) in &mut self.hops[..=j] {
                     back.advance();
                 }
-                return Ok((j, own));
+                return Ok((j, tag));
             }
+            keystream(key, n, &mut payload[..]);
         }
         Err(Error::CellAuth)
     }
@@ -438,6 +455,22 @@ mod tests {
             relays[0].wrap_backward(&mut p).unwrap();
             assert!(c.decrypt_backward(&mut p).is_err(), "bit {bit}");
         }
+    }
+
+    #[test]
+    fn backward_cells_share_no_bytes_across_hops() {
+        // Colluding relays cannot match a cell by a field that stays the same.
+        let (_, mut relays) = circuit(3);
+        let at_middle = relays[2].originate_backward(b"data").unwrap();
+        let mut at_guard = at_middle.clone();
+        relays[1].wrap_backward(&mut at_guard).unwrap();
+        let same = at_middle
+            .iter()
+            .zip(at_guard.iter())
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(same < 16, "{same} bytes unchanged");
+        assert_ne!(at_middle[..TAG_LEN], at_guard[..TAG_LEN]);
     }
 
     #[test]
