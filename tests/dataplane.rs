@@ -19,7 +19,7 @@ use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{RelayMsg, TargetAddr};
 use allium_proto::{RelayDescriptor, RelayId, ntor};
 use allium_relay::RelayStats;
-use common::{ExtendTo, RawCirc, impostor, lone_relay};
+use common::{ExtendTo, RawCirc, impostor, link_to, lone_relay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -153,13 +153,7 @@ async fn a_stalled_socks_reader_stops_the_exit() {
 async fn data_past_the_window_loses_the_circuit() {
     let relay = lone_relay(|_| {}).await;
     let target = sink().await;
-    let chan = channel::connect_nk(
-        relay.desc.addr,
-        &RelayId(relay.desc.identity),
-        &relay.desc.link_key,
-    )
-    .await
-    .unwrap();
+    let chan = link_to(&relay.desc).await;
     let mut c = RawCirc::open(chan, &relay.desc.identity, &relay.desc.onion_key)
         .await
         .unwrap();
@@ -197,13 +191,7 @@ async fn data_past_the_window_loses_the_circuit() {
 async fn a_forged_sendme_is_rejected() {
     let relay = lone_relay(|_| {}).await;
     let (target, _) = firehose().await;
-    let chan = channel::connect_nk(
-        relay.desc.addr,
-        &RelayId(relay.desc.identity),
-        &relay.desc.link_key,
-    )
-    .await
-    .unwrap();
+    let chan = link_to(&relay.desc).await;
     let mut c = RawCirc::open(chan, &relay.desc.identity, &relay.desc.onion_key)
         .await
         .unwrap();
@@ -367,9 +355,7 @@ async fn the_memory_cap_kills_stalled_circuits() {
         relay.mem.peak()
     );
     // A fresh circuit through the same relay works.
-    let chan = channel::connect_nk(d.addr, &RelayId(d.identity), &d.link_key)
-        .await
-        .unwrap();
+    let chan = link_to(d).await;
     let mut c = RawCirc::open(chan, &d.identity, &d.onion_key)
         .await
         .unwrap();
@@ -469,9 +455,7 @@ async fn an_extend_reaches_only_the_relay_it_names() {
     let h = lone_relay(|_| {}).await;
     let (fake_addr, fake_key, linked) = impostor().await;
     let d = &v.desc;
-    let chan = channel::connect_nk(d.addr, &RelayId(d.identity), &d.link_key)
-        .await
-        .unwrap();
+    let chan = link_to(d).await;
     let mut to = ExtendTo {
         identity: h.desc.identity,
         onion_key: h.desc.onion_key,

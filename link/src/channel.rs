@@ -10,9 +10,11 @@
 //! * every queue has a size: circuit inboxes ([`CIRC_QUEUE`]), the cells
 //!   waiting to be written ([`CHANNEL_QUEUE`]), the DESTROYs answered to the
 //!   peer ([`URGENT_MAX`]), the sealed bytes not yet written ([`OUT_HIGH`]);
-//! * a peer that makes us queue DESTROYs faster than it reads them, or that
-//!   has not read for [`READ_PAUSE`], is not read from until it does, and one
-//!   that has not read for [`WRITE_TIMEOUT`] loses its link;
+//! * a peer that makes us queue DESTROYs faster than it reads them is not
+//!   read from until it takes them, and one that has not read for
+//!   [`WRITE_TIMEOUT`] while we had bytes for it loses its link (reading is
+//!   not paused for a slow reader otherwise: two relays that each waited
+//!   for the other to read could stall a busy link both ways);
 //! * the buffers of a channel that has been idle for [`IDLE_SHRINK`] are
 //!   given back, so an idle channel costs a few kilobytes.
 //!
@@ -49,14 +51,14 @@ use crate::{LinkError, RelayStats};
 pub const CIRC_QUEUE: usize = 1536;
 /// Cells queued toward one channel.
 pub const CHANNEL_QUEUE: usize = 1024;
+/// The most cells one hand-off to a channel carries, so that one large
+/// batch does not wait for a whole empty queue ahead of the others.
+pub const BATCH_MAX: usize = MAX_CELLS_PER_FRAME;
 /// DESTROYs queued in answer to the peer; at this many the peer is not
 /// read from until it takes them.
 pub const URGENT_MAX: usize = 1024;
 /// Sealed bytes a channel holds for writing before it stops sealing more.
 pub const OUT_HIGH: usize = 128 * 1024;
-/// A peer that has not read anything for this long while we have bytes for
-/// it is not read from either.
-pub const READ_PAUSE: Duration = Duration::from_secs(2);
 /// A peer that has not read anything for this long loses its link.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An idle channel gives back its buffers after this long.
@@ -64,7 +66,8 @@ pub const IDLE_SHRINK: Duration = Duration::from_secs(1);
 /// Circuits one channel may carry; further CREATEs are refused.
 pub const MAX_CIRCUITS_PER_CHANNEL: usize = 8192;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Buffer capacity an idle channel keeps.
+/// Output buffer capacity an idle channel keeps (its input buffer keeps
+/// [`READ_SMALL`] for the next read).
 const IDLE_BUF: usize = 2 * 1024;
 /// Room made for a read: small on a quiet link, large on a busy one (whose
 /// last read filled the room it had).
@@ -211,9 +214,18 @@ impl ChannelHandle {
         self.send_batch(vec![cell]).await
     }
 
-    /// Queue cells, in order, as one hand-off; waits while the channel's
-    /// queue is full.
-    pub async fn send_batch(&self, cells: Vec<Cell>) -> Result<(), LinkError> {
+    /// Queue cells, in order, in hand-offs of at most [`BATCH_MAX`] cells;
+    /// waits while the channel's queue is full.
+    pub async fn send_batch(&self, mut cells: Vec<Cell>) -> Result<(), LinkError> {
+        while cells.len() > BATCH_MAX {
+            let rest = cells.split_off(BATCH_MAX);
+            self.send_one_batch(cells).await?;
+            cells = rest;
+        }
+        self.send_one_batch(cells).await
+    }
+
+    async fn send_one_batch(&self, cells: Vec<Cell>) -> Result<(), LinkError> {
         if cells.is_empty() {
             return Ok(());
         }
@@ -282,7 +294,7 @@ struct CircEntry {
     acct: Option<Arc<CircAcct>>,
 }
 
-/// Queue permits a batch of `n` cells takes.
+/// Queue permits a batch of `n` (at most [`BATCH_MAX`]) cells takes.
 fn permits(n: usize) -> u32 {
     n.min(CHANNEL_QUEUE) as u32
 }
@@ -529,11 +541,10 @@ impl Reactor {
             if !pending {
                 progress = Instant::now();
             }
-            let stalled = pending && progress.elapsed() >= READ_PAUSE;
             let in_debt = bucket.as_ref().is_some_and(|b| b.in_debt());
-            let can_read = self.urgent.len() < URGENT_MAX && !stalled && !in_debt;
+            let can_read = self.urgent.len() < URGENT_MAX && !in_debt;
             let room = self.out.len() - self.written < OUT_HIGH && self.waiting.is_empty();
-            let big = self.inbuf.capacity() > IDLE_BUF || self.out.capacity() > IDLE_BUF;
+            let big = self.inbuf.capacity() > READ_SMALL || self.out.capacity() > IDLE_BUF;
             if can_read {
                 self.inbuf
                     .reserve(if self.busy { READ_BIG } else { READ_SMALL });
@@ -582,15 +593,10 @@ impl Reactor {
                         "read nothing for {} s", WRITE_TIMEOUT.as_secs()
                     )));
                 }
-                // Wake up to stop reading a peer that stopped reading.
-                () = tokio::time::sleep_until(progress + READ_PAUSE), if pending && !stalled => {}
                 () = tokio::time::sleep_until(active + IDLE_SHRINK), if big => {
-                    if self.inbuf.is_empty() {
-                        self.inbuf = Vec::new();
-                    }
-                    if self.out.is_empty() {
-                        self.out = Vec::new();
-                    }
+                    // A partial frame keeps its bytes, not the room around them.
+                    self.inbuf.shrink_to(self.inbuf.len().max(IDLE_BUF));
+                    self.out.shrink_to(self.out.len().max(IDLE_BUF));
                     self.batch.shrink_to_fit();
                     self.waiting.shrink_to_fit();
                     self.opened.shrink_to_fit();

@@ -126,6 +126,10 @@ struct Circuit {
     back_out: Vec<Cell>,
     /// Cells passed on since the last flush, for the counter.
     relayed: u64,
+    /// Cells taken from the inboxes and not yet handed on: still counted
+    /// against the memory cap, so a circuit whose next channel is slow is
+    /// a candidate for the killer like one whose inbox is full.
+    held: usize,
 }
 
 /// Stream events handled per wake-up at most (then the batch is flushed).
@@ -180,6 +184,7 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         fwd_out: Vec::new(),
         back_out: Vec::new(),
         relayed: 0,
+        held: 0,
     };
     let killed = async {
         match &acct {
@@ -228,12 +233,14 @@ impl Circuit {
         loop {
             let r = tokio::select! {
                 ok = self.prev_rx.recv_batch(&mut self.cells_in) => if ok {
-                    self.on_prev_cells().await
+                    self.hold(self.cells_in.len());
+                    self.on_cells(false).await
                 } else {
                     return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: false, tell_next: true };
                 },
                 ok = recv_next(&mut self.next, &mut self.next_in) => if ok {
-                    self.on_next_cells().await
+                    self.hold(self.next_in.len());
+                    self.on_cells(true).await
                 } else {
                     return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false };
                 },
@@ -248,8 +255,24 @@ impl Circuit {
         }
     }
 
+    fn hold(&mut self, n: usize) {
+        if let Some(a) = &self.shared.acct {
+            a.add(CELL_BYTES * n);
+        }
+        self.held += n;
+    }
+
     /// Send what the last event produced: one batch per direction.
     async fn flush(&mut self) -> Result<(), RelayError> {
+        let r = self.send_pending().await;
+        if let Some(a) = &self.shared.acct {
+            a.sub(CELL_BYTES * self.held);
+        }
+        self.held = 0;
+        r
+    }
+
+    async fn send_pending(&mut self) -> Result<(), RelayError> {
         if self.relayed > 0 {
             RelayStats::inc(&self.ctx.stats.cells_relayed, self.relayed);
             self.relayed = 0;
@@ -269,32 +292,31 @@ impl Circuit {
         Ok(())
     }
 
-    async fn on_prev_cells(&mut self) -> Result<(), Teardown> {
-        let mut cells = std::mem::take(&mut self.cells_in);
+    /// Handle the cells taken from one side's inbox, in order.
+    async fn on_cells(&mut self, from_next: bool) -> Result<(), Teardown> {
+        let mut cells = std::mem::take(self.inbuf(from_next));
         let mut r = Ok(());
         for c in cells.drain(..) {
-            r = self.on_prev_cell(c).await;
+            r = if from_next {
+                self.on_next_cell(c).await
+            } else {
+                self.on_prev_cell(c).await
+            };
             if r.is_err() {
                 break;
             }
         }
         cells.clear();
-        self.cells_in = cells;
+        *self.inbuf(from_next) = cells;
         r
     }
 
-    async fn on_next_cells(&mut self) -> Result<(), Teardown> {
-        let mut cells = std::mem::take(&mut self.next_in);
-        let mut r = Ok(());
-        for c in cells.drain(..) {
-            r = self.on_next_cell(c).await;
-            if r.is_err() {
-                break;
-            }
+    fn inbuf(&mut self, from_next: bool) -> &mut Vec<Cell> {
+        if from_next {
+            &mut self.next_in
+        } else {
+            &mut self.cells_in
         }
-        cells.clear();
-        self.next_in = cells;
-        r
     }
 
     /// Handle a stream event and those queued behind it.

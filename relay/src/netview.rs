@@ -21,8 +21,12 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-/// Fetches asked for by lookups of unlisted relays happen at most this often.
+/// Fetches asked for by lookups of unlisted relays (only while the
+/// consensus is due for refresh) happen at most this often.
 const POKE_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest wait between scheduled fetches (a consensus served past its
+/// fresh-until must not make every relay refetch every second).
+const MIN_REFRESH: u64 = 5;
 /// How long a lookup of an unlisted relay waits for a fresher consensus.
 const LOOKUP_WAIT: Duration = Duration::from_secs(5);
 /// Retry after a failed fetch.
@@ -93,6 +97,12 @@ impl NetView {
         if let Some(r) = self.find(id) {
             return Listing::Listed(Box::new(r));
         }
+        // A fresher consensus can only exist once ours is due for refresh:
+        // before that an unlisted relay is simply not listed (so clients
+        // cannot make relays fetch the consensus at will).
+        if self.consensus().is_some_and(|c| unix_now() < c.fresh_until) {
+            return Listing::NotListed;
+        }
         let mut rx = self.current.subscribe();
         rx.mark_unchanged();
         self.poke.notify_one();
@@ -127,7 +137,11 @@ impl NetView {
                         // Nothing newer: still wake those waiting for it.
                         self.current.send_modify(|_| {});
                     }
-                    Duration::from_secs(c.fresh_until.saturating_sub(unix_now()).clamp(1, 3600))
+                    Duration::from_secs(
+                        c.fresh_until
+                            .saturating_sub(unix_now())
+                            .clamp(MIN_REFRESH, 3600),
+                    )
                 }
                 Err(e) => {
                     debug!("fetching the consensus: {e}");

@@ -54,6 +54,13 @@ pub async fn lone_relay(tweak: impl FnOnce(&mut RelayConfig)) -> Lone {
     }
 }
 
+/// A client link to a relay, by its descriptor.
+pub async fn link_to(d: &RelayDescriptor) -> ChannelHandle {
+    channel::connect_nk(d.addr, &allium_proto::RelayId(d.identity), &d.link_key)
+        .await
+        .unwrap()
+}
+
 /// A one-hop circuit spoken by hand.
 pub struct RawCirc {
     pub chan: ChannelHandle,

@@ -68,7 +68,12 @@ impl LinkTransport {
         {
             c.encode_into(chunk);
         }
-        self.seal_frame(out, start)
+        let r = self.seal_frame(out, start);
+        if r.is_err() {
+            // No plaintext is left behind in the output.
+            out.truncate(start);
+        }
+        r
     }
 
     /// Seal the frame that starts at `out[start]`: two bytes reserved for
