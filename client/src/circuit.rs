@@ -542,7 +542,7 @@ impl CircTask {
                     return Err(DestroyReason::FLOW_CONTROL);
                 }
                 if let Some(st) = self.streams.get_mut(&sid) {
-                    if st.recv.take().is_err() {
+                    if st.recv.receive().is_err() {
                         debug!("the exit sent DATA past a stream window");
                         return Err(DestroyReason::FLOW_CONTROL);
                     }

@@ -21,8 +21,8 @@
 
 use std::collections::VecDeque;
 
-use crate::Error;
 use crate::aead::ct_eq;
+use crate::{Error, PeerMisbehaved};
 
 /// DATA cells a circuit may have unacknowledged in one direction.
 pub const CIRC_WINDOW: u32 = 1000;
@@ -88,10 +88,10 @@ impl CircSendWindow {
     /// Check a circuit SENDME from the peer and reopen the window.
     pub fn on_sendme(&mut self, tag: &[u8; 16]) -> Result<(), Error> {
         let Some(want) = self.expected.front() else {
-            return Err(Error::FlowControl("SENDME for cells never sent"));
+            return Err(PeerMisbehaved::SendmeUnowed.into());
         };
         if !ct_eq(want, tag) {
-            return Err(Error::FlowControl("SENDME with a wrong tag"));
+            return Err(PeerMisbehaved::SendmeWrongTag.into());
         }
         self.expected.pop_front();
         self.window += CIRC_INCREMENT;
@@ -130,7 +130,7 @@ impl CircRecvWindow {
     /// past the window breaks the protocol: the circuit must be closed.
     pub fn on_data_received(&mut self, tag: &[u8; 16]) -> Result<(), Error> {
         if self.window == 0 {
-            return Err(Error::FlowControl("DATA past the circuit window"));
+            return Err(PeerMisbehaved::DataPastCircuitWindow.into());
         }
         self.window -= 1;
         self.received += 1;
@@ -182,10 +182,18 @@ impl StreamWindow {
     }
 
     /// Sending side: a DATA cell went out (the caller checked `available`).
-    /// Receiving side: a DATA cell arrived; fails past the window.
     pub fn take(&mut self) -> Result<(), Error> {
         if self.window == 0 {
-            return Err(Error::FlowControl("DATA past the stream window"));
+            return Err(Error::FlowControl("DATA sent on a closed stream window"));
+        }
+        self.window -= 1;
+        Ok(())
+    }
+
+    /// Receiving side: a DATA cell arrived; the peer's fault past the window.
+    pub fn receive(&mut self) -> Result<(), Error> {
+        if self.window == 0 {
+            return Err(PeerMisbehaved::DataPastStreamWindow.into());
         }
         self.window -= 1;
         Ok(())
@@ -195,7 +203,7 @@ impl StreamWindow {
     /// window beyond its size (acknowledging cells never sent).
     pub fn on_sendme(&mut self) -> Result<(), Error> {
         if self.window + STREAM_INCREMENT > STREAM_WINDOW {
-            return Err(Error::FlowControl("stream SENDME for cells never sent"));
+            return Err(PeerMisbehaved::StreamSendmeUnowed.into());
         }
         self.window += STREAM_INCREMENT;
         Ok(())
@@ -242,28 +250,40 @@ mod tests {
         for i in 1..=CIRC_WINDOW as u64 {
             r2.on_data_received(&tag(i)).unwrap();
         }
-        assert!(r2.on_data_received(&tag(0)).is_err());
+        assert!(matches!(
+            r2.on_data_received(&tag(0)),
+            Err(Error::PeerMisbehaved(PeerMisbehaved::DataPastCircuitWindow))
+        ));
 
         r.on_consumed(150, &mut acks);
         assert_eq!(acks, vec![tag(100)]);
         r.on_consumed(50, &mut acks);
         assert_eq!(acks, vec![tag(100), tag(200)]);
         s.on_sendme(&acks[0]).unwrap();
-        assert!(s.on_sendme(&tag(999)).is_err(), "forged tag");
+        assert!(matches!(
+            s.on_sendme(&tag(999)),
+            Err(Error::PeerMisbehaved(PeerMisbehaved::SendmeWrongTag))
+        ));
         s.on_sendme(&acks[1]).unwrap();
         assert_eq!(s.available(), 200);
         // No more SENDMEs are owed until more cells have been acknowledged.
         let mut s2 = CircSendWindow::new();
-        assert!(s2.on_sendme(&tag(1)).is_err());
+        assert!(matches!(
+            s2.on_sendme(&tag(1)),
+            Err(Error::PeerMisbehaved(PeerMisbehaved::SendmeUnowed))
+        ));
     }
 
     #[test]
     fn stream_window() {
         let mut w = StreamWindow::new();
         for _ in 0..STREAM_WINDOW {
-            w.take().unwrap();
+            w.receive().unwrap();
         }
-        assert!(w.take().is_err());
+        assert!(matches!(
+            w.receive(),
+            Err(Error::PeerMisbehaved(PeerMisbehaved::DataPastStreamWindow))
+        ));
         let mut snd = StreamWindow::new();
         assert!(snd.on_sendme().is_err(), "nothing to acknowledge");
         let mut due = 0;

@@ -56,8 +56,49 @@ pub enum Error {
     Link(String),
     #[error("nonce counter exhausted")]
     CounterExhausted,
+    /// A local fault of flow control: this side tried to send past its
+    /// own window.
     #[error("flow control: {0}")]
     FlowControl(&'static str),
+    #[error("the peer misbehaved: {0}")]
+    PeerMisbehaved(#[from] PeerMisbehaved),
+}
+
+/// What a peer did that the protocol forbids: always the peer's fault, and
+/// it costs the peer the circuit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerMisbehaved {
+    #[error("sent DATA past the circuit window")]
+    DataPastCircuitWindow,
+    #[error("sent DATA past a stream window")]
+    DataPastStreamWindow,
+    #[error("sent a circuit SENDME for cells never sent")]
+    SendmeUnowed,
+    #[error("sent a circuit SENDME whose tag is not the one owed")]
+    SendmeWrongTag,
+    #[error("sent a stream SENDME for cells never sent")]
+    StreamSendmeUnowed,
+    #[error("sent {got} where {expected} was expected")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("asked to extend a circuit that already has a next hop")]
+    ExtendTwice,
+    #[error("asked a relay to extend to itself")]
+    ExtendToSelf,
+}
+
+impl PeerMisbehaved {
+    /// The DESTROY reason that tells the peer what it did.
+    pub fn destroy_reason(&self) -> cell::DestroyReason {
+        use PeerMisbehaved::*;
+        match self {
+            DataPastCircuitWindow
+            | DataPastStreamWindow
+            | SendmeUnowed
+            | SendmeWrongTag
+            | StreamSendmeUnowed => cell::DestroyReason::FLOW_CONTROL,
+            Unexpected { .. } | ExtendTwice | ExtendToSelf => cell::DestroyReason::PROTOCOL,
+        }
+    }
 }
 
 impl Error {

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use allium_proto::RelayId;
 use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
 use allium_proto::flow::{
     CIRC_WINDOW, CircRecvWindow, CircSendWindow, STREAM_WINDOW, StreamWindow,
@@ -16,6 +15,7 @@ use allium_proto::flow::{
 use allium_proto::ntor::{self, OnionKeys};
 use allium_proto::onion::{Peeled, RelayLayer};
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg};
+use allium_proto::{PeerMisbehaved, RelayId};
 use rand::RngExt;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info};
@@ -74,6 +74,11 @@ impl Teardown {
     }
 }
 
+/// A teardown for what the peer did.
+fn peer(p: PeerMisbehaved) -> Teardown {
+    RelayError::Proto(p.into()).into()
+}
+
 impl From<allium_link::LinkError> for Teardown {
     fn from(e: allium_link::LinkError) -> Self {
         RelayError::from(e).into()
@@ -87,8 +92,8 @@ impl From<RelayError> for Teardown {
             RelayError::Proto(allium_proto::Error::CellAuth) => {
                 Teardown::both(DestroyReason::CELL_AUTH)
             }
-            RelayError::Proto(allium_proto::Error::FlowControl(_)) => {
-                Teardown::both(DestroyReason::FLOW_CONTROL)
+            RelayError::Proto(allium_proto::Error::PeerMisbehaved(p)) => {
+                Teardown::both(p.destroy_reason())
             }
             RelayError::Link(allium_link::LinkError::ChannelClosed) => {
                 Teardown::both(DestroyReason::CHANNEL_CLOSED)
@@ -453,7 +458,10 @@ impl Circuit {
                 tell_next: true,
             }),
             CellCmd::PADDING => Ok(()),
-            cmd => Err(RelayError::Protocol(format!("{cmd:?} on an open circuit")).into()),
+            cmd => Err(peer(PeerMisbehaved::Unexpected {
+                expected: "a RELAY, DESTROY or PADDING cell from the client side",
+                got: format!("{cmd:?}"),
+            })),
         }
     }
 
@@ -465,7 +473,7 @@ impl Circuit {
             self.consumed(1).await?;
             return Ok(());
         };
-        st.recv.take().map_err(RelayError::from)?;
+        st.recv.receive().map_err(RelayError::from)?;
         if let Some(a) = &self.shared.acct {
             a.add(CELL_BYTES);
         }
@@ -481,10 +489,7 @@ impl Circuit {
                     a.sub(CELL_BYTES);
                 }
                 if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    return Err(RelayError::Proto(allium_proto::Error::FlowControl(
-                        "stream queue overflow",
-                    ))
-                    .into());
+                    return Err(peer(PeerMisbehaved::DataPastStreamWindow));
                 }
                 self.streams.remove(&sid);
                 self.consumed(1).await?;
@@ -498,7 +503,10 @@ impl Circuit {
             CellCmd::CREATED => {
                 let n = self.next.as_mut().expect("next exists");
                 if n.open {
-                    return Err(RelayError::Protocol("second CREATED".into()).into());
+                    return Err(peer(PeerMisbehaved::Unexpected {
+                        expected: "RELAY cells after CREATED",
+                        got: "a second CREATED".into(),
+                    }));
                 }
                 n.open = true;
                 let h = cell::decode_created(&c.payload[..])
@@ -525,19 +533,19 @@ impl Circuit {
                 tell_next: false,
             }),
             CellCmd::PADDING => Ok(()),
-            cmd => Err(RelayError::Protocol(format!("{cmd:?} from the next hop")).into()),
+            cmd => Err(peer(PeerMisbehaved::Unexpected {
+                expected: "a CREATED, RELAY, DESTROY or PADDING cell from the next hop",
+                got: format!("{cmd:?}"),
+            })),
         }
     }
 
     async fn extend(&mut self, e: Extend) -> Result<(), Teardown> {
         if self.next.is_some() {
-            return Err(RelayError::Protocol(
-                "EXTEND on a circuit that already has a next hop".into(),
-            )
-            .into());
+            return Err(peer(PeerMisbehaved::ExtendTwice));
         }
         if e.identity == self.ctx.identity_pub {
-            return Err(RelayError::Protocol("EXTEND to ourselves".into()).into());
+            return Err(peer(PeerMisbehaved::ExtendToSelf));
         }
         // Extending takes a while: what is pending goes out first.
         self.flush().await?;
@@ -675,11 +683,14 @@ impl Circuit {
                 Ok(())
             }
             RelayMsg::Drop => Ok(()),
-            other => Err(RelayError::Protocol(format!(
-                "unexpected {:?} on stream {sid}",
-                other.cmd()
-            ))
-            .into()),
+            other => Err(peer(PeerMisbehaved::Unexpected {
+                expected: if sid == 0 {
+                    "a circuit message (EXTEND, TRUNCATE, SENDME, DROP)"
+                } else {
+                    "a stream message (BEGIN, DATA, END, SENDME, RESOLVE)"
+                },
+                got: format!("{:?} on stream {sid}", other.cmd()),
+            })),
         }
     }
 
