@@ -611,3 +611,37 @@ async fn relay_links_from_unlisted_identities_obey_the_address_limits() {
     assert_eq!((created, destroyed), (5, 5), "circuits from one address");
     assert_eq!(RelayStats::get(&relay.stats.dos_refused_connections), 2);
 }
+
+/// A relay's bandwidth rate bounds what it reads from its links, however
+/// fast a peer writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bandwidth_rate_bounds_link_reads() {
+    let rate = 1_000_000u64;
+    let relay = lone_relay(|c| {
+        c.bandwidth_rate = rate;
+        c.bandwidth_burst = rate;
+    })
+    .await;
+    let (mut s, mut t) = stalled_link(&relay.desc).await;
+    let padding: Vec<Cell> = (0..MAX_CELLS_PER_FRAME)
+        .map(|_| Cell::new(0, CellCmd::PADDING, &[]).unwrap())
+        .collect();
+    let start = std::time::Instant::now();
+    let pump = async {
+        let mut frame = Vec::new();
+        while start.elapsed() < Duration::from_secs(2) {
+            frame.clear();
+            t.seal_cells(&padding, &mut frame).unwrap();
+            s.write_all(&frame).await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), pump)
+        .await
+        .expect("the relay kept reading at its rate");
+    let secs = start.elapsed().as_secs_f64();
+    let read = RelayStats::get(&relay.stats.link_bytes_read) as f64;
+    // The burst, the rate over the time, one read of slack.
+    let most = rate as f64 * (1.0 + secs) + 256.0 * 1024.0;
+    assert!(read <= most, "read {read} bytes in {secs:.1} s");
+    assert!(read >= rate as f64 / 2.0, "read only {read} bytes");
+}

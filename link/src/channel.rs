@@ -531,6 +531,8 @@ impl Reactor {
     ) -> Result<(), LinkError> {
         let (mut rd, mut wr) = stream.split();
         let bucket = self.env.bucket.clone();
+        // Bandwidth granted by the bucket for the next read.
+        let mut grant = 0usize;
         // Last time the peer took bytes, or we had none for it.
         let mut progress = Instant::now();
         let mut active = Instant::now();
@@ -541,7 +543,13 @@ impl Reactor {
             if !pending {
                 progress = Instant::now();
             }
-            let in_debt = bucket.as_ref().is_some_and(|b| b.in_debt());
+            let mut limit = u64::MAX;
+            if let Some(b) = &bucket {
+                b.refund(std::mem::take(&mut grant));
+                grant = b.take_up_to(READ_BIG);
+                limit = grant as u64;
+            }
+            let in_debt = limit == 0;
             let can_read = self.urgent.len() < URGENT_MAX && !in_debt;
             let room = self.out.len() - self.written < OUT_HIGH && self.waiting.is_empty();
             let big = self.inbuf.capacity() > READ_SMALL || self.out.capacity() > IDLE_BUF;
@@ -550,6 +558,7 @@ impl Reactor {
                     .reserve(if self.busy { READ_BIG } else { READ_SMALL });
             }
             let room_in = self.inbuf.capacity() - self.inbuf.len();
+            let mut src = (&mut rd).take(limit);
             tokio::select! {
                 _ = async { match stop.as_mut() { Some(s) => { let _ = s.wait_for(|v| *v).await; } None => std::future::pending().await } } => {
                     return Ok(());
@@ -573,16 +582,14 @@ impl Reactor {
                     progress = Instant::now();
                     active = progress;
                 }
-                n = rd.read_buf(&mut self.inbuf), if can_read => {
+                n = src.read_buf(&mut self.inbuf), if can_read => {
                     let n = n?;
                     if n == 0 {
                         return Ok(());
                     }
                     self.count(|s| RelayStats::inc(&s.link_bytes_read, n as u64));
                     self.busy = n == room_in;
-                    if let Some(b) = &bucket {
-                        b.spend(n);
-                    }
+                    grant = grant.saturating_sub(n);
                     self.open_frames()?;
                     active = Instant::now();
                 }

@@ -204,7 +204,8 @@ impl Drop for CircAcct {
 }
 
 /// A token bucket on relayed bytes (rate and burst per second), refilled by
-/// a timer; readers spend what they read and wait while it is in debt.
+/// a timer; readers take a grant before they read and wait while it is
+/// empty.
 pub struct TokenBucket {
     rate: u64,
     burst: u64,
@@ -253,9 +254,25 @@ impl TokenBucket {
         self.rate
     }
 
-    /// Spend `n` bytes (the bucket may go into debt).
-    pub fn spend(&self, n: usize) {
-        self.tokens.fetch_sub(n as i64, Ordering::Relaxed);
+    /// Take up to `max` bytes of what is there now (0 while it is empty):
+    /// a reader reads at most that much, so readers woken together cannot
+    /// overdraw the bucket. Give back what was not read with
+    /// [`TokenBucket::refund`].
+    pub fn take_up_to(&self, max: usize) -> usize {
+        let mut granted = 0;
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                granted = (t.max(0) as u64).min(max as u64) as usize;
+                (granted > 0).then_some(t - granted as i64)
+            });
+        granted
+    }
+
+    pub fn refund(&self, n: usize) {
+        if n > 0 {
+            self.tokens.fetch_add(n as i64, Ordering::Relaxed);
+        }
     }
 
     /// True while the bucket is empty or in debt: readers wait.
@@ -405,6 +422,17 @@ mod tests {
         young.sub(7 * CELL_BYTES);
         assert_eq!(mem.total(), 0);
         assert_eq!(mem.peak(), 11 * CELL_BYTES);
+    }
+
+    #[tokio::test]
+    async fn bucket_grants_no_more_than_it_holds() {
+        let b = TokenBucket::start(1000, 100_000);
+        assert_eq!(b.take_up_to(60_000), 60_000);
+        assert_eq!(b.take_up_to(60_000), 40_000, "only what is left");
+        assert_eq!(b.take_up_to(60_000), 0);
+        assert!(b.in_debt());
+        b.refund(5_000);
+        assert_eq!(b.take_up_to(60_000), 5_000);
     }
 
     #[test]
