@@ -59,7 +59,8 @@ enum CircCmd {
 /// and only then is the exit allowed to send more.
 pub struct Stream {
     pub id: u16,
-    rx: mpsc::UnboundedReceiver<StreamData>,
+    /// What the exit sent, with the DATA cells it took.
+    rx: mpsc::UnboundedReceiver<(StreamData, u32)>,
     tx: mpsc::Sender<CircCmd>,
     window: Arc<Semaphore>,
     circ_window: Arc<Semaphore>,
@@ -94,23 +95,24 @@ impl Stream {
         Ok(())
     }
 
-    /// The next data from the exit, or its END; `None` if the circuit died.
+    /// The next data from the exit (what arrived together, in one piece),
+    /// or its END; `None` if the circuit died.
     pub async fn recv(&mut self) -> Option<StreamData> {
-        let d = self.rx.recv().await?;
-        self.taken(&d).await;
+        let (d, cells) = self.rx.recv().await?;
+        self.taken(cells).await;
         Some(d)
     }
 
     /// Like [`Stream::recv`], without waiting.
     pub async fn try_recv(&mut self) -> Option<StreamData> {
-        let d = self.rx.try_recv().ok()?;
-        self.taken(&d).await;
+        let (d, cells) = self.rx.try_recv().ok()?;
+        self.taken(cells).await;
         Some(d)
     }
 
-    async fn taken(&mut self, d: &StreamData) {
-        if matches!(d, StreamData::Data(_)) {
-            self.unreported += 1;
+    async fn taken(&mut self, cells: u32) {
+        if cells > 0 {
+            self.unreported += cells;
             // Report in batches, and whenever nothing more is waiting.
             if self.unreported >= CONSUMED_BATCH || self.rx.is_empty() {
                 let n = std::mem::take(&mut self.unreported);
@@ -273,6 +275,7 @@ pub async fn build(
         sendme_tags: Vec::new(),
         cells_in: Vec::new(),
         out: Vec::new(),
+        held: None,
     };
     tokio::spawn(task.run().in_current_span());
     let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -282,14 +285,14 @@ pub async fn build(
 /// A BEGIN awaiting CONNECTED: who to tell, and the stream's inbox.
 type PendingStream = (
     oneshot::Sender<Result<Stream, ClientError>>,
-    mpsc::UnboundedReceiver<StreamData>,
+    mpsc::UnboundedReceiver<(StreamData, u32)>,
 );
 
 /// A stream as its circuit task sees it.
 struct StreamEntry {
     /// Unbounded by type; bounded by the stream window, which the exit
     /// may not exceed (a cell past it closes the circuit).
-    tx: mpsc::UnboundedSender<StreamData>,
+    tx: mpsc::UnboundedSender<(StreamData, u32)>,
     /// Forward window permits, taken by [`Stream::send`].
     window: Arc<Semaphore>,
     /// Forward window as counted here, to check the exit's SENDMEs.
@@ -324,7 +327,13 @@ struct CircTask {
     cells_in: Vec<Cell>,
     /// Cells for the guard, sent as one batch after every event.
     out: Vec<Cell>,
+    /// DATA from the exit for one stream, not yet handed to it, with the
+    /// number of cells it came in.
+    held: Option<(u16, Vec<u8>, u32)>,
 }
+
+/// The most DATA held for a stream before it is handed on.
+const HELD_MAX: usize = 64 * 1024;
 
 /// Commands handled per wake-up at most (then the batch is sent).
 const CMD_BATCH: usize = 128;
@@ -405,7 +414,7 @@ impl CircTask {
             let _ = reply.send(Err(ClientError::CircuitClosed));
         }
         for (_, st) in self.streams.drain() {
-            let _ = st.tx.send(StreamData::End(EndReason::DESTROY));
+            let _ = st.tx.send((StreamData::End(EndReason::DESTROY), 0));
         }
     }
 
@@ -418,6 +427,7 @@ impl CircTask {
                 break;
             }
         }
+        self.flush_data();
         cells.clear();
         self.cells_in = cells;
         r
@@ -497,6 +507,51 @@ impl CircTask {
         }
     }
 
+    /// DATA from the exit: counted in the windows, and held to go to its
+    /// stream together with the DATA after it in the same batch.
+    async fn on_data(
+        &mut self,
+        sid: u16,
+        data: &[u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), DestroyReason> {
+        if self.fc_recv.on_data_received(tag).is_err() {
+            debug!("the exit sent DATA past the circuit window");
+            return Err(DestroyReason::FLOW_CONTROL);
+        }
+        if let Some(st) = self.streams.get_mut(&sid) {
+            if st.recv.receive().is_err() {
+                debug!("the exit sent DATA past a stream window");
+                return Err(DestroyReason::FLOW_CONTROL);
+            }
+            match &mut self.held {
+                Some((s, v, n)) if *s == sid && v.len() + data.len() <= HELD_MAX => {
+                    v.extend_from_slice(data);
+                    *n += 1;
+                }
+                _ => {
+                    self.flush_data();
+                    self.held = Some((sid, data.to_vec(), 1));
+                }
+            }
+        }
+        self.circ_consumed(1)
+            .await
+            .map_err(|_| DestroyReason::INTERNAL)
+    }
+
+    /// Hand the held DATA to its stream.
+    fn flush_data(&mut self) {
+        let Some((sid, v, n)) = self.held.take() else {
+            return;
+        };
+        if let Some(st) = self.streams.get(&sid)
+            && st.tx.send((StreamData::Data(v), n)).is_err()
+        {
+            self.streams.remove(&sid);
+        }
+    }
+
     async fn on_cell(&mut self, mut c: Cell) -> Result<(), DestroyReason> {
         match c.cmd {
             CellCmd::RELAY => {}
@@ -508,6 +563,14 @@ impl CircTask {
             .layers
             .decrypt_backward_tagged(&mut c.payload)
             .map_err(|_| DestroyReason::CELL_AUTH)?;
+        if from == self.layers.len() - 1
+            && let Some((sid, data)) =
+                RelayMsg::decode_data(&c.payload[16..]).map_err(|_| DestroyReason::PROTOCOL)?
+        {
+            return self.on_data(sid, data, &tag).await;
+        }
+        // Data held for a stream goes ahead of anything else (an END).
+        self.flush_data();
         let (sid, msg) = RelayMsg::decode(&c.payload[16..]).map_err(|_| DestroyReason::PROTOCOL)?;
         if from != self.layers.len() - 1 {
             debug!(hop = from, cmd = ?msg.cmd(), "message from an intermediate hop");
@@ -536,24 +599,6 @@ impl CircTask {
                     }
                 }
             }
-            RelayMsg::Data(d) => {
-                if self.fc_recv.on_data_received(&tag).is_err() {
-                    debug!("the exit sent DATA past the circuit window");
-                    return Err(DestroyReason::FLOW_CONTROL);
-                }
-                if let Some(st) = self.streams.get_mut(&sid) {
-                    if st.recv.receive().is_err() {
-                        debug!("the exit sent DATA past a stream window");
-                        return Err(DestroyReason::FLOW_CONTROL);
-                    }
-                    if st.tx.send(StreamData::Data(d)).is_err() {
-                        self.streams.remove(&sid);
-                    }
-                }
-                self.circ_consumed(1)
-                    .await
-                    .map_err(|_| DestroyReason::INTERNAL)?;
-            }
             RelayMsg::Sendme { tag } if sid == 0 => {
                 if self.fc_send.on_sendme(&tag).is_err() {
                     debug!("the exit sent a SENDME that does not match");
@@ -574,7 +619,7 @@ impl CircTask {
                     let _ = reply.send(Err(ClientError::StreamEnded(r)));
                 }
                 if let Some(st) = self.streams.remove(&sid) {
-                    let _ = st.tx.send(StreamData::End(r));
+                    let _ = st.tx.send((StreamData::End(r), 0));
                 }
             }
             RelayMsg::Resolved(addrs) => {

@@ -300,6 +300,21 @@ impl RelayMsg {
         Ok(len)
     }
 
+    /// A DATA message's stream id and bytes, borrowed from the plaintext,
+    /// without decoding anything else; `None` for any other command.
+    pub fn decode_data(plain: &[u8]) -> Result<Option<(u16, &[u8])>, Error> {
+        let mut r = Reader::new(plain);
+        if RelayCmd(r.take_u8()?) != RelayCmd::DATA {
+            return Ok(None);
+        }
+        let stream_id = r.take_u16()?;
+        let len = r.take_u16()? as usize;
+        let body = r
+            .take(len)
+            .map_err(|_| Error::malformed("relay message", "length beyond cell"))?;
+        Ok(Some((stream_id, body)))
+    }
+
     /// Decode from a layer's plaintext; returns (stream id, message).
     pub fn decode(plain: &[u8]) -> Result<(u16, RelayMsg), Error> {
         let mut r = Reader::new(plain);
@@ -450,8 +465,14 @@ mod tests {
             assert_eq!(b.len(), 456);
             let (sid, d) = RelayMsg::decode(&b).unwrap();
             assert_eq!(sid, 7);
+            let data = RelayMsg::decode_data(&b).unwrap();
+            match &m {
+                RelayMsg::Data(v) => assert_eq!(data, Some((7, &v[..]))),
+                _ => assert_eq!(data, None),
+            }
             assert_eq!(d, m);
         }
+        assert!(RelayMsg::decode_data(&[2, 0, 1, 0xff, 0xff, 0]).is_err());
     }
 
     #[test]
