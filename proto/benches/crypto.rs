@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p allium-proto`. Cell crypto is the relay's hot path:
 //! one relay hop costs one `relay_peel_forward` (or `relay_wrap_backward`)
-//! per cell, the client one `client_*` per cell for all three layers.
+//! per cell, the client one `client_*` per cell for all three layers;
+//! `relay_path` is a middle relay's whole frame-in to frame-out work.
 
 #![allow(clippy::unwrap_used)]
 
@@ -181,6 +182,83 @@ fn links(c: &mut Criterion) {
     g.finish();
 }
 
+/// A middle relay's whole cell path for one frame of 127 cells, frame in to
+/// frame out: open the incoming frame, take off (forward) or add (backward)
+/// this hop's layer on every cell, seal the outgoing frame. No sockets and
+/// no task hand-offs: the protocol work of one hop.
+fn relay_path(c: &mut Criterion) {
+    let n = link::MAX_CELLS_PER_FRAME;
+    let mut g = c.benchmark_group("relay_path");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function(format!("forward_{n}_cells"), |b| {
+        let (mut client_link, mut in_link) = link_pair();
+        let (mut out_link, _) = link_pair();
+        let mut client = client3();
+        // What the middle (hop 1) receives: hop 0 has peeled its layer.
+        let mut guard = RelayLayer::new(&keys(0));
+        let mut middle = RelayLayer::new(&keys(1));
+        let msg = vec![1u8; forward_capacity(2)];
+        let mut cells = Vec::with_capacity(n);
+        let mut out = Vec::new();
+        b.iter_batched(
+            || {
+                let batch: Vec<Cell> = (0..n)
+                    .map(|_| {
+                        let mut p = client.encrypt_forward(2, &msg).unwrap();
+                        guard.peel_forward(&mut p, true).unwrap();
+                        Cell {
+                            circ_id: 1,
+                            cmd: CellCmd::RELAY,
+                            payload: p,
+                        }
+                    })
+                    .collect();
+                let mut frame = Vec::new();
+                client_link.seal_cells(&batch, &mut frame).unwrap();
+                frame
+            },
+            |mut frame| {
+                cells.clear();
+                out.clear();
+                in_link.open_cells(&mut frame[2..], &mut cells).unwrap();
+                for c in &mut cells {
+                    middle.peel_forward(&mut c.payload, true).unwrap();
+                }
+                out_link.seal_cells(&cells, &mut out).unwrap();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function(format!("backward_{n}_cells"), |b| {
+        let (mut next_link, mut in_link) = link_pair();
+        let (mut out_link, _) = link_pair();
+        let mut middle = RelayLayer::new(&keys(1));
+        let batch: Vec<Cell> = (0..n)
+            .map(|i| Cell::new(1, CellCmd::RELAY, &[i as u8; PAYLOAD_LEN]).unwrap())
+            .collect();
+        let mut cells = Vec::with_capacity(n);
+        let mut out = Vec::new();
+        b.iter_batched(
+            || {
+                let mut frame = Vec::new();
+                next_link.seal_cells(&batch, &mut frame).unwrap();
+                frame
+            },
+            |mut frame| {
+                cells.clear();
+                out.clear();
+                in_link.open_cells(&mut frame[2..], &mut cells).unwrap();
+                for c in &mut cells {
+                    middle.wrap_backward(&mut c.payload).unwrap();
+                }
+                out_link.seal_cells(&cells, &mut out).unwrap();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 fn documents(c: &mut Criterion) {
     let relays: Vec<ConsensusRelay> = (0..1000u32)
         .map(|i| {
@@ -258,5 +336,5 @@ fn documents(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, cells, handshakes, links, documents);
+criterion_group!(benches, cells, handshakes, links, relay_path, documents);
 criterion_main!(benches);
