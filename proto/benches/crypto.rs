@@ -182,6 +182,25 @@ fn links(c: &mut Criterion) {
     g.finish();
 }
 
+/// One hop's work on a frame: open it, apply `layer` to every cell, seal
+/// the cells into the outgoing frame.
+fn hop(
+    in_link: &mut LinkTransport,
+    frame: &mut [u8],
+    out_link: &mut LinkTransport,
+    cells: &mut Vec<Cell>,
+    out: &mut Vec<u8>,
+    mut layer: impl FnMut(&mut [u8; PAYLOAD_LEN]) -> Result<(), allium_proto::Error>,
+) {
+    cells.clear();
+    out.clear();
+    in_link.open_cells(&mut frame[2..], cells).unwrap();
+    for c in cells.iter_mut() {
+        layer(&mut c.payload).unwrap();
+    }
+    out_link.seal_cells(cells, out).unwrap();
+}
+
 /// A middle relay's whole cell path for one frame of 127 cells, frame in to
 /// frame out: open the incoming frame, take off (forward) or add (backward)
 /// this hop's layer on every cell, seal the outgoing frame. No sockets and
@@ -218,13 +237,14 @@ fn relay_path(c: &mut Criterion) {
                 frame
             },
             |mut frame| {
-                cells.clear();
-                out.clear();
-                in_link.open_cells(&mut frame[2..], &mut cells).unwrap();
-                for c in &mut cells {
-                    middle.peel_forward(&mut c.payload, true).unwrap();
-                }
-                out_link.seal_cells(&cells, &mut out).unwrap();
+                hop(
+                    &mut in_link,
+                    &mut frame,
+                    &mut out_link,
+                    &mut cells,
+                    &mut out,
+                    |p| middle.peel_forward(p, true).map(drop),
+                )
             },
             BatchSize::SmallInput,
         )
@@ -245,13 +265,14 @@ fn relay_path(c: &mut Criterion) {
                 frame
             },
             |mut frame| {
-                cells.clear();
-                out.clear();
-                in_link.open_cells(&mut frame[2..], &mut cells).unwrap();
-                for c in &mut cells {
-                    middle.wrap_backward(&mut c.payload).unwrap();
-                }
-                out_link.seal_cells(&cells, &mut out).unwrap();
+                hop(
+                    &mut in_link,
+                    &mut frame,
+                    &mut out_link,
+                    &mut cells,
+                    &mut out,
+                    |p| middle.wrap_backward(p),
+                )
             },
             BatchSize::SmallInput,
         )
