@@ -63,6 +63,8 @@ pub const OUT_HIGH: usize = 128 * 1024;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An idle channel gives back its buffers after this long.
 pub const IDLE_SHRINK: Duration = Duration::from_secs(1);
+/// How often a channel looks at its write timeout and idleness.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Circuits one channel may carry; further CREATEs are refused.
 pub const MAX_CIRCUITS_PER_CHANNEL: usize = 8192;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -536,6 +538,21 @@ impl Reactor {
         // Last time the peer took bytes, or we had none for it.
         let mut progress = Instant::now();
         let mut active = Instant::now();
+        // Futures that live across iterations, so that the loop does not
+        // register with the relay's stop signal or the timer wheel each time:
+        // the timer checks the write timeout and idleness once a second
+        // while either could apply.
+        let stopped = async {
+            match stop.as_mut() {
+                Some(s) => {
+                    let _ = s.wait_for(|v| *v).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stopped);
+        let timer = tokio::time::sleep(CHECK_EVERY);
+        tokio::pin!(timer);
         self.open_frames()?;
         loop {
             self.fill(cells)?;
@@ -560,9 +577,7 @@ impl Reactor {
             let room_in = self.inbuf.capacity() - self.inbuf.len();
             let mut src = (&mut rd).take(limit);
             tokio::select! {
-                _ = async { match stop.as_mut() { Some(s) => { let _ = s.wait_for(|v| *v).await; } None => std::future::pending().await } } => {
-                    return Ok(());
-                }
+                () = &mut stopped => return Ok(()),
                 c = ctrl.recv() => match c {
                     Some(c) => self.on_ctrl(c),
                     None => return Ok(()),
@@ -594,23 +609,26 @@ impl Reactor {
                     active = Instant::now();
                 }
                 () = async { if let Some(b) = &bucket { b.refilled().await } }, if in_debt => {}
-                () = tokio::time::sleep_until(progress + WRITE_TIMEOUT), if pending => {
-                    self.count(|s| RelayStats::inc(&s.links_stalled, 1));
-                    return Err(LinkError::PeerMisbehaved(format!(
-                        "read nothing for {} s", WRITE_TIMEOUT.as_secs()
-                    )));
-                }
-                () = tokio::time::sleep_until(active + IDLE_SHRINK), if big => {
-                    // A partial frame keeps its bytes, not the room around them.
-                    self.inbuf.shrink_to(self.inbuf.len().max(IDLE_BUF));
-                    self.out.shrink_to(self.out.len().max(IDLE_BUF));
-                    self.batch.shrink_to_fit();
-                    self.waiting.shrink_to_fit();
-                    self.opened.shrink_to_fit();
-                    self.staged.shrink_to_fit();
-                    self.circs.shrink_to_fit();
-                    self.busy = false;
-                    active = Instant::now();
+                () = &mut timer, if pending || big => {
+                    let now = Instant::now();
+                    if pending && now >= progress + WRITE_TIMEOUT {
+                        self.count(|s| RelayStats::inc(&s.links_stalled, 1));
+                        return Err(LinkError::PeerMisbehaved(format!(
+                            "read nothing for {} s", WRITE_TIMEOUT.as_secs()
+                        )));
+                    }
+                    if big && now >= active + IDLE_SHRINK {
+                        // A partial frame keeps its bytes, not the room around them.
+                        self.inbuf.shrink_to(self.inbuf.len().max(IDLE_BUF));
+                        self.out.shrink_to(self.out.len().max(IDLE_BUF));
+                        self.batch.shrink_to_fit();
+                        self.waiting.shrink_to_fit();
+                        self.opened.shrink_to_fit();
+                        self.staged.shrink_to_fit();
+                        self.circs.shrink_to_fit();
+                        self.busy = false;
+                    }
+                    timer.as_mut().reset(now + CHECK_EVERY);
                 }
             }
         }
