@@ -129,12 +129,37 @@ struct Circuit {
     /// each after every event (in the order the layer processed them).
     fwd_out: Vec<Cell>,
     back_out: Vec<Cell>,
-    /// Cells passed on since the last flush, for the counter.
-    relayed: u64,
+    /// Counts since the last flush, added to the relay's shared counters
+    /// once per flush rather than once per cell.
+    counts: Counts,
     /// Cells taken from the inboxes and not yet handed on: still counted
     /// against the memory cap, so a circuit whose next channel is slow is
     /// a candidate for the killer like one whose inbox is full.
     held: usize,
+}
+
+#[derive(Default)]
+struct Counts {
+    relayed: u64,
+    originated: u64,
+    delivered: u64,
+    exit_bytes: u64,
+}
+
+impl Counts {
+    fn add_to(&mut self, stats: &RelayStats) {
+        let c = std::mem::take(self);
+        for (n, counter) in [
+            (c.relayed, &stats.cells_relayed),
+            (c.originated, &stats.cells_originated),
+            (c.delivered, &stats.cells_delivered),
+            (c.exit_bytes, &stats.exit_bytes),
+        ] {
+            if n > 0 {
+                RelayStats::inc(counter, n);
+            }
+        }
+    }
 }
 
 /// Stream events handled per wake-up at most (then the batch is flushed).
@@ -188,7 +213,7 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         next_in: Vec::new(),
         fwd_out: Vec::new(),
         back_out: Vec::new(),
-        relayed: 0,
+        counts: Counts::default(),
         held: 0,
     };
     let killed = async {
@@ -278,10 +303,7 @@ impl Circuit {
     }
 
     async fn send_pending(&mut self) -> Result<(), RelayError> {
-        if self.relayed > 0 {
-            RelayStats::inc(&self.ctx.stats.cells_relayed, self.relayed);
-            self.relayed = 0;
-        }
+        self.counts.add_to(&self.ctx.stats);
         if !self.fwd_out.is_empty() {
             let cells = std::mem::take(&mut self.fwd_out);
             // A next hop truncated meanwhile gets nothing more.
@@ -337,6 +359,7 @@ impl Circuit {
     }
 
     fn teardown(&mut self, t: Teardown) {
+        self.counts.add_to(&self.ctx.stats);
         self.ctx.stats.destroyed(t.reason.0);
         match t.reason {
             DestroyReason::CELL_AUTH => {
@@ -375,7 +398,7 @@ impl Circuit {
 
     /// Queue a cell this hop originated toward the client.
     async fn send_back(&mut self, payload: Box<[u8; PAYLOAD_LEN]>) -> Result<(), RelayError> {
-        RelayStats::inc(&self.ctx.stats.cells_originated, 1);
+        self.counts.originated += 1;
         self.back_out.push(Cell {
             circ_id: self.prev_id,
             cmd: CellCmd::RELAY,
@@ -429,7 +452,7 @@ impl Circuit {
                 {
                     Peeled::Forward => {
                         let n = self.next.as_ref().expect("has_next checked");
-                        self.relayed += 1;
+                        self.counts.relayed += 1;
                         self.fwd_out.push(Cell {
                             circ_id: n.id,
                             cmd: CellCmd::RELAY,
@@ -437,7 +460,7 @@ impl Circuit {
                         });
                     }
                     Peeled::Deliver => {
-                        RelayStats::inc(&self.ctx.stats.cells_delivered, 1);
+                        self.counts.delivered += 1;
                         let (sid, msg) =
                             RelayMsg::decode(&c.payload[16..]).map_err(RelayError::from)?;
                         if let RelayMsg::Data(d) = msg {
@@ -519,7 +542,7 @@ impl Circuit {
                 self.layer
                     .wrap_backward(&mut c.payload)
                     .map_err(RelayError::from)?;
-                self.relayed += 1;
+                self.counts.relayed += 1;
                 self.back_out.push(Cell {
                     circ_id: self.prev_id,
                     cmd: CellCmd::RELAY,
@@ -707,7 +730,7 @@ impl Circuit {
                 }
                 // Sent even if the client has ended the stream meanwhile:
                 // the window already counts it.
-                RelayStats::inc(&self.ctx.stats.exit_bytes, data.len() as u64);
+                self.counts.exit_bytes += data.len() as u64;
                 self.originate_data(sid, &data, acked).await?;
             }
             StreamEvent::Consumed(sid, n) => {
