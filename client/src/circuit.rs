@@ -351,7 +351,7 @@ impl CircTask {
     }
 
     /// Encrypt a message for the exit; returns the exit's tag.
-    async fn send_msg(&mut self, sid: u16, msg: RelayMsg) -> Result<[u8; TAG_LEN], ClientError> {
+    fn send_msg(&mut self, sid: u16, msg: RelayMsg) -> Result<[u8; TAG_LEN], ClientError> {
         let last = self.layers.len() - 1;
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         msg.encode_into(sid, &mut payload[TAG_LEN..TAG_LEN + forward_capacity(last)])?;
@@ -361,11 +361,11 @@ impl CircTask {
     }
 
     /// `n` DATA cells from the exit arrived: send the circuit SENDMEs due.
-    async fn circ_consumed(&mut self, n: u32) -> Result<(), ClientError> {
+    fn circ_consumed(&mut self, n: u32) -> Result<(), ClientError> {
         let mut tags = std::mem::take(&mut self.sendme_tags);
         self.fc_recv.on_consumed(n, &mut tags);
         for tag in tags.drain(..) {
-            self.send_msg(0, RelayMsg::Sendme { tag }).await?;
+            self.send_msg(0, RelayMsg::Sendme { tag })?;
         }
         self.sendme_tags = tags;
         Ok(())
@@ -378,13 +378,13 @@ impl CircTask {
                     if !ok {
                         break DestroyReason::CHANNEL_CLOSED;
                     }
-                    if let Err(r) = self.on_cells().await {
+                    if let Err(r) = self.on_cells() {
                         break r;
                     }
                 }
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => break DestroyReason::FINISHED,
-                    Some(cmd) => if let Err(e) = self.on_cmds(cmd).await {
+                    Some(cmd) => if let Err(e) = self.on_cmds(cmd) {
                         debug!("circuit command failed: {e}");
                         break DestroyReason::INTERNAL;
                     },
@@ -418,11 +418,11 @@ impl CircTask {
         }
     }
 
-    async fn on_cells(&mut self) -> Result<(), DestroyReason> {
+    fn on_cells(&mut self) -> Result<(), DestroyReason> {
         let mut cells = std::mem::take(&mut self.cells_in);
         let mut r = Ok(());
         for c in cells.drain(..) {
-            r = self.on_cell(c).await;
+            r = self.on_cell(c);
             if r.is_err() {
                 break;
             }
@@ -434,18 +434,18 @@ impl CircTask {
     }
 
     /// Handle a command and those queued behind it.
-    async fn on_cmds(&mut self, first: CircCmd) -> Result<(), ClientError> {
-        self.on_cmd(first).await?;
+    fn on_cmds(&mut self, first: CircCmd) -> Result<(), ClientError> {
+        self.on_cmd(first)?;
         for _ in 1..CMD_BATCH {
             match self.cmd_rx.try_recv() {
-                Ok(cmd) => self.on_cmd(cmd).await?,
+                Ok(cmd) => self.on_cmd(cmd)?,
                 Err(_) => break,
             }
         }
         Ok(())
     }
 
-    async fn on_cmd(&mut self, cmd: CircCmd) -> Result<(), ClientError> {
+    fn on_cmd(&mut self, cmd: CircCmd) -> Result<(), ClientError> {
         match cmd {
             CircCmd::Begin { addr, port, reply } => {
                 let Some(sid) = self.alloc_stream() else {
@@ -463,7 +463,7 @@ impl CircTask {
                     },
                 );
                 self.pending.insert(sid, (reply, rx));
-                self.send_msg(sid, RelayMsg::Begin { addr, port }).await?;
+                self.send_msg(sid, RelayMsg::Begin { addr, port })?;
                 Ok(())
             }
             CircCmd::Resolve { host, reply } => {
@@ -472,7 +472,7 @@ impl CircTask {
                     return Ok(());
                 };
                 self.resolving.insert(sid, reply);
-                self.send_msg(sid, RelayMsg::Resolve(host)).await?;
+                self.send_msg(sid, RelayMsg::Resolve(host))?;
                 Ok(())
             }
             CircCmd::Data(sid, d) => {
@@ -482,7 +482,7 @@ impl CircTask {
                     return Ok(());
                 };
                 st.sent.take()?;
-                let tag = self.send_msg(sid, RelayMsg::Data(d)).await?;
+                let tag = self.send_msg(sid, RelayMsg::Data(d))?;
                 self.fc_send.on_data_sent(&tag)?;
                 Ok(())
             }
@@ -491,8 +491,7 @@ impl CircTask {
                     if let Some(st) = self.streams.get_mut(&sid)
                         && st.recv.consumed()
                     {
-                        self.send_msg(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })
-                            .await?;
+                        self.send_msg(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })?;
                     }
                 }
                 Ok(())
@@ -500,7 +499,7 @@ impl CircTask {
             CircCmd::End(sid) => {
                 self.pending.remove(&sid);
                 if self.streams.remove(&sid).is_some() {
-                    self.send_msg(sid, RelayMsg::End(EndReason::DONE)).await?;
+                    self.send_msg(sid, RelayMsg::End(EndReason::DONE))?;
                 }
                 Ok(())
             }
@@ -509,12 +508,7 @@ impl CircTask {
 
     /// DATA from the exit: counted in the windows, and held to go to its
     /// stream together with the DATA after it in the same batch.
-    async fn on_data(
-        &mut self,
-        sid: u16,
-        data: &[u8],
-        tag: &[u8; TAG_LEN],
-    ) -> Result<(), DestroyReason> {
+    fn on_data(&mut self, sid: u16, data: &[u8], tag: &[u8; TAG_LEN]) -> Result<(), DestroyReason> {
         if self.fc_recv.on_data_received(tag).is_err() {
             debug!("the exit sent DATA past the circuit window");
             return Err(DestroyReason::FLOW_CONTROL);
@@ -535,9 +529,7 @@ impl CircTask {
                 }
             }
         }
-        self.circ_consumed(1)
-            .await
-            .map_err(|_| DestroyReason::INTERNAL)
+        self.circ_consumed(1).map_err(|_| DestroyReason::INTERNAL)
     }
 
     /// Hand the held DATA to its stream.
@@ -552,7 +544,7 @@ impl CircTask {
         }
     }
 
-    async fn on_cell(&mut self, mut c: Cell) -> Result<(), DestroyReason> {
+    fn on_cell(&mut self, mut c: Cell) -> Result<(), DestroyReason> {
         match c.cmd {
             CellCmd::RELAY => {}
             CellCmd::DESTROY => return Err(DestroyReason::DESTROYED),
@@ -567,7 +559,7 @@ impl CircTask {
             && let Some((sid, data)) =
                 RelayMsg::decode_data(&c.payload[16..]).map_err(|_| DestroyReason::PROTOCOL)?
         {
-            return self.on_data(sid, data, &tag).await;
+            return self.on_data(sid, data, &tag);
         }
         // Data held for a stream goes ahead of anything else (an END).
         self.flush_data();

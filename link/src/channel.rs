@@ -270,7 +270,7 @@ impl ChannelHandle {
                 return Ok((id, inbox));
             }
         }
-        Err(LinkError::Config("no free circuit id".into()))
+        Err(LinkError::NoCircuitId)
     }
 
     /// Allocate a circuit id and register an inbox for it.

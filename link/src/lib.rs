@@ -33,6 +33,8 @@ pub enum LinkError {
     PeerMisbehaved(String),
     #[error("bad config: {0}")]
     Config(String),
+    #[error("no free circuit id on this channel")]
+    NoCircuitId,
 }
 
 /// Counters a relay keeps (no addresses, no per-user values).

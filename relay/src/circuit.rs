@@ -274,7 +274,7 @@ impl Circuit {
                 } else {
                     return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false };
                 },
-                Some(ev) = self.ev_rx.recv() => self.stream_events(ev).await.map_err(Teardown::from),
+                Some(ev) = self.ev_rx.recv() => self.stream_events(ev).map_err(Teardown::from),
             };
             if let Err(t) = r {
                 return t;
@@ -325,7 +325,7 @@ impl Circuit {
         let mut r = Ok(());
         for c in cells.drain(..) {
             r = if from_next {
-                self.on_next_cell(c).await
+                self.on_next_cell(c)
             } else {
                 self.on_prev_cell(c).await
             };
@@ -347,11 +347,11 @@ impl Circuit {
     }
 
     /// Handle a stream event and those queued behind it.
-    async fn stream_events(&mut self, first: StreamEvent) -> Result<(), RelayError> {
-        self.stream_event(first).await?;
+    fn stream_events(&mut self, first: StreamEvent) -> Result<(), RelayError> {
+        self.stream_event(first)?;
         for _ in 1..EVENT_BATCH {
             match self.ev_rx.try_recv() {
-                Ok(ev) => self.stream_event(ev).await?,
+                Ok(ev) => self.stream_event(ev)?,
                 Err(_) => break,
             }
         }
@@ -389,32 +389,27 @@ impl Circuit {
         self.streams.clear();
     }
 
-    async fn originate(&mut self, stream_id: u16, msg: RelayMsg) -> Result<(), RelayError> {
+    fn originate(&mut self, stream_id: u16, msg: RelayMsg) -> Result<(), RelayError> {
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         msg.encode_into(stream_id, &mut payload[TAG_LEN..])?;
         self.layer.originate_backward_in_place(&mut payload)?;
-        self.send_back(payload).await
+        self.send_back(payload);
+        Ok(())
     }
 
     /// Queue a cell this hop originated toward the client.
-    async fn send_back(&mut self, payload: Box<[u8; PAYLOAD_LEN]>) -> Result<(), RelayError> {
+    fn send_back(&mut self, payload: Box<[u8; PAYLOAD_LEN]>) {
         self.counts.originated += 1;
         self.back_out.push(Cell {
             circ_id: self.prev_id,
             cmd: CellCmd::RELAY,
             payload,
         });
-        Ok(())
     }
 
     /// Originate a backward DATA cell; `acked` cells get random padding
     /// (their tag is what the client's circuit SENDME must carry).
-    async fn originate_data(
-        &mut self,
-        sid: u16,
-        data: &[u8],
-        acked: bool,
-    ) -> Result<(), RelayError> {
+    fn originate_data(&mut self, sid: u16, data: &[u8], acked: bool) -> Result<(), RelayError> {
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         let len = RelayMsg::encode_data_into(sid, data, &mut payload[TAG_LEN..])?;
         if acked {
@@ -425,15 +420,16 @@ impl Circuit {
         if let Some(st) = self.streams.get_mut(&sid) {
             st.sent.take()?;
         }
-        self.send_back(payload).await
+        self.send_back(payload);
+        Ok(())
     }
 
     /// `n` forward DATA cells left this hop: send the circuit SENDMEs due.
-    async fn consumed(&mut self, n: u32) -> Result<(), RelayError> {
+    fn consumed(&mut self, n: u32) -> Result<(), RelayError> {
         let mut tags = std::mem::take(&mut self.sendme_tags);
         self.fc_recv.on_consumed(n, &mut tags);
         for tag in tags.drain(..) {
-            self.originate(0, RelayMsg::Sendme { tag }).await?;
+            self.originate(0, RelayMsg::Sendme { tag })?;
         }
         self.sendme_tags = tags;
         Ok(())
@@ -467,7 +463,7 @@ impl Circuit {
                             self.fc_recv
                                 .on_data_received(&tag)
                                 .map_err(RelayError::from)?;
-                            self.deliver_data(sid, d).await?;
+                            self.deliver_data(sid, d)?;
                         } else {
                             self.handle_msg(sid, msg).await?;
                         }
@@ -490,10 +486,10 @@ impl Circuit {
 
     /// A forward DATA cell for stream `sid` (already counted in the circuit
     /// window).
-    async fn deliver_data(&mut self, sid: u16, d: Vec<u8>) -> Result<(), Teardown> {
+    fn deliver_data(&mut self, sid: u16, d: Vec<u8>) -> Result<(), Teardown> {
         let Some(st) = self.streams.get_mut(&sid) else {
             // A stream that is gone: the cell leaves at once.
-            self.consumed(1).await?;
+            self.consumed(1)?;
             return Ok(());
         };
         st.recv.receive().map_err(RelayError::from)?;
@@ -504,7 +500,7 @@ impl Circuit {
             // Delivered to the stream's queue: the circuit window moves on
             // (the stream window holds back a stalled target).
             Ok(()) => {
-                self.consumed(1).await?;
+                self.consumed(1)?;
                 Ok(())
             }
             Err(e) => {
@@ -515,13 +511,13 @@ impl Circuit {
                     return Err(peer(PeerMisbehaved::DataPastStreamWindow));
                 }
                 self.streams.remove(&sid);
-                self.consumed(1).await?;
+                self.consumed(1)?;
                 Ok(())
             }
         }
     }
 
-    async fn on_next_cell(&mut self, mut c: Cell) -> Result<(), Teardown> {
+    fn on_next_cell(&mut self, mut c: Cell) -> Result<(), Teardown> {
         match c.cmd {
             CellCmd::CREATED => {
                 let n = self.next.as_mut().expect("next exists");
@@ -535,7 +531,7 @@ impl Circuit {
                 let h = cell::decode_created(&c.payload[..])
                     .map_err(RelayError::from)?
                     .to_vec();
-                self.originate(0, RelayMsg::Extended(h)).await?;
+                self.originate(0, RelayMsg::Extended(h))?;
                 Ok(())
             }
             CellCmd::RELAY => {
@@ -582,8 +578,7 @@ impl Circuit {
                     listed = matches!(listing, Listing::Listed(_)),
                     "EXTEND refused: the target is not in the consensus as named"
                 );
-                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0))
-                    .await?;
+                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0))?;
                 return Ok(());
             }
         }
@@ -593,13 +588,11 @@ impl Circuit {
             Ok(Ok(ch)) => ch,
             Ok(Err(err)) => {
                 debug!("extend failed: {err}");
-                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0))
-                    .await?;
+                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0))?;
                 return Ok(());
             }
             Err(_) => {
-                self.originate(0, RelayMsg::Truncated(DestroyReason::TIMEOUT.0))
-                    .await?;
+                self.originate(0, RelayMsg::Truncated(DestroyReason::TIMEOUT.0))?;
                 return Ok(());
             }
         };
@@ -623,19 +616,16 @@ impl Circuit {
                 if let Some(n) = self.next.take() {
                     n.chan.destroy(n.id, DestroyReason::REQUESTED);
                 }
-                self.originate(0, RelayMsg::Truncated(DestroyReason::REQUESTED.0))
-                    .await?;
+                self.originate(0, RelayMsg::Truncated(DestroyReason::REQUESTED.0))?;
                 Ok(())
             }
             RelayMsg::Begin { addr, port } if sid != 0 => {
                 if self.streams.contains_key(&sid) || self.streams.len() >= MAX_STREAMS {
-                    self.originate(sid, RelayMsg::End(EndReason::RESOURCE_LIMIT))
-                        .await?;
+                    self.originate(sid, RelayMsg::End(EndReason::RESOURCE_LIMIT))?;
                     return Ok(());
                 }
                 if !self.ctx.policy.is_exit() {
-                    self.originate(sid, RelayMsg::End(EndReason::EXIT_POLICY))
-                        .await?;
+                    self.originate(sid, RelayMsg::End(EndReason::EXIT_POLICY))?;
                     return Ok(());
                 }
                 let (tx, rx) = mpsc::channel(exit::STREAM_QUEUE);
@@ -691,7 +681,7 @@ impl Circuit {
             }
             RelayMsg::Resolve(host) if sid != 0 => {
                 if !self.ctx.policy.is_exit() {
-                    self.originate(sid, RelayMsg::Resolved(vec![])).await?;
+                    self.originate(sid, RelayMsg::Resolved(vec![]))?;
                     return Ok(());
                 }
                 let ctx = self.ctx.clone();
@@ -717,11 +707,11 @@ impl Circuit {
         }
     }
 
-    async fn stream_event(&mut self, ev: StreamEvent) -> Result<(), RelayError> {
+    fn stream_event(&mut self, ev: StreamEvent) -> Result<(), RelayError> {
         match ev {
             StreamEvent::Connected(sid, ip) => {
                 if self.streams.contains_key(&sid) {
-                    self.originate(sid, RelayMsg::Connected(Some(ip))).await?;
+                    self.originate(sid, RelayMsg::Connected(Some(ip)))?;
                 }
             }
             StreamEvent::Data { sid, data, acked } => {
@@ -731,27 +721,26 @@ impl Circuit {
                 // Sent even if the client has ended the stream meanwhile:
                 // the window already counts it.
                 self.counts.exit_bytes += data.len() as u64;
-                self.originate_data(sid, &data, acked).await?;
+                self.originate_data(sid, &data, acked)?;
             }
             StreamEvent::Consumed(sid, n) => {
                 for _ in 0..n {
                     if let Some(st) = self.streams.get_mut(&sid)
                         && st.recv.consumed()
                     {
-                        self.originate(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })
-                            .await?;
+                        self.originate(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })?;
                     }
                 }
             }
             StreamEvent::End(sid, reason) => {
                 if self.streams.remove(&sid).is_some() {
                     RelayStats::inc(&self.ctx.stats.streams_closed, 1);
-                    self.originate(sid, RelayMsg::End(reason)).await?;
+                    self.originate(sid, RelayMsg::End(reason))?;
                 }
             }
             StreamEvent::Resolved(sid, addrs) => {
                 let addrs: Vec<_> = addrs.into_iter().take(16).map(|a| (a, 60)).collect();
-                self.originate(sid, RelayMsg::Resolved(addrs)).await?;
+                self.originate(sid, RelayMsg::Resolved(addrs))?;
             }
         }
         Ok(())

@@ -146,9 +146,8 @@ impl Initiator {
         me: LinkKeys<'_>,
         peer_link_key: &[u8; 32],
     ) -> Result<Self, Error> {
-        let secret = me.link_secret.to_bytes();
+        let mut secret = me.link_secret.to_bytes();
         let hs = handshake(rng, XK_PARAMS, Some(&secret), Some(peer_link_key), true);
-        let mut secret = secret;
         secret.zeroize();
         Ok(Initiator {
             hs: Some(hs?),
