@@ -3,19 +3,17 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
 use allium_link::channel::{ChannelHandle, Inbox};
+use allium_proto::Error as ProtoError;
 use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
-use allium_proto::flow::{
-    CIRC_INCREMENT, CIRC_WINDOW, CircRecvWindow, CircSendWindow, STREAM_INCREMENT, STREAM_WINDOW,
-    StreamWindow,
-};
+use allium_proto::circuit::{Circuit, Event, Side};
 use allium_proto::ntor;
 use allium_proto::onion::{ClientLayers, forward_capacity};
-use allium_proto::relaymsg::{EndReason, Extend, HEADER_LEN, RelayMsg, TargetAddr};
+use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
 use allium_proto::{ConsensusRelay, short_id};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
@@ -23,10 +21,9 @@ use tracing::debug;
 
 use crate::ClientError;
 
-/// Payload bytes one forward DATA message carries on a 3-hop circuit.
-pub const DATA_MAX: usize = forward_capacity(2) - HEADER_LEN;
 const CMD_QUEUE: usize = 256;
-const TAG_LEN: usize = 16;
+/// Chunks a stream may have given its circuit and not yet seen sealed.
+const SEND_ROOM: usize = 2;
 
 /// What a stream receives from the exit.
 #[derive(Debug)]
@@ -53,17 +50,17 @@ enum CircCmd {
 
 /// An open stream through a circuit.
 ///
-/// Sending waits for room in the stream's and the circuit's windows, so a
-/// stalled exit stops the application here. Received data waits in the
-/// stream's queue (at most a stream window) until [`Stream::recv`] takes it,
-/// and only then is the exit allowed to send more.
+/// Sending hands the bytes to the circuit, which seals them as its
+/// windows allow; a stream has at most [`SEND_ROOM`] chunks there not yet
+/// sealed, so a stalled exit stops the application here. Received data
+/// waits in the stream's queue (at most a stream window) until
+/// [`Stream::recv`] takes it, and only then is the exit allowed to send more.
 pub struct Stream {
     pub id: u16,
     /// What the exit sent, with the DATA cells it took.
     rx: mpsc::UnboundedReceiver<(StreamData, u32)>,
     tx: mpsc::Sender<CircCmd>,
-    window: Arc<Semaphore>,
-    circ_window: Arc<Semaphore>,
+    room: Arc<Semaphore>,
     /// DATA messages taken but not yet reported to the circuit.
     unreported: u32,
 }
@@ -72,27 +69,20 @@ pub struct Stream {
 const CONSUMED_BATCH: u32 = 10;
 
 impl Stream {
-    /// Send bytes toward the exit (split into DATA messages).
+    /// Send bytes toward the exit.
     pub async fn send(&self, data: &[u8]) -> Result<(), ClientError> {
-        for chunk in data.chunks(DATA_MAX) {
-            let a = self
-                .window
-                .acquire()
-                .await
-                .map_err(|_| ClientError::CircuitClosed)?;
-            let b = self
-                .circ_window
-                .acquire()
-                .await
-                .map_err(|_| ClientError::CircuitClosed)?;
-            a.forget();
-            b.forget();
-            self.tx
-                .send(CircCmd::Data(self.id, chunk.to_vec()))
-                .await
-                .map_err(|_| ClientError::CircuitClosed)?;
+        if data.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.room
+            .acquire()
+            .await
+            .map_err(|_| ClientError::CircuitClosed)?
+            .forget();
+        self.tx
+            .send(CircCmd::Data(self.id, data.to_vec()))
+            .await
+            .map_err(|_| ClientError::CircuitClosed)
     }
 
     /// The next data from the exit (what arrived together, in one piece),
@@ -259,23 +249,17 @@ pub async fn build(
     debug!(path = %path.iter().map(|r| short_id(&r.identity)).collect::<Vec<_>>().join(","), "circuit built");
     let (tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
     let task = CircTask {
+        core: Circuit::client(&mut rand::rng(), layers)?,
         chan,
         circ_id,
         rx,
-        layers,
         cmd_rx,
         cmd_tx: tx.downgrade(),
         streams: HashMap::new(),
         pending: HashMap::new(),
         resolving: HashMap::new(),
-        next_stream: 1,
-        circ_window: Arc::new(Semaphore::new(CIRC_WINDOW as usize)),
-        fc_send: CircSendWindow::new(),
-        fc_recv: CircRecvWindow::new(),
-        sendme_tags: Vec::new(),
         cells_in: Vec::new(),
         out: Vec::new(),
-        held: None,
     };
     tokio::spawn(task.run().in_current_span());
     let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -293,102 +277,65 @@ struct StreamEntry {
     /// Unbounded by type; bounded by the stream window, which the exit
     /// may not exceed (a cell past it closes the circuit).
     tx: mpsc::UnboundedSender<(StreamData, u32)>,
-    /// Forward window permits, taken by [`Stream::send`].
-    window: Arc<Semaphore>,
-    /// Forward window as counted here, to check the exit's SENDMEs.
-    sent: StreamWindow,
-    /// Backward window: DATA the exit may still send.
-    recv: StreamWindow,
+    /// Room for chunks at the circuit, shared with [`Stream::send`].
+    room: Arc<Semaphore>,
+    /// Chunks given to the core and not yet sealed.
+    unsealed: usize,
 }
 
 impl Drop for StreamEntry {
     fn drop(&mut self) {
-        self.window.close();
+        self.room.close();
     }
 }
 
+/// The client's circuit task: a driver around the circuit core.
 struct CircTask {
+    core: Circuit,
     chan: ChannelHandle,
     circ_id: u32,
     rx: Inbox,
-    layers: ClientLayers,
     cmd_rx: mpsc::Receiver<CircCmd>,
     cmd_tx: mpsc::WeakSender<CircCmd>,
     streams: HashMap<u16, StreamEntry>,
     pending: HashMap<u16, PendingStream>,
     resolving: HashMap<u16, oneshot::Sender<Result<Vec<IpAddr>, ClientError>>>,
-    next_stream: u16,
-    /// Forward circuit window permits, shared with the streams.
-    circ_window: Arc<Semaphore>,
-    fc_send: CircSendWindow,
-    fc_recv: CircRecvWindow,
-    sendme_tags: Vec<[u8; TAG_LEN]>,
     /// Cells taken from the inbox, being handled.
     cells_in: Vec<Cell>,
     /// Cells for the guard, sent as one batch after every event.
     out: Vec<Cell>,
-    /// DATA from the exit for one stream, not yet handed to it, with the
-    /// number of cells it came in.
-    held: Option<(u16, Vec<u8>, u32)>,
 }
-
-/// The most DATA held for a stream before it is handed on.
-const HELD_MAX: usize = 64 * 1024;
 
 /// Commands handled per wake-up at most (then the batch is sent).
 const CMD_BATCH: usize = 128;
 
+/// The DESTROY reason for a circuit that failed with `e`.
+fn destroy_reason(e: &ProtoError) -> DestroyReason {
+    match e {
+        ProtoError::CellAuth => DestroyReason::CELL_AUTH,
+        ProtoError::PeerMisbehaved(p) => p.destroy_reason(),
+        _ => DestroyReason::PROTOCOL,
+    }
+}
+
 impl CircTask {
-    fn alloc_stream(&mut self) -> Option<u16> {
-        for _ in 0..u16::MAX {
-            let id = self.next_stream;
-            self.next_stream = self.next_stream.wrapping_add(1).max(1);
-            if !self.streams.contains_key(&id) && !self.resolving.contains_key(&id) {
-                return Some(id);
-            }
-        }
-        None
-    }
-
-    /// Encrypt a message for the exit; returns the exit's tag.
-    fn send_msg(&mut self, sid: u16, msg: RelayMsg) -> Result<[u8; TAG_LEN], ClientError> {
-        let last = self.layers.len() - 1;
-        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
-        msg.encode_into(sid, &mut payload[TAG_LEN..TAG_LEN + forward_capacity(last)])?;
-        let tag = self.layers.encrypt_forward_in_place(last, &mut payload)?;
-        self.out.push(relay_cell(self.circ_id, payload));
-        Ok(tag)
-    }
-
-    /// `n` DATA cells from the exit arrived: send the circuit SENDMEs due.
-    fn circ_consumed(&mut self, n: u32) -> Result<(), ClientError> {
-        let mut tags = std::mem::take(&mut self.sendme_tags);
-        self.fc_recv.on_consumed(n, &mut tags);
-        for tag in tags.drain(..) {
-            self.send_msg(0, RelayMsg::Sendme { tag })?;
-        }
-        self.sendme_tags = tags;
-        Ok(())
-    }
-
     async fn run(mut self) {
         let reason = loop {
-            tokio::select! {
+            let r = tokio::select! {
                 ok = self.rx.recv_batch(&mut self.cells_in) => {
                     if !ok {
                         break DestroyReason::CHANNEL_CLOSED;
                     }
-                    if let Err(r) = self.on_cells() {
-                        break r;
-                    }
+                    self.on_cells()
                 }
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => break DestroyReason::FINISHED,
-                    Some(cmd) => if let Err(e) = self.on_cmds(cmd) {
-                        debug!("circuit command failed: {e}");
-                        break DestroyReason::INTERNAL;
-                    },
+                    Some(cmd) => self.on_cmds(cmd),
                 },
+            };
+            let r = r.and_then(|()| self.drain());
+            if let Err(reason) = r {
+                break reason;
             }
             if !self.out.is_empty()
                 && self
@@ -404,7 +351,6 @@ impl CircTask {
         // Mark the circuit closed before telling its streams, so that no
         // new stream picks it meanwhile.
         self.cmd_rx.close();
-        self.circ_window.close();
         if reason != DestroyReason::CHANNEL_CLOSED && reason != DestroyReason::DESTROYED {
             self.chan.destroy(self.circ_id, reason);
         } else {
@@ -419,203 +365,120 @@ impl CircTask {
     }
 
     fn on_cells(&mut self) -> Result<(), DestroyReason> {
-        let mut cells = std::mem::take(&mut self.cells_in);
+        let now = Instant::now();
         let mut r = Ok(());
-        for c in cells.drain(..) {
-            r = self.on_cell(c);
-            if r.is_err() {
+        for c in self.cells_in.drain(..) {
+            if let Err(e) = self.core.handle_cell(now, Side::Next, c) {
+                debug!("circuit failed: {e}");
+                r = Err(destroy_reason(&e));
                 break;
             }
         }
-        self.flush_data();
-        cells.clear();
-        self.cells_in = cells;
+        self.cells_in.clear();
         r
     }
 
     /// Handle a command and those queued behind it.
-    fn on_cmds(&mut self, first: CircCmd) -> Result<(), ClientError> {
-        self.on_cmd(first)?;
-        for _ in 1..CMD_BATCH {
+    fn on_cmds(&mut self, first: CircCmd) -> Result<(), DestroyReason> {
+        let now = Instant::now();
+        let mut cmd = first;
+        for _ in 0..CMD_BATCH {
+            if let Err(e) = self.on_cmd(now, cmd) {
+                debug!("circuit command failed: {e}");
+                return Err(DestroyReason::INTERNAL);
+            }
             match self.cmd_rx.try_recv() {
-                Ok(cmd) => self.on_cmd(cmd)?,
+                Ok(c) => cmd = c,
                 Err(_) => break,
             }
         }
         Ok(())
     }
 
-    fn on_cmd(&mut self, cmd: CircCmd) -> Result<(), ClientError> {
+    fn on_cmd(&mut self, now: Instant, cmd: CircCmd) -> Result<(), ProtoError> {
         match cmd {
             CircCmd::Begin { addr, port, reply } => {
-                let Some(sid) = self.alloc_stream() else {
-                    let _ = reply.send(Err(ClientError::Build("no free stream id".into())));
-                    return Ok(());
+                let sid = match self.core.begin(addr, port) {
+                    Ok(sid) => sid,
+                    Err(e @ ProtoError::TooLarge { .. }) => {
+                        let _ = reply.send(Err(ClientError::Build(e.to_string())));
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
                 };
                 let (tx, rx) = mpsc::unbounded_channel();
-                self.streams.insert(
-                    sid,
-                    StreamEntry {
-                        tx,
-                        window: Arc::new(Semaphore::new(STREAM_WINDOW as usize)),
-                        sent: StreamWindow::new(),
-                        recv: StreamWindow::new(),
-                    },
-                );
-                self.pending.insert(sid, (reply, rx));
-                self.send_msg(sid, RelayMsg::Begin { addr, port })?;
-                Ok(())
-            }
-            CircCmd::Resolve { host, reply } => {
-                let Some(sid) = self.alloc_stream() else {
-                    let _ = reply.send(Err(ClientError::Build("no free stream id".into())));
-                    return Ok(());
+                let entry = StreamEntry {
+                    tx,
+                    room: Arc::new(Semaphore::new(SEND_ROOM)),
+                    unsealed: 0,
                 };
-                self.resolving.insert(sid, reply);
-                self.send_msg(sid, RelayMsg::Resolve(host))?;
-                Ok(())
+                self.streams.insert(sid, entry);
+                self.pending.insert(sid, (reply, rx));
             }
+            CircCmd::Resolve { host, reply } => match self.core.resolve(host) {
+                Ok(sid) => {
+                    self.resolving.insert(sid, reply);
+                }
+                Err(e @ ProtoError::TooLarge { .. }) => {
+                    let _ = reply.send(Err(ClientError::Build(e.to_string())));
+                }
+                Err(e) => return Err(e),
+            },
             CircCmd::Data(sid, d) => {
                 let Some(st) = self.streams.get_mut(&sid) else {
-                    // The stream is gone: give back the circuit permit.
-                    self.circ_window.add_permits(1);
                     return Ok(());
                 };
-                st.sent.take()?;
-                let tag = self.send_msg(sid, RelayMsg::Data(d))?;
-                self.fc_send.on_data_sent(&tag)?;
-                Ok(())
-            }
-            CircCmd::Consumed(sid, n) => {
-                for _ in 0..n {
-                    if let Some(st) = self.streams.get_mut(&sid)
-                        && st.recv.consumed()
-                    {
-                        self.send_msg(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })?;
-                    }
+                match self.core.send(now, sid, &d) {
+                    Ok(true) => st.room.add_permits(1),
+                    Ok(false) => st.unsealed += 1,
+                    // The exit ended the stream meanwhile.
+                    Err(ProtoError::UnknownStream(_)) => {}
+                    Err(e) => return Err(e),
                 }
-                Ok(())
             }
+            CircCmd::Consumed(sid, n) => self.core.consumed(sid, n)?,
             CircCmd::End(sid) => {
                 self.pending.remove(&sid);
-                if self.streams.remove(&sid).is_some() {
-                    self.send_msg(sid, RelayMsg::End(EndReason::DONE))?;
-                }
-                Ok(())
+                self.streams.remove(&sid);
+                self.resolving.remove(&sid);
+                self.core.end(sid, EndReason::DONE)?;
             }
         }
+        Ok(())
     }
 
-    /// DATA from the exit: counted in the windows, and held to go to its
-    /// stream together with the DATA after it in the same batch.
-    fn on_data(&mut self, sid: u16, data: &[u8], tag: &[u8; TAG_LEN]) -> Result<(), DestroyReason> {
-        if self.fc_recv.on_data_received(tag).is_err() {
-            debug!("the exit sent DATA past the circuit window");
-            return Err(DestroyReason::FLOW_CONTROL);
+    /// Take what the core has to send and to tell.
+    fn drain(&mut self) -> Result<(), DestroyReason> {
+        while let Some(t) = self.core.poll_transmit() {
+            self.out.push(relay_cell(self.circ_id, t.payload));
         }
-        if let Some(st) = self.streams.get_mut(&sid) {
-            if st.recv.receive().is_err() {
-                debug!("the exit sent DATA past a stream window");
-                return Err(DestroyReason::FLOW_CONTROL);
-            }
-            match &mut self.held {
-                Some((s, v, n)) if *s == sid && v.len() + data.len() <= HELD_MAX => {
-                    v.extend_from_slice(data);
-                    *n += 1;
-                }
-                _ => {
-                    self.flush_data();
-                    self.held = Some((sid, data.to_vec(), 1));
-                }
-            }
+        while let Some(ev) = self.core.poll_event() {
+            self.on_event(ev)?;
         }
-        self.circ_consumed(1).map_err(|_| DestroyReason::INTERNAL)
+        Ok(())
     }
 
-    /// Hand the held DATA to its stream.
-    fn flush_data(&mut self) {
-        let Some((sid, v, n)) = self.held.take() else {
-            return;
-        };
-        if let Some(st) = self.streams.get(&sid)
-            && st.tx.send((StreamData::Data(v), n)).is_err()
-        {
-            self.streams.remove(&sid);
-        }
-    }
-
-    fn on_cell(&mut self, mut c: Cell) -> Result<(), DestroyReason> {
-        match c.cmd {
-            CellCmd::RELAY => {}
-            CellCmd::DESTROY => return Err(DestroyReason::DESTROYED),
-            CellCmd::PADDING => return Ok(()),
-            _ => return Err(DestroyReason::PROTOCOL),
-        }
-        let (from, tag) = self
-            .layers
-            .decrypt_backward_tagged(&mut c.payload)
-            .map_err(|_| DestroyReason::CELL_AUTH)?;
-        if from == self.layers.len() - 1
-            && let Some((sid, data)) =
-                RelayMsg::decode_data(&c.payload[16..]).map_err(|_| DestroyReason::PROTOCOL)?
-        {
-            return self.on_data(sid, data, &tag);
-        }
-        // Data held for a stream goes ahead of anything else (an END).
-        self.flush_data();
-        let (sid, msg) = RelayMsg::decode(&c.payload[16..]).map_err(|_| DestroyReason::PROTOCOL)?;
-        if from != self.layers.len() - 1 {
-            debug!(hop = from, cmd = ?msg.cmd(), "message from an intermediate hop");
-            return match msg {
-                RelayMsg::Drop => Ok(()),
-                _ => Err(DestroyReason::PROTOCOL),
-            };
-        }
-        match msg {
-            RelayMsg::Connected(_) => {
-                if let Some((reply, rx)) = self.pending.remove(&sid) {
-                    let window = match self.streams.get(&sid) {
-                        Some(st) => st.window.clone(),
-                        None => return Ok(()),
-                    };
-                    let stream = Stream {
-                        id: sid,
-                        rx,
-                        tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
-                        window,
-                        circ_window: self.circ_window.clone(),
-                        unreported: 0,
-                    };
-                    if let Err(Ok(s)) = reply.send(Ok(stream)) {
-                        drop(s);
-                    }
+    fn on_event(&mut self, ev: Event) -> Result<(), DestroyReason> {
+        match ev {
+            Event::Connected { stream: sid, .. } => {
+                let (Some((reply, rx)), Some(st)) =
+                    (self.pending.remove(&sid), self.streams.get(&sid))
+                else {
+                    return Ok(());
+                };
+                let stream = Stream {
+                    id: sid,
+                    rx,
+                    tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
+                    room: st.room.clone(),
+                    unreported: 0,
+                };
+                if let Err(Ok(s)) = reply.send(Ok(stream)) {
+                    drop(s);
                 }
             }
-            RelayMsg::Sendme { tag } if sid == 0 => {
-                if self.fc_send.on_sendme(&tag).is_err() {
-                    debug!("the exit sent a SENDME that does not match");
-                    return Err(DestroyReason::FLOW_CONTROL);
-                }
-                self.circ_window.add_permits(CIRC_INCREMENT as usize);
-            }
-            RelayMsg::Sendme { .. } => {
-                if let Some(st) = self.streams.get_mut(&sid) {
-                    if st.sent.on_sendme().is_err() {
-                        return Err(DestroyReason::FLOW_CONTROL);
-                    }
-                    st.window.add_permits(STREAM_INCREMENT as usize);
-                }
-            }
-            RelayMsg::End(r) => {
-                if let Some((reply, _)) = self.pending.remove(&sid) {
-                    let _ = reply.send(Err(ClientError::StreamEnded(r)));
-                }
-                if let Some(st) = self.streams.remove(&sid) {
-                    let _ = st.tx.send((StreamData::End(r), 0));
-                }
-            }
-            RelayMsg::Resolved(addrs) => {
-                if let Some(reply) = self.resolving.remove(&sid) {
+            Event::Resolved { stream, addrs } => {
+                if let Some(reply) = self.resolving.remove(&stream) {
                     let _ = reply.send(if addrs.is_empty() {
                         Err(ClientError::StreamEnded(EndReason::RESOLVE_FAILED))
                     } else {
@@ -623,8 +486,33 @@ impl CircTask {
                     });
                 }
             }
-            RelayMsg::Drop => {}
-            _ => return Err(DestroyReason::PROTOCOL),
+            Event::Data {
+                stream,
+                data,
+                cells,
+            } => {
+                if let Some(st) = self.streams.get(&stream) {
+                    let _ = st.tx.send((StreamData::Data(data), cells));
+                }
+            }
+            Event::Sent { stream } => {
+                if let Some(st) = self.streams.get_mut(&stream) {
+                    st.room.add_permits(std::mem::take(&mut st.unsealed));
+                }
+            }
+            Event::End { stream, reason } => {
+                if let Some((reply, _)) = self.pending.remove(&stream) {
+                    let _ = reply.send(Err(ClientError::StreamEnded(reason)));
+                }
+                if let Some(st) = self.streams.remove(&stream) {
+                    let _ = st.tx.send((StreamData::End(reason), 0));
+                }
+            }
+            Event::Destroyed { .. } => return Err(DestroyReason::DESTROYED),
+            // Only a relay's core asks these.
+            Event::Begin { .. } | Event::Resolve { .. } | Event::Extend(_) | Event::Truncated => {
+                return Err(DestroyReason::INTERNAL);
+            }
         }
         Ok(())
     }

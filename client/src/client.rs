@@ -377,13 +377,20 @@ impl Client {
             pool.retain(|p| {
                 !p.circ.is_closed() && p.first_used.is_none_or(|t| t.elapsed() < dirty)
             });
-            let found = pool.iter_mut().find(|p| {
-                p.isolation.as_ref().is_none_or(|i| i == iso)
+            // A circuit already bound to this isolation first, then a
+            // fresh one (a preemptive circuit may have come in meanwhile).
+            let usable = |p: &PooledCircuit, bound: bool| {
+                p.isolation.as_ref().map_or(!bound, |i| bound && i == iso)
                     && p.circ
                         .path
                         .last()
                         .is_some_and(|e| path::exit_allows(e, target))
-            });
+            };
+            let at = pool
+                .iter()
+                .position(|p| usable(p, true))
+                .or_else(|| pool.iter().position(|p| usable(p, false)));
+            let found = at.map(|i| &mut pool[i]);
             if let Some(p) = found {
                 p.isolation = Some(iso.clone());
                 p.first_used.get_or_insert_with(Instant::now);

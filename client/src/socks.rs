@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info};
 
-use crate::circuit::{DATA_MAX, Stream, StreamData};
+use crate::circuit::{Stream, StreamData};
 use crate::{Client, ClientError, Isolation};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -193,7 +193,7 @@ where
         stream.send(&early).await?;
     }
     let (mut r, mut w) = tokio::io::split(s);
-    let mut buf = vec![0u8; DATA_MAX * 8];
+    let mut buf = vec![0u8; 32 * 1024];
     let mut app_open = true;
     let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {

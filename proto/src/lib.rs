@@ -9,6 +9,7 @@
 
 pub mod aead;
 pub mod cell;
+pub mod circuit;
 pub mod doc;
 pub mod flow;
 pub mod httpconnect;
@@ -60,6 +61,9 @@ pub enum Error {
     /// own window.
     #[error("flow control: {0}")]
     FlowControl(&'static str),
+    /// A local fault: data for a stream that has ended or never was.
+    #[error("no stream {0} on this circuit")]
+    UnknownStream(u16),
     #[error("the peer misbehaved: {0}")]
     PeerMisbehaved(#[from] PeerMisbehaved),
 }

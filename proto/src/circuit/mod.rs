@@ -1,0 +1,765 @@
+//! The circuit core: one circuit's protocol state, as pure code.
+//!
+//! A [`Circuit`] owns what one end of a circuit knows: its onion layers
+//! (all of them at the client, its own at a relay), the circuit windows
+//! with their SENDME tags, the stream map with each stream's windows, and
+//! at a relay whether a next hop exists. It reads no socket and no clock
+//! and never waits: the client's and the relay's circuit tasks are thin
+//! drivers around it, and tests drive two of them in memory
+//! ([`tests`](self) has the `CircuitPair` kit).
+//!
+//! ```text
+//!   client driver                                   relay driver
+//!   ┌───────────────────┐   RELAY payloads    ┌───────────────────┐
+//!   │ Circuit::client   │ ──── poll_transmit ─▶ │ Circuit::relay    │ ─▶ next hop
+//!   │  layers, windows, │ ◀─── handle_cell ──── │  layer, windows,  │
+//!   │  streams          │                      │  exit streams     │
+//!   └───────────────────┘                      └───────────────────┘
+//! ```
+//!
+//! # Calling order
+//! 1. Feed each input: a cell that arrived ([`Circuit::handle_cell`], with
+//!    the side it came from) or a local decision (`begin`, `send`,
+//!    `consumed`, `end`, `connected`, `resolved`, `extend_failed`).
+//! 2. Then drain [`Circuit::poll_transmit`] until it returns `None` and send
+//!    the payloads in that order (each is a whole RELAY cell payload, for
+//!    the side it names), then drain [`Circuit::poll_event`].
+//! 3. An `Err` from an input ends the circuit: tear it down both ways. A
+//!    [`PeerMisbehaved`](crate::PeerMisbehaved) error names what the peer
+//!    did; [`Error::CellAuth`] a cell that failed authentication.
+//!
+//! Inputs may be batched (all cells of one link frame, then one drain):
+//! DATA for one stream that arrives in one batch comes out as one
+//! [`Event::Data`].
+//!
+//! # Windows
+//! Each window has one source of truth, here. [`Circuit::send`] seals as
+//! many DATA cells as the stream's and the circuit's windows allow now and
+//! keeps the rest; what it kept goes out as SENDMEs arrive, and
+//! [`Event::Sent`] says when the stream's buffer is empty again, so a
+//! driver gives its producer room by that event and never counts cells
+//! itself. Received DATA counts against the peer's windows at once (a cell
+//! past one is the peer's fault); circuit SENDMEs go out when the cells
+//! are handed on as events, stream SENDMEs when the driver reports them
+//! [`Circuit::consumed`].
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use rand_core::CryptoRng;
+use zeroize::Zeroizing;
+
+use crate::aead::keystream;
+
+use crate::cell::{self, Cell, CellCmd, DestroyReason, PAYLOAD_LEN};
+use crate::flow::{CircRecvWindow, CircSendWindow, SENDME_CELL_RANDOM, StreamWindow};
+use crate::onion::{BACKWARD_CAPACITY, ClientLayers, Peeled, RelayLayer, forward_capacity};
+use crate::relaymsg::{EndReason, Extend, HEADER_LEN, RelayMsg, TargetAddr};
+use crate::{Error, PeerMisbehaved};
+
+#[cfg(test)]
+mod tests;
+
+const TAG_LEN: usize = 16;
+
+/// A RELAY cell's payload.
+pub type Payload = Box<[u8; PAYLOAD_LEN]>;
+
+/// The circuit id of a channel: local to one link and one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CircId(pub u32);
+
+/// Which neighbour a cell came from or goes to: `Prev` is toward the
+/// client, `Next` away from it (the client's only neighbour is `Next`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Prev,
+    Next,
+}
+
+/// A RELAY cell to send, in order, to the neighbour on `side`.
+pub struct Transmit {
+    pub side: Side,
+    pub payload: Payload,
+}
+
+/// What the circuit tells its driver.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Client: the exit connected the stream.
+    Connected { stream: u16, addr: Option<IpAddr> },
+    /// Client: the answer to [`Circuit::resolve`]; empty if the name did
+    /// not resolve.
+    Resolved {
+        stream: u16,
+        addrs: Vec<(IpAddr, u32)>,
+    },
+    /// Relay: the client asks to open a stream. Answer with
+    /// [`Circuit::connected`] or [`Circuit::end`].
+    Begin {
+        stream: u16,
+        addr: TargetAddr,
+        port: u16,
+    },
+    /// Relay: the client asks to resolve a name. Answer with
+    /// [`Circuit::resolved`].
+    Resolve { stream: u16, host: String },
+    /// Relay: the client asks to extend to another relay. Send it a CREATE
+    /// (its CREATED goes to [`Circuit::handle_cell`]) or call
+    /// [`Circuit::extend_failed`].
+    Extend(Extend),
+    /// Relay: the client dropped the next hop; destroy that side.
+    Truncated,
+    /// Stream bytes from the far end, with the DATA cells they came in
+    /// (to report to [`Circuit::consumed`] once handed on).
+    Data {
+        stream: u16,
+        data: Vec<u8>,
+        cells: u32,
+    },
+    /// Everything given to [`Circuit::send`] for this stream is sealed.
+    Sent { stream: u16 },
+    /// The far end ended the stream (after its last [`Event::Data`]).
+    End { stream: u16, reason: EndReason },
+    /// The neighbour on `side` destroyed the circuit: tear it down toward
+    /// the other side only.
+    Destroyed { side: Side, reason: DestroyReason },
+}
+
+/// Counts since the last [`Circuit::take_counts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Cells passed on through this hop, either way.
+    pub relayed: u64,
+    /// Cells this end sealed.
+    pub originated: u64,
+    /// Cells this end opened.
+    pub delivered: u64,
+}
+
+/// Streams one circuit may have open at once (resolves included).
+pub const MAX_STREAMS: usize = 512;
+/// The most DATA one [`Event::Data`] carries.
+const DATA_EVENT_MAX: usize = 64 * 1024;
+
+enum Role {
+    Client(ClientLayers),
+    Relay { layer: RelayLayer, next: NextHop },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NextHop {
+    None,
+    /// EXTEND accepted, CREATED not yet back.
+    Pending,
+    Open,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Client: BEGIN sent. Relay: BEGIN received, not yet connected.
+    Opening,
+    Open,
+    Resolving,
+}
+
+struct StreamState {
+    kind: Kind,
+    /// DATA this end may still send.
+    send: StreamWindow,
+    /// DATA the far end may still send.
+    recv: StreamWindow,
+    /// Bytes given to `send` and not yet sealed.
+    unsent: Vec<u8>,
+    /// END to send once `unsent` is empty.
+    end_after: Option<EndReason>,
+}
+
+impl StreamState {
+    fn new(kind: Kind) -> Self {
+        StreamState {
+            kind,
+            send: StreamWindow::new(),
+            recv: StreamWindow::new(),
+            unsent: Vec::new(),
+            end_after: None,
+        }
+    }
+}
+
+/// One circuit's protocol state. See the [module docs](self) for the
+/// calling order.
+pub struct Circuit {
+    role: Role,
+    fc_send: CircSendWindow,
+    fc_recv: CircRecvWindow,
+    streams: HashMap<u16, StreamState>,
+    /// Streams with unsent bytes, in the order they blocked.
+    blocked: VecDeque<u16>,
+    next_stream: u16,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    sendme_tags: Vec<[u8; TAG_LEN]>,
+    /// When each DATA cell a circuit SENDME will acknowledge was sent.
+    acked_sent_at: VecDeque<Instant>,
+    rtt: Option<Rtt>,
+    counts: Counts,
+    closed: bool,
+    /// Key of the keystream that pads acknowledged DATA cells.
+    pad_key: Zeroizing<[u8; 32]>,
+    pad_counter: u64,
+}
+
+/// Round-trip estimate from circuit SENDMEs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rtt {
+    pub min: Duration,
+    pub latest: Duration,
+}
+
+impl Circuit {
+    fn new(rng: &mut impl CryptoRng, role: Role) -> Self {
+        let mut pad_key = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(&mut pad_key[..]);
+        Circuit {
+            pad_key,
+            pad_counter: 0,
+            role,
+            fc_send: CircSendWindow::new(),
+            fc_recv: CircRecvWindow::new(),
+            streams: HashMap::new(),
+            blocked: VecDeque::new(),
+            next_stream: 1,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            sendme_tags: Vec::new(),
+            acked_sent_at: VecDeque::new(),
+            rtt: None,
+            counts: Counts::default(),
+            closed: false,
+        }
+    }
+
+    /// The client's end of a built circuit; streams go to its last hop.
+    pub fn client(rng: &mut impl CryptoRng, layers: ClientLayers) -> Result<Self, Error> {
+        if layers.is_empty() {
+            return Err(Error::malformed("circuit", "no hops"));
+        }
+        Ok(Self::new(rng, Role::Client(layers)))
+    }
+
+    /// A relay's hop of a circuit, right after it answered the CREATE.
+    pub fn relay(rng: &mut impl CryptoRng, layer: RelayLayer) -> Self {
+        Self::new(
+            rng,
+            Role::Relay {
+                layer,
+                next: NextHop::None,
+            },
+        )
+    }
+
+    /// The next payload to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Counts since the last call.
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// The round trip measured by circuit SENDMEs, once one came back.
+    pub fn rtt(&self) -> Option<Rtt> {
+        self.rtt
+    }
+
+    /// Streams open or opening.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Client: open a stream to `addr:port` at the exit. Its
+    /// [`Event::Connected`] or [`Event::End`] follows.
+    pub fn begin(&mut self, addr: TargetAddr, port: u16) -> Result<u16, Error> {
+        let sid = self.new_stream(Kind::Opening)?;
+        self.originate(sid, &RelayMsg::Begin { addr, port })?;
+        Ok(sid)
+    }
+
+    /// Client: resolve `host` at the exit; [`Event::Resolved`] follows.
+    pub fn resolve(&mut self, host: String) -> Result<u16, Error> {
+        let sid = self.new_stream(Kind::Resolving)?;
+        self.originate(sid, &RelayMsg::Resolve(host))?;
+        Ok(sid)
+    }
+
+    fn new_stream(&mut self, kind: Kind) -> Result<u16, Error> {
+        if !matches!(self.role, Role::Client(_)) {
+            return Err(Error::malformed("stream", "only a client opens streams"));
+        }
+        if self.streams.len() >= MAX_STREAMS {
+            return Err(Error::TooLarge {
+                what: "streams on a circuit",
+                len: self.streams.len() + 1,
+                max: MAX_STREAMS,
+            });
+        }
+        loop {
+            let sid = self.next_stream;
+            self.next_stream = self.next_stream.wrapping_add(1).max(1);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.streams.entry(sid) {
+                e.insert(StreamState::new(kind));
+                return Ok(sid);
+            }
+        }
+    }
+
+    /// Relay: the stream asked for by [`Event::Begin`] is connected.
+    pub fn connected(&mut self, sid: u16, addr: IpAddr) -> Result<(), Error> {
+        match self.streams.get_mut(&sid) {
+            Some(st) if st.kind == Kind::Opening => {
+                st.kind = Kind::Open;
+                self.originate(sid, &RelayMsg::Connected(Some(addr)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Relay: the answer to [`Event::Resolve`] (at most 16 addresses go out).
+    pub fn resolved(&mut self, sid: u16, addrs: &[IpAddr]) -> Result<(), Error> {
+        if !self
+            .streams
+            .get(&sid)
+            .is_some_and(|s| s.kind == Kind::Resolving)
+        {
+            return Ok(());
+        }
+        self.streams.remove(&sid);
+        let addrs = addrs.iter().take(16).map(|a| (*a, 60)).collect();
+        self.originate(sid, &RelayMsg::Resolved(addrs))
+    }
+
+    /// Relay: the extension asked for by [`Event::Extend`] failed.
+    pub fn extend_failed(&mut self, reason: DestroyReason) -> Result<(), Error> {
+        if let Role::Relay { next, .. } = &mut self.role {
+            *next = NextHop::None;
+        }
+        self.originate(0, &RelayMsg::Truncated(reason.0))
+    }
+
+    /// Send `data` on stream `sid`: sealed into DATA cells now as far as the
+    /// windows allow, the rest kept until SENDMEs open them. Returns true
+    /// when all is sealed; otherwise [`Event::Sent`] follows once it is.
+    /// A stream that is gone (or never was) fails with
+    /// [`Error::UnknownStream`].
+    pub fn send(&mut self, now: Instant, sid: u16, data: &[u8]) -> Result<bool, Error> {
+        let Some(st) = self.streams.get_mut(&sid) else {
+            return Err(Error::UnknownStream(sid));
+        };
+        if st.kind == Kind::Resolving || st.end_after.is_some() {
+            return Err(Error::UnknownStream(sid));
+        }
+        let was_blocked = !st.unsent.is_empty();
+        st.unsent.extend_from_slice(data);
+        if was_blocked {
+            return Ok(false);
+        }
+        let done = self.pump(now, sid)?;
+        if !done {
+            self.blocked.push_back(sid);
+        }
+        Ok(done)
+    }
+
+    /// The driver handed on `cells` DATA cells of stream `sid` (delivered to
+    /// the application, written to the exit's TCP connection): the far end
+    /// may send that many more.
+    pub fn consumed(&mut self, sid: u16, cells: u32) -> Result<(), Error> {
+        for _ in 0..cells {
+            let due = match self.streams.get_mut(&sid) {
+                Some(st) => st.recv.consumed(),
+                None => return Ok(()),
+            };
+            if due {
+                self.originate(sid, &RelayMsg::Sendme { tag: [0; TAG_LEN] })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// End stream `sid` from this side: END goes out after what the stream
+    /// still has to send. Nothing happens for a stream already gone.
+    pub fn end(&mut self, sid: u16, reason: EndReason) -> Result<(), Error> {
+        let Some(st) = self.streams.get_mut(&sid) else {
+            return Ok(());
+        };
+        if st.kind == Kind::Resolving {
+            self.streams.remove(&sid);
+            return Ok(());
+        }
+        if !st.unsent.is_empty() {
+            st.end_after = Some(reason);
+            return Ok(());
+        }
+        self.streams.remove(&sid);
+        self.originate(sid, &RelayMsg::End(reason))
+    }
+
+    /// A cell from the neighbour on `side`.
+    pub fn handle_cell(&mut self, now: Instant, side: Side, mut cell: Cell) -> Result<(), Error> {
+        if self.closed {
+            return Ok(());
+        }
+        match (cell.cmd, side) {
+            (CellCmd::PADDING, _) => Ok(()),
+            (CellCmd::DESTROY, _) => {
+                self.closed = true;
+                let reason = match side {
+                    Side::Prev => DestroyReason(cell.payload[0]),
+                    Side::Next => DestroyReason::DESTROYED,
+                };
+                self.events.push_back(Event::Destroyed { side, reason });
+                Ok(())
+            }
+            (CellCmd::RELAY, Side::Next) => match &mut self.role {
+                Role::Client(_) => self.client_cell(now, &mut cell.payload),
+                Role::Relay { layer, .. } => {
+                    layer.wrap_backward(&mut cell.payload)?;
+                    self.counts.relayed += 1;
+                    self.transmits.push_back(Transmit {
+                        side: Side::Prev,
+                        payload: cell.payload,
+                    });
+                    Ok(())
+                }
+            },
+            (CellCmd::RELAY, Side::Prev) => self.relay_cell(now, cell.payload),
+            (CellCmd::CREATED, Side::Next) => match &mut self.role {
+                Role::Relay { next, .. } if *next == NextHop::Pending => {
+                    *next = NextHop::Open;
+                    let h = cell::decode_created(&cell.payload[..])?.to_vec();
+                    self.originate(0, &RelayMsg::Extended(h))
+                }
+                _ => Err(unexpected("RELAY cells from the next hop", "a CREATED")),
+            },
+            (cmd, _) => Err(unexpected(
+                "a RELAY, DESTROY or PADDING cell",
+                format!("{cmd:?}"),
+            )),
+        }
+    }
+
+    fn client_cell(&mut self, now: Instant, payload: &mut Payload) -> Result<(), Error> {
+        let Role::Client(layers) = &mut self.role else {
+            unreachable!("checked by the caller")
+        };
+        let last = layers.len() - 1;
+        let (from, tag) = layers.decrypt_backward_tagged(payload)?;
+        self.counts.delivered += 1;
+        let plain = &payload[TAG_LEN..];
+        if from != last {
+            return match RelayMsg::decode(plain)? {
+                (_, RelayMsg::Drop) => Ok(()),
+                (_, m) => Err(unexpected(
+                    "only DROP from an intermediate hop",
+                    format!("{:?}", m.cmd()),
+                )),
+            };
+        }
+        if let Some((sid, data)) = RelayMsg::decode_data(plain)? {
+            return self.on_data(sid, data, &tag);
+        }
+        match RelayMsg::decode(plain)? {
+            (sid, RelayMsg::Connected(addr)) if sid != 0 => {
+                if let Some(st) = self.streams.get_mut(&sid)
+                    && st.kind == Kind::Opening
+                {
+                    st.kind = Kind::Open;
+                    self.events
+                        .push_back(Event::Connected { stream: sid, addr });
+                }
+                Ok(())
+            }
+            (sid, RelayMsg::Resolved(addrs)) if sid != 0 => {
+                if self
+                    .streams
+                    .get(&sid)
+                    .is_some_and(|s| s.kind == Kind::Resolving)
+                {
+                    self.streams.remove(&sid);
+                    self.events
+                        .push_back(Event::Resolved { stream: sid, addrs });
+                }
+                Ok(())
+            }
+            (sid, RelayMsg::Sendme { tag }) => self.on_sendme(now, sid, &tag),
+            (sid, RelayMsg::End(reason)) if sid != 0 => {
+                self.on_end(sid, reason);
+                Ok(())
+            }
+            (_, RelayMsg::Drop) => Ok(()),
+            (sid, m) => Err(unexpected(
+                "CONNECTED, DATA, END, SENDME, RESOLVED or DROP from the exit",
+                format!("{:?} on stream {sid}", m.cmd()),
+            )),
+        }
+    }
+
+    fn relay_cell(&mut self, now: Instant, mut payload: Payload) -> Result<(), Error> {
+        let Role::Relay { layer, next } = &mut self.role else {
+            return Err(Error::malformed("circuit", "a client has no previous hop"));
+        };
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&payload[..TAG_LEN]);
+        if layer.peel_forward(&mut payload, *next == NextHop::Open)? == Peeled::Forward {
+            self.counts.relayed += 1;
+            self.transmits.push_back(Transmit {
+                side: Side::Next,
+                payload,
+            });
+            return Ok(());
+        }
+        self.counts.delivered += 1;
+        let plain = &payload[TAG_LEN..];
+        if let Some((sid, data)) = RelayMsg::decode_data(plain)? {
+            return self.on_data(sid, data, &tag);
+        }
+        let (sid, msg) = RelayMsg::decode(plain)?;
+        match msg {
+            RelayMsg::Extend(e) if sid == 0 => {
+                if *next != NextHop::None {
+                    return Err(PeerMisbehaved::ExtendTwice.into());
+                }
+                *next = NextHop::Pending;
+                self.events.push_back(Event::Extend(e));
+                Ok(())
+            }
+            RelayMsg::Truncate if sid == 0 => {
+                if std::mem::replace(next, NextHop::None) != NextHop::None {
+                    self.events.push_back(Event::Truncated);
+                }
+                self.originate(0, &RelayMsg::Truncated(DestroyReason::REQUESTED.0))
+            }
+            RelayMsg::Sendme { tag } => self.on_sendme(now, sid, &tag),
+            RelayMsg::Begin { addr, port } if sid != 0 => {
+                if self.streams.contains_key(&sid) || self.streams.len() >= MAX_STREAMS {
+                    return self.originate(sid, &RelayMsg::End(EndReason::RESOURCE_LIMIT));
+                }
+                self.streams.insert(sid, StreamState::new(Kind::Opening));
+                self.events.push_back(Event::Begin {
+                    stream: sid,
+                    addr,
+                    port,
+                });
+                Ok(())
+            }
+            RelayMsg::Resolve(host) if sid != 0 => {
+                if self.streams.contains_key(&sid) || self.streams.len() >= MAX_STREAMS {
+                    return self.originate(sid, &RelayMsg::Resolved(vec![]));
+                }
+                self.streams.insert(sid, StreamState::new(Kind::Resolving));
+                self.events.push_back(Event::Resolve { stream: sid, host });
+                Ok(())
+            }
+            RelayMsg::End(reason) if sid != 0 => {
+                self.on_end(sid, reason);
+                Ok(())
+            }
+            RelayMsg::Drop => Ok(()),
+            other => Err(unexpected(
+                if sid == 0 {
+                    "a circuit message (EXTEND, TRUNCATE, SENDME, DROP)"
+                } else {
+                    "a stream message (BEGIN, DATA, END, SENDME, RESOLVE)"
+                },
+                format!("{:?} on stream {sid}", other.cmd()),
+            )),
+        }
+    }
+
+    /// DATA from the far end: counted in both windows at once, handed on as
+    /// an event (joined to the DATA before it when that is for the same
+    /// stream and still waiting), which lets the circuit window move on.
+    fn on_data(&mut self, sid: u16, data: &[u8], tag: &[u8; TAG_LEN]) -> Result<(), Error> {
+        self.fc_recv.on_data_received(tag)?;
+        if let Some(st) = self.streams.get_mut(&sid)
+            && st.kind != Kind::Resolving
+        {
+            st.recv.receive()?;
+            match self.events.back_mut() {
+                Some(Event::Data {
+                    stream,
+                    data: d,
+                    cells,
+                }) if *stream == sid && d.len() + data.len() <= DATA_EVENT_MAX => {
+                    d.extend_from_slice(data);
+                    *cells += 1;
+                }
+                _ => self.events.push_back(Event::Data {
+                    stream: sid,
+                    data: data.to_vec(),
+                    cells: 1,
+                }),
+            }
+        }
+        let mut tags = std::mem::take(&mut self.sendme_tags);
+        self.fc_recv.on_consumed(1, &mut tags);
+        let r = tags
+            .drain(..)
+            .try_for_each(|tag| self.originate(0, &RelayMsg::Sendme { tag }));
+        self.sendme_tags = tags;
+        r
+    }
+
+    fn on_sendme(&mut self, now: Instant, sid: u16, tag: &[u8; TAG_LEN]) -> Result<(), Error> {
+        if sid == 0 {
+            self.fc_send.on_sendme(tag)?;
+            if let Some(at) = self.acked_sent_at.pop_front() {
+                let latest = now.saturating_duration_since(at);
+                let min = self.rtt.map_or(latest, |r| r.min.min(latest));
+                self.rtt = Some(Rtt { min, latest });
+            }
+        } else if let Some(st) = self.streams.get_mut(&sid) {
+            st.send.on_sendme()?;
+        } else {
+            return Ok(());
+        }
+        self.flush_blocked(now)
+    }
+
+    fn on_end(&mut self, sid: u16, reason: EndReason) {
+        if let Some(st) = self.streams.remove(&sid) {
+            if st.kind == Kind::Resolving {
+                self.events.push_back(Event::Resolved {
+                    stream: sid,
+                    addrs: vec![],
+                });
+            } else {
+                self.events.push_back(Event::End {
+                    stream: sid,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Bytes the far end may receive in one DATA cell from this end.
+    fn data_max(&self) -> usize {
+        self.capacity() - HEADER_LEN
+    }
+
+    fn capacity(&self) -> usize {
+        match &self.role {
+            Role::Client(l) => forward_capacity(l.len() - 1),
+            Role::Relay { .. } => BACKWARD_CAPACITY,
+        }
+    }
+
+    /// Seal `payload` (its body holds a message) toward the far end.
+    fn seal(&mut self, payload: &mut [u8; PAYLOAD_LEN]) -> Result<([u8; TAG_LEN], Side), Error> {
+        self.counts.originated += 1;
+        match &mut self.role {
+            Role::Client(l) => Ok((
+                l.encrypt_forward_in_place(l.len() - 1, payload)?,
+                Side::Next,
+            )),
+            Role::Relay { layer, .. } => {
+                Ok((layer.originate_backward_in_place(payload)?, Side::Prev))
+            }
+        }
+    }
+
+    fn originate(&mut self, sid: u16, msg: &RelayMsg) -> Result<(), Error> {
+        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+        let cap = self.capacity();
+        msg.encode_into(sid, &mut payload[TAG_LEN..TAG_LEN + cap])?;
+        let (_, side) = self.seal(&mut payload)?;
+        self.transmits.push_back(Transmit { side, payload });
+        Ok(())
+    }
+
+    /// Seal as much of stream `sid`'s unsent bytes as the windows allow.
+    /// Returns true when none are left. (An error ends the circuit, so what
+    /// is unsent then does not matter.)
+    fn pump(&mut self, now: Instant, sid: u16) -> Result<bool, Error> {
+        let (data_max, cap) = (self.data_max(), self.capacity());
+        let Some(st) = self.streams.get_mut(&sid) else {
+            return Ok(true);
+        };
+        let unsent = std::mem::take(&mut st.unsent);
+        let mut window = st.send.available();
+        let mut off = 0;
+        while off < unsent.len() && window > 0 && self.fc_send.available() > 0 {
+            // The cell a circuit SENDME will acknowledge by its tag keeps
+            // random padding, so its tag cannot be computed.
+            let acked = self.fc_send.next_is_acked();
+            let n = (unsent.len() - off).min(if acked {
+                data_max - SENDME_CELL_RANDOM
+            } else {
+                data_max
+            });
+            let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+            let body = &mut payload[TAG_LEN..TAG_LEN + cap];
+            let len = RelayMsg::encode_data_into(sid, &unsent[off..off + n], body)?;
+            if acked {
+                keystream(&self.pad_key, self.pad_counter, &mut body[len..]);
+                self.pad_counter += 1;
+                self.acked_sent_at.push_back(now);
+            }
+            let (tag, side) = self.seal(&mut payload)?;
+            self.fc_send.on_data_sent(&tag)?;
+            self.transmits.push_back(Transmit { side, payload });
+            window -= 1;
+            off += n;
+        }
+        let st = self.streams.get_mut(&sid).expect("looked up above");
+        for _ in 0..st.send.available() - window {
+            st.send.take()?;
+        }
+        st.unsent = unsent;
+        st.unsent.drain(..off);
+        if !st.unsent.is_empty() {
+            return Ok(false);
+        }
+        if let Some(reason) = st.end_after.take() {
+            self.streams.remove(&sid);
+            self.originate(sid, &RelayMsg::End(reason))?;
+        }
+        Ok(true)
+    }
+
+    /// Windows opened: send what blocked streams hold, oldest first.
+    fn flush_blocked(&mut self, now: Instant) -> Result<(), Error> {
+        for _ in 0..self.blocked.len() {
+            if self.fc_send.available() == 0 {
+                break;
+            }
+            let Some(sid) = self.blocked.pop_front() else {
+                break;
+            };
+            if self.pump(now, sid)? {
+                if self.streams.contains_key(&sid) {
+                    self.events.push_back(Event::Sent { stream: sid });
+                }
+            } else {
+                self.blocked.push_back(sid);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unexpected(expected: &'static str, got: impl Into<String>) -> Error {
+    PeerMisbehaved::Unexpected {
+        expected,
+        got: got.into(),
+    }
+    .into()
+}

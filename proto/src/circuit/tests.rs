@@ -1,0 +1,552 @@
+//! `CircuitPair`: a client and its relays as circuit cores in memory, joined
+//! by a simulated wire with a per-link delay and a tamper hook.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::flow::{CIRC_INCREMENT, CIRC_WINDOW, STREAM_INCREMENT, STREAM_WINDOW};
+use crate::onion::HopKeys;
+
+type Tamper = Box<dyn FnMut(usize, &mut Cell)>;
+
+/// Node 0 is the client, node `k` its `k`-th relay; the last is the exit.
+struct CircuitPair {
+    now: Instant,
+    delay: Duration,
+    nodes: Vec<Circuit>,
+    /// Cells in flight: when they arrive, at which node, from which side.
+    wire: VecDeque<(Instant, usize, Side, Cell)>,
+    events: Vec<Vec<Event>>,
+    errors: Vec<Option<Error>>,
+    /// Called on each cell as it leaves node `usize`.
+    tamper: Option<Tamper>,
+    rng: StdRng,
+}
+
+impl CircuitPair {
+    /// A circuit through `hops` relays, built by the real EXTEND exchange.
+    fn new(hops: usize, delay: Duration) -> Self {
+        let seed = rand::random::<u64>();
+        println!("CircuitPair seed {seed}");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut layers = ClientLayers::new();
+        let mut relays = Vec::new();
+        for i in 0..hops {
+            let mut k = [0u8; 64];
+            rng.fill_bytes(&mut k);
+            let keys = HopKeys::from_bytes(&k);
+            let relay = Circuit::relay(&mut rng, RelayLayer::new(&keys));
+            if i > 0 {
+                // The previous hop is asked to extend, and gets CREATED.
+                let last = layers.len() - 1;
+                let ext = RelayMsg::Extend(Extend {
+                    identity: [7; 32],
+                    link_key: [8; 32],
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    htype: 2,
+                    hdata: vec![9; 10],
+                })
+                .encode(0, forward_capacity(last))
+                .unwrap();
+                let p = layers.encrypt_forward(last, &ext).unwrap();
+                let mut fwd = vec![p];
+                for r in relays.iter_mut().take(i - 1) {
+                    let c: &mut Circuit = r;
+                    c.handle_cell(Instant::now(), Side::Prev, relay_cell(fwd.pop().unwrap()))
+                        .unwrap();
+                    fwd.push(c.poll_transmit().unwrap().payload);
+                }
+                let prev: &mut Circuit = relays.last_mut().unwrap();
+                prev.handle_cell(Instant::now(), Side::Prev, relay_cell(fwd.pop().unwrap()))
+                    .unwrap();
+                assert!(matches!(prev.poll_event(), Some(Event::Extend(e)) if e.hdata == [9; 10]));
+                let created =
+                    Cell::new(0, CellCmd::CREATED, &cell::encode_created(&[5; 8])).unwrap();
+                prev.handle_cell(Instant::now(), Side::Next, created)
+                    .unwrap();
+                let mut back = prev.poll_transmit().unwrap().payload;
+                for r in relays.iter_mut().rev().skip(1) {
+                    let c: &mut Circuit = r;
+                    c.handle_cell(Instant::now(), Side::Next, relay_cell(back))
+                        .unwrap();
+                    back = c.poll_transmit().unwrap().payload;
+                }
+                assert_eq!(layers.decrypt_backward(&mut back).unwrap(), last);
+                let (_, m) = RelayMsg::decode(&back[16..]).unwrap();
+                assert_eq!(m, RelayMsg::Extended(vec![5; 8]));
+            }
+            layers.push(&keys).unwrap();
+            relays.push(relay);
+        }
+        let mut nodes = vec![Circuit::client(&mut rng, layers).unwrap()];
+        for mut r in relays {
+            r.take_counts();
+            nodes.push(r);
+        }
+        let n = nodes.len();
+        CircuitPair {
+            now: Instant::now(),
+            delay,
+            nodes,
+            wire: VecDeque::new(),
+            events: (0..n).map(|_| Vec::new()).collect(),
+            errors: (0..n).map(|_| None).collect(),
+            tamper: None,
+            rng,
+        }
+    }
+
+    fn exit(&self) -> usize {
+        self.nodes.len() - 1
+    }
+
+    /// Move what every node has to send onto the wire, and collect events.
+    fn collect(&mut self) {
+        for i in 0..self.nodes.len() {
+            while let Some(t) = self.nodes[i].poll_transmit() {
+                let (to, from) = match t.side {
+                    Side::Next => (i + 1, Side::Prev),
+                    Side::Prev => (i - 1, Side::Next),
+                };
+                let mut c = relay_cell(t.payload);
+                if let Some(f) = &mut self.tamper {
+                    f(i, &mut c);
+                }
+                self.wire.push_back((self.now + self.delay, to, from, c));
+            }
+            while let Some(e) = self.nodes[i].poll_event() {
+                self.events[i].push(e);
+            }
+        }
+    }
+
+    /// Deliver the cells due now (or, if none is, advance the clock to the
+    /// first one). False when nothing is left in flight.
+    fn step(&mut self) -> bool {
+        self.collect();
+        let Some(first) = self.wire.iter().map(|w| w.0).min() else {
+            return false;
+        };
+        self.now = self.now.max(first);
+        let (due, later): (VecDeque<_>, VecDeque<_>) =
+            self.wire.drain(..).partition(|w| w.0 <= self.now);
+        self.wire = later;
+        for (_, to, from, c) in due {
+            if to >= self.nodes.len() || self.errors[to].is_some() {
+                continue;
+            }
+            if let Err(e) = self.nodes[to].handle_cell(self.now, from, c) {
+                self.errors[to] = Some(e);
+            }
+        }
+        self.collect();
+        true
+    }
+
+    /// Run until nothing is in flight.
+    fn drive(&mut self) {
+        for _ in 0..100_000 {
+            if !self.step() {
+                return;
+            }
+        }
+        panic!("the circuit did not settle");
+    }
+
+    fn take_events(&mut self, node: usize) -> Vec<Event> {
+        std::mem::take(&mut self.events[node])
+    }
+
+    /// Open a stream from the client to the exit.
+    fn open_stream(&mut self) -> u16 {
+        let sid = self.nodes[0]
+            .begin(TargetAddr::Host("example.org".into()), 80)
+            .unwrap();
+        self.drive();
+        let exit = self.exit();
+        let ev = self.take_events(exit);
+        assert!(
+            matches!(&ev[..], [Event::Begin { stream, port: 80, .. }] if *stream == sid),
+            "{ev:?}"
+        );
+        self.nodes[exit]
+            .connected(sid, IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .unwrap();
+        self.drive();
+        assert_eq!(
+            self.take_events(0),
+            vec![Event::Connected {
+                stream: sid,
+                addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            }]
+        );
+        sid
+    }
+
+    /// What `node` received on stream `sid`, and the cells it came in.
+    fn received(&mut self, node: usize, sid: u16) -> (Vec<u8>, u32) {
+        let mut out = (Vec::new(), 0);
+        self.events[node].retain(|e| match e {
+            Event::Data {
+                stream,
+                data,
+                cells,
+            } if *stream == sid => {
+                out.0.extend_from_slice(data);
+                out.1 += cells;
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    /// Cells in flight toward `node`.
+    fn in_flight_to(&self, node: usize) -> usize {
+        self.wire.iter().filter(|w| w.1 == node).count()
+    }
+}
+
+fn relay_cell(payload: Payload) -> Cell {
+    Cell {
+        circ_id: 1,
+        cmd: CellCmd::RELAY,
+        payload,
+    }
+}
+
+fn bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+#[test]
+fn bytes_cross_three_hops_both_ways_in_order() {
+    let mut p = CircuitPair::new(3, Duration::from_millis(5));
+    let sid = p.open_stream();
+    let exit = p.exit();
+    let up = bytes(&mut p.rng, 100_000);
+    let down = bytes(&mut p.rng, 300_000);
+    let now = p.now;
+    // The client's bytes fit its windows: sealed at once. The exit's do
+    // not: it is told when the last of them is sealed.
+    assert!(p.nodes[0].send(now, sid, &up).unwrap());
+    assert!(!p.nodes[exit].send(now, sid, &down).unwrap());
+    let (mut got_up, mut got_down) = (Vec::new(), Vec::new());
+    for _ in 0..10_000 {
+        let more = p.step();
+        // Both ends hand on what arrives at once.
+        for (node, got) in [(exit, &mut got_up), (0, &mut got_down)] {
+            let (d, cells) = p.received(node, sid);
+            got.extend_from_slice(&d);
+            p.nodes[node].consumed(sid, cells).unwrap();
+        }
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(got_up, up);
+    assert_eq!(got_down, down);
+    assert!(p.errors.iter().all(Option::is_none));
+    assert_eq!(p.take_events(0), vec![]);
+    assert_eq!(p.take_events(exit), vec![Event::Sent { stream: sid }]);
+    let c = p.nodes[1].take_counts();
+    assert!(c.relayed > 600 && c.originated == 0, "{c:?}");
+}
+
+#[test]
+fn a_stream_that_is_not_read_stops_at_its_window() {
+    let mut p = CircuitPair::new(3, Duration::from_millis(1));
+    let sid = p.open_stream();
+    let exit = p.exit();
+    let data = vec![1u8; 1_000_000];
+    let now = p.now;
+    assert!(!p.nodes[exit].send(now, sid, &data).unwrap());
+    p.drive();
+    // Nothing consumed: the exit sent exactly one stream window.
+    let (got, cells) = p.received(0, sid);
+    assert_eq!(cells, STREAM_WINDOW);
+    assert!(!p.take_events(exit).contains(&Event::Sent { stream: sid }));
+    // The circuit window moved on (cells were handed on); the stream's did
+    // not. Consuming 50 cells lets exactly 50 more come.
+    p.nodes[0].consumed(sid, STREAM_INCREMENT).unwrap();
+    p.drive();
+    let (more, cells2) = p.received(0, sid);
+    assert_eq!(cells2, STREAM_INCREMENT);
+    assert_eq!(
+        got.len() + more.len(),
+        (STREAM_WINDOW + STREAM_INCREMENT) as usize * (BACKWARD_CAPACITY - HEADER_LEN) - 16 * 5
+    );
+    assert!(p.errors.iter().all(Option::is_none));
+}
+
+#[test]
+fn the_circuit_window_caps_all_streams_together() {
+    let mut p = CircuitPair::new(2, Duration::from_millis(1));
+    let exit = p.exit();
+    let sids: Vec<u16> = (0..3).map(|_| p.open_stream()).collect();
+    // Cut the way back: no SENDME reaches the exit.
+    p.tamper = Some(Box::new(|from, c| {
+        if from == 0 {
+            c.cmd = CellCmd::PADDING;
+        }
+    }));
+    let now = p.now;
+    for &s in &sids {
+        p.nodes[exit].send(now, s, &vec![2u8; 200_000]).unwrap();
+    }
+    p.drive();
+    let cells: u32 = sids.iter().map(|&s| p.received(0, s).1).sum();
+    assert_eq!(cells, CIRC_WINDOW);
+    assert_eq!(p.in_flight_to(0), 0);
+}
+
+#[test]
+fn ending_a_stream_sends_its_unsent_bytes_first() {
+    let mut p = CircuitPair::new(1, Duration::from_millis(2));
+    let sid = p.open_stream();
+    let exit = p.exit();
+    let data = bytes(&mut p.rng, 800 * 498);
+    let now = p.now;
+    assert!(!p.nodes[0].send(now, sid, &data).unwrap());
+    p.nodes[0].end(sid, EndReason::DONE).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..10_000 {
+        let more = p.step();
+        let (d, cells) = p.received(exit, sid);
+        got.extend_from_slice(&d);
+        p.nodes[exit].consumed(sid, cells).unwrap();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(got, data);
+    assert_eq!(
+        p.take_events(exit),
+        vec![Event::End {
+            stream: sid,
+            reason: EndReason::DONE
+        }]
+    );
+    assert_eq!(p.nodes[exit].stream_count(), 0);
+    assert!(matches!(
+        p.nodes[0].send(now, sid, b"late"),
+        Err(Error::UnknownStream(_))
+    ));
+}
+
+/// A client that ignores the rules, speaking through raw layers to a
+/// one-hop circuit.
+struct RawClient {
+    layers: ClientLayers,
+    exit: Circuit,
+    now: Instant,
+}
+
+impl RawClient {
+    fn new() -> Self {
+        let mut rng = StdRng::seed_from_u64(1);
+        let keys = HopKeys::from_bytes(&[3; 64]);
+        let mut layers = ClientLayers::new();
+        layers.push(&keys).unwrap();
+        RawClient {
+            layers,
+            exit: Circuit::relay(&mut rng, RelayLayer::new(&keys)),
+            now: Instant::now(),
+        }
+    }
+
+    fn send(&mut self, sid: u16, msg: RelayMsg) -> Result<(), Error> {
+        let body = msg.encode(sid, forward_capacity(0)).unwrap();
+        let p = self.layers.encrypt_forward(0, &body).unwrap();
+        self.exit.handle_cell(self.now, Side::Prev, relay_cell(p))
+    }
+
+    /// Backward cells from the exit, opened.
+    fn recv(&mut self) -> Vec<(u16, RelayMsg, [u8; 16])> {
+        let mut out = Vec::new();
+        while let Some(mut t) = self.exit.poll_transmit() {
+            let (_, tag) = self.layers.decrypt_backward_tagged(&mut t.payload).unwrap();
+            let (sid, m) = RelayMsg::decode(&t.payload[16..]).unwrap();
+            out.push((sid, m, tag));
+        }
+        out
+    }
+}
+
+#[test]
+fn data_past_a_window_costs_the_peer_the_circuit() {
+    let mut c = RawClient::new();
+    c.send(
+        5,
+        RelayMsg::Begin {
+            addr: TargetAddr::Host("a.b".into()),
+            port: 1,
+        },
+    )
+    .unwrap();
+    for _ in 0..STREAM_WINDOW {
+        c.send(5, RelayMsg::Data(vec![0; 10])).unwrap();
+    }
+    assert!(matches!(
+        c.send(5, RelayMsg::Data(vec![0; 10])),
+        Err(Error::PeerMisbehaved(PeerMisbehaved::DataPastStreamWindow))
+    ));
+
+    // The circuit window moves on as cells are handed on: the exit owes a
+    // SENDME for every hundred, each carrying the tag of the cell that
+    // completed it.
+    let mut c = RawClient::new();
+    for s in 1..=3u16 {
+        c.send(
+            s,
+            RelayMsg::Begin {
+                addr: TargetAddr::Host("a.b".into()),
+                port: 1,
+            },
+        )
+        .unwrap();
+    }
+    for i in 0..CIRC_WINDOW {
+        c.send(1 + (i % 3) as u16, RelayMsg::Data(vec![0; 10]))
+            .unwrap();
+    }
+    let sendmes = c
+        .recv()
+        .into_iter()
+        .filter(|(s, m, _)| *s == 0 && matches!(m, RelayMsg::Sendme { .. }))
+        .count();
+    assert_eq!(sendmes as u32, CIRC_WINDOW / CIRC_INCREMENT);
+}
+
+#[test]
+fn a_sendme_must_carry_the_tag_of_the_cell_it_acknowledges() {
+    let mut c = RawClient::new();
+    c.send(
+        5,
+        RelayMsg::Begin {
+            addr: TargetAddr::Host("a.b".into()),
+            port: 1,
+        },
+    )
+    .unwrap();
+    c.exit
+        .connected(5, IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .unwrap();
+    let now = c.now;
+    c.exit.send(now, 5, &vec![0u8; 150 * 500]).unwrap();
+    let cells = c.recv();
+    let acked = &cells[CIRC_INCREMENT as usize]; // after CONNECTED: cell 100
+    assert!(
+        matches!(acked.1, RelayMsg::Data(ref d) if d.len() == BACKWARD_CAPACITY - HEADER_LEN - SENDME_CELL_RANDOM)
+    );
+    // Its padding is random: the tag cannot be computed from the data.
+    let mut wrong = acked.2;
+    wrong[0] ^= 1;
+    assert!(matches!(
+        c.send(0, RelayMsg::Sendme { tag: wrong }),
+        Err(Error::PeerMisbehaved(PeerMisbehaved::SendmeWrongTag))
+    ));
+    let mut c2 = RawClient::new();
+    assert!(matches!(
+        c2.send(0, RelayMsg::Sendme { tag: [0; 16] }),
+        Err(Error::PeerMisbehaved(PeerMisbehaved::SendmeUnowed))
+    ));
+}
+
+#[test]
+fn a_tampered_cell_is_caught_at_the_next_hop() {
+    let mut p = CircuitPair::new(3, Duration::from_millis(1));
+    let sid = p.open_stream();
+    p.tamper = Some(Box::new(|from, c| {
+        if from == 1 {
+            c.payload[100] ^= 0x80;
+        }
+    }));
+    let now = p.now;
+    p.nodes[0].send(now, sid, b"hello").unwrap();
+    p.drive();
+    assert!(matches!(p.errors[2], Some(Error::CellAuth)));
+    assert!(p.errors[3].is_none());
+}
+
+#[test]
+fn rtt_comes_from_circuit_sendmes_in_simulated_time() {
+    let delay = Duration::from_millis(20);
+    let mut p = CircuitPair::new(3, delay);
+    let sid = p.open_stream();
+    let exit = p.exit();
+    let now = p.now;
+    p.nodes[exit].send(now, sid, &vec![0u8; 200 * 498]).unwrap();
+    for _ in 0..10_000 {
+        let more = p.step();
+        let (_, cells) = p.received(0, sid);
+        p.nodes[0].consumed(sid, cells).unwrap();
+        if !more {
+            break;
+        }
+    }
+    // Three links each way, 20 ms each.
+    let rtt = p.nodes[exit].rtt().expect("a SENDME came back");
+    assert_eq!(rtt.min, delay * 6);
+    assert!(
+        p.nodes[0].rtt().is_none(),
+        "the client sent no acknowledged cell"
+    );
+}
+
+#[test]
+fn destroy_extend_and_truncate() {
+    let mut p = CircuitPair::new(2, Duration::from_millis(1));
+    // A second EXTEND on a hop that has a next hop is the client's fault.
+    let mut c = RawClient::new();
+    let ext = RelayMsg::Extend(Extend {
+        identity: [1; 32],
+        link_key: [2; 32],
+        addr: "127.0.0.1:2".parse().unwrap(),
+        htype: 2,
+        hdata: vec![],
+    });
+    c.send(0, ext.clone()).unwrap();
+    assert!(matches!(c.exit.poll_event(), Some(Event::Extend(_))));
+    assert!(matches!(
+        c.send(0, ext.clone()),
+        Err(Error::PeerMisbehaved(PeerMisbehaved::ExtendTwice))
+    ));
+    // A failed extension is reported back, and may be tried again.
+    let mut c = RawClient::new();
+    c.send(0, ext.clone()).unwrap();
+    assert!(matches!(c.exit.poll_event(), Some(Event::Extend(_))));
+    c.exit.extend_failed(DestroyReason::CONNECT_FAILED).unwrap();
+    assert!(matches!(
+        &c.recv()[..],
+        [(0, RelayMsg::Truncated(r), _)] if *r == DestroyReason::CONNECT_FAILED.0
+    ));
+    c.send(0, ext).unwrap();
+    c.send(0, RelayMsg::Truncate).unwrap();
+    assert!(matches!(c.exit.poll_event(), Some(Event::Extend(_))));
+    assert_eq!(c.exit.poll_event(), Some(Event::Truncated));
+
+    // DESTROY from the client side names its reason; nothing counts after.
+    let d = Cell::destroy(1, DestroyReason::FINISHED);
+    let now = p.now;
+    p.nodes[1].handle_cell(now, Side::Prev, d).unwrap();
+    assert_eq!(
+        p.nodes[1].poll_event(),
+        Some(Event::Destroyed {
+            side: Side::Prev,
+            reason: DestroyReason::FINISHED
+        })
+    );
+    // A CREATE mid-circuit is not a thing a neighbour may send.
+    let create = Cell::new(1, CellCmd::CREATE, &[0; 10]).unwrap();
+    assert!(matches!(
+        p.nodes[2].handle_cell(now, Side::Prev, create),
+        Err(Error::PeerMisbehaved(PeerMisbehaved::Unexpected { .. }))
+    ));
+}
