@@ -6,17 +6,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
-use allium_proto::flow::{
-    CIRC_WINDOW, CircRecvWindow, CircSendWindow, STREAM_WINDOW, StreamWindow,
-};
+use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR};
+use allium_proto::circuit::{self as core, Event, Side};
 use allium_proto::ntor::{self, OnionKeys};
-use allium_proto::onion::{Peeled, RelayLayer};
-use allium_proto::relaymsg::{EndReason, Extend, RelayMsg};
+use allium_proto::onion::RelayLayer;
+use allium_proto::relaymsg::{EndReason, Extend};
 use allium_proto::{PeerMisbehaved, RelayId};
-use rand::RngExt;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info};
 
@@ -28,32 +25,23 @@ use allium_link::channel::{ChannelHandle, Inbox, NewCircuit};
 use allium_link::limits::{CELL_BYTES, CircAcct};
 
 const EXTEND_TIMEOUT: Duration = Duration::from_secs(15);
-/// Streams one circuit may have open at once.
-const MAX_STREAMS: usize = 512;
-const TAG_LEN: usize = 16;
 
 struct Next {
     chan: ChannelHandle,
     id: u32,
     rx: Inbox,
-    /// CREATED has come back.
-    open: bool,
 }
 
 /// An exit stream as its circuit sees it.
 struct ExitStream {
-    tx: mpsc::Sender<StreamCmd>,
-    /// Backward window: permits the stream task takes per DATA cell.
-    window: Arc<Semaphore>,
-    /// Backward window as counted here, to check the client's SENDMEs.
-    sent: StreamWindow,
-    /// Forward window: DATA cells the client may still send.
-    recv: StreamWindow,
+    tx: mpsc::UnboundedSender<StreamCmd>,
+    /// Room for chunks at the circuit, shared with the stream task.
+    room: Arc<Semaphore>,
 }
 
 impl Drop for ExitStream {
     fn drop(&mut self) {
-        self.window.close();
+        self.room.close();
     }
 }
 
@@ -106,60 +94,35 @@ impl From<RelayError> for Teardown {
     }
 }
 
+/// A relay's circuit task: a driver around the circuit core, owning the
+/// two channel sides and the exit stream tasks.
 struct Circuit {
     ctx: Arc<RelayCtx>,
+    core: core::Circuit,
     prev: ChannelHandle,
     prev_id: u32,
     prev_rx: Inbox,
     next: Option<Next>,
-    layer: RelayLayer,
     streams: HashMap<u16, ExitStream>,
+    /// Per stream: chunks given to the core and not yet sealed, and the
+    /// memory they are counted as (until [`Event::Sent`]).
+    unsealed: HashMap<u16, (usize, usize)>,
     shared: Arc<CircShared>,
     ev_rx: mpsc::UnboundedReceiver<StreamEvent>,
     had_stream: bool,
-    /// Backward DATA this hop originated, against the client's SENDMEs.
-    fc_send: CircSendWindow,
-    /// Forward DATA delivered to this hop.
-    fc_recv: CircRecvWindow,
-    sendme_tags: Vec<[u8; TAG_LEN]>,
     /// Cells taken from the two inboxes, being handled.
     cells_in: Vec<Cell>,
     next_in: Vec<Cell>,
     /// Cells for the next hop and for the previous one, sent as one batch
-    /// each after every event (in the order the layer processed them).
+    /// each after every event (in the order the core produced them).
     fwd_out: Vec<Cell>,
     back_out: Vec<Cell>,
-    /// Counts since the last flush, added to the relay's shared counters
-    /// once per flush rather than once per cell.
-    counts: Counts,
+    /// Exit bytes since the last flush.
+    exit_bytes: u64,
     /// Cells taken from the inboxes and not yet handed on: still counted
     /// against the memory cap, so a circuit whose next channel is slow is
     /// a candidate for the killer like one whose inbox is full.
     held: usize,
-}
-
-#[derive(Default)]
-struct Counts {
-    relayed: u64,
-    originated: u64,
-    delivered: u64,
-    exit_bytes: u64,
-}
-
-impl Counts {
-    fn add_to(&mut self, stats: &RelayStats) {
-        let c = std::mem::take(self);
-        for (n, counter) in [
-            (c.relayed, &stats.cells_relayed),
-            (c.originated, &stats.cells_originated),
-            (c.delivered, &stats.cells_delivered),
-            (c.exit_bytes, &stats.exit_bytes),
-        ] {
-            if n > 0 {
-                RelayStats::inc(counter, n);
-            }
-        }
-    }
 }
 
 /// Stream events handled per wake-up at most (then the batch is flushed).
@@ -197,23 +160,24 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
     let acct: Option<Arc<CircAcct>> = inbox.acct().cloned();
     let mut c = Circuit {
         ctx,
+        core: core::Circuit::relay(&mut rand::rng(), RelayLayer::new(&keys)),
         prev: chan,
         prev_id: circ_id,
         prev_rx: inbox,
         next: None,
-        layer: RelayLayer::new(&keys),
         streams: HashMap::new(),
-        shared: Arc::new(CircShared::new(CIRC_WINDOW, ev_tx, acct.clone())),
+        unsealed: HashMap::new(),
+        shared: Arc::new(CircShared {
+            ev: ev_tx,
+            acct: acct.clone(),
+        }),
         ev_rx,
         had_stream: false,
-        fc_send: CircSendWindow::new(),
-        fc_recv: CircRecvWindow::new(),
-        sendme_tags: Vec::new(),
         cells_in: Vec::new(),
         next_in: Vec::new(),
         fwd_out: Vec::new(),
         back_out: Vec::new(),
-        counts: Counts::default(),
+        exit_bytes: 0,
         held: 0,
     };
     let killed = async {
@@ -264,19 +228,22 @@ impl Circuit {
             let r = tokio::select! {
                 ok = self.prev_rx.recv_batch(&mut self.cells_in) => if ok {
                     self.hold(self.cells_in.len());
-                    self.on_cells(false).await
+                    self.on_cells(Side::Prev)
                 } else {
                     return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: false, tell_next: true };
                 },
                 ok = recv_next(&mut self.next, &mut self.next_in) => if ok {
                     self.hold(self.next_in.len());
-                    self.on_cells(true).await
+                    self.on_cells(Side::Next)
                 } else {
                     return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false };
                 },
                 Some(ev) = self.ev_rx.recv() => self.stream_events(ev).map_err(Teardown::from),
             };
             if let Err(t) = r {
+                return t;
+            }
+            if let Err(t) = self.drain().await {
                 return t;
             }
             if let Err(e) = self.flush().await {
@@ -302,8 +269,23 @@ impl Circuit {
         r
     }
 
+    fn add_counts(&mut self) {
+        let c = self.core.take_counts();
+        let stats = &self.ctx.stats;
+        for (n, counter) in [
+            (c.relayed, &stats.cells_relayed),
+            (c.originated, &stats.cells_originated),
+            (c.delivered, &stats.cells_delivered),
+            (std::mem::take(&mut self.exit_bytes), &stats.exit_bytes),
+        ] {
+            if n > 0 {
+                RelayStats::inc(counter, n);
+            }
+        }
+    }
+
     async fn send_pending(&mut self) -> Result<(), RelayError> {
-        self.counts.add_to(&self.ctx.stats);
+        self.add_counts();
         if !self.fwd_out.is_empty() {
             let cells = std::mem::take(&mut self.fwd_out);
             // A next hop truncated meanwhile gets nothing more.
@@ -319,47 +301,206 @@ impl Circuit {
         Ok(())
     }
 
-    /// Handle the cells taken from one side's inbox, in order.
-    async fn on_cells(&mut self, from_next: bool) -> Result<(), Teardown> {
-        let mut cells = std::mem::take(self.inbuf(from_next));
-        let mut r = Ok(());
+    /// Hand the cells taken from one side's inbox to the core, in order.
+    fn on_cells(&mut self, side: Side) -> Result<(), Teardown> {
+        let now = Instant::now();
+        let cells = match side {
+            Side::Prev => &mut self.cells_in,
+            Side::Next => &mut self.next_in,
+        };
         for c in cells.drain(..) {
-            r = if from_next {
-                self.on_next_cell(c)
-            } else {
-                self.on_prev_cell(c).await
-            };
-            if r.is_err() {
-                break;
+            // (What the drain leaves is dropped with it.)
+            if let Err(e) = self.core.handle_cell(now, side, c) {
+                return Err(RelayError::from(e).into());
             }
         }
-        cells.clear();
-        *self.inbuf(from_next) = cells;
-        r
+        Ok(())
     }
 
-    fn inbuf(&mut self, from_next: bool) -> &mut Vec<Cell> {
-        if from_next {
-            &mut self.next_in
-        } else {
-            &mut self.cells_in
+    /// Take what the core has to send, then act on what it has to tell
+    /// (which may give it more to send).
+    async fn drain(&mut self) -> Result<(), Teardown> {
+        loop {
+            while let Some(t) = self.core.poll_transmit() {
+                match t.side {
+                    Side::Prev => self.back_out.push(Cell {
+                        circ_id: self.prev_id,
+                        cmd: CellCmd::RELAY,
+                        payload: t.payload,
+                    }),
+                    Side::Next => {
+                        if let Some(n) = &self.next {
+                            self.fwd_out.push(Cell {
+                                circ_id: n.id,
+                                cmd: CellCmd::RELAY,
+                                payload: t.payload,
+                            });
+                        }
+                    }
+                }
+            }
+            let Some(ev) = self.core.poll_event() else {
+                return Ok(());
+            };
+            self.on_event(ev).await?;
+        }
+    }
+
+    async fn on_event(&mut self, ev: Event) -> Result<(), Teardown> {
+        match ev {
+            Event::Extend(e) => self.extend(e).await?,
+            Event::Truncated => {
+                if let Some(n) = self.next.take() {
+                    n.chan.destroy(n.id, DestroyReason::REQUESTED);
+                }
+            }
+            Event::Begin { stream, addr, port } => {
+                if !self.ctx.policy.is_exit() {
+                    self.core
+                        .end(stream, EndReason::EXIT_POLICY)
+                        .map_err(RelayError::from)?;
+                    return Ok(());
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                let room = Arc::new(Semaphore::new(exit::SEND_ROOM));
+                self.streams.insert(
+                    stream,
+                    ExitStream {
+                        tx,
+                        room: room.clone(),
+                    },
+                );
+                RelayStats::inc(&self.ctx.stats.streams_opened, 1);
+                if !self.had_stream {
+                    self.had_stream = true;
+                    RelayStats::inc(&self.ctx.stats.circuits_with_streams, 1);
+                }
+                tokio::spawn(
+                    exit::run_stream(
+                        self.ctx.clone(),
+                        stream,
+                        addr,
+                        port,
+                        self.shared.clone(),
+                        room,
+                        rx,
+                    )
+                    .in_current_span(),
+                );
+            }
+            Event::Resolve { stream, host } => {
+                if !self.ctx.policy.is_exit() {
+                    self.core.resolved(stream, &[]).map_err(RelayError::from)?;
+                    return Ok(());
+                }
+                let ctx = self.ctx.clone();
+                let shared = self.shared.clone();
+                tokio::spawn(
+                    async move {
+                        let addrs = exit::resolve(&ctx, &host).await.unwrap_or_default();
+                        let _ = shared.ev.send(StreamEvent::Resolved(stream, addrs));
+                    }
+                    .in_current_span(),
+                );
+            }
+            Event::Data {
+                stream,
+                data,
+                cells,
+            } => {
+                if let Some(st) = self.streams.get(&stream) {
+                    if let Some(a) = &self.shared.acct {
+                        a.add(CELL_BYTES * cells as usize);
+                    }
+                    // The stream task's queue is bounded by the stream
+                    // window, which the core enforces.
+                    let _ = st.tx.send(StreamCmd::Data(data, cells));
+                }
+            }
+            Event::Sent { stream } => self.sealed(stream),
+            Event::End { stream, .. } => {
+                if self.streams.remove(&stream).is_some() {
+                    RelayStats::inc(&self.ctx.stats.streams_closed, 1);
+                }
+            }
+            Event::Destroyed { side, reason } => {
+                return Err(Teardown {
+                    reason,
+                    tell_prev: side != Side::Prev,
+                    tell_next: side != Side::Next,
+                });
+            }
+            Event::Connected { .. } | Event::Resolved { .. } => {
+                return Err(RelayError::Protocol("a client event at a relay".into()).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// What stream `sid` gave the core is all sealed (or gone).
+    fn sealed(&mut self, sid: u16) {
+        if let Some((chunks, bytes)) = self.unsealed.remove(&sid) {
+            if let Some(a) = &self.shared.acct {
+                a.sub(bytes);
+            }
+            if let Some(st) = self.streams.get(&sid) {
+                st.room.add_permits(chunks);
+            }
         }
     }
 
     /// Handle a stream event and those queued behind it.
     fn stream_events(&mut self, first: StreamEvent) -> Result<(), RelayError> {
-        self.stream_event(first)?;
+        let now = Instant::now();
+        self.stream_event(now, first)?;
         for _ in 1..EVENT_BATCH {
             match self.ev_rx.try_recv() {
-                Ok(ev) => self.stream_event(ev)?,
+                Ok(ev) => self.stream_event(now, ev)?,
                 Err(_) => break,
             }
         }
         Ok(())
     }
 
+    fn stream_event(&mut self, now: Instant, ev: StreamEvent) -> Result<(), RelayError> {
+        match ev {
+            StreamEvent::Connected(sid, ip) => self.core.connected(sid, ip)?,
+            StreamEvent::Data(sid, data) => {
+                let bytes = exit::chunk_bytes(data.len());
+                self.exit_bytes += data.len() as u64;
+                // Sent even if the client has ended the stream meanwhile:
+                // then the core drops it.
+                match self.core.send(now, sid, &data) {
+                    Ok(false) => {
+                        let u = self.unsealed.entry(sid).or_default();
+                        u.0 += 1;
+                        u.1 += bytes;
+                    }
+                    Ok(true) | Err(allium_proto::Error::UnknownStream(_)) => {
+                        if let Some(a) = &self.shared.acct {
+                            a.sub(bytes);
+                        }
+                        if let Some(st) = self.streams.get(&sid) {
+                            st.room.add_permits(1);
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            StreamEvent::Consumed(sid, n) => self.core.consumed(sid, n)?,
+            StreamEvent::End(sid, reason) => {
+                if self.streams.remove(&sid).is_some() {
+                    RelayStats::inc(&self.ctx.stats.streams_closed, 1);
+                }
+                self.core.end(sid, reason)?;
+            }
+            StreamEvent::Resolved(sid, addrs) => self.core.resolved(sid, &addrs)?,
+        }
+        Ok(())
+    }
+
     fn teardown(&mut self, t: Teardown) {
-        self.counts.add_to(&self.ctx.stats);
+        self.add_counts();
         self.ctx.stats.destroyed(t.reason.0);
         match t.reason {
             DestroyReason::CELL_AUTH => {
@@ -384,185 +525,14 @@ impl Circuit {
                 n.chan.unregister(n.id);
             }
         }
-        self.shared.window.close();
+        if let Some(a) = &self.shared.acct {
+            a.sub(self.unsealed.drain().map(|(_, (_, b))| b).sum());
+        }
         RelayStats::inc(&self.ctx.stats.streams_closed, self.streams.len() as u64);
         self.streams.clear();
     }
 
-    fn originate(&mut self, stream_id: u16, msg: RelayMsg) -> Result<(), RelayError> {
-        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
-        msg.encode_into(stream_id, &mut payload[TAG_LEN..])?;
-        self.layer.originate_backward_in_place(&mut payload)?;
-        self.send_back(payload);
-        Ok(())
-    }
-
-    /// Queue a cell this hop originated toward the client.
-    fn send_back(&mut self, payload: Box<[u8; PAYLOAD_LEN]>) {
-        self.counts.originated += 1;
-        self.back_out.push(Cell {
-            circ_id: self.prev_id,
-            cmd: CellCmd::RELAY,
-            payload,
-        });
-    }
-
-    /// Originate a backward DATA cell; `acked` cells get random padding
-    /// (their tag is what the client's circuit SENDME must carry).
-    fn originate_data(&mut self, sid: u16, data: &[u8], acked: bool) -> Result<(), RelayError> {
-        let mut payload = Box::new([0u8; PAYLOAD_LEN]);
-        let len = RelayMsg::encode_data_into(sid, data, &mut payload[TAG_LEN..])?;
-        if acked {
-            rand::rng().fill(&mut payload[TAG_LEN + len..]);
-        }
-        let tag = self.layer.originate_backward_in_place(&mut payload)?;
-        self.fc_send.on_data_sent(&tag)?;
-        if let Some(st) = self.streams.get_mut(&sid) {
-            st.sent.take()?;
-        }
-        self.send_back(payload);
-        Ok(())
-    }
-
-    /// `n` forward DATA cells left this hop: send the circuit SENDMEs due.
-    fn consumed(&mut self, n: u32) -> Result<(), RelayError> {
-        let mut tags = std::mem::take(&mut self.sendme_tags);
-        self.fc_recv.on_consumed(n, &mut tags);
-        for tag in tags.drain(..) {
-            self.originate(0, RelayMsg::Sendme { tag })?;
-        }
-        self.sendme_tags = tags;
-        Ok(())
-    }
-
-    async fn on_prev_cell(&mut self, mut c: Cell) -> Result<(), Teardown> {
-        match c.cmd {
-            CellCmd::RELAY => {
-                let has_next = self.next.as_ref().is_some_and(|n| n.open);
-                let mut tag = [0u8; TAG_LEN];
-                tag.copy_from_slice(&c.payload[..TAG_LEN]);
-                match self
-                    .layer
-                    .peel_forward(&mut c.payload, has_next)
-                    .map_err(RelayError::from)?
-                {
-                    Peeled::Forward => {
-                        let n = self.next.as_ref().expect("has_next checked");
-                        self.counts.relayed += 1;
-                        self.fwd_out.push(Cell {
-                            circ_id: n.id,
-                            cmd: CellCmd::RELAY,
-                            payload: c.payload,
-                        });
-                    }
-                    Peeled::Deliver => {
-                        self.counts.delivered += 1;
-                        let (sid, msg) =
-                            RelayMsg::decode(&c.payload[16..]).map_err(RelayError::from)?;
-                        if let RelayMsg::Data(d) = msg {
-                            self.fc_recv
-                                .on_data_received(&tag)
-                                .map_err(RelayError::from)?;
-                            self.deliver_data(sid, d)?;
-                        } else {
-                            self.handle_msg(sid, msg).await?;
-                        }
-                    }
-                }
-                Ok(())
-            }
-            CellCmd::DESTROY => Err(Teardown {
-                reason: DestroyReason(c.payload[0]),
-                tell_prev: false,
-                tell_next: true,
-            }),
-            CellCmd::PADDING => Ok(()),
-            cmd => Err(peer(PeerMisbehaved::Unexpected {
-                expected: "a RELAY, DESTROY or PADDING cell from the client side",
-                got: format!("{cmd:?}"),
-            })),
-        }
-    }
-
-    /// A forward DATA cell for stream `sid` (already counted in the circuit
-    /// window).
-    fn deliver_data(&mut self, sid: u16, d: Vec<u8>) -> Result<(), Teardown> {
-        let Some(st) = self.streams.get_mut(&sid) else {
-            // A stream that is gone: the cell leaves at once.
-            self.consumed(1)?;
-            return Ok(());
-        };
-        st.recv.receive().map_err(RelayError::from)?;
-        if let Some(a) = &self.shared.acct {
-            a.add(CELL_BYTES);
-        }
-        match st.tx.try_send(StreamCmd::Data(d)) {
-            // Delivered to the stream's queue: the circuit window moves on
-            // (the stream window holds back a stalled target).
-            Ok(()) => {
-                self.consumed(1)?;
-                Ok(())
-            }
-            Err(e) => {
-                if let Some(a) = &self.shared.acct {
-                    a.sub(CELL_BYTES);
-                }
-                if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    return Err(peer(PeerMisbehaved::DataPastStreamWindow));
-                }
-                self.streams.remove(&sid);
-                self.consumed(1)?;
-                Ok(())
-            }
-        }
-    }
-
-    fn on_next_cell(&mut self, mut c: Cell) -> Result<(), Teardown> {
-        match c.cmd {
-            CellCmd::CREATED => {
-                let n = self.next.as_mut().expect("next exists");
-                if n.open {
-                    return Err(peer(PeerMisbehaved::Unexpected {
-                        expected: "RELAY cells after CREATED",
-                        got: "a second CREATED".into(),
-                    }));
-                }
-                n.open = true;
-                let h = cell::decode_created(&c.payload[..])
-                    .map_err(RelayError::from)?
-                    .to_vec();
-                self.originate(0, RelayMsg::Extended(h))?;
-                Ok(())
-            }
-            CellCmd::RELAY => {
-                self.layer
-                    .wrap_backward(&mut c.payload)
-                    .map_err(RelayError::from)?;
-                self.counts.relayed += 1;
-                self.back_out.push(Cell {
-                    circ_id: self.prev_id,
-                    cmd: CellCmd::RELAY,
-                    payload: c.payload,
-                });
-                Ok(())
-            }
-            CellCmd::DESTROY => Err(Teardown {
-                reason: DestroyReason::DESTROYED,
-                tell_prev: true,
-                tell_next: false,
-            }),
-            CellCmd::PADDING => Ok(()),
-            cmd => Err(peer(PeerMisbehaved::Unexpected {
-                expected: "a CREATED, RELAY, DESTROY or PADDING cell from the next hop",
-                got: format!("{cmd:?}"),
-            })),
-        }
-    }
-
     async fn extend(&mut self, e: Extend) -> Result<(), Teardown> {
-        if self.next.is_some() {
-            return Err(peer(PeerMisbehaved::ExtendTwice));
-        }
         if e.identity == self.ctx.identity_pub {
             return Err(peer(PeerMisbehaved::ExtendToSelf));
         }
@@ -578,8 +548,7 @@ impl Circuit {
                     listed = matches!(listing, Listing::Listed(_)),
                     "EXTEND refused: the target is not in the consensus as named"
                 );
-                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0))?;
-                return Ok(());
+                return self.extend_failed(DestroyReason::CONNECT_FAILED);
             }
         }
         let connect =
@@ -588,161 +557,21 @@ impl Circuit {
             Ok(Ok(ch)) => ch,
             Ok(Err(err)) => {
                 debug!("extend failed: {err}");
-                self.originate(0, RelayMsg::Truncated(DestroyReason::CONNECT_FAILED.0))?;
-                return Ok(());
+                return self.extend_failed(DestroyReason::CONNECT_FAILED);
             }
-            Err(_) => {
-                self.originate(0, RelayMsg::Truncated(DestroyReason::TIMEOUT.0))?;
-                return Ok(());
-            }
+            Err(_) => return self.extend_failed(DestroyReason::TIMEOUT),
         };
         let (id, rx) = chan.new_circuit_counted(self.shared.acct.clone()).await?;
         let create = Cell::new(id, CellCmd::CREATE, &cell::encode_create(e.htype, &e.hdata))
             .map_err(RelayError::from)?;
         chan.send(create).await?;
-        self.next = Some(Next {
-            chan,
-            id,
-            rx,
-            open: false,
-        });
+        self.next = Some(Next { chan, id, rx });
         Ok(())
     }
 
-    async fn handle_msg(&mut self, sid: u16, msg: RelayMsg) -> Result<(), Teardown> {
-        match msg {
-            RelayMsg::Extend(e) if sid == 0 => self.extend(e).await,
-            RelayMsg::Truncate if sid == 0 => {
-                if let Some(n) = self.next.take() {
-                    n.chan.destroy(n.id, DestroyReason::REQUESTED);
-                }
-                self.originate(0, RelayMsg::Truncated(DestroyReason::REQUESTED.0))?;
-                Ok(())
-            }
-            RelayMsg::Begin { addr, port } if sid != 0 => {
-                if self.streams.contains_key(&sid) || self.streams.len() >= MAX_STREAMS {
-                    self.originate(sid, RelayMsg::End(EndReason::RESOURCE_LIMIT))?;
-                    return Ok(());
-                }
-                if !self.ctx.policy.is_exit() {
-                    self.originate(sid, RelayMsg::End(EndReason::EXIT_POLICY))?;
-                    return Ok(());
-                }
-                let (tx, rx) = mpsc::channel(exit::STREAM_QUEUE);
-                let window = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
-                self.streams.insert(
-                    sid,
-                    ExitStream {
-                        tx,
-                        window: window.clone(),
-                        sent: StreamWindow::new(),
-                        recv: StreamWindow::new(),
-                    },
-                );
-                RelayStats::inc(&self.ctx.stats.streams_opened, 1);
-                if !self.had_stream {
-                    self.had_stream = true;
-                    RelayStats::inc(&self.ctx.stats.circuits_with_streams, 1);
-                }
-                tokio::spawn(
-                    exit::run_stream(
-                        self.ctx.clone(),
-                        sid,
-                        addr,
-                        port,
-                        self.shared.clone(),
-                        window,
-                        rx,
-                    )
-                    .in_current_span(),
-                );
-                Ok(())
-            }
-            RelayMsg::End(_) if sid != 0 => {
-                if self.streams.remove(&sid).is_some() {
-                    RelayStats::inc(&self.ctx.stats.streams_closed, 1);
-                }
-                Ok(())
-            }
-            RelayMsg::Sendme { tag } if sid == 0 => {
-                self.fc_send.on_sendme(&tag).map_err(RelayError::from)?;
-                self.shared
-                    .window
-                    .add_permits(allium_proto::flow::CIRC_INCREMENT as usize);
-                Ok(())
-            }
-            RelayMsg::Sendme { .. } => {
-                if let Some(st) = self.streams.get_mut(&sid) {
-                    st.sent.on_sendme().map_err(RelayError::from)?;
-                    st.window
-                        .add_permits(allium_proto::flow::STREAM_INCREMENT as usize);
-                }
-                Ok(())
-            }
-            RelayMsg::Resolve(host) if sid != 0 => {
-                if !self.ctx.policy.is_exit() {
-                    self.originate(sid, RelayMsg::Resolved(vec![]))?;
-                    return Ok(());
-                }
-                let ctx = self.ctx.clone();
-                let shared = self.shared.clone();
-                tokio::spawn(
-                    async move {
-                        let addrs = exit::resolve(&ctx, &host).await.unwrap_or_default();
-                        let _ = shared.ev.send(StreamEvent::Resolved(sid, addrs));
-                    }
-                    .in_current_span(),
-                );
-                Ok(())
-            }
-            RelayMsg::Drop => Ok(()),
-            other => Err(peer(PeerMisbehaved::Unexpected {
-                expected: if sid == 0 {
-                    "a circuit message (EXTEND, TRUNCATE, SENDME, DROP)"
-                } else {
-                    "a stream message (BEGIN, DATA, END, SENDME, RESOLVE)"
-                },
-                got: format!("{:?} on stream {sid}", other.cmd()),
-            })),
-        }
-    }
-
-    fn stream_event(&mut self, ev: StreamEvent) -> Result<(), RelayError> {
-        match ev {
-            StreamEvent::Connected(sid, ip) => {
-                if self.streams.contains_key(&sid) {
-                    self.originate(sid, RelayMsg::Connected(Some(ip)))?;
-                }
-            }
-            StreamEvent::Data { sid, data, acked } => {
-                if let Some(a) = &self.shared.acct {
-                    a.sub(CELL_BYTES);
-                }
-                // Sent even if the client has ended the stream meanwhile:
-                // the window already counts it.
-                self.counts.exit_bytes += data.len() as u64;
-                self.originate_data(sid, &data, acked)?;
-            }
-            StreamEvent::Consumed(sid, n) => {
-                for _ in 0..n {
-                    if let Some(st) = self.streams.get_mut(&sid)
-                        && st.recv.consumed()
-                    {
-                        self.originate(sid, RelayMsg::Sendme { tag: [0; TAG_LEN] })?;
-                    }
-                }
-            }
-            StreamEvent::End(sid, reason) => {
-                if self.streams.remove(&sid).is_some() {
-                    RelayStats::inc(&self.ctx.stats.streams_closed, 1);
-                    self.originate(sid, RelayMsg::End(reason))?;
-                }
-            }
-            StreamEvent::Resolved(sid, addrs) => {
-                let addrs: Vec<_> = addrs.into_iter().take(16).map(|a| (a, 60)).collect();
-                self.originate(sid, RelayMsg::Resolved(addrs))?;
-            }
-        }
-        Ok(())
+    fn extend_failed(&mut self, why: DestroyReason) -> Result<(), Teardown> {
+        self.core
+            .extend_failed(why)
+            .map_err(|e| RelayError::from(e).into())
     }
 }

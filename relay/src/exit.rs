@@ -5,129 +5,84 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::Mutex;
-
-use allium_proto::flow::{CIRC_INCREMENT, SENDME_CELL_RANDOM, STREAM_WINDOW};
 use allium_proto::onion::BACKWARD_CAPACITY;
 use allium_proto::relaymsg::{EndReason, HEADER_LEN, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tracing::debug;
 
 use crate::RelayStats;
 use crate::relay::RelayCtx;
 use allium_link::limits::{CELL_BYTES, CircAcct};
 
-/// Forward DATA cells queued toward one stream: its whole window, so an
-/// honest client never finds it full (one that does loses the circuit).
-pub const STREAM_QUEUE: usize = STREAM_WINDOW as usize + 8;
 /// How often a stream paused by a full relay looks again.
 const FULL_RECHECK: Duration = Duration::from_millis(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most payload one backward DATA message carries.
 pub const DATA_MAX: usize = BACKWARD_CAPACITY - HEADER_LEN;
+/// The most a stream reads from its target at once.
+const READ_CHUNK: usize = 32 * 1024;
+/// Chunks a stream may have given its circuit and not yet seen sealed.
+pub const SEND_ROOM: usize = 2;
 
-/// From the circuit to a stream task.
+/// The relay memory a chunk of `len` bytes stands for: the cells it fills.
+pub fn chunk_bytes(len: usize) -> usize {
+    len.div_ceil(DATA_MAX) * CELL_BYTES
+}
+
+/// From the circuit to a stream task: bytes from the client, and the DATA
+/// cells they came in (counted against the relay's memory until written).
 pub enum StreamCmd {
-    Data(Vec<u8>),
+    Data(Vec<u8>, u32),
 }
 
 /// From a stream task to its circuit.
 pub enum StreamEvent {
     Connected(u16, IpAddr),
-    /// Bytes read from the target. `acked`: this is a DATA cell whose tag a
-    /// circuit SENDME will carry, so its padding is to be random.
-    Data {
-        sid: u16,
-        data: Vec<u8>,
-        acked: bool,
-    },
+    /// Bytes read from the target (counted against the relay's memory as
+    /// [`chunk_bytes`] until the circuit has sealed them).
+    Data(u16, Vec<u8>),
     /// Forward DATA cells of this stream written to the target.
     Consumed(u16, u32),
     End(u16, EndReason),
     Resolved(u16, Vec<IpAddr>),
 }
 
-/// What a circuit's exit streams share with it: the backward circuit
-/// window, the numbering of backward DATA cells, and the event queue.
+/// What a circuit's exit streams share with it: its event queue and its
+/// memory account.
 ///
-/// The event queue is unbounded by type but not in fact: DATA events are
-/// bounded by the circuit window (a stream task holds permits before it
-/// queues one), the rest by the stream limit.
+/// The event queue is unbounded by type but not in fact: each stream has
+/// at most [`SEND_ROOM`] chunks in it, one connect and one end, and the
+/// streams are bounded by the circuit core.
 pub struct CircShared {
-    pub window: Semaphore,
-    seq: Mutex<u64>,
     pub ev: mpsc::UnboundedSender<StreamEvent>,
     pub acct: Option<Arc<CircAcct>>,
 }
 
 impl CircShared {
-    pub fn new(
-        window: u32,
-        ev: mpsc::UnboundedSender<StreamEvent>,
-        acct: Option<Arc<CircAcct>>,
-    ) -> Self {
-        CircShared {
-            window: Semaphore::new(window as usize),
-            seq: Mutex::new(0),
-            ev,
-            acct,
-        }
-    }
-
     fn mem_full(&self) -> bool {
         self.acct.as_ref().is_some_and(|a| a.mem_full())
-    }
-
-    /// Queue one backward DATA cell from `pending` (the caller holds a
-    /// stream and a circuit permit). The cell that completes a hundred keeps
-    /// [`SENDME_CELL_RANDOM`] bytes free for random padding; what does not
-    /// fit stays in `pending`.
-    fn send_data(&self, sid: u16, pending: &mut Vec<u8>) -> bool {
-        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-        *seq += 1;
-        let acked = (*seq).is_multiple_of(CIRC_INCREMENT as u64);
-        let max = if acked {
-            DATA_MAX - SENDME_CELL_RANDOM
-        } else {
-            DATA_MAX
-        };
-        let n = pending.len().min(max);
-        let data: Vec<u8> = pending.drain(..n).collect();
-        if let Some(a) = &self.acct {
-            a.add(CELL_BYTES);
-        }
-        self.ev.send(StreamEvent::Data { sid, data, acked }).is_ok()
     }
 }
 
 /// A stream's forward queue; what is left in it when the stream ends is
 /// taken off the circuit's memory account.
 struct CmdRx {
-    rx: mpsc::Receiver<StreamCmd>,
+    rx: mpsc::UnboundedReceiver<StreamCmd>,
     acct: Option<Arc<CircAcct>>,
 }
 
 impl Drop for CmdRx {
     fn drop(&mut self) {
         self.rx.close();
-        while let Ok(StreamCmd::Data(_)) = self.rx.try_recv() {
+        while let Ok(StreamCmd::Data(_, cells)) = self.rx.try_recv() {
             if let Some(a) = &self.acct {
-                a.sub(CELL_BYTES);
+                a.sub(CELL_BYTES * cells as usize);
             }
         }
     }
-}
-
-async fn acquire2<'a>(
-    a: &'a Semaphore,
-    b: &'a Semaphore,
-) -> Option<(SemaphorePermit<'a>, SemaphorePermit<'a>)> {
-    let x = a.acquire().await.ok()?;
-    let y = b.acquire().await.ok()?;
-    Some((x, y))
 }
 
 /// Resolve a hostname at the exit. `localhost` is loopback (RFC 6761).
@@ -199,16 +154,16 @@ async fn connect(
     Err(last)
 }
 
-/// One exit stream, from BEGIN to END. `window` is the stream's backward
-/// window (permits added by the client's stream SENDMEs).
+/// One exit stream, from BEGIN to END. `room` holds a permit for each
+/// chunk the stream may hand its circuit before the circuit has sealed it.
 pub async fn run_stream(
     ctx: Arc<RelayCtx>,
     sid: u16,
     addr: TargetAddr,
     port: u16,
     circ: Arc<CircShared>,
-    window: Arc<Semaphore>,
-    cmds: mpsc::Receiver<StreamCmd>,
+    room: Arc<Semaphore>,
+    cmds: mpsc::UnboundedReceiver<StreamCmd>,
 ) {
     let mut cmds = CmdRx {
         rx: cmds,
@@ -225,49 +180,54 @@ pub async fn run_stream(
     if circ.ev.send(StreamEvent::Connected(sid, ip)).is_err() {
         return;
     }
-    let (r, mut w) = tcp.into_split();
-    // Big reads from the socket, cell-sized pieces from the buffer.
-    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
-    let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut buf = vec![0u8; DATA_MAX];
-    let mut pending: Vec<u8> = Vec::with_capacity(DATA_MAX);
-    let mut eof = false;
+    let (mut r, mut w) = tcp.into_split();
+    let mut out: Vec<u8> = Vec::new();
+    let mut chunk: Vec<u8> = Vec::new();
+    // Holding a permit: room for one more chunk at the circuit.
+    let mut permit = false;
     loop {
-        if eof && pending.is_empty() {
-            let _ = circ.ev.send(StreamEvent::End(sid, EndReason::DONE));
-            return;
-        }
-        let room = DATA_MAX - pending.len();
+        let full = circ.mem_full();
         tokio::select! {
-            n = r.read(&mut buf[..room]), if !eof && room > 0 => match n {
-                Ok(0) => eof = true,
-                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            p = room.acquire(), if !permit => match p {
+                Ok(p) => {
+                    p.forget();
+                    permit = true;
+                    chunk.reserve_exact(READ_CHUNK);
+                }
+                Err(_) => return,
+            },
+            // While the relay's queues are full, the exit stops reading.
+            () = tokio::time::sleep(FULL_RECHECK), if permit && full => {}
+            n = r.read_buf(&mut chunk), if permit && !full => match n {
+                Ok(0) => {
+                    let _ = circ.ev.send(StreamEvent::End(sid, EndReason::DONE));
+                    return;
+                }
+                Ok(_) => {
+                    permit = false;
+                    if let Some(a) = &circ.acct {
+                        a.add(chunk_bytes(chunk.len()));
+                    }
+                    if circ.ev.send(StreamEvent::Data(sid, std::mem::take(&mut chunk))).is_err() {
+                        return;
+                    }
+                }
                 Err(e) => {
                     let _ = circ.ev.send(StreamEvent::End(sid, end_reason(&e)));
                     return;
                 }
             },
-            // While the relay's queues are full, the exit stops reading.
-            () = tokio::time::sleep(FULL_RECHECK), if !pending.is_empty() && circ.mem_full() => {}
-            p = acquire2(&window, &circ.window), if !pending.is_empty() && !circ.mem_full() => {
-                let Some((a, b)) = p else { return };
-                a.forget();
-                b.forget();
-                if !circ.send_data(sid, &mut pending) {
-                    return;
-                }
-            },
             c = cmds.rx.recv() => match c {
-                Some(StreamCmd::Data(d)) => {
+                Some(StreamCmd::Data(d, n)) => {
                     // Write what is queued in one go.
+                    let mut cells = n;
                     out.clear();
                     out.extend_from_slice(&d);
-                    let mut cells = 1u32;
                     while out.len() < 60 * 1024 {
                         match cmds.rx.try_recv() {
-                            Ok(StreamCmd::Data(d)) => {
+                            Ok(StreamCmd::Data(d, n)) => {
                                 out.extend_from_slice(&d);
-                                cells += 1;
+                                cells += n;
                             }
                             Err(_) => break,
                         }

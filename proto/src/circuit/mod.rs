@@ -118,7 +118,8 @@ pub enum Event {
         data: Vec<u8>,
         cells: u32,
     },
-    /// Everything given to [`Circuit::send`] for this stream is sealed.
+    /// Nothing given to [`Circuit::send`] for this stream is left: all of
+    /// it is sealed, or what was not went with the stream when it ended.
     Sent { stream: u16 },
     /// The far end ended the stream (after its last [`Event::Data`]).
     End { stream: u16, reason: EndReason },
@@ -636,6 +637,9 @@ impl Circuit {
 
     fn on_end(&mut self, sid: u16, reason: EndReason) {
         if let Some(st) = self.streams.remove(&sid) {
+            if !st.unsent.is_empty() {
+                self.events.push_back(Event::Sent { stream: sid });
+            }
             if st.kind == Kind::Resolving {
                 self.events.push_back(Event::Resolved {
                     stream: sid,
@@ -745,9 +749,7 @@ impl Circuit {
                 break;
             };
             if self.pump(now, sid)? {
-                if self.streams.contains_key(&sid) {
-                    self.events.push_back(Event::Sent { stream: sid });
-                }
+                self.events.push_back(Event::Sent { stream: sid });
             } else {
                 self.blocked.push_back(sid);
             }
