@@ -1,8 +1,8 @@
 //! Onion-layer cell crypto (`doc/protocol.md` section "Cell crypto").
 //!
 //! Each hop shares two 32-byte keys with the client, one per direction, and
-//! keeps a 64-bit counter per direction. Every layer is ChaCha20-Poly1305
-//! (RFC 8439) under `(key, counter)`; the counter advances once per cell the
+//! keeps a 64-bit counter per direction. Every layer is AES-256-GCM
+//! ([`crate::aead`]) under `(key, counter)`; the counter advances once per cell the
 //! hop processes in that direction, so a modified, replayed, reordered or
 //! dropped cell fails authentication and the circuit is torn down.
 //!
@@ -27,7 +27,7 @@
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::Error;
-use crate::aead::{Aead, TAG_LEN, ct_eq, keystream, whole};
+use crate::aead::{Key, TAG_LEN, keystream, whole};
 use crate::cell::PAYLOAD_LEN;
 
 /// Bytes of the body that every layer encrypts.
@@ -46,24 +46,20 @@ pub const fn forward_capacity(depth: usize) -> usize {
 pub const BACKWARD_CAPACITY: usize = BODY_LEN;
 
 /// One direction of one hop: a key and the counter of the next cell.
-#[derive(Zeroize, ZeroizeOnDrop)]
 struct Direction {
-    key: [u8; 32],
+    key: Key,
     counter: u64,
 }
 
 impl Direction {
-    fn new(key: [u8; 32]) -> Self {
-        Direction { key, counter: 0 }
-    }
-    fn aead(&self) -> Result<Aead, Error> {
-        if self.counter == u64::MAX {
-            return Err(Error::CounterExhausted);
+    fn new(key: &[u8; 32]) -> Self {
+        Direction {
+            key: Key::new(key),
+            counter: 0,
         }
-        Ok(Aead::new(&self.key, self.counter))
     }
-    /// The key and the counter of the next cell, for whole-message use.
-    fn current(&self) -> Result<(&[u8; 32], u64), Error> {
+    /// The key and the counter of the next cell.
+    fn current(&self) -> Result<(&Key, u64), Error> {
         if self.counter == u64::MAX {
             return Err(Error::CounterExhausted);
         }
@@ -109,8 +105,8 @@ pub struct RelayLayer {
 impl RelayLayer {
     pub fn new(keys: &HopKeys) -> Self {
         RelayLayer {
-            fwd: Direction::new(keys.forward),
-            back: Direction::new(keys.backward),
+            fwd: Direction::new(&keys.forward),
+            back: Direction::new(&keys.backward),
         }
     }
 
@@ -214,8 +210,10 @@ impl ClientLayers {
                 max: MAX_HOPS,
             });
         }
-        self.hops
-            .push((Direction::new(keys.forward), Direction::new(keys.backward)));
+        self.hops.push((
+            Direction::new(&keys.forward),
+            Direction::new(&keys.backward),
+        ));
         Ok(())
     }
     /// Build the payload of a forward cell for hop `target` (0-based).
@@ -255,12 +253,12 @@ impl ClientLayers {
                 "target beyond the circuit",
             ));
         }
-        let mut aeads: [Option<Aead>; MAX_HOPS] = [const { None }; MAX_HOPS];
+        // The keystreams of the hops up to `target`: their tails make the
+        // filler and the innermost plaintext's tail.
         let mut streams = [[0u8; BODY_LEN]; MAX_HOPS];
         for (j, (fwd, _)) in self.hops[..=target].iter().enumerate() {
-            let mut a = fwd.aead()?;
-            a.apply_keystream(&mut streams[j]);
-            aeads[j] = Some(a);
+            let (key, n) = fwd.current()?;
+            keystream(key, n, &mut streams[j]);
         }
         // The filler: what the zero blocks appended by hops 0..target look like
         // in the body hop `target` receives (its last 16*target bytes).
@@ -274,27 +272,27 @@ impl ClientLayers {
             filler[flen..flen + TAG_LEN].fill(0);
             flen += TAG_LEN;
         }
-        // Innermost layer: message, then the bytes that encrypt to the filler.
+        // Innermost layer: the message, then the bytes that encrypt to the
+        // filler; sealed for delivery at `target`.
         let split = BODY_LEN - flen;
-        let (tag_field, ct) = payload.split_at_mut(TAG_LEN);
-        for (b, k) in ct[..split].iter_mut().zip(&streams[target][..split]) {
-            *b ^= k;
+        let (tag_field, body) = payload.split_at_mut(TAG_LEN);
+        for ((b, f), k) in body[split..]
+            .iter_mut()
+            .zip(&filler[..flen])
+            .zip(&streams[target][split..])
+        {
+            *b = f ^ k;
         }
-        ct[split..].copy_from_slice(&filler[..flen]);
-        let inner = aeads[target]
-            .as_ref()
-            .expect("set above")
-            .tag(AD_DELIVER, ct);
+        let (key, n) = self.hops[target].0.current()?;
+        let inner = whole::seal(key, n, AD_DELIVER, body);
+        // Each hop before it: its tag and the body minus the tail the hop
+        // appends again, sealed for passing on.
         let mut tag = inner;
-        let mut next = [0u8; BODY_LEN];
         for j in (0..target).rev() {
-            next[..TAG_LEN].copy_from_slice(&tag);
-            next[TAG_LEN..].copy_from_slice(&ct[..BODY_LEN - TAG_LEN]);
-            for (b, k) in next.iter_mut().zip(&streams[j]) {
-                *b ^= k;
-            }
-            ct.copy_from_slice(&next);
-            tag = aeads[j].as_ref().expect("set above").tag(AD_FORWARD, ct);
+            body.copy_within(..BODY_LEN - TAG_LEN, TAG_LEN);
+            body[..TAG_LEN].copy_from_slice(&tag);
+            let (key, n) = self.hops[j].0.current()?;
+            tag = whole::seal(key, n, AD_FORWARD, body);
         }
         for (fwd, _) in &mut self.hops[..=target] {
             fwd.advance();
@@ -340,12 +338,12 @@ impl ClientLayers {
         *payload = orig;
         for j in 0..last {
             let (key, n) = self.hops[j].1.current()?;
-            let aead = Aead::new(key, n);
-            let (tag, body) = payload.split_at_mut(TAG_LEN);
-            if ct_eq(&aead.tag(&[], body), tag) {
-                let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| Error::Truncated)?;
-                let mut aead = aead;
-                aead.apply_keystream(body);
+            let mut body = [0u8; BODY_LEN];
+            body.copy_from_slice(&payload[TAG_LEN..]);
+            let mut tag = [0u8; TAG_LEN];
+            tag.copy_from_slice(&payload[..TAG_LEN]);
+            if whole::open(key, n, &[], &mut body, &tag) {
+                payload[TAG_LEN..].copy_from_slice(&body);
                 for (_, back) in &mut self.hops[..=j] {
                     back.advance();
                 }

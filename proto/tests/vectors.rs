@@ -3,8 +3,8 @@
 //! The spec's ```vectors blocks hold `name: hex` lines; this test computes
 //! every vector from fixed inputs and requires the spec to list exactly the
 //! same bytes. Source: computed by this implementation from the fixed
-//! inputs below; the AEAD underneath is checked against RFC 8439 and the
-//! `chacha20poly1305` crate in `src/aead.rs`. Decoding is checked too:
+//! inputs below; the AEAD underneath is checked against the GCM
+//! specification's AES-256 vectors in `src/aead.rs`. Decoding is checked too:
 //! each encoded vector decodes and re-encodes to the same bytes.
 //! `ALLIUM_PRINT_VECTORS=1 cargo test -p allium-proto --test vectors -- --nocapture`
 //! prints them.

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use rand_core::CryptoRng;
 use zeroize::Zeroizing;
 
-use crate::aead::keystream;
+use crate::aead::{Key, keystream};
 
 use crate::cell::{self, Cell, CellCmd, DestroyReason, PAYLOAD_LEN};
 use crate::flow::{CircRecvWindow, CircSendWindow, SENDME_CELL_RANDOM, StreamWindow};
@@ -146,7 +146,10 @@ const DATA_EVENT_MAX: usize = 64 * 1024;
 
 enum Role {
     Client(ClientLayers),
-    Relay { layer: RelayLayer, next: NextHop },
+    Relay {
+        layer: Box<RelayLayer>,
+        next: NextHop,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -207,7 +210,8 @@ pub struct Circuit {
     rtt: Option<Rtt>,
     counts: Counts,
     closed: bool,
-    /// Key of the keystream that pads acknowledged DATA cells.
+    /// Key of the keystream that pads acknowledged DATA cells (expanded
+    /// when used: once per hundred cells, and it saves the memory).
     pad_key: Zeroizing<[u8; 32]>,
     pad_counter: u64,
 }
@@ -255,7 +259,7 @@ impl Circuit {
         Self::new(
             rng,
             Role::Relay {
-                layer,
+                layer: Box::new(layer),
                 next: NextHop::None,
             },
         )
@@ -713,7 +717,7 @@ impl Circuit {
             let body = &mut payload[TAG_LEN..TAG_LEN + cap];
             let len = RelayMsg::encode_data_into(sid, &unsent[off..off + n], body)?;
             if acked {
-                keystream(&self.pad_key, self.pad_counter, &mut body[len..]);
+                keystream(&Key::new(&self.pad_key), self.pad_counter, &mut body[len..]);
                 self.pad_counter += 1;
                 self.acked_sent_at.push_back(now);
             }

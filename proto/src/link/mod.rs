@@ -44,8 +44,8 @@ use crate::cell::CELL_LEN;
 
 pub const LINK_NK: u8 = 1;
 pub const LINK_XK: u8 = 2;
-pub const NK_PARAMS: &str = "Noise_NK_25519_ChaChaPoly_SHA256";
-pub const XK_PARAMS: &str = "Noise_XK_25519_ChaChaPoly_SHA256";
+pub const NK_PARAMS: &str = "Noise_NK_25519_AESGCM_SHA256";
+pub const XK_PARAMS: &str = "Noise_XK_25519_AESGCM_SHA256";
 pub const PROLOGUE: &[u8] = b"allium link v1";
 /// Domain of the responder's identity proof (both patterns, message 2).
 pub const RESPONDER_AUTH_DOMAIN: &[u8] = b"allium link responder v1\0";

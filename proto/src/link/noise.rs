@@ -1,5 +1,5 @@
-//! Snow on this crate's primitives: X25519, ChaCha20-Poly1305 (our
-//! [`Aead`]), SHA-256, and a ChaCha20 RNG seeded from the caller's RNG.
+//! Snow on this crate's primitives: X25519, AES-256-GCM (our
+//! [`crate::aead`]), SHA-256, and a ChaCha20 RNG seeded from the caller's RNG.
 //! Nothing outside [`crate::link`] sees snow.
 
 use chacha20::ChaCha20Rng;
@@ -13,7 +13,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::Error;
-use crate::aead::{Aead, TAG_LEN};
+use crate::aead::{Key, TAG_LEN, whole};
 
 use super::PROLOGUE;
 
@@ -97,13 +97,13 @@ impl Dh for X25519 {
 }
 
 #[derive(Default, Zeroize, ZeroizeOnDrop)]
-struct ChaChaPoly {
+struct AesGcm {
     key: [u8; 32],
 }
 
-impl Cipher for ChaChaPoly {
+impl Cipher for AesGcm {
     fn name(&self) -> &'static str {
-        "ChaChaPoly"
+        "AESGCM"
     }
     fn set(&mut self, key: &[u8; 32]) {
         self.key = *key;
@@ -111,7 +111,7 @@ impl Cipher for ChaChaPoly {
     fn encrypt(&self, nonce: u64, authtext: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
         let n = plaintext.len();
         out[..n].copy_from_slice(plaintext);
-        let tag = Aead::new(&self.key, nonce).seal(authtext, &mut out[..n]);
+        let tag = whole::seal(&Key::new(&self.key), nonce, authtext, &mut out[..n]);
         out[n..n + TAG_LEN].copy_from_slice(&tag);
         n + TAG_LEN
     }
@@ -127,7 +127,10 @@ impl Cipher for ChaChaPoly {
             .checked_sub(TAG_LEN)
             .ok_or(snow::Error::Decrypt)?;
         out[..n].copy_from_slice(&ciphertext[..n]);
-        if Aead::new(&self.key, nonce).open(authtext, &mut out[..n], &ciphertext[n..]) {
+        let tag: &[u8; TAG_LEN] = ciphertext[n..]
+            .try_into()
+            .map_err(|_| snow::Error::Decrypt)?;
+        if whole::open(&Key::new(&self.key), nonce, authtext, &mut out[..n], tag) {
             Ok(n)
         } else {
             out[..n].zeroize();
@@ -173,8 +176,8 @@ impl CryptoResolver for Resolver {
             .then(|| Box::new(Sha256Hash::default()) as Box<dyn Hash>)
     }
     fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
-        matches!(choice, CipherChoice::ChaChaPoly)
-            .then(|| Box::new(ChaChaPoly::default()) as Box<dyn Cipher>)
+        matches!(choice, CipherChoice::AESGCM)
+            .then(|| Box::new(AesGcm::default()) as Box<dyn Cipher>)
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! After the handshake each direction has the key Noise's `Split()` gives
 //! it and a 64-bit message counter starting at 0; a message is
-//! ChaCha20-Poly1305 under `(key, 0^4 | counter le)` with empty associated
+//! AES-256-GCM under `(key, 0^4 | counter be)` with empty associated
 //! data (on `ring`, see [`crate::aead::whole`]), exactly as Noise's
 //! `CipherState` does it (the tests open our
 //! messages with snow's own transport). Doing it here rather than in snow
@@ -10,17 +10,16 @@
 //! were encoded, with no copy and no buffer kept per link.
 
 use snow::HandshakeState;
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::Zeroize;
 
 use super::MAX_CELLS_PER_FRAME;
 use super::noise::snow_err;
 use crate::Error;
-use crate::aead::{TAG_LEN, whole};
+use crate::aead::{Key, TAG_LEN, whole};
 use crate::cell::{CELL_LEN, Cell};
 
-#[derive(Zeroize, ZeroizeOnDrop)]
 struct Direction {
-    key: [u8; 32],
+    key: Key,
     n: u64,
 }
 
@@ -47,12 +46,25 @@ impl LinkTransport {
                 snow::error::StateProblem::HandshakeNotFinished,
             )));
         }
-        let (i2r, r2i) = hs.dangerously_get_raw_split();
-        let (send, recv) = if initiator { (i2r, r2i) } else { (r2i, i2r) };
-        Ok(LinkTransport {
-            send: Direction { key: send, n: 0 },
-            recv: Direction { key: recv, n: 0 },
-        })
+        let (mut i2r, mut r2i) = hs.dangerously_get_raw_split();
+        let (send, recv) = if initiator {
+            (&i2r, &r2i)
+        } else {
+            (&r2i, &i2r)
+        };
+        let t = LinkTransport {
+            send: Direction {
+                key: Key::new(send),
+                n: 0,
+            },
+            recv: Direction {
+                key: Key::new(recv),
+                n: 0,
+            },
+        };
+        i2r.zeroize();
+        r2i.zeroize();
+        Ok(t)
     }
 
     /// Append one frame (`len | noise message`) carrying `cells` to `out`.
