@@ -1,8 +1,9 @@
 //! Allium's protocol, as pure code.
 //!
 //! This crate holds every wire format (cells, relay messages, link frames,
-//! SOCKS), the circuit handshake, the onion-layer crypto and the signed
-//! directory documents. It does **not** open sockets, read the clock, spawn
+//! SOCKS), the link and circuit handshakes, the onion-layer crypto, the
+//! circuit core that client, relay and exit drive ([`circuit`]) and the
+//! signed directory documents. It does **not** open sockets, read the clock, spawn
 //! tasks or draw randomness on its own: callers pass in the time as UNIX
 //! seconds and an `&mut impl CryptoRng`. Every byte it reads or writes is
 //! described in `doc/protocol.md`.

@@ -409,12 +409,17 @@ impl Circuit {
                 cells,
             } => {
                 if let Some(st) = self.streams.get(&stream) {
+                    let bytes = CELL_BYTES * cells as usize;
                     if let Some(a) = &self.shared.acct {
-                        a.add(CELL_BYTES * cells as usize);
+                        a.add(bytes);
                     }
                     // The stream task's queue is bounded by the stream
                     // window, which the core enforces.
-                    let _ = st.tx.send(StreamCmd::Data(data, cells));
+                    if st.tx.send(StreamCmd::Data(data, cells)).is_err()
+                        && let Some(a) = &self.shared.acct
+                    {
+                        a.sub(bytes);
+                    }
                 }
             }
             Event::Sent { stream } => self.sealed(stream),
