@@ -12,7 +12,7 @@ mod common;
 
 use allium::testnet::{Testnet, TestnetOptions};
 use allium_link::channel;
-use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, DestroyReason};
+use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::flow::CIRC_WINDOW;
 use allium_proto::link::{LinkTransport, MAX_CELLS_PER_FRAME};
 use allium_proto::onion::{ClientLayers, forward_capacity};
@@ -277,7 +277,7 @@ async fn the_memory_cap_kills_stalled_circuits() {
         states.push(st);
         cells.push(
             Cell::new(
-                0x8000_0000 | (i + 1),
+                CircId(0x8000_0000 | (i + 1)),
                 CellCmd::CREATE,
                 &cell::encode_create(cell::HANDSHAKE_NTOR, &hs),
             )
@@ -317,7 +317,7 @@ async fn the_memory_cap_kills_stalled_circuits() {
         .iter_mut()
         .enumerate()
         .map(|(i, l)| Cell {
-            circ_id: 0x8000_0000 | (i as u32 + 1),
+            circ_id: CircId(0x8000_0000 | (i as u32 + 1)),
             cmd: CellCmd::RELAY,
             payload: l.encrypt_forward(0, &begin).unwrap(),
         })
@@ -502,7 +502,7 @@ async fn a_peer_that_does_not_read_is_not_read_and_loses_its_link() {
     let creates: Vec<Cell> = (0..MAX_CELLS_PER_FRAME as u32)
         .map(|i| {
             Cell::new(
-                0x8000_0000 | (i + 1),
+                CircId(0x8000_0000 | (i + 1)),
                 CellCmd::CREATE,
                 &cell::encode_create(cell::HANDSHAKE_NTOR, &[7; 84]),
             )
@@ -624,7 +624,7 @@ async fn the_bandwidth_rate_bounds_link_reads() {
     .await;
     let (mut s, mut t) = stalled_link(&relay.desc).await;
     let padding: Vec<Cell> = (0..MAX_CELLS_PER_FRAME)
-        .map(|_| Cell::new(0, CellCmd::PADDING, &[]).unwrap())
+        .map(|_| Cell::new(CircId(0), CellCmd::PADDING, &[]).unwrap())
         .collect();
     let start = std::time::Instant::now();
     let pump = async {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use allium_link::channel::{ChannelHandle, Inbox};
 use allium_proto::Error as ProtoError;
-use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
+use allium_proto::cell::{self, Cell, CellCmd, CircId, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
 use allium_proto::circuit::{Circuit, Event, Side};
 use allium_proto::ntor;
 use allium_proto::onion::{ClientLayers, forward_capacity};
@@ -154,7 +154,7 @@ impl CircuitHandle {
     }
 }
 
-fn relay_cell(circ_id: u32, payload: Box<[u8; PAYLOAD_LEN]>) -> Cell {
+fn relay_cell(circ_id: CircId, payload: Box<[u8; PAYLOAD_LEN]>) -> Cell {
     Cell {
         circ_id,
         cmd: CellCmd::RELAY,
@@ -293,7 +293,7 @@ impl Drop for StreamEntry {
 struct CircTask {
     core: Circuit,
     chan: ChannelHandle,
-    circ_id: u32,
+    circ_id: CircId,
     rx: Inbox,
     cmd_rx: mpsc::Receiver<CircCmd>,
     cmd_tx: mpsc::WeakSender<CircCmd>,

@@ -221,8 +221,8 @@ mod tests {
         ConsensusRelay {
             nickname: format!("r{i}"),
             identity: [i; 32],
-            link_key: [0; 32],
-            onion_key: [0; 32],
+            link_key: allium_proto::LinkKey([0; 32]),
+            onion_key: allium_proto::OnionKey([0; 32]),
             addr: format!("127.{i}.0.1:9000").parse().unwrap(),
             flags: RelayFlags(flags | RelayFlags::RUNNING | RelayFlags::VALID),
             bandwidth: bw,

@@ -24,8 +24,8 @@ use allium_proto::doc::{
 };
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{
-    AuthorityKey, AuthoritySig, RelayFlags, RelayId, UnverifiedConsensus, UnverifiedDescriptor,
-    short_id,
+    AuthorityKey, AuthoritySig, LinkKey, RelayFlags, RelayId, UnverifiedConsensus,
+    UnverifiedDescriptor, short_id,
 };
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
@@ -396,7 +396,7 @@ impl Authority {
 
     /// Test every known relay's reachability (concurrently, bounded).
     pub async fn test_reachability(&self) {
-        let targets: Vec<([u8; 32], SocketAddr, [u8; 32])> = lock(&self.state)
+        let targets: Vec<([u8; 32], SocketAddr, LinkKey)> = lock(&self.state)
             .descriptors
             .values()
             .map(|d| (d.desc.identity, d.desc.addr, d.desc.link_key))
@@ -807,16 +807,16 @@ async fn get_descriptors(State(a): State<Arc<Authority>>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use allium_proto::RelayDescriptor;
     use allium_proto::policy::ExitPolicy;
+    use allium_proto::{OnionKey, RelayDescriptor};
     use ed25519_dalek::SigningKey;
 
     fn desc(k: &SigningKey, published: u64) -> Vec<u8> {
         RelayDescriptor {
             nickname: "r1".into(),
             identity: k.verifying_key().to_bytes(),
-            link_key: [1; 32],
-            onion_key: [2; 32],
+            link_key: LinkKey([1; 32]),
+            onion_key: OnionKey([2; 32]),
             prev_onion_key: None,
             addr: "127.0.0.1:9".parse().unwrap(),
             bandwidth: 1000,

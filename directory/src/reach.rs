@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use allium_proto::RelayId;
+use allium_proto::{LinkKey, RelayId};
 
 use crate::DirError;
 
@@ -13,7 +13,7 @@ pub const REACH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An NK handshake with `link_key` at `addr` in which the responder proves
 /// identity `id`: only the holder of both secrets can complete it.
-pub async fn test_relay(addr: SocketAddr, id: RelayId, link_key: [u8; 32]) -> Result<(), DirError> {
+pub async fn test_relay(addr: SocketAddr, id: RelayId, link_key: LinkKey) -> Result<(), DirError> {
     let work = allium_link::channel::handshake_nk(addr, None, &id, &link_key);
     match tokio::time::timeout(REACH_TIMEOUT, work).await {
         Ok(Ok(_)) => Ok(()),

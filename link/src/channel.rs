@@ -27,12 +27,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use allium_proto::RelayId;
-use allium_proto::cell::{CELL_LEN, Cell, CellCmd, DestroyReason};
+use allium_proto::cell::{CELL_LEN, Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::link::{
     self, Action, Initiator, LinkKeys, LinkTransport, MAX_CELLS_PER_FRAME, MAX_FRAME,
     MIN_TRANSPORT_MSG, Responder,
 };
+use allium_proto::{LinkKey, RelayId};
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -78,7 +78,7 @@ const READ_BIG: usize = 128 * 1024;
 
 /// A new circuit a peer asked for with CREATE.
 pub struct NewCircuit {
-    pub circ_id: u32,
+    pub circ_id: CircId,
     pub create: Cell,
     pub inbox: Inbox,
     pub chan: ChannelHandle,
@@ -176,9 +176,9 @@ pub struct ChannelEnv {
 }
 
 enum Ctrl {
-    Register(u32, CircEntry, oneshot::Sender<bool>),
+    Register(CircId, CircEntry, oneshot::Sender<bool>),
     /// Forget a circuit, telling the peer with DESTROY if a reason is given.
-    Close(u32, Option<DestroyReason>),
+    Close(CircId, Option<DestroyReason>),
 }
 
 struct HandleInner {
@@ -253,11 +253,11 @@ impl ChannelHandle {
     pub async fn new_circuit_counted(
         &self,
         acct: Option<Arc<CircAcct>>,
-    ) -> Result<(u32, Inbox), LinkError> {
+    ) -> Result<(CircId, Inbox), LinkError> {
         for _ in 0..16 {
             let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
-            let id = n | self.inner.high_bit;
-            if id == 0 {
+            let id = CircId(n | self.inner.high_bit);
+            if id.0 == 0 {
                 continue;
             }
             let (inbox, entry) = Inbox::new(acct.clone());
@@ -274,18 +274,18 @@ impl ChannelHandle {
     }
 
     /// Allocate a circuit id and register an inbox for it.
-    pub async fn new_circuit(&self) -> Result<(u32, Inbox), LinkError> {
+    pub async fn new_circuit(&self) -> Result<(CircId, Inbox), LinkError> {
         self.new_circuit_counted(None).await
     }
 
     /// Forget a circuit (its inbox is dropped).
-    pub fn unregister(&self, circ_id: u32) {
+    pub fn unregister(&self, circ_id: CircId) {
         let _ = self.inner.ctrl.send(Ctrl::Close(circ_id, None));
     }
 
     /// Forget a circuit and tell the peer with DESTROY, ahead of queued
     /// cells and without waiting for room in the channel's queue.
-    pub fn destroy(&self, circ_id: u32, reason: DestroyReason) {
+    pub fn destroy(&self, circ_id: CircId, reason: DestroyReason) {
         let _ = self.inner.ctrl.send(Ctrl::Close(circ_id, Some(reason)));
     }
 }
@@ -304,7 +304,7 @@ fn permits(n: usize) -> u32 {
 /// The channel's owner task.
 struct Reactor {
     transport: LinkTransport,
-    circs: HashMap<u32, CircEntry>,
+    circs: HashMap<CircId, CircEntry>,
     /// DESTROYs to send ahead of the queue.
     urgent: VecDeque<Cell>,
     on_create: Option<CreateHandler>,
@@ -332,7 +332,7 @@ struct Reactor {
     waiting: VecDeque<Cell>,
     opened: Vec<Cell>,
     /// The cells of the frame being opened, by circuit.
-    staged: Vec<(u32, Vec<Cell>)>,
+    staged: Vec<(CircId, Vec<Cell>)>,
     /// The last read filled all the room it had.
     busy: bool,
 }
@@ -402,7 +402,7 @@ impl Reactor {
                     .push_back(Cell::destroy(id, DestroyReason::RESOURCE_LIMIT));
             }
             (CellCmd::CREATE, Some(handler))
-                if id != 0 && (id & 0x8000_0000) == self.peer_high_bit =>
+                if id.0 != 0 && (id.0 & 0x8000_0000) == self.peer_high_bit =>
             {
                 let (inbox, entry) = Inbox::new(self.env.mem.as_ref().map(|m| m.account()));
                 self.circs.insert(id, entry);
@@ -729,8 +729,8 @@ pub struct LinkIdentity {
 }
 
 impl LinkIdentity {
-    pub fn link_pub(&self) -> [u8; 32] {
-        PublicKey::from(&self.link_secret).to_bytes()
+    pub fn link_pub(&self) -> LinkKey {
+        LinkKey(PublicKey::from(&self.link_secret).to_bytes())
     }
     pub fn id(&self) -> RelayId {
         RelayId(self.identity.verifying_key().to_bytes())
@@ -803,7 +803,7 @@ pub async fn handshake_nk(
     addr: SocketAddr,
     bind: Option<std::net::IpAddr>,
     id: &RelayId,
-    link_key: &[u8; 32],
+    link_key: &LinkKey,
 ) -> Result<(TcpStream, LinkTransport, Vec<u8>), LinkError> {
     let work = async {
         let mut s = connect_tcp(addr, bind).await?;
@@ -820,7 +820,7 @@ pub async fn handshake_nk(
 pub async fn connect_nk(
     addr: SocketAddr,
     id: &RelayId,
-    link_key: &[u8; 32],
+    link_key: &LinkKey,
 ) -> Result<ChannelHandle, LinkError> {
     connect_nk_from(addr, id, link_key, None).await
 }
@@ -829,7 +829,7 @@ pub async fn connect_nk(
 pub async fn connect_nk_from(
     addr: SocketAddr,
     id: &RelayId,
-    link_key: &[u8; 32],
+    link_key: &LinkKey,
     bind: Option<std::net::IpAddr>,
 ) -> Result<ChannelHandle, LinkError> {
     let (s, transport, rest) = handshake_nk(addr, bind, id, link_key).await?;
@@ -854,7 +854,7 @@ pub async fn connect_nk_from(
 pub async fn connect_xk(
     addr: SocketAddr,
     peer: RelayId,
-    peer_link_key: &[u8; 32],
+    peer_link_key: &LinkKey,
     me: &LinkIdentity,
     on_create: Option<CreateHandler>,
 ) -> Result<ChannelHandle, LinkError> {

@@ -10,7 +10,7 @@
 use std::hint::black_box;
 
 use allium_proto::aead::{Key, whole};
-use allium_proto::cell::{Cell, CellCmd, PAYLOAD_LEN};
+use allium_proto::cell::{Cell, CellCmd, CircId, PAYLOAD_LEN};
 use allium_proto::doc::CONSENSUS_DOMAIN;
 use allium_proto::link::{self, LinkTransport};
 use allium_proto::ntor::{self, OnionKeys};
@@ -108,16 +108,23 @@ fn handshakes(c: &mut Criterion) {
     let mut rng = rand::rng();
     let mut g = c.benchmark_group("ntor");
     g.bench_function("client_start", |b| {
-        b.iter(|| black_box(ntor::client_start(&mut rng, &id, &bpub)))
+        b.iter(|| {
+            black_box(ntor::client_start(
+                &mut rng,
+                &id,
+                &allium_proto::OnionKey(bpub),
+            ))
+        })
     });
-    let (_, m) = ntor::client_start(&mut rng, &id, &bpub);
+    let (_, m) = ntor::client_start(&mut rng, &id, &allium_proto::OnionKey(bpub));
     g.bench_function("server", |b| {
         b.iter(|| black_box(ntor::server(&mut rand::rng(), &ok, &m).unwrap()))
     });
     g.bench_function("client_finish", |b| {
         b.iter_batched(
             || {
-                let (st, m) = ntor::client_start(&mut rand::rng(), &id, &bpub);
+                let (st, m) =
+                    ntor::client_start(&mut rand::rng(), &id, &allium_proto::OnionKey(bpub));
                 (st, ntor::server(&mut rand::rng(), &ok, &m).unwrap().0)
             },
             |(st, r)| black_box(st.finish(&r).unwrap()),
@@ -136,7 +143,7 @@ fn link_pair() -> (LinkTransport, LinkTransport) {
         link_secret: &secret,
     };
     let spub = PublicKey::from(&secret).to_bytes();
-    let mut i = link::Initiator::nk(&mut rng, &spub).unwrap();
+    let mut i = link::Initiator::nk(&mut rng, &allium_proto::LinkKey(spub)).unwrap();
     let mut r = link::Responder::new(&mut rng, keys());
     let (mut to_i, mut to_r) = (Vec::new(), Vec::new());
     let (mut li, mut lr) = (None, None);
@@ -164,7 +171,7 @@ fn links(c: &mut Criterion) {
     let mut g = c.benchmark_group("link");
     for n in [1usize, 16, link::MAX_CELLS_PER_FRAME] {
         let batch: Vec<Cell> = (0..n)
-            .map(|i| Cell::new(i as u32 + 1, CellCmd::RELAY, &[9; 100]).unwrap())
+            .map(|i| Cell::new(CircId(i as u32 + 1), CellCmd::RELAY, &[9; 100]).unwrap())
             .collect();
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("seal_open_{n}_cells"), |b| {
@@ -226,7 +233,7 @@ fn relay_path(c: &mut Criterion) {
                         let mut p = client.encrypt_forward(2, &msg).unwrap();
                         guard.peel_forward(&mut p, true).unwrap();
                         Cell {
-                            circ_id: 1,
+                            circ_id: CircId(1),
                             cmd: CellCmd::RELAY,
                             payload: p,
                         }
@@ -254,7 +261,7 @@ fn relay_path(c: &mut Criterion) {
         let (mut out_link, _) = link_pair();
         let mut middle = RelayLayer::new(&keys(1));
         let batch: Vec<Cell> = (0..n)
-            .map(|i| Cell::new(1, CellCmd::RELAY, &[i as u8; PAYLOAD_LEN]).unwrap())
+            .map(|i| Cell::new(CircId(1), CellCmd::RELAY, &[i as u8; PAYLOAD_LEN]).unwrap())
             .collect();
         let mut cells = Vec::with_capacity(n);
         let mut out = Vec::new();
@@ -288,8 +295,8 @@ fn documents(c: &mut Criterion) {
             ConsensusRelay {
                 nickname: format!("relay{i}"),
                 identity: id,
-                link_key: [1; 32],
-                onion_key: [2; 32],
+                link_key: allium_proto::LinkKey([1; 32]),
+                onion_key: allium_proto::OnionKey([2; 32]),
                 addr: "127.0.0.1:9001".parse().unwrap(),
                 flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID),
                 bandwidth: 1000,

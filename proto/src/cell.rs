@@ -14,10 +14,22 @@ crate::open_enum! {
     CellCmd(u8) { PADDING = 0, CREATE = 1, CREATED = 2, RELAY = 3, DESTROY = 4 }
 }
 
+/// A circuit's id on one link: chosen by the side that sent the CREATE
+/// (with the top bit that side owns, `doc/protocol.md` section 2), meaningless on any other
+/// link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CircId(pub u32);
+
+impl std::fmt::Display for CircId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#010x}", self.0)
+    }
+}
+
 /// One link cell.
 #[derive(Clone)]
 pub struct Cell {
-    pub circ_id: u32,
+    pub circ_id: CircId,
     pub cmd: CellCmd,
     pub payload: Box<[u8; PAYLOAD_LEN]>,
 }
@@ -33,7 +45,7 @@ impl std::fmt::Debug for Cell {
 
 impl Cell {
     /// A cell whose payload is `body` followed by zero bytes.
-    pub fn new(circ_id: u32, cmd: CellCmd, body: &[u8]) -> Result<Self, Error> {
+    pub fn new(circ_id: CircId, cmd: CellCmd, body: &[u8]) -> Result<Self, Error> {
         if body.len() > PAYLOAD_LEN {
             return Err(Error::TooLarge {
                 what: "cell body",
@@ -50,7 +62,7 @@ impl Cell {
         })
     }
 
-    pub fn destroy(circ_id: u32, reason: DestroyReason) -> Self {
+    pub fn destroy(circ_id: CircId, reason: DestroyReason) -> Self {
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         payload[0] = reason.0;
         Cell {
@@ -61,7 +73,7 @@ impl Cell {
     }
 
     pub fn encode_into(&self, out: &mut [u8]) {
-        out[..4].copy_from_slice(&self.circ_id.to_be_bytes());
+        out[..4].copy_from_slice(&self.circ_id.0.to_be_bytes());
         out[4] = self.cmd.0;
         out[5..CELL_LEN].copy_from_slice(&self.payload[..]);
     }
@@ -80,7 +92,7 @@ impl Cell {
             ));
         }
         let mut r = Reader::new(b);
-        let circ_id = r.take_u32()?;
+        let circ_id = CircId(r.take_u32()?);
         let cmd = CellCmd(r.take_u8()?);
         let payload = Box::new(r.take_array::<PAYLOAD_LEN>()?);
         Ok(Cell {
@@ -149,7 +161,12 @@ mod tests {
 
     #[test]
     fn cell_roundtrip_and_length() {
-        let c = Cell::new(0x8000_0001, CellCmd::CREATE, &encode_create(2, &[9; 96])).unwrap();
+        let c = Cell::new(
+            CircId(0x8000_0001),
+            CellCmd::CREATE,
+            &encode_create(2, &[9; 96]),
+        )
+        .unwrap();
         let b = c.encode();
         assert_eq!(&b[..6], &[0x80, 0, 0, 1, 1, 0]);
         let d = Cell::decode(&b).unwrap();
@@ -158,6 +175,6 @@ mod tests {
         let (t, h) = decode_create(&d.payload[..]).unwrap();
         assert_eq!((t, h), (2, &[9u8; 96][..]));
         assert!(Cell::decode(&b[..513]).is_err());
-        assert!(Cell::new(1, CellCmd::RELAY, &[0; PAYLOAD_LEN + 1]).is_err());
+        assert!(Cell::new(CircId(1), CellCmd::RELAY, &[0; PAYLOAD_LEN + 1]).is_err());
     }
 }

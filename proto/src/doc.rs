@@ -12,8 +12,8 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::Error;
 use crate::policy::ExitPolicy;
+use crate::{Error, LinkKey, OnionKey};
 
 pub const DESCRIPTOR_DOMAIN: &[u8] = b"allium descriptor v1\0";
 pub const CONSENSUS_DOMAIN: &[u8] = b"allium consensus v1\0";
@@ -156,11 +156,11 @@ pub struct RelayDescriptor {
     /// Ed25519 identity: signs this descriptor and the link handshake.
     pub identity: [u8; 32],
     /// X25519 static key of the Noise link.
-    pub link_key: [u8; 32],
+    pub link_key: LinkKey,
     /// Current X25519 onion key for the circuit handshake.
-    pub onion_key: [u8; 32],
+    pub onion_key: OnionKey,
     /// The previous onion key, still answered during the overlap.
-    pub prev_onion_key: Option<[u8; 32]>,
+    pub prev_onion_key: Option<OnionKey>,
     pub addr: SocketAddr,
     /// Declared bandwidth, bytes per second.
     pub bandwidth: u32,
@@ -318,8 +318,8 @@ impl RelayFlags {
 pub struct ConsensusRelay {
     pub nickname: String,
     pub identity: [u8; 32],
-    pub link_key: [u8; 32],
-    pub onion_key: [u8; 32],
+    pub link_key: LinkKey,
+    pub onion_key: OnionKey,
     pub addr: SocketAddr,
     pub flags: RelayFlags,
     /// Weight for path selection (bytes per second).
@@ -583,8 +583,8 @@ mod tests {
         RelayDescriptor {
             nickname: "relay1".into(),
             identity: id.verifying_key().to_bytes(),
-            link_key: [1; 32],
-            onion_key: [2; 32],
+            link_key: LinkKey([1; 32]),
+            onion_key: OnionKey([2; 32]),
             prev_onion_key: None,
             addr: "127.0.0.1:9001".parse().unwrap(),
             bandwidth: 1_000_000,

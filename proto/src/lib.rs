@@ -136,3 +136,33 @@ impl std::fmt::Display for RelayId {
         f.write_str(&short_id(&self.0))
     }
 }
+
+/// A 32-byte public key with its own name, so that one kind cannot be
+/// passed where another is meant. On the wire (postcard) it is its 32
+/// bytes, exactly as a bare array.
+macro_rules! public_key {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub [u8; 32]);
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), short_id(&self.0))
+            }
+        }
+    };
+}
+
+public_key! {
+    /// A relay's X25519 link key: the Noise static key its links prove
+    /// (`doc/protocol.md` section 1).
+    LinkKey
+}
+
+public_key! {
+    /// A relay's X25519 onion key: the key of its circuit handshakes
+    /// (`doc/protocol.md` section 3).
+    OnionKey
+}

@@ -19,10 +19,10 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use crate::Error;
 use crate::aead::ct_eq;
 use crate::onion::HopKeys;
 use crate::wire::Reader;
+use crate::{Error, OnionKey};
 
 pub const PROTOID: &[u8] = b"allium-ntor-x25519-sha256-1";
 pub const CLIENT_LEN: usize = 96;
@@ -39,7 +39,7 @@ pub struct ClientState {
 pub fn client_start(
     rng: &mut impl CryptoRng,
     id: &[u8; 32],
-    b: &[u8; 32],
+    b: &OnionKey,
 ) -> (ClientState, Vec<u8>) {
     client_start_with_ephemeral(StaticSecret::random_from_rng(rng), id, b)
 }
@@ -48,14 +48,14 @@ pub fn client_start(
 pub fn client_start_with_ephemeral(
     x: StaticSecret,
     id: &[u8; 32],
-    b: &[u8; 32],
+    b: &OnionKey,
 ) -> (ClientState, Vec<u8>) {
     let xpub = PublicKey::from(&x);
     let mut msg = Vec::with_capacity(CLIENT_LEN);
     msg.extend_from_slice(id);
-    msg.extend_from_slice(b);
+    msg.extend_from_slice(&b.0);
     msg.extend_from_slice(xpub.as_bytes());
-    (ClientState { x, id: *id, b: *b }, msg)
+    (ClientState { x, id: *id, b: b.0 }, msg)
 }
 
 fn derive(
@@ -183,7 +183,7 @@ mod tests {
         };
         let mut rng = rand::rng();
         for b in [PublicKey::from(&cur), PublicKey::from(&prev)] {
-            let (st, m) = client_start(&mut rng, &id, b.as_bytes());
+            let (st, m) = client_start(&mut rng, &id, &OnionKey(b.to_bytes()));
             let (reply, sk) = server(&mut rng, &keys, &m).unwrap();
             let ck = st.finish(&reply).unwrap();
             assert_eq!(ck.forward, sk.forward);
@@ -201,15 +201,15 @@ mod tests {
         };
         let mut rng = rand::rng();
         let b = PublicKey::from(&cur);
-        let (_, m) = client_start(&mut rng, &[0; 32], b.as_bytes());
+        let (_, m) = client_start(&mut rng, &[0; 32], &OnionKey(b.to_bytes()));
         assert!(server(&mut rng, &keys, &m).is_err());
-        let (_, m) = client_start(&mut rng, &id, &[9; 32]);
+        let (_, m) = client_start(&mut rng, &id, &OnionKey([9; 32]));
         assert!(server(&mut rng, &keys, &m).is_err());
-        let (st, m) = client_start(&mut rng, &id, b.as_bytes());
+        let (st, m) = client_start(&mut rng, &id, &OnionKey(b.to_bytes()));
         let (mut reply, _) = server(&mut rng, &keys, &m).unwrap();
         reply[40] ^= 1;
         assert!(st.finish(&reply).is_err());
-        let (_, mut m) = client_start(&mut rng, &id, b.as_bytes());
+        let (_, mut m) = client_start(&mut rng, &id, &OnionKey(b.to_bytes()));
         m.push(0);
         assert!(server(&mut rng, &keys, &m).is_err());
     }

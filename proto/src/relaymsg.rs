@@ -7,8 +7,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::Error;
 use crate::wire::{Reader, Writer};
+use crate::{Error, LinkKey};
 
 pub const HEADER_LEN: usize = 5;
 /// The longest hostname accepted in BEGIN and RESOLVE.
@@ -161,7 +161,7 @@ pub enum RelayMsg {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Extend {
     pub identity: [u8; 32],
-    pub link_key: [u8; 32],
+    pub link_key: LinkKey,
     pub addr: SocketAddr,
     pub htype: u16,
     pub hdata: Vec<u8>,
@@ -207,7 +207,7 @@ impl RelayMsg {
                 w.put_u8(1).put(tag);
             }
             RelayMsg::Extend(e) => {
-                w.put(&e.identity).put(&e.link_key);
+                w.put(&e.identity).put(&e.link_key.0);
                 TargetAddr::Ip(e.addr.ip()).write(&mut w);
                 w.put_u16(e.addr.port())
                     .put_u16(e.htype)
@@ -358,7 +358,7 @@ impl RelayMsg {
             }
             RelayCmd::EXTEND => {
                 let identity = r.take_array()?;
-                let link_key = r.take_array()?;
+                let link_key = LinkKey(r.take_array()?);
                 let ip = match TargetAddr::read(&mut r)? {
                     TargetAddr::Ip(ip) => ip,
                     TargetAddr::Host(_) => {
@@ -444,7 +444,7 @@ mod tests {
             RelayMsg::Sendme { tag: [5; 16] },
             RelayMsg::Extend(Extend {
                 identity: [1; 32],
-                link_key: [2; 32],
+                link_key: LinkKey([2; 32]),
                 addr: "127.0.0.1:9001".parse().unwrap(),
                 htype: 2,
                 hdata: vec![3; 96],

@@ -167,9 +167,9 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RelayDescriptor;
     use crate::doc::{AuthorityCert, AuthoritySig};
     use crate::policy::ExitPolicy;
+    use crate::{LinkKey, OnionKey, RelayDescriptor};
     use ed25519_dalek::SigningKey;
     use sha2::{Digest, Sha256};
 
@@ -178,8 +178,8 @@ mod tests {
         let d = RelayDescriptor {
             nickname: format!("r{i}"),
             identity: k.verifying_key().to_bytes(),
-            link_key: [1; 32],
-            onion_key: [2; 32],
+            link_key: LinkKey([1; 32]),
+            onion_key: OnionKey([2; 32]),
             prev_onion_key: None,
             addr: "127.0.0.1:9001".parse().unwrap(),
             bandwidth: 1000,

@@ -13,14 +13,14 @@
 
 use std::collections::BTreeMap;
 
-use allium_proto::cell::{self, Cell, CellCmd, DestroyReason};
+use allium_proto::cell::{self, Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::doc::{CONSENSUS_DOMAIN, SignedDocument, VOTE_DOMAIN};
 use allium_proto::ntor::{self, OnionKeys};
 use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
 use allium_proto::policy::ExitPolicy;
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
-use allium_proto::{AuthorityCert, AuthoritySig};
+use allium_proto::{AuthorityCert, AuthoritySig, LinkKey, OnionKey};
 use allium_proto::{
     Consensus, ConsensusRelay, RelayDescriptor, RelayFlags, UnverifiedConsensus,
     UnverifiedDescriptor,
@@ -41,7 +41,7 @@ fn compute() -> BTreeMap<String, String> {
 
     // Cells.
     let c = Cell::new(
-        0x8000_0001,
+        CircId(0x8000_0001),
         CellCmd::CREATE,
         &cell::encode_create(cell::HANDSHAKE_NTOR, &[0xaa; 4]),
     )
@@ -49,7 +49,7 @@ fn compute() -> BTreeMap<String, String> {
     put("cell.create.head", &c.encode()[..13]);
     put(
         "cell.destroy.head",
-        &Cell::destroy(7, DestroyReason::CELL_AUTH).encode()[..6],
+        &Cell::destroy(CircId(7), DestroyReason::CELL_AUTH).encode()[..6],
     );
 
     // Relay messages (header and body; the rest is zero padding).
@@ -95,7 +95,7 @@ fn compute() -> BTreeMap<String, String> {
             0,
             RelayMsg::Extend(Extend {
                 identity: [0x01; 32],
-                link_key: [0x02; 32],
+                link_key: LinkKey([0x02; 32]),
                 addr: "127.0.0.1:9001".parse().unwrap(),
                 htype: cell::HANDSHAKE_NTOR,
                 hdata: vec![0x03; 4],
@@ -127,7 +127,7 @@ fn compute() -> BTreeMap<String, String> {
     let id = [0x84u8; 32];
     let bpub = PublicKey::from(&b).to_bytes();
     put("ntor.onion_key_B", &bpub);
-    let (st, cmsg) = ntor::client_start_with_ephemeral(x, &id, &bpub);
+    let (st, cmsg) = ntor::client_start_with_ephemeral(x, &id, &allium_proto::OnionKey(bpub));
     put("ntor.client_msg", &cmsg);
     let list = [&b];
     let (reply, skeys) = ntor::server_with_ephemeral(
@@ -182,8 +182,8 @@ fn compute() -> BTreeMap<String, String> {
     let desc = RelayDescriptor {
         nickname: "vector".into(),
         identity: relay_key.verifying_key().to_bytes(),
-        link_key: [0x32; 32],
-        onion_key: [0x33; 32],
+        link_key: LinkKey([0x32; 32]),
+        onion_key: OnionKey([0x33; 32]),
         prev_onion_key: None,
         addr: "127.0.0.1:9001".parse().unwrap(),
         bandwidth: 1_000_000,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allium_proto::cell::{self, Cell, CellCmd, DestroyReason, HANDSHAKE_NTOR};
+use allium_proto::cell::{self, Cell, CellCmd, CircId, DestroyReason, HANDSHAKE_NTOR};
 use allium_proto::circuit::{self as core, Event, Side};
 use allium_proto::ntor::{self, OnionKeys};
 use allium_proto::onion::RelayLayer;
@@ -28,7 +28,7 @@ const EXTEND_TIMEOUT: Duration = Duration::from_secs(15);
 
 struct Next {
     chan: ChannelHandle,
-    id: u32,
+    id: CircId,
     rx: Inbox,
 }
 
@@ -100,7 +100,7 @@ struct Circuit {
     ctx: Arc<RelayCtx>,
     core: core::Circuit,
     prev: ChannelHandle,
-    prev_id: u32,
+    prev_id: CircId,
     prev_rx: Inbox,
     next: Option<Next>,
     streams: HashMap<u16, ExitStream>,

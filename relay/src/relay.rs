@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use allium_directory::{http, unix_now};
 use allium_proto::policy::ExitPolicy;
-use allium_proto::{RelayDescriptor, RelayId, SignedDocument};
+use allium_proto::{LinkKey, OnionKey, RelayDescriptor, RelayId, SignedDocument};
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -69,7 +69,7 @@ impl ChannelManager {
     pub async fn get_or_connect(
         ctx: &Arc<RelayCtx>,
         id: RelayId,
-        link_key: &[u8; 32],
+        link_key: &LinkKey,
         addr: SocketAddr,
     ) -> Result<ChannelHandle, RelayError> {
         if let Some(h) = ctx
@@ -192,11 +192,11 @@ impl Relay {
             nickname: self.cfg.nickname.clone(),
             identity: self.ctx.identity_pub,
             link_key: self.ctx.link.link_pub(),
-            onion_key: PublicKey::from(&onion.current).to_bytes(),
+            onion_key: OnionKey(PublicKey::from(&onion.current).to_bytes()),
             prev_onion_key: onion
                 .previous
                 .as_ref()
-                .map(|k| PublicKey::from(k).to_bytes()),
+                .map(|k| OnionKey(PublicKey::from(k).to_bytes())),
             addr: self.cfg.advertised()?,
             bandwidth: self.cfg.declared_bandwidth(),
             exit_policy: self.ctx.policy.clone(),

@@ -15,7 +15,7 @@ use allium_proto::cell::{self, Cell, CellCmd, DestroyReason};
 use allium_proto::ntor;
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{Extend, RelayMsg, TargetAddr};
-use allium_proto::{RelayDescriptor, UnverifiedDescriptor};
+use allium_proto::{LinkKey, OnionKey, RelayDescriptor, UnverifiedDescriptor};
 use allium_relay::{Relay, RelayConfig, RelayStats};
 use tokio::net::TcpListener;
 
@@ -64,7 +64,7 @@ pub async fn link_to(d: &RelayDescriptor) -> ChannelHandle {
 /// A one-hop circuit spoken by hand.
 pub struct RawCirc {
     pub chan: ChannelHandle,
-    pub id: u32,
+    pub id: allium_proto::cell::CircId,
     pub rx: Inbox,
     pub layers: ClientLayers,
 }
@@ -74,7 +74,7 @@ impl RawCirc {
     pub async fn open(
         chan: ChannelHandle,
         identity: &[u8; 32],
-        onion_key: &[u8; 32],
+        onion_key: &OnionKey,
     ) -> Result<RawCirc, DestroyReason> {
         let (id, mut rx) = chan.new_circuit().await.unwrap();
         let (st, hs) = ntor::client_start(&mut rand::rng(), identity, onion_key);
@@ -158,8 +158,8 @@ impl RawCirc {
 /// reach it at.
 pub struct ExtendTo {
     pub identity: [u8; 32],
-    pub onion_key: [u8; 32],
-    pub link_key: [u8; 32],
+    pub onion_key: OnionKey,
+    pub link_key: LinkKey,
     pub addr: SocketAddr,
 }
 
@@ -192,7 +192,7 @@ impl RawCirc {
 
 /// A link responder with keys of its own, posing as whatever an EXTEND
 /// names; counts the links it completes.
-pub async fn impostor() -> (SocketAddr, [u8; 32], Arc<AtomicU64>) {
+pub async fn impostor() -> (SocketAddr, LinkKey, Arc<AtomicU64>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let me = Arc::new(channel::LinkIdentity {

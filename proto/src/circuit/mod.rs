@@ -66,10 +66,6 @@ const TAG_LEN: usize = 16;
 /// A RELAY cell's payload.
 pub type Payload = Box<[u8; PAYLOAD_LEN]>;
 
-/// The circuit id of a channel: local to one link and one direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CircId(pub u32);
-
 /// Which neighbour a cell came from or goes to: `Prev` is toward the
 /// client, `Next` away from it (the client's only neighbour is `Next`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,6 +8,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::LinkKey;
+use crate::cell::CircId;
 use crate::flow::{CIRC_INCREMENT, CIRC_WINDOW, STREAM_INCREMENT, STREAM_WINDOW};
 use crate::onion::HopKeys;
 
@@ -45,7 +47,7 @@ impl CircuitPair {
                 let last = layers.len() - 1;
                 let ext = RelayMsg::Extend(Extend {
                     identity: [7; 32],
-                    link_key: [8; 32],
+                    link_key: LinkKey([8; 32]),
                     addr: "127.0.0.1:1".parse().unwrap(),
                     htype: 2,
                     hdata: vec![9; 10],
@@ -65,7 +67,7 @@ impl CircuitPair {
                     .unwrap();
                 assert!(matches!(prev.poll_event(), Some(Event::Extend(e)) if e.hdata == [9; 10]));
                 let created =
-                    Cell::new(0, CellCmd::CREATED, &cell::encode_created(&[5; 8])).unwrap();
+                    Cell::new(CircId(0), CellCmd::CREATED, &cell::encode_created(&[5; 8])).unwrap();
                 prev.handle_cell(Instant::now(), Side::Next, created)
                     .unwrap();
                 let mut back = prev.poll_transmit().unwrap().payload;
@@ -213,7 +215,7 @@ impl CircuitPair {
 
 fn relay_cell(payload: Payload) -> Cell {
     Cell {
-        circ_id: 1,
+        circ_id: CircId(1),
         cmd: CellCmd::RELAY,
         payload,
     }
@@ -507,7 +509,7 @@ fn destroy_extend_and_truncate() {
     let mut c = RawClient::new();
     let ext = RelayMsg::Extend(Extend {
         identity: [1; 32],
-        link_key: [2; 32],
+        link_key: LinkKey([2; 32]),
         addr: "127.0.0.1:2".parse().unwrap(),
         htype: 2,
         hdata: vec![],
@@ -533,7 +535,7 @@ fn destroy_extend_and_truncate() {
     assert_eq!(c.exit.poll_event(), Some(Event::Truncated));
 
     // DESTROY from the client side names its reason; nothing counts after.
-    let d = Cell::destroy(1, DestroyReason::FINISHED);
+    let d = Cell::destroy(CircId(1), DestroyReason::FINISHED);
     let now = p.now;
     p.nodes[1].handle_cell(now, Side::Prev, d).unwrap();
     assert_eq!(
@@ -544,7 +546,7 @@ fn destroy_extend_and_truncate() {
         })
     );
     // A CREATE mid-circuit is not a thing a neighbour may send.
-    let create = Cell::new(1, CellCmd::CREATE, &[0; 10]).unwrap();
+    let create = Cell::new(CircId(1), CellCmd::CREATE, &[0; 10]).unwrap();
     assert!(matches!(
         p.nodes[2].handle_cell(now, Side::Prev, create),
         Err(Error::PeerMisbehaved(PeerMisbehaved::Unexpected { .. }))

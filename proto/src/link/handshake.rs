@@ -20,7 +20,7 @@ use super::{
     AUTH_LEN, LINK_NK, LINK_XK, LinkTransport, MAX_HANDSHAKE_MSG, NK_PARAMS, RESPONDER_AUTH_DOMAIN,
     XK_AUTH_DOMAIN, XK_PARAMS, frame_len,
 };
-use crate::{Error, RelayId};
+use crate::{Error, LinkKey, RelayId};
 
 /// What a handshake step asks of its driver.
 #[derive(Debug)]
@@ -122,16 +122,22 @@ pub struct Initiator {
     kind: u8,
     /// XK: our identity and our link public key, to prove in message 3.
     me: Option<(SigningKey, [u8; 32])>,
-    peer_link_key: [u8; 32],
+    peer_link_key: LinkKey,
     state: IState,
     proof: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Initiator {
     /// A client's link to a guard whose link key comes from the consensus.
-    pub fn nk(rng: &mut impl CryptoRng, guard_link_key: &[u8; 32]) -> Result<Self, Error> {
+    pub fn nk(rng: &mut impl CryptoRng, guard_link_key: &LinkKey) -> Result<Self, Error> {
         Ok(Initiator {
-            hs: Some(handshake(rng, NK_PARAMS, None, Some(guard_link_key), true)?),
+            hs: Some(handshake(
+                rng,
+                NK_PARAMS,
+                None,
+                Some(&guard_link_key.0),
+                true,
+            )?),
             kind: LINK_NK,
             me: None,
             peer_link_key: *guard_link_key,
@@ -144,10 +150,10 @@ impl Initiator {
     pub fn xk(
         rng: &mut impl CryptoRng,
         me: LinkKeys<'_>,
-        peer_link_key: &[u8; 32],
+        peer_link_key: &LinkKey,
     ) -> Result<Self, Error> {
         let mut secret = me.link_secret.to_bytes();
-        let hs = handshake(rng, XK_PARAMS, Some(&secret), Some(peer_link_key), true);
+        let hs = handshake(rng, XK_PARAMS, Some(&secret), Some(&peer_link_key.0), true);
         secret.zeroize();
         Ok(Initiator {
             hs: Some(hs?),
@@ -225,7 +231,7 @@ pub struct UnverifiedLink {
     transport: LinkTransport,
     h: Vec<u8>,
     payload: Vec<u8>,
-    peer_link_key: [u8; 32],
+    peer_link_key: LinkKey,
 }
 
 impl UnverifiedLink {
@@ -234,7 +240,7 @@ impl UnverifiedLink {
         let got = check(
             RESPONDER_AUTH_DOMAIN,
             &self.h,
-            &self.peer_link_key,
+            &self.peer_link_key.0,
             &self.payload,
         )?;
         if &got != expected {
@@ -399,8 +405,8 @@ mod tests {
         fn id(&self) -> RelayId {
             RelayId(self.identity.verifying_key().to_bytes())
         }
-        fn link_pub(&self) -> [u8; 32] {
-            PublicKey::from(&self.link).to_bytes()
+        fn link_pub(&self) -> LinkKey {
+            LinkKey(PublicKey::from(&self.link).to_bytes())
         }
     }
 
@@ -445,7 +451,7 @@ mod tests {
 
     fn cells(n: u32) -> Vec<Cell> {
         (0..n)
-            .map(|i| Cell::new(i + 1, CellCmd::RELAY, &[i as u8; 9]).unwrap())
+            .map(|i| Cell::new(crate::cell::CircId(i + 1), CellCmd::RELAY, &[i as u8; 9]).unwrap())
             .collect()
     }
 

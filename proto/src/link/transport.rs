@@ -175,7 +175,7 @@ mod tests {
             let mut ours = LinkTransport::from_handshake(&mut i, true).unwrap();
             let mut snow_r = r.into_transport_mode().unwrap();
             let cells: Vec<Cell> = (0..MAX_CELLS_PER_FRAME as u32)
-                .map(|k| Cell::new(k, CellCmd::RELAY, &[k as u8; 9]).unwrap())
+                .map(|k| Cell::new(crate::cell::CircId(k), CellCmd::RELAY, &[k as u8; 9]).unwrap())
                 .collect();
             for round in 0..3 {
                 let mut frame = Vec::new();
