@@ -333,7 +333,9 @@ impl CircTask {
                     Some(cmd) => self.on_cmds(cmd),
                 },
             };
-            let r = r.and_then(|()| self.drain());
+            // What authenticated before an error still reaches its stream.
+            let drained = self.drain();
+            let r = r.and(drained);
             if let Err(reason) = r {
                 break reason;
             }

@@ -1,5 +1,5 @@
-//! AES-256-GCM (NIST SP 800-38D) on `ring`: the one AEAD of the link and
-//! the onion layers.
+//! AES-256-GCM (NIST SP 800-38D) on `aws-lc-rs`: the one AEAD of the link
+//! and the onion layers.
 //!
 //! Everything is a whole-message seal or open: a relay's layer opens or
 //! seals one cell, the link seals or opens one frame. The onion layers also
@@ -7,25 +7,28 @@
 //! on, and the client's filler): [`keystream`] is the encryption half of a
 //! seal, whose tag is dropped.
 //!
-//! Why AES-GCM: on every processor with AES instructions (x86-64 since
-//! 2010, ARMv8 with its crypto extension) `ring`'s AES-256-GCM seals a
-//! 509-byte cell in about 40% of the time of ChaCha20-Poly1305 and a
-//! 64 KiB frame in about a quarter (`doc/performance.md`); without them
-//! `ring` uses constant-time code, slower but safe.
+//! Why AES-GCM, and why this library (`doc/performance.md` has the
+//! figures): on processors with AES instructions (x86-64 since 2010, ARMv8
+//! with its crypto extension) AES-256-GCM seals a 509-byte cell in well
+//! under half the time of ChaCha20-Poly1305, and `aws-lc-rs` (AWS-LC's
+//! assembly, with a VAES/AVX-512 path) is the fastest of the libraries
+//! measured; without AES instructions it uses constant-time code, slower
+//! but safe. Its expanded keys live in memory AWS-LC wipes when it frees
+//! them.
 //!
 //! Nonce layout, shared with Noise's `AESGCM`: 4 zero bytes followed by a
 //! 64-bit big-endian counter. A key is only ever used with counters that
 //! its owner increments, so a (key, nonce) pair never repeats.
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use subtle::ConstantTimeEq;
 
 pub const KEY_LEN: usize = 32;
 pub const TAG_LEN: usize = 16;
 
 /// An AES-256-GCM key, expanded once (the key schedule and the GHASH
-/// tables cost about as much as sealing a cell). The expanded form lives in
-/// `ring`, which does not wipe it on drop; the 32 key bytes are not kept.
+/// tables cost about as much as sealing a cell); the 32 key bytes are not
+/// kept.
 pub struct Key(LessSafeKey);
 
 impl Key {
@@ -52,14 +55,15 @@ fn seal_raw(k: &Key, nonce: [u8; 12], ad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN
 }
 
 fn open_raw(k: &Key, nonce: [u8; 12], ad: &[u8], buf: &mut [u8], tag: &[u8; TAG_LEN]) -> bool {
-    k.0.open_in_place_separate_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(ad),
-        Tag::from(*tag),
-        buf,
-        0..,
-    )
-    .is_ok()
+    let ok = k
+        .0
+        .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(ad), tag, buf)
+        .is_ok();
+    if !ok {
+        // Nothing unauthenticated is left behind.
+        buf.fill(0);
+    }
+    ok
 }
 
 /// Whole-message seal and open under `(key, 0^4 | counter be)`.

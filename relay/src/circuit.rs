@@ -17,7 +17,7 @@ use allium_proto::{PeerMisbehaved, RelayId};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info};
 
-use crate::exit::{self, CircShared, StreamCmd, StreamEvent};
+use crate::exit::{self, CircShared, StreamCmd, StreamEvent, StreamKey};
 use crate::netview::Listing;
 use crate::relay::{ChannelManager, RelayCtx};
 use crate::{RelayError, RelayStats};
@@ -37,6 +37,8 @@ struct ExitStream {
     tx: mpsc::UnboundedSender<StreamCmd>,
     /// Room for chunks at the circuit, shared with the stream task.
     room: Arc<Semaphore>,
+    /// Which use of the stream id this is (its epoch).
+    epoch: u64,
 }
 
 impl Drop for ExitStream {
@@ -104,6 +106,10 @@ struct Circuit {
     prev_rx: Inbox,
     next: Option<Next>,
     streams: HashMap<u16, ExitStream>,
+    /// Resolves under way, by stream id, with the use of the id.
+    resolving: HashMap<u16, u64>,
+    /// The next stream task's epoch.
+    next_epoch: u64,
     /// Per stream: chunks given to the core and not yet sealed, and the
     /// memory they are counted as (until [`Event::Sent`]).
     unsealed: HashMap<u16, (usize, usize)>,
@@ -166,6 +172,8 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         prev_rx: inbox,
         next: None,
         streams: HashMap::new(),
+        resolving: HashMap::new(),
+        next_epoch: 0,
         unsealed: HashMap::new(),
         shared: Arc::new(CircShared {
             ev: ev_tx,
@@ -363,11 +371,13 @@ impl Circuit {
                 }
                 let (tx, rx) = mpsc::unbounded_channel();
                 let room = Arc::new(Semaphore::new(exit::SEND_ROOM));
+                let key = self.key(stream);
                 self.streams.insert(
                     stream,
                     ExitStream {
                         tx,
                         room: room.clone(),
+                        epoch: key.epoch,
                     },
                 );
                 RelayStats::inc(&self.ctx.stats.streams_opened, 1);
@@ -378,7 +388,7 @@ impl Circuit {
                 tokio::spawn(
                     exit::run_stream(
                         self.ctx.clone(),
-                        stream,
+                        key,
                         addr,
                         port,
                         self.shared.clone(),
@@ -395,10 +405,12 @@ impl Circuit {
                 }
                 let ctx = self.ctx.clone();
                 let shared = self.shared.clone();
+                let key = self.key(stream);
+                self.resolving.insert(stream, key.epoch);
                 tokio::spawn(
                     async move {
                         let addrs = exit::resolve(&ctx, &host).await.unwrap_or_default();
-                        let _ = shared.ev.send(StreamEvent::Resolved(stream, addrs));
+                        let _ = shared.ev.send(StreamEvent::Resolved(key, addrs));
                     }
                     .in_current_span(),
                 );
@@ -467,20 +479,50 @@ impl Circuit {
         Ok(())
     }
 
-    fn stream_event(&mut self, now: Instant, ev: StreamEvent) -> Result<(), RelayError> {
+    /// A new use of stream id `sid`.
+    fn key(&mut self, sid: u16) -> StreamKey {
+        self.next_epoch += 1;
+        StreamKey {
+            sid,
+            epoch: self.next_epoch,
+        }
+    }
+
+    /// The event is about the stream that now has its id (not an earlier
+    /// one whose task is still ending).
+    fn current(&self, ev: &StreamEvent) -> bool {
         match ev {
-            StreamEvent::Connected(sid, ip) => self.core.connected(sid, ip)?,
-            StreamEvent::Data(sid, data) => {
+            StreamEvent::Resolved(k, _) => self.resolving.get(&k.sid) == Some(&k.epoch),
+            StreamEvent::Connected(k, _)
+            | StreamEvent::Data(k, _)
+            | StreamEvent::Consumed(k, _)
+            | StreamEvent::End(k, _) => {
+                self.streams.get(&k.sid).is_some_and(|s| s.epoch == k.epoch)
+            }
+        }
+    }
+
+    fn stream_event(&mut self, now: Instant, ev: StreamEvent) -> Result<(), RelayError> {
+        if !self.current(&ev) {
+            if let (StreamEvent::Data(_, data), Some(a)) = (&ev, &self.shared.acct) {
+                a.sub(exit::chunk_bytes(data.len()));
+            }
+            return Ok(());
+        }
+        match ev {
+            StreamEvent::Connected(k, ip) => self.core.connected(k.sid, ip)?,
+            StreamEvent::Data(k, data) => {
+                let sid = k.sid;
                 let bytes = exit::chunk_bytes(data.len());
                 self.exit_bytes += data.len() as u64;
-                // Sent even if the client has ended the stream meanwhile:
-                // then the core drops it.
                 match self.core.send(now, sid, &data) {
                     Ok(false) => {
                         let u = self.unsealed.entry(sid).or_default();
                         u.0 += 1;
                         u.1 += bytes;
                     }
+                    // Sealed at once, or the client has ended the stream
+                    // meanwhile (then the bytes are dropped).
                     Ok(true) | Err(allium_proto::Error::UnknownStream(_)) => {
                         if let Some(a) = &self.shared.acct {
                             a.sub(bytes);
@@ -492,14 +534,17 @@ impl Circuit {
                     Err(e) => return Err(e.into()),
                 }
             }
-            StreamEvent::Consumed(sid, n) => self.core.consumed(sid, n)?,
-            StreamEvent::End(sid, reason) => {
-                if self.streams.remove(&sid).is_some() {
+            StreamEvent::Consumed(k, n) => self.core.consumed(k.sid, n)?,
+            StreamEvent::End(k, reason) => {
+                if self.streams.remove(&k.sid).is_some() {
                     RelayStats::inc(&self.ctx.stats.streams_closed, 1);
                 }
-                self.core.end(sid, reason)?;
+                self.core.end(k.sid, reason)?;
             }
-            StreamEvent::Resolved(sid, addrs) => self.core.resolved(sid, &addrs)?,
+            StreamEvent::Resolved(k, addrs) => {
+                self.resolving.remove(&k.sid);
+                self.core.resolved(k.sid, &addrs)?;
+            }
         }
         Ok(())
     }
@@ -530,8 +575,19 @@ impl Circuit {
                 n.chan.unregister(n.id);
             }
         }
+        // What is still counted: cells taken and not handed on, chunks the
+        // core holds, and chunks still queued from the stream tasks (which
+        // take back what they cannot queue once the queue is closed).
+        self.ev_rx.close();
+        let mut counted = CELL_BYTES * std::mem::take(&mut self.held);
+        counted += self.unsealed.drain().map(|(_, (_, b))| b).sum::<usize>();
+        while let Ok(ev) = self.ev_rx.try_recv() {
+            if let StreamEvent::Data(_, d) = ev {
+                counted += exit::chunk_bytes(d.len());
+            }
+        }
         if let Some(a) = &self.shared.acct {
-            a.sub(self.unsealed.drain().map(|(_, (_, b))| b).sum());
+            a.sub(counted);
         }
         RelayStats::inc(&self.ctx.stats.streams_closed, self.streams.len() as u64);
         self.streams.clear();

@@ -20,6 +20,8 @@ use allium_link::limits::{CELL_BYTES, CircAcct};
 const FULL_RECHECK: Duration = Duration::from_millis(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write to the target may make no progress.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most payload one backward DATA message carries.
 pub const DATA_MAX: usize = BACKWARD_CAPACITY - HEADER_LEN;
 /// The most a stream reads from its target at once.
@@ -38,16 +40,24 @@ pub enum StreamCmd {
     Data(Vec<u8>, u32),
 }
 
+/// Which stream an event is about: its id, and which use of that id (a
+/// client may reuse an id after END while the old task is still ending).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamKey {
+    pub sid: u16,
+    pub epoch: u64,
+}
+
 /// From a stream task to its circuit.
 pub enum StreamEvent {
-    Connected(u16, IpAddr),
+    Connected(StreamKey, IpAddr),
     /// Bytes read from the target (counted against the relay's memory as
     /// [`chunk_bytes`] until the circuit has sealed them).
-    Data(u16, Vec<u8>),
+    Data(StreamKey, Vec<u8>),
     /// Forward DATA cells of this stream written to the target.
-    Consumed(u16, u32),
-    End(u16, EndReason),
-    Resolved(u16, Vec<IpAddr>),
+    Consumed(StreamKey, u32),
+    End(StreamKey, EndReason),
+    Resolved(StreamKey, Vec<IpAddr>),
 }
 
 /// What a circuit's exit streams share with it: its event queue and its
@@ -158,7 +168,7 @@ async fn connect(
 /// chunk the stream may hand its circuit before the circuit has sealed it.
 pub async fn run_stream(
     ctx: Arc<RelayCtx>,
-    sid: u16,
+    sid: StreamKey,
     addr: TargetAddr,
     port: u16,
     circ: Arc<CircShared>,
@@ -205,10 +215,14 @@ pub async fn run_stream(
                 }
                 Ok(_) => {
                     permit = false;
+                    let bytes = chunk_bytes(chunk.len());
                     if let Some(a) = &circ.acct {
-                        a.add(chunk_bytes(chunk.len()));
+                        a.add(bytes);
                     }
                     if circ.ev.send(StreamEvent::Data(sid, std::mem::take(&mut chunk))).is_err() {
+                        if let Some(a) = &circ.acct {
+                            a.sub(bytes);
+                        }
                         return;
                     }
                 }
@@ -233,12 +247,18 @@ pub async fn run_stream(
                         }
                     }
                     RelayStats::inc(&ctx.stats.exit_bytes, out.len() as u64);
-                    let res = w.write_all(&out).await;
+                    // A target that takes nothing for this long is gone.
+                    let res = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&out)).await;
                     if let Some(a) = &circ.acct {
                         a.sub(CELL_BYTES * cells as usize);
                     }
-                    if let Err(e) = res {
-                        let _ = circ.ev.send(StreamEvent::End(sid, end_reason(&e)));
+                    let reason = match res {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(end_reason(&e)),
+                        Err(_) => Some(EndReason::TIMEOUT),
+                    };
+                    if let Some(reason) = reason {
+                        let _ = circ.ev.send(StreamEvent::End(sid, reason));
                         return;
                     }
                     if circ.ev.send(StreamEvent::Consumed(sid, cells)).is_err() {

@@ -348,11 +348,15 @@ impl Circuit {
     }
 
     /// Relay: the extension asked for by [`Event::Extend`] failed.
+    /// (Nothing is sent if the client has truncated meanwhile.)
     pub fn extend_failed(&mut self, reason: DestroyReason) -> Result<(), Error> {
-        if let Role::Relay { next, .. } = &mut self.role {
-            *next = NextHop::None;
+        match &mut self.role {
+            Role::Relay { next, .. } if *next == NextHop::Pending => {
+                *next = NextHop::None;
+                self.originate(0, &RelayMsg::Truncated(reason.0))
+            }
+            _ => Ok(()),
         }
-        self.originate(0, &RelayMsg::Truncated(reason.0))
     }
 
     /// Send `data` on stream `sid`: sealed into DATA cells now as far as the
@@ -364,7 +368,7 @@ impl Circuit {
         let Some(st) = self.streams.get_mut(&sid) else {
             return Err(Error::UnknownStream(sid));
         };
-        if st.kind == Kind::Resolving || st.end_after.is_some() {
+        if st.kind != Kind::Open || st.end_after.is_some() {
             return Err(Error::UnknownStream(sid));
         }
         let was_blocked = !st.unsent.is_empty();
@@ -549,8 +553,14 @@ impl Circuit {
                 self.originate(0, &RelayMsg::Truncated(DestroyReason::REQUESTED.0))
             }
             RelayMsg::Sendme { tag } => self.on_sendme(now, sid, &tag),
+            RelayMsg::Begin { .. } | RelayMsg::Resolve(_) if self.streams.contains_key(&sid) => {
+                Err(unexpected(
+                    "a new stream id for BEGIN or RESOLVE",
+                    format!("stream {sid}, which is open"),
+                ))
+            }
             RelayMsg::Begin { addr, port } if sid != 0 => {
-                if self.streams.contains_key(&sid) || self.streams.len() >= MAX_STREAMS {
+                if self.streams.len() >= MAX_STREAMS {
                     return self.originate(sid, &RelayMsg::End(EndReason::RESOURCE_LIMIT));
                 }
                 self.streams.insert(sid, StreamState::new(Kind::Opening));
@@ -562,7 +572,7 @@ impl Circuit {
                 Ok(())
             }
             RelayMsg::Resolve(host) if sid != 0 => {
-                if self.streams.contains_key(&sid) || self.streams.len() >= MAX_STREAMS {
+                if self.streams.len() >= MAX_STREAMS {
                     return self.originate(sid, &RelayMsg::Resolved(vec![]));
                 }
                 self.streams.insert(sid, StreamState::new(Kind::Resolving));
@@ -590,25 +600,36 @@ impl Circuit {
     /// stream and still waiting), which lets the circuit window move on.
     fn on_data(&mut self, sid: u16, data: &[u8], tag: &[u8; TAG_LEN]) -> Result<(), Error> {
         self.fc_recv.on_data_received(tag)?;
+        let mut stream_sendme = false;
         if let Some(st) = self.streams.get_mut(&sid)
             && st.kind != Kind::Resolving
         {
             st.recv.receive()?;
-            match self.events.back_mut() {
-                Some(Event::Data {
-                    stream,
-                    data: d,
-                    cells,
-                }) if *stream == sid && d.len() + data.len() <= DATA_EVENT_MAX => {
-                    d.extend_from_slice(data);
-                    *cells += 1;
+            if st.end_after.is_some() {
+                // This side has ended the stream and only sends what it
+                // still holds: what arrives is dropped, and acknowledged so
+                // the far end is not left waiting.
+                stream_sendme = st.recv.consumed();
+            } else {
+                match self.events.back_mut() {
+                    Some(Event::Data {
+                        stream,
+                        data: d,
+                        cells,
+                    }) if *stream == sid && d.len() + data.len() <= DATA_EVENT_MAX => {
+                        d.extend_from_slice(data);
+                        *cells += 1;
+                    }
+                    _ => self.events.push_back(Event::Data {
+                        stream: sid,
+                        data: data.to_vec(),
+                        cells: 1,
+                    }),
                 }
-                _ => self.events.push_back(Event::Data {
-                    stream: sid,
-                    data: data.to_vec(),
-                    cells: 1,
-                }),
             }
+        }
+        if stream_sendme {
+            self.originate(sid, &RelayMsg::Sendme { tag: [0; TAG_LEN] })?;
         }
         let mut tags = std::mem::take(&mut self.sendme_tags);
         self.fc_recv.on_consumed(1, &mut tags);
@@ -638,13 +659,18 @@ impl Circuit {
     fn on_end(&mut self, sid: u16, reason: EndReason) {
         if let Some(st) = self.streams.remove(&sid) {
             if !st.unsent.is_empty() {
+                self.blocked.retain(|&s| s != sid);
                 self.events.push_back(Event::Sent { stream: sid });
             }
             if st.kind == Kind::Resolving {
-                self.events.push_back(Event::Resolved {
-                    stream: sid,
-                    addrs: vec![],
-                });
+                // A client learns its name did not resolve; a relay just
+                // forgets the request (its answer finds no stream).
+                if matches!(self.role, Role::Client(_)) {
+                    self.events.push_back(Event::Resolved {
+                        stream: sid,
+                        addrs: vec![],
+                    });
+                }
             } else {
                 self.events.push_back(Event::End {
                     stream: sid,
@@ -748,6 +774,9 @@ impl Circuit {
             let Some(sid) = self.blocked.pop_front() else {
                 break;
             };
+            if !self.streams.contains_key(&sid) {
+                continue;
+            }
             if self.pump(now, sid)? {
                 self.events.push_back(Event::Sent { stream: sid });
             } else {
