@@ -178,20 +178,22 @@ pub async fn build(
     let work = async {
         let mut layers = ClientLayers::new();
         let first = &path[0];
-        let (st, hs) = ntor::client_start(&mut rand::rng(), &first.identity, &first.onion_key);
+        let (mut st, hs) = ntor::client_start(&mut rand::rng(), &first.identity, &first.onion_key);
         chan.send(Cell::new(
             circ_id,
             CellCmd::CREATE,
             &cell::encode_create(HANDSHAKE_NTOR, &hs),
         )?)
         .await?;
+        // Half of the key agreement, while the CREATE travels.
+        st.prepare();
         let c = expect_cell(&mut rx).await?;
         if c.cmd != CellCmd::CREATED {
             return Err(ClientError::Build(format!("guard answered {:?}", c.cmd)));
         }
         layers.push(&st.finish(cell::decode_created(&c.payload[..])?)?)?;
         for hop in &path[1..] {
-            let (st, hs) = ntor::client_start(&mut rand::rng(), &hop.identity, &hop.onion_key);
+            let (mut st, hs) = ntor::client_start(&mut rand::rng(), &hop.identity, &hop.onion_key);
             let last = layers.len() - 1;
             let msg = RelayMsg::Extend(Extend {
                 identity: hop.identity,
@@ -203,6 +205,7 @@ pub async fn build(
             .encode(0, forward_capacity(last))?;
             chan.send(relay_cell(circ_id, layers.encrypt_forward(last, &msg)?))
                 .await?;
+            st.prepare();
             let mut c = expect_cell(&mut rx).await?;
             if c.cmd != CellCmd::RELAY {
                 return Err(ClientError::Build(format!(

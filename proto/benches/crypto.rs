@@ -100,6 +100,7 @@ fn handshakes(c: &mut Criterion) {
     let b_sec = StaticSecret::from([0x21; 32]);
     let bpub = PublicKey::from(&b_sec).to_bytes();
     let id = [0x84; 32];
+    let b_sec = ntor::OnionSecret::new(b_sec);
     let list = [&b_sec];
     let ok = OnionKeys {
         identity: id,

@@ -31,8 +31,11 @@ pub const SERVER_LEN: usize = 64;
 /// The client's secret state between sending CREATE and reading CREATED.
 pub struct ClientState {
     x: StaticSecret,
+    xpub: [u8; 32],
     id: [u8; 32],
     b: [u8; 32],
+    /// `EXP(B, x)`, once [`ClientState::prepare`] has computed it.
+    xb: Option<x25519_dalek::SharedSecret>,
 }
 
 /// Start a handshake with relay `id` whose onion key is `b`.
@@ -55,7 +58,16 @@ pub fn client_start_with_ephemeral(
     msg.extend_from_slice(id);
     msg.extend_from_slice(&b.0);
     msg.extend_from_slice(xpub.as_bytes());
-    (ClientState { x, id: *id, b: b.0 }, msg)
+    (
+        ClientState {
+            xpub: xpub.to_bytes(),
+            x,
+            id: *id,
+            b: b.0,
+            xb: None,
+        },
+        msg,
+    )
 }
 
 fn derive(
@@ -82,10 +94,31 @@ fn derive(
     (auth, HopKeys::from_bytes(&keys))
 }
 
+/// A relay's onion key pair, its public half computed once.
+pub struct OnionSecret {
+    secret: StaticSecret,
+    public: OnionKey,
+}
+
+impl OnionSecret {
+    pub fn new(secret: StaticSecret) -> Self {
+        OnionSecret {
+            public: OnionKey(PublicKey::from(&secret).to_bytes()),
+            secret,
+        }
+    }
+    pub fn public(&self) -> OnionKey {
+        self.public
+    }
+    pub fn secret(&self) -> &StaticSecret {
+        &self.secret
+    }
+}
+
 /// The relay's onion keys it will answer for: current and previous.
 pub struct OnionKeys<'a> {
     pub identity: [u8; 32],
-    pub keys: &'a [&'a StaticSecret],
+    pub keys: &'a [&'a OnionSecret],
 }
 
 /// Answer a CREATE: returns the CREATED reply and the hop keys.
@@ -111,13 +144,14 @@ pub fn server_with_ephemeral(
     if id != keys.identity {
         return Err(Error::Handshake("CREATE names another relay's identity"));
     }
-    let secret = keys
+    let secret = &keys
         .keys
         .iter()
-        .find(|k| PublicKey::from(**k).as_bytes() == &b)
+        .find(|k| k.public.0 == b)
         .ok_or(Error::Handshake(
             "CREATE names an unknown or expired onion key",
-        ))?;
+        ))?
+        .secret;
     let xpub = PublicKey::from(x);
     let xy = y.diffie_hellman(&xpub);
     let xb = secret.diffie_hellman(&xpub);
@@ -133,25 +167,34 @@ pub fn server_with_ephemeral(
 }
 
 impl ClientState {
+    /// Compute the half of the shared secret that does not need the reply
+    /// (`EXP(B, x)`), so that a caller can do it while the reply is on its
+    /// way. [`ClientState::finish`] does it otherwise.
+    pub fn prepare(&mut self) {
+        if self.xb.is_none() {
+            self.xb = Some(self.x.diffie_hellman(&PublicKey::from(self.b)));
+        }
+    }
+
     /// Check the relay's CREATED reply and derive the hop keys.
-    pub fn finish(self, reply: &[u8]) -> Result<HopKeys, Error> {
+    pub fn finish(mut self, reply: &[u8]) -> Result<HopKeys, Error> {
         let mut r = Reader::new(reply);
         let y: [u8; 32] = r.take_array()?;
         let auth: [u8; 32] = r.take_array()?;
         r.should_be_exhausted()?;
         let ypub = PublicKey::from(y);
         let xy = self.x.diffie_hellman(&ypub);
-        let xb = self.x.diffie_hellman(&PublicKey::from(self.b));
+        self.prepare();
+        let xb = self.xb.as_ref().expect("prepared above");
         if !xy.was_contributory() || !xb.was_contributory() {
             return Err(Error::Handshake("relay key is a low-order point"));
         }
-        let xpub = PublicKey::from(&self.x);
         let (expect, keys) = derive(
             xy.as_bytes(),
             xb.as_bytes(),
             &self.id,
             &self.b,
-            xpub.as_bytes(),
+            &self.xpub,
             &y,
         );
         if !ct_eq(&expect, &auth) {
@@ -165,10 +208,10 @@ impl ClientState {
 mod tests {
     use super::*;
 
-    fn relay_keys() -> (StaticSecret, StaticSecret, [u8; 32]) {
+    fn relay_keys() -> (OnionSecret, OnionSecret, [u8; 32]) {
         (
-            StaticSecret::from([0x11; 32]),
-            StaticSecret::from([0x22; 32]),
+            OnionSecret::new(StaticSecret::from([0x11; 32])),
+            OnionSecret::new(StaticSecret::from([0x22; 32])),
             [0x33; 32],
         )
     }
@@ -182,8 +225,8 @@ mod tests {
             keys: &ks,
         };
         let mut rng = rand::rng();
-        for b in [PublicKey::from(&cur), PublicKey::from(&prev)] {
-            let (st, m) = client_start(&mut rng, &id, &OnionKey(b.to_bytes()));
+        for b in [cur.public(), prev.public()] {
+            let (st, m) = client_start(&mut rng, &id, &b);
             let (reply, sk) = server(&mut rng, &keys, &m).unwrap();
             let ck = st.finish(&reply).unwrap();
             assert_eq!(ck.forward, sk.forward);
@@ -200,16 +243,16 @@ mod tests {
             keys: &ks,
         };
         let mut rng = rand::rng();
-        let b = PublicKey::from(&cur);
-        let (_, m) = client_start(&mut rng, &[0; 32], &OnionKey(b.to_bytes()));
+        let b = cur.public();
+        let (_, m) = client_start(&mut rng, &[0; 32], &b);
         assert!(server(&mut rng, &keys, &m).is_err());
         let (_, m) = client_start(&mut rng, &id, &OnionKey([9; 32]));
         assert!(server(&mut rng, &keys, &m).is_err());
-        let (st, m) = client_start(&mut rng, &id, &OnionKey(b.to_bytes()));
+        let (st, m) = client_start(&mut rng, &id, &b);
         let (mut reply, _) = server(&mut rng, &keys, &m).unwrap();
         reply[40] ^= 1;
         assert!(st.finish(&reply).is_err());
-        let (_, mut m) = client_start(&mut rng, &id, &OnionKey(b.to_bytes()));
+        let (_, mut m) = client_start(&mut rng, &id, &b);
         m.push(0);
         assert!(server(&mut rng, &keys, &m).is_err());
     }

@@ -129,6 +129,7 @@ fn compute() -> BTreeMap<String, String> {
     put("ntor.onion_key_B", &bpub);
     let (st, cmsg) = ntor::client_start_with_ephemeral(x, &id, &allium_proto::OnionKey(bpub));
     put("ntor.client_msg", &cmsg);
+    let b = ntor::OnionSecret::new(b);
     let list = [&b];
     let (reply, skeys) = ntor::server_with_ephemeral(
         y,

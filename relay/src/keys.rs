@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use allium_directory::store;
+use allium_proto::ntor::OnionSecret;
 use ed25519_dalek::SigningKey;
 use x25519_dalek::StaticSecret;
 
@@ -11,8 +12,8 @@ use crate::RelayError;
 
 /// The onion keys a relay answers CREATE for.
 pub struct OnionKeySet {
-    pub current: StaticSecret,
-    pub previous: Option<StaticSecret>,
+    pub current: OnionSecret,
+    pub previous: Option<OnionSecret>,
     /// When `current` was made (UNIX seconds).
     pub created: u64,
 }
@@ -48,7 +49,9 @@ impl KeyStore {
     pub fn onion(&self, now: u64) -> Result<OnionKeySet, RelayError> {
         let cur = self.dir.join("onion.key");
         let existed = cur.exists();
-        let current = StaticSecret::from(store::load_or_create_secret(&cur, fresh)?);
+        let current = OnionSecret::new(StaticSecret::from(store::load_or_create_secret(
+            &cur, fresh,
+        )?));
         let created_path = self.dir.join("onion.created");
         let created = if existed {
             std::fs::read_to_string(&created_path)
@@ -62,7 +65,7 @@ impl KeyStore {
         let previous = std::fs::read(self.dir.join("onion.prev.key"))
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .map(StaticSecret::from);
+            .map(|b| OnionSecret::new(StaticSecret::from(b)));
         Ok(OnionKeySet {
             current,
             previous,
@@ -72,9 +75,12 @@ impl KeyStore {
 
     /// Make a new current onion key; the old one becomes the previous.
     pub fn rotate_onion(&self, set: &mut OnionKeySet, now: u64) -> Result<(), RelayError> {
-        let new = StaticSecret::from(fresh());
-        store::write_secret(&self.dir.join("onion.prev.key"), set.current.as_bytes())?;
-        store::write_secret(&self.dir.join("onion.key"), new.as_bytes())?;
+        let new = OnionSecret::new(StaticSecret::from(fresh()));
+        store::write_secret(
+            &self.dir.join("onion.prev.key"),
+            set.current.secret().as_bytes(),
+        )?;
+        store::write_secret(&self.dir.join("onion.key"), new.secret().as_bytes())?;
         store::write_atomic(
             &self.dir.join("onion.created"),
             now.to_string().as_bytes(),
@@ -89,7 +95,6 @@ impl KeyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use x25519_dalek::PublicKey;
 
     #[test]
     fn onion_keys_persist_and_rotate() {
@@ -97,13 +102,13 @@ mod tests {
         let ks = KeyStore::new(d.path());
         let mut a = ks.onion(100).unwrap();
         let b = ks.onion(200).unwrap();
-        assert_eq!(a.current.to_bytes(), b.current.to_bytes());
+        assert_eq!(a.current.secret().to_bytes(), b.current.secret().to_bytes());
         assert_eq!(b.created, 100);
-        let old = PublicKey::from(&a.current);
+        let old = a.current.public();
         ks.rotate_onion(&mut a, 300).unwrap();
         let c = ks.onion(400).unwrap();
-        assert_eq!(PublicKey::from(c.previous.as_ref().unwrap()), old);
-        assert_ne!(PublicKey::from(&c.current), old);
+        assert_eq!(c.previous.as_ref().unwrap().public(), old);
+        assert_ne!(c.current.public(), old);
         assert_eq!(c.created, 300);
         assert_eq!(
             ks.identity().unwrap().to_bytes(),

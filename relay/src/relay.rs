@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use allium_directory::{http, unix_now};
 use allium_proto::policy::ExitPolicy;
-use allium_proto::{LinkKey, OnionKey, RelayDescriptor, RelayId, SignedDocument};
+use allium_proto::{LinkKey, RelayDescriptor, RelayId, SignedDocument};
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
-use x25519_dalek::PublicKey;
 
 use crate::keys::{KeyStore, OnionKeySet};
 use crate::netview::NetView;
@@ -192,11 +191,8 @@ impl Relay {
             nickname: self.cfg.nickname.clone(),
             identity: self.ctx.identity_pub,
             link_key: self.ctx.link.link_pub(),
-            onion_key: OnionKey(PublicKey::from(&onion.current).to_bytes()),
-            prev_onion_key: onion
-                .previous
-                .as_ref()
-                .map(|k| OnionKey(PublicKey::from(k).to_bytes())),
+            onion_key: onion.current.public(),
+            prev_onion_key: onion.previous.as_ref().map(|k| k.public()),
             addr: self.cfg.advertised()?,
             bandwidth: self.cfg.declared_bandwidth(),
             exit_policy: self.ctx.policy.clone(),
