@@ -414,6 +414,27 @@ async fn relays_extend_only_to_listed_relays_and_destroy_on_a_forged_cell() {
     to.addr = other.addr;
     let mut c = open().await.unwrap();
     assert_eq!(c.extend(&to).await, Ok(()));
+    // The client's DESTROY reason does not travel on: the next relay hears
+    // only that the circuit is gone.
+    let by_reason = |i: usize, r: DestroyReason| {
+        RelayStats::get(&net.relays[i].stats.destroyed_by_reason[r.0 as usize])
+    };
+    let (destroyed, odd) = (
+        by_reason(0, DestroyReason::DESTROYED),
+        by_reason(0, DestroyReason::NO_SUCH_SERVICE),
+    );
+    c.chan
+        .send(Cell::destroy(c.id, DestroyReason::NO_SUCH_SERVICE))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if by_reason(0, DestroyReason::DESTROYED) > destroyed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(by_reason(0, DestroyReason::DESTROYED), destroyed + 1);
+    assert_eq!(by_reason(0, DestroyReason::NO_SUCH_SERVICE), odd);
 
     let target = &net.relays[2];
     let before = RelayStats::get(&target.stats.cell_auth_failures);

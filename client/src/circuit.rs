@@ -15,6 +15,7 @@ use allium_proto::ntor;
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
 use allium_proto::{ConsensusRelay, short_id};
+use rand::RngExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 use tracing::debug;
@@ -22,6 +23,7 @@ use tracing::debug;
 use crate::ClientError;
 
 const CMD_QUEUE: usize = 256;
+const TAG_LEN: usize = 16;
 /// Chunks a stream may have given its circuit and not yet seen sealed.
 const SEND_ROOM: usize = 2;
 
@@ -203,8 +205,13 @@ pub async fn build(
                 hdata: hs,
             })
             .encode(0, forward_capacity(last))?;
-            chan.send(relay_cell(circ_id, layers.encrypt_forward(last, &msg)?))
-                .await?;
+            // Random padding after the message: the hop cannot tell its
+            // depth from where zeros would end.
+            let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+            payload[TAG_LEN..TAG_LEN + msg.len()].copy_from_slice(&msg);
+            rand::rng().fill(&mut payload[TAG_LEN + msg.len()..TAG_LEN + forward_capacity(last)]);
+            layers.encrypt_forward_in_place(last, &mut payload)?;
+            chan.send(relay_cell(circ_id, payload)).await?;
             st.prepare();
             let mut c = expect_cell(&mut rx).await?;
             if c.cmd != CellCmd::RELAY {

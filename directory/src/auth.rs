@@ -76,6 +76,9 @@ pub struct AuthConfig {
     /// HTTP requests allowed per second from one address, and the burst.
     pub requests_per_sec: u32,
     pub request_burst: u32,
+    /// Relays on one IP address voted Running at most (the ones Running
+    /// longest); the others are listed without Running, Guard or Stable.
+    pub max_relays_per_addr: usize,
 }
 
 impl Default for AuthConfig {
@@ -96,6 +99,7 @@ impl Default for AuthConfig {
             fast_min_bandwidth: 100_000,
             requests_per_sec: 20,
             request_burst: 200,
+            max_relays_per_addr: 2,
         }
     }
 }
@@ -424,13 +428,49 @@ impl Authority {
         }
     }
 
+    /// At most [`AuthConfig::max_relays_per_addr`] Running relays per IP
+    /// address: the ones Running longest (then the lowest identities) keep
+    /// the flag; the others lose Running, Guard and Stable, so that one
+    /// host cannot fill the network with relays.
+    fn limit_per_addr(&self, st: &AuthState, relays: &mut [VoteRelay]) {
+        let max = self.cfg.max_relays_per_addr.max(1);
+        let mut by_ip: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+        for (i, r) in relays.iter().enumerate() {
+            if let (true, Some(d)) = (
+                r.flags.has(RelayFlags::RUNNING),
+                st.descriptors.get(&r.identity),
+            ) {
+                by_ip.entry(d.desc.addr.ip()).or_default().push(i);
+            }
+        }
+        for (ip, mut idx) in by_ip {
+            if idx.len() <= max {
+                continue;
+            }
+            idx.sort_by_key(|&i| {
+                let since = st
+                    .reach
+                    .get(&relays[i].identity)
+                    .and_then(|r| r.running_since);
+                (since.unwrap_or(u64::MAX), relays[i].identity)
+            });
+            debug!(%ip, relays = idx.len(), max, "too many relays on one address");
+            for &i in &idx[max..] {
+                let f = &mut relays[i].flags;
+                *f = RelayFlags(
+                    f.0 & !(RelayFlags::RUNNING | RelayFlags::GUARD | RelayFlags::STABLE),
+                );
+            }
+        }
+    }
+
     /// Our vote for the period starting at `valid_after`, signed.
     pub fn make_vote(&self, valid_after: u64, now: u64) -> Vec<u8> {
         let mut st = lock(&self.state);
         let max_age = self.cfg.descriptor_max_age_secs;
         st.descriptors
             .retain(|_, d| d.desc.published + max_age >= now);
-        let relays: Vec<VoteRelay> = st
+        let mut relays: Vec<VoteRelay> = st
             .descriptors
             .values()
             .filter(|d| !self.rejected.contains(&d.desc.identity))
@@ -446,6 +486,7 @@ impl Authority {
                 bandwidth: d.desc.bandwidth,
             })
             .collect();
+        self.limit_per_addr(&st, &mut relays);
         let vote = Vote {
             authority: self.identity,
             valid_after,
@@ -907,6 +948,47 @@ mod tests {
         assert_eq!(c.relays.len(), 1);
         assert!(!c.relays[0].flags.has(RelayFlags::RUNNING), "never reached");
         assert!(c.relays[0].flags.has(RelayFlags::EXIT));
+    }
+
+    #[test]
+    fn at_most_two_running_relays_per_address() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Authority::new(authority(d.path())).unwrap();
+        let now = unix_now();
+        // Four relays on 127.0.0.1, all reachable, Running since different
+        // times; one elsewhere.
+        let keys: Vec<SigningKey> = (1..=5).map(|i| SigningKey::from_bytes(&[i; 32])).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let mut b = desc(k, now);
+            if i == 4 {
+                let u = UnverifiedDescriptor::parse(&b).unwrap();
+                let mut dd = u.descriptor().clone();
+                dd.addr = "127.0.0.2:9".parse().unwrap();
+                b = dd.sign(k).to_bytes();
+            }
+            a.accept_descriptor(&b, now).unwrap();
+            let mut st = lock(&a.state);
+            let r = st.reach.entry(k.verifying_key().to_bytes()).or_default();
+            r.ok_at = Some(now);
+            r.running_since = Some(now - 100 * (i as u64 + 1));
+        }
+        let va = a.upcoming(now);
+        let vote = Vote::verify(&a.make_vote(va, now), &[AuthorityKey(a.identity())], now).unwrap();
+        let running: Vec<[u8; 32]> = vote
+            .relays
+            .iter()
+            .filter(|r| r.flags.has(RelayFlags::RUNNING))
+            .map(|r| r.identity)
+            .collect();
+        // The two Running longest on 127.0.0.1 (keys 4 and 3), and the
+        // relay on its own address.
+        let id = |i: usize| keys[i].verifying_key().to_bytes();
+        let mut want = vec![id(2), id(3), id(4)];
+        want.sort();
+        let mut got = running.clone();
+        got.sort();
+        assert_eq!(got, want);
+        assert_eq!(vote.relays.len(), 5, "the others are still listed");
     }
 
     fn tokio_test_block<F: std::future::Future>(f: F) -> F::Output {

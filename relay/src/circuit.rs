@@ -49,6 +49,7 @@ impl Drop for ExitStream {
 
 /// How a circuit ends: who still has to be told.
 struct Teardown {
+    /// Why the circuit ends (what the relay's counters record).
     reason: DestroyReason,
     tell_prev: bool,
     tell_next: bool,
@@ -60,6 +61,17 @@ impl Teardown {
             reason,
             tell_prev: true,
             tell_next: true,
+        }
+    }
+
+    /// The reason the DESTROY this relay sends carries. A neighbour's own
+    /// reason is not passed on (it would be a channel along the circuit):
+    /// the other side hears DESTROYED.
+    fn onward(&self) -> DestroyReason {
+        if self.tell_prev != self.tell_next && self.reason != DestroyReason::CHANNEL_CLOSED {
+            DestroyReason::DESTROYED
+        } else {
+            self.reason
         }
     }
 }
@@ -441,6 +453,7 @@ impl Circuit {
                 }
             }
             Event::Destroyed { side, reason } => {
+                debug!(?side, ?reason, "circuit destroyed by a neighbour");
                 return Err(Teardown {
                     reason,
                     tell_prev: side != Side::Prev,
@@ -564,13 +577,13 @@ impl Circuit {
             _ => {}
         }
         if t.tell_prev {
-            self.prev.destroy(self.prev_id, t.reason);
+            self.prev.destroy(self.prev_id, t.onward());
         } else {
             self.prev.unregister(self.prev_id);
         }
         if let Some(n) = self.next.take() {
             if t.tell_next {
-                n.chan.destroy(n.id, t.reason);
+                n.chan.destroy(n.id, t.onward());
             } else {
                 n.chan.unregister(n.id);
             }

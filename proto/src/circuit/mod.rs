@@ -119,8 +119,8 @@ pub enum Event {
     Sent { stream: u16 },
     /// The far end ended the stream (after its last [`Event::Data`]).
     End { stream: u16, reason: EndReason },
-    /// The neighbour on `side` destroyed the circuit: tear it down toward
-    /// the other side only.
+    /// The neighbour on `side` destroyed the circuit, for `reason` (as it
+    /// said; not to be passed on): tear it down toward the other side only.
     Destroyed { side: Side, reason: DestroyReason },
 }
 
@@ -426,10 +426,7 @@ impl Circuit {
             (CellCmd::PADDING, _) => Ok(()),
             (CellCmd::DESTROY, _) => {
                 self.closed = true;
-                let reason = match side {
-                    Side::Prev => DestroyReason(cell.payload[0]),
-                    Side::Next => DestroyReason::DESTROYED,
-                };
+                let reason = DestroyReason(cell.payload[0]);
                 self.events.push_back(Event::Destroyed { side, reason });
                 Ok(())
             }
@@ -706,10 +703,28 @@ impl Circuit {
         }
     }
 
+    /// Fill `buf` (zeros) with the padding keystream.
+    fn pad(&mut self, buf: &mut [u8]) {
+        if !buf.is_empty() {
+            keystream(&Key::new(&self.pad_key), self.pad_counter, buf);
+            self.pad_counter += 1;
+        }
+    }
+
+    /// A client pads every message with random bytes, so that the hop that
+    /// opens it cannot tell from where the zeros end (the filler) how deep
+    /// in the circuit it is.
+    fn pads_all(&self) -> bool {
+        matches!(self.role, Role::Client(_))
+    }
+
     fn originate(&mut self, sid: u16, msg: &RelayMsg) -> Result<(), Error> {
         let mut payload = Box::new([0u8; PAYLOAD_LEN]);
         let cap = self.capacity();
-        msg.encode_into(sid, &mut payload[TAG_LEN..TAG_LEN + cap])?;
+        let len = msg.encode_into(sid, &mut payload[TAG_LEN..TAG_LEN + cap])?;
+        if self.pads_all() {
+            self.pad(&mut payload[TAG_LEN + len..TAG_LEN + cap]);
+        }
         let (_, side) = self.seal(&mut payload)?;
         self.transmits.push_back(Transmit { side, payload });
         Ok(())
@@ -736,11 +751,15 @@ impl Circuit {
                 data_max
             });
             let mut payload = Box::new([0u8; PAYLOAD_LEN]);
-            let body = &mut payload[TAG_LEN..TAG_LEN + cap];
-            let len = RelayMsg::encode_data_into(sid, &unsent[off..off + n], body)?;
+            let len = RelayMsg::encode_data_into(
+                sid,
+                &unsent[off..off + n],
+                &mut payload[TAG_LEN..TAG_LEN + cap],
+            )?;
+            if acked || self.pads_all() {
+                self.pad(&mut payload[TAG_LEN + len..TAG_LEN + cap]);
+            }
             if acked {
-                keystream(&Key::new(&self.pad_key), self.pad_counter, &mut body[len..]);
-                self.pad_counter += 1;
                 self.acked_sent_at.push_back(now);
             }
             let (tag, side) = self.seal(&mut payload)?;

@@ -369,6 +369,13 @@ impl RawClient {
         self.exit.handle_cell(self.now, Side::Prev, relay_cell(p))
     }
 
+    /// Open stream `sid` at the exit (nothing answers it unless the test
+    /// calls `connected`).
+    fn begin(&mut self, sid: u16) {
+        let addr = TargetAddr::Host("a.b".into());
+        self.send(sid, RelayMsg::Begin { addr, port: 1 }).unwrap();
+    }
+
     /// Backward cells from the exit, opened.
     fn recv(&mut self) -> Vec<(u16, RelayMsg, [u8; 16])> {
         let mut out = Vec::new();
@@ -384,14 +391,7 @@ impl RawClient {
 #[test]
 fn data_past_a_window_costs_the_peer_the_circuit() {
     let mut c = RawClient::new();
-    c.send(
-        5,
-        RelayMsg::Begin {
-            addr: TargetAddr::Host("a.b".into()),
-            port: 1,
-        },
-    )
-    .unwrap();
+    c.begin(5);
     for _ in 0..STREAM_WINDOW {
         c.send(5, RelayMsg::Data(vec![0; 10])).unwrap();
     }
@@ -405,14 +405,7 @@ fn data_past_a_window_costs_the_peer_the_circuit() {
     // completed it.
     let mut c = RawClient::new();
     for s in 1..=3u16 {
-        c.send(
-            s,
-            RelayMsg::Begin {
-                addr: TargetAddr::Host("a.b".into()),
-                port: 1,
-            },
-        )
-        .unwrap();
+        c.begin(s);
     }
     for i in 0..CIRC_WINDOW {
         c.send(1 + (i % 3) as u16, RelayMsg::Data(vec![0; 10]))
@@ -429,14 +422,7 @@ fn data_past_a_window_costs_the_peer_the_circuit() {
 #[test]
 fn a_sendme_must_carry_the_tag_of_the_cell_it_acknowledges() {
     let mut c = RawClient::new();
-    c.send(
-        5,
-        RelayMsg::Begin {
-            addr: TargetAddr::Host("a.b".into()),
-            port: 1,
-        },
-    )
-    .unwrap();
+    c.begin(5);
     c.exit
         .connected(5, IpAddr::V4(Ipv4Addr::LOCALHOST))
         .unwrap();
@@ -647,4 +633,36 @@ fn stream_ids_and_resolves_at_a_relay() {
         .unwrap();
     assert!(c.recv().is_empty());
     assert_eq!(c.exit.stream_count(), 0);
+}
+
+#[test]
+fn the_exit_cannot_tell_its_depth_from_the_padding() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let keys: Vec<HopKeys> = (1..=3u8).map(|i| HopKeys::from_bytes(&[i; 64])).collect();
+    let mut layers = ClientLayers::new();
+    for k in &keys {
+        layers.push(k).unwrap();
+    }
+    let mut client = Circuit::client(&mut rng, layers).unwrap();
+    let mut relays: Vec<RelayLayer> = keys.iter().map(RelayLayer::new).collect();
+    client.begin(TargetAddr::Host("a.b".into()), 80).unwrap();
+    let mut p = client.poll_transmit().unwrap().payload;
+    for r in &mut relays[..2] {
+        assert_eq!(r.peel_forward(&mut p, true).unwrap(), Peeled::Forward);
+    }
+    assert_eq!(
+        relays[2].peel_forward(&mut p, false).unwrap(),
+        Peeled::Deliver
+    );
+    let (sid, msg) = RelayMsg::decode(&p[TAG_LEN..]).unwrap();
+    let len = msg.encode(sid, forward_capacity(2)).unwrap().len();
+    // After the message: random bytes up to the end, with no run of zeros
+    // that would end where the filler of a 3-hop circuit starts.
+    let tail = &p[TAG_LEN + len..];
+    let zeros = tail.iter().filter(|&&b| b == 0).count();
+    assert!(
+        zeros < 16,
+        "{zeros} zero bytes in {} of padding",
+        tail.len()
+    );
 }
