@@ -16,7 +16,7 @@ use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::flow::CIRC_WINDOW;
 use allium_proto::link::{LinkTransport, MAX_CELLS_PER_FRAME};
 use allium_proto::onion::{ClientLayers, forward_capacity};
-use allium_proto::relaymsg::{RelayMsg, TargetAddr};
+use allium_proto::relaymsg::{EndReason, RelayMsg, TargetAddr};
 use allium_proto::{RelayDescriptor, RelayId, ntor};
 use allium_relay::RelayStats;
 use common::{ExtendTo, RawCirc, impostor, link_to, lone_relay};
@@ -146,6 +146,34 @@ async fn a_stalled_socks_reader_stops_the_exit() {
     );
     assert!(!text.contains("127.0.0"));
     net.shutdown().await;
+}
+
+/// An exit never connects to its own address, though its policy allows
+/// loopback; other loopback addresses it reaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_never_reaches_its_own_address() {
+    let relay = lone_relay(|_| {}).await;
+    let chan = link_to(&relay.desc).await;
+    let mut c = RawCirc::open(chan, &relay.desc.identity, &relay.desc.onion_key)
+        .await
+        .unwrap();
+    let own = relay.desc.addr;
+    c.send(
+        1,
+        RelayMsg::Begin {
+            addr: TargetAddr::Ip(own.ip()),
+            port: own.port(),
+        },
+    )
+    .await;
+    match c.recv().await {
+        Ok((1, RelayMsg::End(r), _)) => assert_eq!(r, EndReason::EXIT_POLICY),
+        other => panic!(
+            "BEGIN to the exit itself answered {:?}",
+            other.map(|m| m.1.cmd())
+        ),
+    }
+    c.begin(2, sink().await).await;
 }
 
 /// DATA past the stream window costs the client its circuit.

@@ -436,6 +436,20 @@ async fn relays_extend_only_to_listed_relays_and_destroy_on_a_forged_cell() {
     assert_eq!(by_reason(0, DestroyReason::DESTROYED), destroyed + 1);
     assert_eq!(by_reason(0, DestroyReason::NO_SUCH_SERVICE), odd);
 
+    // A relay never extends back to the hop the circuit came from: the
+    // relay asked (`other`) destroys the circuit for the client's fault.
+    let protocol = by_reason(0, DestroyReason::PROTOCOL);
+    let mut c = open().await.unwrap();
+    assert_eq!(c.extend(&to).await, Ok(()));
+    let back = ExtendTo {
+        identity: r.identity,
+        onion_key: r.onion_key,
+        link_key: r.link_key,
+        addr: r.addr,
+    };
+    assert_eq!(c.extend(&back).await, Err(DestroyReason::DESTROYED));
+    assert_eq!(by_reason(0, DestroyReason::PROTOCOL), protocol + 1);
+
     let target = &net.relays[2];
     let before = RelayStats::get(&target.stats.cell_auth_failures);
     let mut c = open().await.unwrap();

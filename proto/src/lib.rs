@@ -89,6 +89,8 @@ pub enum PeerMisbehaved {
     ExtendTwice,
     #[error("asked a relay to extend to itself")]
     ExtendToSelf,
+    #[error("asked a relay to extend back to the hop the circuit came from")]
+    ExtendBack,
 }
 
 impl PeerMisbehaved {
@@ -101,7 +103,9 @@ impl PeerMisbehaved {
             | SendmeUnowed
             | SendmeWrongTag
             | StreamSendmeUnowed => cell::DestroyReason::FLOW_CONTROL,
-            Unexpected { .. } | ExtendTwice | ExtendToSelf => cell::DestroyReason::PROTOCOL,
+            Unexpected { .. } | ExtendTwice | ExtendToSelf | ExtendBack => {
+                cell::DestroyReason::PROTOCOL
+            }
         }
     }
 }

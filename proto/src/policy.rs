@@ -55,6 +55,13 @@ pub const DEFAULT_REJECTED_PORTS: &[(u16, u16)] = &[
 
 pub const MAX_RULES: usize = 256;
 
+/// Addresses an exit must not reach by default: loopback, RFC 1918,
+/// link-local, CGNAT, unspecified, broadcast and multicast; for IPv6 also
+/// unique-local, site-local (`fec0::/10`), and every IPv6 form that carries
+/// an IPv4 address (mapped, compatible, NAT64 `64:ff9b::/96` and
+/// `64:ff9b:1::/48`, 6to4 `2002::/16`) when that IPv4 address is one of
+/// these: a NAT64 or 6to4 gateway near the exit would otherwise reach its
+/// private network.
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {
@@ -69,7 +76,7 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || (o[0] == 100 && (o[1] & 0xc0) == 64)
         }
         IpAddr::V6(a) => {
-            if let Some(v4) = a.to_ipv4_mapped() {
+            if let Some(v4) = embedded_v4(&a) {
                 return is_private(IpAddr::V4(v4));
             }
             let s = a.segments();
@@ -78,7 +85,29 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || a.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address carries, in the forms a host or a
+/// nearby gateway may translate.
+fn embedded_v4(a: &Ipv6Addr) -> Option<Ipv4Addr> {
+    let o = a.octets();
+    let s = a.segments();
+    let v4 = |i: usize| Some(Ipv4Addr::new(o[i], o[i + 1], o[i + 2], o[i + 3]));
+    if let Some(m) = a.to_ipv4_mapped() {
+        return Some(m);
+    }
+    match s {
+        // IPv4-compatible (deprecated), but not :: or ::1.
+        [0, 0, 0, 0, 0, 0, hi, _] if hi != 0 => v4(12),
+        // NAT64, the well-known prefix and the local-use one.
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => v4(12),
+        [0x64, 0xff9b, 1, ..] => v4(12),
+        // 6to4.
+        [0x2002, ..] => v4(2),
+        _ => None,
     }
 }
 
@@ -293,6 +322,32 @@ impl std::fmt::Display for Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_includes_ipv4_carried_in_ipv6() {
+        for a in [
+            "fec0::1",
+            "::ffff:10.0.0.1",
+            "::192.168.1.1",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.1.2.3",
+            "64:ff9b:1::a00:1",
+            "2002:c0a8:0101::1",
+            "2002:7f00:0001::",
+        ] {
+            assert!(is_private(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "64:ff9b::8.8.8.8",
+            "2002:0808:0808::1",
+            "2001:db8::1",
+            "::ffff:1.1.1.1",
+        ] {
+            assert!(!is_private(a.parse().unwrap()), "{a}");
+        }
+        assert!(is_private("::1".parse().unwrap()));
+        assert!(is_private("::".parse().unwrap()));
+    }
 
     #[test]
     fn default_exit_rejects_private_and_smtp() {

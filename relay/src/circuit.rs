@@ -610,6 +610,9 @@ impl Circuit {
         if e.identity == self.ctx.identity_pub {
             return Err(peer(PeerMisbehaved::ExtendToSelf));
         }
+        if self.prev.peer() == Some(RelayId(e.identity)) {
+            return Err(peer(PeerMisbehaved::ExtendBack));
+        }
         // Extending takes a while: what is pending goes out first.
         self.flush().await?;
         // Only to a relay the consensus lists, where it lists it: a relay is

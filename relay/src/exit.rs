@@ -140,7 +140,8 @@ async fn connect(
     };
     let allowed: Vec<IpAddr> = candidates
         .into_iter()
-        .filter(|ip| ctx.policy.allows(*ip, port))
+        // Never the relay itself, whatever the policy says.
+        .filter(|ip| ctx.policy.allows(*ip, port) && !ctx.own_ips.contains(ip))
         .collect();
     if allowed.is_empty() {
         return Err(EndReason::EXIT_POLICY);

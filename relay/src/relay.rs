@@ -35,6 +35,8 @@ pub struct RelayCtx {
     pub dos: Arc<DosGuard>,
     /// The consensus, to check extend targets and relay links against.
     pub net: Arc<NetView>,
+    /// This relay's own addresses, which its exit streams never reach.
+    pub own_ips: Vec<std::net::IpAddr>,
 }
 
 /// Stops the relay's channels when the serving future goes away.
@@ -163,6 +165,11 @@ impl Relay {
             mem,
             dos,
             net,
+            own_ips: [Some(cfg.listen.ip()), cfg.advertise.map(|a| a.ip())]
+                .into_iter()
+                .flatten()
+                .filter(|ip| !ip.is_unspecified())
+                .collect(),
         });
         Ok(Relay { cfg, keys, ctx })
     }

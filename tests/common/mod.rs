@@ -29,7 +29,9 @@ pub struct Lone {
 
 pub async fn lone_relay(tweak: impl FnOnce(&mut RelayConfig)) -> Lone {
     let dir = tempfile::tempdir().unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Not 127.0.0.1, where the tests' targets listen: an exit never reaches
+    // its own address.
+    let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
     let mut cfg = RelayConfig {
         nickname: "lone".into(),
         listen: l.local_addr().unwrap(),
@@ -111,9 +113,11 @@ impl RawCirc {
         })
     }
 
+    /// Send a message to the circuit's last hop.
     pub async fn send(&mut self, sid: u16, msg: RelayMsg) {
-        let body = msg.encode(sid, forward_capacity(0)).unwrap();
-        let payload = self.layers.encrypt_forward(0, &body).unwrap();
+        let last = self.layers.len() - 1;
+        let body = msg.encode(sid, forward_capacity(last)).unwrap();
+        let payload = self.layers.encrypt_forward(last, &body).unwrap();
         let _ = self
             .chan
             .send(Cell {
@@ -164,8 +168,9 @@ pub struct ExtendTo {
 }
 
 impl RawCirc {
-    /// EXTEND the one-hop circuit; `Ok` once EXTENDED completes the
-    /// handshake, `Err` with the TRUNCATED (or DESTROY) reason.
+    /// EXTEND the circuit by a hop; `Ok` once EXTENDED completes the
+    /// handshake (the new hop is then the last), `Err` with the TRUNCATED
+    /// (or DESTROY) reason.
     pub async fn extend(&mut self, to: &ExtendTo) -> Result<(), DestroyReason> {
         let (st, hs) = ntor::client_start(&mut rand::rng(), &to.identity, &to.onion_key);
         self.send(
@@ -181,7 +186,7 @@ impl RawCirc {
         .await;
         match self.recv().await? {
             (0, RelayMsg::Extended(reply), _) => {
-                st.finish(&reply).unwrap();
+                self.layers.push(&st.finish(&reply).unwrap()).unwrap();
                 Ok(())
             }
             (0, RelayMsg::Truncated(r), _) => Err(DestroyReason(r)),
