@@ -673,3 +673,45 @@ async fn the_bandwidth_rate_bounds_link_reads() {
     assert!(read <= most, "read {read} bytes in {secs:.1} s");
     assert!(read >= rate as f64 / 2.0, "read only {read} bytes");
 }
+
+/// An authority's measurement of a relay: echoed bytes per second over a
+/// one-hop circuit, whatever the relay declares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_is_measured_by_what_it_echoes() {
+    let relay = lone_relay(|c| c.bandwidth = 1000).await;
+    let d = &relay.desc;
+    assert!(d.bandwidth <= 1000);
+    let limits = allium_directory::measure::Limits {
+        duration: Duration::from_millis(300),
+        max_bytes: 64 << 20,
+    };
+    let rate = allium_directory::measure::measure(
+        d.addr,
+        allium_proto::RelayId(d.identity),
+        &d.link_key,
+        &d.onion_key,
+        limits,
+    )
+    .await
+    .unwrap();
+    // Far more than the 1000 bytes/s it declares: the measurement is the
+    // relay's work, not its word.
+    assert!(rate > 1_000_000, "measured {rate} bytes/s");
+    assert!(RelayStats::get(&relay.stats.cells_originated) > 100);
+    // The byte budget ends a measurement early.
+    let small = allium_directory::measure::Limits {
+        duration: Duration::from_secs(10),
+        max_bytes: 100_000,
+    };
+    let t = std::time::Instant::now();
+    allium_directory::measure::measure(
+        d.addr,
+        allium_proto::RelayId(d.identity),
+        &d.link_key,
+        &d.onion_key,
+        small,
+    )
+    .await
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+}

@@ -522,6 +522,8 @@ impl CircTask {
             }
             Event::Destroyed { .. } => return Err(DestroyReason::DESTROYED),
             // Only a relay's core asks these.
+            // Not asked for by this client: dropped.
+            Event::Echo(_) => {}
             Event::Begin { .. } | Event::Resolve { .. } | Event::Extend(_) | Event::Truncated => {
                 return Err(DestroyReason::INTERNAL);
             }

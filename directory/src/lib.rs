@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod http;
 pub mod keys;
+pub mod measure;
 pub mod reach;
 pub mod store;
 

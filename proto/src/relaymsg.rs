@@ -29,6 +29,7 @@ crate::open_enum! {
         DROP = 10,
         RESOLVE = 11,
         RESOLVED = 12,
+        ECHO = 13,
     }
 }
 
@@ -155,6 +156,9 @@ pub enum RelayMsg {
     Resolve(String),
     /// Addresses with TTL seconds; empty means the name did not resolve.
     Resolved(Vec<(IpAddr, u32)>),
+    /// Bytes the hop that receives them sends straight back (a capacity
+    /// measurement: the hop must open and seal every cell).
+    Echo(Vec<u8>),
 }
 
 /// Ask the last hop to extend the circuit to another relay.
@@ -182,6 +186,7 @@ impl RelayMsg {
             RelayMsg::Drop => RelayCmd::DROP,
             RelayMsg::Resolve(_) => RelayCmd::RESOLVE,
             RelayMsg::Resolved(_) => RelayCmd::RESOLVED,
+            RelayMsg::Echo(_) => RelayCmd::ECHO,
         }
     }
 
@@ -192,7 +197,7 @@ impl RelayMsg {
                 addr.write(&mut w);
                 w.put_u16(*port);
             }
-            RelayMsg::Data(d) => {
+            RelayMsg::Data(d) | RelayMsg::Echo(d) => {
                 w.put(d);
             }
             RelayMsg::End(r) => {
@@ -260,7 +265,7 @@ impl RelayMsg {
     pub fn encode_into(&self, stream_id: u16, out: &mut [u8]) -> Result<usize, Error> {
         let owned;
         let body: &[u8] = match self {
-            RelayMsg::Data(d) => d,
+            RelayMsg::Data(d) | RelayMsg::Echo(d) => d,
             other => {
                 owned = other.body();
                 &owned
@@ -334,6 +339,7 @@ impl RelayMsg {
                 }
             }
             RelayCmd::DATA => RelayMsg::Data(r.take_rest().to_vec()),
+            RelayCmd::ECHO => RelayMsg::Echo(r.take_rest().to_vec()),
             RelayCmd::END => RelayMsg::End(EndReason(r.take_u8()?)),
             RelayCmd::CONNECTED => {
                 if r.remaining() == 0 {
@@ -455,6 +461,7 @@ mod tests {
             RelayMsg::Drop,
             RelayMsg::Resolve("example.org".into()),
             RelayMsg::Resolved(vec![("1.2.3.4".parse().unwrap(), 60)]),
+            RelayMsg::Echo(vec![9; 40]),
         ]
     }
 

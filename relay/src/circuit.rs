@@ -460,7 +460,7 @@ impl Circuit {
                     tell_next: side != Side::Next,
                 });
             }
-            Event::Connected { .. } | Event::Resolved { .. } => {
+            Event::Connected { .. } | Event::Resolved { .. } | Event::Echo(_) => {
                 return Err(RelayError::Protocol("a client event at a relay".into()).into());
             }
         }

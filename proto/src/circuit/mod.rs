@@ -107,6 +107,8 @@ pub enum Event {
     Extend(Extend),
     /// Relay: the client dropped the next hop; destroy that side.
     Truncated,
+    /// Client: an ECHO came back from the last hop (see [`Circuit::echo`]).
+    Echo(Vec<u8>),
     /// Stream bytes from the far end, with the DATA cells they came in
     /// (to report to [`Circuit::consumed`] once handed on).
     Data {
@@ -292,6 +294,20 @@ impl Circuit {
         let sid = self.new_stream(Kind::Opening)?;
         self.originate(sid, &RelayMsg::Begin { addr, port })?;
         Ok(sid)
+    }
+
+    /// Client: ask the last hop to send `body` straight back
+    /// ([`Event::Echo`]); at most [`Circuit::echo_max`] bytes.
+    pub fn echo(&mut self, body: &[u8]) -> Result<(), Error> {
+        if !matches!(self.role, Role::Client(_)) {
+            return Err(Error::malformed("ECHO", "only a client asks for one"));
+        }
+        self.originate(0, &RelayMsg::Echo(body.to_vec()))
+    }
+
+    /// The most an ECHO carries on this circuit.
+    pub fn echo_max(&self) -> usize {
+        self.data_max()
     }
 
     /// Client: resolve `host` at the exit; [`Event::Resolved`] follows.
@@ -502,13 +518,17 @@ impl Circuit {
                 Ok(())
             }
             (sid, RelayMsg::Sendme { tag }) => self.on_sendme(now, sid, &tag),
+            (0, RelayMsg::Echo(body)) => {
+                self.events.push_back(Event::Echo(body));
+                Ok(())
+            }
             (sid, RelayMsg::End(reason)) if sid != 0 => {
                 self.on_end(sid, reason);
                 Ok(())
             }
             (_, RelayMsg::Drop) => Ok(()),
             (sid, m) => Err(unexpected(
-                "CONNECTED, DATA, END, SENDME, RESOLVED or DROP from the exit",
+                "CONNECTED, DATA, END, SENDME, RESOLVED, ECHO or DROP from the last hop",
                 format!("{:?} on stream {sid}", m.cmd()),
             )),
         }
@@ -550,6 +570,8 @@ impl Circuit {
                 self.originate(0, &RelayMsg::Truncated(DestroyReason::REQUESTED.0))
             }
             RelayMsg::Sendme { tag } => self.on_sendme(now, sid, &tag),
+            // Straight back: whoever asks pays the same for it as the hop.
+            RelayMsg::Echo(body) if sid == 0 => self.originate(0, &RelayMsg::Echo(body)),
             RelayMsg::Begin { .. } | RelayMsg::Resolve(_) if self.streams.contains_key(&sid) => {
                 Err(unexpected(
                     "a new stream id for BEGIN or RESOLVE",
@@ -583,7 +605,7 @@ impl Circuit {
             RelayMsg::Drop => Ok(()),
             other => Err(unexpected(
                 if sid == 0 {
-                    "a circuit message (EXTEND, TRUNCATE, SENDME, DROP)"
+                    "a circuit message (EXTEND, TRUNCATE, SENDME, ECHO, DROP)"
                 } else {
                     "a stream message (BEGIN, DATA, END, SENDME, RESOLVE)"
                 },

@@ -666,3 +666,21 @@ fn the_exit_cannot_tell_its_depth_from_the_padding() {
         tail.len()
     );
 }
+
+#[test]
+fn the_last_hop_echoes() {
+    let mut p = CircuitPair::new(3, Duration::from_millis(1));
+    let max = p.nodes[0].echo_max();
+    p.nodes[0].echo(&vec![7u8; max]).unwrap();
+    p.nodes[0].echo(b"ping").unwrap();
+    assert!(p.nodes[0].echo(&vec![7u8; max + 1]).is_err());
+    p.drive();
+    assert_eq!(
+        p.take_events(0),
+        vec![Event::Echo(vec![7u8; max]), Event::Echo(b"ping".to_vec())]
+    );
+    assert!(p.errors.iter().all(Option::is_none));
+    // Only a client asks.
+    let exit = p.exit();
+    assert!(p.nodes[exit].echo(b"x").is_err());
+}
