@@ -23,7 +23,9 @@ pub fn consensus_json(
                 "identity": hex::encode(r.identity),
                 "address": r.addr.to_string(),
                 "flags": r.flags.names(),
-                "bandwidth": r.bandwidth,
+                "weight": r.bandwidth,
+                "declared_bandwidth": r.declared_bandwidth,
+                "measured_bandwidth": r.measured_bandwidth,
                 "exit_policy": r.exit_policy.to_strings(),
             })
         })

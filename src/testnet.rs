@@ -58,6 +58,9 @@ pub struct TestnetOptions {
     pub interval_secs: u64,
     /// A consensus stays valid for this many intervals.
     pub valid_intervals: u64,
+    /// The bandwidth relay `i` declares is `declared[i]` if given
+    /// (default 50 MB/s).
+    pub declared: Vec<u32>,
 }
 
 impl Default for TestnetOptions {
@@ -72,6 +75,7 @@ impl Default for TestnetOptions {
             base_port: None,
             interval_secs: 3,
             valid_intervals: 20,
+            declared: vec![],
         }
     }
 }
@@ -207,6 +211,11 @@ pub fn plan(
             // Everything shares 127.0.0.1 here.
             requests_per_sec: 10_000,
             request_burst: 10_000,
+            // Short measurements, once per network's life in practice (a
+            // benchmark is not disturbed by them).
+            measure_ms: 50,
+            measure_max_bytes: 8 << 20,
+            remeasure_secs: 900,
             ..AuthConfig::default()
         })
         .collect();
@@ -230,7 +239,7 @@ pub fn plan(
                 .collect(),
             data_dir: dir.join(format!("relay{i}")),
             authorities: authorities.clone(),
-            bandwidth: 50_000_000,
+            bandwidth: opts.declared.get(i).copied().unwrap_or(50_000_000),
             exit_policy: if i < opts.exits {
                 testnet_exit_policy()
             } else {

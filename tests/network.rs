@@ -466,3 +466,64 @@ async fn relays_extend_only_to_listed_relays_and_destroy_on_a_forged_cell() {
     );
     net.shutdown().await;
 }
+
+/// Two relays declare the most bandwidth there is; the authorities measure
+/// every relay, and the consensus weighs each by what was measured: the
+/// liars hold exactly the share of exit weight their measured capacity
+/// gives them, not the 80% their word would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_are_weighted_by_measurement_not_by_their_word() {
+    let honest = 1_000_000_000;
+    let net = Testnet::start(TestnetOptions {
+        relays: 6,
+        exits: 4,
+        // Relays 0 and 1 (both exits) lie.
+        declared: vec![u32::MAX, u32::MAX, honest, honest, honest, honest],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let liars = [net.relays[0].identity, net.relays[1].identity];
+    let mut measured = None;
+    for _ in 0..300 {
+        if let Some(c) = net.client.consensus()
+            && c.relays.len() == 6
+            && c.relays.iter().all(|r| r.measured_bandwidth.is_some())
+        {
+            measured = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = measured.expect("every relay measured by a majority within a minute");
+    for r in &c.relays {
+        let m = r.measured_bandwidth.unwrap();
+        assert!(m > 100_000, "{} measured at {m} bytes/s", r.nickname);
+        assert_eq!(r.bandwidth, m.min(r.declared_bandwidth));
+    }
+    let exits: Vec<_> = c
+        .relays
+        .iter()
+        .filter(|r| r.flags.has(allium_proto::RelayFlags::EXIT))
+        .collect();
+    assert_eq!(exits.len(), 4);
+    let share = |f: &dyn Fn(&allium_proto::ConsensusRelay) -> u64| {
+        let liar: u64 = exits
+            .iter()
+            .filter(|r| liars.contains(&r.identity))
+            .map(|r| f(r))
+            .sum();
+        let all: u64 = exits.iter().map(|r| f(r)).sum();
+        liar as f64 / all as f64
+    };
+    let weight_share = share(&|r| r.bandwidth as u64);
+    let measured_share = share(&|r| r.measured_bandwidth.unwrap() as u64);
+    let declared_share = share(&|r| r.declared_bandwidth as u64);
+    assert!(
+        weight_share <= measured_share + 1e-9,
+        "liars hold {weight_share:.3} of the exit weight, measured {measured_share:.3}"
+    );
+    assert!(declared_share > 0.8, "what their word alone would give");
+    net.shutdown().await;
+}

@@ -164,6 +164,8 @@ mod tests {
             addr: format!("127.{i}.0.1:9000").parse().unwrap(),
             flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::GUARD),
             bandwidth: 1000,
+            declared_bandwidth: 1000,
+            measured_bandwidth: Some(1000),
             exit_policy: ExitPolicy::reject_all(),
             family: vec![],
             descriptor_digest: [0; 32],

@@ -226,6 +226,8 @@ mod tests {
             addr: format!("127.{i}.0.1:9000").parse().unwrap(),
             flags: RelayFlags(flags | RelayFlags::RUNNING | RelayFlags::VALID),
             bandwidth: bw,
+            declared_bandwidth: bw,
+            measured_bandwidth: Some(bw),
             exit_policy: if exit {
                 ExitPolicy::parse_rules(&["reject *:25", "accept *:*"]).unwrap()
             } else {

@@ -24,7 +24,7 @@ use allium_proto::doc::{
 };
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{
-    AuthorityKey, AuthoritySig, LinkKey, RelayFlags, RelayId, UnverifiedConsensus,
+    AuthorityKey, AuthoritySig, LinkKey, OnionKey, RelayFlags, RelayId, UnverifiedConsensus,
     UnverifiedDescriptor, short_id,
 };
 use axum::Router;
@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::keys::Signer;
-use crate::{AuthorityEntry, DirError, http, reach, store, unix_now};
+use crate::{AuthorityEntry, DirError, http, measure, reach, store, unix_now};
 
 /// At most this many relays are remembered; more uploads are refused.
 pub const MAX_RELAYS: usize = 10_000;
@@ -79,6 +79,13 @@ pub struct AuthConfig {
     /// Relays on one IP address voted Running at most (the ones Running
     /// longest); the others are listed without Running, Guard or Stable.
     pub max_relays_per_addr: usize,
+    /// One bandwidth measurement lasts at most this long, and sends at
+    /// most this many bytes (see `measure.rs`).
+    pub measure_ms: u64,
+    pub measure_max_bytes: u64,
+    /// Each relay is measured again after this many seconds; a measurement
+    /// is voted for three times as long.
+    pub remeasure_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -100,6 +107,9 @@ impl Default for AuthConfig {
             requests_per_sec: 20,
             request_burst: 200,
             max_relays_per_addr: 2,
+            measure_ms: 1000,
+            measure_max_bytes: 64 << 20,
+            remeasure_secs: 6 * 3600,
         }
     }
 }
@@ -122,6 +132,10 @@ type VotesOfPeriod = BTreeMap<[u8; 32], (Vote, Vec<u8>)>;
 struct AuthState {
     descriptors: BTreeMap<[u8; 32], VerifiedDescriptor>,
     reach: HashMap<[u8; 32], Reach>,
+    /// Our bandwidth measurements: bytes per second, and when.
+    measured: HashMap<[u8; 32], (u32, u64)>,
+    /// When each relay was last measured or tried.
+    measure_tried: HashMap<[u8; 32], u64>,
     /// Votes by period, then by authority: parsed and as received.
     votes: BTreeMap<u64, VotesOfPeriod>,
     /// Our detached signature by period.
@@ -369,7 +383,17 @@ impl Authority {
         Ok("accepted")
     }
 
-    fn flags_for(&self, d: &VerifiedDescriptor, r: Reach, now: u64) -> u16 {
+    /// Our measurement of relay `id`, if recent enough to vote.
+    fn measurement(&self, st: &AuthState, id: &[u8; 32], now: u64) -> Option<u32> {
+        st.measured
+            .get(id)
+            .filter(|(_, at)| at + 3 * self.cfg.remeasure_secs >= now)
+            .map(|(bw, _)| *bw)
+    }
+
+    /// Fast and Guard go by what we measured (at most what the relay
+    /// declares), never by what it declares alone.
+    fn flags_for(&self, d: &VerifiedDescriptor, r: Reach, measured: Option<u32>, now: u64) -> u16 {
         let desc = &d.desc;
         let mut f = RelayFlags::VALID;
         let running = r.ok_at.is_some_and(|t| t + self.cfg.interval_secs >= now);
@@ -380,7 +404,8 @@ impl Authority {
         if desc.exit_policy.may_allow_port(80) && desc.exit_policy.may_allow_port(443) {
             f |= RelayFlags::EXIT;
         }
-        if desc.bandwidth >= self.cfg.fast_min_bandwidth {
+        let bw = measured.map(|m| m.min(desc.bandwidth));
+        if bw.is_some_and(|b| b >= self.cfg.fast_min_bandwidth) {
             f |= RelayFlags::FAST;
         }
         if running && up >= self.cfg.stable_min_uptime_secs {
@@ -388,7 +413,7 @@ impl Authority {
         }
         if running
             && up >= self.cfg.guard_min_uptime_secs
-            && desc.bandwidth >= self.cfg.guard_min_bandwidth
+            && bw.is_some_and(|b| b >= self.cfg.guard_min_bandwidth)
         {
             f |= RelayFlags::GUARD;
         }
@@ -464,6 +489,64 @@ impl Authority {
         }
     }
 
+    /// The relay to measure next: one never tried first, then the one
+    /// measured longest ago, once `remeasure_secs` have passed (a failed
+    /// try is repeated after a minute at the soonest).
+    fn next_to_measure(&self, now: u64) -> Option<([u8; 32], SocketAddr, LinkKey, OnionKey)> {
+        let st = lock(&self.state);
+        st.descriptors
+            .values()
+            .filter(|d| !self.rejected.contains(&d.desc.identity))
+            .filter_map(|d| {
+                let id = d.desc.identity;
+                let tried = st.measure_tried.get(&id).copied();
+                let wait = if st
+                    .measured
+                    .get(&id)
+                    .is_some_and(|(_, at)| Some(*at) == tried)
+                {
+                    self.cfg.remeasure_secs
+                } else {
+                    self.cfg.remeasure_secs.min(60)
+                };
+                let due = tried.is_none_or(|t| t + wait <= now);
+                due.then_some((tried.unwrap_or(0), id, d))
+            })
+            .min_by_key(|(t, id, _)| (*t, *id))
+            .map(|(_, id, d)| (id, d.desc.addr, d.desc.link_key, d.desc.onion_key))
+    }
+
+    /// Measure relays one at a time, forever: each measurement is followed
+    /// by a pause as long as it may last, so measuring takes at most half
+    /// of the time and one relay's capacity at once.
+    async fn measure_loop(&self) {
+        let pause = Duration::from_millis(self.cfg.measure_ms.max(10));
+        let limits = measure::Limits {
+            duration: pause,
+            max_bytes: self.cfg.measure_max_bytes,
+        };
+        loop {
+            let now = unix_now();
+            let Some((id, addr, link_key, onion_key)) = self.next_to_measure(now) else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            let r = measure::measure(addr, RelayId(id), &link_key, &onion_key, limits).await;
+            {
+                let mut st = lock(&self.state);
+                st.measure_tried.insert(id, now);
+                match r {
+                    Ok(bw) => {
+                        debug!(id = %short_id(&id), bytes_per_sec = bw, "relay measured");
+                        st.measured.insert(id, (bw, now));
+                    }
+                    Err(e) => debug!(id = %short_id(&id), "measurement failed: {e}"),
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
     /// Our vote for the period starting at `valid_after`, signed.
     pub fn make_vote(&self, valid_after: u64, now: u64) -> Vec<u8> {
         let mut st = lock(&self.state);
@@ -481,9 +564,11 @@ impl Authority {
                 flags: RelayFlags(self.flags_for(
                     d,
                     st.reach.get(&d.desc.identity).copied().unwrap_or_default(),
+                    self.measurement(&st, &d.desc.identity, now),
                     now,
                 )),
                 bandwidth: d.desc.bandwidth,
+                measured: self.measurement(&st, &d.desc.identity, now),
             })
             .collect();
         self.limit_per_addr(&st, &mut relays);
@@ -754,6 +839,7 @@ impl Authority {
         tokio::select! {
             r = axum::serve(listener, svc) => r.map_err(|e| DirError::Config(format!("HTTP server: {e}"))),
             () = schedule => Ok(()),
+            () = self.measure_loop() => Ok(()),
         }
     }
 }
@@ -848,8 +934,8 @@ async fn get_descriptors(State(a): State<Arc<Authority>>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use allium_proto::RelayDescriptor;
     use allium_proto::policy::ExitPolicy;
-    use allium_proto::{OnionKey, RelayDescriptor};
     use ed25519_dalek::SigningKey;
 
     fn desc(k: &SigningKey, published: u64) -> Vec<u8> {

@@ -301,6 +301,8 @@ fn documents(c: &mut Criterion) {
                 addr: "127.0.0.1:9001".parse().unwrap(),
                 flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID),
                 bandwidth: 1000,
+                declared_bandwidth: 1000,
+                measured_bandwidth: Some(1000),
                 exit_policy: ExitPolicy::default_exit(),
                 family: vec![],
                 descriptor_digest: [3; 32],

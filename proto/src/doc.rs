@@ -322,8 +322,14 @@ pub struct ConsensusRelay {
     pub onion_key: OnionKey,
     pub addr: SocketAddr,
     pub flags: RelayFlags,
-    /// Weight for path selection (bytes per second).
+    /// Weight for path selection (bytes per second): the median of the
+    /// authorities' measurements, at most the declared figure; a small fixed
+    /// weight while no majority has measured the relay (section 8).
     pub bandwidth: u32,
+    /// What the relay's descriptor declares.
+    pub declared_bandwidth: u32,
+    /// The median of the authorities' measurements, once a majority has one.
+    pub measured_bandwidth: Option<u32>,
     pub exit_policy: ExitPolicy,
     pub family: Vec<[u8; 32]>,
     pub descriptor_digest: [u8; 32],

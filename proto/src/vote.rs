@@ -22,7 +22,10 @@ pub struct VoteRelay {
     /// The signed descriptor, exactly as the relay uploaded it.
     pub descriptor: Vec<u8>,
     pub flags: RelayFlags,
+    /// The bandwidth the descriptor declares.
     pub bandwidth: u32,
+    /// What this authority measured (bytes per second), if it has.
+    pub measured: Option<u32>,
 }
 
 /// An authority's vote for the consensus that becomes valid at `valid_after`.
@@ -85,6 +88,10 @@ const FLAGS: [u16; 7] = [
     RelayFlags::BAD_EXIT,
 ];
 
+/// The weight of a relay no majority of authorities has measured (bytes
+/// per second), as Tor's 20 KB/s.
+pub const UNMEASURED_WEIGHT: u32 = 20_000;
+
 fn low_median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[(v.len() - 1) / 2]
@@ -96,7 +103,10 @@ fn low_median(mut v: Vec<u64>) -> u64 {
 /// * a relay is listed only if more than half of the votes list it with
 ///   the same descriptor digest, and that descriptor's signature verifies;
 /// * each flag is set if more than half of those listing votes set it;
-/// * its bandwidth is the low median of theirs;
+/// * its weight is the low median of the measurements of the listing
+///   votes that have one, at most the declared bandwidth, if more than half
+///   of all votes have one; otherwise it is [`UNMEASURED_WEIGHT`] and the
+///   relay is not a Guard;
 /// * `interval` and `valid_intervals` are the low medians over all votes;
 ///   `fresh_until = valid_after + interval`,
 ///   `valid_until = valid_after + interval * valid_intervals`.
@@ -139,7 +149,18 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
                 flags |= f;
             }
         }
-        let bandwidth = low_median(listing.iter().map(|e| e.bandwidth as u64).collect()) as u32;
+        let declared = desc.bandwidth;
+        let measured: Vec<u64> = listing
+            .iter()
+            .filter_map(|e| e.measured.map(u64::from))
+            .collect();
+        let (bandwidth, measured) = if 2 * measured.len() > n {
+            let m = low_median(measured) as u32;
+            (m.min(declared), Some(m))
+        } else {
+            flags &= !RelayFlags::GUARD;
+            (UNMEASURED_WEIGHT.min(declared), None)
+        };
         relays.push(ConsensusRelay {
             nickname: desc.nickname,
             identity: id,
@@ -148,6 +169,8 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
             addr: desc.addr,
             flags: RelayFlags(flags),
             bandwidth,
+            declared_bandwidth: declared,
+            measured_bandwidth: measured,
             exit_policy: desc.exit_policy,
             family: desc.family,
             descriptor_digest: digest,
@@ -173,7 +196,19 @@ mod tests {
     use ed25519_dalek::SigningKey;
     use sha2::{Digest, Sha256};
 
+    /// Relay `i`'s descriptor (declaring 1000 bytes/s unless `declared`),
+    /// as a vote lists it with measurement `bw`.
     fn relay(i: u8, published: u64, flags: u16, bw: u32) -> VoteRelay {
+        relay_declaring(i, published, flags, Some(bw), 1000)
+    }
+
+    fn relay_declaring(
+        i: u8,
+        published: u64,
+        flags: u16,
+        measured: Option<u32>,
+        declared: u32,
+    ) -> VoteRelay {
         let k = SigningKey::from_bytes(&[i; 32]);
         let d = RelayDescriptor {
             nickname: format!("r{i}"),
@@ -182,7 +217,7 @@ mod tests {
             onion_key: OnionKey([2; 32]),
             prev_onion_key: None,
             addr: "127.0.0.1:9001".parse().unwrap(),
-            bandwidth: 1000,
+            bandwidth: declared,
             exit_policy: ExitPolicy::reject_all(),
             family: vec![],
             published,
@@ -193,7 +228,8 @@ mod tests {
             digest: Sha256::digest(&d.body).into(),
             descriptor: d.to_bytes(),
             flags: RelayFlags(flags),
-            bandwidth: bw,
+            bandwidth: declared,
+            measured,
         }
     }
 
@@ -254,6 +290,41 @@ mod tests {
         let mut rev = votes.clone();
         rev.reverse();
         assert_eq!(compute_consensus(&rev).unwrap(), c);
+    }
+
+    #[test]
+    fn weights_are_measured_capped_by_the_declared_rate() {
+        const RVG: u16 = RV | RelayFlags::GUARD;
+        let liar = |a: u32| relay_declaring(20, 5, RVG, Some(a), u32::MAX);
+        let modest = |a: u32| relay_declaring(21, 5, RVG, Some(a), 500);
+        let unmeasured = |m: Option<u32>| relay_declaring(22, 5, RVG, m, 10_000_000);
+        let votes = vec![
+            vote(
+                1,
+                vec![liar(9_000_000), modest(1000), unmeasured(Some(5_000_000))],
+            ),
+            vote(2, vec![liar(10_000_000), modest(2000), unmeasured(None)]),
+            vote(3, vec![liar(11_000_000), modest(3000), unmeasured(None)]),
+        ];
+        let c = compute_consensus(&votes).unwrap();
+        let get = |i: u8| c.relay(&relay(i, 5, 0, 0).identity).unwrap().clone();
+        // What it declares does not matter: the authorities' median does.
+        let l = get(20);
+        assert_eq!(
+            (l.bandwidth, l.measured_bandwidth),
+            (10_000_000, Some(10_000_000))
+        );
+        assert_eq!(l.declared_bandwidth, u32::MAX);
+        // An operator can lower its weight below what it measures.
+        assert_eq!(get(21).bandwidth, 500);
+        // Measured by one authority of three: the small fixed weight, no Guard.
+        let u = get(22);
+        assert_eq!(
+            (u.bandwidth, u.measured_bandwidth),
+            (UNMEASURED_WEIGHT, None)
+        );
+        assert!(!u.flags.has(RelayFlags::GUARD));
+        assert!(l.flags.has(RelayFlags::GUARD));
     }
 
     #[test]

@@ -217,7 +217,9 @@ fn compute() -> BTreeMap<String, String> {
             onion_key: desc.onion_key,
             addr: desc.addr,
             flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::EXIT),
-            bandwidth: 1_000_000,
+            bandwidth: 800_000,
+            declared_bandwidth: 1_000_000,
+            measured_bandwidth: Some(800_000),
             exit_policy: desc.exit_policy.clone(),
             family: vec![],
             descriptor_digest: Sha256::digest(&desc.sign(&relay_key).body).into(),
@@ -264,6 +266,7 @@ fn compute() -> BTreeMap<String, String> {
             descriptor: doc.clone(),
             flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::EXIT),
             bandwidth: 1_000_000,
+            measured: Some(800_000),
         }],
     };
     let mut vd = vote.to_document();
