@@ -191,6 +191,7 @@ impl Client {
     /// failure, keep a still-valid one meanwhile.
     pub async fn consensus_loop(self) {
         let mut announced = false;
+        let mut stale = 0;
         loop {
             let wait = match self.refresh_consensus().await {
                 Ok(c) => {
@@ -206,7 +207,9 @@ impl Client {
                             "Bootstrapped 25%: consensus verified, too few relays yet"
                         );
                     }
-                    c.fresh_until.saturating_sub(unix_now()).clamp(1, 3600)
+                    let wait;
+                    (wait, stale) = next_fetch(c.fresh_until, unix_now(), stale);
+                    wait
                 }
                 Err(e) => {
                     if self.consensus().is_none() {
@@ -645,9 +648,39 @@ impl Client {
     }
 }
 
+/// Seconds until the next consensus fetch after one that gave a consensus
+/// fresh until `fresh_until`, and the new count of stale answers in a row.
+/// A fresh one is fetched again when it stops being fresh; a stale one (an
+/// authority that has not made a newer one yet, or serves an old one)
+/// backs off from 1 s, doubling up to 5 minutes, instead of asking again
+/// every second.
+fn next_fetch(fresh_until: u64, now: u64, stale: u32) -> (u64, u32) {
+    if fresh_until > now {
+        ((fresh_until - now).min(3600), 0)
+    } else {
+        ((1u64 << stale.min(9)).min(300), stale.saturating_add(1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_consensus_backs_off() {
+        assert_eq!(next_fetch(1000, 400, 3), (600, 0));
+        let mut stale = 0;
+        let waits: Vec<u64> = (0..8)
+            .map(|_| {
+                let (w, s) = next_fetch(1000, 1000, stale);
+                stale = s;
+                w
+            })
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128]);
+        assert_eq!(next_fetch(1000, 1000, 20), (300, 21));
+        assert_eq!(next_fetch(1001, 1000, stale), (1, 0));
+    }
 
     #[test]
     fn build_timeout_is_learned() {
