@@ -16,14 +16,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    // A fresh random name, created exclusively: nothing already there (a
+    // planted symlink, another writer's file) is ever written through.
+    let mut open_tmp = || -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
+        for _ in 0..8 {
+            let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+            {
+                Ok(f) => return Ok((tmp, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("no free temporary name"))
+    };
+    let (tmp, mut f) = open_tmp().map_err(|e| DirError::io(dir, e))?;
     let res = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -75,6 +87,24 @@ pub fn load_or_create_identity(path: &Path) -> Result<SigningKey, DirError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn writes_go_through_fresh_exclusive_temporary_files() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state");
+        // Writers in one process at once each get their own temporary file.
+        std::thread::scope(|s| {
+            for i in 0..8u8 {
+                let path = &path;
+                s.spawn(move || write_atomic(path, &[i; 4096], 0o644).unwrap());
+            }
+        });
+        let got = std::fs::read(&path).unwrap();
+        assert!(got.len() == 4096 && got.iter().all(|&b| b == got[0]));
+        // Nothing is left behind.
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
 
     #[test]
     fn secret_files_are_0600_and_stable() {
