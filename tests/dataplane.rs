@@ -715,3 +715,32 @@ async fn a_relay_is_measured_by_what_it_echoes() {
     .unwrap();
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+/// A measurement closes its link when it is done (a relay allowing two
+/// links per address is measured five times in a row), and one that the
+/// relay never answers ends by its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measurements_close_their_links_and_end_in_time() {
+    use allium_directory::measure::{GRACE, Limits, measure};
+    let relay = lone_relay(|c| c.dos_max_connections_per_addr = 2).await;
+    let d = &relay.desc;
+    let limits = Limits {
+        duration: Duration::from_millis(50),
+        max_bytes: 1 << 20,
+    };
+    let id = allium_proto::RelayId(d.identity);
+    for i in 0..5 {
+        let r = measure(d.addr, id, &d.link_key, &d.onion_key, limits).await;
+        assert!(r.is_ok(), "measurement {i}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A responder that proves its identity and then never answers.
+    let (addr, link_key, linked) = common::impostor().await;
+    let silent = ed25519_dalek::SigningKey::from_bytes(&[0x66; 32]);
+    let silent = allium_proto::RelayId(silent.verifying_key().to_bytes());
+    let t = std::time::Instant::now();
+    let r = measure(addr, silent, &link_key, &d.onion_key, limits).await;
+    assert_eq!(linked.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(r.is_err());
+    assert!(t.elapsed() <= limits.duration + GRACE + Duration::from_secs(1));
+}

@@ -170,6 +170,23 @@ async fn expect_cell(rx: &mut Inbox) -> Result<Cell, ClientError> {
         .ok_or_else(|| ClientError::Build("channel closed".into()))
 }
 
+/// A message for hop `hop`, padded with random bytes up to that hop's
+/// capacity (so the hop cannot tell its depth from where zeros end), and
+/// sealed with the circuit's layers.
+fn seal_padded(
+    layers: &mut ClientLayers,
+    hop: usize,
+    sid: u16,
+    msg: &RelayMsg,
+) -> Result<Box<[u8; PAYLOAD_LEN]>, ClientError> {
+    let cap = forward_capacity(hop);
+    let mut payload = Box::new([0u8; PAYLOAD_LEN]);
+    let len = msg.encode_into(sid, &mut payload[TAG_LEN..TAG_LEN + cap])?;
+    rand::rng().fill(&mut payload[TAG_LEN + len..TAG_LEN + cap]);
+    layers.encrypt_forward_in_place(hop, &mut payload)?;
+    Ok(payload)
+}
+
 /// Build a circuit through `path` over `chan` (a channel to `path[0]`).
 pub async fn build(
     chan: ChannelHandle,
@@ -203,14 +220,8 @@ pub async fn build(
                 addr: hop.addr,
                 htype: HANDSHAKE_NTOR,
                 hdata: hs,
-            })
-            .encode(0, forward_capacity(last))?;
-            // Random padding after the message: the hop cannot tell its
-            // depth from where zeros would end.
-            let mut payload = Box::new([0u8; PAYLOAD_LEN]);
-            payload[TAG_LEN..TAG_LEN + msg.len()].copy_from_slice(&msg);
-            rand::rng().fill(&mut payload[TAG_LEN + msg.len()..TAG_LEN + forward_capacity(last)]);
-            layers.encrypt_forward_in_place(last, &mut payload)?;
+            });
+            let payload = seal_padded(&mut layers, last, 0, &msg)?;
             chan.send(relay_cell(circ_id, payload)).await?;
             st.prepare();
             let mut c = expect_cell(&mut rx).await?;
@@ -529,5 +540,47 @@ impl CircTask {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use allium_proto::onion::{HopKeys, Peeled, RelayLayer};
+
+    #[test]
+    fn an_extend_is_padded_with_random_bytes() {
+        let keys: Vec<HopKeys> = (1..=2u8).map(|i| HopKeys::from_bytes(&[i; 64])).collect();
+        let mut layers = ClientLayers::new();
+        let mut relays: Vec<RelayLayer> = keys.iter().map(RelayLayer::new).collect();
+        for k in &keys {
+            layers.push(k).unwrap();
+        }
+        let msg = RelayMsg::Extend(Extend {
+            identity: [1; 32],
+            link_key: allium_proto::LinkKey([2; 32]),
+            addr: "127.0.0.1:9".parse().unwrap(),
+            htype: HANDSHAKE_NTOR,
+            hdata: vec![3; 84],
+        });
+        let mut p = seal_padded(&mut layers, 1, 0, &msg).unwrap();
+        assert_eq!(
+            relays[0].peel_forward(&mut p, true).unwrap(),
+            Peeled::Forward
+        );
+        assert_eq!(
+            relays[1].peel_forward(&mut p, false).unwrap(),
+            Peeled::Deliver
+        );
+        let (_, got) = RelayMsg::decode(&p[TAG_LEN..]).unwrap();
+        assert_eq!(got, msg);
+        let len = msg.encode_into(0, &mut [0u8; PAYLOAD_LEN]).unwrap();
+        let tail = &p[TAG_LEN + len..];
+        let zeros = tail.iter().filter(|&&b| b == 0).count();
+        assert!(
+            zeros < 16,
+            "{zeros} zero bytes in {} of padding",
+            tail.len()
+        );
     }
 }

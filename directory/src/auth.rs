@@ -132,8 +132,9 @@ type VotesOfPeriod = BTreeMap<[u8; 32], (Vote, Vec<u8>)>;
 struct AuthState {
     descriptors: BTreeMap<[u8; 32], VerifiedDescriptor>,
     reach: HashMap<[u8; 32], Reach>,
-    /// Our bandwidth measurements: bytes per second, and when.
-    measured: HashMap<[u8; 32], (u32, u64)>,
+    /// Our bandwidth measurements: bytes per second, when, and at which
+    /// address (a relay that moves is measured again).
+    measured: HashMap<[u8; 32], (u32, u64, SocketAddr)>,
     /// When each relay was last measured or tried.
     measure_tried: HashMap<[u8; 32], u64>,
     /// Votes by period, then by authority: parsed and as received.
@@ -385,10 +386,11 @@ impl Authority {
 
     /// Our measurement of relay `id`, if recent enough to vote.
     fn measurement(&self, st: &AuthState, id: &[u8; 32], now: u64) -> Option<u32> {
+        let addr = st.descriptors.get(id)?.desc.addr;
         st.measured
             .get(id)
-            .filter(|(_, at)| at + 3 * self.cfg.remeasure_secs >= now)
-            .map(|(bw, _)| *bw)
+            .filter(|(_, at, a)| at + 3 * self.cfg.remeasure_secs >= now && *a == addr)
+            .map(|(bw, _, _)| *bw)
     }
 
     /// Fast and Guard go by what we measured (at most what the relay
@@ -454,7 +456,9 @@ impl Authority {
     }
 
     /// At most [`AuthConfig::max_relays_per_addr`] Running relays per IP
-    /// address: the ones Running longest (then the lowest identities) keep
+    /// address (an IPv4 address in any of its IPv6 forms counts as itself,
+    /// and an IPv6 /64 as one address): the ones Running longest (then the
+    /// lowest identities) keep
     /// the flag; the others lose Running, Guard and Stable, so that one
     /// host cannot fill the network with relays.
     fn limit_per_addr(&self, st: &AuthState, relays: &mut [VoteRelay]) {
@@ -465,7 +469,7 @@ impl Authority {
                 r.flags.has(RelayFlags::RUNNING),
                 st.descriptors.get(&r.identity),
             ) {
-                by_ip.entry(d.desc.addr.ip()).or_default().push(i);
+                by_ip.entry(host_key(d.desc.addr.ip())).or_default().push(i);
             }
         }
         for (ip, mut idx) in by_ip {
@@ -489,28 +493,30 @@ impl Authority {
         }
     }
 
-    /// The relay to measure next: one never tried first, then the one
-    /// measured longest ago, once `remeasure_secs` have passed (a failed
-    /// try is repeated after a minute at the soonest).
+    /// The relay to measure next, among those reachable in the last two
+    /// rounds: the one whose last try is oldest, once `remeasure_secs` have
+    /// passed (a failed try is repeated after a minute at the soonest). A
+    /// relay never tried ranks as if tried one period ago, so a flood of
+    /// new relays cannot starve the others.
     fn next_to_measure(&self, now: u64) -> Option<([u8; 32], SocketAddr, LinkKey, OnionKey)> {
         let st = lock(&self.state);
+        let period = self.cfg.remeasure_secs;
         st.descriptors
             .values()
             .filter(|d| !self.rejected.contains(&d.desc.identity))
+            .filter(|d| {
+                st.reach
+                    .get(&d.desc.identity)
+                    .and_then(|r| r.ok_at)
+                    .is_some_and(|t| t + 2 * self.cfg.interval_secs >= now)
+            })
             .filter_map(|d| {
                 let id = d.desc.identity;
                 let tried = st.measure_tried.get(&id).copied();
-                let wait = if st
-                    .measured
-                    .get(&id)
-                    .is_some_and(|(_, at)| Some(*at) == tried)
-                {
-                    self.cfg.remeasure_secs
-                } else {
-                    self.cfg.remeasure_secs.min(60)
-                };
+                let ok = st.measured.get(&id).is_some_and(|m| Some(m.1) == tried);
+                let wait = if ok { period } else { period.min(60) };
                 let due = tried.is_none_or(|t| t + wait <= now);
-                due.then_some((tried.unwrap_or(0), id, d))
+                due.then_some((tried.unwrap_or(now.saturating_sub(period)), id, d))
             })
             .min_by_key(|(t, id, _)| (*t, *id))
             .map(|(_, id, d)| (id, d.desc.addr, d.desc.link_key, d.desc.onion_key))
@@ -538,9 +544,13 @@ impl Authority {
                 match r {
                     Ok(bw) => {
                         debug!(id = %short_id(&id), bytes_per_sec = bw, "relay measured");
-                        st.measured.insert(id, (bw, now));
+                        st.measured.insert(id, (bw, now, addr));
                     }
-                    Err(e) => debug!(id = %short_id(&id), "measurement failed: {e}"),
+                    // A failure is no reason to keep an older, better figure.
+                    Err(e) => {
+                        debug!(id = %short_id(&id), "measurement failed: {e}");
+                        st.measured.remove(&id);
+                    }
                 }
             }
             tokio::time::sleep(pause).await;
@@ -553,6 +563,14 @@ impl Authority {
         let max_age = self.cfg.descriptor_max_age_secs;
         st.descriptors
             .retain(|_, d| d.desc.published + max_age >= now);
+        let AuthState {
+            descriptors,
+            measured,
+            measure_tried,
+            ..
+        } = &mut *st;
+        measured.retain(|id, _| descriptors.contains_key(id));
+        measure_tried.retain(|id, _| descriptors.contains_key(id));
         let mut relays: Vec<VoteRelay> = st
             .descriptors
             .values()
@@ -841,6 +859,18 @@ impl Authority {
             () = schedule => Ok(()),
             () = self.measure_loop() => Ok(()),
         }
+    }
+}
+
+/// What counts as one host for the per-address limit.
+fn host_key(ip: IpAddr) -> IpAddr {
+    match allium_proto::policy::canonical(ip) {
+        IpAddr::V6(a) => {
+            let mut o = a.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+        v4 => v4,
     }
 }
 

@@ -1,5 +1,5 @@
 //! Bandwidth measurement: how fast a relay opens and seals cells for the
-//! authority, whatever it declares (`doc/protocol.md` section 8).
+//! authority, whatever it declares (`doc/protocol.md` section 7).
 //!
 //! The authority builds a one-hop circuit to the relay, as a client would
 //! (an NK link in which the relay proves its identity, then a CREATE to
@@ -7,10 +7,16 @@
 //! [`Limits::duration`] has passed or [`Limits::max_bytes`] have been sent;
 //! the measurement is the rate at which the echoed bytes come back. Every
 //! echo costs the relay a link open, a layer open, a layer seal and a link
-//! seal, the work of forwarding a cell, so a relay cannot answer faster
-//! than it can relay; the body is random and checked, so it cannot answer
-//! without doing that work. The bounds keep measuring from becoming a way
-//! to flood a relay.
+//! seal, the work of forwarding a cell; every body is fresh random bytes,
+//! checked in order, so the relay cannot answer one without opening it.
+//! The whole measurement ends by `duration` plus [`GRACE`]: a relay that
+//! holds echoes back only fails its measurement. The bounds keep measuring
+//! from becoming a way to flood a relay.
+//!
+//! What it does not prevent: a relay can tell a measurement from client
+//! traffic (an authority's address, a one-hop circuit, ECHO) and serve it
+//! first; and the rate is at most `WINDOW` cells per round trip, so over
+//! long distances it measures the path, not the relay.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,7 +31,10 @@ use rand::RngExt;
 use crate::DirError;
 
 /// ECHO cells in flight at most.
-pub const WINDOW: usize = 256;
+pub const WINDOW: usize = 1000;
+/// How long after its `duration` a measurement may take to finish, at
+/// most (the link and circuit setup included).
+pub const GRACE: Duration = Duration::from_secs(5);
 /// The longest wait for any answer from the relay.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,10 +62,13 @@ pub async fn measure(
         .map_err(|_| fail("link handshake timed out".into()))?
         .map_err(|e| fail(e.to_string()))?;
     let (circ, mut inbox) = chan.new_circuit().await.map_err(|e| fail(e.to_string()))?;
-    let r = echo_for(&chan, circ, &mut inbox, &id, onion_key, limits)
-        .await
-        .map_err(fail);
+    let work = echo_for(&chan, circ, &mut inbox, &id, onion_key, limits);
+    let r = match tokio::time::timeout(limits.duration + GRACE, work).await {
+        Ok(r) => r.map_err(fail),
+        Err(_) => Err(fail("did not finish in time".into())),
+    };
     chan.destroy(circ, DestroyReason::FINISHED);
+    chan.close();
     r
 }
 
@@ -97,17 +109,20 @@ async fn echo_for(
         .push(&st.finish(hdata).map_err(|e| e.to_string())?)
         .map_err(|e| e.to_string())?;
     let mut core = Circuit::client(&mut rand::rng(), layers).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; core.echo_max()];
-    rand::rng().fill(&mut body[..]);
+    let size = core.echo_max();
+    // What was sent and not yet echoed, oldest first.
+    let mut expected: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
 
     let start = Instant::now();
-    let (mut in_flight, mut sent, mut echoed) = (0usize, 0u64, 0u64);
+    let (mut sent, mut echoed) = (0u64, 0u64);
     loop {
         let sending = start.elapsed() < limits.duration && sent < limits.max_bytes;
-        while sending && in_flight < WINDOW && sent < limits.max_bytes {
+        while sending && expected.len() < WINDOW && sent < limits.max_bytes {
+            let mut body = vec![0u8; size];
+            rand::rng().fill(&mut body[..]);
             core.echo(&body).map_err(|e| e.to_string())?;
-            in_flight += 1;
             sent += body.len() as u64;
+            expected.push_back(body);
         }
         let mut out = Vec::new();
         while let Some(t) = core.poll_transmit() {
@@ -118,7 +133,7 @@ async fn echo_for(
             });
         }
         chan.send_batch(out).await.map_err(|e| e.to_string())?;
-        if in_flight == 0 {
+        if expected.is_empty() {
             break;
         }
         next_batch(inbox, &mut cells).await?;
@@ -129,11 +144,13 @@ async fn echo_for(
         }
         while let Some(ev) = core.poll_event() {
             match ev {
-                Event::Echo(b) if b == body && in_flight > 0 => {
-                    in_flight -= 1;
+                Event::Echo(b) if expected.front() == Some(&b) => {
+                    expected.pop_front();
                     echoed += b.len() as u64;
                 }
-                Event::Echo(_) => return Err("echoed other bytes than it was sent".into()),
+                Event::Echo(_) => {
+                    return Err("echoed other bytes than it was sent, or out of order".into());
+                }
                 other => return Err(format!("answered {other:?} to an ECHO")),
             }
         }

@@ -18,7 +18,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError
         .unwrap_or_default();
     // A fresh random name, created exclusively: nothing already there (a
     // planted symlink, another writer's file) is ever written through.
-    let mut open_tmp = || -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
+    let open_tmp = || -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
         for _ in 0..8 {
             let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
             match std::fs::OpenOptions::new()

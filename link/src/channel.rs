@@ -179,6 +179,8 @@ enum Ctrl {
     Register(CircId, CircEntry, oneshot::Sender<bool>),
     /// Forget a circuit, telling the peer with DESTROY if a reason is given.
     Close(CircId, Option<DestroyReason>),
+    /// Close the link once what is queued has been written.
+    Shutdown,
 }
 
 struct HandleInner {
@@ -283,6 +285,12 @@ impl ChannelHandle {
         let _ = self.inner.ctrl.send(Ctrl::Close(circ_id, None));
     }
 
+    /// Close the link once what is queued for it has been written (a link
+    /// that was opened for one job, not to be kept).
+    pub fn close(&self) {
+        let _ = self.inner.ctrl.send(Ctrl::Shutdown);
+    }
+
     /// Forget a circuit and tell the peer with DESTROY, ahead of queued
     /// cells and without waiting for room in the channel's queue.
     pub fn destroy(&self, circ_id: CircId, reason: DestroyReason) {
@@ -335,6 +343,8 @@ struct Reactor {
     staged: Vec<(CircId, Vec<Cell>)>,
     /// The last read filled all the room it had.
     busy: bool,
+    /// Asked to close: the link ends once nothing is left to write.
+    closing: bool,
 }
 
 impl Reactor {
@@ -448,6 +458,7 @@ impl Reactor {
                     self.urgent.push_back(Cell::destroy(id, r));
                 }
             }
+            Ctrl::Shutdown => self.closing = true,
         }
     }
 
@@ -557,6 +568,9 @@ impl Reactor {
         loop {
             self.fill(cells)?;
             let pending = self.written < self.out.len();
+            if self.closing && !pending && self.urgent.is_empty() && self.waiting.is_empty() {
+                return Ok(());
+            }
             if !pending {
                 progress = Instant::now();
             }
@@ -690,6 +704,7 @@ fn spawn_channel(
         opened: Vec::new(),
         staged: Vec::new(),
         busy: false,
+        closing: false,
     };
     let stop = setup.stop;
     let h = handle.clone();

@@ -324,7 +324,7 @@ pub struct ConsensusRelay {
     pub flags: RelayFlags,
     /// Weight for path selection (bytes per second): the median of the
     /// authorities' measurements, at most the declared figure; a small fixed
-    /// weight while no majority has measured the relay (section 8).
+    /// weight while no majority has measured the relay (section 7).
     pub bandwidth: u32,
     /// What the relay's descriptor declares.
     pub declared_bandwidth: u32,

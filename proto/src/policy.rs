@@ -57,9 +57,10 @@ pub const MAX_RULES: usize = 256;
 
 /// Addresses an exit must not reach by default: loopback, RFC 1918,
 /// link-local, CGNAT, unspecified, broadcast and multicast; for IPv6 also
-/// unique-local, site-local (`fec0::/10`), and every IPv6 form that carries
-/// an IPv4 address (mapped, compatible, NAT64 `64:ff9b::/96` and
-/// `64:ff9b:1::/48`, 6to4 `2002::/16`) when that IPv4 address is one of
+/// unique-local, site-local (`fec0::/10`), the local-use NAT64 prefix
+/// `64:ff9b:1::/48` and Teredo `2001::/32` whole, and every IPv6 form that
+/// carries an IPv4 address (mapped, compatible, SIIT-translated, NAT64
+/// `64:ff9b::/96`, 6to4 `2002::/16`) when that IPv4 address is one of
 /// these: a NAT64 or 6to4 gateway near the exit would otherwise reach its
 /// private network.
 pub fn is_private(ip: IpAddr) -> bool {
@@ -86,13 +87,26 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
                 || (s[0] & 0xffc0) == 0xfec0
+                // The local-use NAT64 prefix (RFC 8215), whatever layout
+                // its operator gave it, and Teredo.
+                || (s[0], s[1], s[2]) == (0x64, 0xff9b, 1)
+                || (s[0], s[1]) == (0x2001, 0)
         }
+    }
+}
+
+/// One address in one form: an IPv6 address that carries an IPv4 one is
+/// that IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => embedded_v4(&a).map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
 /// The IPv4 address an IPv6 address carries, in the forms a host or a
 /// nearby gateway may translate.
-fn embedded_v4(a: &Ipv6Addr) -> Option<Ipv4Addr> {
+pub fn embedded_v4(a: &Ipv6Addr) -> Option<Ipv4Addr> {
     let o = a.octets();
     let s = a.segments();
     let v4 = |i: usize| Some(Ipv4Addr::new(o[i], o[i + 1], o[i + 2], o[i + 3]));
@@ -101,10 +115,11 @@ fn embedded_v4(a: &Ipv6Addr) -> Option<Ipv4Addr> {
     }
     match s {
         // IPv4-compatible (deprecated), but not :: or ::1.
-        [0, 0, 0, 0, 0, 0, hi, _] if hi != 0 => v4(12),
-        // NAT64, the well-known prefix and the local-use one.
+        [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 || lo > 1 => v4(12),
+        // IPv4-translated (SIIT).
+        [0, 0, 0, 0, 0xffff, 0, _, _] => v4(12),
+        // NAT64, the well-known prefix.
         [0x64, 0xff9b, 0, 0, 0, 0, _, _] => v4(12),
-        [0x64, 0xff9b, 1, ..] => v4(12),
         // 6to4.
         [0x2002, ..] => v4(2),
         _ => None,
@@ -334,6 +349,10 @@ mod tests {
             "64:ff9b:1::a00:1",
             "2002:c0a8:0101::1",
             "2002:7f00:0001::",
+            "64:ff9b:1:ffff::1",
+            "2001:0:4136:e378::1",
+            "::ffff:0:10.0.0.1",
+            "::0.0.1.2",
         ] {
             assert!(is_private(a.parse().unwrap()), "{a}");
         }

@@ -106,7 +106,7 @@ fn low_median(mut v: Vec<u64>) -> u64 {
 /// * its weight is the low median of the measurements of the listing
 ///   votes that have one, at most the declared bandwidth, if more than half
 ///   of all votes have one; otherwise it is [`UNMEASURED_WEIGHT`] and the
-///   relay is not a Guard;
+///   relay is neither Guard nor Fast;
 /// * `interval` and `valid_intervals` are the low medians over all votes;
 ///   `fresh_until = valid_after + interval`,
 ///   `valid_until = valid_after + interval * valid_intervals`.
@@ -158,7 +158,7 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
             let m = low_median(measured) as u32;
             (m.min(declared), Some(m))
         } else {
-            flags &= !RelayFlags::GUARD;
+            flags &= !(RelayFlags::GUARD | RelayFlags::FAST);
             (UNMEASURED_WEIGHT.min(declared), None)
         };
         relays.push(ConsensusRelay {
@@ -294,7 +294,7 @@ mod tests {
 
     #[test]
     fn weights_are_measured_capped_by_the_declared_rate() {
-        const RVG: u16 = RV | RelayFlags::GUARD;
+        const RVG: u16 = RV | RelayFlags::GUARD | RelayFlags::FAST;
         let liar = |a: u32| relay_declaring(20, 5, RVG, Some(a), u32::MAX);
         let modest = |a: u32| relay_declaring(21, 5, RVG, Some(a), 500);
         let unmeasured = |m: Option<u32>| relay_declaring(22, 5, RVG, m, 10_000_000);
@@ -324,6 +324,7 @@ mod tests {
             (UNMEASURED_WEIGHT, None)
         );
         assert!(!u.flags.has(RelayFlags::GUARD));
+        assert!(!u.flags.has(RelayFlags::FAST));
         assert!(l.flags.has(RelayFlags::GUARD));
     }
 

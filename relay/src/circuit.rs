@@ -53,6 +53,9 @@ struct Teardown {
     reason: DestroyReason,
     tell_prev: bool,
     tell_next: bool,
+    /// A neighbour's DESTROY ends it: its reason is not ours to pass on,
+    /// nor to count as a failure we saw.
+    from_neighbour: bool,
 }
 
 impl Teardown {
@@ -61,6 +64,7 @@ impl Teardown {
             reason,
             tell_prev: true,
             tell_next: true,
+            from_neighbour: false,
         }
     }
 
@@ -68,7 +72,7 @@ impl Teardown {
     /// reason is not passed on (it would be a channel along the circuit):
     /// the other side hears DESTROYED.
     fn onward(&self) -> DestroyReason {
-        if self.tell_prev != self.tell_next && self.reason != DestroyReason::CHANNEL_CLOSED {
+        if self.from_neighbour {
             DestroyReason::DESTROYED
         } else {
             self.reason
@@ -178,7 +182,11 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
     let acct: Option<Arc<CircAcct>> = inbox.acct().cloned();
     let mut c = Circuit {
         ctx,
-        core: core::Circuit::relay(&mut rand::rng(), RelayLayer::new(&keys)),
+        core: core::Circuit::relay(
+            &mut rand::rng(),
+            RelayLayer::new(&keys),
+            chan.peer().is_none(),
+        ),
         prev: chan,
         prev_id: circ_id,
         prev_rx: inbox,
@@ -250,13 +258,13 @@ impl Circuit {
                     self.hold(self.cells_in.len());
                     self.on_cells(Side::Prev)
                 } else {
-                    return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: false, tell_next: true };
+                    return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: false, tell_next: true, from_neighbour: false };
                 },
                 ok = recv_next(&mut self.next, &mut self.next_in) => if ok {
                     self.hold(self.next_in.len());
                     self.on_cells(Side::Next)
                 } else {
-                    return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false };
+                    return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false, from_neighbour: false };
                 },
                 Some(ev) = self.ev_rx.recv() => self.stream_events(ev).map_err(Teardown::from),
             };
@@ -458,6 +466,7 @@ impl Circuit {
                     reason,
                     tell_prev: side != Side::Prev,
                     tell_next: side != Side::Next,
+                    from_neighbour: true,
                 });
             }
             Event::Connected { .. } | Event::Resolved { .. } | Event::Echo(_) => {
@@ -565,7 +574,11 @@ impl Circuit {
     fn teardown(&mut self, t: Teardown) {
         self.add_counts();
         self.ctx.stats.destroyed(t.reason.0);
-        match t.reason {
+        match if t.from_neighbour {
+            DestroyReason::NONE
+        } else {
+            t.reason
+        } {
             DestroyReason::CELL_AUTH => {
                 RelayStats::inc(&self.ctx.stats.cell_auth_failures, 1);
                 info!("circuit destroyed: a cell failed authentication");

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allium_proto::onion::BACKWARD_CAPACITY;
+use allium_proto::policy::canonical;
 use allium_proto::relaymsg::{EndReason, HEADER_LEN, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -141,7 +142,10 @@ async fn connect(
     let allowed: Vec<IpAddr> = candidates
         .into_iter()
         // Never the relay itself, whatever the policy says.
-        .filter(|ip| ctx.policy.allows(*ip, port) && !ctx.own_ips.contains(ip))
+        .filter(|ip| {
+            let me = canonical(*ip);
+            ctx.policy.allows(*ip, port) && !ctx.own_ips.iter().any(|o| canonical(*o) == me)
+        })
         .collect();
     if allowed.is_empty() {
         return Err(EndReason::EXIT_POLICY);

@@ -147,6 +147,8 @@ enum Role {
     Relay {
         layer: Box<RelayLayer>,
         next: NextHop,
+        /// The circuit came from a client link (no relay before this one).
+        first: bool,
     },
 }
 
@@ -252,13 +254,16 @@ impl Circuit {
         Ok(Self::new(rng, Role::Client(layers)))
     }
 
-    /// A relay's hop of a circuit, right after it answered the CREATE.
-    pub fn relay(rng: &mut impl CryptoRng, layer: RelayLayer) -> Self {
+    /// A relay's hop of a circuit, right after it answered the CREATE;
+    /// `first` if the CREATE came over a client's link (an ECHO is only
+    /// answered on a one-hop circuit from a client).
+    pub fn relay(rng: &mut impl CryptoRng, layer: RelayLayer, first: bool) -> Self {
         Self::new(
             rng,
             Role::Relay {
                 layer: Box::new(layer),
                 next: NextHop::None,
+                first,
             },
         )
     }
@@ -535,9 +540,13 @@ impl Circuit {
     }
 
     fn relay_cell(&mut self, now: Instant, mut payload: Payload) -> Result<(), Error> {
-        let Role::Relay { layer, next } = &mut self.role else {
+        let Role::Relay {
+            layer, next, first, ..
+        } = &mut self.role
+        else {
             return Err(Error::malformed("circuit", "a client has no previous hop"));
         };
+        let one_hop = *first && *next == NextHop::None;
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&payload[..TAG_LEN]);
         if layer.peel_forward(&mut payload, *next == NextHop::Open)? == Peeled::Forward {
@@ -570,8 +579,9 @@ impl Circuit {
                 self.originate(0, &RelayMsg::Truncated(DestroyReason::REQUESTED.0))
             }
             RelayMsg::Sendme { tag } => self.on_sendme(now, sid, &tag),
-            // Straight back: whoever asks pays the same for it as the hop.
-            RelayMsg::Echo(body) if sid == 0 => self.originate(0, &RelayMsg::Echo(body)),
+            // Straight back, on a one-hop circuit only (a measurement): it
+            // is no probe of a relay deeper in a circuit.
+            RelayMsg::Echo(body) if sid == 0 && one_hop => self.originate(0, &RelayMsg::Echo(body)),
             RelayMsg::Begin { .. } | RelayMsg::Resolve(_) if self.streams.contains_key(&sid) => {
                 Err(unexpected(
                     "a new stream id for BEGIN or RESOLVE",

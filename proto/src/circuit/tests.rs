@@ -41,7 +41,7 @@ impl CircuitPair {
             let mut k = [0u8; 64];
             rng.fill_bytes(&mut k);
             let keys = HopKeys::from_bytes(&k);
-            let relay = Circuit::relay(&mut rng, RelayLayer::new(&keys));
+            let relay = Circuit::relay(&mut rng, RelayLayer::new(&keys), i == 0);
             if i > 0 {
                 // The previous hop is asked to extend, and gets CREATED.
                 let last = layers.len() - 1;
@@ -358,7 +358,7 @@ impl RawClient {
         layers.push(&keys).unwrap();
         RawClient {
             layers,
-            exit: Circuit::relay(&mut rng, RelayLayer::new(&keys)),
+            exit: Circuit::relay(&mut rng, RelayLayer::new(&keys), true),
             now: Instant::now(),
         }
     }
@@ -668,8 +668,8 @@ fn the_exit_cannot_tell_its_depth_from_the_padding() {
 }
 
 #[test]
-fn the_last_hop_echoes() {
-    let mut p = CircuitPair::new(3, Duration::from_millis(1));
+fn only_a_one_hop_circuit_echoes() {
+    let mut p = CircuitPair::new(1, Duration::from_millis(1));
     let max = p.nodes[0].echo_max();
     p.nodes[0].echo(&vec![7u8; max]).unwrap();
     p.nodes[0].echo(b"ping").unwrap();
@@ -681,6 +681,13 @@ fn the_last_hop_echoes() {
     );
     assert!(p.errors.iter().all(Option::is_none));
     // Only a client asks.
-    let exit = p.exit();
-    assert!(p.nodes[exit].echo(b"x").is_err());
+    assert!(p.nodes[1].echo(b"x").is_err());
+    // Deeper in a circuit it is no probe: the hop refuses it.
+    let mut p = CircuitPair::new(3, Duration::from_millis(1));
+    p.nodes[0].echo(b"ping").unwrap();
+    p.drive();
+    assert!(matches!(
+        p.errors[3],
+        Some(Error::PeerMisbehaved(PeerMisbehaved::Unexpected { .. }))
+    ));
 }
