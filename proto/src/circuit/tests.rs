@@ -655,7 +655,7 @@ fn the_exit_cannot_tell_its_depth_from_the_padding() {
         Peeled::Deliver
     );
     let (sid, msg) = RelayMsg::decode(&p[TAG_LEN..]).unwrap();
-    let len = msg.encode(sid, forward_capacity(2)).unwrap().len();
+    let len = msg.encode_into(sid, &mut [0u8; PAYLOAD_LEN]).unwrap();
     // After the message: random bytes up to the end, with no run of zeros
     // that would end where the filler of a 3-hop circuit starts.
     let tail = &p[TAG_LEN + len..];
