@@ -14,6 +14,7 @@ pub fn consensus_json(
     let u = UnverifiedConsensus::parse(bytes)?;
     let c = u.peek();
     let times = (c.valid_after, c.fresh_until, c.valid_until);
+    let weights = c.weights;
     let relays: Vec<_> = c
         .relays
         .iter()
@@ -55,6 +56,11 @@ pub fn consensus_json(
         "fresh_until": times.1,
         "valid_until": times.2,
         "relays": relays,
+        "position_weights": {
+            "exit_elsewhere": weights.exit_elsewhere,
+            "guard_as_middle": weights.guard_as_middle,
+            "scale": allium_proto::PositionWeights::SCALE,
+        },
         "signatures": sigs,
         "verdict": verdict,
     }))

@@ -178,6 +178,7 @@ mod tests {
             fresh_until: 0,
             valid_until: 0,
             relays: ids.iter().map(|&i| relay(i)).collect(),
+            weights: Default::default(),
         }
     }
 

@@ -59,15 +59,9 @@ pub enum Position {
     Exit,
 }
 
-/// Position weights: scarce Guard and Exit capacity is kept for its own
-/// position. With `T` the total bandwidth, `E` that of Exit relays and `G`
-/// that of Guard relays that are not exits:
-///
-/// * an Exit relay counts with its full bandwidth as exit; as guard or
-///   middle with the fraction `(E - T/3) / E` (0 if `E <= T/3`);
-/// * a Guard (non-exit) counts fully as guard; as middle with
-///   `(G - T/3) / G` (0 if `G <= T/3`);
-/// * any other relay counts fully as middle.
+/// Position weights, as the consensus publishes them (computed by the
+/// authorities, `allium_proto::PositionWeights`): scarce Guard and Exit
+/// capacity is kept for its own position.
 #[derive(Clone, Copy, Debug)]
 pub struct Weights {
     exit_elsewhere: f64,
@@ -76,27 +70,10 @@ pub struct Weights {
 
 impl Weights {
     pub fn new(c: &Consensus) -> Self {
-        let bw = |r: &ConsensusRelay| r.bandwidth.max(1) as f64;
-        let live = c.relays.iter().filter(|r| usable(r));
-        let (mut t, mut e, mut g) = (0.0, 0.0, 0.0);
-        for r in live {
-            t += bw(r);
-            if r.flags.has(RelayFlags::EXIT) {
-                e += bw(r);
-            } else if r.flags.has(RelayFlags::GUARD) {
-                g += bw(r);
-            }
-        }
-        let surplus = |x: f64| {
-            if x > t / 3.0 && x > 0.0 {
-                (x - t / 3.0) / x
-            } else {
-                0.0
-            }
-        };
+        let scale = f64::from(allium_proto::PositionWeights::SCALE);
         Weights {
-            exit_elsewhere: surplus(e),
-            guard_as_middle: surplus(g),
+            exit_elsewhere: f64::from(c.weights.exit_elsewhere.min(10_000)) / scale,
+            guard_as_middle: f64::from(c.weights.guard_as_middle.min(10_000)) / scale,
         }
     }
 
@@ -258,6 +235,7 @@ mod tests {
             valid_after: 0,
             fresh_until: 0,
             valid_until: 0,
+            weights: allium_proto::PositionWeights::compute(&relays),
             relays,
         }
     }

@@ -313,6 +313,7 @@ fn documents(c: &mut Criterion) {
         valid_after: 100,
         fresh_until: 200,
         valid_until: 300,
+        weights: allium_proto::PositionWeights::compute(&relays),
         relays,
     };
     // Three authorities: identity keys certify signing keys.

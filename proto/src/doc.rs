@@ -343,6 +343,56 @@ pub struct Consensus {
     pub valid_until: u64,
     /// Sorted by identity.
     pub relays: Vec<ConsensusRelay>,
+    /// How clients weight relays by position, computed by the authorities.
+    pub weights: PositionWeights,
+}
+
+/// Position weights, in parts of [`PositionWeights::SCALE`] (as Tor's
+/// `bandwidth-weights`): scarce Guard and Exit capacity is kept for its own
+/// position. With `T` the total weight of Running, Valid relays, `E` that
+/// of the Exits and `G` that of the Guards that are not Exits, an Exit
+/// counts with its full weight as exit and with `exit_elsewhere` of it as
+/// guard or middle; a Guard counts fully as guard and with
+/// `guard_as_middle` as middle; any other relay fully as middle.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PositionWeights {
+    /// `(E - T/3) / E`, or 0 if `E <= T/3`.
+    pub exit_elsewhere: u32,
+    /// `(G - T/3) / G`, or 0 if `G <= T/3`.
+    pub guard_as_middle: u32,
+}
+
+impl PositionWeights {
+    pub const SCALE: u32 = 10_000;
+
+    /// The weights for these relays (section 7).
+    pub fn compute(relays: &[ConsensusRelay]) -> Self {
+        let live = relays
+            .iter()
+            .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::VALID));
+        let (mut t, mut e, mut g) = (0u64, 0u64, 0u64);
+        for r in live {
+            let bw = u64::from(r.bandwidth.max(1));
+            t += bw;
+            if r.flags.has(RelayFlags::EXIT) {
+                e += bw;
+            } else if r.flags.has(RelayFlags::GUARD) {
+                g += bw;
+            }
+        }
+        // (x - t/3) / x = (3x - t) / 3x, in parts of SCALE.
+        let surplus = |x: u64| {
+            if 3 * x > t {
+                ((3 * x - t) * u64::from(Self::SCALE) / (3 * x)) as u32
+            } else {
+                0
+            }
+        };
+        PositionWeights {
+            exit_elsewhere: surplus(e),
+            guard_as_middle: surplus(g),
+        }
+    }
 }
 
 /// An authority's long-term identity key, as clients and relays pin it.
@@ -662,6 +712,7 @@ mod tests {
             fresh_until: now + 60,
             valid_until: now + 180,
             relays: vec![],
+            weights: PositionWeights::default(),
         }
     }
 

@@ -25,7 +25,8 @@ pub mod wire;
 
 pub use doc::{
     AuthSigned, AuthorityCert, AuthorityKey, AuthoritySig, Consensus, ConsensusRelay,
-    RelayDescriptor, RelayFlags, SignedDocument, UnverifiedConsensus, UnverifiedDescriptor,
+    PositionWeights, RelayDescriptor, RelayFlags, SignedDocument, UnverifiedConsensus,
+    UnverifiedDescriptor,
 };
 
 /// Everything that can go wrong in this crate. Peer faults say what the peer

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::doc::PositionWeights;
 use crate::doc::{AuthSigned, AuthorityKey, MAX_VOTE_LEN, VOTE_DOMAIN};
 use crate::{Consensus, ConsensusRelay, Error, RelayFlags, UnverifiedDescriptor};
 
@@ -183,6 +184,7 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
         valid_after: va,
         fresh_until: va.saturating_add(interval),
         valid_until: va.saturating_add(interval.saturating_mul(valid_intervals)),
+        weights: PositionWeights::compute(&relays),
         relays,
     })
 }

@@ -224,6 +224,11 @@ fn compute() -> BTreeMap<String, String> {
             family: vec![],
             descriptor_digest: Sha256::digest(&desc.sign(&relay_key).body).into(),
         }],
+        // One Running exit, all the weight: (3E - T) / 3E = 2/3.
+        weights: allium_proto::PositionWeights {
+            exit_elsewhere: 6666,
+            guard_as_middle: 0,
+        },
     };
     // The authority's identity certifies an online signing key.
     let signing = SigningKey::from_bytes(&[0x42; 32]);
