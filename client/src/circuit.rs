@@ -221,8 +221,14 @@ pub async fn build(
                 htype: HANDSHAKE_NTOR,
                 hdata: hs,
             });
+            // EXTEND goes in RELAY_EARLY, which every relay counts.
             let payload = seal_padded(&mut layers, last, 0, &msg)?;
-            chan.send(relay_cell(circ_id, payload)).await?;
+            chan.send(Cell {
+                circ_id,
+                cmd: CellCmd::RELAY_EARLY,
+                payload,
+            })
+            .await?;
             st.prepare();
             let mut c = expect_cell(&mut rx).await?;
             if c.cmd != CellCmd::RELAY {

@@ -11,7 +11,7 @@ pub const PAYLOAD_LEN: usize = CELL_LEN - 5;
 
 crate::open_enum! {
     /// A cell command (`doc/protocol.md` section 2).
-    CellCmd(u8) { PADDING = 0, CREATE = 1, CREATED = 2, RELAY = 3, DESTROY = 4 }
+    CellCmd(u8) { PADDING = 0, CREATE = 1, CREATED = 2, RELAY = 3, DESTROY = 4, RELAY_EARLY = 5 }
 }
 
 /// A circuit's id on one link: chosen by the side that sent the CREATE

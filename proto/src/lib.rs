@@ -92,6 +92,8 @@ pub enum PeerMisbehaved {
     ExtendToSelf,
     #[error("asked a relay to extend back to the hop the circuit came from")]
     ExtendBack,
+    #[error("sent more RELAY_EARLY cells than a circuit of the longest length needs")]
+    TooManyHops,
 }
 
 impl PeerMisbehaved {
@@ -104,7 +106,7 @@ impl PeerMisbehaved {
             | SendmeUnowed
             | SendmeWrongTag
             | StreamSendmeUnowed => cell::DestroyReason::FLOW_CONTROL,
-            Unexpected { .. } | ExtendTwice | ExtendToSelf | ExtendBack => {
+            Unexpected { .. } | ExtendTwice | ExtendToSelf | ExtendBack | TooManyHops => {
                 cell::DestroyReason::PROTOCOL
             }
         }

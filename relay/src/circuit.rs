@@ -360,7 +360,11 @@ impl Circuit {
                         if let Some(n) = &self.next {
                             self.fwd_out.push(Cell {
                                 circ_id: n.id,
-                                cmd: CellCmd::RELAY,
+                                cmd: if t.early {
+                                    CellCmd::RELAY_EARLY
+                                } else {
+                                    CellCmd::RELAY
+                                },
                                 payload: t.payload,
                             });
                         }

@@ -113,16 +113,21 @@ impl RawCirc {
         })
     }
 
-    /// Send a message to the circuit's last hop.
+    /// Send a message to the circuit's last hop (EXTEND in RELAY_EARLY).
     pub async fn send(&mut self, sid: u16, msg: RelayMsg) {
         let last = self.layers.len() - 1;
+        let cmd = if matches!(msg, RelayMsg::Extend(_)) {
+            CellCmd::RELAY_EARLY
+        } else {
+            CellCmd::RELAY
+        };
         let body = msg.encode(sid, forward_capacity(last)).unwrap();
         let payload = self.layers.encrypt_forward(last, &body).unwrap();
         let _ = self
             .chan
             .send(Cell {
                 circ_id: self.id,
-                cmd: CellCmd::RELAY,
+                cmd,
                 payload,
             })
             .await;

@@ -78,6 +78,8 @@ pub enum Side {
 pub struct Transmit {
     pub side: Side,
     pub payload: Payload,
+    /// Send it as RELAY_EARLY (it came as one).
+    pub early: bool,
 }
 
 /// What the circuit tells its driver.
@@ -136,6 +138,11 @@ pub struct Counts {
     /// Cells this end opened.
     pub delivered: u64,
 }
+
+/// RELAY_EARLY cells a relay accepts on one circuit: a client sends each
+/// EXTEND in one, and each passes every hop before the new one, so no
+/// circuit can grow past `MAX_EARLY + 1` (8) hops.
+pub const MAX_EARLY: u32 = 7;
 
 /// Streams one circuit may have open at once (resolves included).
 pub const MAX_STREAMS: usize = 512;
@@ -210,6 +217,8 @@ pub struct Circuit {
     rtt: Option<Rtt>,
     counts: Counts,
     closed: bool,
+    /// RELAY_EARLY cells from the previous hop.
+    early_seen: u32,
     /// Key of the keystream that pads acknowledged DATA cells (expanded
     /// when used: once per hundred cells, and it saves the memory).
     pad_key: Zeroizing<[u8; 32]>,
@@ -243,6 +252,7 @@ impl Circuit {
             rtt: None,
             counts: Counts::default(),
             closed: false,
+            early_seen: 0,
         }
     }
 
@@ -459,11 +469,13 @@ impl Circuit {
                     self.transmits.push_back(Transmit {
                         side: Side::Prev,
                         payload: cell.payload,
+                        early: false,
                     });
                     Ok(())
                 }
             },
-            (CellCmd::RELAY, Side::Prev) => self.relay_cell(now, cell.payload),
+            (CellCmd::RELAY, Side::Prev) => self.relay_cell(now, cell.payload, false),
+            (CellCmd::RELAY_EARLY, Side::Prev) => self.relay_cell(now, cell.payload, true),
             (CellCmd::CREATED, Side::Next) => match &mut self.role {
                 Role::Relay { next, .. } if *next == NextHop::Pending => {
                     *next = NextHop::Open;
@@ -539,7 +551,13 @@ impl Circuit {
         }
     }
 
-    fn relay_cell(&mut self, now: Instant, mut payload: Payload) -> Result<(), Error> {
+    fn relay_cell(&mut self, now: Instant, mut payload: Payload, early: bool) -> Result<(), Error> {
+        if early {
+            self.early_seen += 1;
+            if self.early_seen > MAX_EARLY {
+                return Err(PeerMisbehaved::TooManyHops.into());
+            }
+        }
         let Role::Relay {
             layer, next, first, ..
         } = &mut self.role
@@ -554,6 +572,7 @@ impl Circuit {
             self.transmits.push_back(Transmit {
                 side: Side::Next,
                 payload,
+                early,
             });
             return Ok(());
         }
@@ -564,6 +583,10 @@ impl Circuit {
         }
         let (sid, msg) = RelayMsg::decode(plain)?;
         match msg {
+            RelayMsg::Extend(_) if sid == 0 && !early => Err(unexpected(
+                "EXTEND in a RELAY_EARLY cell",
+                "EXTEND in a RELAY cell",
+            )),
             RelayMsg::Extend(e) if sid == 0 => {
                 if *next != NextHop::None {
                     return Err(PeerMisbehaved::ExtendTwice.into());
@@ -758,7 +781,11 @@ impl Circuit {
             self.pad(&mut payload[TAG_LEN + len..TAG_LEN + cap]);
         }
         let (_, side) = self.seal(&mut payload)?;
-        self.transmits.push_back(Transmit { side, payload });
+        self.transmits.push_back(Transmit {
+            side,
+            payload,
+            early: false,
+        });
         Ok(())
     }
 
@@ -796,7 +823,11 @@ impl Circuit {
             }
             let (tag, side) = self.seal(&mut payload)?;
             self.fc_send.on_data_sent(&tag)?;
-            self.transmits.push_back(Transmit { side, payload });
+            self.transmits.push_back(Transmit {
+                side,
+                payload,
+                early: false,
+            });
             window -= 1;
             off += n;
         }

@@ -58,12 +58,14 @@ impl CircuitPair {
                 let mut fwd = vec![p];
                 for r in relays.iter_mut().take(i - 1) {
                     let c: &mut Circuit = r;
-                    c.handle_cell(Instant::now(), Side::Prev, relay_cell(fwd.pop().unwrap()))
+                    c.handle_cell(Instant::now(), Side::Prev, early_cell(fwd.pop().unwrap()))
                         .unwrap();
-                    fwd.push(c.poll_transmit().unwrap().payload);
+                    let t = c.poll_transmit().unwrap();
+                    assert!(t.early, "RELAY_EARLY passes on as RELAY_EARLY");
+                    fwd.push(t.payload);
                 }
                 let prev: &mut Circuit = relays.last_mut().unwrap();
-                prev.handle_cell(Instant::now(), Side::Prev, relay_cell(fwd.pop().unwrap()))
+                prev.handle_cell(Instant::now(), Side::Prev, early_cell(fwd.pop().unwrap()))
                     .unwrap();
                 assert!(matches!(prev.poll_event(), Some(Event::Extend(e)) if e.hdata == [9; 10]));
                 let created =
@@ -114,7 +116,11 @@ impl CircuitPair {
                     Side::Next => (i + 1, Side::Prev),
                     Side::Prev => (i - 1, Side::Next),
                 };
-                let mut c = relay_cell(t.payload);
+                let mut c = if t.early {
+                    early_cell(t.payload)
+                } else {
+                    relay_cell(t.payload)
+                };
                 if let Some(f) = &mut self.tamper {
                     f(i, &mut c);
                 }
@@ -210,6 +216,14 @@ impl CircuitPair {
     /// Cells in flight toward `node`.
     fn in_flight_to(&self, node: usize) -> usize {
         self.wire.iter().filter(|w| w.1 == node).count()
+    }
+}
+
+fn early_cell(payload: Payload) -> Cell {
+    Cell {
+        circ_id: CircId(1),
+        cmd: CellCmd::RELAY_EARLY,
+        payload,
     }
 }
 
@@ -363,10 +377,18 @@ impl RawClient {
         }
     }
 
+    /// Send `msg` as a client would: EXTEND in RELAY_EARLY, the rest in
+    /// RELAY.
     fn send(&mut self, sid: u16, msg: RelayMsg) -> Result<(), Error> {
+        let early = matches!(msg, RelayMsg::Extend(_));
+        self.send_as(sid, msg, early)
+    }
+
+    fn send_as(&mut self, sid: u16, msg: RelayMsg, early: bool) -> Result<(), Error> {
         let body = msg.encode(sid, forward_capacity(0)).unwrap();
         let p = self.layers.encrypt_forward(0, &body).unwrap();
-        self.exit.handle_cell(self.now, Side::Prev, relay_cell(p))
+        let cell = if early { early_cell(p) } else { relay_cell(p) };
+        self.exit.handle_cell(self.now, Side::Prev, cell)
     }
 
     /// Open stream `sid` at the exit (nothing answers it unless the test
@@ -690,4 +712,34 @@ fn only_a_one_hop_circuit_echoes() {
         p.errors[3],
         Some(Error::PeerMisbehaved(PeerMisbehaved::Unexpected { .. }))
     ));
+}
+
+#[test]
+fn extends_come_in_relay_early_and_no_more_than_a_long_circuit_needs() {
+    let ext = RelayMsg::Extend(Extend {
+        identity: [1; 32],
+        link_key: LinkKey([2; 32]),
+        addr: "127.0.0.1:2".parse().unwrap(),
+        htype: 2,
+        hdata: vec![],
+    });
+    let mut c = RawClient::new();
+    assert!(matches!(
+        c.send_as(0, ext, false),
+        Err(Error::PeerMisbehaved(PeerMisbehaved::Unexpected { .. }))
+    ));
+    // Seven RELAY_EARLY cells pass (a circuit of eight hops); the eighth is
+    // one too many.
+    let mut c = RawClient::new();
+    for _ in 0..MAX_EARLY {
+        c.send_as(0, RelayMsg::Drop, true).unwrap();
+    }
+    assert!(matches!(
+        c.send_as(0, RelayMsg::Drop, true),
+        Err(Error::PeerMisbehaved(PeerMisbehaved::TooManyHops))
+    ));
+    // And a relay passes RELAY_EARLY on as RELAY_EARLY (the kit checks it
+    // while it builds a circuit of four hops).
+    let p = CircuitPair::new(4, Duration::from_millis(1));
+    assert!(p.errors.iter().all(Option::is_none));
 }
