@@ -495,7 +495,8 @@ impl Authority {
 
     /// The relay to measure next, among those reachable in the last two
     /// rounds: the one whose last try is oldest, once `remeasure_secs` have
-    /// passed (a failed try is repeated after a minute at the soonest). A
+    /// passed (a failed try is repeated after a voting interval, at most a
+    /// minute). A
     /// relay never tried ranks as if tried one period ago, so a flood of
     /// new relays cannot starve the others.
     fn next_to_measure(&self, now: u64) -> Option<([u8; 32], SocketAddr, LinkKey, OnionKey)> {
@@ -514,7 +515,10 @@ impl Authority {
                 let id = d.desc.identity;
                 let tried = st.measure_tried.get(&id).copied();
                 let ok = st.measured.get(&id).is_some_and(|m| Some(m.1) == tried);
-                let wait = if ok { period } else { period.min(60) };
+                // A failed try is repeated after a voting interval, at most
+                // a minute: a relay must not wait long for its first figure.
+                let retry = period.min(60).min(self.cfg.interval_secs);
+                let wait = if ok { period } else { retry };
                 let due = tried.is_none_or(|t| t + wait <= now);
                 due.then_some((tried.unwrap_or(now.saturating_sub(period)), id, d))
             })
@@ -548,7 +552,7 @@ impl Authority {
                     }
                     // A failure is no reason to keep an older, better figure.
                     Err(e) => {
-                        debug!(id = %short_id(&id), "measurement failed: {e}");
+                        info!(id = %short_id(&id), "measurement failed: {e}");
                         st.measured.remove(&id);
                     }
                 }
