@@ -165,6 +165,24 @@ impl CircuitPair {
         panic!("the circuit did not settle");
     }
 
+    /// Run until nothing is in flight, each of `readers` handing on at once
+    /// what it receives on stream `sid`; returns what each got.
+    fn drive_reading(&mut self, readers: &[usize], sid: u16) -> Vec<Vec<u8>> {
+        let mut got = vec![Vec::new(); readers.len()];
+        for _ in 0..100_000 {
+            let more = self.step();
+            for (g, &node) in got.iter_mut().zip(readers) {
+                let (d, cells) = self.received(node, sid);
+                g.extend_from_slice(&d);
+                self.nodes[node].consumed(sid, cells).unwrap();
+            }
+            if !more {
+                return got;
+            }
+        }
+        panic!("the circuit did not settle");
+    }
+
     fn take_events(&mut self, node: usize) -> Vec<Event> {
         std::mem::take(&mut self.events[node])
     }
@@ -253,21 +271,10 @@ fn bytes_cross_three_hops_both_ways_in_order() {
     // not: it is told when the last of them is sealed.
     assert!(p.nodes[0].send(now, sid, &up).unwrap());
     assert!(!p.nodes[exit].send(now, sid, &down).unwrap());
-    let (mut got_up, mut got_down) = (Vec::new(), Vec::new());
-    for _ in 0..10_000 {
-        let more = p.step();
-        // Both ends hand on what arrives at once.
-        for (node, got) in [(exit, &mut got_up), (0, &mut got_down)] {
-            let (d, cells) = p.received(node, sid);
-            got.extend_from_slice(&d);
-            p.nodes[node].consumed(sid, cells).unwrap();
-        }
-        if !more {
-            break;
-        }
-    }
-    assert_eq!(got_up, up);
-    assert_eq!(got_down, down);
+    // Both ends hand on what arrives at once.
+    let got = p.drive_reading(&[exit, 0], sid);
+    assert_eq!(got[0], up);
+    assert_eq!(got[1], down);
     assert!(p.errors.iter().all(Option::is_none));
     assert_eq!(p.take_events(0), vec![]);
     assert_eq!(p.take_events(exit), vec![Event::Sent { stream: sid }]);
@@ -331,17 +338,8 @@ fn ending_a_stream_sends_its_unsent_bytes_first() {
     let now = p.now;
     assert!(!p.nodes[0].send(now, sid, &data).unwrap());
     p.nodes[0].end(sid, EndReason::DONE).unwrap();
-    let mut got = Vec::new();
-    for _ in 0..10_000 {
-        let more = p.step();
-        let (d, cells) = p.received(exit, sid);
-        got.extend_from_slice(&d);
-        p.nodes[exit].consumed(sid, cells).unwrap();
-        if !more {
-            break;
-        }
-    }
-    assert_eq!(got, data);
+    let got = p.drive_reading(&[exit], sid);
+    assert_eq!(got[0], data);
     assert_eq!(
         p.take_events(exit),
         vec![Event::End {
@@ -493,14 +491,7 @@ fn rtt_comes_from_circuit_sendmes_in_simulated_time() {
     let exit = p.exit();
     let now = p.now;
     p.nodes[exit].send(now, sid, &vec![0u8; 200 * 498]).unwrap();
-    for _ in 0..10_000 {
-        let more = p.step();
-        let (_, cells) = p.received(0, sid);
-        p.nodes[0].consumed(sid, cells).unwrap();
-        if !more {
-            break;
-        }
-    }
+    p.drive_reading(&[0], sid);
     // Three links each way, 20 ms each.
     let rtt = p.nodes[exit].rtt().expect("a SENDME came back");
     assert_eq!(rtt.min, delay * 6);
@@ -575,17 +566,8 @@ fn a_stream_ended_here_still_acknowledges_what_arrives() {
     assert!(!p.nodes[0].send(now, sid, &up).unwrap());
     p.nodes[0].end(sid, EndReason::DONE).unwrap();
     assert!(!p.nodes[exit].send(now, sid, &vec![4u8; 600 * 488]).unwrap());
-    let mut got = 0;
-    for _ in 0..10_000 {
-        let more = p.step();
-        let (d, cells) = p.received(exit, sid);
-        got += d.len();
-        p.nodes[exit].consumed(sid, cells).unwrap();
-        if !more {
-            break;
-        }
-    }
-    assert_eq!(got, up.len());
+    let got = p.drive_reading(&[exit], sid);
+    assert_eq!(got[0], up);
     assert_eq!(p.received(0, sid).1, 0, "dropped, not handed on");
     let ev = p.take_events(exit);
     assert!(ev.contains(&Event::Sent { stream: sid }), "{ev:?}");
