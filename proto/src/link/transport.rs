@@ -3,7 +3,7 @@
 //! After the handshake each direction has the key Noise's `Split()` gives
 //! it and a 64-bit message counter starting at 0; a message is
 //! AES-256-GCM under `(key, 0^4 | counter be)` with empty associated
-//! data (on `ring`, see [`crate::aead::whole`]), exactly as Noise's
+//! data (see [`crate::aead::whole`]), exactly as Noise's
 //! `CipherState` does it (the tests open our
 //! messages with snow's own transport). Doing it here rather than in snow
 //! lets a frame be decrypted where it was read and sealed where its cells
