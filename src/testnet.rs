@@ -211,6 +211,8 @@ pub fn plan(
             // Everything shares 127.0.0.1 here.
             requests_per_sec: 10_000,
             request_burst: 10_000,
+            max_connections: 16_384,
+            max_connections_per_addr: 16_384,
             // Short measurements, once per network's life in practice (a
             // benchmark is not disturbed by them).
             measure_ms: 50,

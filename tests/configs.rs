@@ -165,11 +165,16 @@ async fn separate_processes_run_the_network() {
     });
 
     let exe = env!("CARGO_BIN_EXE_allium");
+    // Each process logs to a file, shown if the network never answers.
+    let logs = d.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
     let spawn = |role: &str, cfg: &str| {
+        let log = std::fs::File::create(logs.join(cfg.replace('/', "-"))).unwrap();
         Command::new(exe)
             .args([role, "--config", &d.path().join(cfg).to_string_lossy()])
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap()
     };
@@ -189,10 +194,15 @@ async fn separate_processes_run_the_network() {
     // Ask until the client is bootstrapped (bounded).
     let start = Instant::now();
     let body = loop {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no answer through the network"
-        );
+        if start.elapsed() > Duration::from_secs(60) {
+            for e in std::fs::read_dir(&logs).unwrap().flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!("--- {:?}", e.file_name());
+                tail.iter().rev().for_each(|l| eprintln!("{l}"));
+            }
+            panic!("no answer through the network");
+        }
         let out = tokio::process::Command::new("curl")
             .args(["-s", "--max-time", "5", "--socks5-hostname", &socks])
             .arg(format!("http://localhost:{web_port}/"))

@@ -19,31 +19,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use allium_proto::doc::{
-    AuthSigned, CONSENSUS_DOMAIN, MAX_DESCRIPTOR_LEN, VOTE_DOMAIN, VerifiedDescriptor,
-};
+use allium_proto::doc::{AuthSigned, CONSENSUS_DOMAIN, VOTE_DOMAIN, VerifiedDescriptor};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{
     AuthorityKey, AuthoritySig, LinkKey, OnionKey, RelayFlags, RelayId, UnverifiedConsensus,
     UnverifiedDescriptor, short_id,
 };
-use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::keys::Signer;
+use crate::serve::{self, HttpLimits, RateLimiter, host_key};
 use crate::{AuthorityEntry, DirError, http, measure, reach, store, unix_now};
-
-/// At most this many relays are remembered; more uploads are refused.
-pub const MAX_RELAYS: usize = 10_000;
-/// Sources tracked by the rate limiter before it starts afresh.
-const MAX_TRACKED_SOURCES: usize = 10_000;
 
 /// `allium dirauth` configuration (TOML). See `examples/dirauth.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -62,6 +51,10 @@ pub struct AuthConfig {
     pub valid_intervals: u64,
     /// Descriptors older than this are dropped.
     pub descriptor_max_age_secs: u64,
+    /// Relays held at most. When the table is full, a new relay takes the
+    /// place of one that was tested and found unreachable; with none, it
+    /// is refused (Running relays keep their places).
+    pub max_relays: usize,
     /// Relay identities (hex) this authority refuses to list.
     pub reject: Vec<String>,
     /// Relay identities (hex) this authority votes BadExit.
@@ -76,6 +69,10 @@ pub struct AuthConfig {
     /// HTTP requests allowed per second from one address, and the burst.
     pub requests_per_sec: u32,
     pub request_burst: u32,
+    /// Open HTTP connections at most, in all and from one host (an IPv6
+    /// /64 counts as one host); more are closed at once.
+    pub max_connections: usize,
+    pub max_connections_per_addr: usize,
     /// Relays on one IP address voted Running at most (the ones Running
     /// longest); the others are listed without Running, Guard or Stable.
     pub max_relays_per_addr: usize,
@@ -98,6 +95,7 @@ impl Default for AuthConfig {
             interval_secs: 3600,
             valid_intervals: 3,
             descriptor_max_age_secs: 48 * 3600,
+            max_relays: 10_000,
             reject: vec![],
             bad_exits: vec![],
             guard_min_uptime_secs: 8 * 24 * 3600,
@@ -106,6 +104,8 @@ impl Default for AuthConfig {
             fast_min_bandwidth: 100_000,
             requests_per_sec: 20,
             request_burst: 200,
+            max_connections: 1024,
+            max_connections_per_addr: 16,
             max_relays_per_addr: 2,
             measure_ms: 1000,
             measure_max_bytes: 64 << 20,
@@ -126,7 +126,7 @@ struct Pending {
 }
 
 /// The votes for one period by authority: parsed and as received.
-type VotesOfPeriod = BTreeMap<[u8; 32], (Vote, Vec<u8>)>;
+type VotesOfPeriod = BTreeMap<[u8; 32], (Vote, Bytes)>;
 
 #[derive(Default)]
 struct AuthState {
@@ -140,9 +140,12 @@ struct AuthState {
     /// Votes by period, then by authority: parsed and as received.
     votes: BTreeMap<u64, VotesOfPeriod>,
     /// Our detached signature by period.
-    own_sigs: BTreeMap<u64, Vec<u8>>,
+    own_sigs: BTreeMap<u64, Bytes>,
     pending: Option<Pending>,
     consensus: Option<Bytes>,
+    /// The descriptor list as served, made on the first request after a
+    /// change.
+    descriptors_doc: Option<Bytes>,
 }
 
 /// A running authority's shared state.
@@ -154,7 +157,7 @@ pub struct Authority {
     rejected: Vec<[u8; 32]>,
     bad_exits: Vec<[u8; 32]>,
     state: Mutex<AuthState>,
-    limiter: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    limiter: Mutex<RateLimiter>,
 }
 
 fn parse_id(s: &str) -> Result<[u8; 32], DirError> {
@@ -164,7 +167,7 @@ fn parse_id(s: &str) -> Result<[u8; 32], DirError> {
         .ok_or_else(|| DirError::Config(format!("{s:?} is not a 64-digit hex relay identity")))
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -227,11 +230,12 @@ impl Authority {
                     st.votes
                         .entry(vote.valid_after)
                         .or_default()
-                        .insert(vote.authority, (vote, v));
+                        .insert(vote.authority, (vote, Bytes::from(v)));
                 }
             }
         }
         info!(descriptors = st.descriptors.len(), "authority state loaded");
+        let limiter = RateLimiter::new(cfg.requests_per_sec, cfg.request_burst, Instant::now());
         Ok(Authority {
             cfg,
             pinned,
@@ -240,7 +244,7 @@ impl Authority {
             rejected,
             bad_exits,
             state: Mutex::new(st),
-            limiter: Mutex::new(HashMap::new()),
+            limiter: Mutex::new(limiter),
         })
     }
 
@@ -260,10 +264,10 @@ impl Authority {
     }
 
     fn persist_votes(&self, st: &AuthState) {
-        let list: Vec<&Vec<u8>> = st
+        let list: Vec<&[u8]> = st
             .votes
             .values()
-            .flat_map(|m| m.values().map(|(_, b)| b))
+            .flat_map(|m| m.values().map(|(_, b)| b.as_ref()))
             .collect();
         if let Ok(b) = postcard::to_stdvec(&list)
             && let Err(e) = store::write_atomic(&self.cfg.data_dir.join("state/votes"), &b, 0o600)
@@ -299,20 +303,46 @@ impl Authority {
                     "descriptor rejected: not newer than the one held (replay?)".into(),
                 ));
             }
-            None if st.descriptors.len() >= MAX_RELAYS => {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "descriptor rejected: relay table full".into(),
-                ));
+            None if st.descriptors.len() >= self.cfg.max_relays.max(1) => {
+                let Some(out) = self.evictable(&st, now) else {
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "descriptor rejected: relay table full of reachable relays".into(),
+                    ));
+                };
+                debug!(id = %short_id(&out), "unreachable relay dropped to make room");
+                st.descriptors.remove(&out);
+                st.reach.remove(&out);
             }
             _ => {}
         }
         info!(relay = %v.desc.nickname, id = %short_id(&v.desc.identity), "descriptor accepted");
         st.descriptors.insert(v.desc.identity, v);
+        st.descriptors_doc = None;
         if let Err(e) = self.persist_descriptors(&st) {
             warn!("persisting descriptors: {e}");
         }
         Ok("accepted")
+    }
+
+    /// The relay to drop when the table is full: among those tested and not
+    /// reached in the last two rounds, the one unreachable longest (then
+    /// published earliest). Relays not tested yet and Running relays are
+    /// never dropped.
+    fn evictable(&self, st: &AuthState, now: u64) -> Option<[u8; 32]> {
+        st.descriptors
+            .values()
+            .filter_map(|d| {
+                let r = st.reach.get(&d.desc.identity)?;
+                let reached = r.ok_at.unwrap_or(0);
+                (reached + 2 * self.cfg.interval_secs < now).then_some((
+                    reached,
+                    d.desc.published,
+                    d.desc.identity,
+                ))
+            })
+            .min()
+            .map(|(_, _, id)| id)
     }
 
     /// The period a vote sent now should be for.
@@ -343,7 +373,7 @@ impl Authority {
         let mut st = lock(&self.state);
         let slot = st.votes.entry(v.valid_after).or_default();
         match slot.get(&v.authority) {
-            Some((_, old)) if old.as_slice() == body => return Ok("already known"),
+            Some((_, old)) if old.as_ref() == body => return Ok("already known"),
             Some(_) => {
                 return Err((
                     StatusCode::CONFLICT,
@@ -353,7 +383,7 @@ impl Authority {
             None => {}
         }
         debug!(from = %short_id(&v.authority), period = v.valid_after, "vote accepted");
-        slot.insert(v.authority, (v, body.to_vec()));
+        slot.insert(v.authority, (v, Bytes::copy_from_slice(body)));
         self.persist_votes(&st);
         Ok("accepted")
     }
@@ -565,15 +595,21 @@ impl Authority {
     pub fn make_vote(&self, valid_after: u64, now: u64) -> Vec<u8> {
         let mut st = lock(&self.state);
         let max_age = self.cfg.descriptor_max_age_secs;
+        let before = st.descriptors.len();
         st.descriptors
             .retain(|_, d| d.desc.published + max_age >= now);
+        if st.descriptors.len() != before {
+            st.descriptors_doc = None;
+        }
         let AuthState {
             descriptors,
             measured,
             measure_tried,
+            reach,
             ..
         } = &mut *st;
         measured.retain(|id, _| descriptors.contains_key(id));
+        reach.retain(|id, _| descriptors.contains_key(id));
         measure_tried.retain(|id, _| descriptors.contains_key(id));
         let mut relays: Vec<VoteRelay> = st
             .descriptors
@@ -610,7 +646,7 @@ impl Authority {
         st.votes
             .entry(valid_after)
             .or_default()
-            .insert(self.identity, (vote, bytes.clone()));
+            .insert(self.identity, (vote, Bytes::from(bytes.clone())));
         self.persist_votes(&st);
         bytes
     }
@@ -642,7 +678,7 @@ impl Authority {
                             .votes
                             .entry(valid_after)
                             .or_default()
-                            .insert(v.authority, (v, b));
+                            .insert(v.authority, (v, Bytes::from(b)));
                     }
                     Ok(_) => {
                         warn!(authority = %name, "fetched vote is for another period or author")
@@ -681,7 +717,8 @@ impl Authority {
         doc.add(sig);
         let mut st = lock(&self.state);
         st.pending = Some(Pending { valid_after, doc });
-        st.own_sigs.insert(valid_after, sig_bytes.clone());
+        st.own_sigs
+            .insert(valid_after, Bytes::from(sig_bytes.clone()));
         Some(sig_bytes)
     }
 
@@ -796,29 +833,35 @@ impl Authority {
         lock(&self.state).consensus.clone()
     }
 
-    fn descriptors_bytes(&self) -> Vec<u8> {
-        let st = lock(&self.state);
+    /// The descriptors held, as `GET /descriptors` serves them.
+    pub fn descriptors_bytes(&self) -> Bytes {
+        let mut st = lock(&self.state);
+        if let Some(b) = &st.descriptors_doc {
+            return b.clone();
+        }
         let list: Vec<&Vec<u8>> = st.descriptors.values().map(|d| &d.bytes).collect();
-        postcard::to_stdvec(&list).unwrap_or_default()
+        let b = Bytes::from(postcard::to_stdvec(&list).unwrap_or_default());
+        st.descriptors_doc = Some(b.clone());
+        b
     }
 
-    fn allow(&self, ip: IpAddr) -> bool {
-        let mut m = lock(&self.limiter);
-        if m.len() >= MAX_TRACKED_SOURCES && !m.contains_key(&ip) {
-            m.clear();
-        }
-        let now = Instant::now();
-        let burst = self.cfg.request_burst.max(1) as f64;
-        let e = m.entry(ip).or_insert((burst, now));
-        e.0 = (e.0 + now.duration_since(e.1).as_secs_f64() * self.cfg.requests_per_sec as f64)
-            .min(burst);
-        e.1 = now;
-        if e.0 >= 1.0 {
-            e.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Our own vote for the period starting at `va`.
+    pub fn own_vote(&self, va: u64) -> Option<Bytes> {
+        lock(&self.state)
+            .votes
+            .get(&va)
+            .and_then(|m| m.get(&self.identity))
+            .map(|(_, b)| b.clone())
+    }
+
+    /// Our detached consensus signature for the period starting at `va`.
+    pub fn own_signature(&self, va: u64) -> Option<Bytes> {
+        lock(&self.state).own_sigs.get(&va).cloned()
+    }
+
+    /// Whether `ip` may make another request now (the rate limiter).
+    pub(crate) fn allow(&self, ip: IpAddr) -> bool {
+        lock(&self.limiter).allow(ip, Instant::now())
     }
 
     /// Bind the listener and serve until an error.
@@ -832,20 +875,6 @@ impl Authority {
     /// Serve HTTP and vote on an already bound listener.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<(), DirError> {
         info!(addr = %self.cfg.listen, identity = %hex::encode(self.identity), "directory authority listening");
-        let app = Router::new()
-            .route("/descriptor", post(post_descriptor))
-            .route("/vote", post(post_vote))
-            .route("/vote/{va}", get(get_vote))
-            .route("/signature", post(post_signature))
-            .route("/signature/{va}", get(get_signature))
-            .route("/consensus", get(get_consensus))
-            .route("/descriptors", get(get_descriptors))
-            .layer(DefaultBodyLimit::max(allium_proto::doc::MAX_VOTE_LEN))
-            .layer(axum::middleware::from_fn_with_state(
-                self.clone(),
-                rate_limit,
-            ))
-            .with_state(self.clone());
         let sched = self.clone();
         let schedule = async move {
             let mut last = 0;
@@ -857,116 +886,16 @@ impl Authority {
                 last = va;
             }
         };
-        let svc = app.into_make_service_with_connect_info::<SocketAddr>();
         tokio::select! {
-            r = axum::serve(listener, svc) => r.map_err(|e| DirError::Config(format!("HTTP server: {e}"))),
+            r = serve::http(self.clone(), listener, HttpLimits::default()) => r,
             () = schedule => Ok(()),
             () = self.measure_loop() => Ok(()),
         }
     }
 }
 
-/// What counts as one host for the per-address limit.
-fn host_key(ip: IpAddr) -> IpAddr {
-    match allium_proto::policy::canonical(ip) {
-        IpAddr::V6(a) => {
-            let mut o = a.octets();
-            o[8..].fill(0);
-            IpAddr::V6(o.into())
-        }
-        v4 => v4,
-    }
-}
-
-async fn rate_limit(
-    State(a): State<Arc<Authority>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if !a.allow(peer.ip()) {
-        return (StatusCode::TOO_MANY_REQUESTS, "too many requests").into_response();
-    }
-    next.run(req).await
-}
-
-fn answer(
-    a: &Authority,
-    what: &str,
-    r: Result<&'static str, (StatusCode, String)>,
-) -> (StatusCode, String) {
-    match r {
-        Ok(s) => (StatusCode::OK, s.to_string()),
-        Err((code, why)) => {
-            warn!(authority = %a.cfg.nickname, "{what}: {why}");
-            (code, why)
-        }
-    }
-}
-
-async fn post_descriptor(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
-    if body.len() > MAX_DESCRIPTOR_LEN {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "descriptor rejected: too large".into(),
-        );
-    }
-    let r = a.accept_descriptor(&body, unix_now());
-    answer(&a, "descriptor", r)
-}
-
-async fn post_vote(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
-    let r = a.accept_vote(&body, unix_now());
-    answer(&a, "vote", r)
-}
-
-async fn post_signature(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
-    if body.len() > 4096 {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "signature rejected: too large".into(),
-        );
-    }
-    let r = a.accept_signature(&body, unix_now());
-    answer(&a, "signature", r)
-}
-
-async fn get_vote(
-    State(a): State<Arc<Authority>>,
-    Path(va): Path<u64>,
-) -> Result<Vec<u8>, (StatusCode, &'static str)> {
-    lock(&a.state)
-        .votes
-        .get(&va)
-        .and_then(|m| m.get(&a.identity))
-        .map(|(_, b)| b.clone())
-        .ok_or((StatusCode::NOT_FOUND, "no vote for that period"))
-}
-
-async fn get_signature(
-    State(a): State<Arc<Authority>>,
-    Path(va): Path<u64>,
-) -> Result<Vec<u8>, (StatusCode, &'static str)> {
-    lock(&a.state)
-        .own_sigs
-        .get(&va)
-        .cloned()
-        .ok_or((StatusCode::NOT_FOUND, "no signature for that period"))
-}
-
-async fn get_consensus(
-    State(a): State<Arc<Authority>>,
-) -> Result<Bytes, (StatusCode, &'static str)> {
-    a.consensus_bytes()
-        .ok_or((StatusCode::NOT_FOUND, "no consensus yet"))
-}
-
-async fn get_descriptors(State(a): State<Arc<Authority>>) -> Vec<u8> {
-    a.descriptors_bytes()
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use allium_proto::RelayDescriptor;
     use allium_proto::policy::ExitPolicy;
@@ -989,7 +918,7 @@ mod tests {
         .to_bytes()
     }
 
-    fn authority(dir: &std::path::Path) -> AuthConfig {
+    pub(crate) fn authority(dir: &std::path::Path) -> AuthConfig {
         let id = crate::keys::keygen(&dir.join("identity.key"), &dir.join("srv"), 1, unix_now())
             .unwrap();
         AuthConfig {
@@ -1111,27 +1040,45 @@ mod tests {
         assert_eq!(vote.relays.len(), 5, "the others are still listed");
     }
 
+    #[test]
+    fn a_full_table_keeps_reachable_relays_and_drops_unreachable_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Authority::new(AuthConfig {
+            max_relays: 3,
+            ..authority(d.path())
+        })
+        .unwrap();
+        let now = unix_now();
+        let key = |i: u8| SigningKey::from_bytes(&[i; 32]);
+        let id = |i: u8| key(i).verifying_key().to_bytes();
+        for i in 1..=3 {
+            a.accept_descriptor(&desc(&key(i), now), now).unwrap();
+        }
+        // Relays 1 and 2 were reached just now; 3 not tested yet.
+        for i in [1, 2] {
+            lock(&a.state).reach.entry(id(i)).or_default().ok_at = Some(now);
+        }
+        let refused = a.accept_descriptor(&desc(&key(4), now), now);
+        assert_eq!(refused.unwrap_err().0, StatusCode::SERVICE_UNAVAILABLE);
+        // Relay 3 is tested and found unreachable: a newcomer takes its place.
+        lock(&a.state).reach.entry(id(3)).or_default();
+        a.accept_descriptor(&desc(&key(4), now), now).unwrap();
+        let held: Vec<[u8; 32]> = lock(&a.state).descriptors.keys().copied().collect();
+        let mut want = vec![id(1), id(2), id(4)];
+        want.sort();
+        assert_eq!(held, want);
+        // Known relays still update their descriptors in a full table.
+        assert_eq!(
+            a.accept_descriptor(&desc(&key(1), now + 1), now + 1),
+            Ok("accepted")
+        );
+    }
+
     fn tokio_test_block<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
             .block_on(f)
-    }
-
-    #[test]
-    fn rate_limit_per_source() {
-        let d = tempfile::tempdir().unwrap();
-        let cfg = AuthConfig {
-            requests_per_sec: 1,
-            request_burst: 3,
-            ..authority(d.path())
-        };
-        let a = Authority::new(cfg).unwrap();
-        let ip: IpAddr = "127.0.0.9".parse().unwrap();
-        let other: IpAddr = "127.0.0.10".parse().unwrap();
-        assert!((0..3).all(|_| a.allow(ip)));
-        assert!(!a.allow(ip));
-        assert!(a.allow(other));
     }
 }

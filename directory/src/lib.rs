@@ -14,6 +14,7 @@ pub mod http;
 pub mod keys;
 pub mod measure;
 pub mod reach;
+pub mod serve;
 pub mod store;
 
 pub use auth::{AuthConfig, Authority};
