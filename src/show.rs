@@ -27,7 +27,8 @@ pub fn consensus_json(
                 "weight": r.bandwidth,
                 "declared_bandwidth": r.declared_bandwidth,
                 "measured_bandwidth": r.measured_bandwidth,
-                "exit_policy": r.exit_policy.to_strings(),
+                "exit_ports": r.exit_ports.to_string(),
+                "family": r.family.map(|f| hex::encode(c.relays[f as usize].identity)),
             })
         })
         .collect();

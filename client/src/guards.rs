@@ -153,7 +153,6 @@ impl GuardSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use allium_proto::policy::ExitPolicy;
 
     fn relay(i: u8) -> ConsensusRelay {
         ConsensusRelay {
@@ -166,8 +165,8 @@ mod tests {
             bandwidth: 1000,
             declared_bandwidth: 1000,
             measured_bandwidth: Some(1000),
-            exit_policy: ExitPolicy::reject_all(),
-            family: vec![],
+            exit_ports: Default::default(),
+            family: None,
             descriptor_digest: [0; 32],
         }
     }

@@ -19,11 +19,13 @@ pub enum ExitTarget<'a> {
     Addr(&'a TargetAddr, u16),
 }
 
+/// Does the consensus' summary of `r`'s exit policy accept the target's
+/// port? The exit applies its full policy (and refuses private addresses
+/// unless told otherwise) when the stream opens.
 pub fn exit_allows(r: &ConsensusRelay, t: &ExitTarget<'_>) -> bool {
     match t {
-        ExitTarget::Any => r.exit_policy.is_exit(),
-        ExitTarget::Addr(TargetAddr::Ip(ip), port) => r.exit_policy.allows(*ip, *port),
-        ExitTarget::Addr(TargetAddr::Host(_), port) => r.exit_policy.may_allow_port(*port),
+        ExitTarget::Any => r.exit_ports.is_exit(),
+        ExitTarget::Addr(_, port) => r.exit_ports.allows(*port),
     }
 }
 
@@ -43,7 +45,7 @@ fn subnet(r: &ConsensusRelay) -> (u8, [u8; 4]) {
 
 /// May `a` and `b` be in the same circuit?
 pub fn compatible(a: &ConsensusRelay, b: &ConsensusRelay) -> bool {
-    let family = a.family.contains(&b.identity) && b.family.contains(&a.identity);
+    let family = a.family.is_some() && a.family == b.family;
     a.identity != b.identity && subnet(a) != subnet(b) && !family
 }
 
@@ -191,7 +193,7 @@ pub fn sample_guards<R: Rng + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use allium_proto::policy::ExitPolicy;
+    use allium_proto::policy::{ExitPolicy, ExitPorts};
     use rand::SeedableRng;
 
     fn relay(i: u8, bw: u32, flags: u16, exit: bool) -> ConsensusRelay {
@@ -205,12 +207,14 @@ mod tests {
             bandwidth: bw,
             declared_bandwidth: bw,
             measured_bandwidth: Some(bw),
-            exit_policy: if exit {
-                ExitPolicy::parse_rules(&["reject *:25", "accept *:*"]).unwrap()
+            exit_ports: if exit {
+                ExitPolicy::parse_rules(&["reject *:25", "accept *:*"])
+                    .unwrap()
+                    .summary()
             } else {
-                ExitPolicy::reject_all()
+                ExitPorts::default()
             },
-            family: vec![],
+            family: None,
             descriptor_digest: [0; 32],
         }
     }
@@ -228,9 +232,9 @@ mod tests {
         // 6 and 7 share a /16 with 3 and 1; 2 and 5 are one family.
         relays[5].addr = "127.3.9.9:9000".parse().unwrap();
         relays[6].addr = "127.1.9.9:9000".parse().unwrap();
-        relays[1].family = vec![[5; 32]];
-        relays[4].family = vec![[2; 32]];
         relays.sort_by_key(|r| r.identity);
+        relays[1].family = Some(1);
+        relays[4].family = Some(1);
         Consensus {
             valid_after: 0,
             fresh_until: 0,
@@ -251,7 +255,7 @@ mod tests {
         for _ in 0..n {
             let p = choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 443), None).unwrap();
             assert!(p[0].flags.has(RelayFlags::GUARD), "seed {seed}");
-            assert!(p[2].flags.has(RelayFlags::EXIT) && p[2].exit_policy.may_allow_port(443));
+            assert!(p[2].flags.has(RelayFlags::EXIT) && p[2].exit_ports.allows(443));
             for (i, j) in [(0, 1), (1, 2), (0, 2)] {
                 assert!(
                     compatible(&p[i], &p[j]),

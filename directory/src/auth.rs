@@ -433,7 +433,8 @@ impl Authority {
         if running {
             f |= RelayFlags::RUNNING;
         }
-        if desc.exit_policy.may_allow_port(80) && desc.exit_policy.may_allow_port(443) {
+        let ports = desc.exit_policy.summary();
+        if ports.allows(80) && ports.allows(443) {
             f |= RelayFlags::EXIT;
         }
         let bw = measured.map(|m| m.min(desc.bandwidth));
@@ -898,16 +899,18 @@ impl Authority {
 pub(crate) mod tests {
     use super::*;
     use allium_proto::RelayDescriptor;
+    use allium_proto::ntor::OnionSecret;
     use allium_proto::policy::ExitPolicy;
     use ed25519_dalek::SigningKey;
 
     fn desc(k: &SigningKey, published: u64) -> Vec<u8> {
+        let onion = OnionSecret::new(x25519_dalek::StaticSecret::from([2; 32]));
         RelayDescriptor {
             nickname: "r1".into(),
             identity: k.verifying_key().to_bytes(),
             link_key: LinkKey([1; 32]),
-            onion_key: OnionKey([2; 32]),
-            prev_onion_key: None,
+            onion_key: onion.public(),
+            onion_crosscert: onion.crosscert(&k.verifying_key().to_bytes()),
             addr: "127.0.0.1:9".parse().unwrap(),
             bandwidth: 1000,
             exit_policy: ExitPolicy::default_exit(),

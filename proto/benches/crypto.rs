@@ -303,8 +303,8 @@ fn documents(c: &mut Criterion) {
                 bandwidth: 1000,
                 declared_bandwidth: 1000,
                 measured_bandwidth: Some(1000),
-                exit_policy: ExitPolicy::default_exit(),
-                family: vec![],
+                exit_ports: ExitPolicy::default_exit().summary(),
+                family: None,
                 descriptor_digest: [3; 32],
             }
         })

@@ -12,7 +12,8 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::policy::ExitPolicy;
+use crate::ntor::OnionCrossCert;
+use crate::policy::{ExitPolicy, ExitPorts};
 use crate::{Error, LinkKey, OnionKey};
 
 pub const DESCRIPTOR_DOMAIN: &[u8] = b"allium descriptor v1\0";
@@ -20,9 +21,16 @@ pub const CONSENSUS_DOMAIN: &[u8] = b"allium consensus v1\0";
 pub const CERT_DOMAIN: &[u8] = b"allium authority cert v1\0";
 pub const VOTE_DOMAIN: &[u8] = b"allium vote v1\0";
 pub const MAX_CERT_LEN: usize = 1024;
-pub const MAX_VOTE_LEN: usize = 32 * 1024 * 1024;
-pub const MAX_DESCRIPTOR_LEN: usize = 16 * 1024;
-pub const MAX_CONSENSUS_LEN: usize = 4 * 1024 * 1024;
+/// Relays a consensus lists at most (and a vote, and an authority's
+/// table by default).
+pub const MAX_CONSENSUS_RELAYS: usize = 10_000;
+/// Sizes chosen so that a vote or a consensus of [`MAX_CONSENSUS_RELAYS`]
+/// relays of the largest kind always fits (section 7; checked by a test):
+/// a descriptor's size is bounded as a whole, and the consensus carries
+/// fixed-size summaries of policies and families, not the lists.
+pub const MAX_DESCRIPTOR_LEN: usize = 4 * 1024;
+pub const MAX_VOTE_LEN: usize = 48 * 1024 * 1024;
+pub const MAX_CONSENSUS_LEN: usize = 6 * 1024 * 1024;
 pub const MAX_SIGNATURES: usize = 16;
 pub const MAX_FAMILY: usize = 64;
 pub const MAX_NICKNAME_LEN: usize = 19;
@@ -32,6 +40,12 @@ pub const MAX_CLOCK_SKEW: u64 = 3600;
 /// An Ed25519 signature (64 bytes) with a compact serde form.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Sig(pub [u8; 64]);
+
+impl std::fmt::Debug for Sig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sig({})", hex::encode(self.0))
+    }
+}
 
 impl Serialize for Sig {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -159,8 +173,8 @@ pub struct RelayDescriptor {
     pub link_key: LinkKey,
     /// Current X25519 onion key for the circuit handshake.
     pub onion_key: OnionKey,
-    /// The previous onion key, still answered during the overlap.
-    pub prev_onion_key: Option<OnionKey>,
+    /// Proof that the relay holds `onion_key`'s secret.
+    pub onion_crosscert: OnionCrossCert,
     pub addr: SocketAddr,
     /// Declared bandwidth, bytes per second.
     pub bandwidth: u32,
@@ -270,6 +284,11 @@ impl UnverifiedDescriptor {
         if d.addr.port() == 0 {
             return Err(Error::malformed("descriptor", "port 0"));
         }
+        if !d.onion_crosscert.check(&d.identity, &d.onion_key) {
+            return Err(Error::BadSignature(
+                "descriptor (onion-key cross-certificate: the relay does not prove it holds its onion key)",
+            ));
+        }
         d.exit_policy.check()?;
         let digest = self.doc.digest();
         let bytes = self.doc.to_bytes();
@@ -330,8 +349,12 @@ pub struct ConsensusRelay {
     pub declared_bandwidth: u32,
     /// The median of the authorities' measurements, once a majority has one.
     pub measured_bandwidth: Option<u32>,
-    pub exit_policy: ExitPolicy,
-    pub family: Vec<[u8; 32]>,
+    /// The ports its exit policy accepts for any public address.
+    pub exit_ports: ExitPorts,
+    /// Relays with the same number are one family (they declared each
+    /// other, directly or through other members): the index in
+    /// [`Consensus::relays`] of the family's first member.
+    pub family: Option<u32>,
     pub descriptor_digest: [u8; 32],
 }
 
@@ -546,15 +569,28 @@ impl UnverifiedConsensus {
     pub fn parse(b: &[u8]) -> Result<Self, Error> {
         let doc = AuthSigned::parse("consensus", b, MAX_CONSENSUS_LEN)?;
         let consensus: Consensus = decode_exact("consensus body", &doc.body)?;
-        if !consensus
-            .relays
-            .windows(2)
-            .all(|w| w[0].identity < w[1].identity)
-        {
+        let relays = &consensus.relays;
+        if relays.len() > MAX_CONSENSUS_RELAYS {
+            return Err(Error::TooLarge {
+                what: "consensus relays",
+                len: relays.len(),
+                max: MAX_CONSENSUS_RELAYS,
+            });
+        }
+        if !relays.windows(2).all(|w| w[0].identity < w[1].identity) {
             return Err(Error::malformed(
                 "consensus",
                 "relays not sorted by identity or repeated",
             ));
+        }
+        for (i, r) in relays.iter().enumerate() {
+            r.exit_ports.check()?;
+            if r.family.is_some_and(|f| f as usize > i) {
+                return Err(Error::malformed(
+                    "consensus",
+                    "a family must be named by its first member",
+                ));
+            }
         }
         Ok(UnverifiedConsensus { doc, consensus })
     }
@@ -629,19 +665,22 @@ impl UnverifiedConsensus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::ExitPolicy;
+    use crate::ntor::OnionSecret;
+    use crate::policy::{ExitPolicy, MAX_PORT_RANGES};
+    use crate::vote::{Vote, VoteRelay};
 
     pub(crate) fn key(b: u8) -> SigningKey {
         SigningKey::from_bytes(&[b; 32])
     }
 
     pub(crate) fn desc(id: &SigningKey, published: u64) -> RelayDescriptor {
+        let onion = OnionSecret::new(x25519_dalek::StaticSecret::from([2; 32]));
         RelayDescriptor {
             nickname: "relay1".into(),
             identity: id.verifying_key().to_bytes(),
             link_key: LinkKey([1; 32]),
-            onion_key: OnionKey([2; 32]),
-            prev_onion_key: None,
+            onion_key: onion.public(),
+            onion_crosscert: onion.crosscert(&id.verifying_key().to_bytes()),
             addr: "127.0.0.1:9001".parse().unwrap(),
             bandwidth: 1_000_000,
             exit_policy: ExitPolicy::default_exit(),
@@ -704,6 +743,103 @@ mod tests {
             UnverifiedDescriptor::parse(&big.sign(&k).to_bytes()),
             Err(Error::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn onion_keys_are_cross_certified() {
+        let k = key(1);
+        let now = 1_800_000_000;
+        let ok = |d: &RelayDescriptor| {
+            UnverifiedDescriptor::parse(&d.sign(&k).to_bytes())
+                .and_then(|u| u.verify(now, 3600))
+                .is_ok()
+        };
+        assert!(ok(&desc(&k, now)));
+        // Another relay's onion key, with that relay's proof.
+        let other = OnionSecret::new(x25519_dalek::StaticSecret::from([7; 32]));
+        let mut stolen = desc(&k, now);
+        stolen.onion_key = other.public();
+        stolen.onion_crosscert = other.crosscert(&key(2).verifying_key().to_bytes());
+        assert!(!ok(&stolen), "a proof made for another identity");
+        // A key whose secret is unknown, with our own key's proof.
+        let mut claimed = desc(&k, now);
+        claimed.onion_key = other.public();
+        assert!(!ok(&claimed), "the proof of a different onion key");
+        let mut flipped = desc(&k, now);
+        flipped.onion_crosscert.sign ^= 1;
+        assert!(
+            !ok(&flipped),
+            "the other point with the same Montgomery form"
+        );
+    }
+
+    #[test]
+    fn the_largest_vote_and_consensus_fit_their_limits() {
+        // The largest entry: longest nickname, an IPv6 address, the largest
+        // numbers, a full port summary and a family.
+        let worst = ConsensusRelay {
+            nickname: "x".repeat(MAX_NICKNAME_LEN),
+            identity: [0xff; 32],
+            link_key: LinkKey([0xff; 32]),
+            onion_key: OnionKey([0xff; 32]),
+            addr: "[ffff::ffff]:65535".parse().unwrap(),
+            flags: RelayFlags(u16::MAX),
+            bandwidth: u32::MAX,
+            declared_bandwidth: u32::MAX,
+            measured_bandwidth: Some(u32::MAX),
+            exit_ports: ExitPorts(
+                (0..MAX_PORT_RANGES as u16)
+                    .map(|i| (40_000 + 3 * i, 40_001 + 3 * i))
+                    .collect(),
+            ),
+            family: Some(u32::MAX),
+            descriptor_digest: [0xff; 32],
+        };
+        assert_eq!(
+            encode(&worst).len(),
+            578,
+            "as doc/protocol.md section 7 says"
+        );
+        let sig = AuthoritySig {
+            cert: vec![0xff; MAX_CERT_LEN],
+            sig: Sig([0xff; 64]),
+        };
+        let c = Consensus {
+            valid_after: u64::MAX,
+            fresh_until: u64::MAX,
+            valid_until: u64::MAX,
+            relays: vec![worst; MAX_CONSENSUS_RELAYS],
+            weights: PositionWeights {
+                exit_elsewhere: u32::MAX,
+                guard_as_middle: u32::MAX,
+            },
+        };
+        let mut doc = c.to_document();
+        doc.signatures = vec![sig.clone(); MAX_SIGNATURES];
+        let len = doc.to_bytes().len();
+        assert!(len <= MAX_CONSENSUS_LEN, "consensus {len} bytes");
+        // A vote carries every descriptor whole.
+        let v = Vote {
+            authority: [0xff; 32],
+            valid_after: u64::MAX,
+            interval: u64::MAX,
+            valid_intervals: u64::MAX,
+            relays: vec![
+                VoteRelay {
+                    identity: [0xff; 32],
+                    digest: [0xff; 32],
+                    descriptor: vec![0xff; MAX_DESCRIPTOR_LEN],
+                    flags: RelayFlags(u16::MAX),
+                    bandwidth: u32::MAX,
+                    measured: Some(u32::MAX),
+                };
+                MAX_CONSENSUS_RELAYS
+            ],
+        };
+        let mut doc = v.to_document();
+        doc.signatures = vec![sig];
+        let len = doc.to_bytes().len();
+        assert!(len <= MAX_VOTE_LEN, "vote {len} bytes");
     }
 
     fn consensus(now: u64) -> Consensus {

@@ -13,13 +13,19 @@
 //! from the consensus. Only the relay holding `b` can compute AUTH; the
 //! client stays anonymous.
 
+use curve25519_dalek::montgomery::MontgomeryPoint;
+use curve25519_dalek::scalar::{Scalar, clamp_integer};
+use ed25519_dalek::hazmat::{ExpandedSecretKey, raw_sign};
+use ed25519_dalek::{Signature, VerifyingKey};
 use hkdf::Hkdf;
 use rand_core::CryptoRng;
-use sha2::Sha256;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256, Sha512};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use crate::aead::ct_eq;
+use crate::doc::Sig;
 use crate::onion::HopKeys;
 use crate::wire::Reader;
 use crate::{Error, OnionKey};
@@ -112,6 +118,67 @@ impl OnionSecret {
     }
     pub fn secret(&self) -> &StaticSecret {
         &self.secret
+    }
+
+    /// Prove that the holder of this onion key also holds `identity`'s
+    /// descriptor: sign [`OnionCrossCert::message`] with the Ed25519 key
+    /// that has the onion key's own secret scalar (as Tor's
+    /// ntor-onion-key-crosscert).
+    pub fn crosscert(&self, identity: &[u8; 32]) -> OnionCrossCert {
+        let x = Zeroizing::new(self.secret.to_bytes());
+        let mut h = Sha512::new();
+        h.update(CROSSCERT_NONCE_DOMAIN);
+        h.update(x.as_slice());
+        let wide = Zeroizing::new(<[u8; 64]>::from(h.finalize()));
+        let mut hash_prefix = [0u8; 32];
+        hash_prefix.copy_from_slice(&wide[32..]);
+        let esk = ExpandedSecretKey {
+            scalar: Scalar::from_bytes_mod_order(clamp_integer(*x)),
+            hash_prefix,
+        };
+        let vk = VerifyingKey::from(&esk);
+        let sig = raw_sign::<Sha512>(&esk, &OnionCrossCert::message(identity, &self.public), &vk);
+        OnionCrossCert {
+            sign: vk.as_bytes()[31] >> 7,
+            sig: Sig(sig.to_bytes()),
+        }
+    }
+}
+
+/// Domain of the message an onion key's cross-certificate signs.
+pub const CROSSCERT_DOMAIN: &[u8] = b"allium onion key crosscert v1\0";
+/// Domain of the hash that gives the cross-certificate's nonce prefix.
+const CROSSCERT_NONCE_DOMAIN: &[u8] = b"allium onion key crosscert nonce v1\0";
+
+/// A descriptor's proof that the relay holds its onion key's secret
+/// (doc/protocol.md section 6): an Ed25519 signature by the point whose
+/// Montgomery form is the onion key, `sign` giving the sign of its `x`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnionCrossCert {
+    pub sign: u8,
+    pub sig: Sig,
+}
+
+impl OnionCrossCert {
+    /// `CROSSCERT_DOMAIN | identity | onion_key`.
+    pub fn message(identity: &[u8; 32], onion_key: &OnionKey) -> Vec<u8> {
+        [CROSSCERT_DOMAIN, identity, &onion_key.0].concat()
+    }
+
+    /// Does it prove `onion_key` belongs with `identity`?
+    pub fn check(&self, identity: &[u8; 32], onion_key: &OnionKey) -> bool {
+        if self.sign > 1 {
+            return false;
+        }
+        let Some(point) = MontgomeryPoint(onion_key.0).to_edwards(self.sign) else {
+            return false;
+        };
+        VerifyingKey::from(point)
+            .verify_strict(
+                &Self::message(identity, onion_key),
+                &Signature::from_bytes(&self.sig.0),
+            )
+            .is_ok()
     }
 }
 

@@ -55,6 +55,72 @@ pub const DEFAULT_REJECTED_PORTS: &[(u16, u16)] = &[
 
 pub const MAX_RULES: usize = 256;
 
+/// Port ranges an [`ExitPorts`] summary holds at most (section 7).
+pub const MAX_PORT_RANGES: usize = 64;
+
+/// What the consensus says of an exit policy (as Tor's microdescriptor `p`
+/// line): the ports on which the exit accepts connections to public
+/// addresses in general, as sorted, disjoint, non-adjacent ranges. Rules
+/// for particular addresses or for private addresses do not count, so a
+/// port listed here is one a client may ask for by hostname; the exit
+/// still applies its full policy (from its descriptor) to each stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitPorts(pub Vec<(u16, u16)>);
+
+impl ExitPorts {
+    /// Does the summary accept `port`?
+    pub fn allows(&self, port: u16) -> bool {
+        let i = self.0.partition_point(|&(_, hi)| hi < port);
+        self.0.get(i).is_some_and(|&(lo, _)| lo <= port)
+    }
+
+    /// Does it accept any port at all?
+    pub fn is_exit(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// Check what a consensus carries: at most [`MAX_PORT_RANGES`] ranges,
+    /// each non-empty, from port 1, sorted, apart.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.0.len() > MAX_PORT_RANGES {
+            return Err(Error::TooLarge {
+                what: "exit port summary",
+                len: self.0.len(),
+                max: MAX_PORT_RANGES,
+            });
+        }
+        let ordered = self.0.iter().all(|&(lo, hi)| 1 <= lo && lo <= hi)
+            && self.0.windows(2).all(|w| w[0].1 < w[1].0.saturating_sub(1));
+        if !ordered {
+            return Err(Error::malformed(
+                "exit port summary",
+                "ranges must be sorted, apart and within 1-65535",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for ExitPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|&(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
 /// Addresses an exit must not reach by default: loopback, RFC 1918,
 /// link-local, CGNAT, unspecified, broadcast and multicast; for IPv6 also
 /// unique-local, site-local (`fec0::/10`), the local-use NAT64 prefix
@@ -247,6 +313,43 @@ impl ExitPolicy {
         false
     }
 
+    /// The summary the consensus carries: the ports where the first rule
+    /// that concerns every address (`*`) accepts. With more than
+    /// [`MAX_PORT_RANGES`] ranges, ranges are left out (never added): the
+    /// narrowest first, ranges holding a port below 1024 last.
+    pub fn summary(&self) -> ExitPorts {
+        // Rule boundaries split 1..=65535 into spans that every rule
+        // treats alike.
+        let mut cuts: Vec<u32> = vec![1, 65536];
+        for r in self.rules.iter().filter(|r| r.addr == AddrPattern::Any) {
+            cuts.push(u32::from(r.port_lo));
+            cuts.push(u32::from(r.port_hi) + 1);
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut ranges: Vec<(u16, u16)> = Vec::new();
+        for w in cuts.windows(2) {
+            let (lo, hi) = (w[0] as u16, (w[1] - 1) as u16);
+            let accepted = self
+                .rules
+                .iter()
+                .find(|r| r.addr == AddrPattern::Any && r.port_matches(lo))
+                .is_some_and(|r| r.action == Action::Accept);
+            match ranges.last_mut() {
+                Some(last) if accepted && u32::from(last.1) + 1 == u32::from(lo) => last.1 = hi,
+                _ if accepted => ranges.push((lo, hi)),
+                _ => {}
+            }
+        }
+        if ranges.len() > MAX_PORT_RANGES {
+            let mut keep: Vec<(u16, u16)> = ranges.clone();
+            keep.sort_by_key(|&(lo, hi)| std::cmp::Reverse((lo < 1024, hi - lo)));
+            keep.truncate(MAX_PORT_RANGES);
+            ranges.retain(|r| keep.contains(r));
+        }
+        ExitPorts(ranges)
+    }
+
     /// Does it allow anything at all?
     pub fn is_exit(&self) -> bool {
         self.rules.iter().any(|r| r.action == Action::Accept)
@@ -380,6 +483,68 @@ mod tests {
         assert!(p.may_allow_port(443));
         assert!(!p.may_allow_port(25));
         assert!(!ExitPolicy::reject_all().is_exit());
+    }
+
+    #[test]
+    fn summaries_list_ports_open_to_any_address() {
+        let s = ExitPolicy::default_exit().summary();
+        assert_eq!(
+            s.to_string(),
+            "1-24,26-118,120-134,140-444,446-562,564-1213,1215-4660,4667-6345,6430-6698,6700-6880,7000-65535"
+        );
+        assert!(s.allows(443) && s.allows(1) && s.allows(65535));
+        assert!(!s.allows(25) && !s.allows(6881) && !s.allows(0));
+        s.check().unwrap();
+        // Rules for some addresses do not open (or close) a port.
+        let p = ExitPolicy::parse_rules(&[
+            "accept 192.0.2.1:*",
+            "reject 10.0.0.0/8:443",
+            "accept *:443",
+            "accept *:80",
+            "accept *:81",
+            "reject *:*",
+        ])
+        .unwrap();
+        assert_eq!(p.summary(), ExitPorts(vec![(80, 81), (443, 443)]));
+        assert!(!ExitPolicy::reject_all().summary().is_exit());
+        // The testnet's exits accept loopback before rejecting private
+        // addresses: every port but the rejected ones is open.
+        let t = ExitPolicy::parse_rules(&[
+            "reject *:25",
+            "accept 127.0.0.0/8:*",
+            "reject private:*",
+            "accept *:*",
+        ])
+        .unwrap();
+        assert_eq!(t.summary(), ExitPorts(vec![(1, 24), (26, 65535)]));
+    }
+
+    #[test]
+    fn long_summaries_drop_narrow_high_ranges_first() {
+        // 40 single ports below 1024, 100 above, and one wide range.
+        let lines: Vec<String> = (0..40u16)
+            .map(|i| format!("accept *:{}", 2 + 2 * i))
+            .chain((0..100u16).map(|i| format!("accept *:{}", 2000 + 2 * i)))
+            .chain(["accept *:30000-40000".to_string(), "reject *:*".to_string()])
+            .collect();
+        let s = ExitPolicy::parse_rules(&lines).unwrap().summary();
+        assert_eq!(s.0.len(), MAX_PORT_RANGES);
+        s.check().unwrap();
+        assert!(s.allows(2) && s.allows(80) && s.allows(30000));
+        let high = (2000..2200).filter(|&p| s.allows(p)).count();
+        assert_eq!(
+            high,
+            MAX_PORT_RANGES - 41,
+            "narrow high ranges are dropped first"
+        );
+        // Never more than the policy accepts.
+        assert!(!s.allows(3));
+        let bad = ExitPorts(vec![(80, 90), (85, 100)]);
+        assert!(bad.check().is_err());
+        assert!(
+            ExitPorts(vec![(1, 5), (6, 9)]).check().is_err(),
+            "adjacent ranges are one"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::doc::PositionWeights;
-use crate::doc::{AuthSigned, AuthorityKey, MAX_VOTE_LEN, VOTE_DOMAIN};
+use crate::doc::{AuthSigned, AuthorityKey, MAX_CONSENSUS_RELAYS, MAX_VOTE_LEN, VOTE_DOMAIN};
 use crate::{Consensus, ConsensusRelay, Error, RelayFlags, UnverifiedDescriptor};
 
 /// One relay as one authority sees it.
@@ -72,6 +72,13 @@ impl Vote {
                 "relays not sorted by identity or repeated",
             ));
         }
+        if v.relays.len() > MAX_CONSENSUS_RELAYS {
+            return Err(Error::TooLarge {
+                what: "vote relays",
+                len: v.relays.len(),
+                max: MAX_CONSENSUS_RELAYS,
+            });
+        }
         if v.interval == 0 || v.valid_intervals == 0 {
             return Err(Error::malformed("vote", "zero interval"));
         }
@@ -98,6 +105,43 @@ fn low_median(mut v: Vec<u64>) -> u64 {
     v[(v.len() - 1) / 2]
 }
 
+/// Number each family: two listed relays that each declare the other are
+/// in one family, and so is anything joined through a chain of such
+/// pairs. A family is named by the index of its first member; a relay
+/// in no pair has none.
+fn assign_families(relays: &mut [ConsensusRelay], declared: &BTreeMap<[u8; 32], Vec<[u8; 32]>>) {
+    let index: BTreeMap<[u8; 32], usize> = relays
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.identity, i))
+        .collect();
+    // Union-find over the indices, the root always the smallest.
+    let mut parent: Vec<usize> = (0..relays.len()).collect();
+    fn root(p: &mut [usize], mut i: usize) -> usize {
+        while p[i] != i {
+            p[i] = p[p[i]];
+            i = p[i];
+        }
+        i
+    }
+    for (i, r) in relays.iter().enumerate() {
+        for other in declared.get(&r.identity).into_iter().flatten() {
+            let Some(&j) = index.get(other) else { continue };
+            let mutual = declared.get(other).is_some_and(|l| l.contains(&r.identity));
+            if mutual && i != j {
+                let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                parent[a.max(b)] = a.min(b);
+            }
+        }
+    }
+    let roots: Vec<usize> = (0..relays.len()).map(|i| root(&mut parent, i)).collect();
+    let mut size = vec![0usize; relays.len()];
+    roots.iter().for_each(|&r| size[r] += 1);
+    for (i, r) in relays.iter_mut().enumerate() {
+        r.family = (size[roots[i]] > 1).then_some(roots[i] as u32);
+    }
+}
+
 /// The consensus of `votes`, which must all be for the same `valid_after`
 /// and come from distinct authorities. Rules:
 ///
@@ -108,6 +152,10 @@ fn low_median(mut v: Vec<u64>) -> u64 {
 ///   votes that have one, at most the declared bandwidth, if more than half
 ///   of all votes have one; otherwise it is [`UNMEASURED_WEIGHT`] and the
 ///   relay is neither Guard nor Fast;
+/// * its exit policy is summarized ([`crate::policy::ExitPolicy::summary`])
+///   and its family numbered ([`assign_families`]);
+/// * with more than [`MAX_CONSENSUS_RELAYS`], the Running ones are kept
+///   first, then the heaviest, then the lowest identities;
 /// * `interval` and `valid_intervals` are the low medians over all votes;
 ///   `fresh_until = valid_after + interval`,
 ///   `valid_until = valid_after + interval * valid_intervals`.
@@ -128,6 +176,7 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
     }
     let n = votes.len();
     let mut relays = Vec::new();
+    let mut declared_family: BTreeMap<[u8; 32], Vec<[u8; 32]>> = BTreeMap::new();
     for (id, entries) in by_relay {
         let mut counts: BTreeMap<[u8; 32], usize> = BTreeMap::new();
         for e in &entries {
@@ -162,6 +211,7 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
             flags &= !(RelayFlags::GUARD | RelayFlags::FAST);
             (UNMEASURED_WEIGHT.min(declared), None)
         };
+        declared_family.insert(id, desc.family);
         relays.push(ConsensusRelay {
             nickname: desc.nickname,
             identity: id,
@@ -172,11 +222,24 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
             bandwidth,
             declared_bandwidth: declared,
             measured_bandwidth: measured,
-            exit_policy: desc.exit_policy,
-            family: desc.family,
+            exit_ports: desc.exit_policy.summary(),
+            family: None,
             descriptor_digest: digest,
         });
     }
+    if relays.len() > MAX_CONSENSUS_RELAYS {
+        // Keep the Running relays first, then the heaviest.
+        relays.sort_by_key(|r| {
+            (
+                !r.flags.has(RelayFlags::RUNNING),
+                std::cmp::Reverse(r.bandwidth),
+                r.identity,
+            )
+        });
+        relays.truncate(MAX_CONSENSUS_RELAYS);
+        relays.sort_by_key(|r| r.identity);
+    }
+    assign_families(&mut relays, &declared_family);
     let interval = low_median(votes.iter().map(|v| v.interval).collect());
     let valid_intervals = low_median(votes.iter().map(|v| v.valid_intervals).collect());
     let va = first.valid_after;
@@ -193,8 +256,9 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
 mod tests {
     use super::*;
     use crate::doc::{AuthorityCert, AuthoritySig};
+    use crate::ntor::OnionSecret;
     use crate::policy::ExitPolicy;
-    use crate::{LinkKey, OnionKey, RelayDescriptor};
+    use crate::{LinkKey, RelayDescriptor};
     use ed25519_dalek::SigningKey;
     use sha2::{Digest, Sha256};
 
@@ -211,17 +275,33 @@ mod tests {
         measured: Option<u32>,
         declared: u32,
     ) -> VoteRelay {
+        relay_with_family(i, published, flags, measured, declared, &[])
+    }
+
+    fn id(i: u8) -> [u8; 32] {
+        SigningKey::from_bytes(&[i; 32]).verifying_key().to_bytes()
+    }
+
+    fn relay_with_family(
+        i: u8,
+        published: u64,
+        flags: u16,
+        measured: Option<u32>,
+        declared: u32,
+        family: &[u8],
+    ) -> VoteRelay {
         let k = SigningKey::from_bytes(&[i; 32]);
+        let onion = OnionSecret::new(x25519_dalek::StaticSecret::from([i; 32]));
         let d = RelayDescriptor {
             nickname: format!("r{i}"),
             identity: k.verifying_key().to_bytes(),
             link_key: LinkKey([1; 32]),
-            onion_key: OnionKey([2; 32]),
-            prev_onion_key: None,
+            onion_key: onion.public(),
+            onion_crosscert: onion.crosscert(&k.verifying_key().to_bytes()),
             addr: "127.0.0.1:9001".parse().unwrap(),
             bandwidth: declared,
             exit_policy: ExitPolicy::reject_all(),
-            family: vec![],
+            family: family.iter().map(|&f| id(f)).collect(),
             published,
         }
         .sign(&k);
@@ -328,6 +408,35 @@ mod tests {
         assert!(!u.flags.has(RelayFlags::GUARD));
         assert!(!u.flags.has(RelayFlags::FAST));
         assert!(l.flags.has(RelayFlags::GUARD));
+    }
+
+    #[test]
+    fn families_need_both_sides_and_are_named_by_their_first_member() {
+        // 30 and 31 declare each other, 31 and 32 too (so 30-32 are one
+        // family); 33 claims 30, which does not answer; 34 declares
+        // itself only.
+        let fam = |i: u8, f: &[u8]| relay_with_family(i, 5, RV, Some(10), 10, f);
+        let relays = || {
+            vec![
+                fam(30, &[31]),
+                fam(31, &[30, 32]),
+                fam(32, &[31]),
+                fam(33, &[30]),
+                fam(34, &[34]),
+            ]
+        };
+        let votes: Vec<Vote> = (1..=3).map(|a| vote(a, relays())).collect();
+        let c = compute_consensus(&votes).unwrap();
+        let f = |i: u8| c.relay(&id(i)).unwrap().family;
+        let first = (30..=32)
+            .map(|i| c.relays.iter().position(|r| r.identity == id(i)).unwrap())
+            .min()
+            .unwrap() as u32;
+        assert_eq!([f(30), f(31), f(32)], [Some(first); 3]);
+        assert_eq!((f(33), f(34)), (None, None));
+        // What a client parses back holds.
+        let doc = c.to_document().to_bytes();
+        assert_eq!(*crate::UnverifiedConsensus::parse(&doc).unwrap().peek(), c);
     }
 
     #[test]

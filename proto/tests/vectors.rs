@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 
 use allium_proto::cell::{self, Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::doc::{CONSENSUS_DOMAIN, SignedDocument, VOTE_DOMAIN};
-use allium_proto::ntor::{self, OnionKeys};
+use allium_proto::ntor::{self, OnionKeys, OnionSecret};
 use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
 use allium_proto::policy::ExitPolicy;
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
-use allium_proto::{AuthorityCert, AuthoritySig, LinkKey, OnionKey};
+use allium_proto::{AuthorityCert, AuthoritySig, LinkKey};
 use allium_proto::{
     Consensus, ConsensusRelay, RelayDescriptor, RelayFlags, UnverifiedConsensus,
     UnverifiedDescriptor,
@@ -180,12 +180,20 @@ fn compute() -> BTreeMap<String, String> {
 
     // Documents.
     let relay_key = SigningKey::from_bytes(&[0x31; 32]);
+    // The onion key (secret 0x33...) and its cross-certificate.
+    let onion = OnionSecret::new(StaticSecret::from([0x33; 32]));
+    let crosscert = onion.crosscert(&relay_key.verifying_key().to_bytes());
+    put("doc.onion_key", &onion.public().0);
+    put(
+        "doc.onion_crosscert",
+        &[&[crosscert.sign][..], &crosscert.sig.0].concat(),
+    );
     let desc = RelayDescriptor {
         nickname: "vector".into(),
         identity: relay_key.verifying_key().to_bytes(),
         link_key: LinkKey([0x32; 32]),
-        onion_key: OnionKey([0x33; 32]),
-        prev_onion_key: None,
+        onion_key: onion.public(),
+        onion_crosscert: crosscert,
         addr: "127.0.0.1:9001".parse().unwrap(),
         bandwidth: 1_000_000,
         exit_policy: ExitPolicy::parse_rules(&["accept *:443", "reject *:*"]).unwrap(),
@@ -220,8 +228,8 @@ fn compute() -> BTreeMap<String, String> {
             bandwidth: 800_000,
             declared_bandwidth: 1_000_000,
             measured_bandwidth: Some(800_000),
-            exit_policy: desc.exit_policy.clone(),
-            family: vec![],
+            exit_ports: desc.exit_policy.summary(),
+            family: None,
             descriptor_digest: Sha256::digest(&desc.sign(&relay_key).body).into(),
         }],
         // One Running exit, all the weight: (3E - T) / 3E = 2/3.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use allium_directory::{http, unix_now};
+use allium_proto::doc::MAX_DESCRIPTOR_LEN;
 use allium_proto::policy::ExitPolicy;
 use allium_proto::{LinkKey, RelayDescriptor, RelayId, SignedDocument};
 use hickory_resolver::TokioResolver;
@@ -171,7 +172,9 @@ impl Relay {
                 .filter(|ip| !ip.is_unspecified())
                 .collect(),
         });
-        Ok(Relay { cfg, keys, ctx })
+        let relay = Relay { cfg, keys, ctx };
+        relay.descriptor(unix_now())?;
+        Ok(relay)
     }
 
     pub fn identity(&self) -> [u8; 32] {
@@ -191,7 +194,8 @@ impl Relay {
         &self.cfg.nickname
     }
 
-    /// The signed descriptor for `now`.
+    /// The signed descriptor for `now`; an error if it is too large for
+    /// the authorities to take.
     pub fn descriptor(&self, now: u64) -> Result<SignedDocument, RelayError> {
         let onion = self.ctx.onion.read().unwrap_or_else(|p| p.into_inner());
         let d = RelayDescriptor {
@@ -199,14 +203,21 @@ impl Relay {
             identity: self.ctx.identity_pub,
             link_key: self.ctx.link.link_pub(),
             onion_key: onion.current.public(),
-            prev_onion_key: onion.previous.as_ref().map(|k| k.public()),
+            onion_crosscert: onion.current.crosscert(&self.ctx.identity_pub),
             addr: self.cfg.advertised()?,
             bandwidth: self.cfg.declared_bandwidth(),
             exit_policy: self.ctx.policy.clone(),
             family: self.cfg.family_ids()?,
             published: now,
         };
-        Ok(d.sign(&self.ctx.link.identity))
+        let doc = d.sign(&self.ctx.link.identity);
+        let len = doc.to_bytes().len();
+        if len > MAX_DESCRIPTOR_LEN {
+            return Err(RelayError::Config(format!(
+                "the descriptor would be {len} bytes, over the authorities' limit of {MAX_DESCRIPTOR_LEN}: shorten exit_policy or family"
+            )));
+        }
+        Ok(doc)
     }
 
     /// Upload the descriptor to every authority; true if all took it.
