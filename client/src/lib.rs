@@ -19,6 +19,7 @@ pub mod config;
 pub mod dir;
 pub mod guards;
 pub mod path;
+pub mod pathbias;
 pub mod socks;
 
 pub use client::{Client, Isolation};
