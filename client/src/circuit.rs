@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use allium_link::channel::{ChannelHandle, Inbox};
 use allium_proto::Error as ProtoError;
@@ -130,11 +131,19 @@ pub struct CircuitHandle {
     pub serial: u64,
     /// Guard, middle, exit.
     pub path: Vec<ConsensusRelay>,
+    /// Has a stream or resolve on it been judged for path bias?
+    used: Arc<AtomicBool>,
 }
 
 impl CircuitHandle {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// True the first time only, over every clone: the caller judges the
+    /// circuit's first use for path bias.
+    pub fn first_use(&self) -> bool {
+        !self.used.swap(true, Ordering::Relaxed)
     }
 
     pub async fn begin(&self, addr: TargetAddr, port: u16) -> Result<Stream, ClientError> {
@@ -187,11 +196,33 @@ fn seal_padded(
     Ok(payload)
 }
 
+/// A circuit build that failed, and how far it got.
+#[derive(Debug)]
+pub struct BuildFailure {
+    /// Hops built before the failure: 0 if the guard never answered the
+    /// CREATE. Everything past the first hop reached the client through
+    /// the guard, so whichever hop it names, the guard may have caused it.
+    pub hops: usize,
+    pub error: ClientError,
+}
+
 /// Build a circuit through `path` over `chan` (a channel to `path[0]`).
 pub async fn build(
     chan: ChannelHandle,
     path: Vec<ConsensusRelay>,
     timeout: Duration,
+) -> Result<CircuitHandle, BuildFailure> {
+    let mut hops = 0;
+    build_counting(chan, path, timeout, &mut hops)
+        .await
+        .map_err(|error| BuildFailure { hops, error })
+}
+
+async fn build_counting(
+    chan: ChannelHandle,
+    path: Vec<ConsensusRelay>,
+    timeout: Duration,
+    hops: &mut usize,
 ) -> Result<CircuitHandle, ClientError> {
     let (circ_id, mut rx) = chan.new_circuit().await?;
     let work = async {
@@ -211,6 +242,7 @@ pub async fn build(
             return Err(ClientError::Build(format!("guard answered {:?}", c.cmd)));
         }
         layers.push(&st.finish(cell::decode_created(&c.payload[..])?)?)?;
+        *hops = 1;
         for hop in &path[1..] {
             let (mut st, hs) = ntor::client_start(&mut rand::rng(), &hop.identity, &hop.onion_key);
             let last = layers.len() - 1;
@@ -239,7 +271,10 @@ pub async fn build(
             }
             let from = layers.decrypt_backward(&mut c.payload)?;
             match RelayMsg::decode(&c.payload[16..])? {
-                (0, RelayMsg::Extended(h)) if from == last => layers.push(&st.finish(&h)?)?,
+                (0, RelayMsg::Extended(h)) if from == last => {
+                    layers.push(&st.finish(&h)?)?;
+                    *hops = layers.len();
+                }
                 (_, RelayMsg::Truncated(r)) => {
                     return Err(ClientError::ExtendFailed {
                         relay: hop.identity,
@@ -290,7 +325,12 @@ pub async fn build(
     };
     tokio::spawn(task.run().in_current_span());
     let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(CircuitHandle { tx, serial, path })
+    Ok(CircuitHandle {
+        tx,
+        serial,
+        path,
+        used: Arc::default(),
+    })
 }
 
 /// A BEGIN awaiting CONNECTED: who to tell, and the stream's inbox.

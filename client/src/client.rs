@@ -14,7 +14,7 @@ use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::circuit::{self, CircuitHandle, Stream};
+use crate::circuit::{self, BuildFailure, CircuitHandle, Stream};
 use crate::guards::GuardSet;
 use crate::path::{self, ExitTarget};
 use crate::{ClientConfig, ClientError, dir};
@@ -44,8 +44,6 @@ struct Inner {
     ready: watch::Sender<bool>,
     guards: Mutex<GuardSet>,
     cbt: Mutex<BuildTimes>,
-    /// Relays on failed builds: failures and the last one.
-    avoid: Mutex<HashMap<[u8; 32], (u32, Instant)>>,
     stats: Arc<ClientStats>,
 }
 
@@ -61,10 +59,6 @@ pub struct ClientStats {
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
-
-/// A relay on this many failed builds within [`AVOID_FOR`] is avoided.
-const AVOID_AFTER: u32 = 3;
-const AVOID_FOR: Duration = Duration::from_secs(60);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -151,7 +145,6 @@ impl Client {
                 ready,
                 guards: Mutex::new(guards),
                 cbt: Mutex::new(cbt),
-                avoid: Mutex::new(HashMap::new()),
                 stats: Arc::new(ClientStats::default()),
             }),
         })
@@ -254,12 +247,15 @@ impl Client {
             let guard = {
                 let mut g = lock(&self.inner.guards);
                 g.update(&c, unix_now());
-                g.pick(&c)
-            }
-            .ok_or_else(|| {
-                ClientError::NoPath("every guard in the sample failed recently".into())
-            })?;
-            let p = self.choose_avoiding(&c, target, &guard, avoid_exits)?;
+                g.pick(&c).ok_or_else(|| {
+                    ClientError::NoPath(if g.all_disabled() {
+                        "every guard in the sample was disabled for failing too many circuits (path bias)".into()
+                    } else {
+                        "every guard in the sample failed recently".into()
+                    })
+                })?
+            };
+            let p = choose_path_through(&mut rand::rng(), &c, target, &guard, avoid_exits)?;
             let chan = match self.guard_channel(&guard).await {
                 Ok(ch) => ch,
                 Err(e) => {
@@ -274,64 +270,46 @@ impl Client {
             match circuit::build(chan, p.to_vec(), timeout).await {
                 Ok(circ) => {
                     inc(&self.inner.stats.circuits_built);
-                    lock(&self.inner.guards).succeeded(&guard.identity);
+                    learn(
+                        &mut lock(&self.inner.guards),
+                        &guard.identity,
+                        p.len(),
+                        None,
+                    );
                     lock(&self.inner.cbt).record(started.elapsed());
-                    for r in &p[1..] {
-                        lock(&self.inner.avoid).remove(&r.identity);
-                    }
                     return Ok(circ);
                 }
-                Err(e) => {
+                Err(f) => {
                     inc(&self.inner.stats.circuit_build_failures);
-                    warn!(timeout = ?timeout, "circuit build failed: {e}");
-                    let mut avoid = lock(&self.inner.avoid);
-                    if let ClientError::ExtendFailed { relay, .. } = &e {
-                        // That relay could not be reached: avoid it at once.
-                        avoid.insert(*relay, (AVOID_AFTER, Instant::now()));
-                    }
-                    for r in &p[1..] {
-                        let f = avoid.entry(r.identity).or_insert((0, Instant::now()));
-                        f.0 += 1;
-                        f.1 = Instant::now();
-                    }
-                    last = Some(e);
+                    warn!(timeout = ?timeout, hops = f.hops, "circuit build failed: {}", f.error);
+                    learn(
+                        &mut lock(&self.inner.guards),
+                        &guard.identity,
+                        p.len(),
+                        Some(&f),
+                    );
+                    last = Some(f.error);
                 }
             }
         }
         Err(last.unwrap_or_else(|| ClientError::Build("no attempt made".into())))
     }
 
-    /// A path through `guard`, avoiding exits in `avoid_exits` and relays
-    /// that failed repeatedly in the last minute, when there is a choice.
-    fn choose_avoiding(
-        &self,
-        c: &allium_proto::Consensus,
-        target: &ExitTarget<'_>,
-        guard: &ConsensusRelay,
-        avoid_exits: &[[u8; 32]],
-    ) -> Result<[ConsensusRelay; 3], ClientError> {
-        let bad: Vec<[u8; 32]> = {
-            let mut avoid = lock(&self.inner.avoid);
-            avoid.retain(|_, (_, at)| at.elapsed() < AVOID_FOR);
-            avoid
-                .iter()
-                .filter(|(_, (n, _))| *n >= AVOID_AFTER)
-                .map(|(id, _)| *id)
-                .collect()
+    /// Count the first stream or resolve on `circ` for its guard's path
+    /// bias: answered if the exit answered (CONNECTED, RESOLVED or END,
+    /// which only the last hop can send), not if it timed out or the
+    /// circuit closed under it. Other errors are the client's own.
+    fn judge_use<T>(&self, circ: &CircuitHandle, r: &Result<T, ClientError>) {
+        let answered = match r {
+            Ok(_) | Err(ClientError::StreamEnded(_)) => true,
+            Err(ClientError::Timeout(_) | ClientError::CircuitClosed) => false,
+            Err(_) => return,
         };
-        let mut rng = rand::rng();
-        let mut fallback = None;
-        for _ in 0..16 {
-            let p = path::choose_path(&mut rng, c, target, Some(guard))?;
-            let ok_exit = !avoid_exits.contains(&p[2].identity);
-            if ok_exit && !p[1..].iter().any(|r| bad.contains(&r.identity)) {
-                return Ok(p);
-            }
-            if ok_exit {
-                fallback.get_or_insert(p);
-            }
+        if let Some(guard) = circ.path.first()
+            && circ.first_use()
+        {
+            lock(&self.inner.guards).record_use(&guard.identity, answered);
         }
-        fallback.map_or_else(|| path::choose_path(&mut rng, c, target, Some(guard)), Ok)
     }
 
     /// The guard sample, in order (first is the one in use when reachable).
@@ -440,6 +418,7 @@ impl Client {
         let first = tokio::time::timeout(t, circ.begin(addr.clone(), port))
             .await
             .unwrap_or(Err(ClientError::Timeout("stream connect")));
+        self.judge_use(&circ, &first);
         let retry = matches!(
             &first,
             Err(ClientError::StreamEnded(
@@ -466,9 +445,11 @@ impl Client {
             isolation: Some(iso.clone()),
             first_used: Some(Instant::now()),
         });
-        tokio::time::timeout(t, circ.begin(addr, port))
+        let second = tokio::time::timeout(t, circ.begin(addr, port))
             .await
-            .map_err(|_| ClientError::Timeout("stream connect"))?
+            .unwrap_or(Err(ClientError::Timeout("stream connect")));
+        self.judge_use(&circ, &second);
+        second
     }
 
     /// Keep `preemptive_circuits` unbound circuits ready and retire
@@ -524,9 +505,11 @@ impl Client {
     pub async fn resolve(&self, host: String, iso: &Isolation) -> Result<Vec<IpAddr>, ClientError> {
         let circ = self.circuit_for(&ExitTarget::Any, iso).await?;
         let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
-        tokio::time::timeout(t, circ.resolve(host))
+        let r = tokio::time::timeout(t, circ.resolve(host))
             .await
-            .map_err(|_| ClientError::Timeout("resolve"))?
+            .unwrap_or(Err(ClientError::Timeout("resolve")));
+        self.judge_use(&circ, &r);
+        r
     }
 
     /// Wait until [`Client::bootstrap`] has succeeded (as run by [`Client::serve`]).
@@ -662,6 +645,45 @@ fn next_fetch(fresh_until: u64, now: u64, stale: u32) -> (u64, u32) {
     }
 }
 
+/// A path through `guard` for `target`, with an exit that is none of
+/// `avoid_exits` when another can be had.
+///
+/// Nothing else is avoided. A failed build tells the client nothing it can
+/// trust about the middle or the exit: every answer past the guard comes
+/// through the guard, which can cause or invent an extend failure (and a
+/// middle likewise for the exit). Avoiding relays on failed builds would
+/// let one hop remove honest relays from the client's choices, one failure
+/// at a time, until only its friends were left. A relay that is really
+/// down costs an attempt on a fresh random path; the guard alone answers
+/// for its circuits (path bias, `pathbias.rs`). `avoid_exits` is one exit
+/// that failed a stream, for that stream's single retry: it cannot shrink
+/// the choices of any other circuit.
+pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
+    rng: &mut R,
+    c: &Consensus,
+    target: &ExitTarget<'_>,
+    guard: &ConsensusRelay,
+    avoid_exits: &[[u8; 32]],
+) -> Result<[ConsensusRelay; 3], ClientError> {
+    let mut p = path::choose_path(rng, c, target, Some(guard))?;
+    for _ in 0..16 {
+        if !avoid_exits.contains(&p[2].identity) {
+            break;
+        }
+        p = path::choose_path(rng, c, target, Some(guard))?;
+    }
+    Ok(p)
+}
+
+/// What a build through `guard` of a path of `len` hops teaches the client:
+/// built, or `failure`. Only the guard's record changes, by how far the
+/// build got. What the failure names (an extend failure naming a relay, a
+/// DESTROY, a timeout at some hop) is not held against any later hop: it
+/// came through the guard (see [`choose_path_through`]).
+fn learn(guards: &mut GuardSet, guard: &[u8; 32], len: usize, failure: Option<&BuildFailure>) {
+    guards.record_build(guard, failure.map_or(len, |f| f.hops), len);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,5 +725,143 @@ mod tests {
             Duration::from_millis(500),
             "never below the floor"
         );
+    }
+
+    fn relay(i: u8, bw: u32, flags: u16) -> ConsensusRelay {
+        use allium_proto::RelayFlags;
+        use allium_proto::policy::ExitPolicy;
+        ConsensusRelay {
+            nickname: format!("r{i}"),
+            identity: [i; 32],
+            link_key: allium_proto::LinkKey([0; 32]),
+            onion_key: allium_proto::OnionKey([0; 32]),
+            addr: format!("127.{i}.0.1:9000").parse().unwrap(),
+            flags: RelayFlags(flags | RelayFlags::RUNNING | RelayFlags::VALID),
+            bandwidth: bw,
+            declared_bandwidth: bw,
+            measured_bandwidth: Some(bw),
+            exit_ports: if flags & RelayFlags::EXIT != 0 {
+                ExitPolicy::parse_rules(&["accept *:*"]).unwrap().summary()
+            } else {
+                Default::default()
+            },
+            family: None,
+            descriptor_digest: [0; 32],
+        }
+    }
+
+    /// Three guards, two exits and ten middles, of which relays 10 and 11
+    /// (a fifth of the middle weight) collude with a guard. Guards and
+    /// exits are scarce enough never to be middles.
+    fn net() -> Consensus {
+        use allium_proto::RelayFlags;
+        let mut relays: Vec<ConsensusRelay> = (1..=3)
+            .map(|i| relay(i, 1000, RelayFlags::GUARD))
+            .chain((4..=5).map(|i| relay(i, 1500, RelayFlags::EXIT)))
+            .chain((10..20).map(|i| relay(i, 1000, 0)))
+            .collect();
+        relays.sort_by_key(|r| r.identity);
+        Consensus {
+            valid_after: 0,
+            fresh_until: 0,
+            valid_until: 0,
+            weights: allium_proto::PositionWeights::compute(&relays),
+            relays,
+        }
+    }
+
+    #[test]
+    fn a_guard_cannot_steer_circuits_to_its_friends_by_failing_the_others() {
+        use crate::pathbias::{MIN_ATTEMPTS, Verdict};
+        use rand::{RngExt, SeedableRng};
+        let seed = 11u64;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let c = net();
+        let colluding = |r: &ConsensusRelay| r.identity[0] == 10 || r.identity[0] == 11;
+        assert_eq!(
+            path::Weights::new(&c).weight(&c.relays[0], path::Position::Middle),
+            0
+        );
+        let d = tempfile::tempdir().unwrap();
+        let mut guards = GuardSet::load(d.path().join("guards"), 3, 1000, Duration::from_secs(30));
+        guards.update(&c, 100);
+        let evil = guards.ids()[0];
+
+        let n = 3000;
+        let (mut middles, mut colluder_middles) = (0u32, 0u32);
+        let (mut evil_attempts, mut evil_built) = (0u32, 0u32);
+        let (mut honest_built, mut honest_colluders) = (0u32, 0u32);
+        for _ in 0..n {
+            guards.update(&c, 100);
+            let g = guards.pick(&c).expect("a guard");
+            let p = choose_path_through(&mut rng, &c, &ExitTarget::Any, &g, &[]).unwrap();
+            middles += 1;
+            colluder_middles += u32::from(colluding(&p[1]));
+            // The evil guard fails every circuit whose middle is not a
+            // friend, as an extend failure naming that middle. Honest
+            // guards lose one circuit in twenty, at the middle or the exit.
+            let failed_at = if g.identity == evil {
+                evil_attempts += 1;
+                (!colluding(&p[1])).then_some(1)
+            } else {
+                (rng.random_range(0..20) == 0).then(|| rng.random_range(1..3))
+            };
+            let failure = failed_at.map(|hops| BuildFailure {
+                hops,
+                error: ClientError::ExtendFailed {
+                    relay: p[hops].identity,
+                    why: "extend failed".into(),
+                },
+            });
+            learn(&mut guards, &g.identity, p.len(), failure.as_ref());
+            if failure.is_none() {
+                if g.identity == evil {
+                    evil_built += 1;
+                } else {
+                    honest_built += 1;
+                    honest_colluders += u32::from(colluding(&p[1]));
+                }
+            }
+        }
+
+        // The evil guard is found out after the minimum number of circuits,
+        // having carried few; the honest ones are not blamed.
+        let bias = guards.bias(&evil).unwrap();
+        assert!(bias.disabled, "seed {seed}: {bias:?}");
+        assert!(
+            evil_attempts <= 2 * MIN_ATTEMPTS,
+            "seed {seed}: {evil_attempts} attempts"
+        );
+        assert!(
+            evil_built < MIN_ATTEMPTS / 2,
+            "seed {seed}: {evil_built} built"
+        );
+        assert_ne!(guards.pick(&c).unwrap().identity, evil);
+        for id in guards.ids().iter().filter(|id| **id != evil) {
+            assert_eq!(
+                guards.bias(id).unwrap().verdict(),
+                Verdict::Fine,
+                "seed {seed}"
+            );
+        }
+        // The middles chosen, and those of the circuits built through the
+        // other guards, are the friends at their weight share (a fifth),
+        // not more.
+        let share = f64::from(colluder_middles) / f64::from(middles);
+        assert!(
+            (share - 0.2).abs() < 0.03,
+            "seed {seed}: chosen share {share}"
+        );
+        assert!(
+            honest_built > n * 9 / 10,
+            "seed {seed}: {honest_built} built"
+        );
+        let share = f64::from(honest_colluders) / f64::from(honest_built);
+        assert!(
+            (share - 0.2).abs() < 0.03,
+            "seed {seed}: built share {share}"
+        );
+        let all = f64::from(honest_colluders + evil_built) / f64::from(honest_built + evil_built);
+        assert!(all < 0.23, "seed {seed}: share of all built {all}");
     }
 }

@@ -8,15 +8,29 @@
 //! backoff instead of being dropped; entries leave the sample when they
 //! leave the consensus or when their lifetime ends, and the sample is
 //! refilled to its size.
+//!
+//! Each guard also has its path-bias counts (`pathbias.rs`): a guard whose
+//! circuits fail far more than an honest guard's is disabled, stays in the
+//! sample so it is not drawn again, and is replaced by a fresh draw. At
+//! most `size` disabled guards are kept; past that no more are drawn, since
+//! a network that fails the circuits of every guard may be failing them to
+//! push the client from guard to guard until it reaches one it likes.
+//!
+//! Files: `guards` is the sample (postcard: a list of identity and time
+//! added), unchanged from before path bias was counted; `pathbias` next to
+//! it holds the counts (postcard: [`BIAS_FORMAT`], then a list of identity
+//! and [`PathBias`]). A missing or unreadable `pathbias` starts every
+//! count at zero; counts of guards not in the sample are dropped.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use allium_proto::{Consensus, ConsensusRelay, RelayFlags};
+use allium_proto::{Consensus, ConsensusRelay, RelayFlags, short_id};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::path;
+use crate::pathbias::{PathBias, Verdict};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct Stored {
@@ -25,17 +39,45 @@ struct Stored {
     added: u64,
 }
 
+/// The first byte of the `pathbias` file: the version of its format.
+pub const BIAS_FORMAT: u8 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct StoredBias {
+    identity: [u8; 32],
+    bias: PathBias,
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     stored: Stored,
     failures: u32,
     retry_at: Option<Instant>,
+    bias: PathBias,
+    /// The worst verdict logged for it since the process started.
+    reported: Verdict,
 }
 
-/// The guard sample and what is known about each guard's reachability.
+impl Entry {
+    fn new(stored: Stored) -> Self {
+        Entry {
+            stored,
+            failures: 0,
+            retry_at: None,
+            bias: PathBias::default(),
+            reported: Verdict::Fine,
+        }
+    }
+}
+
+/// The guard sample and what is known about each guard's reachability and
+/// path bias.
 pub struct GuardSet {
     entries: Vec<Entry>,
     file: PathBuf,
+    bias_file: PathBuf,
+    /// Path-bias records not yet saved.
+    unsaved: u32,
     size: usize,
     lifetime: u64,
     retry: Duration,
@@ -44,26 +86,58 @@ pub struct GuardSet {
 /// Longest wait before a failed guard is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(3600);
 
+/// Path-bias counts are saved after this many records (and whenever a
+/// verdict gets worse), so a crash loses a few circuits' worth at most.
+const SAVE_BIAS_EVERY: u32 = 10;
+
 impl GuardSet {
+    /// The sample in `file` (`guards`) with the counts in `pathbias` next
+    /// to it.
     pub fn load(file: PathBuf, size: usize, lifetime: u64, retry: Duration) -> Self {
         let stored: Vec<Stored> = std::fs::read(&file)
             .ok()
             .and_then(|b| postcard::from_bytes(&b).ok())
             .unwrap_or_default();
+        let bias_file = file.with_file_name("pathbias");
+        let bias = load_bias(&bias_file);
         let entries = stored
             .into_iter()
-            .map(|stored| Entry {
-                stored,
-                failures: 0,
-                retry_at: None,
+            .map(|stored| {
+                let mut e = Entry::new(stored);
+                if let Some(b) = bias.iter().find(|b| b.identity == e.stored.identity) {
+                    e.bias = b.bias;
+                }
+                e
             })
             .collect();
         GuardSet {
             entries,
             file,
+            bias_file,
+            unsaved: 0,
             size: size.max(1),
             lifetime,
             retry,
+        }
+    }
+
+    fn save_bias(&mut self) {
+        self.unsaved = 0;
+        let list: Vec<StoredBias> = self
+            .entries
+            .iter()
+            .map(|e| StoredBias {
+                identity: e.stored.identity,
+                bias: e.bias,
+            })
+            .collect();
+        match postcard::to_stdvec(&(BIAS_FORMAT, list)) {
+            Ok(b) => {
+                if let Err(e) = allium_directory::store::write_atomic(&self.bias_file, &b, 0o600) {
+                    warn!("saving path-bias counts: {e}");
+                }
+            }
+            Err(e) => warn!("encoding path-bias counts: {e}"),
         }
     }
 
@@ -80,29 +154,29 @@ impl GuardSet {
     }
 
     /// Drop guards that left the consensus or outlived their lifetime, and
-    /// fill the sample up again.
+    /// fill the sample up again: `size` guards not disabled, and at most
+    /// `size` disabled ones besides.
     pub fn update(&mut self, c: &Consensus, now: u64) {
         let before: Vec<[u8; 32]> = self.ids();
         self.entries.retain(|e| {
             c.relay(&e.stored.identity).is_some() && e.stored.added + self.lifetime > now
         });
-        if self.entries.len() < self.size {
+        let enabled = self.entries.iter().filter(|e| !e.bias.disabled).count();
+        let room = (2 * self.size).saturating_sub(self.entries.len());
+        let want = self.size.saturating_sub(enabled).min(room);
+        if want > 0 {
             let have = self.ids();
-            for g in path::sample_guards(&mut rand::rng(), c, self.size - self.entries.len(), &have)
-            {
+            for g in path::sample_guards(&mut rand::rng(), c, want, &have) {
                 info!(guard = %g.nickname, "guard added to the sample");
-                self.entries.push(Entry {
-                    stored: Stored {
-                        identity: g.identity,
-                        added: now,
-                    },
-                    failures: 0,
-                    retry_at: None,
-                });
+                self.entries.push(Entry::new(Stored {
+                    identity: g.identity,
+                    added: now,
+                }));
             }
         }
         if self.ids() != before {
             self.save();
+            self.save_bias();
         }
     }
 
@@ -112,12 +186,12 @@ impl GuardSet {
     }
 
     /// The guard to use now: the first entry that is listed Running and
-    /// Guard and is not waiting for a retry.
+    /// Guard, is not waiting for a retry and is not disabled for path bias.
     pub fn pick(&self, c: &Consensus) -> Option<ConsensusRelay> {
         let now = Instant::now();
         self.entries
             .iter()
-            .filter(|e| e.retry_at.is_none_or(|t| now >= t))
+            .filter(|e| !e.bias.disabled && e.retry_at.is_none_or(|t| now >= t))
             .find_map(|e| {
                 c.relay(&e.stored.identity)
                     .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::GUARD))
@@ -146,6 +220,94 @@ impl GuardSet {
             }
             e.failures = 0;
             e.retry_at = None;
+        }
+    }
+
+    /// A build through guard `id` got `hops` of its `of` hops built. With
+    /// none, the guard did not answer the CREATE and nothing is counted;
+    /// otherwise the guard answered (it is reachable) and the circuit
+    /// counts for its path bias, failed unless every hop was built. The
+    /// middle and the exit are not judged: whatever happened beyond the
+    /// guard reached the client through the guard.
+    pub fn record_build(&mut self, id: &[u8; 32], hops: usize, of: usize) {
+        if hops == 0 {
+            return;
+        }
+        self.succeeded(id);
+        self.record(id, |b| b.record_build(hops >= of));
+    }
+
+    /// The first stream or resolve on a circuit through guard `id` was
+    /// `answered` by the exit, or timed out or lost its circuit.
+    pub fn record_use(&mut self, id: &[u8; 32], answered: bool) {
+        self.record(id, |b| b.record_use(answered));
+    }
+
+    fn record(&mut self, id: &[u8; 32], f: impl FnOnce(&mut PathBias)) {
+        let Some(e) = self.entries.iter_mut().find(|e| &e.stored.identity == id) else {
+            return;
+        };
+        if e.bias.disabled {
+            return;
+        }
+        f(&mut e.bias);
+        self.unsaved += 1;
+        let verdict = e.bias.verdict();
+        if verdict > e.reported {
+            e.reported = verdict;
+            let (built, answered) = e.bias.rates();
+            let (attempts, uses) = (e.bias.attempts, e.bias.uses);
+            let guard = short_id(id);
+            match verdict {
+                Verdict::Fine => {}
+                Verdict::Notice => info!(
+                    %guard, built, attempts, answered, uses,
+                    "path bias: more circuits through this guard fail than through a healthy guard"
+                ),
+                Verdict::Warn => warn!(
+                    %guard, built, attempts, answered, uses,
+                    "path bias: most circuits through this guard fail; it may be attacking, or the network beyond it is failing"
+                ),
+                Verdict::Extreme => warn!(
+                    %guard, built, attempts, answered, uses,
+                    "path bias: this guard fails far too many circuits and may be attacking this client (failing circuits to steer it to colluding relays); it is disabled and the next guard is used"
+                ),
+            }
+            self.save_bias();
+        } else if self.unsaved >= SAVE_BIAS_EVERY {
+            self.save_bias();
+        }
+    }
+
+    /// Guard `id`'s path-bias counts, if it is in the sample.
+    pub fn bias(&self, id: &[u8; 32]) -> Option<PathBias> {
+        self.entries
+            .iter()
+            .find(|e| &e.stored.identity == id)
+            .map(|e| e.bias)
+    }
+
+    /// Is every guard of the sample disabled for path bias?
+    pub fn all_disabled(&self) -> bool {
+        !self.entries.is_empty() && self.entries.iter().all(|e| e.bias.disabled)
+    }
+}
+
+/// The counts in a `pathbias` file; none if it is missing, unreadable or
+/// of another format.
+fn load_bias(file: &std::path::Path) -> Vec<StoredBias> {
+    let Ok(bytes) = std::fs::read(file) else {
+        return Vec::new();
+    };
+    match postcard::from_bytes::<(u8, Vec<StoredBias>)>(&bytes) {
+        Ok((BIAS_FORMAT, list)) => list,
+        Ok((v, _)) => {
+            warn!("path-bias counts in format {v}, not {BIAS_FORMAT}: starting again from zero");
+            Vec::new()
+        }
+        Err(e) => {
+            warn!("reading path-bias counts: {e}; starting again from zero");
+            Vec::new()
         }
     }
 }
@@ -213,5 +375,111 @@ mod tests {
             g.entries.iter().all(|e| e.stored.added == 5000),
             "every old entry expired and was replaced"
         );
+    }
+
+    /// `n` builds through `id`, the `i`th failing when `fail(i)` holds
+    /// (at the second or third hop: the first was built either way).
+    fn builds(g: &mut GuardSet, id: &[u8; 32], n: usize, fail: impl Fn(usize) -> bool) {
+        for i in 0..n {
+            g.record_build(id, if fail(i) { 1 + i % 2 } else { 3 }, 3);
+        }
+    }
+
+    #[test]
+    fn a_guard_failing_circuits_is_flagged_then_disabled_for_good() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("guards");
+        let c = consensus(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let load = || GuardSet::load(file.clone(), 3, 1000, Duration::from_secs(30));
+        let mut g = load();
+        g.update(&c, 100);
+        let sample = g.ids();
+        let bad = sample[0];
+        // 200 circuits each: the first guard fails 60% of them, the others 5%.
+        for _ in 0..10 {
+            builds(&mut g, &bad, 20, |i| i % 10 < 6);
+            for good in &sample[1..] {
+                builds(&mut g, good, 20, |i| i % 20 == 0);
+            }
+        }
+        // Not reaching the guard is the backoff's business, not path bias.
+        g.record_build(&bad, 0, 3);
+        let b = g.bias(&bad).unwrap();
+        assert_eq!((b.attempts, b.successes), (200, 80));
+        assert_eq!(b.verdict(), Verdict::Warn, "flagged");
+        assert!(!b.disabled);
+        for good in &sample[1..] {
+            assert_eq!(g.bias(good).unwrap().verdict(), Verdict::Fine);
+        }
+        assert_eq!(g.pick(&c).unwrap().identity, bad, "flagged, still used");
+
+        // It gets worse (9 circuits in 10 fail) until it is disabled.
+        let mut n = 0;
+        while !g.bias(&bad).unwrap().disabled {
+            builds(&mut g, &bad, 1, |_| n % 10 != 0);
+            n += 1;
+            assert!(n < 200, "not disabled after {n} more circuits");
+        }
+        assert_eq!(g.bias(&bad).unwrap().verdict(), Verdict::Extreme);
+        assert_eq!(g.pick(&c).unwrap().identity, sample[1], "the next guard");
+        let frozen = g.bias(&bad).unwrap();
+        builds(&mut g, &bad, 50, |_| false);
+        assert_eq!(
+            g.bias(&bad),
+            Some(frozen),
+            "a disabled guard is not counted"
+        );
+
+        // It stays in the sample, which gets a guard to replace it.
+        g.update(&c, 200);
+        let ids = g.ids();
+        assert_eq!(ids.len(), 4);
+        assert_eq!(ids[..3], sample[..]);
+
+        // All of it survives a restart.
+        let mut g2 = load();
+        assert_eq!(g2.ids(), ids);
+        for id in &ids {
+            assert_eq!(g2.bias(id), g.bias(id));
+        }
+        assert!(g2.bias(&bad).unwrap().disabled);
+        assert_eq!(g2.pick(&c).unwrap().identity, sample[1]);
+
+        // At most as many disabled guards as the sample's size are kept:
+        // then no more are drawn and the client says why.
+        for _ in 0..10 {
+            g2.update(&c, 300);
+            let Some(next) = g2.pick(&c) else { break };
+            builds(&mut g2, &next.identity, 1000, |_| true);
+            assert!(g2.bias(&next.identity).unwrap().disabled);
+        }
+        assert_eq!(g2.ids().len(), 6, "twice the sample's size at most");
+        assert!(g2.pick(&c).is_none());
+        assert!(g2.all_disabled());
+    }
+
+    #[test]
+    fn counts_in_another_format_are_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("guards");
+        let c = consensus(&[1, 2, 3, 4]);
+        let mut g = GuardSet::load(file.clone(), 3, 1000, Duration::from_secs(30));
+        g.update(&c, 100);
+        let first = g.ids()[0];
+        builds(&mut g, &first, 60, |_| true);
+        assert!(g.bias(&first).unwrap().disabled);
+        // A later format, or a damaged file: the sample loads, the counts
+        // start again.
+        for bytes in [vec![BIAS_FORMAT + 1, 0], vec![BIAS_FORMAT, 0xff]] {
+            std::fs::write(d.path().join("pathbias"), bytes).unwrap();
+            let g2 = GuardSet::load(file.clone(), 3, 1000, Duration::from_secs(30));
+            assert_eq!(g2.ids(), g.ids());
+            assert_eq!(g2.bias(&first), Some(PathBias::default()));
+        }
+        // A sample without counts (as written before they existed) loads.
+        std::fs::remove_file(d.path().join("pathbias")).unwrap();
+        let g3 = GuardSet::load(file.clone(), 3, 1000, Duration::from_secs(30));
+        assert_eq!(g3.ids(), g.ids());
+        assert_eq!(g3.pick(&c).unwrap().identity, first);
     }
 }

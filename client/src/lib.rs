@@ -19,6 +19,7 @@ pub mod config;
 pub mod dir;
 pub mod guards;
 pub mod path;
+pub mod pathbias;
 pub mod socks;
 
 pub use client::{Client, Isolation};
@@ -38,7 +39,9 @@ pub enum ClientError {
     NoPath(String),
     #[error("circuit build failed: {0}")]
     Build(String),
-    /// The circuit could not be extended to `relay` (it is unreachable).
+    /// The previous hop reports that it could not extend to `relay`. The
+    /// client cannot check this (that hop may have caused or invented the
+    /// failure), so it is not held against `relay`.
     #[error("{why}")]
     ExtendFailed { relay: [u8; 32], why: String },
     #[error("the exit ended the stream: {0:?}")]
