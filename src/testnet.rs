@@ -209,6 +209,7 @@ pub fn plan(
             guard_min_bandwidth: 0,
             stable_min_uptime_secs: 0,
             // Everything shares 127.0.0.1 here.
+            allow_private_addresses: true,
             requests_per_sec: 10_000,
             request_burst: 10_000,
             max_connections: 16_384,
@@ -242,6 +243,7 @@ pub fn plan(
             data_dir: dir.join(format!("relay{i}")),
             authorities: authorities.clone(),
             bandwidth: opts.declared.get(i).copied().unwrap_or(50_000_000),
+            allow_private_addresses: true,
             exit_policy: if i < opts.exits {
                 testnet_exit_policy()
             } else {

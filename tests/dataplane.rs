@@ -516,6 +516,36 @@ async fn an_extend_reaches_only_the_relay_it_names() {
     assert_eq!(RelayStats::get(&h.stats.circuits_created), 1);
 }
 
+/// Unless its operator allows private addresses (a test network), a relay
+/// extends to no private address: it does not even try to connect, and
+/// answers as it answers any failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extend_never_reaches_a_private_address_unless_allowed() {
+    let v = lone_relay(|c| c.allow_private_addresses = false).await;
+    let h = lone_relay(|_| {}).await;
+    let (_, _, linked) = impostor().await;
+    let d = &v.desc;
+    let chan = link_to(d).await;
+    let to = ExtendTo {
+        identity: h.desc.identity,
+        onion_key: h.desc.onion_key,
+        link_key: h.desc.link_key,
+        addr: h.desc.addr,
+    };
+    let mut c = RawCirc::open(chan, &d.identity, &d.onion_key)
+        .await
+        .unwrap();
+    assert_eq!(c.extend(&to).await, Err(DestroyReason::CONNECT_FAILED));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(RelayStats::get(&h.stats.circuits_created), 0);
+    assert_eq!(
+        RelayStats::get(&h.stats.link_bytes_read),
+        0,
+        "H was contacted"
+    );
+    assert_eq!(linked.load(Ordering::Relaxed), 0);
+}
+
 /// A peer that sends and never reads: the relay answers every refused
 /// CREATE with a DESTROY, but once the peer stops taking them the relay
 /// stops reading it (the peer's writes block) and, after the write timeout,

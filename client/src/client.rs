@@ -243,6 +243,7 @@ impl Client {
             .consensus()
             .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
         let mut last = None;
+        let mut named = Vec::new();
         for _ in 0..BUILD_ATTEMPTS {
             let guard = {
                 let mut g = lock(&self.inner.guards);
@@ -255,7 +256,7 @@ impl Client {
                     })
                 })?
             };
-            let p = choose_path_through(&mut rand::rng(), &c, target, &guard, avoid_exits)?;
+            let p = choose_path_through(&mut rand::rng(), &c, target, &guard, avoid_exits, &named)?;
             let chan = match self.guard_channel(&guard).await {
                 Ok(ch) => ch,
                 Err(e) => {
@@ -288,6 +289,9 @@ impl Client {
                         p.len(),
                         Some(&f),
                     );
+                    if let ClientError::ExtendFailed { relay, .. } = &f.error {
+                        named.push(*relay);
+                    }
                     last = Some(f.error);
                 }
             }
@@ -646,28 +650,33 @@ fn next_fetch(fresh_until: u64, now: u64, stale: u32) -> (u64, u32) {
 }
 
 /// A path through `guard` for `target`, with an exit that is none of
-/// `avoid_exits` when another can be had.
+/// `avoid_exits` and a middle and exit that are none of `named` when others
+/// can be had.
 ///
-/// Nothing else is avoided. A failed build tells the client nothing it can
-/// trust about the middle or the exit: every answer past the guard comes
-/// through the guard, which can cause or invent an extend failure (and a
-/// middle likewise for the exit). Avoiding relays on failed builds would
-/// let one hop remove honest relays from the client's choices, one failure
-/// at a time, until only its friends were left. A relay that is really
-/// down costs an attempt on a fresh random path; the guard alone answers
-/// for its circuits (path bias, `pathbias.rs`). `avoid_exits` is one exit
-/// that failed a stream, for that stream's single retry: it cannot shrink
-/// the choices of any other circuit.
+/// Nothing is avoided for longer. A failed build tells the client nothing
+/// it can trust about the middle or the exit: every answer past the guard
+/// comes through the guard, which can cause or invent an extend failure
+/// (and a middle likewise for the exit). Avoiding relays on failed builds
+/// would let one hop remove honest relays from the client's choices, one
+/// failure at a time, until only its friends were left; the guard alone
+/// answers for its circuits (path bias, `pathbias.rs`). `named` holds the
+/// relays that the failed attempts of one build named, for that build's
+/// remaining attempts only, so that a relay that is down does not take
+/// every attempt of a build: it never shrinks the choices of any other
+/// build, and each failure counts against the guard. `avoid_exits` is one
+/// exit that failed a stream, for that stream's single retry.
 pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
     rng: &mut R,
     c: &Consensus,
     target: &ExitTarget<'_>,
     guard: &ConsensusRelay,
     avoid_exits: &[[u8; 32]],
+    named: &[[u8; 32]],
 ) -> Result<[ConsensusRelay; 3], ClientError> {
     let mut p = path::choose_path(rng, c, target, Some(guard))?;
     for _ in 0..16 {
-        if !avoid_exits.contains(&p[2].identity) {
+        let exit_ok = !avoid_exits.contains(&p[2].identity);
+        if exit_ok && !p[1..].iter().any(|r| named.contains(&r.identity)) {
             break;
         }
         p = path::choose_path(rng, c, target, Some(guard))?;
@@ -794,7 +803,7 @@ mod tests {
         for _ in 0..n {
             guards.update(&c, 100);
             let g = guards.pick(&c).expect("a guard");
-            let p = choose_path_through(&mut rng, &c, &ExitTarget::Any, &g, &[]).unwrap();
+            let p = choose_path_through(&mut rng, &c, &ExitTarget::Any, &g, &[], &[]).unwrap();
             middles += 1;
             colluder_middles += u32::from(colluding(&p[1]));
             // The evil guard fails every circuit whose middle is not a

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use allium_proto::doc::{AuthSigned, CONSENSUS_DOMAIN, VOTE_DOMAIN, VerifiedDescriptor};
+use allium_proto::policy::is_private;
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{
     AuthorityKey, AuthoritySig, LinkKey, OnionKey, RelayFlags, RelayId, UnverifiedConsensus,
@@ -55,6 +56,11 @@ pub struct AuthConfig {
     /// place of one that was tested and found unreachable; with none, it
     /// is refused (Running relays keep their places).
     pub max_relays: usize,
+    /// List relays at private addresses (loopback, RFC 1918...), and test
+    /// and measure them there: only for a test network on one machine.
+    /// Otherwise an uploader could make the authority probe its own
+    /// network.
+    pub allow_private_addresses: bool,
     /// Relay identities (hex) this authority refuses to list.
     pub reject: Vec<String>,
     /// Relay identities (hex) this authority votes BadExit.
@@ -96,6 +102,7 @@ impl Default for AuthConfig {
             valid_intervals: 3,
             descriptor_max_age_secs: 48 * 3600,
             max_relays: 10_000,
+            allow_private_addresses: false,
             reject: vec![],
             bad_exits: vec![],
             guard_min_uptime_secs: 8 * 24 * 3600,
@@ -288,6 +295,15 @@ impl Authority {
             .map_err(bad)?
             .verify(now, self.cfg.descriptor_max_age_secs)
             .map_err(bad)?;
+        if !self.cfg.allow_private_addresses && is_private(v.desc.addr.ip()) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "descriptor rejected: address {} is not public",
+                    v.desc.addr.ip()
+                ),
+            ));
+        }
         if self.rejected.contains(&v.desc.identity) {
             return Err((
                 StatusCode::FORBIDDEN,
@@ -932,6 +948,7 @@ pub(crate) mod tests {
                 key: hex::encode(id),
             }],
             interval_secs: 60,
+            allow_private_addresses: true,
             ..Default::default()
         }
     }
@@ -1041,6 +1058,38 @@ pub(crate) mod tests {
         got.sort();
         assert_eq!(got, want);
         assert_eq!(vote.relays.len(), 5, "the others are still listed");
+    }
+
+    #[test]
+    fn relays_at_private_addresses_are_refused_unless_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Authority::new(AuthConfig {
+            allow_private_addresses: false,
+            ..authority(d.path())
+        })
+        .unwrap();
+        let now = unix_now();
+        let k = SigningKey::from_bytes(&[9; 32]);
+        let at = |addr: &str| {
+            let u = UnverifiedDescriptor::parse(&desc(&k, now)).unwrap();
+            let mut dd = u.descriptor().clone();
+            dd.addr = addr.parse().unwrap();
+            dd.sign(&k).to_bytes()
+        };
+        for private in [
+            "127.0.0.1:9",
+            "10.1.2.3:443",
+            "[::ffff:192.168.1.1]:80",
+            "[fe80::1]:9",
+        ] {
+            let r = a.accept_descriptor(&at(private), now);
+            assert_eq!(r.unwrap_err().0, StatusCode::BAD_REQUEST, "{private}");
+        }
+        assert!(lock(&a.state).descriptors.is_empty());
+        assert_eq!(
+            a.accept_descriptor(&at("192.0.2.7:9001"), now),
+            Ok("accepted")
+        );
     }
 
     #[test]

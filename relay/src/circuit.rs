@@ -12,6 +12,7 @@ use allium_proto::cell::{self, Cell, CellCmd, CircId, DestroyReason, HANDSHAKE_N
 use allium_proto::circuit::{self as core, Event, Side};
 use allium_proto::ntor::{self, OnionKeys};
 use allium_proto::onion::RelayLayer;
+use allium_proto::policy::is_private;
 use allium_proto::relaymsg::{EndReason, Extend};
 use allium_proto::{PeerMisbehaved, RelayId};
 use tokio::sync::{Semaphore, mpsc};
@@ -630,6 +631,12 @@ impl Circuit {
         if self.prev.peer() == Some(RelayId(e.identity)) {
             return Err(peer(PeerMisbehaved::ExtendBack));
         }
+        // Every refusal and failure gets the same answer, so an EXTEND
+        // cannot tell a closed port from a filtered one.
+        if !self.ctx.allow_private_addresses && is_private(e.addr.ip()) {
+            debug!("EXTEND refused: private address");
+            return self.extend_failed(DestroyReason::CONNECT_FAILED);
+        }
         // Extending takes a while: what is pending goes out first.
         self.flush().await?;
         // Only to a relay the consensus lists, where it lists it: a relay is
@@ -653,7 +660,10 @@ impl Circuit {
                 debug!("extend failed: {err}");
                 return self.extend_failed(DestroyReason::CONNECT_FAILED);
             }
-            Err(_) => return self.extend_failed(DestroyReason::TIMEOUT),
+            Err(_) => {
+                debug!("extend timed out");
+                return self.extend_failed(DestroyReason::CONNECT_FAILED);
+            }
         };
         let (id, rx) = chan.new_circuit_counted(self.shared.acct.clone()).await?;
         let create = Cell::new(id, CellCmd::CREATE, &cell::encode_create(e.htype, &e.hdata))

@@ -55,6 +55,10 @@ pub struct RelayConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Allow `metrics_listen` on a non-loopback address.
     pub metrics_allow_remote: bool,
+    /// Extend circuits to relays at private addresses (loopback, RFC 1918,
+    /// link-local...): only for a test network on one machine. Otherwise a
+    /// relay is no way into the private network it stands in.
+    pub allow_private_addresses: bool,
 }
 
 impl Default for RelayConfig {
@@ -78,6 +82,7 @@ impl Default for RelayConfig {
             dos_circuit_rate: 3.0,
             dos_circuit_burst: 90,
             metrics_listen: None,
+            allow_private_addresses: false,
             metrics_allow_remote: false,
         }
     }

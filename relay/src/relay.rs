@@ -38,6 +38,8 @@ pub struct RelayCtx {
     pub net: Arc<NetView>,
     /// This relay's own addresses, which its exit streams never reach.
     pub own_ips: Vec<std::net::IpAddr>,
+    /// Whether circuits may be extended to private addresses.
+    pub allow_private_addresses: bool,
 }
 
 /// Stops the relay's channels when the serving future goes away.
@@ -166,6 +168,7 @@ impl Relay {
             mem,
             dos,
             net,
+            allow_private_addresses: cfg.allow_private_addresses,
             own_ips: [Some(cfg.listen.ip()), cfg.advertise.map(|a| a.ip())]
                 .into_iter()
                 .flatten()

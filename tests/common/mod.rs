@@ -37,6 +37,7 @@ pub async fn lone_relay(tweak: impl FnOnce(&mut RelayConfig)) -> Lone {
         listen: l.local_addr().unwrap(),
         data_dir: dir.path().join("relay"),
         exit_policy: testnet_exit_policy(),
+        allow_private_addresses: true,
         ..RelayConfig::default()
     };
     tweak(&mut cfg);
