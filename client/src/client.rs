@@ -114,6 +114,7 @@ const BUILD_ATTEMPTS: usize = 5;
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
         cfg.check()?;
+        allium_link::safelog::set_unsafe_logging(cfg.unsafe_logging);
         let keys = allium_directory::authority_keys(&cfg.authorities)?;
         let cached = dir::load_cached(&cfg.data_dir, &keys);
         if let Some(c) = &cached {

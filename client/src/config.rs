@@ -39,6 +39,9 @@ pub struct ClientConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Allow `metrics_listen` on a non-loopback address.
     pub metrics_allow_remote: bool,
+    /// Show destinations and client addresses in logs and error messages
+    /// (Tor's `SafeLogging 0`); otherwise they read `[scrubbed]`.
+    pub unsafe_logging: bool,
 }
 
 impl Default for ClientConfig {
@@ -59,6 +62,7 @@ impl Default for ClientConfig {
             stream_timeout_secs: 60,
             metrics_listen: None,
             metrics_allow_remote: false,
+            unsafe_logging: false,
         }
     }
 }

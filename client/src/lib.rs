@@ -25,6 +25,7 @@ pub mod socks;
 pub use client::{Client, Isolation};
 pub use config::ClientConfig;
 
+use allium_link::safelog::Sensitive;
 use allium_proto::relaymsg::EndReason;
 use allium_proto::socks::ReplyCode;
 
@@ -34,7 +35,7 @@ pub enum ClientError {
     #[error("no usable consensus: {0}")]
     NoConsensus(String),
     #[error("no exit relay allows {0}")]
-    NoExit(String),
+    NoExit(Sensitive<String>),
     #[error("no path: {0}")]
     NoPath(String),
     #[error("circuit build failed: {0}")]

@@ -6,6 +6,7 @@
 //! no two relays of a path share an IPv4 /16, an IPv6 /32, or a family
 //! (both relays list each other).
 
+use allium_link::safelog::Sensitive;
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::{Consensus, ConsensusRelay, RelayFlags};
 use rand::{Rng, RngExt};
@@ -138,10 +139,10 @@ pub fn choose_path<R: Rng + ?Sized>(
         })
         .collect();
     let exit = weighted(rng, &w, Position::Exit, &exits).ok_or_else(|| {
-        ClientError::NoExit(match target {
+        ClientError::NoExit(Sensitive(match target {
             ExitTarget::Any => "any target".into(),
             ExitTarget::Addr(a, p) => format!("{a}:{p}"),
-        })
+        }))
     })?;
     let guard = match guard {
         Some(g) => g,

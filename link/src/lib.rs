@@ -6,6 +6,7 @@
 //! * [`limits`]: the queued-cell memory cap and its circuit killer, the
 //!   bandwidth token bucket, and per-address DoS limits.
 //! * [`metrics`]: serving Prometheus metrics over HTTP.
+//! * [`safelog`]: destinations and client addresses kept out of logs.
 //! * [`RelayStats`]: the counters a relay keeps.
 //!
 //! It does **not** know about circuits beyond routing their cells by id, and
@@ -14,6 +15,7 @@
 pub mod channel;
 pub mod limits;
 pub mod metrics;
+pub mod safelog;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

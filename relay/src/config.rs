@@ -55,6 +55,9 @@ pub struct RelayConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Allow `metrics_listen` on a non-loopback address.
     pub metrics_allow_remote: bool,
+    /// Show destinations and client addresses in logs and error messages
+    /// (Tor's `SafeLogging 0`); otherwise they read `[scrubbed]`.
+    pub unsafe_logging: bool,
     /// Extend circuits to relays at private addresses (loopback, RFC 1918,
     /// link-local...): only for a test network on one machine. Otherwise a
     /// relay is no way into the private network it stands in.
@@ -84,6 +87,7 @@ impl Default for RelayConfig {
             metrics_listen: None,
             allow_private_addresses: false,
             metrics_allow_remote: false,
+            unsafe_logging: false,
         }
     }
 }

@@ -111,6 +111,7 @@ impl Relay {
     /// Load or create keys and check the configuration; no network yet.
     pub fn new(cfg: RelayConfig) -> Result<Self, RelayError> {
         cfg.check()?;
+        allium_link::safelog::set_unsafe_logging(cfg.unsafe_logging);
         let keys = KeyStore::new(&cfg.data_dir);
         let identity = keys.identity()?;
         let link_secret = keys.link()?;

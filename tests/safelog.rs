@@ -1,0 +1,97 @@
+//! Safe logging, whole-system: with the network logging everything at
+//! DEBUG, no destination a client asked for appears in any log line unless
+//! unsafe logging is on. Its own test binary: it installs the process's
+//! log subscriber.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use allium::testnet::{Testnet, TestnetOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Every log line of the process, as written.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn contains(&self, s: &str) -> bool {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).contains(s)
+    }
+
+    /// The lines that contain `s`.
+    fn lines_with(&self, s: &str) -> String {
+        let all = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        all.lines()
+            .filter(|l| l.contains(s))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// A SOCKS5 CONNECT to `host:port`; the reply code.
+async fn socks_host(proxy: SocketAddr, host: &str, port: u16) -> u8 {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut r))
+        .await
+        .unwrap()
+        .unwrap();
+    r[1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_stay_out_of_the_logs() {
+    let logs = Captured::default();
+    let w = logs.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter(allium::log_filter(Some("debug")))
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .init();
+    let net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let proxy = net.socks_addr;
+    // No exit takes port 25 (refused at the client), and no name under
+    // .invalid resolves (refused at the exit).
+    assert_ne!(socks_host(proxy, "secret-one.invalid", 25).await, 0);
+    assert_ne!(socks_host(proxy, "secret-two.invalid", 80).await, 0);
+    assert!(logs.contains("[scrubbed]"), "the failures were logged");
+    for s in ["secret-one", "secret-two"] {
+        assert!(
+            !logs.contains(s),
+            "{s} in the logs:\n{}",
+            logs.lines_with(s)
+        );
+    }
+    // With unsafe logging the same failures name their destinations.
+    allium_link::safelog::set_unsafe_logging(true);
+    assert_ne!(socks_host(proxy, "shown-one.invalid", 25).await, 0);
+    assert!(logs.contains("shown-one.invalid:25"));
+}
