@@ -38,11 +38,16 @@ pub(crate) async fn request(
             .await
             .map_err(|e| fail(e.to_string()))?;
         let conn = tokio::spawn(conn);
-        let req = Request::builder()
+        // The same bytes from every client and relay: nothing in a
+        // request tells one fetcher from another.
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", addr.to_string())
-            .header("content-type", "application/octet-stream")
+            .header("host", addr.to_string());
+        if !body.is_empty() {
+            req = req.header("content-type", "application/octet-stream");
+        }
+        let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| fail(e.to_string()))?;
         let resp = sender
@@ -151,4 +156,48 @@ pub async fn post_signature(addr: SocketAddr, sig: Vec<u8>) -> Result<(), DirErr
     request(addr, "POST", "/signature", sig, 4096)
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What one consensus fetch sends, byte for byte.
+    async fn request_bytes() -> Vec<u8> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            (addr, got)
+        });
+        let _ = fetch_consensus(addr).await;
+        let (addr, got) = server.await.unwrap();
+        // Only the authority's own address varies, and it is the same for
+        // every fetcher.
+        String::from_utf8(got)
+            .unwrap()
+            .replace(&addr.to_string(), "AUTHORITY")
+            .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_consensus_fetch_carries_nothing_of_its_fetcher() {
+        let a = request_bytes().await;
+        assert_eq!(
+            String::from_utf8_lossy(&a),
+            "GET /consensus HTTP/1.1\r\nhost: AUTHORITY\r\n\r\n"
+        );
+        assert_eq!(request_bytes().await, a);
+    }
 }
