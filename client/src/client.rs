@@ -250,11 +250,7 @@ impl Client {
                 let mut g = lock(&self.inner.guards);
                 g.update(&c, unix_now());
                 g.pick(&c).ok_or_else(|| {
-                    ClientError::NoPath(if g.all_disabled() {
-                        "every guard in the sample was disabled for failing too many circuits (path bias)".into()
-                    } else {
-                        "every guard in the sample failed recently".into()
-                    })
+                    ClientError::NoPath("every guard in the sample failed recently".into())
                 })?
             };
             let p = choose_path_through(&mut rand::rng(), &c, target, &guard, avoid_exits, &named)?;

@@ -11,10 +11,11 @@
 //!
 //! Each guard also has its path-bias counts (`pathbias.rs`): a guard whose
 //! circuits fail far more than an honest guard's is disabled, stays in the
-//! sample so it is not drawn again, and is replaced by a fresh draw. At
-//! most `size` disabled guards are kept; past that no more are drawn, since
-//! a network that fails the circuits of every guard may be failing them to
-//! push the client from guard to guard until it reaches one it likes.
+//! sample so it is not drawn again, and is replaced by a fresh draw. When
+//! as many guards are disabled as the sample holds, the client's own
+//! network is the likelier culprit: the counts start again, so a network
+//! that fails every guard's circuits neither pushes the client from guard
+//! to guard nor leaves it with none.
 //!
 //! Files: `guards` is the sample (postcard: a list of identity and time
 //! added), unchanged from before path bias was counted; `pathbias` next to
@@ -161,6 +162,22 @@ impl GuardSet {
         self.entries.retain(|e| {
             c.relay(&e.stored.identity).is_some() && e.stored.added + self.lifetime > now
         });
+        let disabled = self.entries.iter().filter(|e| e.bias.disabled).count();
+        if disabled >= self.size {
+            // As many guards judged bad as the sample holds: this client's
+            // own network is a likelier cause than so many attacking
+            // guards, and a client left with no guard at all is worse off
+            // than one that starts counting again.
+            warn!(
+                disabled,
+                "path bias: as many guards failed too many circuits as the sample holds; suspecting this network rather than the guards, the counts start again"
+            );
+            for e in &mut self.entries {
+                e.bias = PathBias::default();
+                e.reported = Verdict::Fine;
+            }
+            self.save_bias();
+        }
         let enabled = self.entries.iter().filter(|e| !e.bias.disabled).count();
         let room = (2 * self.size).saturating_sub(self.entries.len());
         let want = self.size.saturating_sub(enabled).min(room);
@@ -224,13 +241,15 @@ impl GuardSet {
     }
 
     /// A build through guard `id` got `hops` of its `of` hops built. With
-    /// none, the guard did not answer the CREATE and nothing is counted;
+    /// none, the guard did not answer the CREATE: it is backed off as if
+    /// unreachable ([`GuardSet::failed`]) and path bias counts nothing;
     /// otherwise the guard answered (it is reachable) and the circuit
     /// counts for its path bias, failed unless every hop was built. The
     /// middle and the exit are not judged: whatever happened beyond the
     /// guard reached the client through the guard.
     pub fn record_build(&mut self, id: &[u8; 32], hops: usize, of: usize) {
         if hops == 0 {
+            self.failed(id);
             return;
         }
         self.succeeded(id);
@@ -285,11 +304,6 @@ impl GuardSet {
             .iter()
             .find(|e| &e.stored.identity == id)
             .map(|e| e.bias)
-    }
-
-    /// Is every guard of the sample disabled for path bias?
-    pub fn all_disabled(&self) -> bool {
-        !self.entries.is_empty() && self.entries.iter().all(|e| e.bias.disabled)
     }
 }
 
@@ -402,8 +416,11 @@ mod tests {
                 builds(&mut g, good, 20, |i| i % 20 == 0);
             }
         }
-        // Not reaching the guard is the backoff's business, not path bias.
+        // A CREATE the guard does not answer is the backoff's business, not
+        // path bias.
         g.record_build(&bad, 0, 3);
+        assert_eq!(g.pick(&c).unwrap().identity, sample[1], "backed off");
+        g.succeeded(&bad);
         let b = g.bias(&bad).unwrap();
         assert_eq!((b.attempts, b.successes), (200, 80));
         assert_eq!(b.verdict(), Verdict::Warn, "flagged");
@@ -445,17 +462,19 @@ mod tests {
         assert!(g2.bias(&bad).unwrap().disabled);
         assert_eq!(g2.pick(&c).unwrap().identity, sample[1]);
 
-        // At most as many disabled guards as the sample's size are kept:
-        // then no more are drawn and the client says why.
-        for _ in 0..10 {
+        // As many disabled guards as the sample holds: the client suspects
+        // its own network rather than every guard, and counts again from
+        // zero instead of being left with no guard.
+        for _ in 0..2 {
             g2.update(&c, 300);
-            let Some(next) = g2.pick(&c) else { break };
-            builds(&mut g2, &next.identity, 1000, |_| true);
-            assert!(g2.bias(&next.identity).unwrap().disabled);
+            let next = g2.pick(&c).unwrap().identity;
+            builds(&mut g2, &next, 1000, |_| true);
+            assert!(g2.bias(&next).unwrap().disabled);
         }
-        assert_eq!(g2.ids().len(), 6, "twice the sample's size at most");
-        assert!(g2.pick(&c).is_none());
-        assert!(g2.all_disabled());
+        g2.update(&c, 300);
+        assert!(g2.ids().iter().all(|id| !g2.bias(id).unwrap().disabled));
+        assert_eq!(g2.pick(&c).unwrap().identity, sample[0]);
+        assert_eq!(load().bias(&bad).unwrap(), PathBias::default(), "saved");
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use allium_proto::doc::{AuthSigned, CONSENSUS_DOMAIN, VOTE_DOMAIN, VerifiedDescriptor};
+use allium_proto::doc::{
+    AuthSigned, CONSENSUS_DOMAIN, MAX_CONSENSUS_RELAYS, VOTE_DOMAIN, VerifiedDescriptor,
+};
 use allium_proto::policy::is_private;
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{
@@ -144,16 +146,19 @@ struct AuthState {
     measured: HashMap<[u8; 32], (u32, u64, SocketAddr)>,
     /// When each relay was last measured or tried.
     measure_tried: HashMap<[u8; 32], u64>,
+    /// Relays new to the table, to be tested soon (at most one entry per
+    /// relay held).
+    untested: std::collections::VecDeque<[u8; 32]>,
     /// Votes by period, then by authority: parsed and as received.
     votes: BTreeMap<u64, VotesOfPeriod>,
     /// Our detached signature by period.
     own_sigs: BTreeMap<u64, Bytes>,
     pending: Option<Pending>,
     consensus: Option<Bytes>,
-    /// The descriptor list as served, made on the first request after a
-    /// change.
-    descriptors_doc: Option<Bytes>,
 }
+
+/// Relays new to the table tested at once, at most.
+const PROBES_AT_ONCE: usize = 32;
 
 /// A running authority's shared state.
 pub struct Authority {
@@ -196,6 +201,11 @@ impl Authority {
                 "interval_secs must be at least 2 and valid_intervals positive".into(),
             ));
         }
+        if !(1..=MAX_CONSENSUS_RELAYS).contains(&cfg.max_relays) {
+            return Err(DirError::Config(format!(
+                "max_relays must be 1 to {MAX_CONSENSUS_RELAYS} (what a vote may list)"
+            )));
+        }
         let signer = Signer::load(&cfg.data_dir)?;
         let pinned = crate::authority_keys(&cfg.authorities)?;
         let identity = signer.parsed.identity;
@@ -222,6 +232,7 @@ impl Authority {
             for d in list {
                 if let Ok(v) = UnverifiedDescriptor::parse(&d)
                     .and_then(|u| u.verify(now, cfg.descriptor_max_age_secs))
+                    && (cfg.allow_private_addresses || !is_private(v.desc.addr.ip()))
                 {
                     st.descriptors.insert(v.desc.identity, v);
                 }
@@ -323,7 +334,7 @@ impl Authority {
                 let Some(out) = self.evictable(&st, now) else {
                     return Err((
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "descriptor rejected: relay table full of reachable relays".into(),
+                        "descriptor rejected: relay table full of relays reachable or not tested yet".into(),
                     ));
                 };
                 debug!(id = %short_id(&out), "unreachable relay dropped to make room");
@@ -333,8 +344,10 @@ impl Authority {
             _ => {}
         }
         info!(relay = %v.desc.nickname, id = %short_id(&v.desc.identity), "descriptor accepted");
-        st.descriptors.insert(v.desc.identity, v);
-        st.descriptors_doc = None;
+        let id = v.desc.identity;
+        if st.descriptors.insert(id, v).is_none() && st.untested.len() < self.cfg.max_relays {
+            st.untested.push_back(id);
+        }
         if let Err(e) = self.persist_descriptors(&st) {
             warn!("persisting descriptors: {e}");
         }
@@ -479,13 +492,20 @@ impl Authority {
             .values()
             .map(|d| (d.desc.identity, d.desc.addr, d.desc.link_key))
             .collect();
+        self.test_relays(targets).await;
+    }
+
+    async fn test_relays(&self, targets: Vec<([u8; 32], SocketAddr, LinkKey)>) {
         let mut set = tokio::task::JoinSet::new();
         for (id, addr, key) in targets {
             set.spawn(async move { (id, reach::test_relay(addr, RelayId(id), key).await) });
         }
-        let now = unix_now();
         while let Some(Ok((id, r))) = set.join_next().await {
+            let now = unix_now();
             let mut st = lock(&self.state);
+            if !st.descriptors.contains_key(&id) {
+                continue;
+            }
             let e = st.reach.entry(id).or_default();
             match r {
                 Ok(()) => {
@@ -498,6 +518,30 @@ impl Authority {
                     }
                     e.running_since = None;
                 }
+            }
+        }
+    }
+
+    /// Test relays new to the table soon after their upload, at most
+    /// [`PROBES_AT_ONCE`] at a time, so that one found unreachable can give
+    /// its place in a full table to a newcomer without waiting for the
+    /// next round.
+    async fn probe_loop(&self) {
+        loop {
+            let batch: Vec<([u8; 32], SocketAddr, LinkKey)> = {
+                let mut st = lock(&self.state);
+                let n = st.untested.len().min(PROBES_AT_ONCE);
+                let ids: Vec<[u8; 32]> = st.untested.drain(..n).collect();
+                ids.iter()
+                    .filter(|id| !st.reach.contains_key(*id))
+                    .filter_map(|id| st.descriptors.get(id))
+                    .map(|d| (d.desc.identity, d.desc.addr, d.desc.link_key))
+                    .collect()
+            };
+            if batch.is_empty() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                self.test_relays(batch).await;
             }
         }
     }
@@ -612,12 +656,8 @@ impl Authority {
     pub fn make_vote(&self, valid_after: u64, now: u64) -> Vec<u8> {
         let mut st = lock(&self.state);
         let max_age = self.cfg.descriptor_max_age_secs;
-        let before = st.descriptors.len();
         st.descriptors
             .retain(|_, d| d.desc.published + max_age >= now);
-        if st.descriptors.len() != before {
-            st.descriptors_doc = None;
-        }
         let AuthState {
             descriptors,
             measured,
@@ -850,18 +890,6 @@ impl Authority {
         lock(&self.state).consensus.clone()
     }
 
-    /// The descriptors held, as `GET /descriptors` serves them.
-    pub fn descriptors_bytes(&self) -> Bytes {
-        let mut st = lock(&self.state);
-        if let Some(b) = &st.descriptors_doc {
-            return b.clone();
-        }
-        let list: Vec<&Vec<u8>> = st.descriptors.values().map(|d| &d.bytes).collect();
-        let b = Bytes::from(postcard::to_stdvec(&list).unwrap_or_default());
-        st.descriptors_doc = Some(b.clone());
-        b
-    }
-
     /// Our own vote for the period starting at `va`.
     pub fn own_vote(&self, va: u64) -> Option<Bytes> {
         lock(&self.state)
@@ -907,6 +935,7 @@ impl Authority {
             r = serve::http(self.clone(), listener, HttpLimits::default()) => r,
             () = schedule => Ok(()),
             () = self.measure_loop() => Ok(()),
+            () = self.probe_loop() => Ok(()),
         }
     }
 }
@@ -1124,6 +1153,39 @@ pub(crate) mod tests {
             a.accept_descriptor(&desc(&key(1), now + 1), now + 1),
             Ok("accepted")
         );
+    }
+
+    #[tokio::test]
+    async fn a_new_relay_is_tested_soon_after_its_upload() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Authority::new(AuthConfig {
+            max_relays: 1,
+            ..authority(d.path())
+        })
+        .unwrap();
+        let now = unix_now();
+        // Relay 1 at a closed port, then relay 2: the table is full until
+        // relay 1 has been tested, which happens without waiting for a
+        // voting round.
+        a.accept_descriptor(&desc(&SigningKey::from_bytes(&[1; 32]), now), now)
+            .unwrap();
+        let second = desc(&SigningKey::from_bytes(&[2; 32]), now);
+        assert_eq!(
+            a.accept_descriptor(&second, now).unwrap_err().0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let probing = a.probe_loop();
+        tokio::pin!(probing);
+        let tested = async {
+            while lock(&a.state).reach.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            () = &mut probing => unreachable!(),
+            r = tokio::time::timeout(Duration::from_secs(10), tested) => r.unwrap(),
+        }
+        assert_eq!(a.accept_descriptor(&second, now + 200), Ok("accepted"));
     }
 
     fn tokio_test_block<F: std::future::Future>(f: F) -> F::Output {

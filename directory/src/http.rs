@@ -17,7 +17,10 @@ use tracing::debug;
 
 use crate::{AuthorityEntry, DirError, unix_now};
 
+/// A small request and its answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// A consensus (up to 6 MiB) or a vote (up to 48 MiB), either way.
+const LARGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(crate) async fn request(
     addr: SocketAddr,
@@ -26,6 +29,11 @@ pub(crate) async fn request(
     body: Vec<u8>,
     limit: usize,
 ) -> Result<Vec<u8>, DirError> {
+    let timeout = if body.len() > 64 * 1024 || limit > 64 * 1024 {
+        LARGE_TIMEOUT
+    } else {
+        TIMEOUT
+    };
     let fail = |why: String| DirError::Http {
         addr: addr.to_string(),
         why,
@@ -70,7 +78,7 @@ pub(crate) async fn request(
         }
         Ok(body)
     };
-    tokio::time::timeout(TIMEOUT, work)
+    tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| fail("timed out".into()))?
 }

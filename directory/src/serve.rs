@@ -7,17 +7,22 @@
 //! - at most [`AuthConfig::max_connections`] open connections, and
 //!   [`AuthConfig::max_connections_per_addr`] from one host (an IPv6 /64
 //!   counts as one host); more are closed at once;
+//!   (the configured authorities' own addresses are exempt, so filling
+//!   the slots cannot keep the authorities from pushing votes);
 //! - a token bucket per host (`requests_per_sec`, `request_burst`): a
 //!   connection over it is answered 429 and closed;
 //! - the request head must arrive within [`HttpLimits::header`], the
-//!   whole request within [`HttpLimits::request`] (408 otherwise), and the
-//!   connection ends after [`HttpLimits::lifetime`] whatever it does;
+//!   body be read and the handler answer within [`HttpLimits::request`]
+//!   (408 otherwise), and the connection ends after
+//!   [`HttpLimits::lifetime`] whatever it does (sending the answer
+//!   included);
 //! - each route has its own body limit, checked against `Content-Length`
-//!   before any byte of the body is read.
+//!   before any byte of the body is read; pushed votes (up to 48 MiB) are
+//!   read at most one per authority at a time (503 beyond: authorities
+//!   also fetch each other's votes).
 //!
 //! Documents are served from bytes prepared once (the consensus when it is
-//! published, the descriptor list when it changes), never rebuilt per
-//! request.
+//! published, votes and signatures when made), never rebuilt per request.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -34,7 +39,8 @@ use axum::routing::{MethodRouter, get, post};
 use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::auth::{AuthConfig, Authority};
@@ -62,7 +68,7 @@ impl Default for HttpLimits {
         HttpLimits {
             header: Duration::from_secs(10),
             request: Duration::from_secs(30),
-            // A 4 MiB consensus to a reader at 40 KB/s.
+            // A 6 MiB consensus to a reader at 53 KB/s.
             lifetime: Duration::from_secs(120),
         }
     }
@@ -169,11 +175,17 @@ impl Drop for Admitted {
     }
 }
 
-fn admit(conns: &Arc<Mutex<Connections>>, cfg: &AuthConfig, ip: IpAddr) -> Option<Admitted> {
+fn admit(
+    conns: &Arc<Mutex<Connections>>,
+    cfg: &AuthConfig,
+    exempt: &[IpAddr],
+    ip: IpAddr,
+) -> Option<Admitted> {
     let host = host_key(ip);
     let mut c = crate::auth::lock(conns);
     let here = c.per_host.get(&host).copied().unwrap_or(0);
-    if c.total >= cfg.max_connections.max(1) || here >= cfg.max_connections_per_addr.max(1) {
+    let full = c.total >= cfg.max_connections.max(1) || here >= cfg.max_connections_per_addr.max(1);
+    if full && !exempt.contains(&host) {
         return None;
     }
     c.total += 1;
@@ -185,12 +197,16 @@ fn admit(conns: &Arc<Mutex<Connections>>, cfg: &AuthConfig, ip: IpAddr) -> Optio
 }
 
 fn router(a: Arc<Authority>, limits: HttpLimits) -> Router {
+    let votes_in = Arc::new(Semaphore::new(a.config().authorities.len().max(1)));
+    let vote_route = limited(post(post_vote), MAX_VOTE_LEN).layer(
+        axum::middleware::from_fn_with_state(votes_in, one_at_a_time),
+    );
     Router::new()
         .route(
             "/descriptor",
             limited(post(post_descriptor), MAX_DESCRIPTOR_LEN),
         )
-        .route("/vote", limited(post(post_vote), MAX_VOTE_LEN))
+        .route("/vote", vote_route)
         .route("/vote/{va}", get(get_vote))
         .route(
             "/signature",
@@ -198,7 +214,6 @@ fn router(a: Arc<Authority>, limits: HttpLimits) -> Router {
         )
         .route("/signature/{va}", get(get_signature))
         .route("/consensus", get(get_consensus))
-        .route("/descriptors", get(get_descriptors))
         .layer(DefaultBodyLimit::max(0))
         .layer(axum::middleware::from_fn_with_state(
             limits.request,
@@ -213,6 +228,14 @@ fn router(a: Arc<Authority>, limits: HttpLimits) -> Router {
 fn limited(m: MethodRouter<Arc<Authority>>, max: usize) -> MethodRouter<Arc<Authority>> {
     m.layer(DefaultBodyLimit::max(max))
         .layer(axum::middleware::from_fn_with_state(max, length_limit))
+}
+
+/// Take a place from `slots` for the whole request, or answer 503.
+async fn one_at_a_time(State(slots): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    let Ok(_place) = slots.try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy: try again later").into_response();
+    };
+    next.run(req).await
 }
 
 async fn length_limit(State(max): State<usize>, req: Request, next: Next) -> Response {
@@ -243,6 +266,12 @@ pub async fn http(
 ) -> Result<(), DirError> {
     let app = router(a.clone(), limits);
     let conns = Arc::new(Mutex::new(Connections::default()));
+    let exempt: Vec<IpAddr> = a
+        .config()
+        .authorities
+        .iter()
+        .map(|e| host_key(e.addr.ip()))
+        .collect();
     loop {
         let (mut sock, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -254,15 +283,24 @@ pub async fn http(
                 continue;
             }
         };
-        let Some(admitted) = admit(&conns, a.config(), peer.ip()) else {
+        let Some(admitted) = admit(&conns, a.config(), &exempt, peer.ip()) else {
             debug!("connection refused: too many open");
             continue;
         };
         if !a.allow(peer.ip()) {
             tokio::spawn(async move {
                 let _admitted = admitted;
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), sock.write_all(TOO_MANY)).await;
+                // Answer, then read what the peer sent before closing, so
+                // that unread bytes do not turn the close into a reset that
+                // loses the answer.
+                let answer = async {
+                    sock.write_all(TOO_MANY).await?;
+                    sock.shutdown().await?;
+                    let mut sink = [0u8; 4096];
+                    while sock.read(&mut sink).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
             });
             continue;
         }
@@ -335,15 +373,10 @@ async fn get_consensus(
         .ok_or((StatusCode::NOT_FOUND, "no consensus yet"))
 }
 
-async fn get_descriptors(State(a): State<Arc<Authority>>) -> Bytes {
-    a.descriptors_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::SocketAddr;
-    use tokio::io::AsyncReadExt;
     use tokio::net::{TcpSocket, TcpStream};
 
     #[test]
@@ -459,6 +492,42 @@ mod tests {
                 .expect("answered without waiting for the body");
             assert!(got.starts_with(b"HTTP/1.1 413"), "{path}: {got:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn pushed_votes_are_read_one_per_authority_at_a_time() {
+        let d = tempfile::tempdir().unwrap();
+        let limits = HttpLimits {
+            request: Duration::from_secs(2),
+            ..HttpLimits::default()
+        };
+        let addr = start(crate::auth::tests::authority(d.path()), limits).await;
+        // One authority configured: a second vote arriving while one is
+        // being read is turned away at once.
+        let head = b"POST /vote HTTP/1.1\r\nhost: a\r\ncontent-length: 1000\r\n\r\n";
+        let mut slow = connect_from("127.0.0.1", addr).await;
+        slow.write_all(head).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut next = connect_from("127.0.0.2", addr).await;
+        next.write_all(head).await.unwrap();
+        let got = read_to_close(&mut next, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 503"), "{got:?}");
+        // The first one times out and frees its place.
+        let got = read_to_close(&mut slow, Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 408"), "{got:?}");
+        let mut after = connect_from("127.0.0.2", addr).await;
+        after
+            .write_all(b"POST /vote HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc")
+            .await
+            .unwrap();
+        let got = read_to_close(&mut after, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 400"), "{got:?}");
     }
 
     #[tokio::test]

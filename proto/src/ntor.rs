@@ -130,11 +130,12 @@ impl OnionSecret {
         h.update(CROSSCERT_NONCE_DOMAIN);
         h.update(x.as_slice());
         let wide = Zeroizing::new(<[u8; 64]>::from(h.finalize()));
-        let mut hash_prefix = [0u8; 32];
+        let mut hash_prefix = Zeroizing::new([0u8; 32]);
         hash_prefix.copy_from_slice(&wide[32..]);
+        let clamped = Zeroizing::new(clamp_integer(*x));
         let esk = ExpandedSecretKey {
-            scalar: Scalar::from_bytes_mod_order(clamp_integer(*x)),
-            hash_prefix,
+            scalar: Scalar::from_bytes_mod_order(*clamped),
+            hash_prefix: *hash_prefix,
         };
         let vk = VerifyingKey::from(&esk);
         let sig = raw_sign::<Sha512>(&esk, &OnionCrossCert::message(identity, &self.public), &vk);

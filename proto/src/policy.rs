@@ -314,14 +314,23 @@ impl ExitPolicy {
     }
 
     /// The summary the consensus carries: the ports where the first rule
-    /// that concerns every address (`*`) accepts. With more than
+    /// that concerns every address (`*`) accepts. A reject of a network
+    /// wider than an IPv4 /8 or an IPv6 /16 closes its ports too (a policy
+    /// rejecting `0.0.0.0/0` then accepting `*` exits almost nowhere);
+    /// narrower rules and accepts of some networks do not count. With more than
     /// [`MAX_PORT_RANGES`] ranges, ranges are left out (never added): the
     /// narrowest first, ranges holding a port below 1024 last.
     pub fn summary(&self) -> ExitPorts {
         // Rule boundaries split 1..=65535 into spans that every rule
         // treats alike.
+        let general = |r: &Rule| match (r.action, r.addr) {
+            (_, AddrPattern::Any) => true,
+            (Action::Reject, AddrPattern::V4(_, bits)) => bits < 8,
+            (Action::Reject, AddrPattern::V6(_, bits)) => bits < 16,
+            _ => false,
+        };
         let mut cuts: Vec<u32> = vec![1, 65536];
-        for r in self.rules.iter().filter(|r| r.addr == AddrPattern::Any) {
+        for r in self.rules.iter().filter(|r| general(r)) {
             cuts.push(u32::from(r.port_lo));
             cuts.push(u32::from(r.port_hi) + 1);
         }
@@ -333,7 +342,7 @@ impl ExitPolicy {
             let accepted = self
                 .rules
                 .iter()
-                .find(|r| r.addr == AddrPattern::Any && r.port_matches(lo))
+                .find(|r| general(r) && r.port_matches(lo))
                 .is_some_and(|r| r.action == Action::Accept);
             match ranges.last_mut() {
                 Some(last) if accepted && u32::from(last.1) + 1 == u32::from(lo) => last.1 = hi,
@@ -506,6 +515,22 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(p.summary(), ExitPorts(vec![(80, 81), (443, 443)]));
+        // A reject of a very wide network closes its ports.
+        let wide = ExitPolicy::parse_rules(&[
+            "reject 0.0.0.0/0:1-1000",
+            "reject [::]/8:*",
+            "reject 10.0.0.0/9:2000",
+            "accept *:*",
+        ])
+        .unwrap();
+        assert_eq!(wide.summary(), ExitPorts(vec![]));
+        let v4 = ExitPolicy::parse_rules(&[
+            "reject 0.0.0.0/0:1-1000",
+            "reject 10.0.0.0/9:2000",
+            "accept *:*",
+        ])
+        .unwrap();
+        assert_eq!(v4.summary(), ExitPorts(vec![(1001, 65535)]));
         assert!(!ExitPolicy::reject_all().summary().is_exit());
         // The testnet's exits accept loopback before rejecting private
         // addresses: every port but the rejected ones is open.

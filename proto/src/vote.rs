@@ -50,17 +50,18 @@ impl Vote {
     /// authority's own vote.
     pub fn verify(b: &[u8], pinned: &[AuthorityKey], now: u64) -> Result<Vote, Error> {
         let doc = AuthSigned::parse("vote", b, MAX_VOTE_LEN)?;
-        let (v, rest): (Vote, _) = postcard::take_from_bytes(&doc.body)
-            .map_err(|e| Error::malformed("vote", e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(Error::TrailingBytes(rest.len()));
-        }
+        // The signature first: a body no authority signed is never decoded.
         let [s] = doc.signatures.as_slice() else {
             return Err(Error::malformed("vote", "must carry exactly one signature"));
         };
         let c = s
             .check(VOTE_DOMAIN, &doc.body, pinned, now)
             .map_err(|_| Error::BadSignature("vote"))?;
+        let (v, rest): (Vote, _) = postcard::take_from_bytes(&doc.body)
+            .map_err(|e| Error::malformed("vote", e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(Error::TrailingBytes(rest.len()));
+        }
         if c.identity != v.authority {
             return Err(Error::BadSignature(
                 "vote (signed by another authority than its author)",
