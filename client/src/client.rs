@@ -693,6 +693,7 @@ fn learn(guards: &mut GuardSet, guard: &[u8; 32], len: usize, failure: Option<&B
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::path::tests::relay;
 
     #[test]
     fn a_stale_consensus_backs_off() {
@@ -733,29 +734,6 @@ mod tests {
         );
     }
 
-    fn relay(i: u8, bw: u32, flags: u16) -> ConsensusRelay {
-        use allium_proto::RelayFlags;
-        use allium_proto::policy::ExitPolicy;
-        ConsensusRelay {
-            nickname: format!("r{i}"),
-            identity: [i; 32],
-            link_key: allium_proto::LinkKey([0; 32]),
-            onion_key: allium_proto::OnionKey([0; 32]),
-            addr: format!("127.{i}.0.1:9000").parse().unwrap(),
-            flags: RelayFlags(flags | RelayFlags::RUNNING | RelayFlags::VALID),
-            bandwidth: bw,
-            declared_bandwidth: bw,
-            measured_bandwidth: Some(bw),
-            exit_ports: if flags & RelayFlags::EXIT != 0 {
-                ExitPolicy::parse_rules(&["accept *:*"]).unwrap().summary()
-            } else {
-                Default::default()
-            },
-            family: None,
-            descriptor_digest: [0; 32],
-        }
-    }
-
     /// Three guards, two exits and ten middles, of which relays 10 and 11
     /// (a fifth of the middle weight) collude with a guard. Guards and
     /// exits are scarce enough never to be middles.
@@ -767,13 +745,7 @@ mod tests {
             .chain((10..20).map(|i| relay(i, 1000, 0)))
             .collect();
         relays.sort_by_key(|r| r.identity);
-        Consensus {
-            valid_after: 0,
-            fresh_until: 0,
-            valid_until: 0,
-            weights: allium_proto::PositionWeights::compute(&relays),
-            relays,
-        }
+        crate::path::tests::consensus_of(relays)
     }
 
     #[test]

@@ -330,31 +330,10 @@ fn load_bias(file: &std::path::Path) -> Vec<StoredBias> {
 mod tests {
     use super::*;
 
-    fn relay(i: u8) -> ConsensusRelay {
-        ConsensusRelay {
-            nickname: format!("g{i}"),
-            identity: [i; 32],
-            link_key: allium_proto::LinkKey([0; 32]),
-            onion_key: allium_proto::OnionKey([0; 32]),
-            addr: format!("127.{i}.0.1:9000").parse().unwrap(),
-            flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::GUARD),
-            bandwidth: 1000,
-            declared_bandwidth: 1000,
-            measured_bandwidth: Some(1000),
-            exit_ports: Default::default(),
-            family: None,
-            descriptor_digest: [0; 32],
-        }
-    }
-
+    /// A consensus of Guard relays `ids`.
     fn consensus(ids: &[u8]) -> Consensus {
-        Consensus {
-            valid_after: 0,
-            fresh_until: 0,
-            valid_until: 0,
-            relays: ids.iter().map(|&i| relay(i)).collect(),
-            weights: Default::default(),
-        }
+        let relay = |i| crate::path::tests::relay(i, 1000, RelayFlags::GUARD);
+        crate::path::tests::consensus_of(ids.iter().map(|&i| relay(i)).collect())
     }
 
     #[test]

@@ -192,12 +192,14 @@ pub fn sample_guards<R: Rng + ?Sized>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use allium_proto::policy::{ExitPolicy, ExitPorts};
+    use allium_proto::policy::ExitPolicy;
     use rand::SeedableRng;
 
-    fn relay(i: u8, bw: u32, flags: u16, exit: bool) -> ConsensusRelay {
+    /// Relay `i` at 127.i.0.1 (so each in its own /16), Running and Valid
+    /// with `flags`, weighing `bw`; an Exit takes every port but 25.
+    pub(crate) fn relay(i: u8, bw: u32, flags: u16) -> ConsensusRelay {
         ConsensusRelay {
             nickname: format!("r{i}"),
             identity: [i; 32],
@@ -208,12 +210,12 @@ mod tests {
             bandwidth: bw,
             declared_bandwidth: bw,
             measured_bandwidth: Some(bw),
-            exit_ports: if exit {
+            exit_ports: if flags & RelayFlags::EXIT != 0 {
                 ExitPolicy::parse_rules(&["reject *:25", "accept *:*"])
                     .unwrap()
                     .summary()
             } else {
-                ExitPorts::default()
+                Default::default()
             },
             family: None,
             descriptor_digest: [0; 32],
@@ -222,13 +224,13 @@ mod tests {
 
     fn net() -> Consensus {
         let mut relays = vec![
-            relay(1, 1000, RelayFlags::GUARD, false),
-            relay(2, 3000, RelayFlags::GUARD, false),
-            relay(3, 1000, 0, false),
-            relay(4, 1000, RelayFlags::EXIT, true),
-            relay(5, 3000, RelayFlags::EXIT, true),
-            relay(6, 2000, 0, false),
-            relay(7, 2000, RelayFlags::GUARD, false),
+            relay(1, 1000, RelayFlags::GUARD),
+            relay(2, 3000, RelayFlags::GUARD),
+            relay(3, 1000, 0),
+            relay(4, 1000, RelayFlags::EXIT),
+            relay(5, 3000, RelayFlags::EXIT),
+            relay(6, 2000, 0),
+            relay(7, 2000, RelayFlags::GUARD),
         ];
         // 6 and 7 share a /16 with 3 and 1; 2 and 5 are one family.
         relays[5].addr = "127.3.9.9:9000".parse().unwrap();
@@ -236,6 +238,12 @@ mod tests {
         relays.sort_by_key(|r| r.identity);
         relays[1].family = Some(1);
         relays[4].family = Some(1);
+        consensus_of(relays)
+    }
+
+    /// A consensus of `relays` (sorted by identity), with its position
+    /// weights.
+    pub(crate) fn consensus_of(relays: Vec<ConsensusRelay>) -> Consensus {
         Consensus {
             valid_after: 0,
             fresh_until: 0,
