@@ -54,6 +54,8 @@ struct Entry {
     stored: Stored,
     failures: u32,
     retry_at: Option<Instant>,
+    /// CREATEs in a row the guard left unanswered.
+    unanswered: u32,
     bias: PathBias,
     /// The worst verdict logged for it since the process started.
     reported: Verdict,
@@ -65,6 +67,7 @@ impl Entry {
             stored,
             failures: 0,
             retry_at: None,
+            unanswered: 0,
             bias: PathBias::default(),
             reported: Verdict::Fine,
         }
@@ -83,6 +86,11 @@ pub struct GuardSet {
     lifetime: u64,
     retry: Duration,
 }
+
+/// CREATEs in a row a guard may leave unanswered before it is backed off
+/// (one slow answer under load is no reason to leave a guard; a guard that
+/// answers none would otherwise take every attempt of every build).
+const UNANSWERED_BEFORE_BACKOFF: u32 = 3;
 
 /// Longest wait before a failed guard is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(3600);
@@ -241,17 +249,25 @@ impl GuardSet {
     }
 
     /// A build through guard `id` got `hops` of its `of` hops built. With
-    /// none, the guard did not answer the CREATE: it is backed off as if
-    /// unreachable ([`GuardSet::failed`]) and path bias counts nothing;
-    /// otherwise the guard answered (it is reachable) and the circuit
+    /// none, the guard did not answer the CREATE (or not in time) and path
+    /// bias counts nothing; after [`UNANSWERED_BEFORE_BACKOFF`] in a row it
+    /// is backed off as if unreachable ([`GuardSet::failed`]). Otherwise the guard answered (it is reachable) and the circuit
     /// counts for its path bias, failed unless every hop was built. The
     /// middle and the exit are not judged: whatever happened beyond the
     /// guard reached the client through the guard.
     pub fn record_build(&mut self, id: &[u8; 32], hops: usize, of: usize) {
+        let Some(e) = self.entries.iter_mut().find(|e| &e.stored.identity == id) else {
+            return;
+        };
         if hops == 0 {
-            self.failed(id);
+            e.unanswered += 1;
+            if e.unanswered >= UNANSWERED_BEFORE_BACKOFF {
+                e.unanswered = 0;
+                self.failed(id);
+            }
             return;
         }
+        e.unanswered = 0;
         self.succeeded(id);
         self.record(id, |b| b.record_build(hops >= of));
     }
@@ -395,8 +411,11 @@ mod tests {
                 builds(&mut g, good, 20, |i| i % 20 == 0);
             }
         }
-        // A CREATE the guard does not answer is the backoff's business, not
-        // path bias.
+        // CREATEs the guard does not answer are the backoff's business, not
+        // path bias: the third in a row backs it off.
+        g.record_build(&bad, 0, 3);
+        g.record_build(&bad, 0, 3);
+        assert_eq!(g.pick(&c).unwrap().identity, bad);
         g.record_build(&bad, 0, 3);
         assert_eq!(g.pick(&c).unwrap().identity, sample[1], "backed off");
         g.succeeded(&bad);
