@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use allium_client::path::ExitTarget;
 use allium_client::{Client, ClientConfig};
+use allium_link::shaping::{self, Shaping};
 use allium_proto::cell::{self, Cell, CellCmd};
 use allium_proto::ntor;
 use serde::Serialize;
@@ -300,6 +301,12 @@ pub struct Report {
     pub idle_circuit_bytes_each: f64,
     pub idle_channels: usize,
     pub idle_channel_bytes_each: f64,
+    /// Link shaping, if any: one-way delay, rate, and the round trip per
+    /// link measured from circuit builds.
+    pub link_delay_ms: Option<f64>,
+    pub link_rate: Option<u64>,
+    pub link_rtt_ms: Option<f64>,
+    pub single_stream_bytes: usize,
 }
 
 fn machine() -> String {
@@ -337,7 +344,11 @@ fn cpu_of(procs: &Procs, names: &[String]) -> f64 {
 }
 
 /// Run the benchmark; print the table and optionally write JSON.
-pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
+pub async fn run(
+    json: Option<&Path>,
+    quick: bool,
+    shaping: Option<Shaping>,
+) -> BenchResult<Report> {
     let exe = std::env::current_exe().map_err(err)?;
     let dir = tempfile::tempdir().map_err(err)?;
     let opts0 = TestnetOptions::default();
@@ -354,6 +365,9 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
     let spawn = |role: &str, cfg: &Path| -> BenchResult<Child> {
         let mut c = Command::new(&exe);
         c.arg(role).arg("--config").arg(cfg);
+        if let Some(s) = &shaping {
+            c.env(shaping::ENV, s.to_env());
+        }
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -408,7 +422,9 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
     let client_pid = procs.pid("client").ok_or("no client")?;
     rep.client_rss_idle_mib = rss_mib(client_pid).0;
 
-    // a. Circuit builds on warm channels, by a library client of our own.
+    // a. Circuit builds on warm channels, by a library client of our own
+    // (its links shaped as the network's).
+    shaping::set(shaping);
     let mut ccfg: ClientConfig = plan.client.clone();
     ccfg.data_dir = plan.dir.join("bench-client");
     ccfg.socks_listen = vec![];
@@ -429,6 +445,18 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
         builds.iter().cloned().fold(0.0, f64::max),
     );
     rep.circuit_build_ms = median(&mut builds);
+    if let Some(s) = shaping {
+        rep.link_delay_ms = Some(ms(s.delay));
+        rep.link_rate = s.rate;
+        // Hop k of a build takes k link round trips: 6 in all.
+        rep.link_rtt_ms = Some(rep.circuit_build_ms / 6.0);
+        eprintln!(
+            "bench: links delayed {} ms one-way: per-link round trip {:.1} ms measured (circuit build / 6), {} ms expected",
+            s.delay.as_millis(),
+            rep.circuit_build_ms / 6.0,
+            2 * s.delay.as_millis()
+        );
+    }
     eprintln!(
         "bench: a. circuit build median {:.2} ms",
         rep.circuit_build_ms
@@ -452,7 +480,13 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
     eprintln!("bench: b. 1 KiB TTFB median {:.2} ms", rep.ttfb_1k_ms);
 
     // c. One stream of 100 MiB, each run on a fresh circuit.
-    let big = if quick { 20 << 20 } else { 100 << 20 };
+    // Under delay, 20 MiB (as the congestion-control figures are taken).
+    let big = if quick || shaping.is_some() {
+        20 << 20
+    } else {
+        100 << 20
+    };
+    rep.single_stream_bytes = big;
     let mut runs = Vec::new();
     let mut relay_cpu = Vec::new();
     let mut client_cpu = Vec::new();
@@ -542,6 +576,9 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
     let n_idle: usize = if quick { 2000 } else { 10_000 };
     let target = plan.relays.len() - 1;
     let tpid = procs.pid(&plan.relays[target].nickname).ok_or("no relay")?;
+    // The library client fetched its consensus at the start and runs no
+    // refresh loop: fetch a current one (the testnet's lasts a minute).
+    lib.refresh_consensus().await.map_err(err)?;
     let cons = lib.consensus().ok_or("no consensus")?;
     let tr = cons
         .relays
@@ -611,7 +648,13 @@ pub async fn run(json: Option<&Path>, quick: bool) -> BenchResult<Report> {
 
 fn list(v: &[f64]) -> String {
     v.iter()
-        .map(|x| format!("{x:.0}"))
+        .map(|x| {
+            if *x < 10.0 {
+                format!("{x:.1}")
+            } else {
+                format!("{x:.0}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(" / ")
 }
@@ -621,6 +664,15 @@ fn print_report(r: &Report) {
     println!("Allium private loopback network {}", r.version);
     println!("{}; {}", r.date, r.machine);
     println!("3 authorities + 6 relays (2 exits) + 1 client, each its own process");
+    if let (Some(d), Some(rtt)) = (r.link_delay_ms, r.link_rtt_ms) {
+        let rate = r.link_rate.map_or(String::new(), |b| {
+            format!(", at most {:.1} MB/s", b as f64 / 1e6)
+        });
+        println!(
+            "every link delayed {d:.0} ms one-way{rate}; per-link round trip measured {rtt:.1} ms (expected {:.0})",
+            2.0 * d
+        );
+    }
     println!("medians; MB = 10^6 bytes, GB = 10^9 bytes of payload");
     println!("----------------------------------------------------------------------------------");
     println!(
@@ -640,7 +692,8 @@ fn print_report(r: &Report) {
         r.stream_open_ms
     );
     println!(
-        "c. 100 MiB single stream, 1 circuit [MB/s]         {:.1}  (runs {})",
+        "c. {:>3} MiB single stream, 1 circuit [MB/s]         {:.1}  (runs {})",
+        r.single_stream_bytes >> 20,
         r.single_stream_100mib_mbps,
         list(&r.single_stream_runs_mbps)
     );

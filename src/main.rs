@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use allium::show;
 use allium::testnet::{self, Testnet, TestnetOptions};
+use allium_client::path::ExitTarget;
 use allium_client::{Client, ClientConfig};
 use allium_directory::{AuthConfig, Authority, AuthorityEntry, keys};
+use allium_link::shaping::Shaping;
 use allium_relay::{Relay, RelayConfig};
 use clap::{Parser, Subcommand};
 use serde::de::DeserializeOwned;
@@ -60,6 +62,8 @@ enum Cmd {
         /// Smaller transfers, for a quick look (20 MiB single stream, 2000 idle circuits).
         #[arg(long)]
         quick: bool,
+        #[command(flatten)]
+        links: LinkShapingArgs,
     },
     /// Run a whole network on loopback: an authority, relays and a client.
     Testnet {
@@ -84,7 +88,31 @@ enum Cmd {
         /// First port of the block of loopback ports to use.
         #[arg(long)]
         base_port: Option<u16>,
+        #[command(flatten)]
+        links: LinkShapingArgs,
     },
+}
+
+/// Distance emulated on one machine (test networks only).
+#[derive(clap::Args)]
+struct LinkShapingArgs {
+    /// Delay every byte each link sends by this many milliseconds (one
+    /// way, each direction; 0 runs the emulation with no delay, to measure
+    /// its own cost).
+    #[arg(long, value_name = "MS")]
+    link_delay: Option<u64>,
+    /// Also pace each link at this many bytes per second.
+    #[arg(long, value_name = "BYTES_PER_SEC", requires = "link_delay")]
+    link_rate: Option<u64>,
+}
+
+impl LinkShapingArgs {
+    fn shaping(&self) -> Option<Shaping> {
+        self.link_delay.map(|ms| Shaping {
+            delay: std::time::Duration::from_millis(ms),
+            rate: self.link_rate.filter(|&r| r > 0),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -243,6 +271,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Relay { config } => {
+            allium_link::shaping::set(allium_link::shaping::from_env()?);
             let cfg: RelayConfig = load(&config)?;
             let r = Relay::new(cfg).map_err(|e| e.to_string())?;
             tokio::select! {
@@ -251,6 +280,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::Client { config } => {
+            allium_link::shaping::set(allium_link::shaping::from_env()?);
             let cfg: ClientConfig = load(&config)?;
             let c = Client::new(cfg).map_err(|e| e.to_string())?;
             tokio::select! {
@@ -258,8 +288,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 () = shutdown_signal() => Ok(()),
             }
         }
-        Cmd::Bench { json, quick } => {
-            let work = allium::bench::run(json.as_deref(), quick);
+        Cmd::Bench { json, quick, links } => {
+            let work = allium::bench::run(json.as_deref(), quick, links.shaping());
             tokio::select! {
                 r = work => r.map(|_| ()),
                 () = shutdown_signal() => Err("interrupted".into()),
@@ -273,6 +303,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             data_dir,
             init_only,
             base_port,
+            links,
         } => {
             let opts = TestnetOptions {
                 authorities,
@@ -281,6 +312,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 http_connect,
                 data_dir: data_dir.clone(),
                 base_port,
+                shaping: links.shaping(),
                 ..Default::default()
             };
             if init_only {
@@ -293,6 +325,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 );
                 return Ok(());
             }
+            let shaping = opts.shaping;
             let mut net = Testnet::start(opts).await.map_err(|e| e.to_string())?;
             for a in &net.authorities {
                 println!(
@@ -309,6 +342,25 @@ async fn run(cli: Cli) -> Result<(), String> {
             if let Err(e) = ready {
                 net.shutdown().await;
                 return Err(e);
+            }
+            if let Some(s) = shaping {
+                // Hop k of a circuit build takes k link round trips: 6 in all.
+                let mut builds = Vec::new();
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    if net.client.build_circuit(&ExitTarget::Any).await.is_ok() {
+                        builds.push(t.elapsed());
+                    }
+                }
+                builds.sort();
+                if let Some(m) = builds.get(builds.len() / 2) {
+                    println!(
+                        "Links delay what they send by {} ms: per-link round trip measured {:.1} ms (circuit build / 6; expected {} ms)",
+                        s.delay.as_millis(),
+                        m.as_secs_f64() * 1000.0 / 6.0,
+                        2 * s.delay.as_millis()
+                    );
+                }
             }
             println!("SOCKS5 proxy ready on socks5h://{}", net.socks_addr);
             if let Some(h) = net.http_addr {

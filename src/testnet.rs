@@ -58,6 +58,9 @@ pub struct TestnetOptions {
     pub interval_secs: u64,
     /// A consensus stays valid for this many intervals.
     pub valid_intervals: u64,
+    /// Delay (and rate) every link of the network adds to what it sends
+    /// (`allium_link::shaping`; process-wide while the network runs).
+    pub shaping: Option<allium_link::shaping::Shaping>,
     /// The bandwidth relay `i` declares is `declared[i]` if given
     /// (default 50 MB/s).
     pub declared: Vec<u32>,
@@ -76,6 +79,7 @@ impl Default for TestnetOptions {
             interval_secs: 3,
             valid_intervals: 20,
             declared: vec![],
+            shaping: None,
         }
     }
 }
@@ -401,6 +405,7 @@ pub struct Testnet {
 impl Testnet {
     /// Start every role and return once they are listening (not yet ready).
     pub async fn start(opts: TestnetOptions) -> Result<Testnet, TestnetError> {
+        allium_link::shaping::set(opts.shaping);
         let tmp = match &opts.data_dir {
             Some(_) => None,
             None => Some(

@@ -5,14 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use allium::testnet::{Testnet, TestnetOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Every log line of the process, as written.
 #[derive(Clone, Default)]
@@ -43,22 +43,8 @@ impl Captured {
     }
 }
 
-/// A SOCKS5 CONNECT to `host:port`; the reply code.
 async fn socks_host(proxy: SocketAddr, host: &str, port: u16) -> u8 {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).await.unwrap();
-    let mut req = vec![5, 1, 0, 3, host.len() as u8];
-    req.extend_from_slice(host.as_bytes());
-    req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut r = [0u8; 10];
-    tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut r))
-        .await
-        .unwrap()
-        .unwrap();
-    r[1]
+    common::socks5(proxy, host, port).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -807,7 +807,7 @@ async fn connect_tcp(
         .await
         .map_err(|_| LinkError::Timeout("TCP connect"))??;
     s.set_nodelay(true)?;
-    Ok(s)
+    Ok(crate::shaping::wrap(s).await?)
 }
 
 /// An NK link to relay `id` (its link key from the consensus or its
@@ -910,6 +910,7 @@ pub async fn accept(
     conn: Option<ConnGuard>,
 ) -> Result<ChannelHandle, LinkError> {
     s.set_nodelay(true)?;
+    s = crate::shaping::wrap(s).await?;
     let mut hs = Responder::new(&mut rand::rng(), me.keys());
     let (l, rest) = tokio::time::timeout(HANDSHAKE_TIMEOUT, drive(&mut s, |b| hs.step(b)))
         .await

@@ -7,6 +7,7 @@
 //!   bandwidth token bucket, and per-address DoS limits.
 //! * [`metrics`]: serving Prometheus metrics over HTTP.
 //! * [`safelog`]: destinations and client addresses kept out of logs.
+//! * [`shaping`]: link delay and rate for test networks (off otherwise).
 //! * [`RelayStats`]: the counters a relay keeps.
 //!
 //! It does **not** know about circuits beyond routing their cells by id, and
@@ -16,6 +17,7 @@ pub mod channel;
 pub mod limits;
 pub mod metrics;
 pub mod safelog;
+pub mod shaping;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

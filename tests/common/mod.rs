@@ -231,3 +231,24 @@ pub async fn impostor() -> (SocketAddr, LinkKey, Arc<AtomicU64>) {
     });
     (addr, link_key, linked)
 }
+
+/// A SOCKS5 CONNECT to `host:port` (no authentication): the reply code,
+/// and the stream if it is 0.
+pub async fn socks5(proxy: SocketAddr, host: &str, port: u16) -> (u8, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0]);
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(60), s.read_exact(&mut r))
+        .await
+        .expect("a SOCKS reply within a minute")
+        .unwrap();
+    (r[1], s)
+}

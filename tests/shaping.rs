@@ -1,0 +1,61 @@
+//! A network whose every link delays what it sends by 20 ms (link shaping,
+//! as `allium testnet --link-delay 20`): it bootstraps, circuits take the
+//! round trips the delay implies, and a download arrives intact. Its own
+//! test binary: shaping is set for the whole process.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use allium::testnet::{Testnet, TestnetOptions};
+use allium_client::path::ExitTarget;
+use allium_link::shaping::Shaping;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LEN: usize = 8 << 20;
+
+fn byte(i: usize) -> u8 {
+    (i * 31 % 253) as u8
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_network_works_and_takes_its_round_trips() {
+    let delay = Duration::from_millis(20);
+    let net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        shaping: Some(Shaping { delay, rate: None }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(120)).await.unwrap();
+
+    // Hop k of a build waits for k round trips of 2 x 20 ms: 240 ms at least.
+    let t = Instant::now();
+    net.client.build_circuit(&ExitTarget::Any).await.unwrap();
+    assert!(t.elapsed() >= 12 * delay, "built in {:?}", t.elapsed());
+
+    // A server that sends LEN known bytes to whoever connects.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let data: Vec<u8> = (0..LEN).map(byte).collect();
+        s.write_all(&data).await.unwrap();
+    });
+    let (code, mut s) = common::socks5(net.socks_addr, "localhost", port).await;
+    assert_eq!(code, 0);
+    let mut got = Vec::with_capacity(LEN);
+    tokio::time::timeout(Duration::from_secs(120), s.read_to_end(&mut got))
+        .await
+        .expect("the download finished")
+        .unwrap();
+    assert_eq!(got.len(), LEN);
+    assert!(
+        got.iter().enumerate().all(|(i, b)| *b == byte(i)),
+        "corrupted"
+    );
+    net.shutdown().await;
+}
