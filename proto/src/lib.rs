@@ -11,6 +11,7 @@
 pub mod aead;
 pub mod cell;
 pub mod circuit;
+pub mod congestion;
 pub mod doc;
 pub mod flow;
 pub mod httpconnect;

@@ -1,0 +1,321 @@
+//! Congestion control for the sending side of a circuit: TCP Vegas on the
+//! SENDME clock, in the spirit of Tor's proposal 324.
+//!
+//! A fixed window caps a circuit at `window / RTT`: 1000 cells per round
+//! trip is 2.6 MB/s at 200 ms, whatever the path could carry. Vegas sizes
+//! the window from the path instead. Each circuit SENDME (one per
+//! [`Params::inc`] cells) gives a round-trip sample; the lowest sample seen
+//! is the path's own delay, and the difference between the window and
+//! what the path holds at that delay is the queue the circuit keeps at
+//! its bottleneck:
+//!
+//! ```text
+//! bdp   = cwnd * min_rtt / ewma_rtt        cells the path holds
+//! queue = cwnd - bdp                       cells waiting in queues
+//! ```
+//!
+//! In slow start the window grows by `inc` per SENDME (doubling each round
+//! trip) until the queue passes `gamma`; then it is set to `bdp + gamma`.
+//! After that, once per window of acknowledged cells, it grows by `inc`
+//! while the queue is under `alpha`, shrinks by `inc` over `beta`, and
+//! drops to `bdp + delta - inc` over `delta`, so a circuit keeps a few
+//! SENDMEs' worth of cells queued: enough to fill the path, not enough to
+//! delay other circuits much. The window stays within `[cwnd_min,
+//! cwnd_max]`; `cwnd_max` is what a relay's memory cap allows one circuit.
+//!
+//! `min_rtt` is never forgotten here: a path whose own delay grows would
+//! read as a queue and keep a smaller window (Tor's proposal 324 has the
+//! same limit and resets on idle); the circuit that drives this will have
+//! to decide when a sample is too old.
+//!
+//! Pure: the caller measures each round trip (from sending the cell a
+//! SENDME acknowledges to receiving that SENDME) and passes it in.
+//!
+//! ```
+//! use std::time::Duration;
+//! use allium_proto::congestion::{Params, Vegas};
+//!
+//! let mut cc = Vegas::new(Params::default());
+//! let start = cc.cwnd();
+//! // Round trips at the path's own delay: no queue, the window grows.
+//! for _ in 0..8 {
+//!     cc.on_sendme(Duration::from_millis(100));
+//! }
+//! assert!(cc.cwnd() > start);
+//! ```
+
+use std::time::Duration;
+
+/// The controller's parameters, in cells. The defaults follow Tor's
+/// proposal 324 for exits (SENDME every 31 cells, thresholds of 6, 8, 6 and
+/// 10 SENDMEs' worth).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Params {
+    /// Cells each SENDME acknowledges.
+    pub inc: u32,
+    /// The window a circuit starts with, and its floor.
+    pub cwnd_init: u32,
+    pub cwnd_min: u32,
+    /// The largest window: what one circuit may have in flight.
+    pub cwnd_max: u32,
+    /// Queue thresholds (cells): grow under `alpha`, shrink over `beta`,
+    /// leave slow start over `gamma`, cut back over `delta`.
+    pub alpha: u32,
+    pub beta: u32,
+    pub gamma: u32,
+    pub delta: u32,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            inc: 31,
+            cwnd_init: 4 * 31,
+            cwnd_min: 4 * 31,
+            // 10,000 cells of 509 bytes: about 5 MB in flight.
+            cwnd_max: 10_000,
+            alpha: 6 * 31,
+            beta: 8 * 31,
+            gamma: 6 * 31,
+            delta: 10 * 31,
+        }
+    }
+}
+
+/// One circuit's congestion window.
+#[derive(Clone, Debug)]
+pub struct Vegas {
+    p: Params,
+    cwnd: u32,
+    slow_start: bool,
+    min_rtt: Option<Duration>,
+    ewma_rtt: Option<Duration>,
+    /// Cells acknowledged since the window was last adjusted (after slow
+    /// start, it is adjusted once per window).
+    acked: u32,
+}
+
+impl Vegas {
+    pub fn new(p: Params) -> Self {
+        Vegas {
+            cwnd: p.cwnd_init.clamp(p.cwnd_min, p.cwnd_max),
+            p,
+            slow_start: true,
+            min_rtt: None,
+            ewma_rtt: None,
+            acked: 0,
+        }
+    }
+
+    /// Cells that may be in flight (sent, not yet acknowledged).
+    pub fn cwnd(&self) -> u32 {
+        self.cwnd
+    }
+
+    pub fn in_slow_start(&self) -> bool {
+        self.slow_start
+    }
+
+    /// The lowest round trip seen: the path's delay without queues.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt
+    }
+
+    /// A SENDME arrived, `rtt` after the cell it acknowledges was sent.
+    pub fn on_sendme(&mut self, rtt: Duration) {
+        let rtt = rtt.max(Duration::from_micros(1));
+        let min = self.min_rtt.map_or(rtt, |m| m.min(rtt));
+        self.min_rtt = Some(min);
+        // An average over about one window's worth of SENDMEs.
+        let n = (self.cwnd / self.p.inc).max(2) as f64;
+        let ewma = match self.ewma_rtt {
+            None => rtt,
+            Some(e) => Duration::from_secs_f64(
+                (2.0 * rtt.as_secs_f64() + (n - 1.0) * e.as_secs_f64()) / (n + 1.0),
+            ),
+        };
+        self.ewma_rtt = Some(ewma);
+        let cwnd = u64::from(self.cwnd);
+        let bdp = (cwnd as f64 * min.as_secs_f64() / ewma.as_secs_f64().max(1e-9)).round() as u64;
+        let queue = cwnd.saturating_sub(bdp);
+        let p = self.p;
+        self.acked = self.acked.saturating_add(p.inc);
+        let next = if self.slow_start {
+            if queue > u64::from(p.gamma) {
+                self.slow_start = false;
+                self.acked = 0;
+                bdp + u64::from(p.gamma)
+            } else {
+                cwnd + u64::from(p.inc)
+            }
+        } else if self.acked >= self.cwnd {
+            self.acked = 0;
+            if queue > u64::from(p.delta) {
+                (bdp + u64::from(p.delta)).saturating_sub(u64::from(p.inc))
+            } else if queue > u64::from(p.beta) {
+                cwnd.saturating_sub(u64::from(p.inc))
+            } else if queue < u64::from(p.alpha) {
+                cwnd + u64::from(p.inc)
+            } else {
+                cwnd
+            }
+        } else {
+            cwnd
+        };
+        self.cwnd = next.clamp(u64::from(p.cwnd_min), u64::from(p.cwnd_max)) as u32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A path with a bottleneck: cells leave the sender at once, wait in a
+    /// FIFO served at `rate` cells per second, and every `inc`-th cell's
+    /// SENDME reaches the sender `base` after it left the bottleneck (the
+    /// path's delay without queues). Simulated time, in seconds.
+    struct Path {
+        base: f64,
+        rate: f64,
+        /// When the bottleneck is next free.
+        free: f64,
+        /// SENDMEs on their way: (arrival, sending time of the cell).
+        acks: VecDeque<(f64, f64)>,
+        sent: u64,
+        inflight: u64,
+    }
+
+    /// What one run saw per round trip of the path's own delay.
+    #[derive(Default)]
+    struct Round {
+        delivered: u64,
+        max_queue_delay: f64,
+        max_cwnd: u32,
+    }
+
+    impl Path {
+        fn new(base: f64, rate: f64) -> Self {
+            Path {
+                base,
+                rate,
+                free: 0.0,
+                acks: VecDeque::new(),
+                sent: 0,
+                inflight: 0,
+            }
+        }
+
+        /// Run `cc` on this path from `now` until `until` (seconds); what
+        /// was seen in each round of `base`.
+        fn run(&mut self, cc: &mut Vegas, now: &mut f64, until: f64) -> Vec<Round> {
+            let inc = u64::from(cc.p.inc);
+            let mut rounds: Vec<Round> = Vec::new();
+            let start = *now;
+            // Every loop either sends or takes a SENDME: bounded by time.
+            while *now < until {
+                while self.inflight < u64::from(cc.cwnd()) {
+                    let out = self.free.max(*now) + 1.0 / self.rate;
+                    self.free = out;
+                    self.sent += 1;
+                    self.inflight += 1;
+                    if self.sent.is_multiple_of(inc) {
+                        self.acks.push_back((out + self.base, *now));
+                    }
+                }
+                let Some((at, sent_at)) = self.acks.pop_front() else {
+                    break;
+                };
+                *now = at;
+                self.inflight -= inc;
+                let rtt = at - sent_at;
+                cc.on_sendme(Duration::from_secs_f64(rtt));
+                let i = ((at - start) / self.base) as usize;
+                if rounds.len() <= i {
+                    rounds.resize_with(i + 1, Round::default);
+                }
+                let r = &mut rounds[i];
+                r.delivered += inc;
+                r.max_queue_delay = r.max_queue_delay.max(rtt - self.base);
+                r.max_cwnd = r.max_cwnd.max(cc.cwnd());
+            }
+            rounds
+        }
+    }
+
+    /// Delivered cells per second over `rounds`, as a share of `rate`.
+    fn share(rounds: &[Round], base: f64, rate: f64) -> f64 {
+        let cells: u64 = rounds.iter().map(|r| r.delivered).sum();
+        cells as f64 / (rounds.len() as f64 * base) / rate
+    }
+
+    #[test]
+    fn fills_the_path_within_fifteen_round_trips_with_a_short_queue() {
+        // 100 ms, 20,000 cells/s (10 MB/s): the path holds 2,000 cells,
+        // 16 times the first window.
+        let (base, rate) = (0.1, 20_000.0);
+        let mut cc = Vegas::new(Params::default());
+        let mut path = Path::new(base, rate);
+        let mut now = 0.0;
+        let rounds = path.run(&mut cc, &mut now, 40.0 * base);
+        assert!(!cc.in_slow_start());
+        let late = &rounds[15..];
+        let got = share(late, base, rate);
+        assert!(
+            got > 0.95,
+            "{:.2} of the path used after 15 round trips",
+            got
+        );
+        // The queue it keeps: at most `delta` cells, 15.5 ms at this rate.
+        let worst = late.iter().map(|r| r.max_queue_delay).fold(0.0, f64::max);
+        assert!(worst < 0.016, "queueing delay {worst:.4} s");
+        // Far past what a fixed 1000-cell window carries here (1000 cells
+        // per 100 ms is half of the path).
+        assert!(cc.cwnd() > 2_000, "cwnd {}", cc.cwnd());
+    }
+
+    #[test]
+    fn backs_off_when_the_bottleneck_slows() {
+        let (base, rate) = (0.05, 20_000.0);
+        let mut cc = Vegas::new(Params::default());
+        let mut path = Path::new(base, rate);
+        let mut now = 0.0;
+        path.run(&mut cc, &mut now, 30.0 * base);
+        let before = cc.cwnd();
+        // The bottleneck drops to a quarter: the queue grows, the window
+        // follows it down, and the queue drains again.
+        path.rate = rate / 4.0;
+        let until = now + 60.0 * base;
+        let rounds = path.run(&mut cc, &mut now, until);
+        assert!(cc.cwnd() < before / 2, "cwnd {before} -> {}", cc.cwnd());
+        let late = &rounds[30..];
+        let worst = late.iter().map(|r| r.max_queue_delay).fold(0.0, f64::max);
+        // At most `delta` cells at the new rate: 62 ms.
+        assert!(worst < 0.063, "queueing delay {worst:.4} s after the drop");
+        assert!(share(late, base, rate / 4.0) > 0.95);
+    }
+
+    #[test]
+    fn never_exceeds_its_memory_bound() {
+        // A path far larger than the bound: 500 ms at 1,000,000 cells/s.
+        let p = Params::default();
+        let mut cc = Vegas::new(p);
+        let mut path = Path::new(0.5, 1_000_000.0);
+        let mut now = 0.0;
+        let rounds = path.run(&mut cc, &mut now, 20.0);
+        assert!(rounds.iter().all(|r| r.max_cwnd <= p.cwnd_max));
+        assert_eq!(cc.cwnd(), p.cwnd_max, "it uses all it may");
+    }
+
+    #[test]
+    fn a_short_path_stays_small() {
+        // 1 ms and 2,000 cells/s: the path holds 2 cells; the window stays
+        // at its floor instead of filling a queue.
+        let p = Params::default();
+        let mut cc = Vegas::new(p);
+        let mut path = Path::new(0.001, 2_000.0);
+        let mut now = 0.0;
+        path.run(&mut cc, &mut now, 5.0);
+        assert!(cc.cwnd() <= p.cwnd_min + p.gamma, "cwnd {}", cc.cwnd());
+    }
+}
