@@ -572,71 +572,75 @@ pub async fn run(
     rep.client_rss_after_mib = cr;
     rep.client_rss_peak_mib = ch;
 
-    // Memory per idle circuit: many one-hop circuits through one relay.
-    let n_idle: usize = if quick { 2000 } else { 10_000 };
-    let target = plan.relays.len() - 1;
-    let tpid = procs.pid(&plan.relays[target].nickname).ok_or("no relay")?;
-    // The library client fetched its consensus at the start and runs no
-    // refresh loop: fetch a current one (the testnet's lasts a minute).
-    lib.refresh_consensus().await.map_err(err)?;
-    let cons = lib.consensus().ok_or("no consensus")?;
-    let tr = cons
-        .relays
-        .iter()
-        .find(|r| r.nickname == plan.relays[target].nickname)
-        .ok_or("relay not in the consensus")?
-        .clone();
-    let before = rss_mib(tpid).0;
-    let mut held = Vec::new();
-    let per_chan = 5000;
-    let mut chans = Vec::new();
-    for _ in 0..n_idle.div_ceil(per_chan) {
-        chans.push(
-            allium_link::channel::connect_nk(
+    // Memory per idle circuit and per idle link: not under link shaping,
+    // where each link's delay line would be most of what is measured.
+    if shaping.is_none() {
+        // Memory per idle circuit: many one-hop circuits through one relay.
+        let n_idle: usize = if quick { 2000 } else { 10_000 };
+        let target = plan.relays.len() - 1;
+        let tpid = procs.pid(&plan.relays[target].nickname).ok_or("no relay")?;
+        // The library client fetched its consensus at the start and runs no
+        // refresh loop: fetch a current one (the testnet's lasts a minute).
+        lib.refresh_consensus().await.map_err(err)?;
+        let cons = lib.consensus().ok_or("no consensus")?;
+        let tr = cons
+            .relays
+            .iter()
+            .find(|r| r.nickname == plan.relays[target].nickname)
+            .ok_or("relay not in the consensus")?
+            .clone();
+        let before = rss_mib(tpid).0;
+        let mut held = Vec::new();
+        let per_chan = 5000;
+        let mut chans = Vec::new();
+        for _ in 0..n_idle.div_ceil(per_chan) {
+            chans.push(
+                allium_link::channel::connect_nk(
+                    tr.addr,
+                    &allium_proto::RelayId(tr.identity),
+                    &tr.link_key,
+                )
+                .await
+                .map_err(err)?,
+            );
+        }
+        for i in 0..n_idle {
+            held.push(one_hop_circuit(&chans[i / per_chan], &tr).await?);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let grown = rss_mib(tpid).0 - before;
+        rep.idle_circuits = n_idle;
+        rep.idle_circuit_relay_rss_growth_mib = grown;
+        rep.idle_circuit_bytes_each = grown * 1024.0 * 1024.0 / n_idle as f64;
+        drop(held);
+        drop(chans);
+
+        // Memory per idle channel: client links from many loopback addresses
+        // (each address may hold 50), each used for one circuit, then idle.
+        let n_chan: usize = if quick { 200 } else { 1000 };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = rss_mib(tpid).0;
+        let mut links = Vec::new();
+        for i in 0..n_chan {
+            let ip = std::net::Ipv4Addr::new(127, 201, (i / 25) as u8, (i % 25) as u8 + 1);
+            let chan = allium_link::channel::connect_nk_from(
                 tr.addr,
                 &allium_proto::RelayId(tr.identity),
                 &tr.link_key,
+                Some(ip.into()),
             )
             .await
-            .map_err(err)?,
-        );
+            .map_err(err)?;
+            let rx = one_hop_circuit(&chan, &tr).await?;
+            links.push((chan, rx));
+        }
+        // Past the channels' idle time, when they give back their buffers.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let grown = rss_mib(tpid).0 - before;
+        rep.idle_channels = n_chan;
+        rep.idle_channel_bytes_each = grown * 1024.0 * 1024.0 / n_chan as f64;
+        drop(links);
     }
-    for i in 0..n_idle {
-        held.push(one_hop_circuit(&chans[i / per_chan], &tr).await?);
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let grown = rss_mib(tpid).0 - before;
-    rep.idle_circuits = n_idle;
-    rep.idle_circuit_relay_rss_growth_mib = grown;
-    rep.idle_circuit_bytes_each = grown * 1024.0 * 1024.0 / n_idle as f64;
-    drop(held);
-    drop(chans);
-
-    // Memory per idle channel: client links from many loopback addresses
-    // (each address may hold 50), each used for one circuit, then idle.
-    let n_chan: usize = if quick { 200 } else { 1000 };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = rss_mib(tpid).0;
-    let mut links = Vec::new();
-    for i in 0..n_chan {
-        let ip = std::net::Ipv4Addr::new(127, 201, (i / 25) as u8, (i % 25) as u8 + 1);
-        let chan = allium_link::channel::connect_nk_from(
-            tr.addr,
-            &allium_proto::RelayId(tr.identity),
-            &tr.link_key,
-            Some(ip.into()),
-        )
-        .await
-        .map_err(err)?;
-        let rx = one_hop_circuit(&chan, &tr).await?;
-        links.push((chan, rx));
-    }
-    // Past the channels' idle time, when they give back their buffers.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let grown = rss_mib(tpid).0 - before;
-    rep.idle_channels = n_chan;
-    rep.idle_channel_bytes_each = grown * 1024.0 * 1024.0 / n_chan as f64;
-    drop(links);
 
     print_report(&rep);
     if let Some(p) = json {
@@ -737,6 +741,13 @@ fn print_report(r: &Report) {
         "e. RSS client idle -> after load (peak) [MiB]      {:.1} -> {:.1} ({:.1})",
         r.client_rss_idle_mib, r.client_rss_after_mib, r.client_rss_peak_mib
     );
+    if r.idle_circuits == 0 {
+        println!("   idle circuits and links: not measured under link shaping");
+        println!(
+            "=================================================================================="
+        );
+        return;
+    }
     println!(
         "   {} idle circuits through one relay: RSS +{:.1} MiB, {:.0} bytes each",
         r.idle_circuits, r.idle_circuit_relay_rss_growth_mib, r.idle_circuit_bytes_each

@@ -392,6 +392,8 @@ pub struct RelayInfo {
 
 /// A running in-process testnet.
 pub struct Testnet {
+    /// Whether this network turned link shaping on (and turns it off).
+    shaped: bool,
     pub authorities: Vec<AuthorityInfo>,
     pub relays: Vec<RelayInfo>,
     pub client: Client,
@@ -405,7 +407,9 @@ pub struct Testnet {
 impl Testnet {
     /// Start every role and return once they are listening (not yet ready).
     pub async fn start(opts: TestnetOptions) -> Result<Testnet, TestnetError> {
-        allium_link::shaping::set(opts.shaping);
+        if opts.shaping.is_some() {
+            allium_link::shaping::set(opts.shaping);
+        }
         let tmp = match &opts.data_dir {
             Some(_) => None,
             None => Some(
@@ -497,6 +501,7 @@ impl Testnet {
             .instrument(tracing::info_span!("client")),
         );
         Ok(Testnet {
+            shaped: opts.shaping.is_some(),
             authorities,
             relays,
             client,
@@ -582,5 +587,8 @@ impl Testnet {
     /// Stop everything; the temporary directory goes with `self`.
     pub async fn shutdown(mut self) {
         self.tasks.shutdown().await;
+        if self.shaped {
+            allium_link::shaping::set(None);
+        }
     }
 }

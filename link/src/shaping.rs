@@ -10,8 +10,9 @@
 //! set up and nothing per byte. On, each link's socket is replaced by one
 //! end of a loopback TCP pair whose other end a pump task forwards to the
 //! real socket: order is kept, the incoming direction is passed on as it
-//! arrives, and at most [`MAX_CHUNKS`] writes wait in each link's delay
-//! line.
+//! arrives, and at most twice [`MAX_CHUNKS`] writes wait in each link's
+//! delay line before the link's own writes block. A process that takes
+//! shaping from [`ENV`] says so in its log.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -44,7 +45,9 @@ impl Shaping {
     /// Parse the [`ENV`] form.
     pub fn parse(s: &str) -> Option<Shaping> {
         let mut parts = s.split(',');
-        let delay = Duration::from_millis(parts.next()?.trim().parse().ok()?);
+        let ms: u64 = parts.next()?.trim().parse().ok()?;
+        // A test network's delay: at most ten seconds.
+        let delay = Duration::from_millis(ms).min(Duration::from_secs(10));
         let rate = match parts.next() {
             Some(r) => Some(r.trim().parse().ok().filter(|&r: &u64| r > 0)?),
             None => None,
@@ -89,65 +92,79 @@ pub(crate) async fn wrap(s: TcpStream) -> std::io::Result<TcpStream> {
     };
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let (inner, pump_end) = tokio::join!(TcpStream::connect(l.local_addr()?), l.accept());
-    let (inner, (pump_end, _)) = (inner?, pump_end?);
+    let (inner, (pump_end, from)) = (inner?, pump_end?);
+    if from != inner.local_addr()? {
+        return Err(std::io::Error::other(
+            "another process took the link's delay line",
+        ));
+    }
     inner.set_nodelay(true)?;
     pump_end.set_nodelay(true)?;
     tokio::spawn(pump(pump_end, s, shaping));
     Ok(inner)
 }
 
+/// How long the far end may keep sending once the link has closed its
+/// side and everything it sent has left.
+const LINGER: Duration = Duration::from_secs(5);
+
 /// Forward between the link's end of the pair and the real socket until
-/// either side closes.
+/// both directions are done (or the link's side is, and [`LINGER`] has
+/// passed).
 async fn pump(local: TcpStream, remote: TcpStream, shaping: Shaping) {
     let (mut local_rd, mut local_wr) = local.into_split();
     let (mut remote_rd, mut remote_wr) = remote.into_split();
-    let incoming = async {
+    let incoming = async move {
         let _ = tokio::io::copy(&mut remote_rd, &mut local_wr).await;
         let _ = local_wr.shutdown().await;
     };
+    // At most MAX_CHUNKS writes wait in the channel and as many in the
+    // line: when both are full, the link's writes block, as on a real
+    // socket whose peer is slow.
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(MAX_CHUNKS);
     let take = async move {
+        let mut buf = vec![0u8; CHUNK];
         loop {
-            let mut buf = vec![0u8; CHUNK];
             match local_rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    buf.truncate(n);
-                    if tx
-                        .send((Instant::now() + shaping.delay, buf))
-                        .await
-                        .is_err()
-                    {
+                    let due = Instant::now() + shaping.delay;
+                    if tx.send((due, buf[..n].to_vec())).await.is_err() {
                         break;
                     }
                 }
             }
         }
     };
-    let send = async {
+    let send = async move {
         // When the link is next free to send, at the rate if there is one.
         let mut free = Instant::now();
         let mut line: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
         let mut batch = Vec::new();
-        loop {
+        // With a rate, bytes leave a millisecond's worth at a time.
+        let quantum = shaping
+            .rate
+            .map_or(CHUNK, |r| ((r / 1000) as usize).clamp(1, CHUNK));
+        'run: loop {
             if line.is_empty() {
                 match rx.recv().await {
                     Some(c) => line.push_back(c),
                     None => break,
                 }
             }
-            while let Ok(c) = rx.try_recv() {
+            while line.len() < MAX_CHUNKS
+                && let Ok(c) = rx.try_recv()
+            {
                 line.push_back(c);
             }
             let Some(&(due, _)) = line.front() else {
                 continue;
             };
-            let start = due.max(free);
-            if start > Instant::now() {
-                tokio::time::sleep_until(start).await;
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
                 continue;
             }
-            // Everything due by now leaves in one write.
+            // Everything due by now leaves together.
             let now = Instant::now();
             batch.clear();
             while let Some((due, b)) = line.front() {
@@ -158,16 +175,32 @@ async fn pump(local: TcpStream, remote: TcpStream, shaping: Shaping) {
                     batch.extend_from_slice(&b);
                 }
             }
-            if remote_wr.write_all(&batch).await.is_err() {
-                break;
-            }
-            if let Some(rate) = shaping.rate {
-                free = start.max(free) + Duration::from_secs_f64(batch.len() as f64 / rate as f64);
+            for piece in batch.chunks(quantum) {
+                if let Some(rate) = shaping.rate {
+                    free = free.max(now);
+                    if free > Instant::now() {
+                        tokio::time::sleep_until(free).await;
+                    }
+                    free += Duration::from_secs_f64(piece.len() as f64 / rate as f64);
+                }
+                if remote_wr.write_all(piece).await.is_err() {
+                    break 'run;
+                }
             }
         }
+        // Dropping `rx` here unblocks `take` if the far end failed.
+        drop(rx);
         let _ = remote_wr.shutdown().await;
     };
-    tokio::join!(incoming, take, send);
+    let outgoing = async {
+        tokio::join!(take, send);
+        tokio::time::sleep(LINGER).await;
+    };
+    tokio::pin!(incoming, outgoing);
+    tokio::select! {
+        () = &mut incoming => outgoing.await,
+        () = &mut outgoing => {}
+    }
 }
 
 #[cfg(test)]
