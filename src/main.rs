@@ -26,6 +26,49 @@ use serde::de::DeserializeOwned;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// What to log: a level (error, warn, info, debug, trace) or
+    /// `RUST_LOG`-style directives; default `RUST_LOG`, else info.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+impl Cmd {
+    /// The role named on every log line.
+    fn role(&self) -> &'static str {
+        match self {
+            Cmd::Dirauth { .. } => "dirauth",
+            Cmd::Consensus { .. } => "consensus",
+            Cmd::Relay { .. } => "relay",
+            Cmd::Client { .. } => "client",
+            Cmd::Bench { .. } => "bench",
+            Cmd::Testnet { .. } => "testnet",
+        }
+    }
+}
+
+/// Log lines go to stderr, each prefixed with the role that wrote it. A
+/// closed or broken stderr loses the lines, never the process.
+struct LogLine(&'static str);
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut e = std::io::stderr().lock();
+        let _ = e.write_all(self.0.as_bytes()).and_then(|()| e.write_all(b));
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// `println!` for a long-running command: a closed stdout is not worth
+/// dying of.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
 }
 
 #[derive(Subcommand)]
@@ -318,7 +361,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             if init_only {
                 let dir = data_dir.ok_or("--init-only needs --data-dir")?;
                 testnet::init(&opts, &dir).map_err(|e| e.to_string())?;
-                println!(
+                say!(
                     "Wrote a test network to {}; see {}/README.md",
                     dir.display(),
                     dir.display()
@@ -328,7 +371,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let shaping = opts.shaping;
             let mut net = Testnet::start(opts).await.map_err(|e| e.to_string())?;
             for a in &net.authorities {
-                println!(
+                say!(
                     "Directory authority {} on http://{} (identity {})",
                     a.name,
                     a.addr,
@@ -354,7 +397,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     }
                 }
                 if let Some(m) = builds.iter().min() {
-                    println!(
+                    say!(
                         "Links delay what they send by {} ms: per-link round trip measured {:.1} ms (fastest circuit build / 6; expected {} ms)",
                         s.delay.as_millis(),
                         m.as_secs_f64() * 1000.0 / 6.0,
@@ -362,9 +405,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                     );
                 }
             }
-            println!("SOCKS5 proxy ready on socks5h://{}", net.socks_addr);
+            say!("SOCKS5 proxy ready on socks5h://{}", net.socks_addr);
             if let Some(h) = net.http_addr {
-                println!("HTTP CONNECT proxy ready on http://{h}");
+                say!("HTTP CONNECT proxy ready on http://{h}");
             }
             let r = tokio::select! {
                 why = net.wait_failure() => Err(why),
@@ -393,13 +436,19 @@ fn shaping_from_env() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(allium::log_filter(
-            std::env::var("RUST_LOG").ok().as_deref(),
-        ))
-        .with_writer(std::io::stderr)
-        .init();
+    use std::io::IsTerminal;
     let cli = Cli::parse();
+    let spec = cli
+        .log_level
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok());
+    let prefix: &'static str = Box::leak(format!("{}: ", cli.cmd.role()).into_boxed_str());
+    tracing_subscriber::fmt()
+        .with_env_filter(allium::log_filter(spec.as_deref()))
+        .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false)
+        .with_writer(move || LogLine(prefix))
+        .init();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

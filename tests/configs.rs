@@ -216,3 +216,56 @@ async fn separate_processes_run_the_network() {
     };
     assert_eq!(body, b"hello");
 }
+
+/// A relay's log lines name the role, carry no colour codes when stderr is
+/// not a terminal, and a closed stderr does not stop it.
+#[test]
+fn daemons_log_plainly_and_survive_a_closed_stderr() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    let base = (0..50u16)
+        .map(|i| 29000 + i * 100)
+        .find(|b| (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
+        .expect("free ports");
+    let d = tempfile::tempdir().unwrap();
+    let opts = TestnetOptions {
+        relays: 3,
+        exits: 1,
+        base_port: Some(base),
+        ..Default::default()
+    };
+    init(&opts, d.path()).unwrap();
+    let exe = env!("CARGO_BIN_EXE_allium");
+    let cfg = d.path().join("relay2/config.toml");
+    let relay = || {
+        Command::new(exe)
+            .args(["relay", "--log-level", "debug", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // With no authority up, the relay keeps logging its upload retries.
+    let mut first = Procs(vec![relay()]);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut err = first.0[0].stderr.take().unwrap();
+    let _ = first.0[0].kill();
+    let mut text = String::new();
+    err.read_to_string(&mut text).unwrap();
+    assert!(text.lines().count() >= 2, "{text}");
+    for line in text.lines() {
+        assert!(line.starts_with("relay: "), "{line:?}");
+        assert!(!line.contains('\u{1b}'), "colour codes in {line:?}");
+    }
+    // The same with its stderr closed at once: it keeps running.
+    let mut second = Procs(vec![relay()]);
+    drop(second.0[0].stderr.take());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        second.0[0].try_wait().unwrap().is_none(),
+        "the relay died when its stderr closed"
+    );
+}

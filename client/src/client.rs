@@ -206,8 +206,13 @@ impl Client {
                     wait
                 }
                 Err(e) => {
+                    // Waiting at start is normal; losing the one held is not.
                     if self.consensus().is_none() {
-                        warn!("no valid consensus: {e}");
+                        if announced {
+                            warn!("no valid consensus: {e}");
+                        } else {
+                            info!("waiting for a consensus: {e}");
+                        }
                     }
                     5
                 }

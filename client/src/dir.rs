@@ -4,12 +4,13 @@ use std::sync::Arc;
 
 use allium_directory::{AuthorityEntry, http, unix_now};
 use allium_proto::{AuthorityKey, Consensus, UnverifiedConsensus};
-use tracing::warn;
+use tracing::debug;
 
 use crate::ClientError;
 
 /// Fetch a consensus that verifies against `keys` (see
-/// [`http::fetch_verified_consensus`]); a failure is logged per authority.
+/// [`http::fetch_verified_consensus`]); the error says what each authority
+/// answered, and the caller decides how loudly to log it.
 pub async fn fetch_consensus(
     auths: &[AuthorityEntry],
     keys: &[AuthorityKey],
@@ -18,7 +19,7 @@ pub async fn fetch_consensus(
         .await
         .map_err(|e| match e {
             allium_directory::DirError::NoConsensus(why) => {
-                warn!("consensus refused: {why}");
+                debug!("consensus refused: {why}");
                 ClientError::NoConsensus(why)
             }
             e => e.into(),

@@ -343,10 +343,16 @@ impl Authority {
             }
             _ => {}
         }
-        info!(relay = %v.desc.nickname, id = %short_id(&v.desc.identity), "descriptor accepted");
         let id = v.desc.identity;
-        if st.descriptors.insert(id, v).is_none() && st.untested.len() < self.cfg.max_relays {
-            st.untested.push_back(id);
+        let (nickname, short) = (v.desc.nickname.clone(), short_id(&id));
+        if st.descriptors.insert(id, v).is_none() {
+            info!(relay = %nickname, id = %short, "descriptor of a new relay accepted");
+            if st.untested.len() < self.cfg.max_relays {
+                st.untested.push_back(id);
+            }
+        } else {
+            // Relays republish on a schedule: routine.
+            debug!(relay = %nickname, id = %short, "descriptor updated");
         }
         if let Err(e) = self.persist_descriptors(&st) {
             warn!("persisting descriptors: {e}");
@@ -881,6 +887,10 @@ impl Authority {
         sleep_until_unix_ms(va_ms).await;
         self.collect_signatures(va).await;
         match self.publish(va) {
+            // Every few seconds on a test network: not worth a line there.
+            Ok(n) if self.cfg.interval_secs < 60 => {
+                debug!(signatures = n, valid_after = va, "consensus published")
+            }
             Ok(n) => info!(signatures = n, valid_after = va, "consensus published"),
             Err(e) => warn!(valid_after = va, "no new consensus: {e}"),
         }

@@ -41,7 +41,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info};
 
 use crate::auth::{AuthConfig, Authority};
 use crate::{DirError, unix_now};
@@ -328,8 +328,11 @@ fn answer(
 ) -> (StatusCode, String) {
     match r {
         Ok(s) => (StatusCode::OK, s.to_string()),
+        // Someone else's document refused: theirs to fix, not the
+        // operator's (a signature on another consensus is routine when
+        // the authorities saw different relays).
         Err((code, why)) => {
-            warn!(authority = %a.config().nickname, "{what}: {why}");
+            info!(authority = %a.config().nickname, "{what}: {why}");
             (code, why)
         }
     }

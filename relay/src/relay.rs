@@ -225,7 +225,10 @@ impl Relay {
     }
 
     /// Upload the descriptor to every authority; true if all took it.
-    async fn publish(&self) -> bool {
+    /// Upload the descriptor to every authority; true if all took it. A
+    /// failure is logged at INFO while `quiet` (an authority that is not up
+    /// yet is normal at start), at WARN once it persists.
+    async fn publish(&self, quiet: bool) -> bool {
         let doc = match self.descriptor(unix_now()) {
             Ok(d) => d.to_bytes(),
             Err(e) => {
@@ -238,7 +241,11 @@ impl Relay {
             match http::post_descriptor(a.addr, doc.clone()).await {
                 Ok(()) => debug!(authority = %a.name, "descriptor published"),
                 Err(e) => {
-                    warn!(authority = %a.name, "publishing descriptor: {e}");
+                    if quiet {
+                        info!(authority = %a.name, "publishing descriptor (will retry): {e}");
+                    } else {
+                        warn!(authority = %a.name, "publishing descriptor: {e}");
+                    }
                     all = false;
                 }
             }
@@ -321,6 +328,7 @@ impl Relay {
             let mut last = None::<Instant>;
             // After a failed upload, try again soon, backing off to the period.
             let mut retry: Option<(Instant, Duration)> = None;
+            let mut failed_in_a_row = 0u32;
             loop {
                 let rotated = self.maybe_rotate_onion();
                 let now = Instant::now();
@@ -328,7 +336,8 @@ impl Relay {
                     || last.is_none_or(|t| now >= t + period)
                     || retry.is_some_and(|(at, _)| now >= at);
                 if due {
-                    let ok = self.publish().await;
+                    let ok = self.publish(failed_in_a_row < 3).await;
+                    failed_in_a_row = if ok { 0 } else { failed_in_a_row + 1 };
                     last = Some(now);
                     retry = if ok {
                         None
