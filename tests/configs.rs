@@ -128,16 +128,12 @@ impl Drop for Procs {
     }
 }
 
-/// `--init-only`, then every role as its own process, then a fetch through it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn separate_processes_run_the_network() {
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    // A block of 5 free loopback ports (authority, 3 relays, SOCKS).
+/// The configs of a network of three relays (one exit) written to a fresh
+/// directory, on the first block of free loopback ports from `from`
+/// (authority, relays, SOCKS); the directory and the block's first port.
+fn small_network(from: u16) -> (tempfile::TempDir, u16) {
     let base = (0..50u16)
-        .map(|i| 27000 + i * 100)
+        .map(|i| from + i * 100)
         .find(|b| (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
         .expect("free ports");
     let d = tempfile::tempdir().unwrap();
@@ -148,6 +144,17 @@ async fn separate_processes_run_the_network() {
         ..Default::default()
     };
     init(&opts, d.path()).unwrap();
+    (d, base)
+}
+
+/// `--init-only`, then every role as its own process, then a fetch through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_run_the_network() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (d, base) = small_network(27000);
 
     // Something to fetch.
     let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -225,18 +232,7 @@ fn daemons_log_plainly_and_survive_a_closed_stderr() {
     use std::process::{Command, Stdio};
     use std::time::Duration;
 
-    let base = (0..50u16)
-        .map(|i| 29000 + i * 100)
-        .find(|b| (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
-        .expect("free ports");
-    let d = tempfile::tempdir().unwrap();
-    let opts = TestnetOptions {
-        relays: 3,
-        exits: 1,
-        base_port: Some(base),
-        ..Default::default()
-    };
-    init(&opts, d.path()).unwrap();
+    let (d, _) = small_network(29000);
     let exe = env!("CARGO_BIN_EXE_allium");
     let cfg = d.path().join("relay2/config.toml");
     let relay = || {
