@@ -109,7 +109,12 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-const BUILD_ATTEMPTS: usize = 5;
+/// Attempts at building one circuit, and the pause after the first failed
+/// one (doubling after each): about 8 s in all, long enough for the
+/// authorities to notice a relay that died (a stream waits for a circuit
+/// rather than failing at the first bad path, as Tor's do).
+const BUILD_ATTEMPTS: usize = 6;
+const BUILD_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
@@ -245,12 +250,16 @@ impl Client {
         target: &ExitTarget<'_>,
         avoid_exits: &[[u8; 32]],
     ) -> Result<CircuitHandle, ClientError> {
-        let c = self
-            .consensus()
-            .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
         let mut last = None;
         let mut named = Vec::new();
-        for _ in 0..BUILD_ATTEMPTS {
+        for attempt in 0..BUILD_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(BUILD_RETRY_PAUSE * (1 << (attempt - 1))).await;
+            }
+            // The latest consensus: a relay that died may have left it.
+            let c = self
+                .consensus()
+                .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
             let guard = {
                 let mut g = lock(&self.inner.guards);
                 g.update(&c, unix_now());
