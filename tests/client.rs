@@ -2,6 +2,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::small_net;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -81,18 +84,6 @@ async fn get(proxy: SocketAddr, port: u16, path: &str, user: &str) -> (usize, bo
 }
 
 /// A ready testnet with one authority and `relays` relays.
-async fn small_net(relays: usize) -> Testnet {
-    let net = Testnet::start(TestnetOptions {
-        authorities: 1,
-        relays,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    net.wait_ready(Duration::from_secs(60)).await.unwrap();
-    net
-}
-
 fn iso(user: &str) -> Isolation {
     Isolation {
         listener: 0,
@@ -177,13 +168,7 @@ async fn middle_relay_dies_during_a_download() {
         .with_test_writer()
         .try_init();
     let web = server().await;
-    let net = Testnet::start(TestnetOptions {
-        authorities: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let net = small_net(6).await;
     let proxy = net.socks_addr;
 
     // The download's circuit is the one bound to user "dl".

@@ -10,9 +10,6 @@ mod common;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use allium::testnet::{Testnet, TestnetOptions};
 
 /// Every log line of the process, as written.
 #[derive(Clone, Default)]
@@ -56,13 +53,7 @@ async fn destinations_stay_out_of_the_logs() {
         .with_ansi(false)
         .with_writer(move || w.clone())
         .init();
-    let net = Testnet::start(TestnetOptions {
-        authorities: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let net = common::small_net(6).await;
     let proxy = net.socks_addr;
     // No exit takes port 25 (refused at the client), and no name under
     // .invalid resolves (refused at the exit).

@@ -252,3 +252,18 @@ pub async fn socks5(proxy: SocketAddr, host: &str, port: u16) -> (u8, tokio::net
         .unwrap();
     (r[1], s)
 }
+
+/// A running network of one authority and `relays` relays (the first two
+/// exits), ready for streams.
+pub async fn small_net(relays: usize) -> allium::testnet::Testnet {
+    use allium::testnet::{Testnet, TestnetOptions};
+    let net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        relays,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    net
+}
