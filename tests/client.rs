@@ -103,6 +103,18 @@ async fn guards_persist_and_fail_over() {
     .await
     .unwrap();
     net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    // Relays are Guards once the authority has measured them, one at a
+    // time: the sample fills as they are.
+    let start = Instant::now();
+    while net.client.guards().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the sample never filled"
+        );
+        net.client.refresh_consensus().await.ok();
+        net.client.build_circuit(&ExitTarget::Any).await.ok();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let sample = net.client.guards();
     assert_eq!(sample.len(), 3);
     let first = sample[0];
