@@ -260,14 +260,13 @@ impl Client {
             let c = self
                 .consensus()
                 .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
-            let guard = {
+            let usable = {
                 let mut g = lock(&self.inner.guards);
                 g.update(&c, unix_now());
-                g.pick(&c).ok_or_else(|| {
-                    ClientError::NoPath("every guard in the sample failed recently".into())
-                })?
+                g.usable(&c)
             };
-            let p = choose_path_through(&mut rand::rng(), &c, target, &guard, avoid_exits, &named)?;
+            let (guard, p) =
+                guard_and_path(&mut rand::rng(), &c, target, &usable, avoid_exits, &named)?;
             let chan = match self.guard_channel(&guard).await {
                 Ok(ch) => ch,
                 Err(e) => {
@@ -695,6 +694,29 @@ pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
     Ok(p)
 }
 
+/// The first of the `usable` guards (in sample order) through which a path
+/// to `target` exists, with that path. A guard that cannot lead there (it is
+/// the only exit allowing the target, or shares a family or /16 with every
+/// such exit) is passed over for this circuit only, as Tor restricts its
+/// guard choice by the exit.
+pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
+    rng: &mut R,
+    c: &Consensus,
+    target: &ExitTarget<'_>,
+    usable: &[ConsensusRelay],
+    avoid_exits: &[[u8; 32]],
+    named: &[[u8; 32]],
+) -> Result<(ConsensusRelay, [ConsensusRelay; 3]), ClientError> {
+    let mut last = ClientError::NoPath("every guard in the sample failed recently".into());
+    for guard in usable {
+        match choose_path_through(rng, c, target, guard, avoid_exits, named) {
+            Ok(p) => return Ok((guard.clone(), p)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// What a build through `guard` of a path of `len` hops teaches the client:
 /// built, or `failure`. Only the guard's record changes, by how far the
 /// build got. What the failure names (an extend failure naming a relay, a
@@ -723,6 +745,43 @@ mod tests {
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128]);
         assert_eq!(next_fetch(1000, 1000, 20), (300, 21));
         assert_eq!(next_fetch(1001, 1000, stale), (1, 0));
+    }
+
+    /// Three relays, all Guards, one of them the only exit: a client whose
+    /// first guard is that exit builds through its next guard instead of
+    /// failing every build.
+    #[test]
+    fn a_guard_that_is_the_only_exit_is_passed_over() {
+        use allium_proto::RelayFlags;
+        use rand::SeedableRng;
+        let c = crate::path::tests::consensus_of(vec![
+            relay(1, 1000, RelayFlags::GUARD | RelayFlags::EXIT),
+            relay(2, 1000, RelayFlags::GUARD),
+            relay(3, 1000, RelayFlags::GUARD),
+        ]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let order = [
+            c.relays[0].clone(),
+            c.relays[2].clone(),
+            c.relays[1].clone(),
+        ];
+        let any = ExitTarget::Any;
+        assert!(matches!(
+            choose_path_through(&mut rng, &c, &any, &order[0], &[], &[]),
+            Err(ClientError::NoExit(_))
+        ));
+        let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &[], &[]).unwrap();
+        assert_eq!(g.identity, [3; 32]);
+        let ids = p.map(|r| r.identity[0]);
+        assert_eq!(ids, [3, 2, 1]);
+        assert!(matches!(
+            guard_and_path(&mut rng, &c, &any, &order[..1], &[], &[]),
+            Err(ClientError::NoExit(_))
+        ));
+        assert!(matches!(
+            guard_and_path(&mut rng, &c, &any, &[], &[], &[]),
+            Err(ClientError::NoPath(_))
+        ));
     }
 
     #[test]

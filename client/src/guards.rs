@@ -210,18 +210,24 @@ impl GuardSet {
         self.entries.iter().map(|e| e.stored.identity).collect()
     }
 
-    /// The guard to use now: the first entry that is listed Running and
-    /// Guard, is not waiting for a retry and is not disabled for path bias.
+    /// The guard to use now: the first of [`GuardSet::usable`].
     pub fn pick(&self, c: &Consensus) -> Option<ConsensusRelay> {
+        self.usable(c).into_iter().next()
+    }
+
+    /// The entries usable now, in order: listed Running and Guard, not
+    /// waiting for a retry and not disabled for path bias.
+    pub fn usable(&self, c: &Consensus) -> Vec<ConsensusRelay> {
         let now = Instant::now();
         self.entries
             .iter()
             .filter(|e| !e.bias.disabled && e.retry_at.is_none_or(|t| now >= t))
-            .find_map(|e| {
+            .filter_map(|e| {
                 c.relay(&e.stored.identity)
                     .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::GUARD))
+                    .cloned()
             })
-            .cloned()
+            .collect()
     }
 
     /// The guard could not be reached: try the next one, and this one again
