@@ -80,7 +80,12 @@ async fn one_hop_circuit(
     tr: &allium_proto::ConsensusRelay,
 ) -> Result<allium_link::channel::Inbox, String> {
     let (id, mut rx) = chan.new_circuit().await.map_err(err)?;
-    let (st, hs) = ntor::client_start(&mut rand::rng(), &tr.identity, &tr.onion_key);
+    let (st, hs) = ntor::client_start(
+        &mut rand::rng(),
+        &tr.identity,
+        &tr.onion_key,
+        allium_proto::flow::CircParams::default(),
+    );
     chan.send(
         Cell::new(
             id,

@@ -13,7 +13,7 @@ mod common;
 use allium::testnet::{Testnet, TestnetOptions};
 use allium_link::channel;
 use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, CircId, DestroyReason};
-use allium_proto::flow::CIRC_WINDOW;
+use allium_proto::flow::{CircParams, FIXED_INCREMENT, FIXED_WINDOW};
 use allium_proto::link::{LinkTransport, MAX_CELLS_PER_FRAME};
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{EndReason, RelayMsg, TargetAddr};
@@ -106,7 +106,9 @@ async fn a_stalled_socks_reader_stops_the_exit() {
         }
     }
     assert!(stable >= 8, "the target kept being read: {last} bytes");
-    let window_bytes = CIRC_WINDOW as usize * CELL_LEN;
+    // What was in flight when the client said XOFF went on to the client:
+    // the relays hold next to nothing.
+    let window_bytes = FIXED_WINDOW as usize * CELL_LEN;
     for _ in 0..8 {
         for r in &net.relays {
             let q = r.mem.total();
@@ -176,19 +178,26 @@ async fn an_exit_never_reaches_its_own_address() {
     c.begin(2, sink().await).await;
 }
 
-/// DATA past the stream window costs the client its circuit.
+/// DATA past the window after an XOFF costs the client its circuit: the
+/// target does not read, the exit says XOFF, the client goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_past_the_window_loses_the_circuit() {
     let relay = lone_relay(|_| {}).await;
     let target = sink().await;
     let chan = link_to(&relay.desc).await;
-    let mut c = RawCirc::open(chan, &relay.desc.identity, &relay.desc.onion_key)
-        .await
-        .unwrap();
+    // Fixed windows: a window after the XOFF is 1000 cells.
+    let mut c = RawCirc::open_with(
+        chan,
+        &relay.desc.identity,
+        &relay.desc.onion_key,
+        CircParams::Fixed,
+    )
+    .await
+    .unwrap();
     c.begin(1, target).await;
     let data = vec![7u8; forward_capacity(0) - 5];
     let mut destroyed = None;
-    // Ignore every SENDME and keep sending until the exit gives up.
+    // Ignore every SENDME and XOFF and keep sending until the exit gives up.
     for i in 0..20_000 {
         c.send(1, RelayMsg::Data(data.clone())).await;
         if i % 64 == 0 {
@@ -220,24 +229,26 @@ async fn a_forged_sendme_is_rejected() {
     let relay = lone_relay(|_| {}).await;
     let (target, _) = firehose().await;
     let chan = link_to(&relay.desc).await;
-    let mut c = RawCirc::open(chan, &relay.desc.identity, &relay.desc.onion_key)
-        .await
-        .unwrap();
+    // Fixed windows: the numbers are exact.
+    let mut c = RawCirc::open_with(
+        chan,
+        &relay.desc.identity,
+        &relay.desc.onion_key,
+        CircParams::Fixed,
+    )
+    .await
+    .unwrap();
     c.begin(1, target).await;
     let mut data_cells = 0u32;
     let mut tag100 = None;
-    // Stream SENDMEs keep the stream open; the circuit window is what we test.
     loop {
-        let (sid, msg, tag) = c.recv().await.unwrap();
+        let (_, msg, tag) = c.recv().await.unwrap();
         if let RelayMsg::Data(_) = msg {
             data_cells += 1;
-            if data_cells.is_multiple_of(50) {
-                c.send(sid, RelayMsg::Sendme { tag: [0; 16] }).await;
-            }
-            if data_cells == 100 {
+            if data_cells == FIXED_INCREMENT {
                 tag100 = Some(tag);
             }
-            if data_cells == CIRC_WINDOW {
+            if data_cells == FIXED_WINDOW {
                 break;
             }
         }
@@ -301,7 +312,12 @@ async fn the_memory_cap_kills_stalled_circuits() {
     let mut states = Vec::new();
     let mut cells = Vec::new();
     for i in 0..n {
-        let (st, hs) = ntor::client_start(&mut rand::rng(), &d.identity, &d.onion_key);
+        let (st, hs) = ntor::client_start(
+            &mut rand::rng(),
+            &d.identity,
+            &d.onion_key,
+            allium_proto::flow::CircParams::default(),
+        );
         states.push(st);
         cells.push(
             Cell::new(
@@ -330,7 +346,8 @@ async fn the_memory_cap_kills_stalled_circuits() {
         let mut l = ClientLayers::new();
         l.push(
             &st.finish(cell::decode_created(&c.payload[..]).unwrap())
-                .unwrap(),
+                .unwrap()
+                .0,
         )
         .unwrap();
         layers.push(l);

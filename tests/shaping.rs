@@ -1,7 +1,9 @@
 //! A network whose every link delays what it sends by 20 ms (link shaping,
 //! as `allium testnet --link-delay 20`): it bootstraps, circuits take the
-//! round trips the delay implies, and a download arrives intact. Its own
-//! test binary: shaping is set for the whole process.
+//! round trips the delay implies, a download and an upload arrive intact,
+//! and congestion control opens the client's window past the old fixed
+//! window of 1000 cells. Its own test binary: shaping is set for the whole
+//! process.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,7 +16,7 @@ use allium_client::path::ExitTarget;
 use allium_link::shaping::Shaping;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const LEN: usize = 8 << 20;
+const LEN: usize = 20 << 20;
 
 fn byte(i: usize) -> u8 {
     (i * 31 % 253) as u8
@@ -57,5 +59,32 @@ async fn a_delayed_network_works_and_takes_its_round_trips() {
         got.iter().enumerate().all(|(i, b)| *b == byte(i)),
         "corrupted"
     );
+
+    // The other way: a server that checks what it is sent.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let sink = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        // A half-closed SOCKS connection ends no stream (as in Tor): the
+        // server reads what it expects.
+        let mut got = vec![0u8; LEN];
+        s.read_exact(&mut got).await.unwrap();
+        got.iter().enumerate().all(|(i, b)| *b == byte(i))
+    });
+    let (code, mut s) = common::socks5(net.socks_addr, "localhost", port).await;
+    assert_eq!(code, 0);
+    let data: Vec<u8> = (0..LEN).map(byte).collect();
+    tokio::time::timeout(Duration::from_secs(120), s.write_all(&data))
+        .await
+        .expect("the upload finished")
+        .unwrap();
+    let intact = tokio::time::timeout(Duration::from_secs(120), sink)
+        .await
+        .expect("the server got it all")
+        .unwrap();
+    assert!(intact, "the upload arrived short or corrupted");
+    // The window that carried it grew past what a fixed window allows.
+    let most = net.client.circuit_cwnds().into_iter().max().unwrap_or(0);
+    assert!(most > 1000, "largest congestion window {most} cells");
     net.shutdown().await;
 }

@@ -6,12 +6,13 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use allium_link::channel::{ChannelHandle, Inbox};
 use allium_proto::Error as ProtoError;
 use allium_proto::cell::{self, Cell, CellCmd, CircId, DestroyReason, HANDSHAKE_NTOR, PAYLOAD_LEN};
 use allium_proto::circuit::{Circuit, Event, Side};
+use allium_proto::flow::CircParams;
 use allium_proto::ntor;
 use allium_proto::onion::{ClientLayers, forward_capacity};
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
@@ -116,8 +117,20 @@ impl Stream {
 }
 
 impl Drop for Stream {
+    /// END goes out after what the stream sent: behind its commands in the
+    /// circuit's queue, waiting for room there if the queue is full (a
+    /// dropped END would leave the exit's connection open for good).
     fn drop(&mut self) {
-        let _ = self.tx.try_send(CircCmd::End(self.id));
+        use mpsc::error::TrySendError;
+        let end = CircCmd::End(self.id);
+        if let Err(TrySendError::Full(end)) = self.tx.try_send(end)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let tx = self.tx.clone();
+            rt.spawn(async move {
+                let _ = tx.send(end).await;
+            });
+        }
     }
 }
 
@@ -133,9 +146,17 @@ pub struct CircuitHandle {
     pub path: Vec<ConsensusRelay>,
     /// Has a stream or resolve on it been judged for path bias?
     used: Arc<AtomicBool>,
+    /// The circuit's congestion window, as its task last saw it.
+    cwnd: Arc<AtomicU32>,
 }
 
 impl CircuitHandle {
+    /// DATA cells this client may have in flight toward the last hop (its
+    /// congestion window; it grows only with what the client sends).
+    pub fn cwnd(&self) -> u32 {
+        self.cwnd.load(Ordering::Relaxed)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
@@ -211,9 +232,10 @@ pub async fn build(
     chan: ChannelHandle,
     path: Vec<ConsensusRelay>,
     timeout: Duration,
+    params: CircParams,
 ) -> Result<CircuitHandle, BuildFailure> {
     let mut hops = 0;
-    build_counting(chan, path, timeout, &mut hops)
+    build_counting(chan, path, timeout, params, &mut hops)
         .await
         .map_err(|error| BuildFailure { hops, error })
 }
@@ -222,13 +244,15 @@ async fn build_counting(
     chan: ChannelHandle,
     path: Vec<ConsensusRelay>,
     timeout: Duration,
+    params: CircParams,
     hops: &mut usize,
 ) -> Result<CircuitHandle, ClientError> {
     let (circ_id, mut rx) = chan.new_circuit().await?;
     let work = async {
         let mut layers = ClientLayers::new();
         let first = &path[0];
-        let (mut st, hs) = ntor::client_start(&mut rand::rng(), &first.identity, &first.onion_key);
+        let (mut st, hs) =
+            ntor::client_start(&mut rand::rng(), &first.identity, &first.onion_key, params);
         chan.send(Cell::new(
             circ_id,
             CellCmd::CREATE,
@@ -241,10 +265,12 @@ async fn build_counting(
         if c.cmd != CellCmd::CREATED {
             return Err(ClientError::Build(format!("guard answered {:?}", c.cmd)));
         }
-        layers.push(&st.finish(cell::decode_created(&c.payload[..])?)?)?;
+        let (keys, mut agreed) = st.finish(cell::decode_created(&c.payload[..])?)?;
+        layers.push(&keys)?;
         *hops = 1;
         for hop in &path[1..] {
-            let (mut st, hs) = ntor::client_start(&mut rand::rng(), &hop.identity, &hop.onion_key);
+            let (mut st, hs) =
+                ntor::client_start(&mut rand::rng(), &hop.identity, &hop.onion_key, params);
             let last = layers.len() - 1;
             let msg = RelayMsg::Extend(Extend {
                 identity: hop.identity,
@@ -272,7 +298,9 @@ async fn build_counting(
             let from = layers.decrypt_backward(&mut c.payload)?;
             match RelayMsg::decode(&c.payload[16..])? {
                 (0, RelayMsg::Extended(h)) if from == last => {
-                    layers.push(&st.finish(&h)?)?;
+                    let keys;
+                    (keys, agreed) = st.finish(&h)?;
+                    layers.push(&keys)?;
                     *hops = layers.len();
                 }
                 (_, RelayMsg::Truncated(r)) => {
@@ -289,9 +317,10 @@ async fn build_counting(
                 }
             }
         }
-        Ok(layers)
+        // Streams go to the last hop: what it agreed governs their DATA.
+        Ok((layers, agreed))
     };
-    let layers = match tokio::time::timeout(timeout, work).await {
+    let (layers, params) = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
             let _ = chan
@@ -310,8 +339,11 @@ async fn build_counting(
     };
     debug!(path = %path.iter().map(|r| short_id(&r.identity)).collect::<Vec<_>>().join(","), "circuit built");
     let (tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
+    let core = Circuit::client(&mut rand::rng(), layers, params)?;
+    let cwnd = Arc::new(AtomicU32::new(core.cwnd()));
     let task = CircTask {
-        core: Circuit::client(&mut rand::rng(), layers)?,
+        core,
+        cwnd: cwnd.clone(),
         chan,
         circ_id,
         rx,
@@ -330,6 +362,7 @@ async fn build_counting(
         serial,
         path,
         used: Arc::default(),
+        cwnd,
     })
 }
 
@@ -359,6 +392,7 @@ impl Drop for StreamEntry {
 /// The client's circuit task: a driver around the circuit core.
 struct CircTask {
     core: Circuit,
+    cwnd: Arc<AtomicU32>,
     chan: ChannelHandle,
     circ_id: CircId,
     rx: Inbox,
@@ -403,6 +437,7 @@ impl CircTask {
             // What authenticated before an error still reaches its stream.
             let drained = self.drain();
             let r = r.and(drained);
+            self.cwnd.store(self.core.cwnd(), Ordering::Relaxed);
             if let Err(reason) = r {
                 break reason;
             }

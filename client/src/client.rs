@@ -278,7 +278,8 @@ impl Client {
             };
             let timeout = lock(&self.inner.cbt).timeout();
             let started = Instant::now();
-            match circuit::build(chan, p.to_vec(), timeout).await {
+            let params = self.inner.cfg.circ_params();
+            match circuit::build(chan, p.to_vec(), timeout, params).await {
                 Ok(circ) => {
                     inc(&self.inner.stats.circuits_built);
                     learn(
@@ -349,6 +350,15 @@ impl Client {
 
     fn pool(&self) -> std::sync::MutexGuard<'_, Vec<PooledCircuit>> {
         self.inner.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The congestion windows of the circuits open now.
+    pub fn circuit_cwnds(&self) -> Vec<u32> {
+        self.pool()
+            .iter()
+            .filter(|p| !p.circ.is_closed())
+            .map(|p| p.circ.cwnd())
+            .collect()
     }
 
     /// The paths of the circuits open now (guard, middle, exit identities).

@@ -42,6 +42,10 @@ pub struct ClientConfig {
     /// Show destinations and client addresses in logs and error messages
     /// (Tor's `SafeLogging 0`); otherwise they read `[scrubbed]`.
     pub unsafe_logging: bool,
+    /// Congestion control on circuits (Vegas, section 5.1 of the protocol);
+    /// off, circuits use the old fixed window of 1000 cells (for
+    /// comparison only: it caps a circuit at 1000 cells per round trip).
+    pub congestion_control: bool,
 }
 
 impl Default for ClientConfig {
@@ -63,11 +67,21 @@ impl Default for ClientConfig {
             metrics_listen: None,
             metrics_allow_remote: false,
             unsafe_logging: false,
+            congestion_control: true,
         }
     }
 }
 
 impl ClientConfig {
+    /// The flow control this client asks every hop for.
+    pub fn circ_params(&self) -> allium_proto::flow::CircParams {
+        if self.congestion_control {
+            allium_proto::flow::CircParams::default()
+        } else {
+            allium_proto::flow::CircParams::Fixed
+        }
+    }
+
     pub fn check(&self) -> Result<(), ClientError> {
         if self.authorities.is_empty() {
             return Err(ClientError::Config(

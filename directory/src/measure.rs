@@ -18,6 +18,7 @@
 //! first; and the rate is at most `WINDOW` cells per round trip, so over
 //! long distances it measures the path, not the relay.
 
+use allium_proto::flow::CircParams;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -88,7 +89,9 @@ async fn echo_for(
     onion_key: &OnionKey,
     limits: Limits,
 ) -> Result<u32, String> {
-    let (mut st, hs) = ntor::client_start(&mut rand::rng(), &id.0, onion_key);
+    // ECHO is no DATA: flow control does not apply to the measurement.
+    let (mut st, hs) =
+        ntor::client_start(&mut rand::rng(), &id.0, onion_key, CircParams::default());
     let create = Cell::new(
         circ,
         CellCmd::CREATE,
@@ -104,11 +107,10 @@ async fn echo_for(
         return Err(format!("CREATE answered {:?}", created.cmd));
     }
     let hdata = cell::decode_created(&created.payload[..]).map_err(|e| e.to_string())?;
+    let (keys, params) = st.finish(hdata).map_err(|e| e.to_string())?;
     let mut layers = ClientLayers::new();
-    layers
-        .push(&st.finish(hdata).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    let mut core = Circuit::client(&mut rand::rng(), layers).map_err(|e| e.to_string())?;
+    layers.push(&keys).map_err(|e| e.to_string())?;
+    let mut core = Circuit::client(&mut rand::rng(), layers, params).map_err(|e| e.to_string())?;
     let size = core.echo_max();
     // What was sent and not yet echoed, oldest first.
     let mut expected: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();

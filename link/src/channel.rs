@@ -44,11 +44,13 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::limits::{CircAcct, ConnGuard, QueueMem, TokenBucket};
 use crate::{LinkError, RelayStats};
 
-/// Cells queued toward one circuit. Flow control keeps an honest peer far
-/// below this (a circuit window of DATA plus a few control cells); a peer
-/// that fills it has ignored its window and loses the circuit, so one
-/// circuit can never stall its channel.
-pub const CIRC_QUEUE: usize = 1536;
+/// Cells queued toward one circuit. Flow control keeps an honest peer
+/// below this (the largest circuit window of DATA plus control cells); a
+/// peer that fills it has ignored its window and loses the circuit, so one
+/// circuit can never stall its channel. (Congestion control keeps what an
+/// honest circuit queues at one relay to a few hundred cells; the memory
+/// cap bounds all circuits together.)
+pub const CIRC_QUEUE: usize = allium_proto::flow::CWND_MAX as usize + 1536;
 /// Cells queued toward one channel.
 pub const CHANNEL_QUEUE: usize = 1024;
 /// The most cells one hand-off to a channel carries, so that one large

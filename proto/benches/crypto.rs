@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use allium_proto::flow::CircParams;
 use std::hint::black_box;
 
 use allium_proto::aead::{Key, whole};
@@ -114,18 +115,28 @@ fn handshakes(c: &mut Criterion) {
                 &mut rng,
                 &id,
                 &allium_proto::OnionKey(bpub),
+                CircParams::default(),
             ))
         })
     });
-    let (_, m) = ntor::client_start(&mut rng, &id, &allium_proto::OnionKey(bpub));
+    let (_, m) = ntor::client_start(
+        &mut rng,
+        &id,
+        &allium_proto::OnionKey(bpub),
+        CircParams::default(),
+    );
     g.bench_function("server", |b| {
         b.iter(|| black_box(ntor::server(&mut rand::rng(), &ok, &m).unwrap()))
     });
     g.bench_function("client_finish", |b| {
         b.iter_batched(
             || {
-                let (st, m) =
-                    ntor::client_start(&mut rand::rng(), &id, &allium_proto::OnionKey(bpub));
+                let (st, m) = ntor::client_start(
+                    &mut rand::rng(),
+                    &id,
+                    &allium_proto::OnionKey(bpub),
+                    CircParams::default(),
+                );
                 (st, ntor::server(&mut rand::rng(), &ok, &m).unwrap().0)
             },
             |(st, r)| black_box(st.finish(&r).unwrap()),

@@ -10,13 +10,27 @@
 //! its bottleneck:
 //!
 //! ```text
-//! bdp   = cwnd * min_rtt / ewma_rtt        cells the path holds
+//! bdp   = delivered / elapsed * min_rtt    cells the path holds
 //! queue = cwnd - bdp                       cells waiting in queues
 //! ```
 //!
+//! `delivered / elapsed` is the rate at which SENDMEs acknowledged cells
+//! over the last round (a window's worth of SENDMEs): while the window is
+//! below what the path holds it is `cwnd / rtt`, which makes this Vegas'
+//! own `cwnd * min_rtt / rtt`; past it, it is the bottleneck's rate, which
+//! the round trip alone tells only late (the samples of a round were sent
+//! with the window of the round before).
+//!
 //! In slow start the window grows by `inc` per SENDME (doubling each round
-//! trip) until the queue passes `gamma` (then it is set to `bdp + gamma`)
-//! or the window reaches `ss_cwnd_max`. It only grows while the circuit
+//! trip) until the queue, judged at each SENDME from an average of the
+//! last round trips (`cwnd - cwnd * min_rtt / avg_rtt`), passes `gamma` or
+//! a quarter of the window, whichever is more (then the window is set to
+//! `bdp + gamma`), or the window reaches `ss_cwnd_max`. (Sending two cells
+//! for each one acknowledged, slow start queues the tail of each burst at
+//! the bottleneck even while the window is below what the path holds, and
+//! that estimate grows with the square of the window: with `gamma` alone
+//! it would end slow start at `sqrt(2 * gamma * bdp)`, a tenth of a
+//! 30,000-cell path.) It only grows while the circuit
 //! fills it: a window the sender does not use says nothing about the path.
 //! After that, once per window of acknowledged cells, it grows by `inc`
 //! while the queue is under `alpha`, shrinks by `inc` over `beta`, and
@@ -34,19 +48,20 @@
 //! SENDME acknowledges to receiving that SENDME) and passes it in.
 //!
 //! ```
-//! use std::time::Duration;
+//! use std::time::{Duration, Instant};
 //! use allium_proto::congestion::{Params, Vegas};
 //!
 //! let mut cc = Vegas::new(Params::default());
 //! let start = cc.cwnd();
 //! // Round trips at the path's own delay, the window full: it grows.
-//! for _ in 0..8 {
-//!     cc.on_sendme(Duration::from_millis(100), true);
+//! let now = std::time::Instant::now();
+//! for i in 0..8 {
+//!     cc.on_sendme(now + Duration::from_millis(i), Duration::from_millis(100), true);
 //! }
 //! assert!(cc.cwnd() > start);
 //! ```
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The controller's parameters, in cells. The defaults follow Tor's
 /// proposal 324 for exits (SENDME every 31 cells, thresholds of 6, 8, 6 and
@@ -72,17 +87,26 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
+        Self::with_inc(u32::from(crate::flow::DEFAULT_INCREMENT))
+    }
+}
+
+impl Params {
+    /// The defaults for a SENDME every `inc` cells: the thresholds are
+    /// counted in SENDMEs' worth of cells, and the window may reach
+    /// [`crate::flow::CWND_MAX`]; slow start ends on a queue, or at the
+    /// latest there.
+    pub fn with_inc(inc: u32) -> Self {
         Params {
-            inc: 31,
-            cwnd_init: 4 * 31,
-            cwnd_min: 4 * 31,
-            // 10,000 cells of 509 bytes: about 5 MB in flight.
-            cwnd_max: 10_000,
-            ss_cwnd_max: 5_000,
-            alpha: 6 * 31,
-            beta: 8 * 31,
-            gamma: 6 * 31,
-            delta: 10 * 31,
+            inc,
+            cwnd_init: 4 * inc,
+            cwnd_min: 4 * inc,
+            cwnd_max: crate::flow::CWND_MAX,
+            ss_cwnd_max: crate::flow::CWND_MAX,
+            alpha: 6 * inc,
+            beta: 8 * inc,
+            gamma: 6 * inc,
+            delta: 10 * inc,
         }
     }
 }
@@ -95,9 +119,15 @@ pub struct Vegas {
     slow_start: bool,
     min_rtt: Option<Duration>,
     ewma_rtt: Option<Duration>,
-    /// Cells acknowledged since the window was last adjusted (after slow
-    /// start, it is adjusted once per window).
+    /// The round under way (a window's worth of SENDMEs): when it began,
+    /// the cells acknowledged in it, how many end it, and whether the
+    /// window held the sender back in it.
+    round_start: Option<Instant>,
     acked: u32,
+    round_len: u32,
+    round_full: bool,
+    /// What the path held by the last round of slow start.
+    last_bdp: Option<u64>,
 }
 
 /// Round trips longer than this are taken for a stalled clock, not the
@@ -123,7 +153,11 @@ impl Vegas {
             slow_start: true,
             min_rtt: None,
             ewma_rtt: None,
+            round_start: None,
             acked: 0,
+            round_len: p.cwnd_init.clamp(p.cwnd_min, p.cwnd_max),
+            round_full: false,
+            last_bdp: None,
         }
     }
 
@@ -141,63 +175,80 @@ impl Vegas {
         self.min_rtt
     }
 
-    /// A SENDME arrived, `rtt` after the cell it acknowledges was sent;
-    /// `cwnd_full` tells whether the window held the sender back since the
-    /// last one (only then may it grow). A zero round trip, or one over a
-    /// minute, is a clock's doing and is ignored.
-    pub fn on_sendme(&mut self, rtt: Duration, cwnd_full: bool) {
+    /// A SENDME arrived at `now`, `rtt` after the cell it acknowledges was
+    /// sent; `cwnd_full` tells whether the window held the sender back
+    /// since the last one (only then may it grow). A zero round trip, or
+    /// one over a minute, is a clock's doing and is ignored.
+    pub fn on_sendme(&mut self, now: Instant, rtt: Duration, cwnd_full: bool) {
         if rtt.is_zero() || rtt > MAX_RTT {
             return;
         }
+        let p = self.p;
         let min = self.min_rtt.map_or(rtt, |m| m.min(rtt));
         self.min_rtt = Some(min);
-        // An average over half a window's SENDMEs, 2 to 10 of them (as
-        // Tor's); 2 in slow start, where the window changes fast.
-        let n = if self.slow_start {
-            2.0
-        } else {
-            (self.cwnd / self.p.inc / 2).clamp(2, 10) as f64
-        };
+        // In slow start, an average over two SENDMEs (the window changes
+        // fast).
         let ewma = match self.ewma_rtt {
             None => rtt,
-            Some(e) => Duration::from_secs_f64(
-                (2.0 * rtt.as_secs_f64() + (n - 1.0) * e.as_secs_f64()) / (n + 1.0),
-            ),
+            Some(e) => Duration::from_secs_f64((2.0 * rtt.as_secs_f64() + e.as_secs_f64()) / 3.0),
         };
         self.ewma_rtt = Some(ewma);
-        let cwnd = u64::from(self.cwnd);
-        let bdp = (cwnd as f64 * min.as_secs_f64() / ewma.as_secs_f64().max(1e-9)).round() as u64;
-        let queue = cwnd.saturating_sub(bdp);
-        let p = self.p;
-        self.acked = self.acked.saturating_add(p.inc);
-        let grow = |by: u32| {
-            if cwnd_full {
-                cwnd + u64::from(by)
-            } else {
-                cwnd
-            }
+        self.round_full |= cwnd_full;
+        let Some(start) = self.round_start else {
+            self.round_start = Some(now);
+            return;
         };
+        self.acked = self.acked.saturating_add(p.inc);
+        let cwnd = u64::from(self.cwnd);
+        let elapsed = now.saturating_duration_since(start).as_secs_f64();
+        // What the path holds: what it delivered per second this round, at
+        // its own delay.
+        let bdp_now = (elapsed > 0.0)
+            .then(|| (f64::from(self.acked) / elapsed * min.as_secs_f64()).round() as u64);
         let next = if self.slow_start {
-            if queue > u64::from(p.gamma) {
+            let bdp = (cwnd as f64 * min.as_secs_f64() / ewma.as_secs_f64().max(1e-9)) as u64;
+            let queue = cwnd.saturating_sub(bdp);
+            // The bursts of slow start (two cells out for each one
+            // acknowledged) queue their own tails at the bottleneck: up to
+            // a quarter of the window is read as theirs, not the path's.
+            if queue > u64::from(p.gamma).max(cwnd / 4) {
                 self.slow_start = false;
-                self.acked = 0;
+                // Past the path: what it delivered is its capacity. (A
+                // round only begun says little; the last one then.)
+                let bdp = match (bdp_now, self.last_bdp) {
+                    (Some(b), _) if self.acked >= self.cwnd / 4 => b,
+                    (_, Some(b)) => b,
+                    (b, None) => b.unwrap_or(bdp),
+                };
+                self.end_round(now);
                 bdp + u64::from(p.gamma)
             } else {
-                let next = grow(p.inc);
+                let next = if cwnd_full {
+                    cwnd + u64::from(p.inc)
+                } else {
+                    cwnd
+                };
                 if next >= u64::from(p.ss_cwnd_max) {
                     self.slow_start = false;
-                    self.acked = 0;
+                    self.end_round(now);
+                } else if self.acked >= self.round_len {
+                    self.last_bdp = bdp_now;
+                    self.end_round(now);
+                    self.round_len = next as u32;
                 }
                 next
             }
-        } else if self.acked >= self.cwnd {
-            self.acked = 0;
+        } else if self.acked >= self.round_len {
+            let full = self.round_full;
+            let bdp = bdp_now.unwrap_or(cwnd);
+            self.end_round(now);
+            let queue = cwnd.saturating_sub(bdp);
             if queue > u64::from(p.delta) {
                 (bdp + u64::from(p.delta)).saturating_sub(u64::from(p.inc))
             } else if queue > u64::from(p.beta) {
                 cwnd.saturating_sub(u64::from(p.inc))
-            } else if queue < u64::from(p.alpha) {
-                grow(p.inc)
+            } else if queue < u64::from(p.alpha) && full {
+                cwnd + u64::from(p.inc)
             } else {
                 cwnd
             }
@@ -205,6 +256,16 @@ impl Vegas {
             cwnd
         };
         self.cwnd = next.clamp(u64::from(p.cwnd_min), u64::from(p.cwnd_max)) as u32;
+        if !self.slow_start && self.acked == 0 {
+            self.round_len = self.cwnd;
+        }
+    }
+
+    /// A new round begins at `now`.
+    fn end_round(&mut self, now: Instant) {
+        self.acked = 0;
+        self.round_start = Some(now);
+        self.round_full = false;
     }
 }
 
@@ -228,6 +289,7 @@ mod tests {
         acks: VecDeque<(f64, f64)>,
         sent: u64,
         inflight: u64,
+        epoch: Instant,
     }
 
     /// What one run saw per round trip of the path's own delay.
@@ -248,6 +310,7 @@ mod tests {
                 acks: VecDeque::new(),
                 sent: 0,
                 inflight: 0,
+                epoch: Instant::now(),
             }
         }
 
@@ -294,7 +357,11 @@ mod tests {
                 *now = at;
                 self.inflight -= inc;
                 let rtt = at - sent_at;
-                cc.on_sendme(Duration::from_secs_f64(rtt), full);
+                cc.on_sendme(
+                    self.epoch + Duration::from_secs_f64(at),
+                    Duration::from_secs_f64(rtt),
+                    full,
+                );
                 full = false;
                 let i = ((at - start) / self.base) as usize;
                 if rounds.len() <= i {
@@ -368,9 +435,20 @@ mod tests {
         let mut path = Path::new(0.5, 1_000_000.0);
         let mut now = 0.0;
         let rounds = path.run(&mut cc, &mut now, 100.0);
-        assert!(!cc.in_slow_start(), "slow start ends at ss_cwnd_max");
+        assert!(!cc.in_slow_start(), "slow start ends");
         assert!(rounds.iter().all(|r| r.max_cwnd <= p.cwnd_max));
-        assert_eq!(cc.cwnd(), p.cwnd_max, "it uses all it may");
+        // Each burst slow start sends queues its own tail at the
+        // bottleneck, which ends slow start short of the path: a few
+        // thousand cells a round trip are left for the slow growth after.
+        assert!(cc.cwnd() > p.cwnd_max / 3, "cwnd {}", cc.cwnd());
+        // A path that holds less than the bound: the whole of it.
+        let mut cc = Vegas::new(p);
+        let mut path = Path::new(0.3, 100_000.0);
+        let mut now = 0.0;
+        let rounds = path.run(&mut cc, &mut now, 60.0 * 0.3);
+        let late = &rounds[40..rounds.len() - 1];
+        let got = share(late, 0.3, 100_000.0);
+        assert!(got > 0.9, "{got:.2} of a 30,000-cell path");
     }
 
     #[test]
@@ -392,9 +470,10 @@ mod tests {
     #[test]
     fn clock_stalls_are_ignored() {
         let mut cc = Vegas::new(Params::default());
-        cc.on_sendme(Duration::from_millis(100), true);
-        cc.on_sendme(Duration::ZERO, true);
-        cc.on_sendme(Duration::from_secs(3600), true);
+        let now = Instant::now();
+        cc.on_sendme(now, Duration::from_millis(100), true);
+        cc.on_sendme(now, Duration::ZERO, true);
+        cc.on_sendme(now, Duration::from_secs(3600), true);
         assert_eq!(cc.min_rtt(), Some(Duration::from_millis(100)));
         // Nonsense parameters are made consistent, not a panic.
         let odd = Params {
@@ -404,7 +483,7 @@ mod tests {
             ..Params::default()
         };
         let mut cc = Vegas::new(odd);
-        cc.on_sendme(Duration::from_millis(10), true);
+        cc.on_sendme(now, Duration::from_millis(10), true);
         assert!(cc.cwnd() <= 100);
     }
 

@@ -1,129 +1,246 @@
-//! Flow control (`doc/protocol.md` section "Flow control"): SENDME windows
-//! at circuit and stream level, with authenticated circuit SENDMEs.
+//! Flow and congestion control (`doc/protocol.md` section "Flow and
+//! congestion control"): the circuit window with authenticated SENDMEs,
+//! sized by a congestion controller or fixed, as the circuit handshake
+//! agreed ([`CircParams`]).
 //!
-//! Only DATA messages count against windows. A sender starts with a window
-//! of [`CIRC_WINDOW`] (circuit) and [`STREAM_WINDOW`] (stream) DATA cells and
-//! may not send when it is zero. A receiver acknowledges every
-//! [`CIRC_INCREMENT`] / [`STREAM_INCREMENT`] cells once they have left its
-//! buffers (delivered to the application or written to the exit's TCP
-//! connection), which gives the sender that many cells back.
+//! Only DATA messages count against the circuit window. A sender may have
+//! `cwnd` DATA cells in flight (sent, not yet acknowledged): with
+//! [`CircParams::Vegas`] the window follows the path ([`crate::congestion`]);
+//! with [`CircParams::Fixed`] it is [`FIXED_WINDOW`]. The receiver
+//! acknowledges every `inc` cells with a circuit SENDME once they have left
+//! the circuit (see [`crate::circuit`]), which takes them out of flight.
 //!
 //! A circuit SENDME carries the 16-byte tag that the end hop's own layer put
 //! on (backward) or found on (forward) the DATA cell that completed the
-//! acknowledged hundred. The peer that sent the data remembers those tags and
-//! rejects a SENDME that does not carry the next one: a client cannot
-//! acknowledge cells it never received. An exit randomises the padding of
-//! each such cell (and keeps at least [`SENDME_CELL_RANDOM`] bytes of it), so
-//! the tag cannot be computed from predictable content either.
+//! acknowledged `inc` cells. The peer that sent the data remembers those
+//! tags and rejects a SENDME that does not carry the next one: a client
+//! cannot acknowledge cells it never received, nor speed up a sender by
+//! acknowledging early. The sender randomises the padding of each such cell
+//! (and keeps at least [`SENDME_CELL_RANDOM`] bytes of it), so the tag
+//! cannot be computed from predictable content either. The time from
+//! sending that cell to the SENDME is the round trip the controller uses.
 //!
-//! These types are pure counters; the tasks that own a circuit or a stream
-//! hold them.
+//! The receiver allows the peer [`CircParams::recv_window`] cells beyond
+//! what it has acknowledged: the most the sender's window may reach. A
+//! peer that sends more has ignored its window and loses the circuit.
+//!
+//! Streams have no window: a stream's receiver says XOFF when it holds too
+//! much the application has not taken, and XON when it has drained (the
+//! circuit core does this).
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crate::aead::ct_eq;
+use crate::congestion::{Params, Vegas};
 use crate::{Error, PeerMisbehaved};
 
-/// DATA cells a circuit may have unacknowledged in one direction.
-pub const CIRC_WINDOW: u32 = 1000;
-/// DATA cells one circuit SENDME acknowledges.
-pub const CIRC_INCREMENT: u32 = 100;
-/// DATA cells a stream may have unacknowledged in one direction.
-pub const STREAM_WINDOW: u32 = 500;
-/// DATA cells one stream SENDME acknowledges.
-pub const STREAM_INCREMENT: u32 = 50;
-/// Random padding bytes an exit keeps on each backward DATA cell whose tag a
+/// The window of a circuit without congestion control.
+pub const FIXED_WINDOW: u32 = 1000;
+/// Cells one circuit SENDME acknowledges without congestion control.
+pub const FIXED_INCREMENT: u32 = 100;
+/// The fewest cells a circuit SENDME may acknowledge with congestion
+/// control (more SENDMEs would only cost cells).
+pub const MIN_INCREMENT: u8 = 16;
+/// Cells one circuit SENDME acknowledges by default (as Tor's `cc_sendme_inc`).
+pub const DEFAULT_INCREMENT: u8 = 31;
+/// The largest congestion window: cells one circuit may have in flight
+/// each way (32 MiB of cells). A relay's memory cap
+/// (`max_queued_bytes`) bounds what many circuits together may queue.
+pub const CWND_MAX: u32 = 65_536;
+/// Random padding bytes a sender keeps on each DATA cell whose tag a
 /// circuit SENDME will carry.
 pub const SENDME_CELL_RANDOM: usize = 16;
 
-/// The sending side of a circuit window: how many DATA cells may still be
-/// sent, and the tags the peer's SENDMEs must carry.
-#[derive(Debug)]
-pub struct CircSendWindow {
-    window: u32,
-    sent: u64,
-    expected: VecDeque<[u8; 16]>,
+/// How a circuit hop's flow is controlled, as agreed in the circuit
+/// handshake: `algorithm u8 | inc u8` on the wire (0 and 0 for
+/// [`CircParams::Fixed`], 1 and `inc` for [`CircParams::Vegas`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CircParams {
+    /// A window of [`FIXED_WINDOW`] cells, SENDME every [`FIXED_INCREMENT`].
+    Fixed,
+    /// Vegas congestion control, SENDME every `inc` cells.
+    Vegas { inc: u8 },
 }
 
-impl Default for CircSendWindow {
+impl Default for CircParams {
     fn default() -> Self {
-        Self::new()
+        CircParams::Vegas {
+            inc: DEFAULT_INCREMENT,
+        }
     }
 }
 
-impl CircSendWindow {
-    pub fn new() -> Self {
-        CircSendWindow {
-            window: CIRC_WINDOW,
-            sent: 0,
-            expected: VecDeque::with_capacity((CIRC_WINDOW / CIRC_INCREMENT) as usize),
+impl CircParams {
+    pub const LEN: usize = 2;
+
+    pub fn encode(self) -> [u8; 2] {
+        match self {
+            CircParams::Fixed => [0, 0],
+            CircParams::Vegas { inc } => [1, inc],
         }
+    }
+
+    pub fn decode(b: [u8; 2]) -> Result<Self, Error> {
+        match b {
+            [0, 0] => Ok(CircParams::Fixed),
+            [1, inc] if inc >= MIN_INCREMENT => Ok(CircParams::Vegas { inc }),
+            [a, i] => Err(Error::malformed(
+                "circuit parameters",
+                format!("algorithm {a} with SENDME increment {i}"),
+            )),
+        }
+    }
+
+    /// Cells each circuit SENDME acknowledges.
+    pub fn inc(self) -> u32 {
+        match self {
+            CircParams::Fixed => FIXED_INCREMENT,
+            CircParams::Vegas { inc } => u32::from(inc),
+        }
+    }
+
+    /// Cells a receiver allows beyond what it has acknowledged.
+    pub fn recv_window(self) -> u32 {
+        match self {
+            CircParams::Fixed => FIXED_WINDOW,
+            CircParams::Vegas { .. } => CWND_MAX,
+        }
+    }
+
+    fn controller(self) -> Option<Vegas> {
+        match self {
+            CircParams::Fixed => None,
+            CircParams::Vegas { inc } => Some(Vegas::new(Params::with_inc(u32::from(inc)))),
+        }
+    }
+}
+
+/// Round-trip estimate from circuit SENDMEs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rtt {
+    pub min: Duration,
+    pub latest: Duration,
+}
+
+/// The sending side of a circuit: the window, the tags the peer's SENDMEs
+/// must carry and when their cells went out.
+#[derive(Debug)]
+pub struct CircSendWindow {
+    inc: u32,
+    cc: Option<Vegas>,
+    inflight: u32,
+    sent: u64,
+    expected: VecDeque<([u8; 16], Instant)>,
+    /// The window held data back since the last SENDME.
+    held_back: bool,
+    rtt: Option<Rtt>,
+}
+
+impl CircSendWindow {
+    pub fn new(params: CircParams) -> Self {
+        CircSendWindow {
+            inc: params.inc(),
+            cc: params.controller(),
+            inflight: 0,
+            sent: 0,
+            expected: VecDeque::new(),
+            held_back: false,
+            rtt: None,
+        }
+    }
+
+    /// Cells that may be in flight now.
+    pub fn cwnd(&self) -> u32 {
+        self.cc.as_ref().map_or(FIXED_WINDOW, Vegas::cwnd)
     }
 
     /// DATA cells that may be sent now.
     pub fn available(&self) -> u32 {
-        self.window
+        self.cwnd().saturating_sub(self.inflight)
+    }
+
+    /// The round trip measured by SENDMEs, once one came back.
+    pub fn rtt(&self) -> Option<Rtt> {
+        self.rtt
+    }
+
+    /// The sender had more to send than the window allowed (the window may
+    /// grow only when it is what limits the sender).
+    pub fn held_back(&mut self) {
+        self.held_back = true;
     }
 
     /// True when the next DATA cell sent is one a SENDME will acknowledge by
-    /// its tag (so an exit randomises its padding).
+    /// its tag (so its padding is randomised).
     pub fn next_is_acked(&self) -> bool {
-        (self.sent + 1).is_multiple_of(CIRC_INCREMENT as u64)
+        (self.sent + 1).is_multiple_of(u64::from(self.inc))
     }
 
-    /// Record a DATA cell sent with end-hop tag `tag`. Fails when the window
-    /// is closed: the caller must not have sent it.
-    pub fn on_data_sent(&mut self, tag: &[u8; 16]) -> Result<(), Error> {
-        if self.window == 0 {
+    /// Record a DATA cell sent at `now` with end-hop tag `tag`. Fails when
+    /// the window is closed: the caller must not have sent it.
+    pub fn on_data_sent(&mut self, now: Instant, tag: &[u8; 16]) -> Result<(), Error> {
+        if self.available() == 0 {
             return Err(Error::FlowControl("DATA sent on a closed circuit window"));
         }
-        self.window -= 1;
+        self.inflight += 1;
         self.sent += 1;
-        if self.sent.is_multiple_of(CIRC_INCREMENT as u64) {
-            self.expected.push_back(*tag);
+        if self.sent.is_multiple_of(u64::from(self.inc)) {
+            self.expected.push_back((*tag, now));
         }
         Ok(())
     }
 
-    /// Check a circuit SENDME from the peer and reopen the window.
-    pub fn on_sendme(&mut self, tag: &[u8; 16]) -> Result<(), Error> {
-        let Some(want) = self.expected.front() else {
+    /// Check a circuit SENDME that arrived at `now`, take what it
+    /// acknowledges out of flight and let the controller see the round trip.
+    pub fn on_sendme(&mut self, now: Instant, tag: &[u8; 16]) -> Result<(), Error> {
+        let Some((want, sent_at)) = self.expected.front() else {
             return Err(PeerMisbehaved::SendmeUnowed.into());
         };
         if !ct_eq(want, tag) {
             return Err(PeerMisbehaved::SendmeWrongTag.into());
         }
+        let latest = now.saturating_duration_since(*sent_at);
         self.expected.pop_front();
-        self.window += CIRC_INCREMENT;
+        self.inflight -= self.inc;
+        let min = self.rtt.map_or(latest, |r| r.min.min(latest));
+        self.rtt = Some(Rtt { min, latest });
+        let full = std::mem::take(&mut self.held_back);
+        if let Some(cc) = &mut self.cc {
+            cc.on_sendme(now, latest, full);
+        }
         Ok(())
     }
 }
 
-/// The receiving side of a circuit window.
+/// The receiving side of a circuit.
 #[derive(Debug)]
 pub struct CircRecvWindow {
+    inc: u32,
     /// Cells the peer may still send before our next SENDME.
     window: u32,
+    max: u32,
     received: u64,
-    consumed: u64,
-    /// Tags of the cells that complete each hundred, until acknowledged.
+    released: u64,
+    /// Tags of the cells that complete each `inc`, until acknowledged.
     tags: VecDeque<[u8; 16]>,
 }
 
-impl Default for CircRecvWindow {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl CircRecvWindow {
-    pub fn new() -> Self {
+    pub fn new(params: CircParams) -> Self {
         CircRecvWindow {
-            window: CIRC_WINDOW,
+            inc: params.inc(),
+            window: params.recv_window(),
+            max: params.recv_window(),
             received: 0,
-            consumed: 0,
-            tags: VecDeque::with_capacity((CIRC_WINDOW / CIRC_INCREMENT) as usize),
+            released: 0,
+            tags: VecDeque::new(),
         }
+    }
+
+    /// Cells the peer may have in flight beyond what was acknowledged.
+    pub fn window_size(&self) -> u32 {
+        self.max
     }
 
     /// Record a DATA cell received with end-hop tag `tag`. A peer that sends
@@ -134,91 +251,23 @@ impl CircRecvWindow {
         }
         self.window -= 1;
         self.received += 1;
-        if self.received.is_multiple_of(CIRC_INCREMENT as u64) {
+        if self.received.is_multiple_of(u64::from(self.inc)) {
             self.tags.push_back(*tag);
         }
         Ok(())
     }
 
-    /// Record `n` received cells as consumed (left our buffers). Returns the
-    /// tags of the SENDMEs to send now, oldest first.
-    pub fn on_consumed(&mut self, n: u32, out: &mut Vec<[u8; 16]>) {
-        let before = self.consumed / CIRC_INCREMENT as u64;
-        self.consumed = (self.consumed + n as u64).min(self.received);
-        let after = self.consumed / CIRC_INCREMENT as u64;
-        for _ in before..after {
+    /// Record `n` received cells as released (they left the circuit).
+    /// Pushes the tags of the SENDMEs to send now, oldest first.
+    pub fn release(&mut self, n: u32, out: &mut Vec<[u8; 16]>) {
+        let inc = u64::from(self.inc);
+        let before = self.released / inc;
+        self.released = (self.released + u64::from(n)).min(self.received);
+        for _ in before..self.released / inc {
             if let Some(t) = self.tags.pop_front() {
-                self.window += CIRC_INCREMENT;
+                self.window += self.inc;
                 out.push(t);
             }
-        }
-    }
-}
-
-/// One stream's window in one direction (stream SENDMEs carry no tag: the
-/// circuit window already bounds what a peer can make us send).
-#[derive(Debug)]
-pub struct StreamWindow {
-    window: u32,
-    counted: u32,
-}
-
-impl Default for StreamWindow {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl StreamWindow {
-    pub fn new() -> Self {
-        StreamWindow {
-            window: STREAM_WINDOW,
-            counted: 0,
-        }
-    }
-
-    pub fn available(&self) -> u32 {
-        self.window
-    }
-
-    /// Sending side: a DATA cell went out (the caller checked `available`).
-    pub fn take(&mut self) -> Result<(), Error> {
-        if self.window == 0 {
-            return Err(Error::FlowControl("DATA sent on a closed stream window"));
-        }
-        self.window -= 1;
-        Ok(())
-    }
-
-    /// Receiving side: a DATA cell arrived; the peer's fault past the window.
-    pub fn receive(&mut self) -> Result<(), Error> {
-        if self.window == 0 {
-            return Err(PeerMisbehaved::DataPastStreamWindow.into());
-        }
-        self.window -= 1;
-        Ok(())
-    }
-
-    /// Sending side: a stream SENDME arrived. Fails if it would open the
-    /// window beyond its size (acknowledging cells never sent).
-    pub fn on_sendme(&mut self) -> Result<(), Error> {
-        if self.window + STREAM_INCREMENT > STREAM_WINDOW {
-            return Err(PeerMisbehaved::StreamSendmeUnowed.into());
-        }
-        self.window += STREAM_INCREMENT;
-        Ok(())
-    }
-
-    /// Receiving side: one received cell was consumed. Returns true when a
-    /// stream SENDME is due (and counts it as sent).
-    pub fn consumed(&mut self) -> bool {
-        self.counted += 1;
-        if self.counted >= STREAM_INCREMENT && self.window + STREAM_INCREMENT <= STREAM_WINDOW {
-            self.counted -= STREAM_INCREMENT;
-            self.window += STREAM_INCREMENT;
-            true
-        } else {
-            false
         }
     }
 }
@@ -234,65 +283,106 @@ mod tests {
     }
 
     #[test]
-    fn circuit_window_round_trip() {
-        let mut s = CircSendWindow::new();
-        let mut r = CircRecvWindow::new();
+    fn fixed_window_round_trip() {
+        let now = Instant::now();
+        let mut s = CircSendWindow::new(CircParams::Fixed);
+        let mut r = CircRecvWindow::new(CircParams::Fixed);
         let mut acks = Vec::new();
-        for i in 1..=CIRC_WINDOW as u64 {
+        for i in 1..=u64::from(FIXED_WINDOW) {
             assert_eq!(s.next_is_acked(), i % 100 == 0);
-            s.on_data_sent(&tag(i)).unwrap();
+            s.on_data_sent(now, &tag(i)).unwrap();
             r.on_data_received(&tag(i)).unwrap();
         }
         assert_eq!(s.available(), 0);
-        assert!(s.on_data_sent(&tag(0)).is_err());
+        assert!(s.on_data_sent(now, &tag(0)).is_err());
         // One more cell from a peer that ignores the window is refused.
-        let mut r2 = CircRecvWindow::new();
-        for i in 1..=CIRC_WINDOW as u64 {
-            r2.on_data_received(&tag(i)).unwrap();
-        }
         assert!(matches!(
-            r2.on_data_received(&tag(0)),
+            r.on_data_received(&tag(0)),
             Err(Error::PeerMisbehaved(PeerMisbehaved::DataPastCircuitWindow))
         ));
 
-        r.on_consumed(150, &mut acks);
+        r.release(150, &mut acks);
         assert_eq!(acks, vec![tag(100)]);
-        r.on_consumed(50, &mut acks);
+        r.release(50, &mut acks);
         assert_eq!(acks, vec![tag(100), tag(200)]);
-        s.on_sendme(&acks[0]).unwrap();
+        s.on_sendme(now, &acks[0]).unwrap();
         assert!(matches!(
-            s.on_sendme(&tag(999)),
+            s.on_sendme(now, &tag(999)),
             Err(Error::PeerMisbehaved(PeerMisbehaved::SendmeWrongTag))
         ));
-        s.on_sendme(&acks[1]).unwrap();
+        s.on_sendme(now, &acks[1]).unwrap();
         assert_eq!(s.available(), 200);
         // No more SENDMEs are owed until more cells have been acknowledged.
-        let mut s2 = CircSendWindow::new();
+        let mut s2 = CircSendWindow::new(CircParams::Fixed);
         assert!(matches!(
-            s2.on_sendme(&tag(1)),
+            s2.on_sendme(now, &tag(1)),
             Err(Error::PeerMisbehaved(PeerMisbehaved::SendmeUnowed))
         ));
     }
 
     #[test]
-    fn stream_window() {
-        let mut w = StreamWindow::new();
-        for _ in 0..STREAM_WINDOW {
-            w.receive().unwrap();
-        }
-        assert!(matches!(
-            w.receive(),
-            Err(Error::PeerMisbehaved(PeerMisbehaved::DataPastStreamWindow))
-        ));
-        let mut snd = StreamWindow::new();
-        assert!(snd.on_sendme().is_err(), "nothing to acknowledge");
-        let mut due = 0;
-        for _ in 0..120 {
-            if w.consumed() {
-                due += 1;
+    fn the_window_grows_with_round_trips_of_a_full_window() {
+        let params = CircParams::default();
+        let inc = u64::from(params.inc());
+        let start = Instant::now();
+        let mut s = CircSendWindow::new(params);
+        let first = s.cwnd();
+        // A path of 100 ms that holds all the window sends: each SENDME
+        // comes back 100 ms after its cell, and the sender fills the window
+        // again at once (the ack clock). Slow start doubles it each round.
+        let rtt = Duration::from_millis(100);
+        let mut sent = 0;
+        let mut acks = VecDeque::new();
+        let mut fill = |s: &mut CircSendWindow, now: Instant, acks: &mut VecDeque<_>| {
+            while s.available() > 0 {
+                sent += 1;
+                s.on_data_sent(now, &tag(sent)).unwrap();
+                if sent % inc == 0 {
+                    acks.push_back((now + rtt, sent));
+                }
             }
+            s.held_back();
+        };
+        fill(&mut s, start, &mut acks);
+        while let Some((at, k)) = acks.pop_front() {
+            if at > start + rtt * 4 {
+                break;
+            }
+            s.on_sendme(at, &tag(k)).unwrap();
+            fill(&mut s, at, &mut acks);
         }
-        assert_eq!(due, 2);
-        assert_eq!(w.available(), 100);
+        assert!(
+            s.cwnd() >= 8 * first,
+            "{} after 4 rounds from {first}",
+            s.cwnd()
+        );
+        assert_eq!(
+            s.rtt(),
+            Some(Rtt {
+                min: Duration::from_millis(100),
+                latest: Duration::from_millis(100)
+            })
+        );
+        // A receiver allows the most any window may reach, and no more.
+        let mut r = CircRecvWindow::new(params);
+        for k in 1..=u64::from(CWND_MAX) {
+            r.on_data_received(&tag(k)).unwrap();
+        }
+        assert!(r.on_data_received(&tag(0)).is_err());
+    }
+
+    #[test]
+    fn params_on_the_wire() {
+        for p in [
+            CircParams::Fixed,
+            CircParams::default(),
+            CircParams::Vegas { inc: 255 },
+        ] {
+            assert_eq!(CircParams::decode(p.encode()).unwrap(), p);
+        }
+        assert_eq!(CircParams::default().encode(), [1, 31]);
+        for bad in [[0, 1], [1, 15], [1, 0], [2, 31]] {
+            assert!(CircParams::decode(bad).is_err(), "{bad:?}");
+        }
     }
 }

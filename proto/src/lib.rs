@@ -77,14 +77,12 @@ pub enum Error {
 pub enum PeerMisbehaved {
     #[error("sent DATA past the circuit window")]
     DataPastCircuitWindow,
-    #[error("sent DATA past a stream window")]
-    DataPastStreamWindow,
+    #[error("sent DATA on a stream past a window's worth after its XOFF")]
+    DataPastXoff,
     #[error("sent a circuit SENDME for cells never sent")]
     SendmeUnowed,
     #[error("sent a circuit SENDME whose tag is not the one owed")]
     SendmeWrongTag,
-    #[error("sent a stream SENDME for cells never sent")]
-    StreamSendmeUnowed,
     #[error("sent {got} where {expected} was expected")]
     Unexpected { expected: &'static str, got: String },
     #[error("asked to extend a circuit that already has a next hop")]
@@ -102,11 +100,9 @@ impl PeerMisbehaved {
     pub fn destroy_reason(&self) -> cell::DestroyReason {
         use PeerMisbehaved::*;
         match self {
-            DataPastCircuitWindow
-            | DataPastStreamWindow
-            | SendmeUnowed
-            | SendmeWrongTag
-            | StreamSendmeUnowed => cell::DestroyReason::FLOW_CONTROL,
+            DataPastCircuitWindow | DataPastXoff | SendmeUnowed | SendmeWrongTag => {
+                cell::DestroyReason::FLOW_CONTROL
+            }
             Unexpected { .. } | ExtendTwice | ExtendToSelf | ExtendBack | TooManyHops => {
                 cell::DestroyReason::PROTOCOL
             }

@@ -2,16 +2,19 @@
 //! ntor (`doc/protocol.md` section "Circuit handshake").
 //!
 //! ```text
-//! client -> relay:  ID[32] | B[32] | X[32]                  (96 bytes)
-//! relay  -> client: Y[32] | AUTH[32]                        (64 bytes)
-//! secret_input = X25519(y,X) | X25519(b,X) | ID | B | X | Y | PROTOID
+//! client -> relay:  ID[32] | B[32] | X[32] | PC[2]          (98 bytes)
+//! relay  -> client: Y[32] | AUTH[32] | PS[2]                (66 bytes)
+//! secret_input = X25519(y,X) | X25519(b,X) | ID | B | X | Y | PC | PS | PROTOID
 //! PRK  = HKDF-Extract(salt = PROTOID, secret_input)
 //! AUTH = HKDF-Expand(PRK, PROTOID | ":auth", 32)
 //! KEYS = HKDF-Expand(PRK, PROTOID | ":keys", 64)  -> forward key | backward key
 //! ```
 //! `ID` is the relay's Ed25519 identity, `B` the onion key the client chose
 //! from the consensus. Only the relay holding `b` can compute AUTH; the
-//! client stays anonymous.
+//! client stays anonymous. `PC` is the flow control the client asks for and
+//! `PS` what the relay agrees to ([`CircParams`]: the same, or fixed
+//! windows); both are in the transcript, so a hop that carries the CREATE
+//! on cannot change them.
 
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use curve25519_dalek::scalar::{Scalar, clamp_integer};
@@ -26,13 +29,14 @@ use zeroize::Zeroizing;
 
 use crate::aead::ct_eq;
 use crate::doc::Sig;
+use crate::flow::CircParams;
 use crate::onion::HopKeys;
 use crate::wire::Reader;
 use crate::{Error, OnionKey};
 
-pub const PROTOID: &[u8] = b"allium-ntor-x25519-sha256-1";
-pub const CLIENT_LEN: usize = 96;
-pub const SERVER_LEN: usize = 64;
+pub const PROTOID: &[u8] = b"allium-ntor-x25519-sha256-2";
+pub const CLIENT_LEN: usize = 96 + CircParams::LEN;
+pub const SERVER_LEN: usize = 64 + CircParams::LEN;
 
 /// The client's secret state between sending CREATE and reading CREATED.
 pub struct ClientState {
@@ -40,17 +44,20 @@ pub struct ClientState {
     xpub: [u8; 32],
     id: [u8; 32],
     b: [u8; 32],
+    params: CircParams,
     /// `EXP(B, x)`, once [`ClientState::prepare`] has computed it.
     xb: Option<x25519_dalek::SharedSecret>,
 }
 
-/// Start a handshake with relay `id` whose onion key is `b`.
+/// Start a handshake with relay `id` whose onion key is `b`, asking for
+/// flow control `params`.
 pub fn client_start(
     rng: &mut impl CryptoRng,
     id: &[u8; 32],
     b: &OnionKey,
+    params: CircParams,
 ) -> (ClientState, Vec<u8>) {
-    client_start_with_ephemeral(StaticSecret::random_from_rng(rng), id, b)
+    client_start_with_ephemeral(StaticSecret::random_from_rng(rng), id, b, params)
 }
 
 /// [`client_start`] with a given ephemeral key, for test vectors.
@@ -58,36 +65,44 @@ pub fn client_start_with_ephemeral(
     x: StaticSecret,
     id: &[u8; 32],
     b: &OnionKey,
+    params: CircParams,
 ) -> (ClientState, Vec<u8>) {
     let xpub = PublicKey::from(&x);
     let mut msg = Vec::with_capacity(CLIENT_LEN);
     msg.extend_from_slice(id);
     msg.extend_from_slice(&b.0);
     msg.extend_from_slice(xpub.as_bytes());
+    msg.extend_from_slice(&params.encode());
     (
         ClientState {
             xpub: xpub.to_bytes(),
             x,
             id: *id,
             b: b.0,
+            params,
             xb: None,
         },
         msg,
     )
 }
 
-fn derive(
-    xy: &[u8; 32],
-    xb: &[u8; 32],
-    id: &[u8; 32],
-    b: &[u8; 32],
-    x: &[u8; 32],
-    y: &[u8; 32],
-) -> ([u8; 32], HopKeys) {
-    let mut input = Zeroizing::new(Vec::with_capacity(192 + PROTOID.len()));
-    for part in [xy, xb, id, b, x, y] {
+/// The public half of the transcript: `ID | B | X | Y | PC | PS`.
+struct Transcript<'a> {
+    id: &'a [u8; 32],
+    b: &'a [u8; 32],
+    x: &'a [u8; 32],
+    y: &'a [u8; 32],
+    pc: [u8; 2],
+    ps: [u8; 2],
+}
+
+fn derive(xy: &[u8; 32], xb: &[u8; 32], t: &Transcript<'_>) -> ([u8; 32], HopKeys) {
+    let mut input = Zeroizing::new(Vec::with_capacity(196 + PROTOID.len()));
+    for part in [xy, xb, t.id, t.b, t.x, t.y] {
         input.extend_from_slice(part);
     }
+    input.extend_from_slice(&t.pc);
+    input.extend_from_slice(&t.ps);
     input.extend_from_slice(PROTOID);
     let hk = Hkdf::<Sha256>::new(Some(PROTOID), &input);
     let mut auth = [0u8; 32];
@@ -189,12 +204,13 @@ pub struct OnionKeys<'a> {
     pub keys: &'a [&'a OnionSecret],
 }
 
-/// Answer a CREATE: returns the CREATED reply and the hop keys.
+/// Answer a CREATE: returns the CREATED reply, the hop keys and the flow
+/// control agreed (what the client asked for).
 pub fn server(
     rng: &mut impl CryptoRng,
     keys: &OnionKeys<'_>,
     msg: &[u8],
-) -> Result<(Vec<u8>, HopKeys), Error> {
+) -> Result<(Vec<u8>, HopKeys, CircParams), Error> {
     server_with_ephemeral(StaticSecret::random_from_rng(rng), keys, msg)
 }
 
@@ -203,12 +219,14 @@ pub fn server_with_ephemeral(
     y: StaticSecret,
     keys: &OnionKeys<'_>,
     msg: &[u8],
-) -> Result<(Vec<u8>, HopKeys), Error> {
+) -> Result<(Vec<u8>, HopKeys, CircParams), Error> {
     let mut r = Reader::new(msg);
     let id: [u8; 32] = r.take_array()?;
     let b: [u8; 32] = r.take_array()?;
     let x: [u8; 32] = r.take_array()?;
+    let pc: [u8; 2] = r.take_array()?;
     r.should_be_exhausted()?;
+    let params = CircParams::decode(pc)?;
     if id != keys.identity {
         return Err(Error::Handshake("CREATE names another relay's identity"));
     }
@@ -227,11 +245,20 @@ pub fn server_with_ephemeral(
         return Err(Error::Handshake("client key is a low-order point"));
     }
     let ypub = PublicKey::from(&y);
-    let (auth, hk) = derive(xy.as_bytes(), xb.as_bytes(), &id, &b, &x, ypub.as_bytes());
+    let t = Transcript {
+        id: &id,
+        b: &b,
+        x: &x,
+        y: ypub.as_bytes(),
+        pc,
+        ps: pc,
+    };
+    let (auth, hk) = derive(xy.as_bytes(), xb.as_bytes(), &t);
     let mut reply = Vec::with_capacity(SERVER_LEN);
     reply.extend_from_slice(ypub.as_bytes());
     reply.extend_from_slice(&auth);
-    Ok((reply, hk))
+    reply.extend_from_slice(&pc);
+    Ok((reply, hk, params))
 }
 
 impl ClientState {
@@ -244,12 +271,20 @@ impl ClientState {
         }
     }
 
-    /// Check the relay's CREATED reply and derive the hop keys.
-    pub fn finish(mut self, reply: &[u8]) -> Result<HopKeys, Error> {
+    /// Check the relay's CREATED reply; the hop keys and the flow control
+    /// agreed (what was asked for, or fixed windows if the relay said so).
+    pub fn finish(mut self, reply: &[u8]) -> Result<(HopKeys, CircParams), Error> {
         let mut r = Reader::new(reply);
         let y: [u8; 32] = r.take_array()?;
         let auth: [u8; 32] = r.take_array()?;
+        let ps: [u8; 2] = r.take_array()?;
         r.should_be_exhausted()?;
+        let agreed = CircParams::decode(ps)?;
+        if agreed != self.params && agreed != CircParams::Fixed {
+            return Err(Error::Handshake(
+                "relay agreed to flow control other than asked",
+            ));
+        }
         let ypub = PublicKey::from(y);
         let xy = self.x.diffie_hellman(&ypub);
         self.prepare();
@@ -257,18 +292,19 @@ impl ClientState {
         if !xy.was_contributory() || !xb.was_contributory() {
             return Err(Error::Handshake("relay key is a low-order point"));
         }
-        let (expect, keys) = derive(
-            xy.as_bytes(),
-            xb.as_bytes(),
-            &self.id,
-            &self.b,
-            &self.xpub,
-            &y,
-        );
+        let t = Transcript {
+            id: &self.id,
+            b: &self.b,
+            x: &self.xpub,
+            y: &y,
+            pc: self.params.encode(),
+            ps,
+        };
+        let (expect, keys) = derive(xy.as_bytes(), xb.as_bytes(), &t);
         if !ct_eq(&expect, &auth) {
             return Err(Error::Handshake("relay's AUTH does not verify"));
         }
-        Ok(keys)
+        Ok((keys, agreed))
     }
 }
 
@@ -293,12 +329,16 @@ mod tests {
             keys: &ks,
         };
         let mut rng = rand::rng();
-        for b in [cur.public(), prev.public()] {
-            let (st, m) = client_start(&mut rng, &id, &b);
-            let (reply, sk) = server(&mut rng, &keys, &m).unwrap();
-            let ck = st.finish(&reply).unwrap();
+        for (b, p) in [
+            (cur.public(), CircParams::default()),
+            (prev.public(), CircParams::Fixed),
+        ] {
+            let (st, m) = client_start(&mut rng, &id, &b, p);
+            let (reply, sk, sp) = server(&mut rng, &keys, &m).unwrap();
+            let (ck, cp) = st.finish(&reply).unwrap();
             assert_eq!(ck.forward, sk.forward);
             assert_eq!(ck.backward, sk.backward);
+            assert_eq!((sp, cp), (p, p));
         }
     }
 
@@ -312,16 +352,53 @@ mod tests {
         };
         let mut rng = rand::rng();
         let b = cur.public();
-        let (_, m) = client_start(&mut rng, &[0; 32], &b);
+        let p = CircParams::default();
+        let (_, m) = client_start(&mut rng, &[0; 32], &b, p);
         assert!(server(&mut rng, &keys, &m).is_err());
-        let (_, m) = client_start(&mut rng, &id, &OnionKey([9; 32]));
+        let (_, m) = client_start(&mut rng, &id, &OnionKey([9; 32]), p);
         assert!(server(&mut rng, &keys, &m).is_err());
-        let (st, m) = client_start(&mut rng, &id, &b);
-        let (mut reply, _) = server(&mut rng, &keys, &m).unwrap();
+        let (st, m) = client_start(&mut rng, &id, &b, p);
+        let (mut reply, _, _) = server(&mut rng, &keys, &m).unwrap();
         reply[40] ^= 1;
         assert!(st.finish(&reply).is_err());
-        let (_, mut m) = client_start(&mut rng, &id, &b);
+        let (_, mut m) = client_start(&mut rng, &id, &b, p);
         m.push(0);
         assert!(server(&mut rng, &keys, &m).is_err());
+    }
+
+    /// The flow control asked for is bound into the keys: a hop that
+    /// carries the CREATE on and changes it, or the relay's answer, makes
+    /// the handshake fail.
+    #[test]
+    fn flow_control_cannot_be_changed_on_the_way() {
+        let (cur, _prev, id) = relay_keys();
+        let ks = [&cur];
+        let keys = OnionKeys {
+            identity: id,
+            keys: &ks,
+        };
+        let mut rng = rand::rng();
+        let b = cur.public();
+        // Asked for Vegas; a hop on the way turns it into fixed windows.
+        let (st, mut m) = client_start(&mut rng, &id, &b, CircParams::default());
+        m[96..].copy_from_slice(&CircParams::Fixed.encode());
+        let (reply, _, sp) = server(&mut rng, &keys, &m).unwrap();
+        assert_eq!(sp, CircParams::Fixed);
+        assert!(matches!(st.finish(&reply), Err(Error::Handshake(_))));
+        // The answer changed on the way back: to fixed, or to another
+        // increment.
+        for ps in [CircParams::Fixed, CircParams::Vegas { inc: 200 }] {
+            let (st, m) = client_start(&mut rng, &id, &b, CircParams::default());
+            let (mut reply, _, _) = server(&mut rng, &keys, &m).unwrap();
+            reply[64..].copy_from_slice(&ps.encode());
+            assert!(matches!(st.finish(&reply), Err(Error::Handshake(_))));
+        }
+        // Parameters no relay may agree to are refused before any work.
+        let (_, mut m) = client_start(&mut rng, &id, &b, CircParams::default());
+        m[97] = 1;
+        assert!(matches!(
+            server(&mut rng, &keys, &m),
+            Err(Error::Malformed { .. })
+        ));
     }
 }

@@ -30,6 +30,8 @@ crate::open_enum! {
         RESOLVE = 11,
         RESOLVED = 12,
         ECHO = 13,
+        XOFF = 14,
+        XON = 15,
     }
 }
 
@@ -159,6 +161,10 @@ pub enum RelayMsg {
     /// Bytes the hop that receives them sends straight back (a capacity
     /// measurement: the hop must open and seal every cell).
     Echo(Vec<u8>),
+    /// The stream's receiver holds too much: stop sending on it.
+    Xoff,
+    /// The stream's receiver has drained: go on.
+    Xon,
 }
 
 /// Ask the last hop to extend the circuit to another relay.
@@ -187,6 +193,8 @@ impl RelayMsg {
             RelayMsg::Resolve(_) => RelayCmd::RESOLVE,
             RelayMsg::Resolved(_) => RelayCmd::RESOLVED,
             RelayMsg::Echo(_) => RelayCmd::ECHO,
+            RelayMsg::Xoff => RelayCmd::XOFF,
+            RelayMsg::Xon => RelayCmd::XON,
         }
     }
 
@@ -222,7 +230,7 @@ impl RelayMsg {
             RelayMsg::Extended(h) => {
                 w.put_u16(h.len() as u16).put(h);
             }
-            RelayMsg::Truncate | RelayMsg::Drop => {}
+            RelayMsg::Truncate | RelayMsg::Drop | RelayMsg::Xoff | RelayMsg::Xon => {}
             RelayMsg::Truncated(r) => {
                 w.put_u8(*r);
             }
@@ -388,6 +396,8 @@ impl RelayMsg {
                 RelayMsg::Extended(r.take(hlen)?.to_vec())
             }
             RelayCmd::TRUNCATE => RelayMsg::Truncate,
+            RelayCmd::XOFF => RelayMsg::Xoff,
+            RelayCmd::XON => RelayMsg::Xon,
             RelayCmd::TRUNCATED => RelayMsg::Truncated(r.take_u8()?),
             RelayCmd::DROP => {
                 r.take_rest();
@@ -431,6 +441,8 @@ mod tests {
 
     fn all_msgs() -> Vec<RelayMsg> {
         vec![
+            RelayMsg::Xoff,
+            RelayMsg::Xon,
             RelayMsg::Begin {
                 addr: TargetAddr::Host("example.com".into()),
                 port: 443,

@@ -90,6 +90,8 @@ fn compute() -> BTreeMap<String, String> {
         ),
         ("relay.end", 1, RelayMsg::End(EndReason::CONNECT_REFUSED)),
         ("relay.sendme", 0, RelayMsg::Sendme { tag: [0x11; 16] }),
+        ("relay.xoff", 1, RelayMsg::Xoff),
+        ("relay.xon", 1, RelayMsg::Xon),
         (
             "relay.extend",
             0,
@@ -127,11 +129,16 @@ fn compute() -> BTreeMap<String, String> {
     let id = [0x84u8; 32];
     let bpub = PublicKey::from(&b).to_bytes();
     put("ntor.onion_key_B", &bpub);
-    let (st, cmsg) = ntor::client_start_with_ephemeral(x, &id, &allium_proto::OnionKey(bpub));
+    let (st, cmsg) = ntor::client_start_with_ephemeral(
+        x,
+        &id,
+        &allium_proto::OnionKey(bpub),
+        allium_proto::flow::CircParams::default(),
+    );
     put("ntor.client_msg", &cmsg);
     let b = ntor::OnionSecret::new(b);
     let list = [&b];
-    let (reply, skeys) = ntor::server_with_ephemeral(
+    let (reply, skeys, _) = ntor::server_with_ephemeral(
         y,
         &OnionKeys {
             identity: id,
@@ -141,7 +148,7 @@ fn compute() -> BTreeMap<String, String> {
     )
     .unwrap();
     put("ntor.server_msg", &reply);
-    let ckeys = st.finish(&reply).unwrap();
+    let (ckeys, _) = st.finish(&reply).unwrap();
     assert_eq!(ckeys.forward, skeys.forward);
     put("ntor.key_forward", &ckeys.forward);
     put("ntor.key_backward", &ckeys.backward);

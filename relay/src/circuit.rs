@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use allium_proto::cell::{self, Cell, CellCmd, CircId, DestroyReason, HANDSHAKE_NTOR};
 use allium_proto::circuit::{self as core, Event, Side};
+use allium_proto::flow::CircParams;
 use allium_proto::ntor::{self, OnionKeys};
 use allium_proto::onion::RelayLayer;
 use allium_proto::policy::is_private;
@@ -159,8 +160,8 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         inbox,
         chan,
     } = nc;
-    let keys = match answer_create(&ctx, &create) {
-        Ok((reply, keys)) => {
+    let (keys, params) = match answer_create(&ctx, &create) {
+        Ok((reply, keys, params)) => {
             let created = match Cell::new(circ_id, CellCmd::CREATED, &cell::encode_created(&reply))
             {
                 Ok(c) => c,
@@ -169,7 +170,7 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
             if chan.send(created).await.is_err() {
                 return;
             }
-            keys
+            (keys, params)
         }
         Err(e) => {
             debug!("CREATE refused: {e}");
@@ -187,6 +188,7 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
             &mut rand::rng(),
             RelayLayer::new(&keys),
             chan.peer().is_none(),
+            params,
         ),
         prev: chan,
         prev_id: circ_id,
@@ -225,7 +227,7 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
 fn answer_create(
     ctx: &RelayCtx,
     create: &Cell,
-) -> Result<(Vec<u8>, allium_proto::onion::HopKeys), RelayError> {
+) -> Result<(Vec<u8>, allium_proto::onion::HopKeys, CircParams), RelayError> {
     let (htype, hdata) = cell::decode_create(&create.payload[..])?;
     if htype != HANDSHAKE_NTOR {
         return Err(RelayError::Protocol(format!(

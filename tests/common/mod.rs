@@ -79,8 +79,18 @@ impl RawCirc {
         identity: &[u8; 32],
         onion_key: &OnionKey,
     ) -> Result<RawCirc, DestroyReason> {
+        Self::open_with(chan, identity, onion_key, Default::default()).await
+    }
+
+    /// [`RawCirc::open`] asking for flow control `params`.
+    pub async fn open_with(
+        chan: ChannelHandle,
+        identity: &[u8; 32],
+        onion_key: &OnionKey,
+        params: allium_proto::flow::CircParams,
+    ) -> Result<RawCirc, DestroyReason> {
         let (id, mut rx) = chan.new_circuit().await.unwrap();
-        let (st, hs) = ntor::client_start(&mut rand::rng(), identity, onion_key);
+        let (st, hs) = ntor::client_start(&mut rand::rng(), identity, onion_key, params);
         chan.send(
             Cell::new(
                 id,
@@ -103,7 +113,8 @@ impl RawCirc {
         layers
             .push(
                 &st.finish(cell::decode_created(&c.payload[..]).unwrap())
-                    .unwrap(),
+                    .unwrap()
+                    .0,
             )
             .unwrap();
         Ok(RawCirc {
@@ -178,7 +189,12 @@ impl RawCirc {
     /// handshake (the new hop is then the last), `Err` with the TRUNCATED
     /// (or DESTROY) reason.
     pub async fn extend(&mut self, to: &ExtendTo) -> Result<(), DestroyReason> {
-        let (st, hs) = ntor::client_start(&mut rand::rng(), &to.identity, &to.onion_key);
+        let (st, hs) = ntor::client_start(
+            &mut rand::rng(),
+            &to.identity,
+            &to.onion_key,
+            allium_proto::flow::CircParams::default(),
+        );
         self.send(
             0,
             RelayMsg::Extend(Extend {
@@ -192,7 +208,7 @@ impl RawCirc {
         .await;
         match self.recv().await? {
             (0, RelayMsg::Extended(reply), _) => {
-                self.layers.push(&st.finish(&reply).unwrap()).unwrap();
+                self.layers.push(&st.finish(&reply).unwrap().0).unwrap();
                 Ok(())
             }
             (0, RelayMsg::Truncated(r), _) => Err(DestroyReason(r)),

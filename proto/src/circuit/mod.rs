@@ -32,20 +32,27 @@
 //! DATA for one stream that arrives in one batch comes out as one
 //! [`Event::Data`].
 //!
-//! # Windows
+//! # Flow and congestion control
 //! Each window has one source of truth, here. [`Circuit::send`] seals as
-//! many DATA cells as the stream's and the circuit's windows allow now and
-//! keeps the rest; what it kept goes out as SENDMEs arrive, and
-//! [`Event::Sent`] says when the stream's buffer is empty again, so a
-//! driver gives its producer room by that event and never counts cells
-//! itself. Received DATA counts against the peer's windows at once (a cell
-//! past one is the peer's fault); circuit SENDMEs go out when the cells
-//! are handed on as events, stream SENDMEs when the driver reports them
-//! [`Circuit::consumed`].
+//! many DATA cells as the circuit's congestion window allows now and keeps
+//! the rest; what it kept goes out as SENDMEs arrive, and [`Event::Sent`]
+//! says when the stream's buffer is empty again, so a driver gives its
+//! producer room by that event and never counts cells itself.
+//!
+//! Received DATA counts against the circuit window at once (a cell past it
+//! is the peer's fault). Circuit SENDMEs go out as the cells are handed on
+//! as events, so one slow stream does not hold up the others, unless the
+//! circuit holds more than [`HOLD_MAX`] cells the driver has not yet
+//! reported [`Circuit::consumed`]: then they wait for the driver. Each
+//! stream says XOFF to its sender when it holds [`XOFF_AT`] cells not yet
+//! consumed, and XON once it is down to [`XON_AT`]; a sender stops sealing
+//! a stream between XOFF and XON. So what a circuit makes its driver hold
+//! is bounded (`HOLD_MAX` plus the circuit window) however many streams
+//! it has and whatever the peer does.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand_core::CryptoRng;
 use zeroize::Zeroizing;
@@ -53,7 +60,8 @@ use zeroize::Zeroizing;
 use crate::aead::{Key, keystream};
 
 use crate::cell::{self, Cell, CellCmd, DestroyReason, PAYLOAD_LEN};
-use crate::flow::{CircRecvWindow, CircSendWindow, SENDME_CELL_RANDOM, StreamWindow};
+pub use crate::flow::Rtt;
+use crate::flow::{CircParams, CircRecvWindow, CircSendWindow, SENDME_CELL_RANDOM};
 use crate::onion::{BACKWARD_CAPACITY, ClientLayers, Peeled, RelayLayer, forward_capacity};
 use crate::relaymsg::{EndReason, Extend, HEADER_LEN, RelayMsg, TargetAddr};
 use crate::{Error, PeerMisbehaved};
@@ -148,6 +156,14 @@ pub const MAX_EARLY: u32 = 7;
 pub const MAX_STREAMS: usize = 512;
 /// The most DATA one [`Event::Data`] carries.
 const DATA_EVENT_MAX: usize = 64 * 1024;
+/// Cells a stream's receiver holds, handed on and not yet consumed, when it
+/// says XOFF (about 250 KB).
+pub const XOFF_AT: u32 = 500;
+/// Cells it holds when it says XON again.
+pub const XON_AT: u32 = 100;
+/// Cells the whole circuit holds unconsumed above which circuit SENDMEs
+/// wait for the driver to consume.
+pub const HOLD_MAX: u32 = 4 * XOFF_AT;
 
 enum Role {
     Client(ClientLayers),
@@ -177,10 +193,12 @@ enum Kind {
 
 struct StreamState {
     kind: Kind,
-    /// DATA this end may still send.
-    send: StreamWindow,
-    /// DATA the far end may still send.
-    recv: StreamWindow,
+    /// The far end said XOFF: seal nothing until its XON.
+    paused: bool,
+    /// Cells handed on as events and not yet consumed.
+    held: u32,
+    /// This end said XOFF, and how many cells came since.
+    xoff_sent: Option<u32>,
     /// Bytes given to `send` and not yet sealed.
     unsent: Vec<u8>,
     /// END to send once `unsent` is empty.
@@ -191,8 +209,9 @@ impl StreamState {
     fn new(kind: Kind) -> Self {
         StreamState {
             kind,
-            send: StreamWindow::new(),
-            recv: StreamWindow::new(),
+            paused: false,
+            held: 0,
+            xoff_sent: None,
             unsent: Vec::new(),
             end_after: None,
         }
@@ -212,9 +231,10 @@ pub struct Circuit {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     sendme_tags: Vec<[u8; TAG_LEN]>,
-    /// When each DATA cell a circuit SENDME will acknowledge was sent.
-    acked_sent_at: VecDeque<Instant>,
-    rtt: Option<Rtt>,
+    /// Cells handed on as events and not yet consumed, all streams.
+    held: u32,
+    /// Of those, cells whose circuit SENDME waits for them to be consumed.
+    unreleased: u32,
     counts: Counts,
     closed: bool,
     /// RELAY_EARLY cells from the previous hop.
@@ -225,49 +245,52 @@ pub struct Circuit {
     pad_counter: u64,
 }
 
-/// Round-trip estimate from circuit SENDMEs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rtt {
-    pub min: Duration,
-    pub latest: Duration,
-}
-
 impl Circuit {
-    fn new(rng: &mut impl CryptoRng, role: Role) -> Self {
+    fn new(rng: &mut impl CryptoRng, role: Role, params: CircParams) -> Self {
         let mut pad_key = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(&mut pad_key[..]);
         Circuit {
             pad_key,
             pad_counter: 0,
             role,
-            fc_send: CircSendWindow::new(),
-            fc_recv: CircRecvWindow::new(),
+            fc_send: CircSendWindow::new(params),
+            fc_recv: CircRecvWindow::new(params),
             streams: HashMap::new(),
             blocked: VecDeque::new(),
             next_stream: 1,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             sendme_tags: Vec::new(),
-            acked_sent_at: VecDeque::new(),
-            rtt: None,
+            held: 0,
+            unreleased: 0,
             counts: Counts::default(),
             closed: false,
             early_seen: 0,
         }
     }
 
-    /// The client's end of a built circuit; streams go to its last hop.
-    pub fn client(rng: &mut impl CryptoRng, layers: ClientLayers) -> Result<Self, Error> {
+    /// The client's end of a built circuit; streams go to its last hop,
+    /// with the flow control agreed with that hop.
+    pub fn client(
+        rng: &mut impl CryptoRng,
+        layers: ClientLayers,
+        params: CircParams,
+    ) -> Result<Self, Error> {
         if layers.is_empty() {
             return Err(Error::malformed("circuit", "no hops"));
         }
-        Ok(Self::new(rng, Role::Client(layers)))
+        Ok(Self::new(rng, Role::Client(layers), params))
     }
 
-    /// A relay's hop of a circuit, right after it answered the CREATE;
-    /// `first` if the CREATE came over a client's link (an ECHO is only
-    /// answered on a one-hop circuit from a client).
-    pub fn relay(rng: &mut impl CryptoRng, layer: RelayLayer, first: bool) -> Self {
+    /// A relay's hop of a circuit, right after it answered the CREATE with
+    /// `params`; `first` if the CREATE came over a client's link (an ECHO
+    /// is only answered on a one-hop circuit from a client).
+    pub fn relay(
+        rng: &mut impl CryptoRng,
+        layer: RelayLayer,
+        first: bool,
+        params: CircParams,
+    ) -> Self {
         Self::new(
             rng,
             Role::Relay {
@@ -275,6 +298,7 @@ impl Circuit {
                 next: NextHop::None,
                 first,
             },
+            params,
         )
     }
 
@@ -295,7 +319,12 @@ impl Circuit {
 
     /// The round trip measured by circuit SENDMEs, once one came back.
     pub fn rtt(&self) -> Option<Rtt> {
-        self.rtt
+        self.fc_send.rtt()
+    }
+
+    /// The congestion window: DATA cells this end may have in flight.
+    pub fn cwnd(&self) -> u32 {
+        self.fc_send.cwnd()
     }
 
     /// Streams open or opening.
@@ -373,7 +402,7 @@ impl Circuit {
         {
             return Ok(());
         }
-        self.streams.remove(&sid);
+        self.forget(sid);
         let addrs = addrs.iter().take(16).map(|a| (*a, 60)).collect();
         self.originate(sid, &RelayMsg::Resolved(addrs))
     }
@@ -415,19 +444,47 @@ impl Circuit {
     }
 
     /// The driver handed on `cells` DATA cells of stream `sid` (delivered to
-    /// the application, written to the exit's TCP connection): the far end
-    /// may send that many more.
+    /// the application, written to the exit's TCP connection): an XON may
+    /// follow, and circuit SENDMEs that waited for room.
     pub fn consumed(&mut self, sid: u16, cells: u32) -> Result<(), Error> {
-        for _ in 0..cells {
-            let due = match self.streams.get_mut(&sid) {
-                Some(st) => st.recv.consumed(),
-                None => return Ok(()),
-            };
-            if due {
-                self.originate(sid, &RelayMsg::Sendme { tag: [0; TAG_LEN] })?;
-            }
+        let Some(st) = self.streams.get_mut(&sid) else {
+            return Ok(());
+        };
+        let n = cells.min(st.held);
+        st.held -= n;
+        self.held -= n;
+        if st.xoff_sent.is_some() && st.held <= XON_AT {
+            st.xoff_sent = None;
+            self.originate(sid, &RelayMsg::Xon)?;
+        }
+        self.release_held()
+    }
+
+    /// Circuit SENDMEs that waited for the driver, once it holds few enough.
+    fn release_held(&mut self) -> Result<(), Error> {
+        if self.unreleased > 0 && self.held <= HOLD_MAX {
+            let n = std::mem::take(&mut self.unreleased);
+            self.release(n)?;
         }
         Ok(())
+    }
+
+    /// `n` received cells left the circuit: send the circuit SENDMEs due.
+    fn release(&mut self, n: u32) -> Result<(), Error> {
+        let mut tags = std::mem::take(&mut self.sendme_tags);
+        self.fc_recv.release(n, &mut tags);
+        let r = tags
+            .drain(..)
+            .try_for_each(|tag| self.originate(0, &RelayMsg::Sendme { tag }));
+        self.sendme_tags = tags;
+        r
+    }
+
+    /// Remove stream `sid`; what it held no longer counts.
+    fn forget(&mut self, sid: u16) -> Option<StreamState> {
+        let st = self.streams.remove(&sid)?;
+        self.held -= st.held;
+        Some(st)
     }
 
     /// End stream `sid` from this side: END goes out after what the stream
@@ -437,15 +494,16 @@ impl Circuit {
             return Ok(());
         };
         if st.kind == Kind::Resolving {
-            self.streams.remove(&sid);
-            return Ok(());
+            self.forget(sid);
+            return self.release_held();
         }
         if !st.unsent.is_empty() {
             st.end_after = Some(reason);
             return Ok(());
         }
-        self.streams.remove(&sid);
-        self.originate(sid, &RelayMsg::End(reason))
+        self.forget(sid);
+        self.originate(sid, &RelayMsg::End(reason))?;
+        self.release_held()
     }
 
     /// A cell from the neighbour on `side`.
@@ -528,24 +586,23 @@ impl Circuit {
                     .get(&sid)
                     .is_some_and(|s| s.kind == Kind::Resolving)
                 {
-                    self.streams.remove(&sid);
+                    self.forget(sid);
                     self.events
                         .push_back(Event::Resolved { stream: sid, addrs });
                 }
                 Ok(())
             }
-            (sid, RelayMsg::Sendme { tag }) => self.on_sendme(now, sid, &tag),
+            (0, RelayMsg::Sendme { tag }) => self.on_sendme(now, &tag),
+            (sid, RelayMsg::Xoff) if sid != 0 => self.on_xoff(sid),
+            (sid, RelayMsg::Xon) if sid != 0 => self.on_xon(now, sid),
             (0, RelayMsg::Echo(body)) => {
                 self.events.push_back(Event::Echo(body));
                 Ok(())
             }
-            (sid, RelayMsg::End(reason)) if sid != 0 => {
-                self.on_end(sid, reason);
-                Ok(())
-            }
+            (sid, RelayMsg::End(reason)) if sid != 0 => self.on_end(sid, reason),
             (_, RelayMsg::Drop) => Ok(()),
             (sid, m) => Err(unexpected(
-                "CONNECTED, DATA, END, SENDME, RESOLVED, ECHO or DROP from the last hop",
+                "CONNECTED, DATA, END, SENDME, XOFF, XON, RESOLVED, ECHO or DROP from the last hop",
                 format!("{:?} on stream {sid}", m.cmd()),
             )),
         }
@@ -601,7 +658,9 @@ impl Circuit {
                 }
                 self.originate(0, &RelayMsg::Truncated(DestroyReason::REQUESTED.0))
             }
-            RelayMsg::Sendme { tag } => self.on_sendme(now, sid, &tag),
+            RelayMsg::Sendme { tag } if sid == 0 => self.on_sendme(now, &tag),
+            RelayMsg::Xoff if sid != 0 => self.on_xoff(sid),
+            RelayMsg::Xon if sid != 0 => self.on_xon(now, sid),
             // Straight back, on a one-hop circuit only (a measurement): it
             // is no probe of a relay deeper in a circuit.
             RelayMsg::Echo(body) if sid == 0 && one_hop => self.originate(0, &RelayMsg::Echo(body)),
@@ -631,38 +690,48 @@ impl Circuit {
                 self.events.push_back(Event::Resolve { stream: sid, host });
                 Ok(())
             }
-            RelayMsg::End(reason) if sid != 0 => {
-                self.on_end(sid, reason);
-                Ok(())
-            }
+            RelayMsg::End(reason) if sid != 0 => self.on_end(sid, reason),
             RelayMsg::Drop => Ok(()),
             other => Err(unexpected(
                 if sid == 0 {
                     "a circuit message (EXTEND, TRUNCATE, SENDME, ECHO, DROP)"
                 } else {
-                    "a stream message (BEGIN, DATA, END, SENDME, RESOLVE)"
+                    "a stream message (BEGIN, DATA, END, XOFF, XON, RESOLVE)"
                 },
                 format!("{:?} on stream {sid}", other.cmd()),
             )),
         }
     }
 
-    /// DATA from the far end: counted in both windows at once, handed on as
-    /// an event (joined to the DATA before it when that is for the same
-    /// stream and still waiting), which lets the circuit window move on.
+    /// DATA from the far end: counted in the circuit window at once and
+    /// handed on as an event (joined to the DATA before it when that is for
+    /// the same stream and still waiting). Its circuit SENDME goes out now,
+    /// or once the driver has consumed enough ([`HOLD_MAX`]).
     fn on_data(&mut self, sid: u16, data: &[u8], tag: &[u8; TAG_LEN]) -> Result<(), Error> {
         self.fc_recv.on_data_received(tag)?;
-        let mut stream_sendme = false;
+        let window = self.fc_recv.window_size();
+        let mut handed_on = false;
+        let mut xoff = false;
         if let Some(st) = self.streams.get_mut(&sid)
             && st.kind != Kind::Resolving
         {
-            st.recv.receive()?;
-            if st.end_after.is_some() {
-                // This side has ended the stream and only sends what it
-                // still holds: what arrives is dropped, and acknowledged so
-                // the far end is not left waiting.
-                stream_sendme = st.recv.consumed();
-            } else {
+            if let Some(since) = &mut st.xoff_sent {
+                // After XOFF the sender may have a window's worth on the
+                // way, no more.
+                *since += 1;
+                if *since > window {
+                    return Err(PeerMisbehaved::DataPastXoff.into());
+                }
+            }
+            // A stream this side has ended only sends what it still holds:
+            // what arrives is dropped.
+            if st.end_after.is_none() {
+                handed_on = true;
+                st.held += 1;
+                if st.held >= XOFF_AT && st.xoff_sent.is_none() {
+                    st.xoff_sent = Some(0);
+                    xoff = true;
+                }
                 match self.events.back_mut() {
                     Some(Event::Data {
                         stream,
@@ -680,36 +749,45 @@ impl Circuit {
                 }
             }
         }
-        if stream_sendme {
-            self.originate(sid, &RelayMsg::Sendme { tag: [0; TAG_LEN] })?;
+        if xoff {
+            self.originate(sid, &RelayMsg::Xoff)?;
         }
-        let mut tags = std::mem::take(&mut self.sendme_tags);
-        self.fc_recv.on_consumed(1, &mut tags);
-        let r = tags
-            .drain(..)
-            .try_for_each(|tag| self.originate(0, &RelayMsg::Sendme { tag }));
-        self.sendme_tags = tags;
-        r
+        if handed_on {
+            self.held += 1;
+            if self.held > HOLD_MAX {
+                self.unreleased += 1;
+                return Ok(());
+            }
+        }
+        self.release(1)
     }
 
-    fn on_sendme(&mut self, now: Instant, sid: u16, tag: &[u8; TAG_LEN]) -> Result<(), Error> {
-        if sid == 0 {
-            self.fc_send.on_sendme(tag)?;
-            if let Some(at) = self.acked_sent_at.pop_front() {
-                let latest = now.saturating_duration_since(at);
-                let min = self.rtt.map_or(latest, |r| r.min.min(latest));
-                self.rtt = Some(Rtt { min, latest });
-            }
-        } else if let Some(st) = self.streams.get_mut(&sid) {
-            st.send.on_sendme()?;
-        } else {
-            return Ok(());
-        }
+    fn on_sendme(&mut self, now: Instant, tag: &[u8; TAG_LEN]) -> Result<(), Error> {
+        self.fc_send.on_sendme(now, tag)?;
         self.flush_blocked(now)
     }
 
-    fn on_end(&mut self, sid: u16, reason: EndReason) {
-        if let Some(st) = self.streams.remove(&sid) {
+    /// The far end holds too much of stream `sid`: seal no more of it.
+    fn on_xoff(&mut self, sid: u16) -> Result<(), Error> {
+        if let Some(st) = self.streams.get_mut(&sid) {
+            st.paused = true;
+        }
+        Ok(())
+    }
+
+    /// The far end has drained stream `sid`: go on sealing it.
+    fn on_xon(&mut self, now: Instant, sid: u16) -> Result<(), Error> {
+        match self.streams.get_mut(&sid) {
+            Some(st) if st.paused => {
+                st.paused = false;
+                self.flush_blocked(now)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn on_end(&mut self, sid: u16, reason: EndReason) -> Result<(), Error> {
+        if let Some(st) = self.forget(sid) {
             if !st.unsent.is_empty() {
                 self.blocked.retain(|&s| s != sid);
                 self.events.push_back(Event::Sent { stream: sid });
@@ -730,6 +808,7 @@ impl Circuit {
                 });
             }
         }
+        self.release_held()
     }
 
     /// Bytes the far end may receive in one DATA cell from this end.
@@ -797,10 +876,16 @@ impl Circuit {
         let Some(st) = self.streams.get_mut(&sid) else {
             return Ok(true);
         };
+        if st.paused {
+            return Ok(st.unsent.is_empty());
+        }
         let unsent = std::mem::take(&mut st.unsent);
-        let mut window = st.send.available();
         let mut off = 0;
-        while off < unsent.len() && window > 0 && self.fc_send.available() > 0 {
+        while off < unsent.len() {
+            if self.fc_send.available() == 0 {
+                self.fc_send.held_back();
+                break;
+            }
             // The cell a circuit SENDME will acknowledge by its tag keeps
             // random padding, so its tag cannot be computed.
             let acked = self.fc_send.next_is_acked();
@@ -818,31 +903,25 @@ impl Circuit {
             if acked || self.pads_all() {
                 self.pad(&mut payload[TAG_LEN + len..TAG_LEN + cap]);
             }
-            if acked {
-                self.acked_sent_at.push_back(now);
-            }
             let (tag, side) = self.seal(&mut payload)?;
-            self.fc_send.on_data_sent(&tag)?;
+            self.fc_send.on_data_sent(now, &tag)?;
             self.transmits.push_back(Transmit {
                 side,
                 payload,
                 early: false,
             });
-            window -= 1;
             off += n;
         }
         let st = self.streams.get_mut(&sid).expect("looked up above");
-        for _ in 0..st.send.available() - window {
-            st.send.take()?;
-        }
         st.unsent = unsent;
         st.unsent.drain(..off);
         if !st.unsent.is_empty() {
             return Ok(false);
         }
         if let Some(reason) = st.end_after.take() {
-            self.streams.remove(&sid);
+            self.forget(sid);
             self.originate(sid, &RelayMsg::End(reason))?;
+            self.release_held()?;
         }
         Ok(true)
     }
@@ -851,6 +930,7 @@ impl Circuit {
     fn flush_blocked(&mut self, now: Instant) -> Result<(), Error> {
         for _ in 0..self.blocked.len() {
             if self.fc_send.available() == 0 {
+                self.fc_send.held_back();
                 break;
             }
             let Some(sid) = self.blocked.pop_front() else {

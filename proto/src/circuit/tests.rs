@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -10,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::LinkKey;
 use crate::cell::CircId;
-use crate::flow::{CIRC_INCREMENT, CIRC_WINDOW, STREAM_INCREMENT, STREAM_WINDOW};
+use crate::flow::{CWND_MAX, CircParams, FIXED_WINDOW};
 use crate::onion::HopKeys;
 
 type Tamper = Box<dyn FnMut(usize, &mut Cell)>;
@@ -30,8 +31,13 @@ struct CircuitPair {
 }
 
 impl CircuitPair {
-    /// A circuit through `hops` relays, built by the real EXTEND exchange.
+    /// A circuit through `hops` relays, built by the real EXTEND exchange,
+    /// with congestion control.
     fn new(hops: usize, delay: Duration) -> Self {
+        Self::with_params(hops, delay, CircParams::default())
+    }
+
+    fn with_params(hops: usize, delay: Duration, params: CircParams) -> Self {
         let seed = rand::random::<u64>();
         println!("CircuitPair seed {seed}");
         let mut rng = StdRng::seed_from_u64(seed);
@@ -41,7 +47,7 @@ impl CircuitPair {
             let mut k = [0u8; 64];
             rng.fill_bytes(&mut k);
             let keys = HopKeys::from_bytes(&k);
-            let relay = Circuit::relay(&mut rng, RelayLayer::new(&keys), i == 0);
+            let relay = Circuit::relay(&mut rng, RelayLayer::new(&keys), i == 0, params);
             if i > 0 {
                 // The previous hop is asked to extend, and gets CREATED.
                 let last = layers.len() - 1;
@@ -86,7 +92,7 @@ impl CircuitPair {
             layers.push(&keys).unwrap();
             relays.push(relay);
         }
-        let mut nodes = vec![Circuit::client(&mut rng, layers).unwrap()];
+        let mut nodes = vec![Circuit::client(&mut rng, layers, params).unwrap()];
         for mut r in relays {
             r.take_counts();
             nodes.push(r);
@@ -264,7 +270,7 @@ fn bytes_cross_three_hops_both_ways_in_order() {
     let mut p = CircuitPair::new(3, Duration::from_millis(5));
     let sid = p.open_stream();
     let exit = p.exit();
-    let up = bytes(&mut p.rng, 100_000);
+    let up = bytes(&mut p.rng, 50_000);
     let down = bytes(&mut p.rng, 300_000);
     let now = p.now;
     // The client's bytes fit its windows: sealed at once. The exit's do
@@ -283,50 +289,60 @@ fn bytes_cross_three_hops_both_ways_in_order() {
 }
 
 #[test]
-fn a_stream_that_is_not_read_stops_at_its_window() {
+fn a_stream_that_is_not_read_says_xoff_and_its_sender_stops() {
     let mut p = CircuitPair::new(3, Duration::from_millis(1));
     let sid = p.open_stream();
     let exit = p.exit();
-    let data = vec![1u8; 1_000_000];
+    let data = bytes(&mut p.rng, 20_000 * 488);
     let now = p.now;
     assert!(!p.nodes[exit].send(now, sid, &data).unwrap());
     p.drive();
-    // Nothing consumed: the exit sent exactly one stream window.
-    let (got, cells) = p.received(0, sid);
-    assert_eq!(cells, STREAM_WINDOW);
-    assert!(!p.take_events(exit).contains(&Event::Sent { stream: sid }));
-    // The circuit window moved on (cells were handed on); the stream's did
-    // not. Consuming 50 cells lets exactly 50 more come.
-    p.nodes[0].consumed(sid, STREAM_INCREMENT).unwrap();
-    p.drive();
-    let (more, cells2) = p.received(0, sid);
-    assert_eq!(cells2, STREAM_INCREMENT);
-    assert_eq!(
-        got.len() + more.len(),
-        (STREAM_WINDOW + STREAM_INCREMENT) as usize * (BACKWARD_CAPACITY - HEADER_LEN) - 16 * 5
+    // Nothing consumed: XOFF went out at XOFF_AT cells, and the exit
+    // stopped with what was on the way then. Its bytes wait, unsent.
+    let (mut got, cells) = p.received(0, sid);
+    assert!(
+        (XOFF_AT..XOFF_AT + 1000).contains(&cells),
+        "{cells} cells after XOFF at {XOFF_AT}"
     );
+    assert!(!p.take_events(exit).contains(&Event::Sent { stream: sid }));
+    assert_eq!(p.in_flight_to(0), 0, "the flow stopped");
+    // The circuit moved on meanwhile: another stream is not held up.
+    let other = p.open_stream();
+    p.nodes[exit].send(now, other, b"other").unwrap();
+    assert_eq!(p.drive_reading(&[0], other)[0], b"other");
+    // Consumed: XON, and the rest comes.
+    p.nodes[0].consumed(sid, cells).unwrap();
+    got.extend_from_slice(&p.drive_reading(&[0], sid)[0]);
+    assert_eq!(got, data);
+    assert!(p.take_events(exit).contains(&Event::Sent { stream: sid }));
     assert!(p.errors.iter().all(Option::is_none));
 }
 
 #[test]
 fn the_circuit_window_caps_all_streams_together() {
-    let mut p = CircuitPair::new(2, Duration::from_millis(1));
-    let exit = p.exit();
-    let sids: Vec<u16> = (0..3).map(|_| p.open_stream()).collect();
-    // Cut the way back: no SENDME reaches the exit.
-    p.tamper = Some(Box::new(|from, c| {
-        if from == 0 {
-            c.cmd = CellCmd::PADDING;
+    for (params, window) in [
+        (CircParams::Fixed, FIXED_WINDOW),
+        (CircParams::default(), 4 * 31),
+    ] {
+        let mut p = CircuitPair::with_params(2, Duration::from_millis(1), params);
+        let exit = p.exit();
+        let sids: Vec<u16> = (0..3).map(|_| p.open_stream()).collect();
+        // Cut the way back: no SENDME reaches the exit.
+        p.tamper = Some(Box::new(|from, c| {
+            if from == 0 {
+                c.cmd = CellCmd::PADDING;
+            }
+        }));
+        let now = p.now;
+        for &s in &sids {
+            p.nodes[exit].send(now, s, &vec![2u8; 200_000]).unwrap();
         }
-    }));
-    let now = p.now;
-    for &s in &sids {
-        p.nodes[exit].send(now, s, &vec![2u8; 200_000]).unwrap();
+        p.drive();
+        let cells: u32 = sids.iter().map(|&s| p.received(0, s).1).sum();
+        assert_eq!(cells, window, "{params:?}");
+        assert_eq!(p.nodes[exit].cwnd(), window);
+        assert_eq!(p.in_flight_to(0), 0);
     }
-    p.drive();
-    let cells: u32 = sids.iter().map(|&s| p.received(0, s).1).sum();
-    assert_eq!(cells, CIRC_WINDOW);
-    assert_eq!(p.in_flight_to(0), 0);
 }
 
 #[test]
@@ -364,13 +380,17 @@ struct RawClient {
 
 impl RawClient {
     fn new() -> Self {
+        Self::with_params(CircParams::default())
+    }
+
+    fn with_params(params: CircParams) -> Self {
         let mut rng = StdRng::seed_from_u64(1);
         let keys = HopKeys::from_bytes(&[3; 64]);
         let mut layers = ClientLayers::new();
         layers.push(&keys).unwrap();
         RawClient {
             layers,
-            exit: Circuit::relay(&mut rng, RelayLayer::new(&keys), true),
+            exit: Circuit::relay(&mut rng, RelayLayer::new(&keys), true, params),
             now: Instant::now(),
         }
     }
@@ -410,33 +430,67 @@ impl RawClient {
 
 #[test]
 fn data_past_a_window_costs_the_peer_the_circuit() {
-    let mut c = RawClient::new();
+    // A stream that said XOFF takes a window's worth more, no more.
+    let mut c = RawClient::with_params(CircParams::Fixed);
     c.begin(5);
-    for _ in 0..STREAM_WINDOW {
-        c.send(5, RelayMsg::Data(vec![0; 10])).unwrap();
-    }
+    let mut sent = 0;
+    let err = loop {
+        sent += 1;
+        match c.send(5, RelayMsg::Data(vec![0; 10])) {
+            Ok(()) => assert!(sent <= XOFF_AT + FIXED_WINDOW),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(sent, XOFF_AT + FIXED_WINDOW + 1);
     assert!(matches!(
-        c.send(5, RelayMsg::Data(vec![0; 10])),
-        Err(Error::PeerMisbehaved(PeerMisbehaved::DataPastStreamWindow))
+        err,
+        Error::PeerMisbehaved(PeerMisbehaved::DataPastXoff)
     ));
+    assert!(
+        c.recv()
+            .iter()
+            .any(|(s, m, _)| *s == 5 && *m == RelayMsg::Xoff),
+        "XOFF was said"
+    );
 
     // The circuit window moves on as cells are handed on: the exit owes a
-    // SENDME for every hundred, each carrying the tag of the cell that
-    // completed it.
-    let mut c = RawClient::new();
-    for s in 1..=3u16 {
-        c.begin(s);
+    // SENDME for every `inc` cells, each carrying the tag of the cell that
+    // completed it, until the driver holds HOLD_MAX cells unconsumed.
+    // Then a peer that goes on has a window's worth, no more.
+    for (params, window) in [
+        (CircParams::Fixed, FIXED_WINDOW),
+        (CircParams::default(), CWND_MAX),
+    ] {
+        let mut c = RawClient::with_params(params);
+        let streams = 2 * HOLD_MAX / XOFF_AT;
+        for s in 1..=streams {
+            c.begin(s as u16);
+        }
+        let mut sent = 0u32;
+        let err = loop {
+            sent += 1;
+            // Round robin, each stream below its XOFF point.
+            let sid = 1 + (sent % streams) as u16;
+            match c.send(sid, RelayMsg::Data(vec![0; 10])) {
+                Ok(()) if sent == HOLD_MAX => {
+                    let sendmes = c
+                        .recv()
+                        .into_iter()
+                        .filter(|(s, m, _)| *s == 0 && matches!(m, RelayMsg::Sendme { .. }))
+                        .count();
+                    assert_eq!(sendmes as u32, HOLD_MAX / params.inc());
+                }
+                Ok(()) => assert!(sent <= HOLD_MAX + window),
+                Err(e) => break e,
+            }
+        };
+        let released = HOLD_MAX / params.inc() * params.inc();
+        assert_eq!(sent, released + window + 1, "{params:?}");
+        assert!(matches!(
+            err,
+            Error::PeerMisbehaved(PeerMisbehaved::DataPastCircuitWindow)
+        ));
     }
-    for i in 0..CIRC_WINDOW {
-        c.send(1 + (i % 3) as u16, RelayMsg::Data(vec![0; 10]))
-            .unwrap();
-    }
-    let sendmes = c
-        .recv()
-        .into_iter()
-        .filter(|(s, m, _)| *s == 0 && matches!(m, RelayMsg::Sendme { .. }))
-        .count();
-    assert_eq!(sendmes as u32, CIRC_WINDOW / CIRC_INCREMENT);
 }
 
 #[test]
@@ -449,7 +503,7 @@ fn a_sendme_must_carry_the_tag_of_the_cell_it_acknowledges() {
     let now = c.now;
     c.exit.send(now, 5, &vec![0u8; 150 * 500]).unwrap();
     let cells = c.recv();
-    let acked = &cells[CIRC_INCREMENT as usize]; // after CONNECTED: cell 100
+    let acked = &cells[31]; // after CONNECTED: DATA cell 31
     assert!(
         matches!(acked.1, RelayMsg::Data(ref d) if d.len() == BACKWARD_CAPACITY - HEADER_LEN - SENDME_CELL_RANDOM)
     );
@@ -555,17 +609,22 @@ fn destroy_extend_and_truncate() {
 #[test]
 fn a_stream_ended_here_still_acknowledges_what_arrives() {
     // The client ends a stream while it still has bytes to send (its
-    // windows are closed); the exit keeps sending meanwhile, far past one
-    // stream window. Nothing stalls: the exit's bytes are dropped but
-    // acknowledged, and the client's END goes out after its own bytes.
-    let mut p = CircuitPair::new(1, Duration::from_millis(1));
+    // window is closed); the exit keeps sending meanwhile, far past one
+    // window and the XOFF point. Nothing stalls: the exit's bytes are
+    // dropped but acknowledged, and the client's END goes out after its
+    // own bytes.
+    let mut p = CircuitPair::with_params(1, Duration::from_millis(1), CircParams::Fixed);
     let sid = p.open_stream();
     let exit = p.exit();
     let now = p.now;
-    let up = vec![3u8; 700 * 500];
+    let up = vec![3u8; 1500 * 500];
     assert!(!p.nodes[0].send(now, sid, &up).unwrap());
     p.nodes[0].end(sid, EndReason::DONE).unwrap();
-    assert!(!p.nodes[exit].send(now, sid, &vec![4u8; 600 * 488]).unwrap());
+    assert!(
+        !p.nodes[exit]
+            .send(now, sid, &vec![4u8; 1600 * 488])
+            .unwrap()
+    );
     let got = p.drive_reading(&[exit], sid);
     assert_eq!(got[0], up);
     assert_eq!(p.received(0, sid).1, 0, "dropped, not handed on");
@@ -583,17 +642,14 @@ fn streams_ended_while_blocked_leave_nothing_behind() {
     let mut p = CircuitPair::new(1, Duration::from_millis(1));
     let exit = p.exit();
     let now = p.now;
-    // Streams the client does not read block on their stream windows with
-    // bytes still unsent at the exit; the client then ends each but one.
+    // Streams the client does not read say XOFF with bytes still unsent
+    // at the exit; the client then ends each but one.
     let first = p.open_stream();
-    assert!(
-        !p.nodes[exit]
-            .send(now, first, &vec![0u8; 600 * 488])
-            .unwrap()
-    );
+    let bulk = vec![1u8; 3000 * 488];
+    assert!(!p.nodes[exit].send(now, first, &bulk).unwrap());
     for _ in 0..50 {
         let sid = p.open_stream();
-        assert!(!p.nodes[exit].send(now, sid, &vec![1u8; 600 * 488]).unwrap());
+        assert!(!p.nodes[exit].send(now, sid, &bulk).unwrap());
         p.drive();
         p.nodes[0].end(sid, EndReason::DONE).unwrap();
         p.drive();
@@ -647,7 +703,7 @@ fn the_exit_cannot_tell_its_depth_from_the_padding() {
     for k in &keys {
         layers.push(k).unwrap();
     }
-    let mut client = Circuit::client(&mut rng, layers).unwrap();
+    let mut client = Circuit::client(&mut rng, layers, CircParams::default()).unwrap();
     let mut relays: Vec<RelayLayer> = keys.iter().map(RelayLayer::new).collect();
     client.begin(TargetAddr::Host("a.b".into()), 80).unwrap();
     let mut p = client.poll_transmit().unwrap().payload;
