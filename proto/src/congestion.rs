@@ -32,11 +32,18 @@
 //! it would end slow start at `sqrt(2 * gamma * bdp)`, a tenth of a
 //! 30,000-cell path.) It only grows while the circuit
 //! fills it: a window the sender does not use says nothing about the path.
-//! After that, once per window of acknowledged cells, it grows by `inc`
-//! while the queue is under `alpha`, shrinks by `inc` over `beta`, and
-//! drops to `bdp + delta - inc` over `delta`, so a circuit keeps a few
-//! SENDMEs' worth of cells queued: enough to fill the path, not enough to
-//! delay other circuits much. The window stays within `[cwnd_min,
+//! After that, once per round (a window of acknowledged cells), with the
+//! thresholds `alpha`, `beta` and `delta` raised to a 16th, an 8th and a
+//! quarter of the window when that is more, and a step of `inc` or a 64th
+//! of the window: it grows by a step while the queue is under `alpha`,
+//! shrinks by one over `beta`, and drops to `bdp + alpha - step` over
+//! `delta`. A circuit so keeps a few SENDMEs' worth of cells queued, or a
+//! few percent of its round trip for a large window: enough to fill the
+//! path, not enough to delay other circuits much. (Thresholds of a fixed
+//! number of cells, as Tor's, read a millisecond of jitter in a 100 ms
+//! round trip as hundreds of queued cells once the window holds tens of
+//! thousands, and steps of `inc` take minutes to move such a window.)
+//! The window stays within `[cwnd_min,
 //! cwnd_max]`; `cwnd_max` is what a relay's memory cap allows one circuit.
 //!
 //! `min_rtt` is never forgotten here: a path whose own delay grows would
@@ -243,12 +250,21 @@ impl Vegas {
             let bdp = bdp_now.unwrap_or(cwnd);
             self.end_round(now);
             let queue = cwnd.saturating_sub(bdp);
-            if queue > u64::from(p.delta) {
-                (bdp + u64::from(p.delta)).saturating_sub(u64::from(p.inc))
-            } else if queue > u64::from(p.beta) {
-                cwnd.saturating_sub(u64::from(p.inc))
-            } else if queue < u64::from(p.alpha) && full {
-                cwnd + u64::from(p.inc)
+            // Thresholds and steps grow with the window: a large window
+            // reads a millisecond of jitter as hundreds of queued cells,
+            // and moves by `inc` a round too slowly to follow its path.
+            let (alpha, beta, delta) = (
+                u64::from(p.alpha).max(cwnd / 16),
+                u64::from(p.beta).max(cwnd / 8),
+                u64::from(p.delta).max(cwnd / 4),
+            );
+            let step = u64::from(p.inc).max(cwnd / 64);
+            if queue > delta {
+                (bdp + alpha).saturating_sub(step)
+            } else if queue > beta {
+                cwnd.saturating_sub(step)
+            } else if queue < alpha && full {
+                cwnd + step
             } else {
                 cwnd
             }

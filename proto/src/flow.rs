@@ -48,6 +48,9 @@ pub const DEFAULT_INCREMENT: u8 = 31;
 /// each way (32 MiB of cells). A relay's memory cap
 /// (`max_queued_bytes`) bounds what many circuits together may queue.
 pub const CWND_MAX: u32 = 65_536;
+/// A window with no more than this many SENDMEs' worth of room left when a
+/// SENDME arrives counts as full.
+const FULL_GAP: u32 = 4;
 /// Random padding bytes a sender keeps on each DATA cell whose tag a
 /// circuit SENDME will carry.
 pub const SENDME_CELL_RANDOM: usize = 16;
@@ -134,6 +137,9 @@ pub struct CircSendWindow {
     expected: VecDeque<([u8; 16], Instant)>,
     /// The window held data back since the last SENDME.
     held_back: bool,
+    /// When the last SENDME came, and whether the window was full then.
+    last_sendme_at: Option<Instant>,
+    batch_full: bool,
     rtt: Option<Rtt>,
 }
 
@@ -146,6 +152,8 @@ impl CircSendWindow {
             sent: 0,
             expected: VecDeque::new(),
             held_back: false,
+            last_sendme_at: None,
+            batch_full: false,
             rtt: None,
         }
     }
@@ -202,10 +210,24 @@ impl CircSendWindow {
         }
         let latest = now.saturating_duration_since(*sent_at);
         self.expected.pop_front();
+        // The window was what limited the sender if it held data back, or
+        // if it was all but full when the acknowledgement came (a sender
+        // refilling it from its source does not always have data waiting
+        // at the very moment a SENDME opens it). SENDMEs that arrive
+        // together (a window sent in one burst comes back in one) are
+        // judged together, by the first: the sender had no chance to
+        // refill between them.
+        let full = if self.last_sendme_at == Some(now) {
+            self.batch_full
+        } else {
+            std::mem::take(&mut self.held_back)
+                || self.inflight + FULL_GAP * self.inc >= self.cwnd()
+        };
+        self.last_sendme_at = Some(now);
+        self.batch_full = full;
         self.inflight -= self.inc;
         let min = self.rtt.map_or(latest, |r| r.min.min(latest));
         self.rtt = Some(Rtt { min, latest });
-        let full = std::mem::take(&mut self.held_back);
         if let Some(cc) = &mut self.cc {
             cc.on_sendme(now, latest, full);
         }
@@ -324,45 +346,52 @@ mod tests {
     fn the_window_grows_with_round_trips_of_a_full_window() {
         let params = CircParams::default();
         let inc = u64::from(params.inc());
-        let start = Instant::now();
-        let mut s = CircSendWindow::new(params);
-        let first = s.cwnd();
         // A path of 100 ms that holds all the window sends: each SENDME
-        // comes back 100 ms after its cell, and the sender fills the window
-        // again at once (the ack clock). Slow start doubles it each round.
+        // comes back 100 ms after its cell. Slow start doubles the window
+        // each round, whether the sender fills the window again after each
+        // SENDME (the ack clock) or only after all those that came together
+        // (a window sent in one burst comes back in one batch, which the
+        // sender handles before it refills).
         let rtt = Duration::from_millis(100);
-        let mut sent = 0;
-        let mut acks = VecDeque::new();
-        let mut fill = |s: &mut CircSendWindow, now: Instant, acks: &mut VecDeque<_>| {
-            while s.available() > 0 {
-                sent += 1;
-                s.on_data_sent(now, &tag(sent)).unwrap();
-                if sent % inc == 0 {
-                    acks.push_back((now + rtt, sent));
+        for refill_each in [true, false] {
+            let start = Instant::now();
+            let mut s = CircSendWindow::new(params);
+            let first = s.cwnd();
+            let mut sent = 0;
+            let mut acks = VecDeque::new();
+            let mut fill = |s: &mut CircSendWindow, now: Instant, acks: &mut VecDeque<_>| {
+                while s.available() > 0 {
+                    sent += 1;
+                    s.on_data_sent(now, &tag(sent)).unwrap();
+                    if sent % inc == 0 {
+                        acks.push_back((now + rtt, sent));
+                    }
+                }
+                s.held_back();
+            };
+            fill(&mut s, start, &mut acks);
+            while let Some((at, k)) = acks.pop_front() {
+                if at > start + rtt * 4 {
+                    break;
+                }
+                s.on_sendme(at, &tag(k)).unwrap();
+                if refill_each || acks.front().is_none_or(|a| a.0 != at) {
+                    fill(&mut s, at, &mut acks);
                 }
             }
-            s.held_back();
-        };
-        fill(&mut s, start, &mut acks);
-        while let Some((at, k)) = acks.pop_front() {
-            if at > start + rtt * 4 {
-                break;
-            }
-            s.on_sendme(at, &tag(k)).unwrap();
-            fill(&mut s, at, &mut acks);
+            assert!(
+                s.cwnd() >= 8 * first,
+                "{} after 4 rounds from {first} (refill each: {refill_each})",
+                s.cwnd()
+            );
+            assert_eq!(
+                s.rtt(),
+                Some(Rtt {
+                    min: Duration::from_millis(100),
+                    latest: Duration::from_millis(100)
+                })
+            );
         }
-        assert!(
-            s.cwnd() >= 8 * first,
-            "{} after 4 rounds from {first}",
-            s.cwnd()
-        );
-        assert_eq!(
-            s.rtt(),
-            Some(Rtt {
-                min: Duration::from_millis(100),
-                latest: Duration::from_millis(100)
-            })
-        );
         // A receiver allows the most any window may reach, and no more.
         let mut r = CircRecvWindow::new(params);
         for k in 1..=u64::from(CWND_MAX) {
