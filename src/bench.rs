@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use allium_client::path::ExitTarget;
@@ -211,6 +212,17 @@ async fn socks_get(
     n: usize,
     user: Option<&str>,
 ) -> BenchResult<Fetch> {
+    socks_get_counting(proxy, target, n, user, None).await
+}
+
+/// [`socks_get`], adding each read's bytes to `progress`.
+async fn socks_get_counting(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    n: usize,
+    user: Option<&str>,
+    progress: Option<&AtomicUsize>,
+) -> BenchResult<Fetch> {
     let start = Instant::now();
     let mut s = TcpStream::connect(proxy).await.map_err(err)?;
     s.set_nodelay(true).map_err(err)?;
@@ -257,6 +269,9 @@ async fn socks_get(
         }
         ttfb.get_or_insert_with(|| start.elapsed());
         got += k;
+        if let Some(p) = progress {
+            p.fetch_add(k, Ordering::Relaxed);
+        }
     }
     let total = start.elapsed();
     let header = 38 + n.to_string().len();
@@ -312,6 +327,12 @@ pub struct Report {
     pub link_rate: Option<u64>,
     pub link_rtt_ms: Option<f64>,
     pub single_stream_bytes: usize,
+    /// 1 KiB time to first byte while 8 bulk downloads run (median, n).
+    pub ttfb_1k_loaded_ms: f64,
+    pub ttfb_1k_loaded_n: usize,
+    /// Two bulk downloads on their own circuits through the same guard,
+    /// started together: each one's bytes when the first finished (MB).
+    pub shared_guard_mb: (f64, f64),
 }
 
 fn machine() -> String {
@@ -560,6 +581,83 @@ pub async fn run(
     }
     rep.relay_cpu_s_per_gb_per_hop_parallel = median(&mut par_cpu);
 
+    // b'. 1 KiB time to first byte on the warm circuit of b. while 8 bulk
+    // downloads run on their own circuits (through the same guard, the
+    // client's). Congestion control should keep the relays' queues short.
+    let users: Vec<String> = (0..8).map(|i| format!("load{i}")).collect();
+    for u in &users {
+        socks_get(socks, http, 1024, Some(u)).await?;
+    }
+    // Downloads that do not end by themselves: stopped once measured.
+    let loads: Vec<_> = users
+        .iter()
+        .map(|u| {
+            let u = u.clone();
+            tokio::spawn(async move { socks_get(socks, http, 1 << 30, Some(&u)).await })
+        })
+        .collect();
+    // Let the downloads leave slow start.
+    tokio::time::sleep(if shaping.is_some() {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_millis(500)
+    })
+    .await;
+    let mut loaded = Vec::new();
+    for _ in 0..20 {
+        let f = socks_get(socks, http, 1024, Some("ttfb")).await?;
+        loaded.push(ms(f.ttfb));
+    }
+    let finished = loads.iter().filter(|l| l.is_finished()).count();
+    for l in loads {
+        l.abort();
+    }
+    if finished > 0 {
+        return Err(format!("{finished} of the 8 bulk downloads ended early"));
+    }
+    rep.ttfb_1k_loaded_n = loaded.len();
+    rep.ttfb_1k_loaded_ms = median(&mut loaded);
+    eprintln!(
+        "bench: b'. 1 KiB TTFB with 8 bulk downloads running: median {:.2} ms (n={}; idle {:.2})",
+        rep.ttfb_1k_loaded_ms, rep.ttfb_1k_loaded_n, rep.ttfb_1k_ms
+    );
+
+    // f. Two bulk downloads through the same guard, started together:
+    // what each has when the first is done.
+    let bulk_bytes = if shaping.is_some() {
+        20 << 20
+    } else {
+        50 << 20
+    };
+    let users = ["share0", "share1"];
+    for u in users {
+        socks_get(socks, http, 1024, Some(u)).await?;
+    }
+    let counts: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let done = Arc::new(tokio::sync::Notify::new());
+    let shares: Vec<_> = (0..2)
+        .map(|i| {
+            let (counts, done) = (counts.clone(), done.clone());
+            tokio::spawn(async move {
+                let r =
+                    socks_get_counting(socks, http, bulk_bytes, Some(users[i]), Some(&counts[i]))
+                        .await;
+                done.notify_one();
+                r
+            })
+        })
+        .collect();
+    done.notified().await;
+    let got = [0, 1].map(|i| counts[i].load(Ordering::Relaxed) as f64 / 1e6);
+    for sh in shares {
+        sh.await.map_err(err)??;
+    }
+    rep.shared_guard_mb = (got[0], got[1]);
+    eprintln!(
+        "bench: f. two bulk circuits through one guard: {:.1} and {:.1} MB when the first finished",
+        got[0], got[1]
+    );
+
     // e. Memory after load.
     let after: Vec<(f64, f64)> = relay_names
         .iter()
@@ -701,6 +799,12 @@ fn print_report(r: &Report) {
         r.stream_open_ms
     );
     println!(
+        "b'. the same with 8 bulk downloads running [ms]    {:.2}  (n={}; {:.2}x idle)",
+        r.ttfb_1k_loaded_ms,
+        r.ttfb_1k_loaded_n,
+        r.ttfb_1k_loaded_ms / r.ttfb_1k_ms
+    );
+    println!(
         "c. {:>3} MiB single stream, 1 circuit [MB/s]         {:.1}  (runs {})",
         r.single_stream_bytes >> 20,
         r.single_stream_100mib_mbps,
@@ -713,6 +817,11 @@ fn print_report(r: &Report) {
     println!(
         "d. 32 parallel x 5 MiB, own circuits [MB/s]        {:.1}",
         r.parallel_32_mbps
+    );
+    let (a, b) = r.shared_guard_mb;
+    println!(
+        "f. 2 bulk circuits, one guard: MB each at 1st end  {a:.1} / {b:.1}  (slower {:.0}% of faster)",
+        100.0 * a.min(b) / a.max(b).max(1e-9)
     );
     println!(
         "e. relay CPU-s per GB per hop, single stream       {:.2}",

@@ -21,8 +21,10 @@
 //! the round trip alone tells only late (the samples of a round were sent
 //! with the window of the round before).
 //!
-//! In slow start the window grows by `inc` per SENDME (doubling each round
-//! trip) until the queue, judged at each SENDME from an average of the
+//! In slow start the window grows by `2 * inc` per SENDME (tripling each
+//! round trip: a 300 ms path that holds 30,000 cells is full in five round
+//! trips rather than eight, and slow start ends on the queue it sees, not
+//! on a guess) until the queue, judged at each SENDME from an average of the
 //! last round trips (`cwnd - cwnd * min_rtt / avg_rtt`), passes `gamma` or
 //! a quarter of the window, whichever is more (then the window is set to
 //! `bdp + gamma`), or the window reaches `ss_cwnd_max`. (Sending two cells
@@ -137,6 +139,9 @@ pub struct Vegas {
     last_bdp: Option<u64>,
 }
 
+/// In slow start, cells added to the window per cell acknowledged.
+const SLOW_START_GAIN: u32 = 2;
+
 /// Round trips longer than this are taken for a stalled clock, not the
 /// path, and ignored.
 const MAX_RTT: Duration = Duration::from_secs(60);
@@ -220,18 +225,19 @@ impl Vegas {
             // a quarter of the window is read as theirs, not the path's.
             if queue > u64::from(p.gamma).max(cwnd / 4) {
                 self.slow_start = false;
-                // Past the path: what it delivered is its capacity. (A
-                // round only begun says little; the last one then.)
+                // Past the path: what it delivered is its capacity, and
+                // no less than the last round delivered (that round did not
+                // fill it). A round only begun, with the gaps between the
+                // bursts of slow start in it, reads low.
                 let bdp = match (bdp_now, self.last_bdp) {
-                    (Some(b), _) if self.acked >= self.cwnd / 4 => b,
-                    (_, Some(b)) => b,
-                    (b, None) => b.unwrap_or(bdp),
+                    (Some(now), Some(last)) => now.max(last),
+                    (one, other) => one.or(other).unwrap_or(bdp),
                 };
                 self.end_round(now);
                 bdp + u64::from(p.gamma)
             } else {
                 let next = if cwnd_full {
-                    cwnd + u64::from(p.inc)
+                    cwnd + u64::from(SLOW_START_GAIN * p.inc)
                 } else {
                     cwnd
                 };
