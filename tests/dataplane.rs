@@ -146,6 +146,10 @@ async fn a_stalled_socks_reader_stops_the_exit() {
         text.contains("allium_client_streams_opened_total 1"),
         "{text}"
     );
+    assert!(
+        text.contains("allium_client_bootstrap_percent 100"),
+        "{text}"
+    );
     assert!(!text.contains("127.0.0"));
     net.shutdown().await;
 }

@@ -159,7 +159,13 @@ async fn whole_network_end_to_end() {
     })
     .await
     .unwrap();
+    // A request that comes before the client has a consensus waits for
+    // the network instead of failing.
+    assert!(net.client.consensus().is_none(), "too late to test");
+    let (code, _early) = common::socks5(net.socks_addr, "localhost", web.port()).await;
+    assert_eq!(code, 0, "SOCKS reply to a request sent during bootstrap");
     net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(net.client.bootstrap_phase(), allium_client::Phase::Done);
     let proxy = net.socks_addr;
 
     // 4 MiB through SOCKS5 with a real HTTP client; the hostname goes to the exit.

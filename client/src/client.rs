@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,10 @@ struct Inner {
     guard_channels: tokio::sync::Mutex<HashMap<[u8; 32], ChannelHandle>>,
     pool: Mutex<Vec<PooledCircuit>>,
     ready: watch::Sender<bool>,
+    /// [`Client::bootstrap`] is running: requests wait for it.
+    bootstrapping: AtomicBool,
+    /// How far bootstrap has come: a [`Phase`] as its percentage.
+    phase: AtomicU8,
     guards: Mutex<GuardSet>,
     cbt: Mutex<BuildTimes>,
     stats: Arc<ClientStats>,
@@ -116,19 +120,67 @@ pub struct Client {
 const BUILD_ATTEMPTS: usize = 6;
 const BUILD_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
+/// Bootstrap phases, named as Tor's `Bootstrapped N% (tag)`: the value is
+/// the percentage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Starting = 0,
+    /// A consensus verified, with too few relays for a path yet.
+    RequestingStatus = 25,
+    /// A consensus verified with enough relays (fetched or cached).
+    EnoughDirinfo = 50,
+    /// A circuit is built: streams can be carried.
+    Done = 100,
+}
+
+impl Phase {
+    pub fn tag(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::RequestingStatus => "requesting_status",
+            Phase::EnoughDirinfo => "enough_dirinfo",
+            Phase::Done => "done",
+        }
+    }
+
+    fn from_percent(p: u8) -> Phase {
+        match p {
+            100 => Phase::Done,
+            50 => Phase::EnoughDirinfo,
+            25 => Phase::RequestingStatus,
+            _ => Phase::Starting,
+        }
+    }
+}
+
 impl Client {
+    /// How far bootstrap has come.
+    pub fn bootstrap_phase(&self) -> Phase {
+        Phase::from_percent(self.inner.phase.load(Ordering::Relaxed))
+    }
+
+    /// Enter `phase` (never going back) and say so.
+    fn reached(&self, phase: Phase, what: &str, relays: Option<usize>) {
+        let before = self.inner.phase.fetch_max(phase as u8, Ordering::Relaxed);
+        if before < phase as u8 {
+            match relays {
+                Some(n) => info!(
+                    relays = n,
+                    "Bootstrapped {}% ({}): {what}",
+                    phase as u8,
+                    phase.tag()
+                ),
+                None => info!("Bootstrapped {}% ({}): {what}", phase as u8, phase.tag()),
+            }
+        }
+    }
+
     pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
         cfg.check()?;
         allium_link::safelog::set_unsafe_logging(cfg.unsafe_logging);
         let keys = allium_directory::authority_keys(&cfg.authorities)?;
         let cached = dir::load_cached(&cfg.data_dir, &keys);
-        if let Some(c) = &cached {
-            info!(
-                relays = c.relays.len(),
-                valid_until = c.valid_until,
-                "Bootstrapped 50%: using the cached consensus"
-            );
-        }
         let (consensus, _) = watch::channel(cached);
         let (ready, _) = watch::channel(false);
         let guards = GuardSet::load(
@@ -141,7 +193,7 @@ impl Client {
             Duration::from_secs(cfg.circuit_build_timeout_secs),
             Duration::from_millis(cfg.circuit_build_timeout_min_ms),
         );
-        Ok(Client {
+        let client = Client {
             inner: Arc::new(Inner {
                 cfg,
                 keys,
@@ -149,11 +201,21 @@ impl Client {
                 guard_channels: tokio::sync::Mutex::new(HashMap::new()),
                 pool: Mutex::new(Vec::new()),
                 ready,
+                bootstrapping: AtomicBool::new(false),
+                phase: AtomicU8::new(Phase::Starting as u8),
                 guards: Mutex::new(guards),
                 cbt: Mutex::new(cbt),
                 stats: Arc::new(ClientStats::default()),
             }),
-        })
+        };
+        if let Some(c) = client.consensus() {
+            client.reached(
+                Phase::EnoughDirinfo,
+                "using the cached consensus",
+                Some(c.relays.len()),
+            );
+        }
+        Ok(client)
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -191,19 +253,22 @@ impl Client {
     pub async fn consensus_loop(self) {
         let mut announced = false;
         let mut stale = 0;
+        let mut missing = 0u32;
         loop {
             let wait = match self.refresh_consensus().await {
                 Ok(c) => {
-                    if !announced && c.relays.len() >= 3 {
-                        info!(
-                            relays = c.relays.len(),
-                            "Bootstrapped 50%: consensus verified"
+                    if c.relays.len() >= 3 {
+                        self.reached(
+                            Phase::EnoughDirinfo,
+                            "consensus verified",
+                            Some(c.relays.len()),
                         );
                         announced = true;
-                    } else if !announced {
-                        info!(
-                            relays = c.relays.len(),
-                            "Bootstrapped 25%: consensus verified, too few relays yet"
+                    } else {
+                        self.reached(
+                            Phase::RequestingStatus,
+                            "consensus verified, too few relays yet",
+                            Some(c.relays.len()),
                         );
                     }
                     let wait;
@@ -219,7 +284,14 @@ impl Client {
                             info!("waiting for a consensus: {e}");
                         }
                     }
-                    5
+                    // Without one, ask again soon (the authorities may be
+                    // about to publish their first), for a minute at most.
+                    missing = missing.saturating_add(1);
+                    if self.consensus().is_none() && missing <= 60 {
+                        1
+                    } else {
+                        5
+                    }
                 }
             };
             tokio::time::sleep(Duration::from_secs(wait)).await;
@@ -376,6 +448,7 @@ impl Client {
         target: &ExitTarget<'_>,
         iso: &Isolation,
     ) -> Result<CircuitHandle, ClientError> {
+        self.wait_network().await?;
         let dirty = Duration::from_secs(self.inner.cfg.max_circuit_dirtiness_secs);
         {
             let mut pool = self.pool();
@@ -536,6 +609,35 @@ impl Client {
         r
     }
 
+    /// A request that comes while the client bootstraps (a browser started
+    /// with the client) waits for the first circuit, and one that comes
+    /// with no consensus waits for one, up to the stream timeout, instead
+    /// of failing at once.
+    async fn wait_network(&self) -> Result<(), ClientError> {
+        let bootstrapping =
+            || self.inner.bootstrapping.load(Ordering::Relaxed) && !*self.inner.ready.borrow();
+        if !bootstrapping() && self.consensus().is_some() {
+            return Ok(());
+        }
+        let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
+        let waited = tokio::time::timeout(t, async {
+            if bootstrapping() {
+                let _ = self.inner.ready.subscribe().wait_for(|r| *r).await;
+            }
+            let valid = |c: &Option<Arc<Consensus>>| {
+                c.as_ref().is_some_and(|c| unix_now() <= c.valid_until)
+            };
+            let _ = self.inner.consensus.subscribe().wait_for(valid).await;
+        })
+        .await;
+        waited.map_err(|_| {
+            ClientError::NoConsensus(format!(
+                "the network is not reachable yet after waiting {} s",
+                t.as_secs()
+            ))
+        })
+    }
+
     /// Wait until [`Client::bootstrap`] has succeeded (as run by [`Client::serve`]).
     pub async fn wait_bootstrapped(&self) {
         let mut rx = self.inner.ready.subscribe();
@@ -544,13 +646,21 @@ impl Client {
 
     /// Wait for a valid consensus, then for a working circuit.
     pub async fn bootstrap(&self, deadline: Duration) -> Result<(), ClientError> {
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        self.inner.bootstrapping.store(true, Ordering::Relaxed);
+        let _running = Running(&self.inner.bootstrapping);
         let start = Instant::now();
         let mut last: Option<ClientError> = None;
         while start.elapsed() < deadline {
             if self.consensus().is_some() {
                 match self.build_preemptive().await {
                     Ok(()) => {
-                        info!("Bootstrapped 100%: a circuit is ready");
+                        self.reached(Phase::Done, "a circuit is ready", None);
                         self.inner.ready.send_replace(true);
                         return Ok(());
                     }
@@ -565,7 +675,7 @@ impl Client {
 
     /// Run everything: consensus upkeep and the proxy listeners.
     pub async fn run(self) -> Result<(), ClientError> {
-        info!("Bootstrapped 0%: starting");
+        info!("Bootstrapped 0% (starting)");
         let mut socks = Vec::new();
         for a in &self.inner.cfg.socks_listen {
             socks.push(tokio::net::TcpListener::bind(a).await?);
@@ -599,6 +709,11 @@ impl Client {
                     g(&s.circuit_build_failures),
                 ),
                 Family::gauge("circuits_open", "Circuits in the pool", open as i64),
+                Family::gauge(
+                    "bootstrap_percent",
+                    "How far bootstrap has come (0 starting, 25 requesting_status, 50 enough_dirinfo, 100 done)",
+                    i64::from(me.inner.phase.load(Ordering::Relaxed)),
+                ),
                 Family::counter("streams_opened", "Streams opened", g(&s.streams_opened)),
                 Family::counter(
                     "stream_failures",
@@ -630,6 +745,8 @@ impl Client {
             .into_iter()
             .map(|l| (l, Front::Socks))
             .chain(http.into_iter().map(|l| (l, Front::HttpConnect)));
+        // Requests that come before the first circuit wait for it.
+        self.inner.bootstrapping.store(true, Ordering::Relaxed);
         for (i, (l, front)) in fronts.enumerate() {
             info!(addr = %l.local_addr()?, ?front, "proxy listening");
             set.spawn(crate::socks::serve(self.clone(), l, i, front).in_current_span());

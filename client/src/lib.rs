@@ -22,7 +22,7 @@ pub mod path;
 pub mod pathbias;
 pub mod socks;
 
-pub use client::{Client, Isolation};
+pub use client::{Client, Isolation, Phase};
 pub use config::ClientConfig;
 
 use allium_link::safelog::Sensitive;
