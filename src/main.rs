@@ -168,7 +168,8 @@ enum DirauthAction {
         /// The server's data directory (default: from --config).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        #[arg(long, default_value_t = 12)]
+        /// How long the signing key's certificate is valid: 1 to 24 months.
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=24))]
         months: u64,
     },
     /// Certify a new signing key with the identity key.
@@ -177,7 +178,8 @@ enum DirauthAction {
         identity: PathBuf,
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        #[arg(long, default_value_t = 12)]
+        /// How long the signing key's certificate is valid: 1 to 24 months.
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=24))]
         months: u64,
     },
     /// Print the identity key that clients and relays pin.

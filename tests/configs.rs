@@ -114,6 +114,37 @@ fn init_only_writes_a_runnable_network() {
     assert_eq!(c.authorities[0].key, key);
     let readme = std::fs::read_to_string(d.path().join("README.md")).unwrap();
     assert!(readme.contains("allium relay --config relay5/config.toml"));
+
+    // The operator's commands on these keys: the identity's fingerprint is
+    // the key clients pin; the signing key where the identity belongs, or
+    // a certificate for 30 months, is refused with exit code 1 or 2.
+    let exe = env!("CARGO_BIN_EXE_allium");
+    let dirauth = |args: &[&str]| {
+        std::process::Command::new(exe)
+            .arg("dirauth")
+            .args(args)
+            .current_dir(d.path())
+            .output()
+            .unwrap()
+    };
+    let out = dirauth(&["fingerprint", "--identity", "auth0/offline/identity.key"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), key);
+    let out = dirauth(&["fingerprint", "--identity", "auth0/keys/signing.key"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds an authority signing key"), "{err}");
+    let out = dirauth(&[
+        "--config",
+        "auth0/config.toml",
+        "certify",
+        "--identity",
+        "auth0/offline/identity.key",
+        "--months",
+        "30",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1..=24"));
 }
 
 /// Kills the processes it holds, by pid, when dropped.

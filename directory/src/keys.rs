@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use allium_proto::AuthorityCert;
 use ed25519_dalek::SigningKey;
 
-use crate::{DirError, store};
+use crate::DirError;
+use crate::store::{self, KeyKind, ReadKey};
 
 /// Seconds in a "month" for `--months`.
 pub const MONTH_SECS: u64 = 30 * 24 * 3600;
@@ -41,27 +42,52 @@ impl Signer {
             ))
         };
         let k = std::fs::read(&kp).map_err(|e| missing(&kp, e))?;
-        let k: [u8; 32] = k
-            .try_into()
-            .map_err(|_| DirError::Config(format!("{}: not 32 bytes", kp.display())))?;
+        let k = store::decode_key(&kp, &k, KeyKind::AuthoritySigning)?;
         let cert = std::fs::read(&cp).map_err(|e| missing(&cp, e))?;
         let parsed = AuthorityCert::parse(&cert)?;
-        let key = SigningKey::from_bytes(&k);
+        let key = SigningKey::from_bytes(match &k {
+            ReadKey::Typed(k) | ReadKey::Untyped(k) => k,
+        });
         if parsed.signing_key != key.verifying_key().to_bytes() {
             return Err(DirError::Config(
                 "signing.cert does not certify signing.key".into(),
             ));
         }
+        if matches!(k, ReadKey::Untyped(_)) {
+            // Its certificate says what it is.
+            store::write_key(&kp, KeyKind::AuthoritySigning, &key.to_bytes())?;
+        }
         Ok(Signer { key, cert, parsed })
     }
 }
 
-fn load_identity(path: &Path) -> Result<SigningKey, DirError> {
-    let b = std::fs::read(path).map_err(|e| DirError::io(path, e))?;
-    let b: [u8; 32] = b
-        .try_into()
-        .map_err(|_| DirError::Config(format!("{}: not 32 bytes", path.display())))?;
-    Ok(SigningKey::from_bytes(&b))
+/// Read the identity key at `path`. A key file from before key files had a
+/// header says nothing about what it holds: it is taken only if it is the
+/// identity `certified` (that of the data directory's certificate), and is
+/// then given its header.
+fn load_identity(path: &Path, certified: Option<[u8; 32]>) -> Result<SigningKey, DirError> {
+    match store::read_key(path, KeyKind::AuthorityIdentity)? {
+        ReadKey::Typed(k) => Ok(SigningKey::from_bytes(&k)),
+        ReadKey::Untyped(k) => {
+            let key = SigningKey::from_bytes(&k);
+            if certified != Some(key.verifying_key().to_bytes()) {
+                return Err(DirError::Config(format!(
+                    "{}: no key type header, and not the identity this authority's certificate names: \
+                     an identity key file starts with `== allium authority identity key (Ed25519) v1 ==`",
+                    path.display()
+                )));
+            }
+            store::write_key(path, KeyKind::AuthorityIdentity, &k)?;
+            tracing::info!(path = %path.display(), "identity key file given its type header");
+            Ok(key)
+        }
+    }
+}
+
+/// The identity the certificate in `data_dir` names, if there is one.
+fn certified_identity(data_dir: &Path) -> Option<[u8; 32]> {
+    let cert = std::fs::read(cert_path(data_dir)).ok()?;
+    Some(AuthorityCert::parse(&cert).ok()?.identity)
 }
 
 /// Make a new signing key for `data_dir`, certified by the identity key at
@@ -72,7 +98,12 @@ pub fn certify(
     months: u64,
     now: u64,
 ) -> Result<AuthorityCert, DirError> {
-    certify_for(identity, data_dir, now, now + months.max(1) * MONTH_SECS)
+    if !CERT_MONTHS.contains(&months) {
+        return Err(DirError::Config(format!(
+            "a signing key is certified for 1 to 24 months, not {months}"
+        )));
+    }
+    certify_for(identity, data_dir, now, now + months * MONTH_SECS)
 }
 
 /// [`certify`] with an explicit validity window.
@@ -82,7 +113,7 @@ pub fn certify_for(
     from: u64,
     until: u64,
 ) -> Result<AuthorityCert, DirError> {
-    let id = load_identity(identity)?;
+    let id = load_identity(identity, certified_identity(data_dir))?;
     let sk = SigningKey::generate(&mut rand::rng());
     let cert = AuthorityCert {
         identity: id.verifying_key().to_bytes(),
@@ -90,7 +121,11 @@ pub fn certify_for(
         valid_from: from.saturating_sub(3600),
         valid_until: until,
     };
-    store::write_secret(&signing_key_path(data_dir), &sk.to_bytes())?;
+    store::write_key(
+        &signing_key_path(data_dir),
+        KeyKind::AuthoritySigning,
+        &sk.to_bytes(),
+    )?;
     store::write_atomic(&cert_path(data_dir), &cert.sign(&id), 0o644)?;
     Ok(cert)
 }
@@ -110,15 +145,19 @@ pub fn keygen(
         )));
     }
     let id = SigningKey::generate(&mut rand::rng());
-    store::write_secret(identity, &id.to_bytes())?;
+    store::write_key(identity, KeyKind::AuthorityIdentity, &id.to_bytes())?;
     certify(identity, data_dir, months, now)?;
     Ok(id.verifying_key().to_bytes())
 }
 
-/// The identity public key of an identity key file.
+/// The identity public key of an identity key file (one from before key
+/// files had a header is refused: it could be any key).
 pub fn fingerprint(identity: &Path) -> Result<[u8; 32], DirError> {
-    Ok(load_identity(identity)?.verifying_key().to_bytes())
+    Ok(load_identity(identity, None)?.verifying_key().to_bytes())
 }
+
+/// The months a certificate may be made for.
+pub const CERT_MONTHS: std::ops::RangeInclusive<u64> = 1..=24;
 
 #[cfg(test)]
 mod tests {
@@ -140,6 +179,51 @@ mod tests {
         let s2 = Signer::load(&d.path().join("srv")).unwrap();
         assert_eq!(s2.parsed.identity, id);
         assert_ne!(s1.parsed.signing_key, s2.parsed.signing_key);
+        assert_eq!(fingerprint(&idp).unwrap(), id);
+        // The signing key where the identity key belongs: refused.
+        let e = fingerprint(&signing_key_path(&d.path().join("srv")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("where an authority identity key"), "{e}");
+        assert!(
+            certify(
+                &signing_key_path(&d.path().join("srv")),
+                &d.path().join("srv"),
+                1,
+                3000
+            )
+            .is_err()
+        );
+
+        // Key files from before headers: the signing key is converted by its
+        // certificate; the identity only if the certificate names it.
+        let raw = |p: &Path| {
+            let k = match store::read_key(p, KeyKind::AuthorityIdentity)
+                .or_else(|_| store::read_key(p, KeyKind::AuthoritySigning))
+                .unwrap()
+            {
+                ReadKey::Typed(k) | ReadKey::Untyped(k) => k,
+            };
+            std::fs::write(p, k).unwrap();
+        };
+        let srv = d.path().join("srv");
+        raw(&signing_key_path(&srv));
+        raw(&idp);
+        assert!(
+            fingerprint(&idp).is_err(),
+            "an untyped file could be any key"
+        );
+        Signer::load(&srv).unwrap();
+        assert!(matches!(
+            store::read_key(&signing_key_path(&srv), KeyKind::AuthoritySigning).unwrap(),
+            ReadKey::Typed(_)
+        ));
+        raw(&signing_key_path(&srv));
+        assert!(
+            certify(&signing_key_path(&srv), &srv, 1, 3000).is_err(),
+            "an untyped signing key is not the certified identity"
+        );
+        certify(&idp, &srv, 1, 3000).unwrap();
         assert_eq!(fingerprint(&idp).unwrap(), id);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use allium_directory::store;
+use allium_directory::store::{self, KeyKind, ReadKey};
 use allium_proto::ntor::OnionSecret;
 use ed25519_dalek::SigningKey;
 use x25519_dalek::StaticSecret;
@@ -40,8 +40,9 @@ impl KeyStore {
     }
 
     pub fn link(&self) -> Result<StaticSecret, RelayError> {
-        Ok(StaticSecret::from(store::load_or_create_secret(
+        Ok(StaticSecret::from(store::load_or_create_key(
             &self.dir.join("link.key"),
+            KeyKind::RelayLink,
             fresh,
         )?))
     }
@@ -49,8 +50,10 @@ impl KeyStore {
     pub fn onion(&self, now: u64) -> Result<OnionKeySet, RelayError> {
         let cur = self.dir.join("onion.key");
         let existed = cur.exists();
-        let current = OnionSecret::new(StaticSecret::from(store::load_or_create_secret(
-            &cur, fresh,
+        let current = OnionSecret::new(StaticSecret::from(store::load_or_create_key(
+            &cur,
+            KeyKind::RelayOnion,
+            fresh,
         )?));
         let created_path = self.dir.join("onion.created");
         let created = if existed {
@@ -62,10 +65,11 @@ impl KeyStore {
             store::write_atomic(&created_path, now.to_string().as_bytes(), 0o600)?;
             now
         };
-        let previous = std::fs::read(self.dir.join("onion.prev.key"))
+        let previous = store::read_key(&self.dir.join("onion.prev.key"), KeyKind::RelayOnion)
             .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .map(|b| OnionSecret::new(StaticSecret::from(b)));
+            .map(|k| match k {
+                ReadKey::Typed(b) | ReadKey::Untyped(b) => OnionSecret::new(StaticSecret::from(b)),
+            });
         Ok(OnionKeySet {
             current,
             previous,
@@ -76,11 +80,16 @@ impl KeyStore {
     /// Make a new current onion key; the old one becomes the previous.
     pub fn rotate_onion(&self, set: &mut OnionKeySet, now: u64) -> Result<(), RelayError> {
         let new = OnionSecret::new(StaticSecret::from(fresh()));
-        store::write_secret(
+        store::write_key(
             &self.dir.join("onion.prev.key"),
+            KeyKind::RelayOnion,
             set.current.secret().as_bytes(),
         )?;
-        store::write_secret(&self.dir.join("onion.key"), new.secret().as_bytes())?;
+        store::write_key(
+            &self.dir.join("onion.key"),
+            KeyKind::RelayOnion,
+            new.secret().as_bytes(),
+        )?;
         store::write_atomic(
             &self.dir.join("onion.created"),
             now.to_string().as_bytes(),
