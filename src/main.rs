@@ -298,22 +298,38 @@ async fn run(cli: Cli) -> Result<(), String> {
             let pinned = match config {
                 Some(p) => {
                     let c: PinnedOnly = load(&p)?;
-                    allium_directory::authority_keys(&c.authorities).map_err(|e| e.to_string())?
+                    let keys = allium_directory::authority_keys(&c.authorities)
+                        .map_err(|e| e.to_string())?;
+                    c.authorities
+                        .into_iter()
+                        .map(|a| a.name)
+                        .zip(keys)
+                        .collect()
                 }
                 None => vec![],
             };
-            let addr: SocketAddr = authority
+            let hostport = authority
                 .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .parse()
-                .map_err(|e| format!("--authority {authority}: {e}"))?;
+                .trim_end_matches('/');
+            let addr: SocketAddr = match hostport.parse() {
+                Ok(a) => a,
+                // A name (`localhost:7000`): its first address.
+                Err(_) => tokio::net::lookup_host(hostport)
+                    .await
+                    .map_err(|e| format!("--authority {authority}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("--authority {authority}: no address"))?,
+            };
             let bytes = allium_directory::http::fetch_consensus(addr)
                 .await
                 .map_err(|e| e.to_string())?;
-            let json = show::consensus_json(&bytes, &pinned, allium_directory::unix_now())
+            let shown = show::consensus_json(&bytes, &pinned, allium_directory::unix_now())
                 .map_err(|e| e.to_string())?;
-            println!("{json}");
-            Ok(())
+            println!("{}", shown.json);
+            match shown.valid {
+                Some(false) => Err("the consensus is not valid for the pinned authorities".into()),
+                _ => Ok(()),
+            }
         }
         Cmd::Relay { config } => {
             shaping_from_env()?;

@@ -4,13 +4,30 @@
 use allium_proto::{AuthorityKey, UnverifiedConsensus};
 use serde_json::json;
 
+/// What `allium consensus show` found.
+pub struct Shown {
+    pub json: String,
+    /// Valid for the pinned authorities; `None` with none pinned.
+    pub valid: Option<bool>,
+}
+
 /// Render a consensus document; signatures are checked against `pinned`
-/// (an empty list marks every signature as not pinned).
+/// (authority names and keys, as a config lists them; an empty list marks
+/// every signature as not pinned), and each signer is named as its config
+/// names it.
 pub fn consensus_json(
     bytes: &[u8],
-    pinned: &[AuthorityKey],
+    named: &[(String, AuthorityKey)],
     now: u64,
-) -> Result<String, allium_proto::Error> {
+) -> Result<Shown, allium_proto::Error> {
+    let pinned: Vec<AuthorityKey> = named.iter().map(|(_, k)| *k).collect();
+    let pinned = &pinned[..];
+    let name_of = |id: &[u8; 32]| {
+        named
+            .iter()
+            .find(|(_, k)| k.0 == *id)
+            .map(|(n, _)| n.clone())
+    };
     let u = UnverifiedConsensus::parse(bytes)?;
     let c = u.peek();
     let times = (c.valid_after, c.fresh_until, c.valid_until);
@@ -37,6 +54,7 @@ pub fn consensus_json(
         .into_iter()
         .map(|s| {
             json!({
+                "authority": s.identity.as_ref().and_then(name_of),
                 "authority_identity": s.identity.map(hex::encode),
                 "signing_key": s.signing_key.map(hex::encode),
                 "certificate_valid_until": s.cert_valid_until,
@@ -45,14 +63,16 @@ pub fn consensus_json(
             })
         })
         .collect();
-    let verdict = match u.verify(pinned, now) {
+    let checked = u.verify(pinned, now);
+    let valid = (!pinned.is_empty()).then_some(checked.is_ok());
+    let verdict = match checked {
         _ if pinned.is_empty() => {
             "unchecked: give --config to check against pinned authority keys".to_string()
         }
         Ok(_) => "valid".to_string(),
         Err(e) => format!("not valid for the pinned authorities: {e}"),
     };
-    Ok(serde_json::to_string_pretty(&json!({
+    let json = serde_json::to_string_pretty(&json!({
         "valid_after": times.0,
         "fresh_until": times.1,
         "valid_until": times.2,
@@ -65,5 +85,6 @@ pub fn consensus_json(
         "signatures": sigs,
         "verdict": verdict,
     }))
-    .unwrap_or_default())
+    .unwrap_or_default();
+    Ok(Shown { json, valid })
 }

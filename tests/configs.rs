@@ -253,6 +253,56 @@ async fn separate_processes_run_the_network() {
         }
     };
     assert_eq!(body, b"hello");
+
+    // `consensus show` against the client's pinned keys, at a name: valid,
+    // each signer named as the config names it.
+    let c: ClientConfig = load(&d.path().join("client/config.toml"));
+    let at = format!("http://localhost:{}/", c.authorities[0].addr.port());
+    let show = |cfg: &Path| {
+        Command::new(exe)
+            .args(["consensus", "show", "--authority", &at, "--config"])
+            .arg(cfg)
+            .output()
+            .unwrap()
+    };
+    let out = show(&d.path().join("client/config.toml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"], "valid");
+    let signers: Vec<&str> = v["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["authority"].as_str())
+        .collect();
+    assert!(
+        signers.contains(&c.authorities[0].name.as_str()),
+        "{signers:?}"
+    );
+    // Pinned keys that are not these authorities' (the relays'): the
+    // verdict is "not valid" and the exit code says so.
+    let wrong: String = v["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "[[authorities]]\nname = \"not{i}\"\naddr = \"127.0.0.1:1\"\nkey = {}\n",
+                r["identity"]
+            )
+        })
+        .collect();
+    let wrong_cfg = d.path().join("wrong-keys.toml");
+    std::fs::write(&wrong_cfg, wrong).unwrap();
+    let out = show(&wrong_cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["verdict"].as_str().unwrap().starts_with("not valid"));
 }
 
 /// A relay's log lines name the role, carry no colour codes when stderr is
