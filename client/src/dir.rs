@@ -22,6 +22,10 @@ pub async fn fetch_consensus(
                 debug!("consensus refused: {why}");
                 ClientError::NoConsensus(why)
             }
+            e @ allium_directory::DirError::UnpinnedSigners { .. } => {
+                http::warn_if_wrong_keys(&e);
+                ClientError::NoConsensus(e.to_string())
+            }
             e => e.into(),
         })
 }

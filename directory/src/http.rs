@@ -105,10 +105,31 @@ pub async fn fetch_verified_consensus(
     let mut order: Vec<&AuthorityEntry> = auths.iter().collect();
     order.shuffle(&mut rand::rng());
     let mut why = Vec::new();
+    // Signers of what was served when none of them is pinned, and how
+    // many authorities answered at all and how many served such.
+    let mut unpinned: Vec<String> = Vec::new();
+    let (mut answered, mut by_unpinned) = (0, 0);
     for a in order {
         let r = async {
             let bytes = fetch_consensus(a.addr).await?;
-            let c = UnverifiedConsensus::parse(&bytes)?.verify(keys, unix_now())?;
+            let u = UnverifiedConsensus::parse(&bytes)?;
+            answered += 1;
+            let now = unix_now();
+            let signers: Vec<[u8; 32]> = u
+                .report(keys, now)
+                .iter()
+                .filter_map(|s| s.identity)
+                .collect();
+            if !signers.is_empty() && signers.iter().all(|id| !keys.iter().any(|k| k.0 == *id)) {
+                by_unpinned += 1;
+                for id in &signers {
+                    let id = allium_proto::short_id(id);
+                    if !unpinned.contains(&id) {
+                        unpinned.push(id);
+                    }
+                }
+            }
+            let c = u.verify(keys, now)?;
             Ok::<_, DirError>((c, bytes))
         }
         .await;
@@ -120,7 +141,30 @@ pub async fn fetch_verified_consensus(
             }
         }
     }
+    // Every authority that answered served one signed only by others.
+    if answered > 0 && by_unpinned == answered {
+        return Err(DirError::UnpinnedSigners {
+            signers: unpinned.join(", "),
+        });
+    }
     Err(DirError::NoConsensus(why.join("; ")))
+}
+
+/// Say loudly (at most every ten minutes per process) that the configured
+/// authority keys are wrong, when `e` says so; true if it does.
+pub fn warn_if_wrong_keys(e: &DirError) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    if !matches!(e, DirError::UnpinnedSigners { .. }) {
+        return false;
+    }
+    let now = unix_now();
+    let last = LAST.load(Ordering::Relaxed);
+    if last == 0 || now >= last + 600 {
+        LAST.store(now.max(1), Ordering::Relaxed);
+        tracing::warn!("{e}");
+    }
+    true
 }
 
 /// Upload a signed descriptor.

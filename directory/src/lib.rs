@@ -73,6 +73,13 @@ pub enum DirError {
     Proto(#[from] allium_proto::Error),
     #[error("no valid consensus: {0}")]
     NoConsensus(String),
+    /// The authorities serve a consensus, signed by authorities this
+    /// config does not pin: its `authorities` keys are wrong.
+    #[error(
+        "the authorities serve a consensus signed by {signers}, none of which this config pins: \
+         check the keys in `authorities` (`allium dirauth fingerprint` prints an authority's)"
+    )]
+    UnpinnedSigners { signers: String },
 }
 
 impl DirError {

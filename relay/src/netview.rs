@@ -144,7 +144,9 @@ impl NetView {
                     )
                 }
                 Err(e) => {
-                    debug!("fetching the consensus: {e}");
+                    if !http::warn_if_wrong_keys(&e) {
+                        debug!("fetching the consensus: {e}");
+                    }
                     self.current.send_modify(|_| {});
                     RETRY
                 }

@@ -283,6 +283,13 @@ impl Relay {
     pub async fn serve(self, listener: TcpListener) -> Result<(), RelayError> {
         let _stop = StopOnDrop(self.ctx.clone());
         info!(nickname = %self.cfg.nickname, id = %allium_proto::short_id(&self.ctx.identity_pub), "relay listening");
+        if self.cfg.authorities.is_empty() {
+            warn!(
+                "no directory authorities configured: this relay publishes its descriptor nowhere, \
+                 is in no consensus and so carries no client's traffic, and checks the relays it \
+                 extends to by their identity proof alone"
+            );
+        }
         let ctx = self.ctx.clone();
         let accept = async move {
             loop {
