@@ -206,6 +206,7 @@ impl Vegas {
         };
         self.ewma_rtt = Some(ewma);
         self.round_full |= cwnd_full;
+        // The first SENDME starts the clock of the first round.
         let Some(start) = self.round_start else {
             self.round_start = Some(now);
             return;
@@ -213,13 +214,22 @@ impl Vegas {
         self.acked = self.acked.saturating_add(p.inc);
         let cwnd = u64::from(self.cwnd);
         let elapsed = now.saturating_duration_since(start).as_secs_f64();
-        // What the path holds: what it delivered per second this round, at
-        // its own delay.
-        let bdp_now = (elapsed > 0.0)
-            .then(|| (f64::from(self.acked) / elapsed * min.as_secs_f64()).round() as u64);
+        // What the path holds by the round trips: the window at its own
+        // delay over the average.
+        let by_rtt = (cwnd as f64 * min.as_secs_f64() / ewma.as_secs_f64().max(1e-9)) as u64;
+        // And by the rate at which SENDMEs acknowledged cells this round, at
+        // its own delay: the bottleneck's rate, as the cells of a burst
+        // leave it back to back. (SENDMEs that come bunched, as a hop that
+        // holds them back and lets them go at once would send them, read
+        // as a fast path: the window then grows by a step a round at most,
+        // as on a fast path, and never past itself when slow start ends.)
+        let bdp_now = if elapsed > 0.0 {
+            (f64::from(self.acked) / elapsed * min.as_secs_f64()).round() as u64
+        } else {
+            by_rtt
+        };
         let next = if self.slow_start {
-            let bdp = (cwnd as f64 * min.as_secs_f64() / ewma.as_secs_f64().max(1e-9)) as u64;
-            let queue = cwnd.saturating_sub(bdp);
+            let queue = cwnd.saturating_sub(by_rtt);
             // The bursts of slow start (two cells out for each one
             // acknowledged) queue their own tails at the bottleneck: up to
             // a quarter of the window is read as theirs, not the path's.
@@ -227,14 +237,13 @@ impl Vegas {
                 self.slow_start = false;
                 // Past the path: what it delivered is its capacity, and
                 // no less than the last round delivered (that round did not
-                // fill it). A round only begun, with the gaps between the
-                // bursts of slow start in it, reads low.
-                let bdp = match (bdp_now, self.last_bdp) {
-                    (Some(now), Some(last)) => now.max(last),
-                    (one, other) => one.or(other).unwrap_or(bdp),
-                };
+                // fill it; a round only begun, with the gaps between the
+                // bursts of slow start in it, reads low). At most twice the
+                // window slow start reached: one more round of it, however
+                // fast SENDMEs that came bunched make the path look.
+                let bdp = bdp_now.max(self.last_bdp.unwrap_or(0));
                 self.end_round(now);
-                bdp + u64::from(p.gamma)
+                (bdp + u64::from(p.gamma)).min(2 * cwnd)
             } else {
                 let next = if cwnd_full {
                     cwnd + u64::from(SLOW_START_GAIN * p.inc)
@@ -245,7 +254,7 @@ impl Vegas {
                     self.slow_start = false;
                     self.end_round(now);
                 } else if self.acked >= self.round_len {
-                    self.last_bdp = bdp_now;
+                    self.last_bdp = Some(bdp_now);
                     self.end_round(now);
                     self.round_len = next as u32;
                 }
@@ -253,7 +262,7 @@ impl Vegas {
             }
         } else if self.acked >= self.round_len {
             let full = self.round_full;
-            let bdp = bdp_now.unwrap_or(cwnd);
+            let bdp = bdp_now;
             self.end_round(now);
             let queue = cwnd.saturating_sub(bdp);
             // Thresholds and steps grow with the window: a large window
@@ -487,6 +496,32 @@ mod tests {
         // And it carries what the application sends.
         let late = &rounds[50..rounds.len() - 1];
         assert!(share(late, 0.1, 3_000.0) > 0.9);
+    }
+
+    #[test]
+    fn bunched_sendmes_cannot_blow_up_the_window() {
+        // Slow start on an 80 ms path, then SENDMEs 30 microseconds apart
+        // whose round trips show a queue (a hop that held them back and let
+        // them go at once): slow start ends, at no more than twice the
+        // window it reached, however fast the path then looks.
+        let mut cc = Vegas::new(Params::default());
+        let mut t = Instant::now();
+        for _ in 0..12 {
+            t += Duration::from_millis(5);
+            cc.on_sendme(t, Duration::from_millis(80), true);
+        }
+        assert!(cc.in_slow_start());
+        let before = cc.cwnd();
+        for _ in 0..8 {
+            t += Duration::from_micros(30);
+            cc.on_sendme(t, Duration::from_millis(200), true);
+        }
+        assert!(!cc.in_slow_start());
+        assert!(
+            cc.cwnd() <= 2 * (before + 16 * 31),
+            "{} from {before}",
+            cc.cwnd()
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub const DEFAULT_INCREMENT: u8 = 31;
 /// (`max_queued_bytes`) bounds what many circuits together may queue.
 pub const CWND_MAX: u32 = 65_536;
 /// A window with no more than this many SENDMEs' worth of room left when a
-/// SENDME arrives counts as full.
+/// SENDME arrives counts as full (or a quarter of the window, if less).
 const FULL_GAP: u32 = 4;
 /// Random padding bytes a sender keeps on each DATA cell whose tag a
 /// circuit SENDME will carry.
@@ -221,7 +221,7 @@ impl CircSendWindow {
             self.batch_full
         } else {
             std::mem::take(&mut self.held_back)
-                || self.inflight + FULL_GAP * self.inc >= self.cwnd()
+                || self.inflight + (FULL_GAP * self.inc).min(self.cwnd() / 4) >= self.cwnd()
         };
         self.last_sendme_at = Some(now);
         self.batch_full = full;

@@ -452,8 +452,9 @@ impl Circuit {
                     if let Some(a) = &self.shared.acct {
                         a.add(bytes);
                     }
-                    // The stream task's queue is bounded by the stream
-                    // window, which the core enforces.
+                    // The stream task's queue is bounded by XOFF and the
+                    // circuit window, which the core enforces, and counted
+                    // against the memory cap.
                     if st.tx.send(StreamCmd::Data(data, cells)).is_err()
                         && let Some(a) = &self.shared.acct
                     {

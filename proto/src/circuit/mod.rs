@@ -498,8 +498,18 @@ impl Circuit {
             return self.release_held();
         }
         if !st.unsent.is_empty() {
+            // END waits for what this end still sends. What it holds of the
+            // far end's data no longer counts (what comes now is dropped),
+            // and the far end may go on: it must not wait for an XON that
+            // nothing here would send once the driver stops reading.
             st.end_after = Some(reason);
-            return Ok(());
+            let held = std::mem::take(&mut st.held);
+            let xon = st.xoff_sent.take().is_some();
+            self.held -= held;
+            if xon {
+                self.originate(sid, &RelayMsg::Xon)?;
+            }
+            return self.release_held();
         }
         self.forget(sid);
         self.originate(sid, &RelayMsg::End(reason))?;

@@ -319,6 +319,41 @@ fn a_stream_that_is_not_read_says_xoff_and_its_sender_stops() {
     assert!(p.errors.iter().all(Option::is_none));
 }
 
+/// A stream ended by an end that still has bytes to send, while it holds
+/// the far end's data unread under XOFF: what it holds stops counting, the
+/// far end hears XON, and the END goes out once the bytes have.
+#[test]
+fn ending_a_stream_under_xoff_releases_what_it_held() {
+    let mut p = CircuitPair::new(1, Duration::from_millis(1));
+    let sid = p.open_stream();
+    let exit = p.exit();
+    let now = p.now;
+    // The exit sends; the client does not read: XOFF.
+    assert!(
+        !p.nodes[exit]
+            .send(now, sid, &vec![5u8; 5000 * 488])
+            .unwrap()
+    );
+    p.drive();
+    assert!(p.nodes[0].held >= XOFF_AT);
+    assert!(p.nodes[0].streams[&sid].xoff_sent.is_some());
+    // The client has more to send than its window takes, and ends.
+    let up = bytes(&mut p.rng, 3000 * 498);
+    assert!(!p.nodes[0].send(now, sid, &up).unwrap());
+    p.nodes[0].end(sid, EndReason::DONE).unwrap();
+    assert_eq!(p.nodes[0].held, 0);
+    assert_eq!(p.nodes[0].unreleased, 0);
+    // The exit reads what comes; the client's bytes, then its END, arrive.
+    let got = p.drive_reading(&[exit], sid);
+    assert_eq!(got[0], up);
+    assert!(p.take_events(exit).contains(&Event::End {
+        stream: sid,
+        reason: EndReason::DONE
+    }));
+    assert_eq!(p.nodes[0].stream_count(), 0);
+    assert!(p.errors.iter().all(Option::is_none));
+}
+
 #[test]
 fn the_circuit_window_caps_all_streams_together() {
     for (params, window) in [
