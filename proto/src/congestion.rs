@@ -36,10 +36,12 @@
 //! fills it: a window the sender does not use says nothing about the path.
 //! After that, once per round (a window of acknowledged cells), with the
 //! thresholds `alpha`, `beta` and `delta` raised to a 16th, an 8th and a
-//! quarter of the window when that is more, and a step of `inc` or a 64th
-//! of the window: it grows by a step while the queue is under `alpha`,
-//! shrinks by one over `beta`, and drops to `bdp + alpha - step` over
-//! `delta`. A circuit so keeps a few SENDMEs' worth of cells queued, or a
+//! quarter of the window when that is more: it grows by a step of at most
+//! 256 cells (a 16th of a small window, `inc` at least) while the queue is
+//! under `alpha`, shrinks by `inc` or a 64th of the window over `beta`,
+//! and drops to `bdp + alpha` less that over `delta`. Steps up of the same
+//! number of cells for every circuit are what makes circuits that share a
+//! bottleneck converge to equal windows (as in AIMD). A circuit so keeps a few SENDMEs' worth of cells queued, or a
 //! few percent of its round trip for a large window: enough to fill the
 //! path, not enough to delay other circuits much. (Thresholds of a fixed
 //! number of cells, as Tor's, read a millisecond of jitter in a 100 ms
@@ -138,6 +140,9 @@ pub struct Vegas {
     /// What the path held by the last round of slow start.
     last_bdp: Option<u64>,
 }
+
+/// After slow start, cells a round adds to a window with room to grow.
+const GROWTH_STEP: u32 = 256;
 
 /// In slow start, cells added to the window per cell acknowledged.
 const SLOW_START_GAIN: u32 = 2;
@@ -273,13 +278,21 @@ impl Vegas {
                 u64::from(p.beta).max(cwnd / 8),
                 u64::from(p.delta).max(cwnd / 4),
             );
-            let step = u64::from(p.inc).max(cwnd / 64);
+            // Down by a share of the window, up by the same number of
+            // cells for every circuit: circuits that share a bottleneck see
+            // the same queue (as a share of their windows) and so move
+            // together, and only steps of the same size up bring their
+            // windows together (steps in proportion would keep whatever
+            // ratio they started with).
+            let down = u64::from(p.inc).max(cwnd / 64);
+            // (On a small window, at most a 16th of it: a step is a queue.)
+            let up = u64::from(p.inc).max((cwnd / 16).min(u64::from(GROWTH_STEP)));
             if queue > delta {
-                (bdp + alpha).saturating_sub(step)
+                (bdp + alpha).saturating_sub(down)
             } else if queue > beta {
-                cwnd.saturating_sub(step)
+                cwnd.saturating_sub(down)
             } else if queue < alpha && full {
-                cwnd + step
+                cwnd + up
             } else {
                 cwnd
             }
