@@ -39,6 +39,12 @@ mod transport;
 pub use handshake::{Action, Initiator, Link, LinkKeys, Responder, UnverifiedLink};
 pub use transport::LinkTransport;
 
+/// The primitives the link handshakes hand snow, so that
+/// `proto/tests/external_vectors.rs` can run published Noise vectors (with
+/// their own keys and prologue) on them. Not part of the API.
+#[doc(hidden)]
+pub use noise::Resolver as NoiseResolver;
+
 use crate::aead::TAG_LEN;
 use crate::cell::CELL_LEN;
 

@@ -1,6 +1,8 @@
 //! Snow on this crate's primitives: X25519, AES-256-GCM (our
 //! [`crate::aead`]), SHA-256, and a ChaCha20 RNG seeded from the caller's RNG.
-//! Nothing outside [`crate::link`] sees snow.
+//! Nothing outside [`crate::link`] sees snow, except the hidden
+//! `link::NoiseResolver` through which a test runs published Noise
+//! vectors on these primitives.
 
 use chacha20::ChaCha20Rng;
 use rand_core::{CryptoRng, Rng, SeedableRng};
@@ -22,12 +24,12 @@ pub(super) fn snow_err(e: snow::Error) -> Error {
 }
 
 /// Hands snow our primitives.
-pub(super) struct Resolver {
+pub struct Resolver {
     seed: [u8; 32],
 }
 
 impl Resolver {
-    pub(super) fn new(rng: &mut impl CryptoRng) -> Self {
+    pub fn new(rng: &mut impl CryptoRng) -> Self {
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
         Resolver { seed }
