@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use allium_link::listen::Slot;
 use allium_proto::httpconnect;
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::socks::{ReplyCode, SocksCmd, SocksServer, Step};
@@ -27,16 +28,15 @@ pub enum Front {
 }
 
 pub async fn serve(client: Client, listener: TcpListener, index: usize, front: Front) {
+    let gate = allium_link::listen::Gate::process();
     loop {
-        let Ok((s, _)) = listener.accept().await else {
-            continue;
-        };
+        let (s, _, slot) = allium_link::listen::accept(&listener, &gate).await;
         let c = client.clone();
         tokio::spawn(
             async move {
                 let r = match front {
-                    Front::Socks => handle_socks(c, s, index).await,
-                    Front::HttpConnect => handle_http(c, s, index).await,
+                    Front::Socks => handle_socks(c, s, slot, index).await,
+                    Front::HttpConnect => handle_http(c, s, slot, index).await,
                 };
                 if let Err(e) = r {
                     debug!("proxy connection: {e}");
@@ -85,14 +85,23 @@ async fn socks_handshake(
     }
 }
 
-async fn handle_socks(client: Client, mut s: TcpStream, index: usize) -> Result<(), ClientError> {
+async fn handle_socks(
+    client: Client,
+    mut s: TcpStream,
+    slot: Slot,
+    index: usize,
+) -> Result<(), ClientError> {
     s.set_nodelay(true)?;
-    let Some((req, early)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, socks_handshake(&mut s))
+    let head = tokio::time::timeout(HANDSHAKE_TIMEOUT, socks_handshake(&mut s));
+    let Some((req, early)) = slot
+        .unless_shed(head)
         .await
+        .ok_or(ClientError::Timeout("SOCKS handshake (shed to make room)"))?
         .map_err(|_| ClientError::Timeout("SOCKS handshake"))??
     else {
         return Ok(());
     };
+    slot.busy();
     let iso = Isolation {
         listener: index,
         auth: req.auth.clone(),
@@ -127,7 +136,12 @@ async fn handle_socks(client: Client, mut s: TcpStream, index: usize) -> Result<
     }
 }
 
-async fn handle_http(client: Client, mut s: TcpStream, index: usize) -> Result<(), ClientError> {
+async fn handle_http(
+    client: Client,
+    mut s: TcpStream,
+    slot: Slot,
+    index: usize,
+) -> Result<(), ClientError> {
     s.set_nodelay(true)?;
     let head = async {
         let mut buf = Vec::new();
@@ -149,12 +163,15 @@ async fn handle_http(client: Client, mut s: TcpStream, index: usize) -> Result<(
             buf.extend_from_slice(&tmp[..n]);
         }
     };
-    let Some((req, early)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, head)
+    let Some((req, early)) = slot
+        .unless_shed(tokio::time::timeout(HANDSHAKE_TIMEOUT, head))
         .await
+        .ok_or(ClientError::Timeout("HTTP request (shed to make room)"))?
         .map_err(|_| ClientError::Timeout("HTTP request"))??
     else {
         return Ok(());
     };
+    slot.busy();
     let iso = Isolation {
         listener: index,
         auth: req.auth.clone(),

@@ -37,8 +37,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use bytes::Bytes;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tracing::{debug, info};
@@ -272,17 +270,9 @@ pub async fn http(
         .iter()
         .map(|e| host_key(e.addr.ip()))
         .collect();
+    let gate = allium_link::listen::Gate::process();
     loop {
-        let (mut sock, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors, or a connection reset before
-                // accept: wait a little rather than spin.
-                debug!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (mut sock, peer, slot) = allium_link::listen::accept(&listener, &gate).await;
         let Some(admitted) = admit(&conns, a.config(), &exempt, peer.ip()) else {
             debug!("connection refused: too many open");
             continue;
@@ -290,6 +280,7 @@ pub async fn http(
         if !a.allow(peer.ip()) {
             tokio::spawn(async move {
                 let _admitted = admitted;
+                let _slot = slot;
                 // Answer, then read what the peer sent before closing, so
                 // that unread bytes do not turn the close into a reset that
                 // loses the answer.
@@ -304,19 +295,14 @@ pub async fn http(
             });
             continue;
         }
-        let svc = TowerToHyperService::new(app.clone());
+        let app = app.clone();
+        let limits = allium_link::listen::HttpLimits {
+            header: limits.header,
+            lifetime: limits.lifetime,
+        };
         tokio::spawn(async move {
             let _admitted = admitted;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(sock), svc);
-            match tokio::time::timeout(limits.lifetime, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!("HTTP connection: {e}"),
-                Err(_) => debug!("HTTP connection closed: lifetime over"),
-            }
+            allium_link::listen::serve_http(sock, slot, app, limits).await;
         });
     }
 }

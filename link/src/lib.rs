@@ -5,6 +5,8 @@
 //!   writes and routes cells to circuits.
 //! * [`limits`]: the queued-cell memory cap and its circuit killer, the
 //!   bandwidth token bucket, and per-address DoS limits.
+//! * [`listen`]: admission of inbound connections, shedding the oldest
+//!   idle one when full, and one-request HTTP serving with timeouts.
 //! * [`metrics`]: serving Prometheus metrics over HTTP.
 //! * [`safelog`]: destinations and client addresses kept out of logs.
 //! * [`shaping`]: link delay and rate for test networks (off otherwise).
@@ -15,6 +17,7 @@
 
 pub mod channel;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod safelog;
 pub mod shaping;

@@ -352,6 +352,7 @@ impl DosGuard {
         Some(ConnGuard {
             guard: self.clone(),
             ip,
+            slot: None,
         })
     }
 
@@ -379,9 +380,16 @@ impl DosGuard {
 pub struct ConnGuard {
     guard: Arc<DosGuard>,
     ip: IpAddr,
+    /// The connection's place among the process' inbound connections.
+    slot: Option<Arc<crate::listen::Slot>>,
 }
 
 impl ConnGuard {
+    /// Hold `slot` for as long as the connection lives.
+    pub fn hold(mut self, slot: Arc<crate::listen::Slot>) -> Self {
+        self.slot = Some(slot);
+        self
+    }
     pub fn ip(&self) -> IpAddr {
         self.ip
     }

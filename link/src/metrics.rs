@@ -106,7 +106,17 @@ pub fn check_listen(addr: Option<SocketAddr>, allow_remote: bool) -> Result<(), 
     }
 }
 
-/// Serve `registry` at `http://listen/metrics` until the future is dropped.
+/// Each scrape's request head must arrive within 10 s and its answer be
+/// sent within 30 s.
+const METRICS_HTTP: crate::listen::HttpLimits = crate::listen::HttpLimits {
+    header: std::time::Duration::from_secs(10),
+    lifetime: std::time::Duration::from_secs(30),
+};
+
+/// Serve `registry` at `http://listen/metrics` until the future is dropped
+/// (one request a connection, admitted by the process' [`Gate`]).
+///
+/// [`Gate`]: crate::listen::Gate
 pub async fn serve(listen: SocketAddr, registry: Registry) -> Result<(), LinkError> {
     let registry = Arc::new(registry);
     let app = Router::new().route(
@@ -132,6 +142,14 @@ pub async fn serve(listen: SocketAddr, registry: Registry) -> Result<(), LinkErr
         .await
         .map_err(|e| LinkError::Config(format!("cannot listen on {listen} for metrics: {e}")))?;
     info!(%listen, "metrics at /metrics");
-    axum::serve(l, app).await?;
-    Ok(())
+    let gate = crate::listen::Gate::process();
+    loop {
+        let (sock, _, slot) = crate::listen::accept(&l, &gate).await;
+        tokio::spawn(crate::listen::serve_http(
+            sock,
+            slot,
+            app.clone(),
+            METRICS_HTTP,
+        ));
+    }
 }

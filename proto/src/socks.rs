@@ -172,8 +172,17 @@ impl SocksServer {
             Ok(s) => s,
             Err(Error::Truncated) => Step::NeedMore,
             Err(e) => {
+                // Refused in the version the client speaks.
+                let socks4 = matches!(self.state, State::Greeting) && input.first() == Some(&4);
                 self.state = State::Finished;
-                fail(ReplyCode::GENERAL_FAILURE, e.to_string())
+                Step::Fail {
+                    reply: Some(if socks4 {
+                        socks4_reply(false)
+                    } else {
+                        reply(ReplyCode::GENERAL_FAILURE, None)
+                    }),
+                    why: e.to_string(),
+                }
             }
         }
     }
@@ -463,7 +472,13 @@ mod tests {
         );
         let mut long = vec![4, 1, 0, 80, 1, 2, 3, 4];
         long.extend(vec![b'x'; 300]);
-        assert!(matches!(drive(&long).1, Step::Fail { .. }));
+        // Refused in SOCKS4, which is what the client reads.
+        let four = Some(socks4_reply(false));
+        assert!(matches!(drive(&long).1, Step::Fail { reply, .. } if reply == four));
+        // SOCKS4a whose hostname never ends.
+        let mut long = vec![4, 1, 0, 80, 0, 0, 0, 1, b'u', 0];
+        long.extend(vec![b'h'; 4000]);
+        assert!(matches!(drive(&long).1, Step::Fail { reply, .. } if reply == four));
     }
 
     #[test]

@@ -292,16 +292,9 @@ impl Relay {
         }
         let ctx = self.ctx.clone();
         let accept = async move {
+            let gate = allium_link::listen::Gate::process();
             loop {
-                let (s, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off, keep serving.
-                        warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+                let (s, peer, slot) = allium_link::listen::accept(&listener, &gate).await;
                 // Refused before any handshake work: just close.
                 let Some(conn) = ctx.dos.connection(peer.ip()) else {
                     drop(s);
@@ -310,8 +303,16 @@ impl Relay {
                 let ctx = ctx.clone();
                 tokio::spawn(
                     async move {
-                        match channel::accept(s, &ctx.link, create_handler(&ctx), Some(conn)).await
-                        {
+                        // The link holds its place for as long as it lives.
+                        let slot = std::sync::Arc::new(slot);
+                        let conn = conn.hold(slot.clone());
+                        let hs = channel::accept(s, &ctx.link, create_handler(&ctx), Some(conn));
+                        let Some(r) = slot.unless_shed(hs).await else {
+                            debug!("inbound link shed during its handshake to make room");
+                            return;
+                        };
+                        slot.busy();
+                        match r {
                             Ok(h) => {
                                 if let Some(id) = h.peer() {
                                     ctx.channels.insert(id, h);
