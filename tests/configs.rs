@@ -30,6 +30,7 @@ fn example_configs_parse() {
         AuthConfig::default().stable_min_uptime_secs
     );
     assert_eq!(a.request_burst, AuthConfig::default().request_burst);
+    assert_eq!(a.metrics_listen, None);
     assert_eq!(
         allium_directory::authority_keys(&a.authorities)
             .unwrap()
@@ -165,7 +166,7 @@ impl Drop for Procs {
 fn small_network(from: u16) -> (tempfile::TempDir, u16) {
     let base = (0..50u16)
         .map(|i| from + i * 100)
-        .find(|b| (0..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
+        .find(|b| (0..10).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
         .expect("free ports");
     let d = tempfile::tempdir().unwrap();
     let opts = TestnetOptions {
@@ -186,6 +187,20 @@ async fn separate_processes_run_the_network() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let (d, base) = small_network(27000);
+    // Metrics on an authority, a relay and the client.
+    for (cfg, port) in [
+        ("auth0/config.toml", 7),
+        ("relay0/config.toml", 8),
+        ("client/config.toml", 9),
+    ] {
+        let p = d.path().join(cfg);
+        let mut t: toml::Table = std::fs::read_to_string(&p).unwrap().parse().unwrap();
+        t.insert(
+            "metrics_listen".into(),
+            format!("127.0.0.1:{}", base + port).into(),
+        );
+        std::fs::write(&p, t.to_string()).unwrap();
+    }
 
     // Something to fetch.
     let web = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -253,6 +268,48 @@ async fn separate_processes_run_the_network() {
         }
     };
     assert_eq!(body, b"hello");
+
+    // Every role's metrics: OpenMetrics when asked for, else Prometheus'
+    // text format, which `promtool check metrics` accepts where installed.
+    for port in [7, 8, 9] {
+        let at = format!("http://127.0.0.1:{}/metrics", base + port);
+        let open = Command::new("curl")
+            .args(["-s", "-H", "Accept: application/openmetrics-text", &at])
+            .output()
+            .unwrap();
+        assert!(open.stdout.ends_with(b"# EOF\n"), "{at}");
+        let text = Command::new("curl").args(["-s", &at]).output().unwrap();
+        let text = String::from_utf8(text.stdout).unwrap();
+        assert!(text.contains("# TYPE allium_"), "{at}: {text}");
+        if let Ok(mut p) = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            use std::io::Write;
+            p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            let out = p.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{at}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if port == 7 {
+            let value = |name: &str| -> u64 {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("{name} in {text}"))
+            };
+            let accepted = "allium_dirauth_descriptors_received_total{outcome=\"accepted\"}";
+            assert!(value(accepted) >= 3, "{text}");
+            assert!(value("allium_dirauth_consensuses_published_total ") >= 1);
+            assert_eq!(value("allium_dirauth_consensus_signatures "), 3);
+        }
+    }
 
     // `consensus show` against the client's pinned keys, at a name: valid,
     // each signer named as the config names it.

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::keys::Signer;
+use crate::metrics::{self, AuthStats};
 use crate::serve::{self, HttpLimits, RateLimiter, host_key};
 use crate::{AuthorityEntry, DirError, http, measure, reach, store, unix_now};
 
@@ -84,6 +85,10 @@ pub struct AuthConfig {
     /// Relays on one IP address voted Running at most (the ones Running
     /// longest); the others are listed without Running, Guard or Stable.
     pub max_relays_per_addr: usize,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (off by default).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on a non-loopback address.
+    pub metrics_allow_remote: bool,
     /// One bandwidth measurement lasts at most this long, and sends at
     /// most this many bytes (see `measure.rs`).
     pub measure_ms: u64,
@@ -116,6 +121,8 @@ impl Default for AuthConfig {
             max_connections: 1024,
             max_connections_per_addr: 16,
             max_relays_per_addr: 2,
+            metrics_listen: None,
+            metrics_allow_remote: false,
             measure_ms: 1000,
             measure_max_bytes: 64 << 20,
             remeasure_secs: 6 * 3600,
@@ -170,6 +177,7 @@ pub struct Authority {
     bad_exits: Vec<[u8; 32]>,
     state: Mutex<AuthState>,
     limiter: Mutex<RateLimiter>,
+    stats: Arc<AuthStats>,
 }
 
 fn parse_id(s: &str) -> Result<[u8; 32], DirError> {
@@ -201,6 +209,8 @@ impl Authority {
                 "interval_secs must be at least 2 and valid_intervals positive".into(),
             ));
         }
+        allium_link::metrics::check_listen(cfg.metrics_listen, cfg.metrics_allow_remote)
+            .map_err(|e| DirError::Config(e.to_string()))?;
         if !(1..=MAX_CONSENSUS_RELAYS).contains(&cfg.max_relays) {
             return Err(DirError::Config(format!(
                 "max_relays must be 1 to {MAX_CONSENSUS_RELAYS} (what a vote may list)"
@@ -263,12 +273,18 @@ impl Authority {
             bad_exits,
             state: Mutex::new(st),
             limiter: Mutex::new(limiter),
+            stats: Arc::default(),
         })
     }
 
     /// This authority's identity key (what clients pin).
     pub fn identity(&self) -> [u8; 32] {
         self.identity
+    }
+
+    /// The counters behind this authority's metrics.
+    pub fn stats(&self) -> &Arc<AuthStats> {
+        &self.stats
     }
 
     pub fn config(&self) -> &AuthConfig {
@@ -354,6 +370,7 @@ impl Authority {
             // Relays republish on a schedule: routine.
             debug!(relay = %nickname, id = %short, "descriptor updated");
         }
+        AuthStats::set(&self.stats.descriptors_held, st.descriptors.len() as u64);
         if let Err(e) = self.persist_descriptors(&st) {
             warn!("persisting descriptors: {e}");
         }
@@ -664,6 +681,7 @@ impl Authority {
         let max_age = self.cfg.descriptor_max_age_secs;
         st.descriptors
             .retain(|_, d| d.desc.published + max_age >= now);
+        AuthStats::set(&self.stats.descriptors_held, st.descriptors.len() as u64);
         let AuthState {
             descriptors,
             measured,
@@ -816,9 +834,13 @@ impl Authority {
             .ok_or("no consensus assembled")?;
         let bytes = p.doc.to_bytes();
         let n = p.doc.signatures.len();
-        UnverifiedConsensus::parse(&bytes)
+        let c = UnverifiedConsensus::parse(&bytes)
             .and_then(|u| u.verify(&self.pinned, valid_after))
             .map_err(|e| e.to_string())?;
+        AuthStats::inc(&self.stats.consensuses_published);
+        AuthStats::set(&self.stats.consensus_valid_after, valid_after);
+        AuthStats::set(&self.stats.consensus_relays, c.relays.len() as u64);
+        AuthStats::set(&self.stats.consensus_signatures, n as u64);
         if let Err(e) =
             store::write_atomic(&self.cfg.data_dir.join("state/consensus"), &bytes, 0o644)
         {
@@ -892,7 +914,10 @@ impl Authority {
                 debug!(signatures = n, valid_after = va, "consensus published")
             }
             Ok(n) => info!(signatures = n, valid_after = va, "consensus published"),
-            Err(e) => warn!(valid_after = va, "no new consensus: {e}"),
+            Err(e) => {
+                AuthStats::inc(&self.stats.consensuses_missed);
+                warn!(valid_after = va, "no new consensus: {e}")
+            }
         }
     }
 
@@ -941,8 +966,17 @@ impl Authority {
                 last = va;
             }
         };
+        let metrics = async {
+            match self.cfg.metrics_listen {
+                Some(a) => allium_link::metrics::serve(a, metrics::registry(self.stats.clone()))
+                    .await
+                    .map_err(|e| DirError::Config(e.to_string())),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = serve::http(self.clone(), listener, HttpLimits::default()) => r,
+            r = metrics => r,
             () = schedule => Ok(()),
             () = self.measure_loop() => Ok(()),
             () = self.probe_loop() => Ok(()),

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod http;
 pub mod keys;
 pub mod measure;
+pub mod metrics;
 pub mod reach;
 pub mod serve;
 pub mod store;

@@ -42,6 +42,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info};
 
 use crate::auth::{AuthConfig, Authority};
+use crate::metrics::AuthStats;
 use crate::{DirError, unix_now};
 
 /// Largest detached consensus signature accepted.
@@ -196,19 +197,19 @@ fn admit(
 
 fn router(a: Arc<Authority>, limits: HttpLimits) -> Router {
     let votes_in = Arc::new(Semaphore::new(a.config().authorities.len().max(1)));
-    let vote_route = limited(post(post_vote), MAX_VOTE_LEN).layer(
+    let vote_route = limited(&a, 1, post(post_vote), MAX_VOTE_LEN).layer(
         axum::middleware::from_fn_with_state(votes_in, one_at_a_time),
     );
     Router::new()
         .route(
             "/descriptor",
-            limited(post(post_descriptor), MAX_DESCRIPTOR_LEN),
+            limited(&a, 0, post(post_descriptor), MAX_DESCRIPTOR_LEN),
         )
         .route("/vote", vote_route)
         .route("/vote/{va}", get(get_vote))
         .route(
             "/signature",
-            limited(post(post_signature), MAX_SIGNATURE_LEN),
+            limited(&a, 2, post(post_signature), MAX_SIGNATURE_LEN),
         )
         .route("/signature/{va}", get(get_signature))
         .route("/consensus", get(get_consensus))
@@ -223,9 +224,17 @@ fn router(a: Arc<Authority>, limits: HttpLimits) -> Router {
 /// A route whose request bodies may be at most `max` bytes. The announced
 /// length is checked first, so a body over the limit is refused before it
 /// is read; a chunked body is cut at the limit.
-fn limited(m: MethodRouter<Arc<Authority>>, max: usize) -> MethodRouter<Arc<Authority>> {
+fn limited(
+    a: &Arc<Authority>,
+    kind: usize,
+    m: MethodRouter<Arc<Authority>>,
+    max: usize,
+) -> MethodRouter<Arc<Authority>> {
     m.layer(DefaultBodyLimit::max(max))
-        .layer(axum::middleware::from_fn_with_state(max, length_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            (max, kind, a.clone()),
+            length_limit,
+        ))
 }
 
 /// Take a place from `slots` for the whole request, or answer 503.
@@ -236,12 +245,17 @@ async fn one_at_a_time(State(slots): State<Arc<Semaphore>>, req: Request, next: 
     next.run(req).await
 }
 
-async fn length_limit(State(max): State<usize>, req: Request, next: Next) -> Response {
+async fn length_limit(
+    State((max, kind, a)): State<(usize, usize, Arc<Authority>)>,
+    req: Request,
+    next: Next,
+) -> Response {
     let announced = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if announced.is_some_and(|n| n > max as u64) {
+        a.stats().received(kind, StatusCode::PAYLOAD_TOO_LARGE, "");
         return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
     }
     next.run(req).await
@@ -278,6 +292,7 @@ pub async fn http(
             continue;
         };
         if !a.allow(peer.ip()) {
+            AuthStats::inc(&a.stats().rate_limited);
             tokio::spawn(async move {
                 let _admitted = admitted;
                 let _slot = slot;
@@ -312,6 +327,12 @@ fn answer(
     what: &str,
     r: Result<&'static str, (StatusCode, String)>,
 ) -> (StatusCode, String) {
+    if let Some(kind) = crate::metrics::KINDS.iter().position(|k| *k == what) {
+        match &r {
+            Ok(s) => a.stats().received(kind, StatusCode::OK, s),
+            Err((code, _)) => a.stats().received(kind, *code, ""),
+        }
+    }
     match r {
         Ok(s) => (StatusCode::OK, s.to_string()),
         // Someone else's document refused: theirs to fix, not the

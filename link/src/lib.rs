@@ -91,6 +91,12 @@ impl RelayStats {
     }
     pub fn destroyed(&self, reason: u8) {
         Self::inc(&self.circuits_destroyed, 1);
-        Self::inc(&self.destroyed_by_reason[(reason as usize).min(15)], 1);
+        // Codes past the table share slot 4, which no reason uses.
+        let slot = if (reason as usize) < 16 {
+            reason as usize
+        } else {
+            4
+        };
+        Self::inc(&self.destroyed_by_reason[slot], 1);
     }
 }

@@ -106,6 +106,43 @@ pub fn check_listen(addr: Option<SocketAddr>, allow_remote: bool) -> Result<(), 
     }
 }
 
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text (as `prometheus_client` writes it) in Prometheus' older
+/// text format (0.0.4): a counter family is named as its samples are (with
+/// `_total`), and there are no `# UNIT` or `# EOF` lines.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "gauge" | "histogram" | "summary" => (name.to_string(), kind),
+                _ => (name.to_string(), "untyped"),
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// Each scrape's request head must arrive within 10 s and its answer be
 /// sent within 30 s.
 const METRICS_HTTP: crate::listen::HttpLimits = crate::listen::HttpLimits {
@@ -121,20 +158,28 @@ pub async fn serve(listen: SocketAddr, registry: Registry) -> Result<(), LinkErr
     let registry = Arc::new(registry);
     let app = Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: axum::http::HeaderMap| {
             let r = registry.clone();
             async move {
                 let mut body = String::new();
                 if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &r) {
                     warn!("encoding metrics: {e}");
                 }
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    body,
-                )
+                // OpenMetrics to those who ask for it (Prometheus does),
+                // the older text format to everyone else.
+                let open = headers
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("application/openmetrics-text"));
+                if open {
+                    ([(header::CONTENT_TYPE, OPENMETRICS)], body)
+                } else {
+                    (
+                        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+                        prometheus_text(&body),
+                    )
+                }
             }
         }),
     );
@@ -151,5 +196,69 @@ pub async fn serve(listen: SocketAddr, registry: Registry) -> Result<(), LinkErr
             app.clone(),
             METRICS_HTTP,
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `promtool check metrics` on `text`: `None` without promtool.
+    fn promtool(text: &str) -> Option<Result<(), String>> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut p = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        p.stdin.take()?.write_all(text.as_bytes()).ok()?;
+        let out = p.wait_with_output().ok()?;
+        Some(if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned())
+        })
+    }
+
+    #[test]
+    fn the_older_text_format_names_counters_as_their_samples() {
+        let mut r = Registry::with_prefix("t");
+        r.register_collector(Box::new(SnapshotCollector(|| {
+            vec![
+                Family::counter("cells", "Cells", 5),
+                Family::gauge("open", "Open now", 2),
+                Family {
+                    name: "dropped",
+                    help: "Dropped, by reason",
+                    values: vec![
+                        (Some(("reason", "a")), Value::Counter(1)),
+                        (Some(("reason", "b")), Value::Counter(2)),
+                    ],
+                },
+            ]
+        })));
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &r).unwrap();
+        assert!(om.ends_with("# EOF\n"));
+        assert_eq!(
+            prometheus_text(&om),
+            "# HELP t_cells_total Cells\n\
+             # TYPE t_cells_total counter\n\
+             t_cells_total 5\n\
+             # HELP t_open Open now\n\
+             # TYPE t_open gauge\n\
+             t_open 2\n\
+             # HELP t_dropped_total Dropped, by reason\n\
+             # TYPE t_dropped_total counter\n\
+             t_dropped_total{reason=\"a\"} 1\n\
+             t_dropped_total{reason=\"b\"} 2\n"
+        );
+        // Prometheus' own checker, where it is installed.
+        if let Some(verdict) = promtool(&prometheus_text(&om)) {
+            verdict.unwrap();
+        }
     }
 }

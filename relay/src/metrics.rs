@@ -18,10 +18,10 @@ const REASONS: [&str; 16] = [
     "protocol",
     "internal",
     "requested",
-    "4",
-    "5",
+    "other",
+    "other",
     "connect_failed",
-    "7",
+    "other",
     "channel_closed",
     "finished",
     "timeout",
@@ -39,12 +39,18 @@ pub fn relay_registry(stats: Arc<RelayStats>, mem: Arc<QueueMem>) -> Registry {
         let s = &stats;
         let created = c(&s.circuits_created);
         let destroyed = c(&s.circuits_destroyed);
-        let by_reason = s
-            .destroyed_by_reason
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| c(v) > 0)
-            .map(|(i, v)| (Some(("reason", REASONS[i])), Value::Counter(c(v))))
+        // Codes the protocol does not define count as "other".
+        let mut sums = std::collections::BTreeMap::<&str, u64>::new();
+        for (i, v) in s.destroyed_by_reason.iter().enumerate() {
+            if c(v) > 0 {
+                *sums
+                    .entry(REASONS.get(i).copied().unwrap_or("other"))
+                    .or_default() += c(v);
+            }
+        }
+        let by_reason = sums
+            .into_iter()
+            .map(|(r, n)| (Some(("reason", r)), Value::Counter(n)))
             .collect::<Vec<_>>();
         vec![
             Family::counter(
