@@ -3,6 +3,7 @@
 //! whole-system tests.
 
 pub mod bench;
+pub mod check;
 pub mod show;
 pub mod testnet;
 

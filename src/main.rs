@@ -42,6 +42,7 @@ impl Cmd {
             Cmd::Client { .. } => "client",
             Cmd::Bench { .. } => "bench",
             Cmd::Testnet { .. } => "testnet",
+            Cmd::Check { .. } => "check",
         }
     }
 }
@@ -95,6 +96,16 @@ enum Cmd {
     Client {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Check a config as the daemon would read it, without starting it:
+    /// every value, the addresses it listens on, its data directory and
+    /// key files; print what it would do. Exit status 0 if fine, 1 if not.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        /// The role the config is for (default: the one it parses as).
+        #[arg(long, value_enum)]
+        role: Option<allium::check::Role>,
     },
     /// Measure a whole network on loopback, each authority, relay and the
     /// client in its own process (see doc/performance.md).
@@ -229,6 +240,15 @@ async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
+        Cmd::Check { config, role } => {
+            let r = allium::check::check(&config, role);
+            say!("{r}");
+            if r.ok() {
+                Ok(())
+            } else {
+                Err(format!("{} is not usable as it is", config.display()))
+            }
+        }
         Cmd::Dirauth { config, action } => {
             let cfg: Option<AuthConfig> = config.as_deref().map(load).transpose()?;
             let data_dir = |d: Option<PathBuf>| {

@@ -300,7 +300,8 @@ pub async fn free_block(opts: &TestnetOptions) -> Result<(u16, Vec<TcpListener>)
 
 fn write_toml<T: Serialize>(path: &Path, header: &str, cfg: &T) -> Result<(), TestnetError> {
     let body = toml::to_string(cfg).map_err(|e| TestnetError::Other(e.to_string()))?;
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    allium_directory::store::private_dir(path.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| TestnetError::Other(e.to_string()))?;
     std::fs::write(path, format!("# {header}\n{body}"))?;
     Ok(())
 }

@@ -146,6 +146,30 @@ fn init_only_writes_a_runnable_network() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("1..=24"));
+
+    // `allium check` passes every role's config as written, and fails a
+    // relay whose identity key others can read.
+    let check = |cfg: &str| {
+        std::process::Command::new(exe)
+            .args(["check", "--config", cfg])
+            .current_dir(d.path())
+            .output()
+            .unwrap()
+    };
+    for cfg in ["auth0", "relay0", "client"] {
+        let out = check(&format!("{cfg}/config.toml"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.ends_with("OK\n"),
+            "{cfg}: {text}"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let key = d.path().join("relay0/keys/identity.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check("relay0/config.toml");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chmod 600"));
 }
 
 /// Kills the processes it holds, by pid, when dropped.

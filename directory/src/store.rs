@@ -7,11 +7,23 @@ use ed25519_dalek::SigningKey;
 
 use crate::DirError;
 
-/// Write `bytes` to `path` atomically (temp file, fsync, rename) with `mode`.
+/// Create `dir` and its missing parents for the owner alone (0700), as
+/// data directories should be; an existing directory is left as it is.
+pub fn private_dir(dir: &Path) -> Result<(), DirError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| DirError::io(dir, e))
+}
+
+/// Write `bytes` to `path` atomically (temp file, fsync, rename) with
+/// `mode`, creating its directory (0700) if need be.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DirError::io(dir, e))?;
+    private_dir(dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
