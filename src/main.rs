@@ -473,6 +473,17 @@ fn shaping_from_env() -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the effective user is root (from `/proc/self/status`, Linux).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let uids = s.lines().find(|l| l.starts_with("Uid:"))?.to_owned();
+            uids.split_whitespace().nth(2).map(|e| e == "0")
+        })
+        .unwrap_or(false)
+}
+
 fn main() -> ExitCode {
     use std::io::IsTerminal;
     let cli = Cli::parse();
@@ -487,6 +498,16 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .with_writer(move || LogLine(prefix))
         .init();
+    let daemon = matches!(
+        cli.cmd,
+        Cmd::Relay { .. } | Cmd::Client { .. } | Cmd::Dirauth { action: None, .. }
+    );
+    if daemon && running_as_root() {
+        tracing::warn!(
+            "running as root: Allium needs no privileges (a port below 1024 needs only \
+             CAP_NET_BIND_SERVICE); run it as its own user, as contrib/systemd/ does"
+        );
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -414,6 +414,16 @@ fn daemons_log_plainly_and_survive_a_closed_stderr() {
     let mut text = String::new();
     err.read_to_string(&mut text).unwrap();
     assert!(text.lines().count() >= 2, "{text}");
+    // Root is told it needs no privileges.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    assert_eq!(
+        text.contains("WARN") && text.contains("running as root"),
+        root,
+        "{text}"
+    );
     for line in text.lines() {
         assert!(line.starts_with("relay: "), "{line:?}");
         assert!(!line.contains('\u{1b}'), "colour codes in {line:?}");
@@ -426,4 +436,52 @@ fn daemons_log_plainly_and_survive_a_closed_stderr() {
         second.0[0].try_wait().unwrap().is_none(),
         "the relay died when its stderr closed"
     );
+}
+
+/// The hardened systemd units in `contrib/` are valid units
+/// (`systemd-analyze verify`, where systemd is installed) for the binary
+/// this build makes, and keep their hardening.
+#[test]
+fn systemd_units_verify() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
+    let exe = env!("CARGO_BIN_EXE_allium");
+    let have = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok();
+    assert!(
+        have || std::env::var_os("ALLIUM_CI_TOOLS").is_none(),
+        "systemd-analyze is not installed"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    for role in ["dirauth", "relay", "client"] {
+        let name = format!("allium-{role}.service");
+        let unit = std::fs::read_to_string(dir.join(&name)).unwrap();
+        for must in [
+            "User=allium",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "CapabilityBoundingSet=\n",
+            &format!("StateDirectory=allium/{role}"),
+            &format!("ExecStart=/usr/local/bin/allium {role} --config"),
+        ] {
+            assert!(unit.contains(must), "{name} lacks {must:?}");
+        }
+        if !have {
+            continue;
+        }
+        let here = tmp.path().join(&name);
+        std::fs::write(&here, unit.replace("/usr/local/bin/allium", exe)).unwrap();
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&here)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.trim().is_empty(),
+            "{name}: {err}"
+        );
+    }
 }
