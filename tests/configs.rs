@@ -293,6 +293,32 @@ async fn separate_processes_run_the_network() {
     };
     assert_eq!(body, b"hello");
 
+    // The relay says where it stands, and beats on SIGUSR1.
+    let relay0 = procs.0[3].id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &relay0])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let log = logs.join("relay0-config.toml");
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("heartbeat: up") && text.contains("listed in the consensus: flags") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for said in [
+        "descriptor accepted by 3 of 3 authorities",
+        "listed in the consensus: flags Running, Valid, Exit",
+        "heartbeat: up",
+    ] {
+        assert!(text.contains(said), "{said:?} not in {text}");
+    }
+
     // Every role's metrics: OpenMetrics when asked for, else Prometheus'
     // text format, which `promtool check metrics` accepts where installed.
     for port in [7, 8, 9] {

@@ -33,6 +33,9 @@ pub struct RelayConfig {
     pub family: Vec<String>,
     /// Republish the descriptor this often.
     pub publish_interval_secs: u64,
+    /// Log a heartbeat (uptime, circuits, bytes relayed, refusals) this
+    /// often; 0 for never. SIGUSR1 asks for one at any time.
+    pub heartbeat_secs: u64,
     /// Rotate the onion key this often; the previous one stays valid for one
     /// more period.
     pub onion_key_lifetime_secs: u64,
@@ -77,6 +80,7 @@ impl Default for RelayConfig {
             exit_policy: vec![],
             family: vec![],
             publish_interval_secs: 3600,
+            heartbeat_secs: 6 * 3600,
             onion_key_lifetime_secs: 7 * 24 * 3600,
             max_queued_bytes: 512 << 20,
             bandwidth_rate: 0,

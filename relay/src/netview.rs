@@ -62,6 +62,11 @@ impl NetView {
         !self.auths.is_empty()
     }
 
+    /// Every new consensus, as it arrives.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Consensus>>> {
+        self.current.subscribe()
+    }
+
     /// The current consensus, if it is still valid.
     pub fn consensus(&self) -> Option<Arc<Consensus>> {
         self.current

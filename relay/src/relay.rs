@@ -105,6 +105,7 @@ pub struct Relay {
     cfg: RelayConfig,
     keys: KeyStore,
     ctx: Arc<RelayCtx>,
+    standing: crate::status::Standing,
 }
 
 impl Relay {
@@ -176,7 +177,12 @@ impl Relay {
                 .filter(|ip| !ip.is_unspecified())
                 .collect(),
         });
-        let relay = Relay { cfg, keys, ctx };
+        let relay = Relay {
+            cfg,
+            keys,
+            ctx,
+            standing: Default::default(),
+        };
         relay.descriptor(unix_now())?;
         Ok(relay)
     }
@@ -237,9 +243,13 @@ impl Relay {
             }
         };
         let mut all = true;
+        let mut accepted = 0;
         for a in &self.cfg.authorities {
             match http::post_descriptor(a.addr, doc.clone()).await {
-                Ok(()) => debug!(authority = %a.name, "descriptor published"),
+                Ok(()) => {
+                    accepted += 1;
+                    debug!(authority = %a.name, "descriptor published")
+                }
                 Err(e) => {
                     if quiet {
                         info!(authority = %a.name, "publishing descriptor (will retry): {e}");
@@ -250,7 +260,53 @@ impl Relay {
                 }
             }
         }
+        if !self.cfg.authorities.is_empty() {
+            self.standing.uploaded(accepted, self.cfg.authorities.len());
+        }
         all
+    }
+
+    /// Say how each new consensus lists this relay, when that changes, and
+    /// the heartbeat every `heartbeat_secs` and on SIGUSR1.
+    async fn report(&self) {
+        let mut consensus = self.ctx.net.subscribe();
+        let beats = self.cfg.heartbeat_secs > 0;
+        let period = Duration::from_secs(self.cfg.heartbeat_secs.max(1));
+        let mut next_beat = tokio::time::Instant::now() + period;
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
+        let addr = self.cfg.advertised().unwrap_or(self.cfg.listen);
+        loop {
+            let asked = async {
+                match usr1.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = consensus.changed() => {
+                    if r.is_err() {
+                        return std::future::pending().await;
+                    }
+                    let c = consensus.borrow_and_update().clone();
+                    if let Some(c) = c {
+                        self.standing.listed(&c, &self.ctx.identity_pub, addr);
+                    }
+                }
+                () = tokio::time::sleep_until(next_beat), if beats => {
+                    self.heartbeat();
+                    next_beat += period;
+                }
+                Some(()) = asked => self.heartbeat(),
+            }
+        }
+    }
+
+    fn heartbeat(&self) {
+        let s = &self.ctx.stats;
+        let open = RelayStats::get(&s.circuits_created)
+            .saturating_sub(RelayStats::get(&s.circuits_destroyed));
+        info!("{}", self.standing.heartbeat(s, open));
     }
 
     fn maybe_rotate_onion(&self) -> bool {
@@ -381,6 +437,7 @@ impl Relay {
             r = accept => r,
             () = publish => Ok(()),
             () = self.ctx.net.run() => Ok(()),
+            () = self.report() => Ok(()),
             r = metrics => r.map_err(RelayError::from),
         }
     }
