@@ -304,9 +304,12 @@ async fn separate_processes_run_the_network() {
     );
     let log = logs.join("relay0-config.toml");
     let mut text = String::new();
-    for _ in 0..50 {
+    for _ in 0..100 {
         text = std::fs::read_to_string(&log).unwrap();
-        if text.contains("heartbeat: up") && text.contains("listed in the consensus: flags") {
+        if text.contains("heartbeat: up")
+            && text.contains("listed in the consensus: flags")
+            && text.contains("ORPort reachable")
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -315,6 +318,7 @@ async fn separate_processes_run_the_network() {
         "descriptor accepted by 3 of 3 authorities",
         "listed in the consensus: flags Running, Valid, Exit",
         "heartbeat: up",
+        "ORPort reachable from outside: a circuit through another relay came back",
     ] {
         assert!(text.contains(said), "{said:?} not in {text}");
     }

@@ -795,3 +795,34 @@ async fn measurements_close_their_links_and_end_in_time() {
     assert!(r.is_err());
     assert!(t.elapsed() <= limits.duration + GRACE + Duration::from_secs(1));
 }
+
+/// The ORPort self-test: a circuit through another relay comes back to a
+/// reachable relay; an ORPort where nothing listens is reported as such.
+/// (A lone relay's listener reports to no [`Inbound`], so a circuit that
+/// comes back counts as inconclusive here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_test_tells_a_reachable_orport_from_a_closed_one() {
+    use allium_relay::selftest::{Hop, Inbound, Verdict, through};
+    let via = lone_relay(|_| {}).await;
+    let me = lone_relay(|_| {}).await;
+    let nobody = Inbound::default();
+    let v = through(&Hop::from(&via.desc), &Hop::from(&me.desc), &nobody).await;
+    assert!(
+        matches!(v, Verdict::Unknown(ref e) if e.contains("over a link")),
+        "{v:?}"
+    );
+    let closed = TcpListener::bind("127.0.0.2:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut wrong = Hop::from(&me.desc);
+    wrong.addr = closed;
+    // Through a relay with no link to it yet.
+    let fresh = lone_relay(|_| {}).await;
+    let v = through(&Hop::from(&fresh.desc), &wrong, &nobody).await;
+    assert!(
+        matches!(v, Verdict::Unreachable(ref e) if e.contains("could not reach")),
+        "{v:?}"
+    );
+}

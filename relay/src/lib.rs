@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 pub mod netview;
 pub mod relay;
+pub mod selftest;
 pub mod status;
 
 pub use allium_link::{LinkError, RelayStats};

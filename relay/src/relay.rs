@@ -8,7 +8,7 @@ use std::time::Duration;
 use allium_directory::{http, unix_now};
 use allium_proto::doc::MAX_DESCRIPTOR_LEN;
 use allium_proto::policy::ExitPolicy;
-use allium_proto::{LinkKey, RelayDescriptor, RelayId, SignedDocument};
+use allium_proto::{LinkKey, RelayDescriptor, RelayId, SignedDocument, UnverifiedDescriptor};
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -40,6 +40,8 @@ pub struct RelayCtx {
     pub own_ips: Vec<std::net::IpAddr>,
     /// Whether circuits may be extended to private addresses.
     pub allow_private_addresses: bool,
+    /// The ORPort self-test's view of inbound links.
+    pub self_test: Arc<crate::selftest::Inbound>,
 }
 
 /// Stops the relay's channels when the serving future goes away.
@@ -96,6 +98,16 @@ impl ChannelManager {
 pub fn create_handler(ctx: &Arc<RelayCtx>) -> CreateHandler {
     let ctx = ctx.clone();
     Arc::new(move |nc| {
+        tokio::spawn(circuit::run(ctx.clone(), nc).in_current_span());
+    })
+}
+
+/// [`create_handler`] for links the peer opened, which the ORPort
+/// self-test watches.
+fn inbound_create_handler(ctx: &Arc<RelayCtx>) -> CreateHandler {
+    let ctx = ctx.clone();
+    Arc::new(move |nc| {
+        ctx.self_test.arrived(&nc.create);
         tokio::spawn(circuit::run(ctx.clone(), nc).in_current_span());
     })
 }
@@ -171,6 +183,7 @@ impl Relay {
             dos,
             net,
             allow_private_addresses: cfg.allow_private_addresses,
+            self_test: Arc::default(),
             own_ips: [Some(cfg.listen.ip()), cfg.advertise.map(|a| a.ip())]
                 .into_iter()
                 .flatten()
@@ -276,10 +289,24 @@ impl Relay {
         let mut usr1 =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
         let addr = self.cfg.advertised().unwrap_or(self.cfg.listen);
+        // The ORPort self-test: when the consensus first lists this relay
+        // here, then hourly (every minute while it fails).
+        let mut test: Option<tokio::task::JoinHandle<crate::selftest::Verdict>> = None;
+        let mut next_test = tokio::time::Instant::now();
+        let mut tried = false;
         loop {
             let asked = async {
                 match usr1.as_mut() {
                     Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let idle = test.is_none();
+            let tested = async {
+                match test.as_mut() {
+                    Some(t) => t
+                        .await
+                        .unwrap_or_else(|e| crate::selftest::Verdict::Unknown(e.to_string())),
                     None => std::future::pending().await,
                 }
             };
@@ -291,7 +318,25 @@ impl Relay {
                     let c = consensus.borrow_and_update().clone();
                     if let Some(c) = c {
                         self.standing.listed(&c, &self.ctx.identity_pub, addr);
+                        if test.is_none() && (!tried || tokio::time::Instant::now() >= next_test) {
+                            test = self.start_self_test(&c, addr);
+                            tried |= test.is_some();
+                        }
                     }
+                }
+                // Due again between consensuses (hourly ones, in a real network).
+                () = tokio::time::sleep_until(next_test), if idle && tried => {
+                    next_test = tokio::time::Instant::now() + Duration::from_secs(60);
+                    if let Some(c) = self.ctx.net.consensus() {
+                        test = self.start_self_test(&c, addr);
+                    }
+                }
+                r = tested => {
+                    test = None;
+                    let ok = matches!(r, crate::selftest::Verdict::Reachable(_));
+                    self.standing.self_tested(r);
+                    next_test = tokio::time::Instant::now()
+                        + Duration::from_secs(if ok { 3600 } else { 60 });
                 }
                 () = tokio::time::sleep_until(next_beat), if beats => {
                     self.heartbeat();
@@ -300,6 +345,34 @@ impl Relay {
                 Some(()) = asked => self.heartbeat(),
             }
         }
+    }
+
+    /// Start the self-test through a Running relay other than this one, if
+    /// `c` lists this relay at `addr`.
+    fn start_self_test(
+        &self,
+        c: &allium_proto::Consensus,
+        addr: std::net::SocketAddr,
+    ) -> Option<tokio::task::JoinHandle<crate::selftest::Verdict>> {
+        use allium_proto::RelayFlags;
+        let me = self.ctx.identity_pub;
+        c.relays
+            .iter()
+            .find(|r| r.identity == me && r.addr == addr)?;
+        let others: Vec<_> = c
+            .relays
+            .iter()
+            .filter(|r| r.identity != me && r.flags.has(RelayFlags::RUNNING))
+            .collect();
+        let via =
+            crate::selftest::Hop::from(*others.get(rand::random_range(0..others.len().max(1)))?);
+        let desc = self.descriptor(unix_now()).ok()?;
+        let d = UnverifiedDescriptor::parse(&desc.to_bytes()).ok()?;
+        let mine = crate::selftest::Hop::from(d.descriptor());
+        let inbound = self.ctx.self_test.clone();
+        Some(tokio::spawn(async move {
+            crate::selftest::through(&via, &mine, &inbound).await
+        }))
     }
 
     fn heartbeat(&self) {
@@ -362,7 +435,8 @@ impl Relay {
                         // The link holds its place for as long as it lives.
                         let slot = std::sync::Arc::new(slot);
                         let conn = conn.hold(slot.clone());
-                        let hs = channel::accept(s, &ctx.link, create_handler(&ctx), Some(conn));
+                        let hs =
+                            channel::accept(s, &ctx.link, inbound_create_handler(&ctx), Some(conn));
                         let Some(r) = slot.unless_shed(hs).await else {
                             debug!("inbound link shed during its handshake to make room");
                             return;

@@ -20,6 +20,7 @@ pub struct Standing {
     started: Instant,
     uploads: Mutex<Option<(usize, usize)>>,
     listing: Mutex<Option<String>>,
+    reachable: Mutex<Option<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -32,6 +33,7 @@ impl Default for Standing {
             started: Instant::now(),
             uploads: Mutex::new(None),
             listing: Mutex::new(None),
+            reachable: Mutex::new(None),
         }
     }
 }
@@ -59,6 +61,32 @@ impl Standing {
         if last.as_deref() != Some(line.as_str()) {
             info!("{line}");
             *last = Some(line);
+        }
+    }
+
+    /// The self-test's verdict: said when it changes (a failure at WARN:
+    /// clients cannot use a relay they cannot reach).
+    pub fn self_tested(&self, r: crate::selftest::Verdict) {
+        use crate::selftest::Verdict;
+        let mut last = lock(&self.reachable);
+        match r {
+            Verdict::Reachable(took) if *last != Some(true) => {
+                *last = Some(true);
+                info!(
+                    "ORPort reachable from outside: a circuit through another relay came back \
+                     to it ({} ms)",
+                    took.as_millis()
+                );
+            }
+            Verdict::Unreachable(e) if *last != Some(false) => {
+                *last = Some(false);
+                tracing::warn!(
+                    "ORPort not reachable from outside: {e}; clients cannot use this relay \
+                     until it is (firewall, NAT, `advertise`)"
+                );
+            }
+            Verdict::Unknown(e) => tracing::debug!("ORPort self-test inconclusive: {e}"),
+            _ => {}
         }
     }
 
