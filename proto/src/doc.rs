@@ -86,11 +86,24 @@ pub struct SignedDocument {
     pub signatures: Vec<DocSignature>,
 }
 
-fn decode_exact<'a, T: Deserialize<'a>>(what: &'static str, b: &'a [u8]) -> Result<T, Error> {
+/// Decode all of `b`, which must be the value's canonical encoding (what
+/// encoding it gives back): postcard also reads a number written in more
+/// bytes than it needs, which would give one document several encodings
+/// and several digests.
+pub(crate) fn decode_exact<'a, T: Deserialize<'a> + Serialize>(
+    what: &'static str,
+    b: &'a [u8],
+) -> Result<T, Error> {
     let (v, rest) =
         postcard::take_from_bytes(b).map_err(|e| Error::malformed(what, e.to_string()))?;
     if !rest.is_empty() {
         return Err(Error::TrailingBytes(rest.len()));
+    }
+    if encode(&v) != b {
+        return Err(Error::malformed(
+            what,
+            "not in canonical encoding (a number written in more bytes than it needs)",
+        ));
     }
     Ok(v)
 }
@@ -101,7 +114,7 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 /// Decode a signed document of at most `max` bytes and at most
 /// [`MAX_SIGNATURES`] signatures.
-fn parse_bounded<'a, T: Deserialize<'a>>(
+fn parse_bounded<'a, T: Deserialize<'a> + Serialize>(
     what: &'static str,
     b: &'a [u8],
     max: usize,
@@ -256,13 +269,14 @@ impl UnverifiedDescriptor {
                 ));
             }
         }
-        if d.published > now + MAX_CLOCK_SKEW {
+        if d.published > now.saturating_add(MAX_CLOCK_SKEW) {
             return Err(Error::Expired(format!(
                 "published {}s in the future",
                 d.published - now
             )));
         }
-        if d.published + max_age < now {
+        // A maximum age as large as a config may give never overflows.
+        if d.published.saturating_add(max_age) < now {
             return Err(Error::Expired(format!(
                 "published {}s ago, limit {max_age}s",
                 now - d.published
@@ -743,6 +757,62 @@ mod tests {
             UnverifiedDescriptor::parse(&big.sign(&k).to_bytes()),
             Err(Error::TooLarge { .. })
         ));
+    }
+
+    /// A number written in more bytes than it needs (postcard reads
+    /// `ff 00` as 127) would give a document a second encoding and a second
+    /// digest: refused, in a signed body and in the envelope. Found by the
+    /// `consensus` and `descriptor` fuzz targets.
+    #[test]
+    fn documents_are_read_only_in_their_canonical_encoding() {
+        // A consensus body with `fresh_until` = 127 in two bytes, signed.
+        let (_, sk, cert) = authority(1, 0, u64::MAX);
+        let signed = |body: Vec<u8>| {
+            let mut doc = AuthSigned::new(body);
+            let s = AuthoritySig::make(CONSENSUS_DOMAIN, &doc.body, &cert, &sk);
+            doc.add(s);
+            doc.to_bytes()
+        };
+        let overlong = signed(vec![0x00, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00]);
+        let err = UnverifiedConsensus::parse(&overlong).err().unwrap();
+        assert!(err.to_string().contains("canonical"), "{err}");
+        let short = signed(vec![0x00, 0x7f, 0x00, 0x00, 0x00, 0x00]);
+        assert_eq!(
+            UnverifiedConsensus::parse(&short)
+                .unwrap()
+                .peek()
+                .fresh_until,
+            127
+        );
+        // A descriptor whose body length is written in three bytes, not two.
+        let k = key(1);
+        let now = 1_800_000_000;
+        let doc = desc(&k, now).sign(&k);
+        let n = doc.body.len();
+        assert!((128..1 << 14).contains(&n));
+        let bytes = doc.to_bytes();
+        let mut long = vec![(n & 0x7f) as u8 | 0x80, (n >> 7) as u8 | 0x80, 0];
+        long.extend_from_slice(&bytes[2..]);
+        assert_eq!(long.len(), bytes.len() + 1);
+        let err = UnverifiedDescriptor::parse(&long).err().unwrap();
+        assert!(err.to_string().contains("canonical"), "{err}");
+        UnverifiedDescriptor::parse(&bytes).unwrap();
+    }
+
+    /// An authority configured to keep descriptors for as long as a u64
+    /// allows takes a fresh descriptor (the age check overflowed). Found
+    /// by the `descriptor` fuzz target.
+    #[test]
+    fn the_largest_maximum_age_does_not_overflow() {
+        let k = key(1);
+        let now = 1_800_000_000;
+        let bytes = desc(&k, now).sign(&k).to_bytes();
+        for max_age in [u64::MAX, u64::MAX - now + 1] {
+            UnverifiedDescriptor::parse(&bytes)
+                .unwrap()
+                .verify(now, max_age)
+                .unwrap();
+        }
     }
 
     #[test]

@@ -330,8 +330,11 @@ impl ExitPolicy {
             _ => false,
         };
         let mut cuts: Vec<u32> = vec![1, 65536];
+        // Port 0 is no port: a rule from port 0 (in a policy not checked,
+        // as a vote may carry) starts at 1 here, or the summary would hold
+        // a range the consensus check refuses.
         for r in self.rules.iter().filter(|r| general(r)) {
-            cuts.push(u32::from(r.port_lo));
+            cuts.push(u32::from(r.port_lo.max(1)));
             cuts.push(u32::from(r.port_hi) + 1);
         }
         cuts.sort_unstable();
@@ -596,6 +599,31 @@ mod tests {
             "accept *:9-3",
         ] {
             assert!(Rule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A policy that was never checked (a descriptor in a vote has only its
+    /// signature checked) with an accept from port 0: its summary starts at
+    /// port 1, as the consensus check requires. Found by the `vote` fuzz
+    /// target, whose consensus had the summary `0-0` that clients refuse.
+    #[test]
+    fn summaries_of_unchecked_policies_from_port_zero_start_at_one() {
+        let rule = |lo, hi| Rule {
+            action: Action::Accept,
+            addr: AddrPattern::Any,
+            port_lo: lo,
+            port_hi: hi,
+        };
+        for (rules, want) in [
+            (vec![rule(0, 0)], vec![]),
+            (vec![rule(0, 80)], vec![(1, 80)]),
+            (vec![rule(0, 65535)], vec![(1, 65535)]),
+        ] {
+            let p = ExitPolicy { rules };
+            assert!(p.check().is_err());
+            let s = p.summary();
+            assert_eq!(s, ExitPorts(want));
+            s.check().unwrap();
         }
     }
 }

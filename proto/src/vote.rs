@@ -57,11 +57,7 @@ impl Vote {
         let c = s
             .check(VOTE_DOMAIN, &doc.body, pinned, now)
             .map_err(|_| Error::BadSignature("vote"))?;
-        let (v, rest): (Vote, _) = postcard::take_from_bytes(&doc.body)
-            .map_err(|e| Error::malformed("vote", e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(Error::TrailingBytes(rest.len()));
-        }
+        let v: Vote = crate::doc::decode_exact("vote", &doc.body)?;
         if c.identity != v.authority {
             return Err(Error::BadSignature(
                 "vote (signed by another authority than its author)",

@@ -1,0 +1,67 @@
+//! `consensus`: the consensus as a client or relay takes it, and what a
+//! client does with a verified one (look relays up, choose paths).
+//!
+//! Raw bytes (even first byte): a consensus that parses is canonical, and
+//! its signature report, signers and verdict come without panics. Odd
+//! first byte: the rest is a body every pinned authority signs, so the
+//! checks after the signatures, and path selection, run on fuzzer-chosen
+//! contents.
+
+use allium_client::path::{ExitTarget, choose_path, sample_guards};
+use allium_proto::doc::CONSENSUS_DOMAIN;
+use allium_proto::relaymsg::TargetAddr;
+use allium_proto::{AuthSigned, Consensus, UnverifiedConsensus};
+
+use crate::keys::{AUTHORITIES, NOW, auth_sign, pinned, rng};
+
+pub fn run(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode & 1 == 0 {
+        return check(rest, mode);
+    }
+    let mut d = AuthSigned::new(rest.to_vec());
+    for i in 0..AUTHORITIES {
+        auth_sign(&mut d, CONSENSUS_DOMAIN, i);
+    }
+    check(&d.to_bytes(), mode);
+}
+
+fn check(b: &[u8], mode: u8) {
+    let Ok(u) = UnverifiedConsensus::parse(b) else {
+        return;
+    };
+    assert_eq!(u.doc.to_bytes(), b, "a consensus is canonical");
+    let body = postcard::to_stdvec(u.peek()).expect("encodes");
+    assert_eq!(body, u.doc.body, "a consensus body is canonical");
+    let pinned = pinned();
+    let now = NOW + u64::from(mode >> 1) * 60;
+    let report = u.report(&pinned, now);
+    assert_eq!(report.len(), u.doc.signatures.len());
+    let signers = u.valid_signers(&pinned, now);
+    assert!(signers.len() <= pinned.len());
+    if let Ok(c) = u.verify(&pinned, now) {
+        use_it(&c, mode);
+    }
+}
+
+fn use_it(c: &Consensus, mode: u8) {
+    for r in &c.relays {
+        assert_eq!(c.relay(&r.identity), Some(r));
+        assert!(r.family.is_none_or(|f| (f as usize) < c.relays.len()));
+        let _ = (
+            r.exit_ports.allows(443),
+            r.exit_ports.is_exit(),
+            r.flags.names(),
+        );
+    }
+    let mut rng = rng(u64::from(mode));
+    let guards = sample_guards(&mut rng, c, 3, &[]);
+    let addr = TargetAddr::Ip("198.51.100.7".parse().expect("an address"));
+    for t in [ExitTarget::Any, ExitTarget::Addr(&addr, 443)] {
+        if let Ok(path) = choose_path(&mut rng, c, &t, guards.first()) {
+            assert!(path.iter().all(|r| c.relay(&r.identity).is_some()));
+        }
+    }
+}
