@@ -1081,6 +1081,18 @@ pub(crate) mod tests {
             a.accept_vote(&vote, va + 60).unwrap_err().0,
             StatusCode::CONFLICT
         );
+        // So is a vote for a period far ahead.
+        let ahead = a.make_vote(va + 10 * a.cfg.interval_secs, now);
+        assert_eq!(
+            a.accept_vote(&ahead, now).unwrap_err(),
+            (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "vote rejected: future-dated period {}",
+                    va + 10 * a.cfg.interval_secs
+                )
+            )
+        );
         drop(a);
         let b = Authority::new(cfg).unwrap();
         let c = UnverifiedConsensus::parse(&b.consensus_bytes().unwrap())
