@@ -23,6 +23,7 @@ use tracing::Instrument;
 use tracing::debug;
 
 use crate::ClientError;
+use crate::events::{CircWatch, StreamWatch};
 
 const CMD_QUEUE: usize = 256;
 const TAG_LEN: usize = 16;
@@ -67,16 +68,26 @@ pub struct Stream {
     room: Arc<Semaphore>,
     /// DATA messages taken but not yet reported to the circuit.
     unreported: u32,
+    /// What its controllers see; CLOSED when the stream drops.
+    watch: Option<StreamWatch>,
 }
 
 /// Report consumption to the circuit in batches of this many cells.
 const CONSUMED_BATCH: u32 = 10;
 
 impl Stream {
+    /// Report this stream's traffic and end to its controllers.
+    pub(crate) fn watch(&mut self, w: StreamWatch) {
+        self.watch = Some(w);
+    }
+
     /// Send bytes toward the exit.
     pub async fn send(&self, data: &[u8]) -> Result<(), ClientError> {
         if data.is_empty() {
             return Ok(());
+        }
+        if let Some(w) = &self.watch {
+            w.wrote(data.len());
         }
         self.room
             .acquire()
@@ -93,18 +104,24 @@ impl Stream {
     /// or its END; `None` if the circuit died.
     pub async fn recv(&mut self) -> Option<StreamData> {
         let (d, cells) = self.rx.recv().await?;
-        self.taken(cells).await;
+        self.taken(&d, cells).await;
         Some(d)
     }
 
     /// Like [`Stream::recv`], without waiting.
     pub async fn try_recv(&mut self) -> Option<StreamData> {
         let (d, cells) = self.rx.try_recv().ok()?;
-        self.taken(cells).await;
+        self.taken(&d, cells).await;
         Some(d)
     }
 
-    async fn taken(&mut self, cells: u32) {
+    async fn taken(&mut self, d: &StreamData, cells: u32) {
+        if let Some(w) = &mut self.watch {
+            match d {
+                StreamData::Data(d) => w.read(d.len()),
+                StreamData::End(r) => w.ended_by_exit(*r),
+            }
+        }
         if cells > 0 {
             self.unreported += cells;
             // Report in batches, and whenever nothing more is waiting.
@@ -134,13 +151,12 @@ impl Drop for Stream {
     }
 }
 
-static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 /// A handle to a built circuit.
 #[derive(Clone)]
 pub struct CircuitHandle {
     tx: mpsc::Sender<CircCmd>,
-    /// Unique within this process, for logs and tests.
+    /// The circuit's id: unique within its client, and the id its
+    /// controllers know it by.
     pub serial: u64,
     /// Guard, middle, exit.
     pub path: Vec<ConsensusRelay>,
@@ -228,14 +244,17 @@ pub struct BuildFailure {
 }
 
 /// Build a circuit through `path` over `chan` (a channel to `path[0]`).
-pub async fn build(
+/// `watch` (the circuit's id, launched) is told when the built circuit
+/// closes; a failed build is the caller's to report.
+pub(crate) async fn build(
     chan: ChannelHandle,
     path: Vec<ConsensusRelay>,
     timeout: Duration,
     params: CircParams,
+    watch: CircWatch,
 ) -> Result<CircuitHandle, BuildFailure> {
     let mut hops = 0;
-    build_counting(chan, path, timeout, params, &mut hops)
+    build_counting(chan, path, timeout, params, watch, &mut hops)
         .await
         .map_err(|error| BuildFailure { hops, error })
 }
@@ -245,6 +264,7 @@ async fn build_counting(
     path: Vec<ConsensusRelay>,
     timeout: Duration,
     params: CircParams,
+    watch: CircWatch,
     hops: &mut usize,
 ) -> Result<CircuitHandle, ClientError> {
     let (circ_id, mut rx) = chan.new_circuit().await?;
@@ -341,7 +361,11 @@ async fn build_counting(
     let (tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
     let core = Circuit::client(&mut rand::rng(), layers, params)?;
     let cwnd = Arc::new(AtomicU32::new(core.cwnd()));
+    watch.built(&path);
+    let serial = watch.id();
     let task = CircTask {
+        watch,
+        remote_reason: None,
         core,
         cwnd: cwnd.clone(),
         chan,
@@ -356,7 +380,6 @@ async fn build_counting(
         out: Vec::new(),
     };
     tokio::spawn(task.run().in_current_span());
-    let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(CircuitHandle {
         tx,
         serial,
@@ -391,6 +414,10 @@ impl Drop for StreamEntry {
 
 /// The client's circuit task: a driver around the circuit core.
 struct CircTask {
+    /// Told when the circuit closes.
+    watch: CircWatch,
+    /// What the relay that destroyed the circuit said.
+    remote_reason: Option<DestroyReason>,
     core: Circuit,
     cwnd: Arc<AtomicU32>,
     chan: ChannelHandle,
@@ -466,6 +493,7 @@ impl CircTask {
         for (_, st) in self.streams.drain() {
             let _ = st.tx.send((StreamData::End(EndReason::DESTROY), 0));
         }
+        self.watch.closed(reason, self.remote_reason);
     }
 
     fn on_cells(&mut self) -> Result<(), DestroyReason> {
@@ -576,6 +604,7 @@ impl CircTask {
                     tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
                     room: st.room.clone(),
                     unreported: 0,
+                    watch: None,
                 };
                 if let Err(Ok(s)) = reply.send(Ok(stream)) {
                     drop(s);
@@ -612,7 +641,10 @@ impl CircTask {
                     let _ = st.tx.send((StreamData::End(reason), 0));
                 }
             }
-            Event::Destroyed { .. } => return Err(DestroyReason::DESTROYED),
+            Event::Destroyed { reason, .. } => {
+                self.remote_reason = Some(reason);
+                return Err(DestroyReason::DESTROYED);
+            }
             // Only a relay's core asks these.
             // Not asked for by this client: dropped.
             Event::Echo(_) => {}

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::circuit::{self, BuildFailure, CircuitHandle, Stream};
+use crate::events::{Events, StreamWatch, build_failure_reason, stream_failure_reason};
 use crate::guards::GuardSet;
 use crate::path::{self, ExitTarget};
 use crate::{ClientConfig, ClientError, dir};
@@ -49,6 +50,13 @@ struct Inner {
     guards: Mutex<GuardSet>,
     cbt: Mutex<BuildTimes>,
     stats: Arc<ClientStats>,
+    events: Arc<Events>,
+    /// `max_circuit_dirtiness_secs`, as a controller may have changed it.
+    dirtiness_secs: AtomicU64,
+    /// Counts NEWNYM signals: a circuit built for a stream of an earlier
+    /// generation is not pooled for later streams.
+    generation: AtomicU64,
+    started: Instant,
 }
 
 /// Counters a client keeps (totals only).
@@ -144,6 +152,16 @@ impl Phase {
         }
     }
 
+    /// What Tor says of the phase (its bootstrap summaries).
+    pub fn summary(self) -> &'static str {
+        match self {
+            Phase::Starting => "Starting",
+            Phase::RequestingStatus => "Asking for networkstatus consensus",
+            Phase::EnoughDirinfo => "Loaded enough directory info to build circuits",
+            Phase::Done => "Done",
+        }
+    }
+
     fn from_percent(p: u8) -> Phase {
         match p {
             100 => Phase::Done,
@@ -164,6 +182,15 @@ impl Client {
     fn reached(&self, phase: Phase, what: &str, relays: Option<usize>) {
         let before = self.inner.phase.fetch_max(phase as u8, Ordering::Relaxed);
         if before < phase as u8 {
+            let ev = &self.inner.events;
+            ev.status(allium_proto::control::bootstrap_status(
+                phase as u8,
+                phase.tag(),
+                phase.summary(),
+            ));
+            if phase == Phase::Done {
+                ev.status("NOTICE CIRCUIT_ESTABLISHED".into());
+            }
             match relays {
                 Some(n) => info!(
                     relays = n,
@@ -193,6 +220,7 @@ impl Client {
             Duration::from_secs(cfg.circuit_build_timeout_secs),
             Duration::from_millis(cfg.circuit_build_timeout_min_ms),
         );
+        let dirtiness_secs = AtomicU64::new(cfg.max_circuit_dirtiness_secs);
         let client = Client {
             inner: Arc::new(Inner {
                 cfg,
@@ -206,6 +234,10 @@ impl Client {
                 guards: Mutex::new(guards),
                 cbt: Mutex::new(cbt),
                 stats: Arc::new(ClientStats::default()),
+                events: Arc::default(),
+                dirtiness_secs,
+                generation: AtomicU64::new(0),
+                started: Instant::now(),
             }),
         };
         if let Some(c) = client.consensus() {
@@ -339,11 +371,13 @@ impl Client {
             };
             let (guard, p) =
                 guard_and_path(&mut rand::rng(), &c, target, &usable, avoid_exits, &named)?;
+            let ctl = self.inner.events.launch();
             let chan = match self.guard_channel(&guard).await {
                 Ok(ch) => ch,
                 Err(e) => {
                     warn!(guard = %guard.nickname, "cannot reach guard: {e}");
                     lock(&self.inner.guards).failed(&guard.identity);
+                    ctl.failed(&[], "CONNECTFAILED");
                     last = Some(e);
                     continue;
                 }
@@ -351,7 +385,7 @@ impl Client {
             let timeout = lock(&self.inner.cbt).timeout();
             let started = Instant::now();
             let params = self.inner.cfg.circ_params();
-            match circuit::build(chan, p.to_vec(), timeout, params).await {
+            match circuit::build(chan, p.to_vec(), timeout, params, ctl.clone()).await {
                 Ok(circ) => {
                     inc(&self.inner.stats.circuits_built);
                     learn(
@@ -365,6 +399,7 @@ impl Client {
                 }
                 Err(f) => {
                     inc(&self.inner.stats.circuit_build_failures);
+                    ctl.failed(&p[..f.hops.min(p.len())], build_failure_reason(&f.error));
                     warn!(timeout = ?timeout, hops = f.hops, "circuit build failed: {}", f.error);
                     learn(
                         &mut lock(&self.inner.guards),
@@ -449,7 +484,8 @@ impl Client {
         iso: &Isolation,
     ) -> Result<CircuitHandle, ClientError> {
         self.wait_network().await?;
-        let dirty = Duration::from_secs(self.inner.cfg.max_circuit_dirtiness_secs);
+        let dirty = self.max_circuit_dirtiness();
+        let generation = self.inner.generation.load(Ordering::Relaxed);
         {
             let mut pool = self.pool();
             pool.retain(|p| {
@@ -476,12 +512,54 @@ impl Client {
             }
         }
         let circ = self.build_circuit(target).await?;
-        self.pool().push(PooledCircuit {
-            circ: circ.clone(),
-            isolation: Some(iso.clone()),
-            first_used: Some(Instant::now()),
-        });
+        self.pool_used(&circ, iso, generation);
         Ok(circ)
+    }
+
+    /// Pool `circ`, built for a stream with `iso` when NEWNYM had been
+    /// signalled `generation` times: for later streams of `iso`, unless a
+    /// NEWNYM came meanwhile.
+    fn pool_used(&self, circ: &CircuitHandle, iso: &Isolation, generation: u64) {
+        let mut pool = self.pool();
+        if self.inner.generation.load(Ordering::Relaxed) == generation {
+            pool.push(PooledCircuit {
+                circ: circ.clone(),
+                isolation: Some(iso.clone()),
+                first_used: Some(Instant::now()),
+            });
+        }
+    }
+
+    /// SIGNAL NEWNYM: new streams use new circuits. Every circuit that has
+    /// carried a stream leaves the pool (its open streams go on); unused
+    /// ones stay, as in Tor: nothing links them to earlier streams.
+    pub fn new_identity(&self) {
+        let mut pool = self.pool();
+        self.inner.generation.fetch_add(1, Ordering::Relaxed);
+        pool.retain(|p| p.first_used.is_none());
+        info!("new identity: later streams use new circuits");
+    }
+
+    /// How long a circuit takes new streams after its first.
+    pub fn max_circuit_dirtiness(&self) -> Duration {
+        Duration::from_secs(self.inner.dirtiness_secs.load(Ordering::Relaxed))
+    }
+
+    /// Change [`Client::max_circuit_dirtiness`] (circuits in use included).
+    pub fn set_max_circuit_dirtiness(&self, d: Duration) {
+        self.inner
+            .dirtiness_secs
+            .store(d.as_secs(), Ordering::Relaxed);
+    }
+
+    /// What the client tells its controllers.
+    pub fn events(&self) -> &Arc<Events> {
+        &self.inner.events
+    }
+
+    /// How long since the client was made.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
     }
 
     /// Open a stream to `addr:port` through the network. A BEGIN that
@@ -494,13 +572,27 @@ impl Client {
         port: u16,
         iso: &Isolation,
     ) -> Result<Stream, ClientError> {
-        let r = self.connect_inner(addr, port, iso).await;
+        let mut ctl = self
+            .inner
+            .events
+            .new_stream(format!("{addr}:{port}"), false);
+        let r = self.connect_inner(addr, port, iso, &mut ctl).await;
         inc(if r.is_ok() {
             &self.inner.stats.streams_opened
         } else {
             &self.inner.stats.stream_failures
         });
-        r
+        match r {
+            Ok(mut s) => {
+                ctl.succeeded();
+                s.watch(ctl);
+                Ok(s)
+            }
+            Err(e) => {
+                ctl.failed(stream_failure_reason(&e));
+                Err(e)
+            }
+        }
     }
 
     async fn connect_inner(
@@ -508,9 +600,12 @@ impl Client {
         addr: TargetAddr,
         port: u16,
         iso: &Isolation,
+        ctl: &mut StreamWatch,
     ) -> Result<Stream, ClientError> {
         let target = ExitTarget::Addr(&addr, port);
+        let generation = self.inner.generation.load(Ordering::Relaxed);
         let circ = self.circuit_for(&target, iso).await?;
+        ctl.sent(circ.serial);
         let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
         let first = tokio::time::timeout(t, circ.begin(addr.clone(), port))
             .await
@@ -537,11 +632,11 @@ impl Client {
             Ok(c) => c,
             Err(_) => return first,
         };
-        self.pool().push(PooledCircuit {
-            circ: circ.clone(),
-            isolation: Some(iso.clone()),
-            first_used: Some(Instant::now()),
-        });
+        self.pool_used(&circ, iso, generation);
+        if let Err(e) = &first {
+            ctl.detached(stream_failure_reason(e));
+        }
+        ctl.sent(circ.serial);
         let second = tokio::time::timeout(t, circ.begin(addr, port))
             .await
             .unwrap_or(Err(ClientError::Timeout("stream connect")));
@@ -552,12 +647,12 @@ impl Client {
     /// Keep `preemptive_circuits` unbound circuits ready and retire
     /// circuits past their dirtiness.
     pub async fn preemptive_loop(self) {
-        let dirty = Duration::from_secs(self.inner.cfg.max_circuit_dirtiness_secs);
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if self.consensus().is_none() {
                 continue;
             }
+            let dirty = self.max_circuit_dirtiness();
             let ready = {
                 let mut pool = self.pool();
                 pool.retain(|p| {
@@ -600,12 +695,22 @@ impl Client {
 
     /// Resolve a hostname at an exit.
     pub async fn resolve(&self, host: String, iso: &Isolation) -> Result<Vec<IpAddr>, ClientError> {
-        let circ = self.circuit_for(&ExitTarget::Any, iso).await?;
-        let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
-        let r = tokio::time::timeout(t, circ.resolve(host))
-            .await
-            .unwrap_or(Err(ClientError::Timeout("resolve")));
-        self.judge_use(&circ, &r);
+        let mut ctl = self.inner.events.new_stream(format!("{host}:0"), true);
+        let r = async {
+            let circ = self.circuit_for(&ExitTarget::Any, iso).await?;
+            ctl.sent(circ.serial);
+            let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
+            let r = tokio::time::timeout(t, circ.resolve(host))
+                .await
+                .unwrap_or(Err(ClientError::Timeout("resolve")));
+            self.judge_use(&circ, &r);
+            r
+        }
+        .await;
+        match &r {
+            Ok(_) => ctl.succeeded(),
+            Err(e) => ctl.failed(stream_failure_reason(e)),
+        }
         r
     }
 
@@ -750,6 +855,12 @@ impl Client {
         for (i, (l, front)) in fronts.enumerate() {
             info!(addr = %l.local_addr()?, ?front, "proxy listening");
             set.spawn(crate::socks::serve(self.clone(), l, i, front).in_current_span());
+        }
+        if let Some(a) = self.inner.cfg.control_listen {
+            let port = crate::control::ControlPort::new(&self)?;
+            let l = tokio::net::TcpListener::bind(a).await?;
+            info!(addr = %l.local_addr()?, "control port listening");
+            set.spawn(port.serve(l).in_current_span());
         }
         if let Some(a) = self.inner.cfg.metrics_listen {
             let me = self.clone();

@@ -46,6 +46,13 @@ pub struct ClientConfig {
     /// off, circuits use the old fixed window of 1000 cells (for
     /// comparison only: it caps a circuit at 1000 cells per round trip).
     pub congestion_control: bool,
+    /// Serve the control port (a subset of Tor's control protocol, see
+    /// `doc/control.md`) here; loopback only. Off by default.
+    pub control_listen: Option<SocketAddr>,
+    /// Also admit controllers with this password, given in Tor's
+    /// `HashedControlPassword` form (`tor --hash-password` prints it).
+    /// The cookie in `data_dir/control_auth_cookie` always admits.
+    pub control_password_hash: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -68,6 +75,8 @@ impl Default for ClientConfig {
             metrics_allow_remote: false,
             unsafe_logging: false,
             congestion_control: true,
+            control_listen: None,
+            control_password_hash: None,
         }
     }
 }
@@ -82,6 +91,17 @@ impl ClientConfig {
         }
     }
 
+    /// `control_password_hash`, parsed.
+    pub fn control_password(
+        &self,
+    ) -> Result<Option<allium_proto::control::HashedPassword>, ClientError> {
+        self.control_password_hash
+            .as_deref()
+            .map(allium_proto::control::HashedPassword::parse)
+            .transpose()
+            .map_err(|e| ClientError::Config(format!("control_password_hash: {e}")))
+    }
+
     pub fn check(&self) -> Result<(), ClientError> {
         if self.authorities.is_empty() {
             return Err(ClientError::Config(
@@ -91,6 +111,14 @@ impl ClientConfig {
         allium_directory::authority_keys(&self.authorities)?;
         allium_link::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)
             .map_err(|e| ClientError::Config(e.to_string()))?;
+        if let Some(a) = self.control_listen
+            && !a.ip().is_loopback()
+        {
+            return Err(ClientError::Config(format!(
+                "control_listen {a} is not on loopback (the control port is for local controllers only)"
+            )));
+        }
+        self.control_password()?;
         for a in self.socks_listen.iter().chain(&self.http_connect_listen) {
             if !a.ip().is_loopback() && !self.allow_non_loopback_socks {
                 return Err(ClientError::Config(format!(
@@ -99,5 +127,46 @@ impl ClientConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClientConfig {
+        ClientConfig {
+            authorities: vec![AuthorityEntry {
+                name: "auth0".into(),
+                addr: "127.0.0.1:7000".parse().unwrap(),
+                key: "00".repeat(32),
+            }],
+            ..ClientConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_control_port_is_loopback_only() {
+        let mut c = cfg();
+        c.check().unwrap();
+        c.control_listen = Some("127.0.0.1:9151".parse().unwrap());
+        c.check().unwrap();
+        c.control_listen = Some("[::1]:9151".parse().unwrap());
+        c.check().unwrap();
+        c.control_listen = Some("0.0.0.0:9151".parse().unwrap());
+        assert!(c.check().is_err());
+        // Not even with the SOCKS override.
+        c.allow_non_loopback_socks = true;
+        assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn the_control_password_hash_is_checked() {
+        let mut c = cfg();
+        c.control_password_hash =
+            Some("16:14671C693412AC5060F6903599CEC8B5A76FB4334E756CCCEE29607894".into());
+        assert!(c.control_password().unwrap().is_some());
+        c.control_password_hash = Some("correct horse".into());
+        assert!(c.check().is_err());
     }
 }

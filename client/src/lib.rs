@@ -12,11 +12,17 @@
 //! [`Client::open_stream`] gives an `AsyncRead + AsyncWrite` stream to a
 //! host and port. Several clients can run in one process, each with its
 //! own data directory.
+//!
+//! With `control_listen` set, [`Client::serve`] also serves a control
+//! port that Tor's controllers (stem, nyx) speak to: see [`control`] and
+//! `doc/control.md`.
 
 pub mod circuit;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod dir;
+pub mod events;
 pub mod guards;
 pub mod path;
 pub mod pathbias;

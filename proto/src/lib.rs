@@ -1,7 +1,7 @@
 //! Allium's protocol, as pure code.
 //!
 //! This crate holds every wire format (cells, relay messages, link frames,
-//! SOCKS), the link and circuit handshakes, the onion-layer crypto, the
+//! SOCKS, the control protocol), the link and circuit handshakes, the onion-layer crypto, the
 //! circuit core that client, relay and exit drive ([`circuit`]) and the
 //! signed directory documents. It does **not** open sockets, read the clock, spawn
 //! tasks or draw randomness on its own: callers pass in the time as UNIX
@@ -12,6 +12,7 @@ pub mod aead;
 pub mod cell;
 pub mod circuit;
 pub mod congestion;
+pub mod control;
 pub mod doc;
 pub mod flow;
 pub mod httpconnect;
