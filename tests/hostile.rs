@@ -8,8 +8,8 @@
 //! - every process stays up and no log holds a panic;
 //! - each attacked process' RSS stays under [`RSS_BOUND`];
 //! - every connection that sends no complete request is closed within its
-//!   port's stated timeout (ORPort, authority and metrics 10 s, SOCKS and
-//!   HTTP CONNECT 30 s) and a few seconds' slack;
+//!   port's stated timeout (ORPort, authority, metrics and control 10 s,
+//!   SOCKS and HTTP CONNECT 30 s) and a few seconds' slack;
 //! - fresh fetches through the network keep succeeding, the client held
 //!   under a limit of 1024 descriptors with 1128 idle SOCKS connections
 //!   open to it.
@@ -185,8 +185,8 @@ struct Port {
     timeout: Duration,
     /// The start of a valid handshake or request, never finished.
     prefix: &'static [u8],
-    /// A valid start then a length field far past any bound.
-    oversized: &'static [u8],
+    /// A valid start then a length field (or a line) far past any bound.
+    oversized: Vec<u8>,
 }
 
 /// Every attack on one port; panics naming the port and attack if a
@@ -200,7 +200,7 @@ async fn attack(p: Port) {
         ("1 MiB of random bytes", garbage(1 << 20, 2), false),
         ("a valid prefix then garbage", prefixed, false),
         ("a truncated handshake", p.prefix.to_vec(), false),
-        ("an oversized length field", p.oversized.to_vec(), false),
+        ("an oversized length field", p.oversized.clone(), false),
         ("a half-open truncated handshake", p.prefix.to_vec(), true),
         ("nothing at all", Vec::new(), false),
     ];
@@ -230,12 +230,13 @@ async fn attack(p: Port) {
     }
 }
 
-/// The configs of a network of `relays` relays (relay0 the exit) on a free
-/// block of loopback ports: authorities at +0..3, relays at +3.., SOCKS
-/// next, HTTP CONNECT at +10, client metrics at +11, relay `i`'s metrics
-/// at +12+i; the first free block from `from` on (each test its own
+/// The configs of a network of `relays` (at most 5) relays (relay0 the
+/// exit) on a free block of loopback ports: authorities at +0..3, relays at
+/// +3.., SOCKS next, the client's control port at +9, HTTP CONNECT at +10,
+/// client metrics at +11, relay `i`'s metrics at +12+i; the first free block from `from` on (each test its own
 /// range: tests run at once). The directory and the block's first port.
 fn network(relays: usize, from: u16) -> (tempfile::TempDir, u16) {
+    assert!(relays <= 5);
     let n = 12 + relays as u16;
     let base = (0..50u16)
         .map(|i| from + i * 100)
@@ -262,6 +263,7 @@ fn network(relays: usize, from: u16) -> (tempfile::TempDir, u16) {
             toml::Value::Array(vec![addr(10)]),
         );
         t.insert("metrics_listen".into(), addr(11));
+        t.insert("control_listen".into(), addr(9));
     });
     for i in 0..relays {
         edit(&format!("relay{i}/config.toml"), &|t| {
@@ -360,7 +362,7 @@ async fn every_port_survives_garbage_while_a_client_fetches() {
             timeout: allium_link::channel::HANDSHAKE_TIMEOUT,
             // A handshake frame of 49 bytes, one of them sent.
             prefix: &[0, 49, 1, 7, 7, 7],
-            oversized: &[0xff, 0xff, 1, 2, 3],
+            oversized: vec![0xff, 0xff, 1, 2, 3],
         },
         Port {
             name: "SOCKS",
@@ -368,7 +370,7 @@ async fn every_port_survives_garbage_while_a_client_fetches() {
             pid: client,
             timeout: secs(30),
             prefix: &[5, 1, 0, 5, 1, 0, 3, 200, b'a', b'b'],
-            oversized: &[5, 255, 1, 2, 3],
+            oversized: vec![5, 255, 1, 2, 3],
         },
         Port {
             name: "HTTP CONNECT",
@@ -377,7 +379,8 @@ async fn every_port_survives_garbage_while_a_client_fetches() {
             timeout: secs(30),
             prefix: b"CONNECT example.com:80 HTTP/1.1\r\nHost: exa",
             oversized:
-                b"CONNECT example.com:80 HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                b"CONNECT example.com:80 HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n"
+                    .to_vec(),
         },
         Port {
             name: "authority HTTP",
@@ -386,7 +389,8 @@ async fn every_port_survives_garbage_while_a_client_fetches() {
             timeout: secs(10),
             prefix: b"GET /consensus HTTP/1.1\r\nHost: a",
             oversized:
-                b"POST /descriptor HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\n",
+                b"POST /descriptor HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\n"
+                    .to_vec(),
         },
         Port {
             name: "relay metrics",
@@ -394,7 +398,15 @@ async fn every_port_survives_garbage_while_a_client_fetches() {
             pid: relay1,
             timeout: secs(10),
             prefix: b"GET /metrics HTTP/1.1\r\nHost: a",
-            oversized: b"GET /metrics HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+            oversized: b"GET /metrics HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
+        },
+        Port {
+            name: "control",
+            addr: at(9),
+            pid: client,
+            timeout: secs(10),
+            prefix: b"PROTOCOLINFO 1",
+            oversized: [b"GETINFO ".as_slice(), &[b'x'; 64 << 10], b"\r\n"].concat(),
         },
         Port {
             name: "client metrics",
@@ -402,7 +414,7 @@ async fn every_port_survives_garbage_while_a_client_fetches() {
             pid: client,
             timeout: secs(10),
             prefix: b"GET /metrics HTTP/1.1\r\nHost: a",
-            oversized: b"GET /metrics HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+            oversized: b"GET /metrics HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
         },
     ];
 
