@@ -344,6 +344,9 @@ fn client(r: &mut Report, c: ClientConfig) {
     for a in &c.http_connect_listen {
         listen(r, "HTTP CONNECT", *a);
     }
+    if let Some(a) = c.control_listen {
+        listen(r, "control port", a);
+    }
     metrics(r, c.metrics_listen);
     data_dir(r, &c.data_dir);
     if let Err(e) = c.check() {
