@@ -422,6 +422,17 @@ impl Authority {
                 format!("vote rejected: future-dated period {}", v.valid_after),
             ));
         }
+        // Periods start at multiples of the interval: any other time would
+        // be one more slot a vote could fill.
+        if v.valid_after % self.cfg.interval_secs != 0 {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "vote rejected: {} is not the start of a period",
+                    v.valid_after
+                ),
+            ));
+        }
         let mut st = lock(&self.state);
         let slot = st.votes.entry(v.valid_after).or_default();
         match slot.get(&v.authority) {
@@ -1080,6 +1091,16 @@ pub(crate) mod tests {
         assert_eq!(
             a.accept_vote(&vote, va + 60).unwrap_err().0,
             StatusCode::CONFLICT
+        );
+        // A vote for a time that starts no period is refused (found by the
+        // `dirauth` fuzz target).
+        let odd = a.make_vote(va + 1, now);
+        assert_eq!(
+            a.accept_vote(&odd, now).unwrap_err(),
+            (
+                StatusCode::BAD_REQUEST,
+                format!("vote rejected: {} is not the start of a period", va + 1)
+            )
         );
         // So is a vote for a period far ahead.
         let ahead = a.make_vote(va + 10 * a.cfg.interval_secs, now);

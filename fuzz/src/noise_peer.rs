@@ -16,9 +16,12 @@ pub fn handshake(
     initiator: bool,
 ) -> HandshakeState {
     let p = params.parse().expect("valid Noise parameters");
-    let mut b = snow::Builder::with_resolver(p, Box::new(NoiseResolver::new(&mut ChaCha20Rng::seed_from_u64(seed))))
-        .prologue(allium_proto::link::PROLOGUE)
-        .expect("a prologue");
+    let mut b = snow::Builder::with_resolver(
+        p,
+        Box::new(NoiseResolver::new(&mut ChaCha20Rng::seed_from_u64(seed))),
+    )
+    .prologue(allium_proto::link::PROLOGUE)
+    .expect("a prologue");
     if let Some(k) = local {
         b = b.local_private_key(k).expect("a local key");
     }
