@@ -8,7 +8,9 @@
 #   fuzz/run.sh --minutes 10     10 minutes per target
 #   fuzz/run.sh 60 circuit_relay vote      only these targets
 #
-# Targets run FUZZ_JOBS at a time (default: the number of cores). Needs the
+# Targets run FUZZ_JOBS at a time (default: the number of cores); FUZZ_SEED
+# fixes libFuzzer's seed (CI sets it, so that a run there mutates the same
+# way each time; local runs explore from a fresh seed). Needs the
 # nightly toolchain and cargo-fuzz (`cargo +nightly install cargo-fuzz`).
 # A crash's input is kept in fuzz/artifacts/TARGET/; see fuzz/README.md.
 set -euo pipefail
@@ -42,6 +44,7 @@ run_one() {
     local rc=0
     "$bin/$t" "$scratch/corpus/$t" \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 \
+        ${FUZZ_SEED:+-seed="$FUZZ_SEED"} \
         -print_final_stats=1 -artifact_prefix="artifacts/$t/" \
         >"$scratch/$t.log" 2>&1 || rc=$?
     echo "$rc" >"$scratch/$t.rc"
