@@ -303,3 +303,87 @@ async fn isolation_seen_at_the_relays_and_resolve() {
     assert_eq!(&r[4..8], &[127, 0, 0, 1]);
     net.shutdown().await;
 }
+
+/// Six relays, two exits (0 and 1); relay 5 is in exit 1's family. A
+/// client whose first guard is relay 5 loses exit 0: every path through
+/// relay 5 then meets a dead exit, so its circuits go through its next
+/// guard, to exit 1, while relay 5 stays its first guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guard_in_the_family_of_the_only_live_exit_is_passed_over() {
+    use allium_proto::RelayFlags;
+    let web = server().await;
+    let net = Testnet::start(TestnetOptions {
+        authorities: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let id = |i: usize| net.relays[i].identity;
+    let start = Instant::now();
+    loop {
+        net.client.refresh_consensus().await.ok();
+        let c = net.client.consensus().unwrap();
+        let guard = |i: usize| {
+            c.relays
+                .iter()
+                .any(|r| r.identity == id(i) && r.flags.has(RelayFlags::GUARD))
+        };
+        if [5, 2, 3].into_iter().all(guard) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "relays 5, 2 and 3 never became Guards"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // A client whose sample is relays 5, 2 and 3, in that order (the
+    // `guards` file: identity and time added, postcard).
+    let d = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sample: Vec<([u8; 32], u64)> = [5, 2, 3].into_iter().map(|i| (id(i), now)).collect();
+    std::fs::write(
+        d.path().join("guards"),
+        postcard::to_stdvec(&sample).unwrap(),
+    )
+    .unwrap();
+    let cfg = allium_client::ClientConfig {
+        data_dir: d.path().into(),
+        socks_listen: vec![],
+        ..net.client_config.clone()
+    };
+    let client = Client::new(cfg).unwrap();
+    tokio::spawn(client.clone().consensus_loop());
+    client.bootstrap(Duration::from_secs(30)).await.unwrap();
+    let c = client.build_circuit(&ExitTarget::Any).await.unwrap();
+    assert_eq!(c.path[0].identity, id(5), "the seeded sample is used");
+    assert_eq!(c.path[2].identity, id(0), "relay 5's only exit is 0");
+
+    net.stop_relay(0);
+    let start = Instant::now();
+    for n in 0..5 {
+        let c = client.build_circuit(&ExitTarget::Any).await.unwrap();
+        assert_eq!(c.path[0].identity, id(2), "circuit {n}: the next guard");
+        assert_eq!(c.path[2].identity, id(1), "circuit {n}: the live exit");
+    }
+    for n in 0..20 {
+        let mut s = client.open_stream("localhost", web.port()).await.unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.ends_with(b"\r\n\r\nok"), "request {n}");
+    }
+    let took = start.elapsed();
+    eprintln!("5 circuits and 20 requests with the guard's family exit only: {took:?}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_eq!(client.guards()[0], id(5), "the guard stays first");
+    net.shutdown().await;
+}

@@ -913,6 +913,9 @@ fn next_fetch(fresh_until: u64, now: u64, stale: u32) -> (u64, u32) {
 /// every attempt of a build: it never shrinks the choices of any other
 /// build, and each failure counts against the guard. `avoid_exits` is one
 /// exit that failed a stream, for that stream's single retry.
+///
+/// Also whether the path avoids them all (false when 16 draws through
+/// `guard` found no such path).
 pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
     rng: &mut R,
     c: &Consensus,
@@ -920,23 +923,29 @@ pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
     guard: &ConsensusRelay,
     avoid_exits: &[[u8; 32]],
     named: &[[u8; 32]],
-) -> Result<[ConsensusRelay; 3], ClientError> {
+) -> Result<([ConsensusRelay; 3], bool), ClientError> {
+    let clean = |p: &[ConsensusRelay; 3]| {
+        !avoid_exits.contains(&p[2].identity) && !p[1..].iter().any(|r| named.contains(&r.identity))
+    };
     let mut p = path::choose_path(rng, c, target, Some(guard))?;
     for _ in 0..16 {
-        let exit_ok = !avoid_exits.contains(&p[2].identity);
-        if exit_ok && !p[1..].iter().any(|r| named.contains(&r.identity)) {
-            break;
+        if clean(&p) {
+            return Ok((p, true));
         }
         p = path::choose_path(rng, c, target, Some(guard))?;
     }
-    Ok(p)
+    let ok = clean(&p);
+    Ok((p, ok))
 }
 
 /// The first of the `usable` guards (in sample order) through which a path
 /// to `target` exists, with that path. A guard that cannot lead there (it is
 /// the only exit allowing the target, or shares a family or /16 with every
 /// such exit) is passed over for this circuit only, as Tor restricts its
-/// guard choice by the exit.
+/// guard choice by the exit; so is a guard through which every path meets
+/// an exit to avoid or a relay this build's failures named (the only live
+/// exit is in the guard's family), when a later guard has a path that does
+/// not. The guard stays first in the sample.
 pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
     rng: &mut R,
     c: &Consensus,
@@ -946,13 +955,17 @@ pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
     named: &[[u8; 32]],
 ) -> Result<(ConsensusRelay, [ConsensusRelay; 3]), ClientError> {
     let mut last = ClientError::NoPath("every guard in the sample failed recently".into());
+    let mut fallback = None;
     for guard in usable {
         match choose_path_through(rng, c, target, guard, avoid_exits, named) {
-            Ok(p) => return Ok((guard.clone(), p)),
+            Ok((p, true)) => return Ok((guard.clone(), p)),
+            Ok((p, false)) => {
+                fallback.get_or_insert((guard.clone(), p));
+            }
             Err(e) => last = e,
         }
     }
-    Err(last)
+    fallback.ok_or(last)
 }
 
 /// What a build through `guard` of a path of `len` hops teaches the client:
@@ -1022,6 +1035,38 @@ mod tests {
         ));
     }
 
+    /// Six relays, two exits: exit 5 is in guard 1's family, exit 6 is
+    /// down (avoided after its failure). The client keeps guard 1 in its
+    /// sample but builds this circuit through guard 2, rather than failing.
+    #[test]
+    fn a_guard_whose_family_holds_the_only_live_exit_is_passed_over() {
+        use allium_proto::RelayFlags;
+        use rand::SeedableRng;
+        let mut relays = vec![
+            relay(1, 1000, RelayFlags::GUARD),
+            relay(2, 1000, RelayFlags::GUARD),
+            relay(3, 1000, 0),
+            relay(4, 1000, 0),
+            relay(5, 1000, RelayFlags::EXIT),
+            relay(6, 1000, RelayFlags::EXIT),
+        ];
+        relays[0].family = Some(7);
+        relays[4].family = Some(7);
+        let c = crate::path::tests::consensus_of(relays);
+        let order = [c.relays[0].clone(), c.relays[1].clone()];
+        let any = ExitTarget::Any;
+        let down = [[6; 32]];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..20 {
+            let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &down, &[]).unwrap();
+            assert_eq!(g.identity, [2; 32]);
+            assert_eq!(p[2].identity, [5; 32]);
+        }
+        // With exit 6 back, guard 1 is used again.
+        let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &[], &[]).unwrap();
+        assert_eq!((g.identity, p[2].identity), ([1; 32], [6; 32]));
+    }
+
     #[test]
     fn build_timeout_is_learned() {
         let mut b = BuildTimes::new(Duration::from_secs(30), Duration::from_millis(500));
@@ -1083,7 +1128,9 @@ mod tests {
         for _ in 0..n {
             guards.update(&c, 100);
             let g = guards.pick(&c).expect("a guard");
-            let p = choose_path_through(&mut rng, &c, &ExitTarget::Any, &g, &[], &[]).unwrap();
+            let p = choose_path_through(&mut rng, &c, &ExitTarget::Any, &g, &[], &[])
+                .unwrap()
+                .0;
             middles += 1;
             colluder_middles += u32::from(colluding(&p[1]));
             // The evil guard fails every circuit whose middle is not a
