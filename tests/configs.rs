@@ -304,7 +304,7 @@ async fn separate_processes_run_the_network() {
     );
     let log = logs.join("relay0-config.toml");
     let mut text = String::new();
-    for _ in 0..100 {
+    for _ in 0..250 {
         text = std::fs::read_to_string(&log).unwrap();
         if text.contains("heartbeat: up")
             && text.contains("listed in the consensus: flags")

@@ -3,7 +3,8 @@
 //! steering a client of a test network (`tests/control_stem.py`).
 //!
 //! The stem test needs `python3` with stem (`pip install stem`); without it
-//! the test fails and says so.
+//! the test is skipped, unless `ALLIUM_CI_TOOLS` is set (as `.ci/run` does),
+//! when it fails.
 
 #![allow(clippy::unwrap_used)]
 
@@ -254,10 +255,14 @@ async fn stem_watches_and_steers_a_client() {
     let stem = std::process::Command::new("python3")
         .args(["-c", "import stem"])
         .output();
-    assert!(
-        stem.as_ref().is_ok_and(|o| o.status.success()),
-        "stem is missing: `python3 -c 'import stem'` failed (pip install stem): {stem:?}"
-    );
+    if !stem.as_ref().is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("ALLIUM_CI_TOOLS").is_none(),
+            "stem is missing: `python3 -c 'import stem'` failed (pip install stem): {stem:?}"
+        );
+        eprintln!("stem is not installed (pip install stem): skipped");
+        return;
+    }
     let web = web().await;
     let net = common::small_net(4).await;
 

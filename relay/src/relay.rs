@@ -290,10 +290,13 @@ impl Relay {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
         let addr = self.cfg.advertised().unwrap_or(self.cfg.listen);
         // The ORPort self-test: when the consensus first lists this relay
-        // here, then hourly (every minute while it fails).
+        // here, then hourly; while it fails, again after 10 s, 20 s, 40 s,
+        // then every minute (the relay it goes through may not list this
+        // one yet when the consensus is new).
         let mut test: Option<tokio::task::JoinHandle<crate::selftest::Verdict>> = None;
         let mut next_test = tokio::time::Instant::now();
         let mut tried = false;
+        let mut failures = 0u32;
         loop {
             let asked = async {
                 match usr1.as_mut() {
@@ -326,7 +329,7 @@ impl Relay {
                 }
                 // Due again between consensuses (hourly ones, in a real network).
                 () = tokio::time::sleep_until(next_test), if idle && tried => {
-                    next_test = tokio::time::Instant::now() + Duration::from_secs(60);
+                    next_test = tokio::time::Instant::now() + retest_after(failures.max(3));
                     if let Some(c) = self.ctx.net.consensus() {
                         test = self.start_self_test(&c, addr);
                     }
@@ -335,8 +338,8 @@ impl Relay {
                     test = None;
                     let ok = matches!(r, crate::selftest::Verdict::Reachable(_));
                     self.standing.self_tested(r);
-                    next_test = tokio::time::Instant::now()
-                        + Duration::from_secs(if ok { 3600 } else { 60 });
+                    failures = if ok { 0 } else { failures.saturating_add(1) };
+                    next_test = tokio::time::Instant::now() + retest_after(failures);
                 }
                 () = tokio::time::sleep_until(next_beat), if beats => {
                     self.heartbeat();
@@ -514,5 +517,24 @@ impl Relay {
             () = self.report() => Ok(()),
             r = metrics => r.map_err(RelayError::from),
         }
+    }
+}
+
+/// When the ORPort self-test runs again after `failures` failures in a row:
+/// an hour after a success, then 10 s, 20 s, 40 s, and every minute.
+fn retest_after(failures: u32) -> Duration {
+    if failures == 0 {
+        Duration::from_secs(3600)
+    } else {
+        Duration::from_secs((10u64 << (failures - 1).min(3)).min(60))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failing_self_test_is_retried_soon_then_every_minute() {
+        let secs: Vec<u64> = (0..6).map(|f| super::retest_after(f).as_secs()).collect();
+        assert_eq!(secs, [3600, 10, 20, 40, 60, 60]);
     }
 }
