@@ -13,6 +13,10 @@
 //! - fresh fetches through the network keep succeeding, the client held
 //!   under a limit of 1024 descriptors with 1128 idle SOCKS connections
 //!   open to it.
+//!
+//! And a relay killed (SIGKILL) in the middle of a download, with and
+//! without 20 ms of delay on every link: the download ends within 5 s and
+//! fetches work again within 30 s.
 
 #![allow(clippy::unwrap_used)]
 
@@ -274,8 +278,9 @@ fn network(relays: usize, from: u16) -> (tempfile::TempDir, u16) {
 }
 
 /// Every role of a network of `relays` relays, each its own process: the
-/// processes (by name), the directory of their logs.
-fn start(d: &Path, relays: usize) -> (Procs, PathBuf) {
+/// processes (by name), the directory of their logs. Relays and the
+/// client delay every link they open by `delay_ms` if given.
+fn start(d: &Path, relays: usize, delay_ms: Option<u64>) -> (Procs, PathBuf) {
     let logs = d.join("logs");
     std::fs::create_dir(&logs).unwrap();
     let mut procs = Procs(Vec::new());
@@ -283,17 +288,18 @@ fn start(d: &Path, relays: usize) -> (Procs, PathBuf) {
         let cfg = format!("auth{i}/config.toml");
         procs
             .0
-            .push((format!("auth{i}"), spawn(d, &logs, "dirauth", &cfg)));
+            .push((format!("auth{i}"), spawn(d, &logs, "dirauth", &cfg, None)));
     }
     for i in 0..relays {
         let cfg = format!("relay{i}/config.toml");
-        procs
-            .0
-            .push((format!("relay{i}"), spawn(d, &logs, "relay", &cfg)));
+        procs.0.push((
+            format!("relay{i}"),
+            spawn(d, &logs, "relay", &cfg, delay_ms),
+        ));
     }
     procs.0.push((
         "client".into(),
-        spawn(d, &logs, "client", "client/config.toml"),
+        spawn(d, &logs, "client", "client/config.toml", delay_ms),
     ));
     (procs, logs)
 }
@@ -310,7 +316,7 @@ async fn bootstrapped(socks: SocketAddr, web: SocketAddr, logs: &PathBuf) {
     }
 }
 
-fn spawn(d: &Path, logs: &Path, role: &str, cfg: &str) -> Child {
+fn spawn(d: &Path, logs: &Path, role: &str, cfg: &str, delay_ms: Option<u64>) -> Child {
     let exe = env!("CARGO_BIN_EXE_allium");
     let log = std::fs::File::create(logs.join(cfg.replace('/', "-"))).unwrap();
     let config = d.join(cfg);
@@ -324,6 +330,9 @@ fn spawn(d: &Path, logs: &Path, role: &str, cfg: &str) -> Child {
     } else {
         Command::new(exe)
     };
+    if let Some(ms) = delay_ms {
+        c.env(allium_link::shaping::ENV, ms.to_string());
+    }
     c.args([role, "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
@@ -345,7 +354,7 @@ fn show_logs(logs: &PathBuf) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_port_survives_garbage_while_a_client_fetches() {
     let (d, base) = network(3, 31000);
-    let (mut procs, logs) = start(d.path(), 3);
+    let (mut procs, logs) = start(d.path(), 3, None);
     let pid = |name: &str| procs.0.iter().find(|(n, _)| n == name).unwrap().1.id();
     let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], base + p));
     let socks = at(6);
@@ -619,11 +628,21 @@ async fn link_read(metrics: SocketAddr) -> u64 {
 /// [`RECOVERS`] of the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_download_costs_seconds_at_most() {
+    killed_mid_download(None, 37000).await;
+}
+
+/// The same with 20 ms on every link (each way), as `--link-delay 20`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_download_costs_seconds_at_most_at_20_ms_per_link() {
+    killed_mid_download(Some(20), 43000).await;
+}
+
+async fn killed_mid_download(delay_ms: Option<u64>, from: u16) {
     const DOWNLOAD_ENDS: Duration = Duration::from_secs(5);
     const RECOVERS: Duration = Duration::from_secs(30);
     let relays = 5;
-    let (d, base) = network(relays, 37000);
-    let (mut procs, logs) = start(d.path(), relays);
+    let (d, base) = network(relays, from);
+    let (mut procs, logs) = start(d.path(), relays, delay_ms);
     let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], base + p));
     let socks = at(3 + relays as u16);
     let web = web().await;
@@ -669,7 +688,7 @@ async fn a_relay_killed_mid_download_costs_seconds_at_most() {
             busiest = (i, grew);
         }
     }
-    assert!(busiest.1 > 1 << 20, "the download moves: {busiest:?}");
+    assert!(busiest.1 > 256 << 10, "the download moves: {busiest:?}");
     let flowing = got.load(Ordering::Relaxed);
     let (name, victim) = &mut procs.0[3 + busiest.0];
     assert_eq!(*name, format!("relay{}", busiest.0));
@@ -692,8 +711,9 @@ async fn a_relay_killed_mid_download_costs_seconds_at_most() {
     }
     let recovered = killed.elapsed();
     eprintln!(
-        "relay{} killed after {flowing} bytes: download ended after {ends:?}, \
-         a fetch worked again after {recovered:?}",
+        "link delay {} ms: relay{} killed after {flowing} bytes: download ended \
+         after {ends:?}, a fetch worked again after {recovered:?}",
+        delay_ms.unwrap_or(0),
         busiest.0
     );
     assert!(ends < DOWNLOAD_ENDS, "the download ended after {ends:?}");

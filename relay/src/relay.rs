@@ -107,7 +107,7 @@ pub fn create_handler(ctx: &Arc<RelayCtx>) -> CreateHandler {
 fn inbound_create_handler(ctx: &Arc<RelayCtx>) -> CreateHandler {
     let ctx = ctx.clone();
     Arc::new(move |nc| {
-        ctx.self_test.arrived(&nc.create);
+        ctx.self_test.arrived(&nc.create, nc.chan.peer().is_some());
         tokio::spawn(circuit::run(ctx.clone(), nc).in_current_span());
     })
 }
