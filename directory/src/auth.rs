@@ -33,6 +33,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use crate::descstore::DescriptorStore;
 use crate::keys::Signer;
 use crate::metrics::{self, AuthStats};
 use crate::serve::{self, HttpLimits, RateLimiter, host_key};
@@ -176,6 +177,9 @@ pub struct Authority {
     rejected: Vec<[u8; 32]>,
     bad_exits: Vec<[u8; 32]>,
     state: Mutex<AuthState>,
+    /// Descriptors on disk; taken before `state` is let go, so that writes
+    /// land in the order of the changes they record.
+    disk: Mutex<DescriptorStore>,
     limiter: Mutex<RateLimiter>,
     stats: Arc<AuthStats>,
 }
@@ -237,15 +241,19 @@ impl Authority {
             .collect::<Result<_, _>>()?;
         let mut st = AuthState::default();
         let now = unix_now();
-        if let Ok(b) = std::fs::read(cfg.data_dir.join("state/descriptors")) {
-            let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
-            for d in list {
-                if let Ok(v) = UnverifiedDescriptor::parse(&d)
-                    .and_then(|u| u.verify(now, cfg.descriptor_max_age_secs))
-                    && (cfg.allow_private_addresses || !is_private(v.desc.addr.ip()))
+        let disk = DescriptorStore::new(&cfg.data_dir.join("state"));
+        for (file, d) in disk.load()? {
+            match UnverifiedDescriptor::parse(&d)
+                .and_then(|u| u.verify(now, cfg.descriptor_max_age_secs))
+            {
+                Ok(v)
+                    if v.desc.identity == file
+                        && (cfg.allow_private_addresses || !is_private(v.desc.addr.ip())) =>
                 {
                     st.descriptors.insert(v.desc.identity, v);
                 }
+                // Too old by now, or not what it should be.
+                _ => disk.remove(&file)?,
             }
         }
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/consensus")) {
@@ -272,6 +280,7 @@ impl Authority {
             rejected,
             bad_exits,
             state: Mutex::new(st),
+            disk: Mutex::new(disk),
             limiter: Mutex::new(limiter),
             stats: Arc::default(),
         })
@@ -289,12 +298,6 @@ impl Authority {
 
     pub fn config(&self) -> &AuthConfig {
         &self.cfg
-    }
-
-    fn persist_descriptors(&self, st: &AuthState) -> Result<(), DirError> {
-        let list: Vec<&Vec<u8>> = st.descriptors.values().map(|d| &d.bytes).collect();
-        let b = postcard::to_stdvec(&list).map_err(|e| DirError::Config(e.to_string()))?;
-        store::write_atomic(&self.cfg.data_dir.join("state/descriptors"), &b, 0o600)
     }
 
     fn persist_votes(&self, st: &AuthState) {
@@ -338,6 +341,7 @@ impl Authority {
             ));
         }
         let mut st = lock(&self.state);
+        let mut evicted = None;
         match st.descriptors.get(&v.desc.identity) {
             Some(old) if old.digest == v.digest => return Ok("already known"),
             Some(old) if old.desc.published >= v.desc.published => {
@@ -356,11 +360,13 @@ impl Authority {
                 debug!(id = %short_id(&out), "unreachable relay dropped to make room");
                 st.descriptors.remove(&out);
                 st.reach.remove(&out);
+                evicted = Some(out);
             }
             _ => {}
         }
         let id = v.desc.identity;
         let (nickname, short) = (v.desc.nickname.clone(), short_id(&id));
+        let bytes = v.bytes.clone();
         if st.descriptors.insert(id, v).is_none() {
             info!(relay = %nickname, id = %short, "descriptor of a new relay accepted");
             if st.untested.len() < self.cfg.max_relays {
@@ -371,7 +377,14 @@ impl Authority {
             debug!(relay = %nickname, id = %short, "descriptor updated");
         }
         AuthStats::set(&self.stats.descriptors_held, st.descriptors.len() as u64);
-        if let Err(e) = self.persist_descriptors(&st) {
+        // To disk one file at a time, in the order of the table's changes,
+        // with the table free for readers meanwhile.
+        let disk = lock(&self.disk);
+        drop(st);
+        let written = evicted
+            .map_or(Ok(()), |out| disk.remove(&out))
+            .and_then(|()| disk.put(&id, &bytes));
+        if let Err(e) = written {
             warn!("persisting descriptors: {e}");
         }
         Ok("accepted")
@@ -1125,6 +1138,43 @@ pub(crate) mod tests {
         assert!(c.relays[0].flags.has(RelayFlags::EXIT));
     }
 
+    /// Descriptors kept by an older authority in one file are taken over
+    /// into one file per relay; a stored descriptor gone stale is dropped.
+    #[test]
+    fn descriptors_persist_one_file_each_and_old_state_is_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = authority(d.path());
+        let now = unix_now();
+        let key = |i: u8| SigningKey::from_bytes(&[i; 32]);
+        let old = vec![desc(&key(1), now), desc(&key(2), now)];
+        let state = cfg.data_dir.join("state");
+        store::write_atomic(
+            &state.join("descriptors"),
+            &postcard::to_stdvec(&old).unwrap(),
+            0o600,
+        )
+        .unwrap();
+        let a = Authority::new(cfg.clone()).unwrap();
+        assert_eq!(lock(&a.state).descriptors.len(), 2);
+        assert!(!state.join("descriptors").exists());
+        let newer = desc(&key(1), now + 1);
+        a.accept_descriptor(&newer, now + 1).unwrap();
+        let file = |i: u8| {
+            state
+                .join("descriptors.d")
+                .join(hex::encode(key(i).verifying_key().to_bytes()))
+        };
+        assert_eq!(std::fs::read(file(1)).unwrap(), newer);
+        assert_eq!(std::fs::read(file(2)).unwrap(), old[1]);
+        drop(a);
+        // Relay 2's descriptor is stale by the next start.
+        std::fs::write(file(2), desc(&key(2), now - 49 * 3600)).unwrap();
+        let b = Authority::new(cfg).unwrap();
+        let held: Vec<[u8; 32]> = lock(&b.state).descriptors.keys().copied().collect();
+        assert_eq!(held, vec![key(1).verifying_key().to_bytes()]);
+        assert!(!file(2).exists());
+    }
+
     #[test]
     fn at_most_two_running_relays_per_address() {
         let d = tempfile::tempdir().unwrap();
@@ -1225,6 +1275,14 @@ pub(crate) mod tests {
         let mut want = vec![id(1), id(2), id(4)];
         want.sort();
         assert_eq!(held, want);
+        // On disk, one file per relay held: the evicted one's is gone.
+        let on_disk: Vec<[u8; 32]> = lock(&a.disk)
+            .load()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(on_disk, want);
         // Known relays still update their descriptors in a full table.
         assert_eq!(
             a.accept_descriptor(&desc(&key(1), now + 1), now + 1),

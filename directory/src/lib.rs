@@ -10,6 +10,7 @@
 //! than half of them (`doc/protocol.md` sections 7 and 8).
 
 pub mod auth;
+pub mod descstore;
 pub mod http;
 pub mod keys;
 pub mod measure;

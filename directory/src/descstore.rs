@@ -1,0 +1,127 @@
+//! The authority's descriptors on disk, one file per relay
+//! (`state/descriptors.d/<identity in hex>`, the exact signed bytes, 0600):
+//! an upload writes one file, an eviction removes one, so the bytes written
+//! per hour grow with the uploads, not with uploads times the table.
+//!
+//! An older authority kept them all in one file (`state/descriptors`, a
+//! postcard list), rewritten whole on each upload: it is read once and
+//! replaced by the directory.
+
+use std::path::{Path, PathBuf};
+
+use allium_proto::doc::MAX_DESCRIPTOR_LEN;
+
+use crate::DirError;
+use crate::store::{private_dir, write_atomic};
+
+/// A stored descriptor: the relay its file is named for, and its bytes.
+pub type Stored = ([u8; 32], Vec<u8>);
+
+pub struct DescriptorStore {
+    dir: PathBuf,
+    legacy: PathBuf,
+}
+
+impl DescriptorStore {
+    /// The store under `state` (the authority's `data_dir/state`).
+    pub fn new(state: &Path) -> Self {
+        DescriptorStore {
+            dir: state.join("descriptors.d"),
+            legacy: state.join("descriptors"),
+        }
+    }
+
+    fn path(&self, id: &[u8; 32]) -> PathBuf {
+        self.dir.join(hex::encode(id))
+    }
+
+    /// Write relay `id`'s descriptor, replacing the one held.
+    pub fn put(&self, id: &[u8; 32], bytes: &[u8]) -> Result<(), DirError> {
+        write_atomic(&self.path(id), bytes, 0o600)
+    }
+
+    /// Forget relay `id`'s descriptor.
+    pub fn remove(&self, id: &[u8; 32]) -> Result<(), DirError> {
+        let p = self.path(id);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DirError::io(&p, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every descriptor held, as stored (not yet verified), with the name
+    /// of its file; a legacy single file is moved into the directory first.
+    /// Leftover temporary files are removed; files of other names, or
+    /// larger than a descriptor can be, are skipped.
+    pub fn load(&self) -> Result<Vec<Stored>, DirError> {
+        private_dir(&self.dir)?;
+        if let Ok(b) = std::fs::read(&self.legacy) {
+            let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
+            for d in &list {
+                if let Ok(u) = allium_proto::UnverifiedDescriptor::parse(d) {
+                    self.put(&u.descriptor().identity, d)?;
+                }
+            }
+            std::fs::remove_file(&self.legacy).map_err(|e| DirError::io(&self.legacy, e))?;
+        }
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| DirError::io(&self.dir, e))?;
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            let mut id = [0u8; 32];
+            if hex::decode_to_slice(&name, &mut id).is_err() {
+                continue;
+            }
+            let small = e
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.len() <= MAX_DESCRIPTOR_LEN as u64);
+            if small && let Ok(b) = std::fs::read(e.path()) {
+                out.push((id, b));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_file_per_relay_replaced_and_removed_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let s = DescriptorStore::new(d.path());
+        assert!(s.load().unwrap().is_empty());
+        s.put(&[1; 32], b"one").unwrap();
+        s.put(&[2; 32], b"two").unwrap();
+        let ino = |id: &[u8; 32]| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(s.path(id)).unwrap().ino()
+        };
+        let two = ino(&[2; 32]);
+        s.put(&[1; 32], b"one again").unwrap();
+        assert_eq!(ino(&[2; 32]), two, "another relay's file is not rewritten");
+        std::fs::write(d.path().join("descriptors.d/.x.0.tmp"), b"partial").unwrap();
+        std::fs::write(d.path().join("descriptors.d/notes"), b"?").unwrap();
+        std::fs::write(s.path(&[3; 32]), vec![0u8; MAX_DESCRIPTOR_LEN + 1]).unwrap();
+        assert_eq!(
+            s.load().unwrap(),
+            vec![([1; 32], b"one again".to_vec()), ([2; 32], b"two".to_vec())]
+        );
+        assert!(!d.path().join("descriptors.d/.x.0.tmp").exists());
+        s.remove(&[1; 32]).unwrap();
+        s.remove(&[1; 32]).unwrap();
+        assert_eq!(s.load().unwrap().len(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path(&[2; 32]))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
