@@ -304,7 +304,7 @@ impl Client {
                         );
                     }
                     let wait;
-                    (wait, stale) = next_fetch(c.fresh_until, unix_now(), stale);
+                    (wait, stale) = next_fetch(&c, unix_now(), stale, rand::random());
                     wait
                 }
                 Err(e) => {
@@ -883,15 +883,25 @@ impl Client {
     }
 }
 
-/// Seconds until the next consensus fetch after one that gave a consensus
-/// fresh until `fresh_until`, and the new count of stale answers in a row.
-/// A fresh one is fetched again when it stops being fresh; a stale one (an
-/// authority that has not made a newer one yet, or serves an old one)
-/// backs off from 1 s, doubling up to 5 minutes, instead of asking again
-/// every second.
-fn next_fetch(fresh_until: u64, now: u64, stale: u32) -> (u64, u32) {
-    if fresh_until > now {
-        ((fresh_until - now).min(3600), 0)
+/// Seconds until the next consensus fetch after one that gave consensus
+/// `c`, and the new count of stale answers in a row; `r` is a random
+/// number.
+///
+/// A fresh consensus is fetched again at a random time in the period
+/// after it stops being fresh (one period long, and ending no later than
+/// halfway to `valid_until`), so that a network's clients spread their
+/// fetches evenly over the period instead of all asking at the second the
+/// next consensus appears; the one held stays valid meanwhile. A stale
+/// one (an authority that has not made a newer one yet, or serves an old
+/// one) backs off from 1 s, doubling up to 5 minutes, instead of asking
+/// again every second.
+fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
+    if c.fresh_until > now {
+        let period = c.fresh_until.saturating_sub(c.valid_after);
+        let spread = period
+            .min(c.valid_until.saturating_sub(c.fresh_until) / 2)
+            .clamp(1, 3600);
+        ((c.fresh_until - now).min(3600) + r % spread, 0)
     } else {
         ((1u64 << stale.min(9)).min(300), stale.saturating_add(1))
     }
@@ -984,18 +994,49 @@ mod tests {
 
     #[test]
     fn a_stale_consensus_backs_off() {
-        assert_eq!(next_fetch(1000, 400, 3), (600, 0));
+        // Fresh from 0 to 1000, valid until 3000.
+        let mut c = crate::path::tests::consensus_of(vec![]);
+        (c.valid_after, c.fresh_until, c.valid_until) = (0, 1000, 3000);
         let mut stale = 0;
         let waits: Vec<u64> = (0..8)
             .map(|_| {
-                let (w, s) = next_fetch(1000, 1000, stale);
+                let (w, s) = next_fetch(&c, 1000, stale, 0);
                 stale = s;
                 w
             })
             .collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128]);
-        assert_eq!(next_fetch(1000, 1000, 20), (300, 21));
-        assert_eq!(next_fetch(1001, 1000, stale), (1, 0));
+        assert_eq!(next_fetch(&c, 1000, 20, 0), (300, 21));
+        c.fresh_until = 1001;
+        assert_eq!(next_fetch(&c, 1000, stale, 0), (1, 0));
+    }
+
+    /// Clients fetch the next consensus at times spread evenly over the
+    /// period after the one they hold stops being fresh.
+    #[test]
+    fn fetches_spread_over_the_next_period() {
+        let mut c = crate::path::tests::consensus_of(vec![]);
+        (c.valid_after, c.fresh_until, c.valid_until) = (3600, 7200, 14400);
+        let mut by_minute = [0u32; 60];
+        for r in 0..36_000u64 {
+            let (w, stale) = next_fetch(&c, 3600, 0, r.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            assert_eq!(stale, 0);
+            let at = 3600 + w;
+            assert!((7200..10800).contains(&at), "{at}");
+            by_minute[((at - 7200) / 60) as usize] += 1;
+        }
+        // 600 a minute if even; every minute within 20% of that.
+        assert!(
+            by_minute.iter().all(|&n| (480..720).contains(&n)),
+            "{by_minute:?}"
+        );
+        // A short validity narrows the spread to half of what is left.
+        c.valid_until = 8000;
+        let latest = (0..1000u64)
+            .map(|r| next_fetch(&c, 7000, 0, r).0)
+            .max()
+            .unwrap();
+        assert_eq!(latest, 200 + 399);
     }
 
     /// Three relays, all Guards, one of them the only exit: a client whose
