@@ -342,6 +342,13 @@ impl Authority {
         }
         let mut st = lock(&self.state);
         let mut evicted = None;
+        let full = st.descriptors.len() >= self.cfg.max_relays.max(1);
+        let stale = if full && !st.descriptors.contains_key(&v.desc.identity) {
+            // Stale descriptors do not count toward a full table.
+            Self::drop_stale(&mut st, self.cfg.descriptor_max_age_secs, now)
+        } else {
+            Vec::new()
+        };
         match st.descriptors.get(&v.desc.identity) {
             Some(old) if old.digest == v.digest => return Ok("already known"),
             Some(old) if old.desc.published >= v.desc.published => {
@@ -381,8 +388,10 @@ impl Authority {
         // with the table free for readers meanwhile.
         let disk = lock(&self.disk);
         drop(st);
-        let written = evicted
-            .map_or(Ok(()), |out| disk.remove(&out))
+        let written = stale
+            .iter()
+            .chain(&evicted)
+            .try_for_each(|out| disk.remove(out))
             .and_then(|()| disk.put(&id, &bytes));
         if let Err(e) = written {
             warn!("persisting descriptors: {e}");
@@ -702,9 +711,7 @@ impl Authority {
     /// Our vote for the period starting at `valid_after`, signed.
     pub fn make_vote(&self, valid_after: u64, now: u64) -> Vec<u8> {
         let mut st = lock(&self.state);
-        let max_age = self.cfg.descriptor_max_age_secs;
-        st.descriptors
-            .retain(|_, d| d.desc.published + max_age >= now);
+        let stale = Self::drop_stale(&mut st, self.cfg.descriptor_max_age_secs, now);
         AuthStats::set(&self.stats.descriptors_held, st.descriptors.len() as u64);
         let AuthState {
             descriptors,
@@ -753,7 +760,27 @@ impl Authority {
             .or_default()
             .insert(self.identity, (vote, Bytes::from(bytes.clone())));
         self.persist_votes(&st);
+        let disk = lock(&self.disk);
+        drop(st);
+        for id in stale {
+            if let Err(e) = disk.remove(&id) {
+                warn!("removing a stale descriptor: {e}");
+            }
+        }
         bytes
+    }
+
+    /// Forget the descriptors older than `max_age`; their relays.
+    fn drop_stale(st: &mut AuthState, max_age: u64, now: u64) -> Vec<[u8; 32]> {
+        let mut stale = Vec::new();
+        st.descriptors.retain(|id, d| {
+            let fresh = d.desc.published.saturating_add(max_age) >= now;
+            if !fresh {
+                stale.push(*id);
+            }
+            fresh
+        });
+        stale
     }
 
     fn peers(&self) -> Vec<(AuthorityKey, SocketAddr, String)> {
@@ -1288,6 +1315,16 @@ pub(crate) mod tests {
             a.accept_descriptor(&desc(&key(1), now + 1), now + 1),
             Ok("accepted")
         );
+        // Two days on, the table holds only stale descriptors: they make
+        // way for a newcomer, in memory and on disk.
+        let later = now + a.cfg.descriptor_max_age_secs + 2;
+        assert_eq!(
+            a.accept_descriptor(&desc(&key(5), later), later),
+            Ok("accepted")
+        );
+        let held: Vec<[u8; 32]> = lock(&a.state).descriptors.keys().copied().collect();
+        assert_eq!(held, vec![id(5)]);
+        assert_eq!(lock(&a.disk).load().unwrap().len(), 1);
     }
 
     #[tokio::test]
