@@ -289,6 +289,7 @@ impl Client {
         loop {
             let wait = match self.refresh_consensus().await {
                 Ok(c) => {
+                    missing = 0;
                     if c.relays.len() >= 3 {
                         self.reached(
                             Phase::EnoughDirinfo,
@@ -316,14 +317,8 @@ impl Client {
                             info!("waiting for a consensus: {e}");
                         }
                     }
-                    // Without one, ask again soon (the authorities may be
-                    // about to publish their first), for a minute at most.
                     missing = missing.saturating_add(1);
-                    if self.consensus().is_none() && missing <= 60 {
-                        1
-                    } else {
-                        5
-                    }
+                    retry_after(missing, self.consensus().is_some(), rand::random())
                 }
             };
             tokio::time::sleep(Duration::from_secs(wait)).await;
@@ -907,6 +902,24 @@ fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
     }
 }
 
+/// Seconds until the consensus is asked for again after `failures` failed
+/// fetches in a row (from every authority), `have` telling whether a valid
+/// one is held; `r` is a random number. Without one the client asks every
+/// second for a minute (the authorities may be about to publish their
+/// first); after that, or while it holds one, it backs off from 5 s,
+/// doubling up to 5 minutes, each wait drawn from its upper half, so that
+/// an outage of the directory never has a network's clients asking in
+/// step or in a tight loop.
+fn retry_after(failures: u32, have: bool, r: u64) -> u64 {
+    const BOOTSTRAP: u32 = 60;
+    if !have && failures <= BOOTSTRAP {
+        return 1;
+    }
+    let n = if have { failures } else { failures - BOOTSTRAP };
+    let cap = (5u64 << n.saturating_sub(1).min(6)).min(300);
+    cap - r % (cap / 2 + 1)
+}
+
 /// A path through `guard` for `target`, with an exit that is none of
 /// `avoid_exits` and a middle and exit that are none of `named` when others
 /// can be had.
@@ -1009,6 +1022,22 @@ mod tests {
         assert_eq!(next_fetch(&c, 1000, 20, 0), (300, 21));
         c.fresh_until = 1001;
         assert_eq!(next_fetch(&c, 1000, stale, 0), (1, 0));
+    }
+
+    #[test]
+    fn failed_fetches_back_off() {
+        let waits = |have: bool, from: u32, r: u64| -> Vec<u64> {
+            (from..from + 9).map(|f| retry_after(f, have, r)).collect()
+        };
+        assert_eq!(waits(false, 1, 0)[..], [1; 9]);
+        assert_eq!(waits(false, 61, 0), [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(waits(true, 1, 0), [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        // Each wait is drawn from the upper half of its cap.
+        for r in 0..1000 {
+            let w = retry_after(7, true, r);
+            assert!((150..=300).contains(&w), "{w}");
+            assert!((3..=5).contains(&retry_after(1, true, r)));
+        }
     }
 
     /// Clients fetch the next consensus at times spread evenly over the
