@@ -220,6 +220,31 @@ async fn middle_relay_dies_during_a_download() {
     net.shutdown().await;
 }
 
+/// A library client of `net` keeping its state in `dir`, bootstrapped.
+async fn library_client(net: &Testnet, dir: &std::path::Path) -> Client {
+    let cfg = allium_client::ClientConfig {
+        data_dir: dir.into(),
+        socks_listen: vec![],
+        ..net.client_config.clone()
+    };
+    let c = Client::new(cfg).unwrap();
+    tokio::spawn(c.clone().consensus_loop());
+    c.bootstrap(Duration::from_secs(30)).await.unwrap();
+    c
+}
+
+/// `GET /` from the local server at `port` through `c`: the whole answer.
+async fn fetch_ok(c: &Client, port: u16) -> Vec<u8> {
+    let mut s = c.open_stream("localhost", port).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
 /// Two independent library clients in one process, each with a stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn library_clients_open_streams() {
@@ -228,24 +253,10 @@ async fn library_clients_open_streams() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let mut clients = Vec::new();
     for d in &dirs {
-        let cfg = allium_client::ClientConfig {
-            data_dir: d.path().into(),
-            socks_listen: vec![],
-            ..net.client_config.clone()
-        };
-        let c = Client::new(cfg).unwrap();
-        tokio::spawn(c.clone().consensus_loop());
-        c.bootstrap(Duration::from_secs(30)).await.unwrap();
-        clients.push(c);
+        clients.push(library_client(&net, d.path()).await);
     }
     for c in &clients {
-        let mut s = c.open_stream("localhost", web.port()).await.unwrap();
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
+        let out = fetch_ok(c, web.port()).await;
         assert!(
             out.ends_with(b"\r\n\r\nok"),
             "{}",
@@ -352,14 +363,7 @@ async fn a_guard_in_the_family_of_the_only_live_exit_is_passed_over() {
         postcard::to_stdvec(&sample).unwrap(),
     )
     .unwrap();
-    let cfg = allium_client::ClientConfig {
-        data_dir: d.path().into(),
-        socks_listen: vec![],
-        ..net.client_config.clone()
-    };
-    let client = Client::new(cfg).unwrap();
-    tokio::spawn(client.clone().consensus_loop());
-    client.bootstrap(Duration::from_secs(30)).await.unwrap();
+    let client = library_client(&net, d.path()).await;
     let c = client.build_circuit(&ExitTarget::Any).await.unwrap();
     assert_eq!(c.path[0].identity, id(5), "the seeded sample is used");
     assert_eq!(c.path[2].identity, id(0), "relay 5's only exit is 0");
@@ -372,13 +376,7 @@ async fn a_guard_in_the_family_of_the_only_live_exit_is_passed_over() {
         assert_eq!(c.path[2].identity, id(1), "circuit {n}: the live exit");
     }
     for n in 0..20 {
-        let mut s = client.open_stream("localhost", web.port()).await.unwrap();
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
+        let out = fetch_ok(&client, web.port()).await;
         assert!(out.ends_with(b"\r\n\r\nok"), "request {n}");
     }
     let took = start.elapsed();
