@@ -256,13 +256,22 @@ impl Client {
 
     /// Fetch and verify a consensus once, install it and cache it on disk.
     pub async fn refresh_consensus(&self) -> Result<Arc<Consensus>, ClientError> {
-        let (c, bytes) =
-            dir::fetch_consensus(&self.inner.cfg.authorities, &self.inner.keys).await?;
+        // The consensus held, as cached, is the base of a diff.
+        let path = dir::cache_path(&self.inner.cfg.data_dir);
+        let base = match self.consensus() {
+            Some(_) => tokio::fs::read(&path).await.ok(),
+            None => None,
+        };
+        let (c, bytes) = dir::fetch_consensus(
+            &self.inner.cfg.authorities,
+            &self.inner.keys,
+            base.as_deref(),
+        )
+        .await?;
         let newer = self
             .consensus()
             .is_none_or(|old| old.valid_after < c.valid_after);
         if newer {
-            let path = dir::cache_path(&self.inner.cfg.data_dir);
             if let Err(e) = allium_directory::store::write_atomic(&path, &bytes, 0o644) {
                 warn!("caching the consensus: {e}");
             }

@@ -14,8 +14,9 @@ use crate::ClientError;
 pub async fn fetch_consensus(
     auths: &[AuthorityEntry],
     keys: &[AuthorityKey],
+    base: Option<&[u8]>,
 ) -> Result<(Arc<Consensus>, Vec<u8>), ClientError> {
-    http::fetch_verified_consensus(auths, keys)
+    http::fetch_verified_consensus(auths, keys, base)
         .await
         .map_err(|e| match e {
             allium_directory::DirError::NoConsensus(why) => {

@@ -37,7 +37,7 @@ use crate::descstore::DescriptorStore;
 use crate::keys::Signer;
 use crate::metrics::{self, AuthStats};
 use crate::serve::{self, HttpLimits, RateLimiter, host_key};
-use crate::{AuthorityEntry, DirError, http, measure, reach, store, unix_now};
+use crate::{AuthorityEntry, DirError, diff, http, measure, reach, store, unix_now};
 
 /// `allium dirauth` configuration (TOML). See `examples/dirauth.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -163,6 +163,12 @@ struct AuthState {
     own_sigs: BTreeMap<u64, Bytes>,
     pending: Option<Pending>,
     consensus: Option<Bytes>,
+    /// The consensuses published before the current one, newest last (at
+    /// most [`diff::KEEP`]), by digest.
+    recent: std::collections::VecDeque<([u8; 32], Bytes)>,
+    /// The current consensus as a diff from each of `recent` (by the
+    /// base's digest), and compressed alone (`None`), once made.
+    diffs: HashMap<Option<[u8; 32]>, Bytes>,
 }
 
 /// Relays new to the table tested at once, at most.
@@ -897,7 +903,17 @@ impl Authority {
         {
             warn!("persisting consensus: {e}");
         }
-        st.consensus = Some(Bytes::from(bytes));
+        let bytes = Bytes::from(bytes);
+        if let Some(old) = st.consensus.replace(bytes.clone())
+            && old != bytes
+        {
+            st.recent.push_back((diff::digest(&old), old));
+            while st.recent.len() > diff::KEEP {
+                st.recent.pop_front();
+            }
+            st.recent.retain(|(d, _)| *d != diff::digest(&bytes));
+            st.diffs.clear();
+        }
         st.votes
             .retain(|va, _| *va + 2 * self.cfg.interval_secs > valid_after);
         st.own_sigs
@@ -959,7 +975,11 @@ impl Authority {
         self.collect_signatures(va).await;
         sleep_until_unix_ms(va_ms).await;
         self.collect_signatures(va).await;
-        match self.publish(va) {
+        let published = self.publish(va);
+        if published.is_ok() {
+            self.make_diffs().await;
+        }
+        match published {
             // Every few seconds on a test network: not worth a line there.
             Ok(n) if self.cfg.interval_secs < 60 => {
                 debug!(signatures = n, valid_after = va, "consensus published")
@@ -974,6 +994,56 @@ impl Authority {
 
     pub fn consensus_bytes(&self) -> Option<Bytes> {
         lock(&self.state).consensus.clone()
+    }
+
+    /// The current consensus as a diff from the one whose digest is `base`
+    /// (compressed alone for `None`), once made.
+    pub fn consensus_diff(&self, base: Option<[u8; 32]>) -> Option<Bytes> {
+        lock(&self.state).diffs.get(&base).cloned()
+    }
+
+    /// Make the current consensus' diffs from the recent ones and its
+    /// compressed form, off the async threads and outside the lock; they
+    /// are kept if the consensus is still current when they are done.
+    pub async fn make_diffs(&self) {
+        let (current, bases) = {
+            let st = lock(&self.state);
+            let Some(c) = st.consensus.clone() else {
+                return;
+            };
+            let bases: Vec<([u8; 32], Bytes)> = st
+                .recent
+                .iter()
+                .filter(|(d, _)| !st.diffs.contains_key(&Some(*d)))
+                .cloned()
+                .collect();
+            if st.diffs.contains_key(&None) && bases.is_empty() {
+                return;
+            }
+            (c, bases)
+        };
+        let c = current.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let mut out = vec![(None, diff::encode(None, &c))];
+            for (d, b) in &bases {
+                out.push((Some(*d), diff::encode(Some(b), &c)));
+            }
+            out
+        })
+        .await;
+        let Ok(made) = made else { return };
+        let mut st = lock(&self.state);
+        if st.consensus.as_ref() != Some(&current) {
+            return;
+        }
+        for (base, d) in made {
+            match d {
+                Ok(d) => {
+                    st.diffs.insert(base, Bytes::from(d));
+                }
+                Err(e) => warn!("making a consensus diff: {e}"),
+            }
+        }
     }
 
     /// Our own vote for the period starting at `va`.
@@ -1008,6 +1078,8 @@ impl Authority {
         info!(addr = %self.cfg.listen, identity = %hex::encode(self.identity), "directory authority listening");
         let sched = self.clone();
         let schedule = async move {
+            // The stored consensus, compressed, until the next is published.
+            sched.make_diffs().await;
             let mut last = 0;
             loop {
                 let va = sched
@@ -1200,6 +1272,79 @@ pub(crate) mod tests {
         let held: Vec<[u8; 32]> = lock(&b.state).descriptors.keys().copied().collect();
         assert_eq!(held, vec![key(1).verifying_key().to_bytes()]);
         assert!(!file(2).exists());
+    }
+
+    /// An authority serves its consensus as a diff from each of the last
+    /// few, and compressed; a fetcher holding the last one gets the exact
+    /// signed bytes from a diff a fraction of their size, and one holding
+    /// something else gets the whole consensus.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_consensus_comes_as_a_diff() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Arc::new(Authority::new(authority(d.path())).unwrap());
+        let now = unix_now();
+        let key = |i: u8| SigningKey::from_bytes(&[i; 32]);
+        for i in 1..=40 {
+            a.accept_descriptor(&desc(&key(i), now), now).unwrap();
+        }
+        let publish = async |va: u64, now: u64| {
+            a.make_vote(va, now);
+            a.assemble(va).await.unwrap();
+            a.publish(va).unwrap();
+            a.make_diffs().await;
+            a.consensus_bytes().unwrap()
+        };
+        let va = a.upcoming(now);
+        let first = publish(va, now).await;
+        // One relay republishes: the next consensus differs in it alone
+        // (and in its times and signature).
+        a.accept_descriptor(&desc(&key(1), now + 1), now + 1)
+            .unwrap();
+        let second = publish(va + a.cfg.interval_secs, now + 1).await;
+        assert_ne!(first, second);
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve::http(a.clone(), l, HttpLimits::default()));
+        let max = allium_proto::doc::MAX_CONSENSUS_LEN;
+        let path = format!("/consensus/diff/{}", hex::encode(diff::digest(&first)));
+        let sent = http::request(addr, "GET", &path, vec![], max)
+            .await
+            .unwrap();
+        eprintln!(
+            "consensus of 40 relays: {} bytes; diff after one republished: {} bytes",
+            second.len(),
+            sent.len()
+        );
+        assert!(
+            sent.len() * 10 < second.len(),
+            "a diff of {} bytes for a consensus of {}",
+            sent.len(),
+            second.len()
+        );
+        let auths = [AuthorityEntry {
+            name: "a".into(),
+            addr,
+            key: hex::encode(a.identity()),
+        }];
+        let keys = [AuthorityKey(a.identity())];
+        let (c, got) = http::fetch_verified_consensus(&auths, &keys, Some(&first))
+            .await
+            .unwrap();
+        assert_eq!(got, second);
+        assert_eq!(c.valid_after, va + a.cfg.interval_secs);
+        // A base the authority does not hold: the whole consensus.
+        let (_, got) = http::fetch_verified_consensus(&auths, &keys, Some(b"another"))
+            .await
+            .unwrap();
+        assert_eq!(got, second);
+        // Compressed alone.
+        let z = http::request(addr, "GET", "/consensus/zstd", vec![], max)
+            .await
+            .unwrap();
+        assert_eq!(diff::decode(None, &z, max).unwrap(), second);
+        let bad = http::request(addr, "GET", "/consensus/diff/00", vec![], max).await;
+        assert!(bad.is_err());
     }
 
     #[test]

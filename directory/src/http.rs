@@ -15,7 +15,7 @@ use allium_proto::{AuthorityKey, Consensus, UnverifiedConsensus};
 use rand::seq::SliceRandom;
 use tracing::debug;
 
-use crate::{AuthorityEntry, DirError, unix_now};
+use crate::{AuthorityEntry, DirError, diff, unix_now};
 
 /// A small request and its answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,12 +95,27 @@ pub async fn fetch_consensus(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
     .await
 }
 
+/// The current consensus of the authority at `addr`, fetched as a diff
+/// from `base` (the bytes of one the fetcher holds); not yet verified.
+pub async fn fetch_consensus_diff(addr: SocketAddr, base: &[u8]) -> Result<Vec<u8>, DirError> {
+    let max = allium_proto::doc::MAX_CONSENSUS_LEN;
+    let path = format!("/consensus/diff/{}", hex::encode(diff::digest(base)));
+    let d = request(addr, "GET", &path, vec![], max).await?;
+    diff::decode(Some(base), &d, max).map_err(|why| DirError::Http {
+        addr: addr.to_string(),
+        why,
+    })
+}
+
 /// Fetch from the authorities (in random order) until one serves a
-/// consensus that verifies against `keys`; returns it with its bytes. The
-/// error says what went wrong with each.
+/// consensus that verifies against `keys`; returns it with its bytes. With
+/// `base` (the bytes of a consensus held), each is asked for a diff from it
+/// first, and for the whole consensus if it has none. The error says what
+/// went wrong with each.
 pub async fn fetch_verified_consensus(
     auths: &[AuthorityEntry],
     keys: &[AuthorityKey],
+    base: Option<&[u8]>,
 ) -> Result<(Arc<Consensus>, Vec<u8>), DirError> {
     let mut order: Vec<&AuthorityEntry> = auths.iter().collect();
     order.shuffle(&mut rand::rng());
@@ -111,7 +126,17 @@ pub async fn fetch_verified_consensus(
     let (mut answered, mut by_unpinned) = (0, 0);
     for a in order {
         let r = async {
-            let bytes = fetch_consensus(a.addr).await?;
+            let diffed = match base {
+                Some(b) => fetch_consensus_diff(a.addr, b)
+                    .await
+                    .inspect_err(|e| debug!(authority = %a.name, "no consensus diff: {e}"))
+                    .ok(),
+                None => None,
+            };
+            let bytes = match diffed {
+                Some(b) => b,
+                None => fetch_consensus(a.addr).await?,
+            };
             let u = UnverifiedConsensus::parse(&bytes)?;
             answered += 1;
             let now = unix_now();

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod descstore;
+pub mod diff;
 pub mod http;
 pub mod keys;
 pub mod measure;

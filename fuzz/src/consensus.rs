@@ -1,11 +1,13 @@
 //! `consensus`: the consensus as a client or relay takes it, and what a
 //! client does with a verified one (look relays up, choose paths).
 //!
-//! Raw bytes (even first byte): a consensus that parses is canonical, and
-//! its signature report, signers and verdict come without panics. Odd
-//! first byte: the rest is a body every pinned authority signs, so the
-//! checks after the signatures, and path selection, run on fuzzer-chosen
-//! contents.
+//! Raw bytes (first byte 0 mod 4): a consensus that parses is canonical,
+//! and its signature report, signers and verdict come without panics.
+//! First byte 2 mod 4: the rest is a consensus diff (zstd), decoded against
+//! a fixed base and alone, within a limit, and what it gives is checked
+//! as raw bytes. Odd first byte: the rest is a body every pinned authority
+//! signs, so the checks after the signatures, and path selection, run on
+//! fuzzer-chosen contents.
 
 use allium_client::path::{ExitTarget, choose_path, sample_guards};
 use allium_proto::doc::CONSENSUS_DOMAIN;
@@ -18,6 +20,17 @@ pub fn run(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    if mode & 3 == 2 {
+        const LIMIT: usize = 1 << 16;
+        let base = [b"allium consensus diff base ".as_slice(); 64].concat();
+        for b in [Some(base.as_slice()), None] {
+            if let Ok(out) = allium_directory::diff::decode(b, rest, LIMIT) {
+                assert!(out.len() <= LIMIT);
+                check(&out, mode);
+            }
+        }
+        return;
+    }
     if mode & 1 == 0 {
         return check(rest, mode);
     }

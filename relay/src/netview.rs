@@ -125,14 +125,19 @@ impl NetView {
             return std::future::pending().await;
         }
         let mut announced = false;
+        // The bytes of the consensus held: the base of the next diff.
+        let mut held: Option<Vec<u8>> = None;
         loop {
             let fetched = Instant::now();
-            let wait = match http::fetch_verified_consensus(&self.auths, &self.keys).await {
-                Ok((c, _)) => {
+            let fetched_now =
+                http::fetch_verified_consensus(&self.auths, &self.keys, held.as_deref()).await;
+            let wait = match fetched_now {
+                Ok((c, bytes)) => {
                     let newer = self
                         .consensus()
                         .is_none_or(|old| old.valid_after < c.valid_after);
                     if newer {
+                        held = Some(bytes);
                         if !announced {
                             info!(relays = c.relays.len(), "consensus verified");
                             announced = true;

@@ -1,0 +1,140 @@
+//! Consensus diffs at scale: a network of N relays (default 10,000)
+//! through one real authority, then 1% of them republishing, as in an hour
+//! of a real network. Prints the consensus' size, compressed, the diff's
+//! size and the time to make and apply it.
+//!
+//! `cargo bench -p allium-directory --bench consensus_diff [-- N]`
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use allium_directory::auth::{AuthConfig, Authority};
+use allium_directory::{AuthorityEntry, diff, unix_now};
+use allium_proto::ntor::OnionSecret;
+use allium_proto::policy::ExitPolicy;
+use allium_proto::{LinkKey, RelayDescriptor};
+use ed25519_dalek::SigningKey;
+
+fn desc(i: u32, published: u64) -> Vec<u8> {
+    let mut seed = [0u8; 32];
+    seed[..4].copy_from_slice(&i.to_le_bytes());
+    let k = SigningKey::from_bytes(&seed);
+    seed[4] = 1;
+    let onion = OnionSecret::new(x25519_dalek::StaticSecret::from(seed));
+    let id = k.verifying_key().to_bytes();
+    RelayDescriptor {
+        nickname: format!("relay{i}"),
+        identity: id,
+        link_key: LinkKey(seed),
+        onion_key: onion.public(),
+        onion_crosscert: onion.crosscert(&id),
+        addr: format!("10.{}.{}.{}:9001", i >> 16, (i >> 8) & 255, i & 255)
+            .parse()
+            .unwrap(),
+        bandwidth: 1_000_000 + i * 1000,
+        exit_policy: if i.is_multiple_of(5) {
+            ExitPolicy::default_exit()
+        } else {
+            ExitPolicy::reject_all()
+        },
+        family: vec![],
+        published,
+    }
+    .sign(&k)
+    .to_bytes()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: u32 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    // Key files and descriptors on a memory file system where there is one.
+    let shm = std::path::Path::new("/dev/shm");
+    let d = if shm.is_dir() {
+        tempfile::tempdir_in(shm).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
+    let now = unix_now();
+    let id =
+        allium_directory::keys::keygen(&d.path().join("identity.key"), &d.path().join("a"), 1, now)
+            .unwrap();
+    let a = Arc::new(
+        Authority::new(AuthConfig {
+            data_dir: d.path().join("a"),
+            authorities: vec![AuthorityEntry {
+                name: "a".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                key: hex::encode(id),
+            }],
+            interval_secs: 3600,
+            allow_private_addresses: true,
+            max_relays: n as usize,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    for i in 0..n {
+        a.accept_descriptor(&desc(i, now - 60), now).unwrap();
+    }
+    let va = (now / 3600 + 1) * 3600;
+    let publish = async |va: u64, now: u64| {
+        a.make_vote(va, now);
+        a.assemble(va).await.unwrap();
+        a.publish(va).unwrap();
+        let t = Instant::now();
+        a.make_diffs().await;
+        (a.consensus_bytes().unwrap(), t.elapsed())
+    };
+    let (first, _) = publish(va, now).await;
+    for i in (0..n).step_by(100) {
+        a.accept_descriptor(&desc(i, now), now).unwrap();
+    }
+    let (second, made) = publish(va + 3600, now).await;
+    let z = a.consensus_diff(None).unwrap();
+    let d1 = a.consensus_diff(Some(diff::digest(&first))).unwrap();
+    let t = Instant::now();
+    let back = diff::decode(Some(&first), &d1, allium_proto::doc::MAX_CONSENSUS_LEN).unwrap();
+    let applied = t.elapsed();
+    assert_eq!(back, second);
+    // Then every relay republishes (a new digest each).
+    for i in 0..n {
+        a.accept_descriptor(&desc(i, now + 1), now + 1).unwrap();
+    }
+    let (third, _) = publish(va + 7200, now + 1).await;
+    let d_all = a.consensus_diff(Some(diff::digest(&second))).unwrap();
+    let d_two = a.consensus_diff(Some(diff::digest(&first))).unwrap();
+    assert_eq!(
+        diff::decode(Some(&second), &d_all, allium_proto::doc::MAX_CONSENSUS_LEN).unwrap(),
+        third
+    );
+    let per = |b: usize| b as f64 / f64::from(n);
+    println!("relays                         {n}");
+    println!(
+        "consensus                      {} bytes ({:.0} per relay)",
+        second.len(),
+        per(second.len())
+    );
+    println!(
+        "compressed alone               {} bytes ({:.0} per relay)",
+        z.len(),
+        per(z.len())
+    );
+    println!(
+        "diff after 1% republished      {} bytes ({:.1} per relay)",
+        d1.len(),
+        per(d1.len())
+    );
+    println!(
+        "diff after all republished     {} bytes ({:.1} per relay); from two back {} bytes",
+        d_all.len(),
+        per(d_all.len()),
+        d_two.len()
+    );
+    println!("making both (one base)         {made:.2?}");
+    println!("applying the diff              {applied:.2?}");
+}
