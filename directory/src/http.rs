@@ -101,10 +101,12 @@ pub async fn fetch_consensus_diff(addr: SocketAddr, base: &[u8]) -> Result<Vec<u
     let max = allium_proto::doc::MAX_CONSENSUS_LEN;
     let path = format!("/consensus/diff/{}", hex::encode(diff::digest(base)));
     let d = request(addr, "GET", &path, vec![], max).await?;
-    diff::decode(Some(base), &d, max).map_err(|why| DirError::Http {
+    let full = diff::decode(Some(base), &d, max).map_err(|why| DirError::Http {
         addr: addr.to_string(),
         why,
-    })
+    })?;
+    debug!(diff = d.len(), consensus = full.len(), "consensus fetched as a diff");
+    Ok(full)
 }
 
 /// Fetch from the authorities (in random order) until one serves a
