@@ -289,8 +289,9 @@ impl Client {
             .filter(|c| unix_now() <= c.valid_until)
     }
 
-    /// Keep the consensus fresh forever: refetch at fresh-until, retry on
-    /// failure, keep a still-valid one meanwhile.
+    /// Keep the consensus fresh forever: refetch in the period after
+    /// fresh-until ([`next_fetch`]), back off on failure ([`retry_after`]),
+    /// keep a still-valid one meanwhile.
     pub async fn consensus_loop(self) {
         let mut announced = false;
         let mut stale = 0;

@@ -907,11 +907,12 @@ impl Authority {
         if let Some(old) = st.consensus.replace(bytes.clone())
             && old != bytes
         {
+            let current = diff::digest(&bytes);
             st.recent.push_back((diff::digest(&old), old));
+            st.recent.retain(|(d, _)| *d != current);
             while st.recent.len() > diff::KEEP {
                 st.recent.pop_front();
             }
-            st.recent.retain(|(d, _)| *d != diff::digest(&bytes));
             st.diffs.clear();
         }
         st.votes

@@ -105,7 +105,11 @@ pub async fn fetch_consensus_diff(addr: SocketAddr, base: &[u8]) -> Result<Vec<u
         addr: addr.to_string(),
         why,
     })?;
-    debug!(diff = d.len(), consensus = full.len(), "consensus fetched as a diff");
+    debug!(
+        diff = d.len(),
+        consensus = full.len(),
+        "consensus fetched as a diff"
+    );
     Ok(full)
 }
 
