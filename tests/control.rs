@@ -234,20 +234,7 @@ async fn the_control_port_admits_only_the_cookies_holder() {
 
 /// An HTTP server that answers "ok".
 async fn web() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
-    a
+    common::serve_bytes(b"ok".to_vec()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -65,22 +65,7 @@ fn blob() -> Vec<u8> {
 
 /// A web server that answers every request with [`blob`].
 async fn web() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let body = Arc::new(blob());
-        while let Ok((mut s, _)) = l.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&body).await;
-            });
-        }
-    });
-    addr
+    common::serve_bytes(blob()).await
 }
 
 /// One fetch of the blob through the SOCKS port: true if all of it came.

@@ -104,13 +104,7 @@ impl fmt::Display for CircLine {
             " PURPOSE=GENERAL TIME_CREATED={}",
             iso_time(self.created_us)
         )?;
-        if let Some(r) = self.reason {
-            write!(f, " REASON={r}")?;
-        }
-        if let Some(r) = self.remote_reason {
-            write!(f, " REMOTE_REASON={r}")?;
-        }
-        Ok(())
+        reasons(f, self.reason, self.remote_reason)
     }
 }
 
@@ -176,14 +170,23 @@ impl fmt::Display for StreamLine {
             self.status.name(),
             self.circ
         )?;
-        if let Some(r) = self.reason {
-            write!(f, " REASON={r}")?;
-        }
-        if let Some(r) = self.remote_reason {
-            write!(f, " REMOTE_REASON={r}")?;
-        }
-        Ok(())
+        reasons(f, self.reason, self.remote_reason)
     }
+}
+
+/// ` REASON=r REMOTE_REASON=r`, each if given (CIRC and STREAM events).
+fn reasons(
+    f: &mut std::fmt::Formatter<'_>,
+    reason: Option<&str>,
+    remote: Option<&str>,
+) -> std::fmt::Result {
+    if let Some(r) = reason {
+        write!(f, " REASON={r}")?;
+    }
+    if let Some(r) = remote {
+        write!(f, " REMOTE_REASON={r}")?;
+    }
+    Ok(())
 }
 
 /// `NOTICE BOOTSTRAP PROGRESS=N TAG=tag SUMMARY="..."`: `GETINFO
