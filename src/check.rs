@@ -126,14 +126,7 @@ fn duration(secs: u64) -> String {
     }
 }
 
-fn bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
-    }
-}
+use allium_relay::status::bytes;
 
 /// Can `addr` be listened on now?
 fn listen(r: &mut Report, what: &str, addr: SocketAddr) {

@@ -133,12 +133,7 @@ impl Net {
     }
 
     fn sid(&self, inp: &mut Input<'_>) -> u16 {
-        let i = inp.u16();
-        match self.begun.len() {
-            0 => i,
-            n if i & 0x8000 == 0 => self.begun[usize::from(i) % n],
-            _ => i & 0x7fff,
-        }
+        crate::input::stream_id(inp, &self.begun)
     }
 }
 

@@ -96,3 +96,14 @@ impl Script {
         std::mem::take(&mut self.0)
     }
 }
+
+/// A stream id: with the high bit clear, one of `begun` (the ids the far
+/// side has seen), else the input's own.
+pub fn stream_id(inp: &mut Input<'_>, begun: &[u16]) -> u16 {
+    let i = inp.u16();
+    match begun.len() {
+        0 => i,
+        n if i & 0x8000 == 0 => begun[usize::from(i) % n],
+        _ => i & 0x7fff,
+    }
+}
