@@ -388,6 +388,8 @@ pub struct RelayInfo {
     pub stats: Arc<RelayStats>,
     /// The relay's queued-cell accounting.
     pub mem: Arc<allium_link::limits::QueueMem>,
+    /// What it serves as a directory cache.
+    pub dir_cache: Arc<allium_directory::cache::ConsensusCache>,
     task: AbortHandle,
 }
 
@@ -460,6 +462,7 @@ impl Testnet {
             let name = rc.nickname.clone();
             let span = tracing::info_span!("relay", name = %name);
             let (identity, stats, mem) = (relay.identity(), relay.stats(), relay.queue_mem());
+            let dir_cache = relay.dir_cache();
             let n = name.clone();
             let task = tasks.spawn(
                 async move { (n, relay.serve(l).await.map_err(|e| e.to_string())) }
@@ -472,6 +475,7 @@ impl Testnet {
                 addr: rc.listen,
                 stats,
                 mem,
+                dir_cache,
                 task,
             });
         }
@@ -558,6 +562,7 @@ impl Testnet {
         let relay = Relay::new(rc.clone())?;
         let name = rc.nickname.clone();
         self.relays[i].stats = relay.stats();
+        self.relays[i].dir_cache = relay.dir_cache();
         let span = tracing::info_span!("relay", name = %name);
         self.relays[i].task = self.tasks.spawn(
             async move { (name, relay.serve(l).await.map_err(|e| e.to_string())) }.instrument(span),

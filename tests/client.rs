@@ -385,3 +385,114 @@ async fn a_guard_in_the_family_of_the_only_live_exit_is_passed_over() {
     assert_eq!(client.guards()[0], id(5), "the guard stays first");
     net.shutdown().await;
 }
+
+/// Polls `f` every 100 ms until it holds; panics after `secs` seconds.
+async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "{what}: not within {secs} s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After bootstrapping from the authorities, a client fetches every
+/// consensus from its guards' directory caches, as diffs, ending with the
+/// bytes the authorities serve; a guard whose cache serves a tampered
+/// consensus is detected and not asked again, and the next guard serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_fetch_from_guard_caches_and_avoid_a_tampering_one() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let net = small_net(6).await;
+    let d = tempfile::tempdir().unwrap();
+    let client = library_client(&net, d.path()).await;
+    let stats = client.stats();
+    let dir_streams_of = |r: &allium::testnet::RelayInfo| r.stats.dir_streams.load(Relaxed);
+    let dir_streams = |i: usize| dir_streams_of(&net.relays[i]);
+    until("three consensuses from caches", 60, || {
+        stats.consensus_from_caches.load(Relaxed) >= 3
+    })
+    .await;
+    assert_eq!(stats.consensus_from_authorities.load(Relaxed), 1);
+    // Only guards serve directory requests (the testnet's own client
+    // fetches from its guards too).
+    let guards = client.guards();
+    let any_guard = [guards.clone(), net.client.guards()].concat();
+    let served_by: Vec<usize> = (0..net.relays.len())
+        .filter(|&i| dir_streams(i) > 0)
+        .collect();
+    assert!(!served_by.is_empty());
+    for &i in &served_by {
+        assert!(
+            any_guard.contains(&net.relays[i].identity),
+            "{} is no guard but served the consensus",
+            net.relays[i].nickname
+        );
+    }
+    let diffs: u64 = net.relays.iter().map(|r| r.dir_cache.served()[2]).sum();
+    assert!(diffs >= 1, "no consensus went out as a diff");
+
+    // What the client holds is what the authority serves whole.
+    let auth = net.authorities[0].addr;
+    let cached = d.path().join("cached-consensus");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = std::fs::read(&cached).unwrap();
+        let full = allium_directory::http::fetch_consensus(auth).await.unwrap();
+        if held == full {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the client never held the authority's consensus"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The guard in use turns hostile: its cache serves consensuses with a
+    // flipped byte (kept up as the relay installs real ones).
+    let first = guards
+        .iter()
+        .find_map(|g| {
+            served_by
+                .iter()
+                .copied()
+                .find(|&i| net.relays[i].identity == *g)
+        })
+        .unwrap();
+    let cache = net.relays[first].dir_cache.clone();
+    let tamper = tokio::spawn(async move {
+        let mut ours: Option<bytes::Bytes> = None;
+        loop {
+            if let Some(now) = cache.current().filter(|b| Some(b) != ours.as_ref()) {
+                let mut b = now.to_vec();
+                let mid = b.len() / 2;
+                b[mid] ^= 1;
+                let b = bytes::Bytes::from(b);
+                cache.install(b.clone());
+                cache.make_diffs().await;
+                ours = Some(b);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    until("the tampering cache is avoided", 60, || {
+        stats.caches_avoided.load(Relaxed) >= 1
+    })
+    .await;
+    // Asked again, it would be caught again.
+    let fetched = stats.consensus_from_caches.load(Relaxed);
+    until("two more consensuses from caches", 60, || {
+        stats.consensus_from_caches.load(Relaxed) >= fetched + 2
+    })
+    .await;
+    tamper.abort();
+    assert_eq!(
+        stats.caches_avoided.load(Relaxed),
+        1,
+        "asked the tampering cache again"
+    );
+    assert_eq!(stats.consensus_from_authorities.load(Relaxed), 1);
+    let c = client.consensus().expect("a valid consensus");
+    assert!(c.valid_after + 10 >= allium_directory::unix_now());
+    net.shutdown().await;
+}

@@ -38,9 +38,10 @@ pub enum StreamData {
 }
 
 enum CircCmd {
+    /// A stream to `addr:port` at the exit, or (`None`) to the last hop's
+    /// directory cache.
     Begin {
-        addr: TargetAddr,
-        port: u16,
+        to: Option<(TargetAddr, u16)>,
         reply: oneshot::Sender<Result<Stream, ClientError>>,
     },
     Resolve {
@@ -184,9 +185,18 @@ impl CircuitHandle {
     }
 
     pub async fn begin(&self, addr: TargetAddr, port: u16) -> Result<Stream, ClientError> {
+        self.open(Some((addr, port))).await
+    }
+
+    /// A stream to the last hop's directory cache (BEGIN_DIR).
+    pub async fn begin_dir(&self) -> Result<Stream, ClientError> {
+        self.open(None).await
+    }
+
+    async fn open(&self, to: Option<(TargetAddr, u16)>) -> Result<Stream, ClientError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(CircCmd::Begin { addr, port, reply })
+            .send(CircCmd::Begin { to, reply })
             .await
             .map_err(|_| ClientError::CircuitClosed)?;
         rx.await.map_err(|_| ClientError::CircuitClosed)?
@@ -529,8 +539,12 @@ impl CircTask {
 
     fn on_cmd(&mut self, now: Instant, cmd: CircCmd) -> Result<(), ProtoError> {
         match cmd {
-            CircCmd::Begin { addr, port, reply } => {
-                let sid = match self.core.begin(addr, port) {
+            CircCmd::Begin { to, reply } => {
+                let opened = match to {
+                    Some((addr, port)) => self.core.begin(addr, port),
+                    None => self.core.begin_dir(),
+                };
+                let sid = match opened {
                     Ok(sid) => sid,
                     Err(e @ ProtoError::TooLarge { .. }) => {
                         let _ = reply.send(Err(ClientError::Build(e.to_string())));
@@ -648,7 +662,11 @@ impl CircTask {
             // Only a relay's core asks these.
             // Not asked for by this client: dropped.
             Event::Echo(_) => {}
-            Event::Begin { .. } | Event::Resolve { .. } | Event::Extend(_) | Event::Truncated => {
+            Event::Begin { .. }
+            | Event::BeginDir { .. }
+            | Event::Resolve { .. }
+            | Event::Extend(_)
+            | Event::Truncated => {
                 return Err(DestroyReason::INTERNAL);
             }
         }

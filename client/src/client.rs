@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use allium_directory::unix_now;
+use allium_directory::{http, unix_now};
 use allium_link::channel::{self, ChannelHandle};
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::socks::SocksAuth;
@@ -57,6 +57,9 @@ struct Inner {
     /// generation is not pooled for later streams.
     generation: AtomicU64,
     started: Instant,
+    /// Guards whose caches served what did not verify, until when (Unix
+    /// seconds).
+    bad_caches: Mutex<HashMap<[u8; 32], u64>>,
 }
 
 /// Counters a client keeps (totals only).
@@ -66,6 +69,11 @@ pub struct ClientStats {
     pub circuit_build_failures: AtomicU64,
     pub streams_opened: AtomicU64,
     pub stream_failures: AtomicU64,
+    /// Consensuses fetched (new or not) from authorities and from caches.
+    pub consensus_from_authorities: AtomicU64,
+    pub consensus_from_caches: AtomicU64,
+    /// Caches that served what did not verify.
+    pub caches_avoided: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -238,6 +246,7 @@ impl Client {
                 dirtiness_secs,
                 generation: AtomicU64::new(0),
                 started: Instant::now(),
+                bad_caches: Mutex::default(),
             }),
         };
         if let Some(c) = client.consensus() {
@@ -262,12 +271,26 @@ impl Client {
             Some(_) => tokio::fs::read(&path).await.ok(),
             None => None,
         };
-        let (c, bytes) = dir::fetch_consensus(
-            &self.inner.cfg.authorities,
-            &self.inner.keys,
-            base.as_deref(),
-        )
-        .await?;
+        let cached = match self.consensus() {
+            Some(held) => self.fetch_from_caches(&held, base.as_deref()).await,
+            None => None,
+        };
+        let (c, bytes) = match cached {
+            Some(got) => {
+                inc(&self.inner.stats.consensus_from_caches);
+                got
+            }
+            None => {
+                let got = dir::fetch_consensus(
+                    &self.inner.cfg.authorities,
+                    &self.inner.keys,
+                    base.as_deref(),
+                )
+                .await?;
+                inc(&self.inner.stats.consensus_from_authorities);
+                got
+            }
+        };
         let newer = self
             .consensus()
             .is_none_or(|old| old.valid_after < c.valid_after);
@@ -280,6 +303,69 @@ impl Client {
         Ok(c)
     }
 
+    /// A consensus from the directory caches of the usable guards, asked in
+    /// order (at most [`dir::CACHES_TRIED`], none that misbehaved lately),
+    /// each over a one-hop circuit; `None` if none gave one.
+    async fn fetch_from_caches(
+        &self,
+        held: &Consensus,
+        base: Option<&[u8]>,
+    ) -> Option<(Arc<Consensus>, Vec<u8>)> {
+        let now = unix_now();
+        let caches: Vec<ConsensusRelay> = {
+            let mut g = lock(&self.inner.guards);
+            g.update(held, now);
+            let usable = g.usable(held);
+            let mut bad = lock(&self.inner.bad_caches);
+            bad.retain(|_, until| *until > now);
+            usable
+                .into_iter()
+                .filter(|r| !bad.contains_key(&r.identity))
+                .take(dir::CACHES_TRIED)
+                .collect()
+        };
+        for guard in caches {
+            let name = guard.nickname.clone();
+            let circ = match self.one_hop(&guard).await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(guard = %name, "no circuit to the directory cache: {e}");
+                    continue;
+                }
+            };
+            match dir::fetch_from_cache(&circ, &name, &self.inner.keys, held, base).await {
+                Ok(got) => {
+                    debug!(guard = %name, "consensus fetched from a directory cache");
+                    return Some(got);
+                }
+                Err(dir::CacheFailure::Unavailable(e)) => {
+                    debug!(guard = %name, "directory cache unavailable: {e}");
+                }
+                Err(dir::CacheFailure::Misbehaved(why)) => {
+                    warn!(guard = %name, "directory cache avoided for an hour: {why}");
+                    inc(&self.inner.stats.caches_avoided);
+                    lock(&self.inner.bad_caches).insert(guard.identity, now + dir::BAD_CACHE_SECS);
+                }
+            }
+        }
+        None
+    }
+
+    /// A one-hop circuit to `guard`, for directory requests.
+    async fn one_hop(&self, guard: &ConsensusRelay) -> Result<CircuitHandle, ClientError> {
+        let chan = self.guard_channel(guard).await?;
+        let timeout = lock(&self.inner.cbt).timeout();
+        let ctl = self.inner.events.launch();
+        let params = self.inner.cfg.circ_params();
+        match circuit::build(chan, vec![guard.clone()], timeout, params, ctl.clone()).await {
+            Ok(c) => Ok(c),
+            Err(f) => {
+                ctl.failed(&[], build_failure_reason(&f.error));
+                Err(f.error)
+            }
+        }
+    }
+
     /// The current consensus, if it is still valid.
     pub fn consensus(&self) -> Option<Arc<Consensus>> {
         self.inner
@@ -290,7 +376,7 @@ impl Client {
     }
 
     /// Keep the consensus fresh forever: refetch in the period after
-    /// fresh-until ([`next_fetch`]), back off on failure ([`retry_after`]),
+    /// fresh-until ([`next_fetch`]), back off on failure ([`http::retry_after`]),
     /// keep a still-valid one meanwhile.
     pub async fn consensus_loop(self) {
         let mut announced = false;
@@ -328,7 +414,7 @@ impl Client {
                         }
                     }
                     missing = missing.saturating_add(1);
-                    retry_after(missing, self.consensus().is_some(), rand::random())
+                    http::retry_after(missing, self.consensus().is_some(), rand::random())
                 }
             };
             tokio::time::sleep(Duration::from_secs(wait)).await;
@@ -804,7 +890,7 @@ impl Client {
 
     /// The client's Prometheus metrics (totals; no addresses or destinations).
     pub fn metrics_registry(&self) -> prometheus_client::registry::Registry {
-        use allium_link::metrics::{Family, SnapshotCollector};
+        use allium_link::metrics::{Family, SnapshotCollector, Value};
         let me = self.clone();
         let mut r = prometheus_client::registry::Registry::with_prefix("allium_client");
         r.register_collector(Box::new(SnapshotCollector(move || {
@@ -825,6 +911,25 @@ impl Client {
                     i64::from(me.inner.phase.load(Ordering::Relaxed)),
                 ),
                 Family::counter("streams_opened", "Streams opened", g(&s.streams_opened)),
+                Family {
+                    name: "consensus_fetches",
+                    help: "Consensuses fetched, from the authorities or from guards' directory caches",
+                    values: vec![
+                        (
+                            Some(("from", "authority")),
+                            Value::Counter(g(&s.consensus_from_authorities)),
+                        ),
+                        (
+                            Some(("from", "cache")),
+                            Value::Counter(g(&s.consensus_from_caches)),
+                        ),
+                    ],
+                },
+                Family::counter(
+                    "directory_caches_avoided",
+                    "Guards' directory caches avoided for serving a consensus that does not verify",
+                    g(&s.caches_avoided),
+                ),
                 Family::counter(
                     "stream_failures",
                     "Streams that could not be opened",
@@ -910,24 +1015,6 @@ fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
     } else {
         ((1u64 << stale.min(9)).min(300), stale.saturating_add(1))
     }
-}
-
-/// Seconds until the consensus is asked for again after `failures` failed
-/// fetches in a row (from every authority), `have` telling whether a valid
-/// one is held; `r` is a random number. Without one the client asks every
-/// second for a minute (the authorities may be about to publish their
-/// first); after that, or while it holds one, it backs off from 5 s,
-/// doubling up to 5 minutes, each wait drawn from its upper half, so that
-/// an outage of the directory never has a network's clients asking in
-/// step or in a tight loop.
-fn retry_after(failures: u32, have: bool, r: u64) -> u64 {
-    const BOOTSTRAP: u32 = 60;
-    if !have && failures <= BOOTSTRAP {
-        return 1;
-    }
-    let n = if have { failures } else { failures - BOOTSTRAP };
-    let cap = (5u64 << n.saturating_sub(1).min(6)).min(300);
-    cap - r % (cap / 2 + 1)
 }
 
 /// A path through `guard` for `target`, with an exit that is none of
@@ -1032,22 +1119,6 @@ mod tests {
         assert_eq!(next_fetch(&c, 1000, 20, 0), (300, 21));
         c.fresh_until = 1001;
         assert_eq!(next_fetch(&c, 1000, stale, 0), (1, 0));
-    }
-
-    #[test]
-    fn failed_fetches_back_off() {
-        let waits = |have: bool, from: u32, r: u64| -> Vec<u64> {
-            (from..from + 9).map(|f| retry_after(f, have, r)).collect()
-        };
-        assert_eq!(waits(false, 1, 0)[..], [1; 9]);
-        assert_eq!(waits(false, 61, 0), [5, 10, 20, 40, 80, 160, 300, 300, 300]);
-        assert_eq!(waits(true, 1, 0), [5, 10, 20, 40, 80, 160, 300, 300, 300]);
-        // Each wait is drawn from the upper half of its cap.
-        for r in 0..1000 {
-            let w = retry_after(7, true, r);
-            assert!((150..=300).contains(&w), "{w}");
-            assert!((3..=5).contains(&retry_after(1, true, r)));
-        }
     }
 
     /// Clients fetch the next consensus at times spread evenly over the

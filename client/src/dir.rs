@@ -1,12 +1,80 @@
-//! Getting a consensus the client can trust.
+//! Getting a consensus the client can trust: from the authorities at
+//! bootstrap, and afterwards from the directory caches of its guards, over
+//! BEGIN_DIR streams on one-hop circuits (`doc/protocol.md` section 8), so
+//! that no observer of the network sees the client talk to a directory and
+//! the authorities serve relays only. Whatever a cache serves is verified
+//! against the pinned authority keys like a consensus from an authority.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use allium_directory::{AuthorityEntry, http, unix_now};
 use allium_proto::{AuthorityKey, Consensus, UnverifiedConsensus};
 use tracing::debug;
 
 use crate::ClientError;
+use crate::circuit::CircuitHandle;
+
+/// How long a fetch from one cache may take, all its requests together.
+pub const CACHE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Guards asked, in order, before the client turns to the authorities.
+pub const CACHES_TRIED: usize = 3;
+/// A cache that served something that does not verify is not asked again
+/// for this long.
+pub const BAD_CACHE_SECS: u64 = 3600;
+
+/// Why a cache gave no consensus.
+#[derive(Debug)]
+pub enum CacheFailure {
+    /// It could not be reached, had nothing to give, or only a consensus
+    /// older than the client's.
+    Unavailable(ClientError),
+    /// It served something that is no valid consensus: avoid it.
+    Misbehaved(String),
+}
+
+/// The consensus from the directory cache at the end of `circ` (a one-hop
+/// circuit to the guard `source`), as a diff from `base` if it can, verified
+/// against `keys` and no older than `held`.
+pub async fn fetch_from_cache(
+    circ: &CircuitHandle,
+    source: &str,
+    keys: &[AuthorityKey],
+    held: &Consensus,
+    base: Option<&[u8]>,
+) -> Result<(Arc<Consensus>, Vec<u8>), CacheFailure> {
+    let max = allium_proto::doc::MAX_CONSENSUS_LEN;
+    let get = |path: String| async move {
+        let stream = circ
+            .begin_dir()
+            .await
+            .map_err(|e| allium_directory::DirError::Http {
+                addr: source.to_string(),
+                why: format!("BEGIN_DIR: {e}"),
+            })?;
+        let (app, net) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(crate::socks::relay_bytes(net, stream, Vec::new()));
+        http::exchange(app, source, "GET", &path, Vec::new(), max).await
+    };
+    let bytes = tokio::time::timeout(CACHE_TIMEOUT, http::fetch_consensus_with(source, get, base))
+        .await
+        .map_err(|_| CacheFailure::Unavailable(ClientError::Timeout("directory cache")))?
+        .map_err(|e| CacheFailure::Unavailable(e.into()))?;
+    let c = UnverifiedConsensus::parse(&bytes)
+        .and_then(|u| u.verify(keys, unix_now()))
+        .map_err(|e| CacheFailure::Misbehaved(e.to_string()))?;
+    // Valid but behind (a cache that has not fetched the latest yet):
+    // not held against it, but the next cache is asked.
+    if c.valid_after < held.valid_after {
+        return Err(CacheFailure::Unavailable(ClientError::NoConsensus(
+            format!(
+                "the cache is behind (valid-after {} < {})",
+                c.valid_after, held.valid_after
+            ),
+        )));
+    }
+    Ok((Arc::new(c), bytes))
+}
 
 /// Fetch a consensus that verifies against `keys` (see
 /// [`http::fetch_verified_consensus`]); the error says what each authority

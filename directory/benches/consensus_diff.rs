@@ -95,8 +95,8 @@ async fn main() {
         a.accept_descriptor(&desc(i, now), now).unwrap();
     }
     let (second, made) = publish(va + 3600, now).await;
-    let z = a.consensus_diff(None).unwrap();
-    let d1 = a.consensus_diff(Some(diff::digest(&first))).unwrap();
+    let z = a.cache().diff(None).unwrap();
+    let d1 = a.cache().diff(Some(diff::digest(&first))).unwrap();
     let t = Instant::now();
     let back = diff::decode(Some(&first), &d1, allium_proto::doc::MAX_CONSENSUS_LEN).unwrap();
     let applied = t.elapsed();
@@ -106,8 +106,8 @@ async fn main() {
         a.accept_descriptor(&desc(i, now + 1), now + 1).unwrap();
     }
     let (third, _) = publish(va + 7200, now + 1).await;
-    let d_all = a.consensus_diff(Some(diff::digest(&second))).unwrap();
-    let d_two = a.consensus_diff(Some(diff::digest(&first))).unwrap();
+    let d_all = a.cache().diff(Some(diff::digest(&second))).unwrap();
+    let d_two = a.cache().diff(Some(diff::digest(&first))).unwrap();
     assert_eq!(
         diff::decode(Some(&second), &d_all, allium_proto::doc::MAX_CONSENSUS_LEN).unwrap(),
         third

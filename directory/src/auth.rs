@@ -33,11 +33,12 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use crate::cache::ConsensusCache;
 use crate::descstore::DescriptorStore;
 use crate::keys::Signer;
 use crate::metrics::{self, AuthStats};
 use crate::serve::{self, HttpLimits, RateLimiter, host_key};
-use crate::{AuthorityEntry, DirError, diff, http, measure, reach, store, unix_now};
+use crate::{AuthorityEntry, DirError, http, measure, reach, store, unix_now};
 
 /// `allium dirauth` configuration (TOML). See `examples/dirauth.toml`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -162,13 +163,6 @@ struct AuthState {
     /// Our detached signature by period.
     own_sigs: BTreeMap<u64, Bytes>,
     pending: Option<Pending>,
-    consensus: Option<Bytes>,
-    /// The consensuses published before the current one, newest last (at
-    /// most [`diff::KEEP`]), by digest.
-    recent: std::collections::VecDeque<([u8; 32], Bytes)>,
-    /// The current consensus as a diff from each of `recent` (by the
-    /// base's digest), and compressed alone (`None`), once made.
-    diffs: HashMap<Option<[u8; 32]>, Bytes>,
 }
 
 /// Relays new to the table tested at once, at most.
@@ -188,6 +182,8 @@ pub struct Authority {
     disk: Mutex<DescriptorStore>,
     limiter: Mutex<RateLimiter>,
     stats: Arc<AuthStats>,
+    /// The published consensus, its predecessors and the diffs from them.
+    cache: Arc<ConsensusCache>,
 }
 
 fn parse_id(s: &str) -> Result<[u8; 32], DirError> {
@@ -262,8 +258,9 @@ impl Authority {
                 _ => disk.remove(&file)?,
             }
         }
+        let cache = Arc::new(ConsensusCache::new());
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/consensus")) {
-            st.consensus = Some(Bytes::from(b));
+            cache.install(Bytes::from(b));
         }
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/votes")) {
             let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
@@ -289,6 +286,7 @@ impl Authority {
             disk: Mutex::new(disk),
             limiter: Mutex::new(limiter),
             stats: Arc::default(),
+            cache,
         })
     }
 
@@ -903,18 +901,7 @@ impl Authority {
         {
             warn!("persisting consensus: {e}");
         }
-        let bytes = Bytes::from(bytes);
-        if let Some(old) = st.consensus.replace(bytes.clone())
-            && old != bytes
-        {
-            let current = diff::digest(&bytes);
-            st.recent.push_back((diff::digest(&old), old));
-            st.recent.retain(|(d, _)| *d != current);
-            while st.recent.len() > diff::KEEP {
-                st.recent.pop_front();
-            }
-            st.diffs.clear();
-        }
+        self.cache.install(Bytes::from(bytes));
         st.votes
             .retain(|va, _| *va + 2 * self.cfg.interval_secs > valid_after);
         st.own_sigs
@@ -993,58 +980,19 @@ impl Authority {
         }
     }
 
+    /// The published consensus.
     pub fn consensus_bytes(&self) -> Option<Bytes> {
-        lock(&self.state).consensus.clone()
+        self.cache.current()
     }
 
-    /// The current consensus as a diff from the one whose digest is `base`
-    /// (compressed alone for `None`), once made.
-    pub fn consensus_diff(&self, base: Option<[u8; 32]>) -> Option<Bytes> {
-        lock(&self.state).diffs.get(&base).cloned()
+    /// The published consensus, its predecessors and the diffs from them.
+    pub fn cache(&self) -> &ConsensusCache {
+        &self.cache
     }
 
-    /// Make the current consensus' diffs from the recent ones and its
-    /// compressed form, off the async threads and outside the lock; they
-    /// are kept if the consensus is still current when they are done.
+    /// Make the current consensus' diffs (see [`ConsensusCache::make_diffs`]).
     pub async fn make_diffs(&self) {
-        let (current, bases) = {
-            let st = lock(&self.state);
-            let Some(c) = st.consensus.clone() else {
-                return;
-            };
-            let bases: Vec<([u8; 32], Bytes)> = st
-                .recent
-                .iter()
-                .filter(|(d, _)| !st.diffs.contains_key(&Some(*d)))
-                .cloned()
-                .collect();
-            if st.diffs.contains_key(&None) && bases.is_empty() {
-                return;
-            }
-            (c, bases)
-        };
-        let c = current.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            let mut out = vec![(None, diff::encode(None, &c))];
-            for (d, b) in &bases {
-                out.push((Some(*d), diff::encode(Some(b), &c)));
-            }
-            out
-        })
-        .await;
-        let Ok(made) = made else { return };
-        let mut st = lock(&self.state);
-        if st.consensus.as_ref() != Some(&current) {
-            return;
-        }
-        for (base, d) in made {
-            match d {
-                Ok(d) => {
-                    st.diffs.insert(base, Bytes::from(d));
-                }
-                Err(e) => warn!("making a consensus diff: {e}"),
-            }
-        }
+        self.cache.make_diffs().await
     }
 
     /// Our own vote for the period starting at `va`.
@@ -1092,9 +1040,12 @@ impl Authority {
         };
         let metrics = async {
             match self.cfg.metrics_listen {
-                Some(a) => allium_link::metrics::serve(a, metrics::registry(self.stats.clone()))
-                    .await
-                    .map_err(|e| DirError::Config(e.to_string())),
+                Some(a) => allium_link::metrics::serve(
+                    a,
+                    metrics::registry(self.stats.clone(), self.cache.clone()),
+                )
+                .await
+                .map_err(|e| DirError::Config(e.to_string())),
                 None => std::future::pending().await,
             }
         };
@@ -1111,6 +1062,7 @@ impl Authority {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::diff;
     use allium_proto::RelayDescriptor;
     use allium_proto::ntor::OnionSecret;
     use allium_proto::policy::ExitPolicy;

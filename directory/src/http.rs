@@ -42,45 +42,66 @@ pub(crate) async fn request(
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let conn = tokio::spawn(conn);
-        // The same bytes from every client and relay: nothing in a
-        // request tells one fetcher from another.
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr.to_string());
-        if !body.is_empty() {
-            req = req.header("content-type", "application/octet-stream");
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| fail(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), limit)
-            .collect()
-            .await
-            .map_err(|e| fail(format!("reading body: {e}")))?
-            .to_bytes()
-            .to_vec();
-        conn.abort();
-        if status != 200 {
-            return Err(DirError::Status {
-                status,
-                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into(),
-            });
-        }
-        Ok(body)
+        exchange(stream, &addr.to_string(), method, path, body, limit).await
     };
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| fail("timed out".into()))?
+}
+
+/// One HTTP/1.1 request on `io` (a TCP connection or a BEGIN_DIR stream)
+/// to `host`, and the body of its answer if that is 200 and at most
+/// `limit` bytes. The caller bounds the time.
+pub async fn exchange<S>(
+    io: S,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+    limit: usize,
+) -> Result<Vec<u8>, DirError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let fail = |why: String| DirError::Http {
+        addr: host.to_string(),
+        why,
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let conn = tokio::spawn(conn);
+    // The same bytes from every client and relay: nothing in a
+    // request tells one fetcher from another.
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    if !body.is_empty() {
+        req = req.header("content-type", "application/octet-stream");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let body = Limited::new(resp.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| fail(format!("reading body: {e}")))?
+        .to_bytes()
+        .to_vec();
+    conn.abort();
+    if status != 200 {
+        return Err(DirError::Status {
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(512)]).into(),
+        });
+    }
+    Ok(body)
 }
 
 /// Fetch the raw consensus document from an authority.
@@ -95,22 +116,41 @@ pub async fn fetch_consensus(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
     .await
 }
 
-/// The current consensus of the authority at `addr`, fetched as a diff
-/// from `base` (the bytes of one the fetcher holds); not yet verified.
-pub async fn fetch_consensus_diff(addr: SocketAddr, base: &[u8]) -> Result<Vec<u8>, DirError> {
+/// The current consensus of one directory (an authority or a cache),
+/// whose answer to a GET of a path `get` gives: as a diff from `base` (the
+/// bytes of one the fetcher holds) first, if there is one, and whole if
+/// that fails. Not yet verified.
+pub async fn fetch_consensus_with<F, Fut>(
+    source: &str,
+    mut get: F,
+    base: Option<&[u8]>,
+) -> Result<Vec<u8>, DirError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<Vec<u8>, DirError>>,
+{
     let max = allium_proto::doc::MAX_CONSENSUS_LEN;
-    let path = format!("/consensus/diff/{}", hex::encode(diff::digest(base)));
-    let d = request(addr, "GET", &path, vec![], max).await?;
-    let full = diff::decode(Some(base), &d, max).map_err(|why| DirError::Http {
-        addr: addr.to_string(),
-        why,
-    })?;
-    debug!(
-        diff = d.len(),
-        consensus = full.len(),
-        "consensus fetched as a diff"
-    );
-    Ok(full)
+    if let Some(base) = base {
+        let path = format!("/consensus/diff/{}", hex::encode(diff::digest(base)));
+        let full = get(path).await.and_then(|d| {
+            let full = diff::decode(Some(base), &d, max).map_err(|why| DirError::Http {
+                addr: source.to_string(),
+                why,
+            })?;
+            debug!(
+                source,
+                diff = d.len(),
+                consensus = full.len(),
+                "consensus fetched as a diff"
+            );
+            Ok(full)
+        });
+        match full {
+            Ok(full) => return Ok(full),
+            Err(e) => debug!(source, "no consensus diff: {e}"),
+        }
+    }
+    get("/consensus".into()).await
 }
 
 /// Fetch from the authorities (in random order) until one serves a
@@ -132,17 +172,10 @@ pub async fn fetch_verified_consensus(
     let (mut answered, mut by_unpinned) = (0, 0);
     for a in order {
         let r = async {
-            let diffed = match base {
-                Some(b) => fetch_consensus_diff(a.addr, b)
-                    .await
-                    .inspect_err(|e| debug!(authority = %a.name, "no consensus diff: {e}"))
-                    .ok(),
-                None => None,
-            };
-            let bytes = match diffed {
-                Some(b) => b,
-                None => fetch_consensus(a.addr).await?,
-            };
+            let max = allium_proto::doc::MAX_CONSENSUS_LEN;
+            let get =
+                |path: String| async move { request(a.addr, "GET", &path, vec![], max).await };
+            let bytes = fetch_consensus_with(&a.name, get, base).await?;
             let u = UnverifiedConsensus::parse(&bytes)?;
             answered += 1;
             let now = unix_now();
@@ -179,6 +212,24 @@ pub async fn fetch_verified_consensus(
         });
     }
     Err(DirError::NoConsensus(why.join("; ")))
+}
+
+/// Seconds until the consensus is asked for again after `failures` failed
+/// fetches in a row (from every authority), `have` telling whether a valid
+/// one is held; `r` is a random number. Without one a fetcher asks every
+/// second for a minute (the authorities may be about to publish their
+/// first); after that, or while it holds one, it backs off from 5 s,
+/// doubling up to 5 minutes, each wait drawn from its upper half, so that
+/// an outage of the directory never has a network's fetchers asking in
+/// step or in a tight loop.
+pub fn retry_after(failures: u32, have: bool, r: u64) -> u64 {
+    const BOOTSTRAP: u32 = 60;
+    if !have && failures <= BOOTSTRAP {
+        return 1;
+    }
+    let n = if have { failures } else { failures - BOOTSTRAP };
+    let cap = (5u64 << n.saturating_sub(1).min(6)).min(300);
+    cap - r % (cap / 2 + 1)
 }
 
 /// Say loudly (at most every ten minutes per process) that the configured
@@ -282,5 +333,21 @@ mod tests {
             "GET /consensus HTTP/1.1\r\nhost: AUTHORITY\r\n\r\n"
         );
         assert_eq!(request_bytes().await, a);
+    }
+
+    #[test]
+    fn failed_fetches_back_off() {
+        let waits = |have: bool, from: u32, r: u64| -> Vec<u64> {
+            (from..from + 9).map(|f| retry_after(f, have, r)).collect()
+        };
+        assert_eq!(waits(false, 1, 0)[..], [1; 9]);
+        assert_eq!(waits(false, 61, 0), [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(waits(true, 1, 0), [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        // Each wait is drawn from the upper half of its cap.
+        for r in 0..1000 {
+            let w = retry_after(7, true, r);
+            assert!((150..=300).contains(&w), "{w}");
+            assert!((3..=5).contains(&retry_after(1, true, r)));
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! than half of them (`doc/protocol.md` sections 7 and 8).
 
 pub mod auth;
+pub mod cache;
 pub mod descstore;
 pub mod diff;
 pub mod http;

@@ -1,11 +1,14 @@
 //! The authority's Prometheus metrics (served by [`allium_link::metrics`]):
 //! documents received by kind and outcome, consensuses published, and what
-//! the current consensus holds. Totals only: no addresses.
+//! the current consensus holds, consensuses served by form. Totals only:
+//! no addresses.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use allium_link::metrics::{Family, SnapshotCollector, Value};
+
+use crate::cache::ConsensusCache;
 use axum::http::StatusCode;
 use prometheus_client::registry::Registry;
 
@@ -73,7 +76,7 @@ impl AuthStats {
 }
 
 /// An authority's metrics.
-pub fn registry(stats: Arc<AuthStats>) -> Registry {
+pub fn registry(stats: Arc<AuthStats>, cache: Arc<ConsensusCache>) -> Registry {
     let mut r = Registry::with_prefix("allium_dirauth");
     r.register_collector(Box::new(SnapshotCollector(move || {
         let s = &stats;
@@ -140,6 +143,7 @@ pub fn registry(stats: Arc<AuthStats>) -> Registry {
                 "Relay descriptors this authority holds",
                 g(&s.descriptors_held) as i64,
             ),
+            cache.served_family(),
         ]);
         out
     })));

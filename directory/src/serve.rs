@@ -213,8 +213,8 @@ fn router(a: Arc<Authority>, limits: HttpLimits) -> Router {
         )
         .route("/signature/{va}", get(get_signature))
         .route("/consensus", get(get_consensus))
-        .route("/consensus/zstd", get(get_consensus_zstd))
-        .route("/consensus/diff/{base}", get(get_consensus_diff))
+        .route("/consensus/zstd", get(get_consensus))
+        .route("/consensus/diff/{base}", get(get_consensus))
         .layer(DefaultBodyLimit::max(0))
         .layer(axum::middleware::from_fn_with_state(
             limits.request,
@@ -378,32 +378,13 @@ async fn get_signature(
         .ok_or((StatusCode::NOT_FOUND, "no signature for that period"))
 }
 
+/// The consensus, whole, compressed or as a diff (doc/protocol.md,
+/// "Consensus diffs"), as [`crate::cache::ConsensusCache::answer`] says.
 async fn get_consensus(
     State(a): State<Arc<Authority>>,
+    uri: axum::http::Uri,
 ) -> Result<Bytes, (StatusCode, &'static str)> {
-    a.consensus_bytes()
-        .ok_or((StatusCode::NOT_FOUND, "no consensus yet"))
-}
-
-/// The current consensus compressed (doc/protocol.md, "Consensus diffs").
-async fn get_consensus_zstd(
-    State(a): State<Arc<Authority>>,
-) -> Result<Bytes, (StatusCode, &'static str)> {
-    a.consensus_diff(None)
-        .ok_or((StatusCode::NOT_FOUND, "no compressed consensus yet"))
-}
-
-/// The current consensus as a diff from the one whose SHA-256 is `base`
-/// (hex).
-async fn get_consensus_diff(
-    State(a): State<Arc<Authority>>,
-    Path(base): Path<String>,
-) -> Result<Bytes, (StatusCode, &'static str)> {
-    let mut d = [0u8; 32];
-    hex::decode_to_slice(&base, &mut d)
-        .map_err(|_| (StatusCode::BAD_REQUEST, "base: 64 hex digits"))?;
-    a.consensus_diff(Some(d))
-        .ok_or((StatusCode::NOT_FOUND, "no diff from that consensus"))
+    a.cache().answer(uri.path())
 }
 
 #[cfg(test)]

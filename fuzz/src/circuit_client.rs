@@ -223,7 +223,7 @@ fn drive(net: &mut Net, inp: &mut Input<'_>) -> Result<(), Error> {
                 net.msg_from_hop(j, 0, &RelayMsg::Sendme { tag })?;
             }
             5 => {
-                let r = match inp.u8() % 4 {
+                let r = match inp.u8() % 5 {
                     0 => net
                         .client
                         .begin(TargetAddr::Host("example.org".into()), inp.u16()),
@@ -231,6 +231,7 @@ fn drive(net: &mut Net, inp: &mut Input<'_>) -> Result<(), Error> {
                         .client
                         .begin(TargetAddr::Ip(IpAddr::from(inp.array::<16>())), 443),
                     2 => net.client.resolve("example.org".into()),
+                    3 => net.client.begin_dir(),
                     _ => {
                         let body = inp.var();
                         let body = &body[..body.len().min(net.client.echo_max())];

@@ -178,7 +178,9 @@ impl Net {
 
     fn event(&mut self, k: usize, e: Event) {
         match e {
-            Event::Begin { stream, .. } | Event::Resolve { stream, .. } => self.begun.push(stream),
+            Event::Begin { stream, .. }
+            | Event::BeginDir { stream }
+            | Event::Resolve { stream, .. } => self.begun.push(stream),
             Event::Extend(_) => self.extending = Some(k),
             Event::Data { stream, cells, .. } => *self.held[k].entry(stream).or_default() += cells,
             Event::End { stream, .. } => {
@@ -355,7 +357,7 @@ fn drive(net: &mut Net, inp: &mut Input<'_>, hops: usize) -> Result<(), Error> {
             7 => {
                 let sid = net.sid(inp);
                 let r = match inp.u8() % 4 {
-                    0 => net.relays[k].connected(sid, IpAddr::from(inp.array::<4>())),
+                    0 => net.relays[k].connected(sid, Some(IpAddr::from(inp.array::<4>()))),
                     1 => {
                         net.held[k].remove(&sid);
                         net.relays[k].end(sid, EndReason(inp.u8()))

@@ -59,6 +59,8 @@ pub struct RelayStats {
     /// Circuits that carried at least one stream (exits only).
     pub circuits_with_streams: AtomicU64,
     pub exit_bytes: AtomicU64,
+    /// BEGIN_DIR streams opened (to this relay's consensus cache).
+    pub dir_streams: AtomicU64,
     /// Link bytes read and written (Noise frames).
     pub link_bytes_read: AtomicU64,
     pub link_bytes_written: AtomicU64,

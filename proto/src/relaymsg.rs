@@ -32,6 +32,7 @@ crate::open_enum! {
         ECHO = 13,
         XOFF = 14,
         XON = 15,
+        BEGIN_DIR = 16,
     }
 }
 
@@ -165,6 +166,9 @@ pub enum RelayMsg {
     Xoff,
     /// The stream's receiver has drained: go on.
     Xon,
+    /// Open a stream to the hop's own directory cache (an HTTP/1.1
+    /// exchange, `doc/protocol.md` section 8); empty body.
+    BeginDir,
 }
 
 /// Ask the last hop to extend the circuit to another relay.
@@ -195,6 +199,7 @@ impl RelayMsg {
             RelayMsg::Echo(_) => RelayCmd::ECHO,
             RelayMsg::Xoff => RelayCmd::XOFF,
             RelayMsg::Xon => RelayCmd::XON,
+            RelayMsg::BeginDir => RelayCmd::BEGIN_DIR,
         }
     }
 
@@ -230,7 +235,11 @@ impl RelayMsg {
             RelayMsg::Extended(h) => {
                 w.put_u16(h.len() as u16).put(h);
             }
-            RelayMsg::Truncate | RelayMsg::Drop | RelayMsg::Xoff | RelayMsg::Xon => {}
+            RelayMsg::Truncate
+            | RelayMsg::Drop
+            | RelayMsg::Xoff
+            | RelayMsg::Xon
+            | RelayMsg::BeginDir => {}
             RelayMsg::Truncated(r) => {
                 w.put_u8(*r);
             }
@@ -398,6 +407,7 @@ impl RelayMsg {
             RelayCmd::TRUNCATE => RelayMsg::Truncate,
             RelayCmd::XOFF => RelayMsg::Xoff,
             RelayCmd::XON => RelayMsg::Xon,
+            RelayCmd::BEGIN_DIR => RelayMsg::BeginDir,
             RelayCmd::TRUNCATED => RelayMsg::Truncated(r.take_u8()?),
             RelayCmd::DROP => {
                 r.take_rest();
@@ -443,6 +453,7 @@ mod tests {
         vec![
             RelayMsg::Xoff,
             RelayMsg::Xon,
+            RelayMsg::BeginDir,
             RelayMsg::Begin {
                 addr: TargetAddr::Host("example.com".into()),
                 port: 443,

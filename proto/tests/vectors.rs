@@ -92,6 +92,7 @@ fn compute() -> BTreeMap<String, String> {
         ("relay.sendme", 0, RelayMsg::Sendme { tag: [0x11; 16] }),
         ("relay.xoff", 1, RelayMsg::Xoff),
         ("relay.xon", 1, RelayMsg::Xon),
+        ("relay.begin_dir", 7, RelayMsg::BeginDir),
         (
             "relay.extend",
             0,

@@ -34,7 +34,7 @@ struct Next {
     rx: Inbox,
 }
 
-/// An exit stream as its circuit sees it.
+/// An exit or directory stream as its circuit sees it.
 struct ExitStream {
     tx: mpsc::UnboundedSender<StreamCmd>,
     /// Room for chunks at the circuit, shared with the stream task.
@@ -381,6 +381,30 @@ impl Circuit {
         }
     }
 
+    /// Take a stream the core opened: its queue, its room at the circuit.
+    fn open_stream(
+        &mut self,
+        stream: u16,
+    ) -> (
+        StreamKey,
+        Arc<Semaphore>,
+        mpsc::UnboundedReceiver<StreamCmd>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(exit::SEND_ROOM));
+        let key = self.key(stream);
+        self.streams.insert(
+            stream,
+            ExitStream {
+                tx,
+                room: room.clone(),
+                epoch: key.epoch,
+            },
+        );
+        RelayStats::inc(&self.ctx.stats.streams_opened, 1);
+        (key, room, rx)
+    }
+
     async fn on_event(&mut self, ev: Event) -> Result<(), Teardown> {
         match ev {
             Event::Extend(e) => self.extend(e).await?,
@@ -396,22 +420,11 @@ impl Circuit {
                         .map_err(RelayError::from)?;
                     return Ok(());
                 }
-                let (tx, rx) = mpsc::unbounded_channel();
-                let room = Arc::new(Semaphore::new(exit::SEND_ROOM));
-                let key = self.key(stream);
-                self.streams.insert(
-                    stream,
-                    ExitStream {
-                        tx,
-                        room: room.clone(),
-                        epoch: key.epoch,
-                    },
-                );
-                RelayStats::inc(&self.ctx.stats.streams_opened, 1);
                 if !self.had_stream {
                     self.had_stream = true;
                     RelayStats::inc(&self.ctx.stats.circuits_with_streams, 1);
                 }
+                let (key, room, rx) = self.open_stream(stream);
                 tokio::spawn(
                     exit::run_stream(
                         self.ctx.clone(),
@@ -423,6 +436,14 @@ impl Circuit {
                         rx,
                     )
                     .in_current_span(),
+                );
+            }
+            Event::BeginDir { stream } => {
+                RelayStats::inc(&self.ctx.stats.dir_streams, 1);
+                let (key, room, rx) = self.open_stream(stream);
+                tokio::spawn(
+                    exit::run_dir_stream(self.ctx.clone(), key, self.shared.clone(), room, rx)
+                        .in_current_span(),
                 );
             }
             Event::Resolve { stream, host } => {

@@ -11,7 +11,7 @@ use allium_proto::relaymsg::{EndReason, HEADER_LEN, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::RelayStats;
 use crate::relay::RelayCtx;
@@ -51,7 +51,8 @@ pub struct StreamKey {
 
 /// From a stream task to its circuit.
 pub enum StreamEvent {
-    Connected(StreamKey, IpAddr),
+    /// Connected (to this address; none for a BEGIN_DIR stream).
+    Connected(StreamKey, Option<IpAddr>),
     /// Bytes read from the target (counted against the relay's memory as
     /// [`chunk_bytes`] until the circuit has sealed them).
     Data(StreamKey, Vec<u8>),
@@ -180,7 +181,7 @@ pub async fn run_stream(
     room: Arc<Semaphore>,
     cmds: mpsc::UnboundedReceiver<StreamCmd>,
 ) {
-    let mut cmds = CmdRx {
+    let cmds = CmdRx {
         rx: cmds,
         acct: circ.acct.clone(),
     };
@@ -192,10 +193,52 @@ pub async fn run_stream(
             return;
         }
     };
-    if circ.ev.send(StreamEvent::Connected(sid, ip)).is_err() {
+    if circ.ev.send(StreamEvent::Connected(sid, Some(ip))).is_err() {
         return;
     }
-    let (mut r, mut w) = tcp.into_split();
+    let (r, w) = tcp.into_split();
+    shuttle(&ctx, sid, r, w, &circ, &room, cmds, true).await;
+}
+
+/// A BEGIN_DIR stream: HTTP requests to this relay's consensus cache
+/// ([`allium_directory::cache::serve_stream`]), answered over the circuit.
+pub async fn run_dir_stream(
+    ctx: Arc<RelayCtx>,
+    sid: StreamKey,
+    circ: Arc<CircShared>,
+    room: Arc<Semaphore>,
+    cmds: mpsc::UnboundedReceiver<StreamCmd>,
+) {
+    let cmds = CmdRx {
+        rx: cmds,
+        acct: circ.acct.clone(),
+    };
+    if circ.ev.send(StreamEvent::Connected(sid, None)).is_err() {
+        return;
+    }
+    let (ours, server) = tokio::io::duplex(READ_CHUNK);
+    let cache = ctx.net.cache().clone();
+    tokio::spawn(allium_directory::cache::serve_stream(cache, server).in_current_span());
+    let (r, w) = tokio::io::split(ours);
+    shuttle(&ctx, sid, r, w, &circ, &room, cmds, false).await;
+}
+
+/// Carry bytes between a stream's far end (`r`, `w`) and its circuit until
+/// either ends; `exit` counts what is written as exit traffic.
+#[allow(clippy::too_many_arguments)]
+async fn shuttle<R, W>(
+    ctx: &RelayCtx,
+    sid: StreamKey,
+    mut r: R,
+    mut w: W,
+    circ: &CircShared,
+    room: &Semaphore,
+    mut cmds: CmdRx,
+    exit: bool,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let mut out: Vec<u8> = Vec::new();
     let mut chunk: Vec<u8> = Vec::new();
     // Holding a permit: room for one more chunk at the circuit.
@@ -251,7 +294,9 @@ pub async fn run_stream(
                             Err(_) => break,
                         }
                     }
-                    RelayStats::inc(&ctx.stats.exit_bytes, out.len() as u64);
+                    if exit {
+                        RelayStats::inc(&ctx.stats.exit_bytes, out.len() as u64);
+                    }
                     // A target that takes nothing for this long is gone.
                     let res = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&out)).await;
                     if let Some(a) = &circ.acct {

@@ -33,7 +33,11 @@ const REASONS: [&str; 16] = [
 ];
 
 /// A relay's metrics.
-pub fn relay_registry(stats: Arc<RelayStats>, mem: Arc<QueueMem>) -> Registry {
+pub fn relay_registry(
+    stats: Arc<RelayStats>,
+    mem: Arc<QueueMem>,
+    cache: Arc<allium_directory::cache::ConsensusCache>,
+) -> Registry {
     let mut r = Registry::with_prefix("allium_relay");
     r.register_collector(Box::new(SnapshotCollector(move || {
         let s = &stats;
@@ -101,12 +105,18 @@ pub fn relay_registry(stats: Arc<RelayStats>, mem: Arc<QueueMem>) -> Registry {
             ),
             Family::counter(
                 "streams_opened",
-                "Exit streams opened",
+                "Streams opened (exit and BEGIN_DIR)",
                 c(&s.streams_opened),
             ),
+            Family::counter(
+                "dir_streams_opened",
+                "BEGIN_DIR streams opened to this relay's consensus cache",
+                c(&s.dir_streams),
+            ),
+            cache.served_family(),
             Family::gauge(
                 "streams_open",
-                "Exit streams open now",
+                "Streams open now (exit and BEGIN_DIR)",
                 c(&s.streams_opened).saturating_sub(c(&s.streams_closed)) as i64,
             ),
             Family::gauge(

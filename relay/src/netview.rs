@@ -8,6 +8,10 @@
 //! links from listed relays, at their listed address, from the per-address
 //! circuit rate that every other link pays.
 //!
+//! It is also what the relay serves as a directory cache: clients fetch
+//! the consensus from their guards over BEGIN_DIR streams, and only relays
+//! fetch from the authorities.
+//!
 //! A relay configured with no authorities (an isolated test relay) has no
 //! view: its extends rest on the identity proof of the link handshake alone.
 
@@ -15,6 +19,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use allium_directory::cache::ConsensusCache;
 use allium_directory::{AuthorityEntry, http, unix_now};
 use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
 use tokio::sync::{Notify, watch};
@@ -29,8 +34,6 @@ const POKE_INTERVAL: Duration = Duration::from_secs(5);
 const MIN_REFRESH: u64 = 5;
 /// How long a lookup of an unlisted relay waits for a fresher consensus.
 const LOOKUP_WAIT: Duration = Duration::from_secs(5);
-/// Retry after a failed fetch.
-const RETRY: Duration = Duration::from_secs(5);
 
 /// What the consensus says of a relay.
 #[derive(Debug)]
@@ -46,6 +49,9 @@ pub struct NetView {
     keys: Vec<AuthorityKey>,
     current: watch::Sender<Option<Arc<Consensus>>>,
     poke: Notify,
+    /// What this relay serves to clients as a directory cache: the
+    /// consensuses it verified, and diffs between them.
+    cache: Arc<ConsensusCache>,
 }
 
 impl NetView {
@@ -55,7 +61,13 @@ impl NetView {
             keys,
             current: watch::Sender::new(None),
             poke: Notify::new(),
+            cache: Arc::default(),
         }
+    }
+
+    /// The consensus cache this relay serves over BEGIN_DIR streams.
+    pub fn cache(&self) -> &Arc<ConsensusCache> {
+        &self.cache
     }
 
     fn enabled(&self) -> bool {
@@ -119,30 +131,34 @@ impl NetView {
     }
 
     /// Keep the consensus fresh: fetch at fresh-until, on a poke (at most
-    /// every [`POKE_INTERVAL`]), and retry failures.
+    /// every [`POKE_INTERVAL`]), and retry failures as clients do
+    /// ([`http::retry_after`]: no tight loop while the directory is down).
     pub async fn run(&self) {
         if !self.enabled() {
             return std::future::pending().await;
         }
         let mut announced = false;
-        // The bytes of the consensus held: the base of the next diff.
-        let mut held: Option<Vec<u8>> = None;
+        let mut failures = 0u32;
         loop {
             let fetched = Instant::now();
+            // The consensus held is the base of the next diff.
+            let held = self.cache.current();
             let fetched_now =
                 http::fetch_verified_consensus(&self.auths, &self.keys, held.as_deref()).await;
             let wait = match fetched_now {
                 Ok((c, bytes)) => {
+                    failures = 0;
                     let newer = self
                         .consensus()
                         .is_none_or(|old| old.valid_after < c.valid_after);
                     if newer {
-                        held = Some(bytes);
+                        self.cache.install(bytes.into());
                         if !announced {
                             info!(relays = c.relays.len(), "consensus verified");
                             announced = true;
                         }
                         self.current.send_replace(Some(c.clone()));
+                        self.cache.make_diffs().await;
                     } else {
                         // Nothing newer: still wake those waiting for it.
                         self.current.send_modify(|_| {});
@@ -158,7 +174,9 @@ impl NetView {
                         debug!("fetching the consensus: {e}");
                     }
                     self.current.send_modify(|_| {});
-                    RETRY
+                    failures = failures.saturating_add(1);
+                    let have = self.consensus().is_some();
+                    Duration::from_secs(http::retry_after(failures, have, rand::random()))
                 }
             };
             tokio::select! {

@@ -208,6 +208,11 @@ impl Relay {
         self.ctx.stats.clone()
     }
 
+    /// The consensus cache the relay serves over BEGIN_DIR streams.
+    pub fn dir_cache(&self) -> Arc<allium_directory::cache::ConsensusCache> {
+        self.ctx.net.cache().clone()
+    }
+
     /// The relay's queued-cell accounting.
     pub fn queue_mem(&self) -> Arc<QueueMem> {
         self.ctx.mem.clone()
@@ -503,6 +508,7 @@ impl Relay {
                         crate::metrics::relay_registry(
                             self.ctx.stats.clone(),
                             self.ctx.mem.clone(),
+                            self.ctx.net.cache().clone(),
                         ),
                     )
                     .await

@@ -108,6 +108,10 @@ pub enum Event {
         addr: TargetAddr,
         port: u16,
     },
+    /// Relay: the client asks for a stream to this relay's directory cache
+    /// (BEGIN_DIR). Answer with [`Circuit::connected`] (no address) or
+    /// [`Circuit::end`].
+    BeginDir { stream: u16 },
     /// Relay: the client asks to resolve a name. Answer with
     /// [`Circuit::resolved`].
     Resolve { stream: u16, host: String },
@@ -340,6 +344,14 @@ impl Circuit {
         Ok(sid)
     }
 
+    /// Client: open a stream to the last hop's directory cache
+    /// (BEGIN_DIR); its [`Event::Connected`] or [`Event::End`] follows.
+    pub fn begin_dir(&mut self) -> Result<u16, Error> {
+        let sid = self.new_stream(Kind::Opening)?;
+        self.originate(sid, &RelayMsg::BeginDir)?;
+        Ok(sid)
+    }
+
     /// Client: ask the last hop to send `body` straight back
     /// ([`Event::Echo`]); at most [`Circuit::echo_max`] bytes.
     pub fn echo(&mut self, body: &[u8]) -> Result<(), Error> {
@@ -382,12 +394,13 @@ impl Circuit {
         }
     }
 
-    /// Relay: the stream asked for by [`Event::Begin`] is connected.
-    pub fn connected(&mut self, sid: u16, addr: IpAddr) -> Result<(), Error> {
+    /// Relay: the stream asked for by [`Event::Begin`] is connected (to
+    /// `addr`; none for [`Event::BeginDir`]).
+    pub fn connected(&mut self, sid: u16, addr: Option<IpAddr>) -> Result<(), Error> {
         match self.streams.get_mut(&sid) {
             Some(st) if st.kind == Kind::Opening => {
                 st.kind = Kind::Open;
-                self.originate(sid, &RelayMsg::Connected(Some(addr)))
+                self.originate(sid, &RelayMsg::Connected(addr))
             }
             _ => Ok(()),
         }
@@ -674,9 +687,11 @@ impl Circuit {
             // Straight back, on a one-hop circuit only (a measurement): it
             // is no probe of a relay deeper in a circuit.
             RelayMsg::Echo(body) if sid == 0 && one_hop => self.originate(0, &RelayMsg::Echo(body)),
-            RelayMsg::Begin { .. } | RelayMsg::Resolve(_) if self.streams.contains_key(&sid) => {
+            RelayMsg::Begin { .. } | RelayMsg::BeginDir | RelayMsg::Resolve(_)
+                if self.streams.contains_key(&sid) =>
+            {
                 Err(unexpected(
-                    "a new stream id for BEGIN or RESOLVE",
+                    "a new stream id for BEGIN, BEGIN_DIR or RESOLVE",
                     format!("stream {sid}, which is open"),
                 ))
             }
@@ -690,6 +705,14 @@ impl Circuit {
                     addr,
                     port,
                 });
+                Ok(())
+            }
+            RelayMsg::BeginDir if sid != 0 => {
+                if self.streams.len() >= MAX_STREAMS {
+                    return self.originate(sid, &RelayMsg::End(EndReason::RESOURCE_LIMIT));
+                }
+                self.streams.insert(sid, StreamState::new(Kind::Opening));
+                self.events.push_back(Event::BeginDir { stream: sid });
                 Ok(())
             }
             RelayMsg::Resolve(host) if sid != 0 => {
@@ -706,7 +729,7 @@ impl Circuit {
                 if sid == 0 {
                     "a circuit message (EXTEND, TRUNCATE, SENDME, ECHO, DROP)"
                 } else {
-                    "a stream message (BEGIN, DATA, END, XOFF, XON, RESOLVE)"
+                    "a stream message (BEGIN, BEGIN_DIR, DATA, END, XOFF, XON, RESOLVE)"
                 },
                 format!("{:?} on stream {sid}", other.cmd()),
             )),

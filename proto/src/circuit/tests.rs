@@ -206,7 +206,7 @@ impl CircuitPair {
         assert!(at.is_some(), "no BEGIN for stream {sid}");
         self.events[exit].remove(at.unwrap_or_default());
         self.nodes[exit]
-            .connected(sid, IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .connected(sid, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
             .unwrap();
         self.drive();
         let connected = Event::Connected {
@@ -534,7 +534,7 @@ fn a_sendme_must_carry_the_tag_of_the_cell_it_acknowledges() {
     let mut c = RawClient::new();
     c.begin(5);
     c.exit
-        .connected(5, IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .connected(5, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
         .unwrap();
     let now = c.now;
     c.exit.send(now, 5, &vec![0u8; 150 * 500]).unwrap();

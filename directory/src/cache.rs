@@ -1,0 +1,247 @@
+//! A consensus cache: the consensus held, its predecessors, and the diffs
+//! from each (`doc/protocol.md` section 8), with the three GET requests
+//! that serve them.
+//!
+//! Authorities serve theirs over HTTP; every relay keeps one of the
+//! consensuses it fetched and verified, and serves it to clients over
+//! BEGIN_DIR streams ([`serve_stream`]), so that clients fetch from their
+//! guards and the authorities serve relays only.
+//!
+//! A cache holds only what it verified itself, but a fetcher trusts none
+//! of it: what it gets is verified against its own pinned keys.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use allium_link::metrics::{Family, Value};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use tracing::warn;
+
+use crate::auth::lock;
+use crate::diff;
+
+/// The forms a consensus is served in, as the request counters name them.
+pub const FORMS: [&str; 3] = ["full", "zstd", "diff"];
+
+/// How long one BEGIN_DIR stream may take, requests and answers together.
+pub const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct State {
+    current: Option<Bytes>,
+    /// The consensuses held before `current`, newest last (at most
+    /// [`diff::KEEP`]), by digest.
+    recent: VecDeque<([u8; 32], Bytes)>,
+    /// `current` as a diff from each of `recent` and from itself (by the
+    /// base's digest), and compressed alone (`None`), once made.
+    diffs: HashMap<Option<[u8; 32]>, Bytes>,
+}
+
+/// The consensus held and its diffs, behind a lock of its own (nothing
+/// slow is done under it).
+#[derive(Default)]
+pub struct ConsensusCache {
+    state: Mutex<State>,
+    /// Answers given, by form (an index of [`FORMS`]).
+    served: [std::sync::atomic::AtomicU64; 3],
+}
+
+impl ConsensusCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hold `bytes` (a consensus the caller verified) as the current one;
+    /// the one it replaces becomes a base for diffs. The diffs are made by
+    /// [`ConsensusCache::make_diffs`].
+    pub fn install(&self, bytes: Bytes) {
+        let mut st = lock(&self.state);
+        if let Some(old) = st.current.replace(bytes.clone())
+            && old != bytes
+        {
+            let current = diff::digest(&bytes);
+            st.recent.push_back((diff::digest(&old), old));
+            st.recent.retain(|(d, _)| *d != current);
+            while st.recent.len() > diff::KEEP {
+                st.recent.pop_front();
+            }
+            st.diffs.clear();
+        }
+    }
+
+    /// The current consensus' bytes.
+    pub fn current(&self) -> Option<Bytes> {
+        lock(&self.state).current.clone()
+    }
+
+    /// The current consensus as a diff from the one whose digest is
+    /// `base`, or compressed alone (`None`), if made.
+    pub fn diff(&self, base: Option<[u8; 32]>) -> Option<Bytes> {
+        lock(&self.state).diffs.get(&base).cloned()
+    }
+
+    /// Answers given in each of [`FORMS`].
+    pub fn served(&self) -> [u64; 3] {
+        self.served
+            .each_ref()
+            .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The metric of [`ConsensusCache::served`], by form.
+    pub fn served_family(&self) -> Family {
+        Family {
+            name: "consensus_served",
+            help: "Consensuses served, whole (full), compressed (zstd) or as a diff",
+            values: FORMS
+                .iter()
+                .zip(self.served())
+                .map(|(form, n)| (Some(("form", *form)), Value::Counter(n)))
+                .collect(),
+        }
+    }
+
+    /// Make the current consensus' diffs from the recent ones and its
+    /// compressed form, off the async threads and outside the lock; they
+    /// are kept if the consensus is still current when they are done.
+    pub async fn make_diffs(&self) {
+        let (current, bases) = {
+            let st = lock(&self.state);
+            let Some(c) = st.current.clone() else {
+                return;
+            };
+            // From itself too: a fetcher that already holds it gets a few
+            // bytes that say so.
+            let itself = (diff::digest(&c), c.clone());
+            let bases: Vec<([u8; 32], Bytes)> = st
+                .recent
+                .iter()
+                .chain(std::iter::once(&itself))
+                .filter(|(d, _)| !st.diffs.contains_key(&Some(*d)))
+                .cloned()
+                .collect();
+            if st.diffs.contains_key(&None) && bases.is_empty() {
+                return;
+            }
+            (c, bases)
+        };
+        let c = current.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let mut out = vec![(None, diff::encode(None, &c))];
+            for (d, b) in &bases {
+                out.push((Some(*d), diff::encode(Some(b), &c)));
+            }
+            out
+        })
+        .await;
+        let Ok(made) = made else { return };
+        let mut st = lock(&self.state);
+        if st.current.as_ref() != Some(&current) {
+            return;
+        }
+        for (base, d) in made {
+            match d {
+                Ok(d) => {
+                    st.diffs.insert(base, Bytes::from(d));
+                }
+                Err(e) => warn!("making a consensus diff: {e}"),
+            }
+        }
+    }
+
+    /// The answer to `GET path`: `/consensus`, `/consensus/zstd` or
+    /// `/consensus/diff/<hex SHA-256 of the base>`.
+    pub fn answer(&self, path: &str) -> Result<Bytes, (StatusCode, &'static str)> {
+        let (form, found) = match path {
+            "/consensus" => (0, self.current().ok_or("no consensus yet")),
+            "/consensus/zstd" => (1, self.diff(None).ok_or("no compressed consensus yet")),
+            p => match p.strip_prefix("/consensus/diff/") {
+                Some(h) => {
+                    let mut d = [0u8; 32];
+                    hex::decode_to_slice(h, &mut d)
+                        .map_err(|_| (StatusCode::BAD_REQUEST, "base: 64 hex digits"))?;
+                    (2, self.diff(Some(d)).ok_or("no diff from that consensus"))
+                }
+                None => return Err((StatusCode::NOT_FOUND, "no such document")),
+            },
+        };
+        let b = found.map_err(|why| (StatusCode::NOT_FOUND, why))?;
+        self.served[form].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(b)
+    }
+}
+
+/// Answer HTTP/1.1 GET requests from `cache` on `io` (a BEGIN_DIR stream)
+/// until the fetcher closes it or [`STREAM_TIMEOUT`] passes. Anything but
+/// a GET with no body is refused.
+pub async fn serve_stream<S>(cache: std::sync::Arc<ConsensusCache>, io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let cache = cache.clone();
+        async move {
+            let (status, body) = if req.method() != hyper::Method::GET {
+                (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    Bytes::from_static(b"GET only"),
+                )
+            } else {
+                match cache.answer(req.uri().path()) {
+                    Ok(b) => (StatusCode::OK, b),
+                    Err((s, why)) => (s, Bytes::from_static(why.as_bytes())),
+                }
+            };
+            let mut resp = Response::new(Full::new(body));
+            *resp.status_mut() = status;
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(16 * 1024)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    let _ = tokio::time::timeout(STREAM_TIMEOUT, conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_whole_compressed_and_diffs_from_what_it_held() {
+        let c = ConsensusCache::new();
+        assert_eq!(c.answer("/consensus").unwrap_err().0, StatusCode::NOT_FOUND);
+        let old = Bytes::from(vec![7u8; 5000]);
+        let mut new = vec![7u8; 5000];
+        new[100] = 9;
+        c.install(old.clone());
+        c.install(Bytes::from(new.clone()));
+        c.make_diffs().await;
+        assert_eq!(c.answer("/consensus").unwrap(), new);
+        let z = c.answer("/consensus/zstd").unwrap();
+        assert_eq!(diff::decode(None, &z, 1 << 20).unwrap(), new);
+        let path = format!("/consensus/diff/{}", hex::encode(diff::digest(&old)));
+        let d = c.answer(&path).unwrap();
+        assert!(d.len() < 100, "{} bytes", d.len());
+        assert_eq!(diff::decode(Some(&old), &d, 1 << 20).unwrap(), new);
+        assert_eq!(c.served(), [1, 1, 1]);
+
+        let unknown = format!("/consensus/diff/{}", hex::encode([0u8; 32]));
+        assert_eq!(c.answer(&unknown).unwrap_err().0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            c.answer("/consensus/diff/zz").unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(c.answer("/vote/1").unwrap_err().0, StatusCode::NOT_FOUND);
+        // A fetcher holding the current one learns so in a few bytes.
+        let same = format!("/consensus/diff/{}", hex::encode(diff::digest(&new)));
+        let d = c.answer(&same).unwrap();
+        assert!(d.len() < 32, "{} bytes", d.len());
+        assert_eq!(diff::decode(Some(&new), &d, 1 << 20).unwrap(), new);
+        // Installing the same bytes again keeps the diffs.
+        c.install(Bytes::from(new));
+        assert!(c.answer(&path).is_ok());
+    }
+}
