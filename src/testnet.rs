@@ -156,8 +156,28 @@ fn all_addrs(opts: &TestnetOptions, base: u16) -> Vec<SocketAddr> {
         .collect();
     v.extend((0..opts.relays).map(|i| relay_addr(base, opts.authorities, i)));
     v.push(loopback(base + (opts.authorities + opts.relays) as u16));
+    v.extend(fallbacks(opts, base).into_iter().map(|(_, a)| a));
     v
 }
+
+/// Fallback directories: the first [`FALLBACKS`] relays that are not
+/// exits serve their consensus cache over HTTP (relay index, address), on
+/// their own address, at the ports after the SOCKS port.
+fn fallbacks(opts: &TestnetOptions, base: u16) -> Vec<(usize, SocketAddr)> {
+    (0..FALLBACKS.min(opts.relays.saturating_sub(opts.exits)))
+        .map(|k| {
+            let i = opts.exits + k;
+            let port = base + (opts.authorities + opts.relays + 1 + k) as u16;
+            (
+                i,
+                SocketAddr::new(relay_addr(base, opts.authorities, i).ip(), port),
+            )
+        })
+        .collect()
+}
+
+/// Relays that are also fallback directories.
+const FALLBACKS: usize = 2;
 
 /// The families the testnet declares: relays 2 and 3, and relays 1 and 5
 /// (an exit and a non-exit), when there are at least 6 relays.
@@ -227,7 +247,7 @@ pub fn plan(
         })
         .collect();
     let first_relay = base + n_auth as u16;
-    let relays = (0..opts.relays)
+    let mut relays: Vec<RelayConfig> = (0..opts.relays)
         .map(|i| RelayConfig {
             nickname: format!("relay{i}"),
             listen: relay_addr(base, n_auth, i),
@@ -261,9 +281,14 @@ pub fn plan(
             ..RelayConfig::default()
         })
         .collect();
+    let fallback_dirs = fallbacks(opts, base);
+    for (i, a) in &fallback_dirs {
+        relays[*i].dir_listen = Some(*a);
+    }
     let client = ClientConfig {
         data_dir: dir.join("client"),
         authorities,
+        fallback_dirs: fallback_dirs.into_iter().map(|(_, a)| a).collect(),
         guard_retry_secs: 1,
         socks_listen: vec![
             opts.socks
@@ -431,6 +456,10 @@ impl Testnet {
         let keys = authority_keys(&opts, &dir)?;
         let ids = relay_keys(&opts, &dir)?;
         let mut p = plan(&opts, &dir, base, &keys, &ids)?;
+        // The fallback directories' ports are the last held; the relays
+        // bind them themselves.
+        let mut held = held;
+        drop(held.split_off(held.len() - fallbacks(&opts, base).len()));
         let mut held = held.into_iter();
         let mut next_port = || held.next().ok_or_else(|| other("port block"));
         let mut tasks = JoinSet::new();

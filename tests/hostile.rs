@@ -403,6 +403,16 @@ async fn every_port_survives_garbage_while_a_client_fetches() {
             oversized: [b"GETINFO ".as_slice(), &[b'x'; 64 << 10], b"\r\n"].concat(),
         },
         Port {
+            // relay1 is the network's first fallback directory, on its own
+            // address at the port after SOCKS.
+            name: "fallback directory",
+            addr: SocketAddr::from(([127, 2, 0, 1], base + 7)),
+            pid: relay1,
+            timeout: allium_directory::cache::HEAD_TIMEOUT,
+            prefix: b"GET /consensus HTTP/1.1\r\nHost: a",
+            oversized: b"GET /consensus HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
+        },
+        Port {
             name: "client metrics",
             addr: at(11),
             pid: client,
@@ -411,6 +421,27 @@ async fn every_port_survives_garbage_while_a_client_fetches() {
             oversized: b"GET /metrics HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
         },
     ];
+
+    // The fallback directory serves (so its attacks below are no vacuous
+    // "refused").
+    let fallback = ports
+        .iter()
+        .find(|p| p.name == "fallback directory")
+        .unwrap();
+    let mut s = connect(fallback.addr).await.unwrap();
+    s.write_all(b"GET /consensus HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
 
     // Watch memory and fetch through the network while the attacks run.
     let done = Arc::new(AtomicBool::new(false));

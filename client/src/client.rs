@@ -69,8 +69,10 @@ pub struct ClientStats {
     pub circuit_build_failures: AtomicU64,
     pub streams_opened: AtomicU64,
     pub stream_failures: AtomicU64,
-    /// Consensuses fetched (new or not) from authorities and from caches.
+    /// Consensuses fetched (new or not) from authorities, from fallback
+    /// directories and from guards' caches.
     pub consensus_from_authorities: AtomicU64,
+    pub consensus_from_fallbacks: AtomicU64,
     pub consensus_from_caches: AtomicU64,
     /// Caches that served what did not verify.
     pub caches_avoided: AtomicU64,
@@ -275,21 +277,31 @@ impl Client {
             Some(held) => self.fetch_from_caches(&held, base.as_deref()).await,
             None => None,
         };
+        let stats = &self.inner.stats;
+        let fallbacks = &self.inner.cfg.fallback_dirs;
         let (c, bytes) = match cached {
             Some(got) => {
-                inc(&self.inner.stats.consensus_from_caches);
+                inc(&stats.consensus_from_caches);
                 got
             }
-            None => {
-                let got = dir::fetch_consensus(
-                    &self.inner.cfg.authorities,
-                    &self.inner.keys,
-                    base.as_deref(),
-                )
-                .await?;
-                inc(&self.inner.stats.consensus_from_authorities);
-                got
-            }
+            None => match dir::fetch_from_fallbacks(fallbacks, &self.inner.keys, base.as_deref())
+                .await
+            {
+                Some(got) => {
+                    inc(&stats.consensus_from_fallbacks);
+                    got
+                }
+                None => {
+                    let got = dir::fetch_consensus(
+                        &self.inner.cfg.authorities,
+                        &self.inner.keys,
+                        base.as_deref(),
+                    )
+                    .await?;
+                    inc(&stats.consensus_from_authorities);
+                    got
+                }
+            },
         };
         let newer = self
             .consensus()
@@ -913,11 +925,15 @@ impl Client {
                 Family::counter("streams_opened", "Streams opened", g(&s.streams_opened)),
                 Family {
                     name: "consensus_fetches",
-                    help: "Consensuses fetched, from the authorities or from guards' directory caches",
+                    help: "Consensuses fetched, from the authorities, fallback directories or guards' directory caches",
                     values: vec![
                         (
                             Some(("from", "authority")),
                             Value::Counter(g(&s.consensus_from_authorities)),
+                        ),
+                        (
+                            Some(("from", "fallback")),
+                            Value::Counter(g(&s.consensus_from_fallbacks)),
                         ),
                         (
                             Some(("from", "cache")),

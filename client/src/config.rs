@@ -13,6 +13,11 @@ use crate::ClientError;
 pub struct ClientConfig {
     pub data_dir: PathBuf,
     pub authorities: Vec<AuthorityEntry>,
+    /// Relays' fallback directories (their `dir_listen`), asked in random
+    /// order before the authorities when no guard's cache answers (always
+    /// at bootstrap). What they serve is verified against the authorities'
+    /// keys.
+    pub fallback_dirs: Vec<SocketAddr>,
     /// SOCKS5 listeners; loopback only unless `allow_non_loopback_socks`.
     pub socks_listen: Vec<SocketAddr>,
     /// HTTP CONNECT proxy listeners (loopback only, like SOCKS).
@@ -60,6 +65,7 @@ impl Default for ClientConfig {
         ClientConfig {
             data_dir: PathBuf::from("allium-client"),
             authorities: vec![],
+            fallback_dirs: vec![],
             socks_listen: vec!["127.0.0.1:9150".parse().expect("valid address")],
             http_connect_listen: vec![],
             allow_non_loopback_socks: false,

@@ -1,9 +1,10 @@
-//! Getting a consensus the client can trust: from the authorities at
-//! bootstrap, and afterwards from the directory caches of its guards, over
-//! BEGIN_DIR streams on one-hop circuits (`doc/protocol.md` section 8), so
-//! that no observer of the network sees the client talk to a directory and
-//! the authorities serve relays only. Whatever a cache serves is verified
-//! against the pinned authority keys like a consensus from an authority.
+//! Getting a consensus the client can trust: from a fallback directory or
+//! an authority at bootstrap, and afterwards from the directory caches of
+//! its guards, over BEGIN_DIR streams on one-hop circuits (`doc/protocol.md`
+//! section 8), so that no observer of the network sees the client talk to
+//! a directory and the authorities serve relays only. Whatever a cache or
+//! fallback serves is verified against the pinned authority keys like a
+//! consensus from an authority.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +98,26 @@ pub async fn fetch_consensus(
             }
             e => e.into(),
         })
+}
+
+/// A consensus from the fallback directories (in random order), if one of
+/// them serves one that verifies; why not is logged at DEBUG.
+pub async fn fetch_from_fallbacks(
+    fallbacks: &[std::net::SocketAddr],
+    keys: &[AuthorityKey],
+    base: Option<&[u8]>,
+) -> Option<(Arc<Consensus>, Vec<u8>)> {
+    if fallbacks.is_empty() {
+        return None;
+    }
+    let sources: Vec<(String, std::net::SocketAddr)> = fallbacks
+        .iter()
+        .map(|a| (format!("fallback {a}"), *a))
+        .collect();
+    http::fetch_verified_from(&sources, keys, base)
+        .await
+        .inspect_err(|e| debug!("no consensus from a fallback directory: {e}"))
+        .ok()
 }
 
 /// Where the last verified consensus is kept.

@@ -26,8 +26,11 @@ use crate::diff;
 /// The forms a consensus is served in, as the request counters name them.
 pub const FORMS: [&str; 3] = ["full", "zstd", "diff"];
 
-/// How long one BEGIN_DIR stream may take, requests and answers together.
+/// How long one BEGIN_DIR stream or fallback connection may take, its
+/// request and answer together.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// The request head must have come within this long.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct State {
@@ -173,9 +176,10 @@ impl ConsensusCache {
     }
 }
 
-/// Answer HTTP/1.1 GET requests from `cache` on `io` (a BEGIN_DIR stream)
-/// until the fetcher closes it or [`STREAM_TIMEOUT`] passes. Anything but
-/// a GET with no body is refused.
+/// Answer one HTTP/1.1 GET request from `cache` on `io` (a BEGIN_DIR
+/// stream, or a connection to a fallback directory) within
+/// [`STREAM_TIMEOUT`] (its head within [`HEAD_TIMEOUT`]), then close.
+/// Anything but a GET is refused.
 pub async fn serve_stream<S>(cache: std::sync::Arc<ConsensusCache>, io: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -201,6 +205,9 @@ where
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .max_buf_size(16 * 1024)
+        .keep_alive(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
     let _ = tokio::time::timeout(STREAM_TIMEOUT, conn).await;
 }

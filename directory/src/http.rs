@@ -118,8 +118,8 @@ pub async fn fetch_consensus(addr: SocketAddr) -> Result<Vec<u8>, DirError> {
 
 /// The current consensus of one directory (an authority or a cache),
 /// whose answer to a GET of a path `get` gives: as a diff from `base` (the
-/// bytes of one the fetcher holds) first, if there is one, and whole if
-/// that fails. Not yet verified.
+/// bytes of one the fetcher holds) if there is one, else compressed, and
+/// whole if that fails. Not yet verified.
 pub async fn fetch_consensus_with<F, Fut>(
     source: &str,
     mut get: F,
@@ -130,25 +130,31 @@ where
     Fut: Future<Output = Result<Vec<u8>, DirError>>,
 {
     let max = allium_proto::doc::MAX_CONSENSUS_LEN;
-    if let Some(base) = base {
-        let path = format!("/consensus/diff/{}", hex::encode(diff::digest(base)));
-        let full = get(path).await.and_then(|d| {
-            let full = diff::decode(Some(base), &d, max).map_err(|why| DirError::Http {
-                addr: source.to_string(),
-                why,
-            })?;
-            debug!(
-                source,
-                diff = d.len(),
-                consensus = full.len(),
-                "consensus fetched as a diff"
-            );
-            Ok(full)
-        });
-        match full {
-            Ok(full) => return Ok(full),
-            Err(e) => debug!(source, "no consensus diff: {e}"),
-        }
+    let path = match base {
+        Some(b) => format!("/consensus/diff/{}", hex::encode(diff::digest(b))),
+        None => "/consensus/zstd".into(),
+    };
+    let full = get(path).await.and_then(|d| {
+        let full = diff::decode(base, &d, max).map_err(|why| DirError::Http {
+            addr: source.to_string(),
+            why,
+        })?;
+        debug!(
+            source,
+            diff = d.len(),
+            consensus = full.len(),
+            "consensus fetched {}",
+            if base.is_some() {
+                "as a diff"
+            } else {
+                "compressed"
+            }
+        );
+        Ok(full)
+    });
+    match full {
+        Ok(full) => return Ok(full),
+        Err(e) => debug!(source, "no consensus diff or compressed consensus: {e}"),
     }
     get("/consensus".into()).await
 }
@@ -163,19 +169,30 @@ pub async fn fetch_verified_consensus(
     keys: &[AuthorityKey],
     base: Option<&[u8]>,
 ) -> Result<(Arc<Consensus>, Vec<u8>), DirError> {
-    let mut order: Vec<&AuthorityEntry> = auths.iter().collect();
+    let sources: Vec<(String, SocketAddr)> =
+        auths.iter().map(|a| (a.name.clone(), a.addr)).collect();
+    fetch_verified_from(&sources, keys, base).await
+}
+
+/// [`fetch_verified_consensus`] from any HTTP directories (authorities or
+/// fallback directories), by name and address.
+pub async fn fetch_verified_from(
+    sources: &[(String, SocketAddr)],
+    keys: &[AuthorityKey],
+    base: Option<&[u8]>,
+) -> Result<(Arc<Consensus>, Vec<u8>), DirError> {
+    let mut order: Vec<&(String, SocketAddr)> = sources.iter().collect();
     order.shuffle(&mut rand::rng());
     let mut why = Vec::new();
     // Signers of what was served when none of them is pinned, and how
     // many authorities answered at all and how many served such.
     let mut unpinned: Vec<String> = Vec::new();
     let (mut answered, mut by_unpinned) = (0, 0);
-    for a in order {
+    for (name, addr) in order {
         let r = async {
             let max = allium_proto::doc::MAX_CONSENSUS_LEN;
-            let get =
-                |path: String| async move { request(a.addr, "GET", &path, vec![], max).await };
-            let bytes = fetch_consensus_with(&a.name, get, base).await?;
+            let get = |path: String| async move { request(*addr, "GET", &path, vec![], max).await };
+            let bytes = fetch_consensus_with(name, get, base).await?;
             let u = UnverifiedConsensus::parse(&bytes)?;
             answered += 1;
             let now = unix_now();
@@ -200,8 +217,8 @@ pub async fn fetch_verified_consensus(
         match r {
             Ok((c, b)) => return Ok((Arc::new(c), b)),
             Err(e) => {
-                debug!(authority = %a.name, "consensus refused: {e}");
-                why.push(format!("{}: {e}", a.name));
+                debug!(directory = %name, "consensus refused: {e}");
+                why.push(format!("{name}: {e}"));
             }
         }
     }

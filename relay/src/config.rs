@@ -54,6 +54,11 @@ pub struct RelayConfig {
     /// (Tor: 3), and in a burst (Tor: 90). Refused before any public-key work.
     pub dos_circuit_rate: f64,
     pub dos_circuit_burst: u32,
+    /// Also serve the consensus this relay caches over plain HTTP here, as
+    /// a fallback directory that clients with no consensus may be
+    /// configured with (off by default; clients that hold one ask their
+    /// guards over BEGIN_DIR streams instead).
+    pub dir_listen: Option<SocketAddr>,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (off by default).
     pub metrics_listen: Option<SocketAddr>,
     /// Allow `metrics_listen` on a non-loopback address.
@@ -88,6 +93,7 @@ impl Default for RelayConfig {
             dos_max_connections_per_addr: 50,
             dos_circuit_rate: 3.0,
             dos_circuit_burst: 90,
+            dir_listen: None,
             metrics_listen: None,
             allow_private_addresses: false,
             metrics_allow_remote: false,

@@ -29,9 +29,11 @@ use tracing::{debug, info};
 /// Fetches asked for by lookups of unlisted relays (only while the
 /// consensus is due for refresh) happen at most this often.
 const POKE_INTERVAL: Duration = Duration::from_secs(5);
-/// The shortest wait between scheduled fetches (a consensus served past its
-/// fresh-until must not make every relay refetch every second).
-const MIN_REFRESH: u64 = 5;
+/// Relays fetch within the first 1/`CACHE_SPREAD` of a period (clients,
+/// who fetch from them, over the whole period after it).
+const CACHE_SPREAD: u64 = 8;
+/// The longest wait for a newer consensus once the one held is stale.
+const STALE_MAX: u64 = 60;
 /// How long a lookup of an unlisted relay waits for a fresher consensus.
 const LOOKUP_WAIT: Duration = Duration::from_secs(5);
 
@@ -138,7 +140,7 @@ impl NetView {
             return std::future::pending().await;
         }
         let mut announced = false;
-        let mut failures = 0u32;
+        let (mut failures, mut stale) = (0u32, 0u32);
         loop {
             let fetched = Instant::now();
             // The consensus held is the base of the next diff.
@@ -163,11 +165,9 @@ impl NetView {
                         // Nothing newer: still wake those waiting for it.
                         self.current.send_modify(|_| {});
                     }
-                    Duration::from_secs(
-                        c.fresh_until
-                            .saturating_sub(unix_now())
-                            .clamp(MIN_REFRESH, 3600),
-                    )
+                    let secs;
+                    (secs, stale) = next_fetch(&c, unix_now(), stale, rand::random());
+                    Duration::from_secs(secs)
                 }
                 Err(e) => {
                     if !http::warn_if_wrong_keys(&e) {
@@ -186,5 +186,53 @@ impl NetView {
                 }
             }
         }
+    }
+}
+
+/// Seconds until a relay fetches again after one that gave consensus `c`,
+/// and the new count of stale answers in a row; `r` is a random number.
+/// A fresh consensus is fetched again at a random time in the first
+/// 1/[`CACHE_SPREAD`] of the period after it stops being fresh (relays
+/// are the clients' caches: they must have the next one early, but not all
+/// in the same second); a stale one backs off from 1 s, doubling up to
+/// [`STALE_MAX`], while the authorities are late.
+fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
+    if c.fresh_until > now {
+        let period = c.fresh_until.saturating_sub(c.valid_after);
+        let spread = (period / CACHE_SPREAD).clamp(1, 450);
+        ((c.fresh_until - now).min(3600) + r % spread, 0)
+    } else {
+        (
+            (1u64 << stale.min(6)).min(STALE_MAX),
+            stale.saturating_add(1),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relays_fetch_early_in_the_period_and_back_off_while_it_is_stale() {
+        let c = Consensus {
+            valid_after: 3600,
+            fresh_until: 7200,
+            valid_until: 3 * 3600,
+            relays: vec![],
+            weights: Default::default(),
+        };
+        let waits: Vec<u64> = (0..1000).map(|r| next_fetch(&c, 3700, 0, r).0).collect();
+        assert!(waits.iter().all(|w| (3500..3500 + 450).contains(w)));
+        assert!(waits.iter().any(|w| *w >= 3500 + 400));
+        let mut stale = 0;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            let w;
+            (w, stale) = next_fetch(&c, 7300, stale, 0);
+            seen.push(w);
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(next_fetch(&c, 7100, stale, 0), (100, 0));
     }
 }

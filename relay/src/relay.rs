@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::keys::{KeyStore, OnionKeySet};
 use crate::netview::NetView;
 use crate::{RelayConfig, RelayError, RelayStats, circuit};
+use allium_directory::cache;
 use allium_link::channel::{self, ChannelEnv, ChannelHandle, CreateHandler, LinkIdentity};
 use allium_link::limits::{DosGuard, QueueMem, TokenBucket};
 
@@ -516,12 +517,45 @@ impl Relay {
                 None => std::future::pending().await,
             }
         };
+        let dir = async {
+            let Some(addr) = self.cfg.dir_listen else {
+                return std::future::pending().await;
+            };
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            info!(%addr, "serving the consensus as a fallback directory");
+            self.serve_dir(l).await
+        };
         tokio::select! {
             r = accept => r,
+            r = dir => r,
             () = publish => Ok(()),
             () = self.ctx.net.run() => Ok(()),
             () = self.report() => Ok(()),
             r = metrics => r.map_err(RelayError::from),
+        }
+    }
+}
+
+impl Relay {
+    /// Answer consensus requests on `l` (`dir_listen`) from the cache, one
+    /// per connection, each within [`cache::STREAM_TIMEOUT`], under the same
+    /// per-address and process-wide connection limits as the ORPort.
+    async fn serve_dir(&self, l: tokio::net::TcpListener) -> Result<(), RelayError> {
+        let gate = allium_link::listen::Gate::process();
+        loop {
+            let (s, peer, slot) = allium_link::listen::accept(&l, &gate).await;
+            let Some(conn) = self.ctx.dos.connection(peer.ip()) else {
+                continue;
+            };
+            let cache = self.ctx.net.cache().clone();
+            tokio::spawn(
+                async move {
+                    let _conn = conn;
+                    slot.busy();
+                    cache::serve_stream(cache, s).await;
+                }
+                .in_current_span(),
+            );
         }
     }
 }
