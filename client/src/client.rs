@@ -395,9 +395,14 @@ impl Client {
         let mut stale = 0;
         let mut missing = 0u32;
         loop {
+            let held = self.consensus().map(|c| c.valid_after);
             let wait = match self.refresh_consensus().await {
                 Ok(c) => {
                     missing = 0;
+                    // Only answers that bring nothing new count as stale.
+                    if held.is_none_or(|va| c.valid_after > va) {
+                        stale = 0;
+                    }
                     if c.relays.len() >= 3 {
                         self.reached(
                             Phase::EnoughDirinfo,
@@ -1020,7 +1025,8 @@ impl Client {
 /// next consensus appears; the one held stays valid meanwhile. A stale
 /// one (an authority that has not made a newer one yet, or serves an old
 /// one) backs off from 1 s, doubling up to 5 minutes, instead of asking
-/// again every second.
+/// again every second; `stale` counts such answers that brought nothing
+/// newer (the caller resets it on one that did).
 fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
     if c.fresh_until > now {
         let period = c.fresh_until.saturating_sub(c.valid_after);

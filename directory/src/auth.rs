@@ -258,7 +258,7 @@ impl Authority {
                 _ => disk.remove(&file)?,
             }
         }
-        let cache = Arc::new(ConsensusCache::new());
+        let cache = Arc::new(ConsensusCache::default());
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/consensus")) {
             cache.install(Bytes::from(b));
         }

@@ -45,16 +45,40 @@ struct State {
 
 /// The consensus held and its diffs, behind a lock of its own (nothing
 /// slow is done under it).
-#[derive(Default)]
+///
+/// An authority makes every diff when it publishes
+/// ([`ConsensusCache::make_diffs`]); a relay makes each one the first
+/// time it is asked for, at a cheaper compression level, so that a
+/// network of thousands of relays does not spend its CPU on diffs nobody
+/// fetches.
 pub struct ConsensusCache {
     state: Mutex<State>,
+    /// zstd level of the diffs made here.
+    level: i32,
+    /// Taken while diffs are made, so that each is made once.
+    making: tokio::sync::Mutex<()>,
     /// Answers given, by form (an index of [`FORMS`]).
     served: [std::sync::atomic::AtomicU64; 3],
 }
 
+impl Default for ConsensusCache {
+    fn default() -> Self {
+        Self::new(diff::LEVEL)
+    }
+}
+
+/// The compression level of a relay's cache.
+pub const RELAY_LEVEL: i32 = 9;
+
 impl ConsensusCache {
-    pub fn new() -> Self {
-        Self::default()
+    /// A cache whose diffs are made at zstd `level`.
+    pub fn new(level: i32) -> Self {
+        ConsensusCache {
+            state: Mutex::default(),
+            level,
+            making: tokio::sync::Mutex::new(()),
+            served: Default::default(),
+        }
     }
 
     /// Hold `bytes` (a consensus the caller verified) as the current one;
@@ -110,6 +134,13 @@ impl ConsensusCache {
     /// compressed form, off the async threads and outside the lock; they
     /// are kept if the consensus is still current when they are done.
     pub async fn make_diffs(&self) {
+        self.make(None).await
+    }
+
+    /// Make the diffs not made yet: all of them, or (`only`) the one from
+    /// that base (`Some(None)`: the compressed form).
+    async fn make(&self, only: Option<Option<[u8; 32]>>) {
+        let _making = self.making.lock().await;
         let (current, bases) = {
             let st = lock(&self.state);
             let Some(c) = st.current.clone() else {
@@ -118,25 +149,26 @@ impl ConsensusCache {
             // From itself too: a fetcher that already holds it gets a few
             // bytes that say so.
             let itself = (diff::digest(&c), c.clone());
-            let bases: Vec<([u8; 32], Bytes)> = st
-                .recent
-                .iter()
-                .chain(std::iter::once(&itself))
-                .filter(|(d, _)| !st.diffs.contains_key(&Some(*d)))
-                .cloned()
+            let bases: Vec<(Option<[u8; 32]>, Option<Bytes>)> = std::iter::once((None, None))
+                .chain(
+                    st.recent
+                        .iter()
+                        .chain(std::iter::once(&itself))
+                        .map(|(d, b)| (Some(*d), Some(b.clone()))),
+                )
+                .filter(|(d, _)| only.is_none_or(|o| o == *d) && !st.diffs.contains_key(d))
                 .collect();
-            if st.diffs.contains_key(&None) && bases.is_empty() {
+            if bases.is_empty() {
                 return;
             }
             (c, bases)
         };
-        let c = current.clone();
+        let (c, level) = (current.clone(), self.level);
         let made = tokio::task::spawn_blocking(move || {
-            let mut out = vec![(None, diff::encode(None, &c))];
-            for (d, b) in &bases {
-                out.push((Some(*d), diff::encode(Some(b), &c)));
-            }
-            out
+            bases
+                .into_iter()
+                .map(|(d, b)| (d, diff::encode_at(level, b.as_deref(), &c)))
+                .collect::<Vec<_>>()
         })
         .await;
         let Ok(made) = made else { return };
@@ -154,18 +186,37 @@ impl ConsensusCache {
         }
     }
 
+    /// A diff from `base` (or the compressed form), made now if it can be.
+    async fn diff_made(&self, base: Option<[u8; 32]>) -> Option<Bytes> {
+        if let Some(d) = self.diff(base) {
+            return Some(d);
+        }
+        self.make(Some(base)).await;
+        self.diff(base)
+    }
+
     /// The answer to `GET path`: `/consensus`, `/consensus/zstd` or
     /// `/consensus/diff/<hex SHA-256 of the base>`.
-    pub fn answer(&self, path: &str) -> Result<Bytes, (StatusCode, &'static str)> {
+    pub async fn answer(&self, path: &str) -> Result<Bytes, (StatusCode, &'static str)> {
         let (form, found) = match path {
             "/consensus" => (0, self.current().ok_or("no consensus yet")),
-            "/consensus/zstd" => (1, self.diff(None).ok_or("no compressed consensus yet")),
+            "/consensus/zstd" => (
+                1,
+                self.diff_made(None)
+                    .await
+                    .ok_or("no compressed consensus yet"),
+            ),
             p => match p.strip_prefix("/consensus/diff/") {
                 Some(h) => {
                     let mut d = [0u8; 32];
                     hex::decode_to_slice(h, &mut d)
                         .map_err(|_| (StatusCode::BAD_REQUEST, "base: 64 hex digits"))?;
-                    (2, self.diff(Some(d)).ok_or("no diff from that consensus"))
+                    (
+                        2,
+                        self.diff_made(Some(d))
+                            .await
+                            .ok_or("no diff from that consensus"),
+                    )
                 }
                 None => return Err((StatusCode::NOT_FOUND, "no such document")),
             },
@@ -193,7 +244,7 @@ where
                     Bytes::from_static(b"GET only"),
                 )
             } else {
-                match cache.answer(req.uri().path()) {
+                match cache.answer(req.uri().path()).await {
                     Ok(b) => (StatusCode::OK, b),
                     Err((s, why)) => (s, Bytes::from_static(why.as_bytes())),
                 }
@@ -218,37 +269,46 @@ mod tests {
 
     #[tokio::test]
     async fn serves_whole_compressed_and_diffs_from_what_it_held() {
-        let c = ConsensusCache::new();
-        assert_eq!(c.answer("/consensus").unwrap_err().0, StatusCode::NOT_FOUND);
+        let c = ConsensusCache::new(RELAY_LEVEL);
+        assert_eq!(
+            c.answer("/consensus").await.unwrap_err().0,
+            StatusCode::NOT_FOUND
+        );
         let old = Bytes::from(vec![7u8; 5000]);
         let mut new = vec![7u8; 5000];
         new[100] = 9;
         c.install(old.clone());
         c.install(Bytes::from(new.clone()));
-        c.make_diffs().await;
-        assert_eq!(c.answer("/consensus").unwrap(), new);
-        let z = c.answer("/consensus/zstd").unwrap();
+        // Made when first asked for.
+        assert_eq!(c.answer("/consensus").await.unwrap(), new);
+        let z = c.answer("/consensus/zstd").await.unwrap();
         assert_eq!(diff::decode(None, &z, 1 << 20).unwrap(), new);
         let path = format!("/consensus/diff/{}", hex::encode(diff::digest(&old)));
-        let d = c.answer(&path).unwrap();
+        let d = c.answer(&path).await.unwrap();
         assert!(d.len() < 100, "{} bytes", d.len());
         assert_eq!(diff::decode(Some(&old), &d, 1 << 20).unwrap(), new);
         assert_eq!(c.served(), [1, 1, 1]);
 
         let unknown = format!("/consensus/diff/{}", hex::encode([0u8; 32]));
-        assert_eq!(c.answer(&unknown).unwrap_err().0, StatusCode::NOT_FOUND);
         assert_eq!(
-            c.answer("/consensus/diff/zz").unwrap_err().0,
+            c.answer(&unknown).await.unwrap_err().0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            c.answer("/consensus/diff/zz").await.unwrap_err().0,
             StatusCode::BAD_REQUEST
         );
-        assert_eq!(c.answer("/vote/1").unwrap_err().0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            c.answer("/vote/1").await.unwrap_err().0,
+            StatusCode::NOT_FOUND
+        );
         // A fetcher holding the current one learns so in a few bytes.
         let same = format!("/consensus/diff/{}", hex::encode(diff::digest(&new)));
-        let d = c.answer(&same).unwrap();
+        let d = c.answer(&same).await.unwrap();
         assert!(d.len() < 32, "{} bytes", d.len());
         assert_eq!(diff::decode(Some(&new), &d, 1 << 20).unwrap(), new);
         // Installing the same bytes again keeps the diffs.
         c.install(Bytes::from(new));
-        assert!(c.answer(&path).is_ok());
+        assert!(c.answer(&path).await.is_ok());
     }
 }

@@ -26,11 +26,16 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// `new` compressed against `base` (or alone).
+/// `new` compressed against `base` (or alone), at [`LEVEL`].
 pub fn encode(base: Option<&[u8]>, new: &[u8]) -> Result<Vec<u8>, String> {
+    encode_at(LEVEL, base, new)
+}
+
+/// `new` compressed against `base` (or alone), at zstd level `level`.
+pub fn encode_at(level: i32, base: Option<&[u8]>, new: &[u8]) -> Result<Vec<u8>, String> {
     let e = |c: usize| zstd_safe::get_error_name(c).to_string();
     let mut cx = CCtx::create();
-    cx.set_parameter(CParameter::CompressionLevel(LEVEL))
+    cx.set_parameter(CParameter::CompressionLevel(level))
         .map_err(e)?;
     cx.set_parameter(CParameter::WindowLog(WINDOW_LOG))
         .map_err(e)?;

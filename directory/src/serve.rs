@@ -384,7 +384,7 @@ async fn get_consensus(
     State(a): State<Arc<Authority>>,
     uri: axum::http::Uri,
 ) -> Result<Bytes, (StatusCode, &'static str)> {
-    a.cache().answer(uri.path())
+    a.cache().answer(uri.path()).await
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ impl NetView {
             keys,
             current: watch::Sender::new(None),
             poke: Notify::new(),
-            cache: Arc::default(),
+            cache: Arc::new(ConsensusCache::new(allium_directory::cache::RELAY_LEVEL)),
         }
     }
 
@@ -154,13 +154,13 @@ impl NetView {
                         .consensus()
                         .is_none_or(|old| old.valid_after < c.valid_after);
                     if newer {
+                        stale = 0;
                         self.cache.install(bytes.into());
                         if !announced {
                             info!(relays = c.relays.len(), "consensus verified");
                             announced = true;
                         }
                         self.current.send_replace(Some(c.clone()));
-                        self.cache.make_diffs().await;
                     } else {
                         // Nothing newer: still wake those waiting for it.
                         self.current.send_modify(|_| {});
@@ -195,7 +195,8 @@ impl NetView {
 /// 1/[`CACHE_SPREAD`] of the period after it stops being fresh (relays
 /// are the clients' caches: they must have the next one early, but not all
 /// in the same second); a stale one backs off from 1 s, doubling up to
-/// [`STALE_MAX`], while the authorities are late.
+/// [`STALE_MAX`], while the authorities are late (`stale` counts answers
+/// that brought nothing newer; the caller resets it on one that did).
 fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
     if c.fresh_until > now {
         let period = c.fresh_until.saturating_sub(c.valid_after);
