@@ -141,10 +141,13 @@ fn authority_keys(opts: &TestnetOptions, dir: &Path) -> Result<Vec<String>, Test
 }
 
 /// Relay `i` listens on its own loopback /16 (`127.(i+1).0.1`), so that
-/// the client's /16 rule is exercised rather than switched off.
+/// the client's /16 rule is exercised rather than switched off; past 254
+/// relays, on through the third octet (`127.(i%254+1).(i/254).1`): every
+/// relay its own address, as authorities vote at most two per address
+/// Running.
 fn relay_addr(base: u16, n_auth: usize, i: usize) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::new(127, (i + 1) as u8, 0, 1),
+        Ipv4Addr::new(127, (i % 254 + 1) as u8, (i / 254) as u8, 1),
         base + (n_auth + i) as u16,
     ))
 }

@@ -488,7 +488,7 @@ async fn clients_fetch_from_guard_caches_and_avoid_a_tampering_one() {
                 let mid = b.len() / 2;
                 b[mid] ^= 1;
                 let b = bytes::Bytes::from(b);
-                cache.install(b.clone());
+                cache.install(b.clone(), u64::MAX);
                 ours = Some(b);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

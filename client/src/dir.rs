@@ -28,7 +28,7 @@ pub const BAD_CACHE_SECS: u64 = 3600;
 #[derive(Debug)]
 pub enum CacheFailure {
     /// It could not be reached, had nothing to give, or only a consensus
-    /// older than the client's.
+    /// that is expired or older than the client's.
     Unavailable(ClientError),
     /// It served something that is no valid consensus: avoid it.
     Misbehaved(String),
@@ -63,7 +63,12 @@ pub async fn fetch_from_cache(
         .map_err(|e| CacheFailure::Unavailable(e.into()))?;
     let c = UnverifiedConsensus::parse(&bytes)
         .and_then(|u| u.verify(keys, unix_now()))
-        .map_err(|e| CacheFailure::Misbehaved(e.to_string()))?;
+        .map_err(|e| match e {
+            // Signed as it should be, but out of date: a cache that has
+            // lost the authorities, not one that forges.
+            allium_proto::Error::Expired(_) => CacheFailure::Unavailable(e.into()),
+            e => CacheFailure::Misbehaved(e.to_string()),
+        })?;
     // Valid but behind (a cache that has not fetched the latest yet):
     // not held against it, but the next cache is asked.
     if c.valid_after < held.valid_after {

@@ -136,6 +136,8 @@ impl Default for AuthConfig {
 struct Reach {
     ok_at: Option<u64>,
     running_since: Option<u64>,
+    /// When the last test of it ended.
+    tried_at: Option<u64>,
 }
 
 struct Pending {
@@ -167,6 +169,8 @@ struct AuthState {
 
 /// Relays new to the table tested at once, at most.
 const PROBES_AT_ONCE: usize = 32;
+/// Relays retested at once, at most ([`Authority::reach_loop`]).
+const REACH_AT_ONCE: usize = 64;
 
 /// A running authority's shared state.
 pub struct Authority {
@@ -260,7 +264,8 @@ impl Authority {
         }
         let cache = Arc::new(ConsensusCache::default());
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/consensus")) {
-            cache.install(Bytes::from(b));
+            let valid_until = UnverifiedConsensus::parse(&b).map_or(0, |u| u.peek().valid_until);
+            cache.install(Bytes::from(b), valid_until);
         }
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/votes")) {
             let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
@@ -404,7 +409,7 @@ impl Authority {
     }
 
     /// The relay to drop when the table is full: among those tested and not
-    /// reached in the last two rounds, the one unreachable longest (then
+    /// reached within [`Authority::reach_window`], the one unreachable longest (then
     /// published earliest). Relays not tested yet and Running relays are
     /// never dropped.
     fn evictable(&self, st: &AuthState, now: u64) -> Option<[u8; 32]> {
@@ -413,7 +418,7 @@ impl Authority {
             .filter_map(|d| {
                 let r = st.reach.get(&d.desc.identity)?;
                 let reached = r.ok_at.unwrap_or(0);
-                (reached + 2 * self.cfg.interval_secs < now).then_some((
+                (reached + self.reach_window() < now).then_some((
                     reached,
                     d.desc.published,
                     d.desc.identity,
@@ -517,7 +522,7 @@ impl Authority {
     fn flags_for(&self, d: &VerifiedDescriptor, r: Reach, measured: Option<u32>, now: u64) -> u16 {
         let desc = &d.desc;
         let mut f = RelayFlags::VALID;
-        let running = r.ok_at.is_some_and(|t| t + self.cfg.interval_secs >= now);
+        let running = r.ok_at.is_some_and(|t| t + self.reach_window() >= now);
         let up = r.running_since.map_or(0, |t| now.saturating_sub(t));
         if running {
             f |= RelayFlags::RUNNING;
@@ -545,14 +550,69 @@ impl Authority {
         f
     }
 
-    /// Test every known relay's reachability (concurrently, bounded).
-    pub async fn test_reachability(&self) {
-        let targets: Vec<([u8; 32], SocketAddr, LinkKey)> = lock(&self.state)
-            .descriptors
-            .values()
-            .map(|d| (d.desc.identity, d.desc.addr, d.desc.link_key))
-            .collect();
-        self.test_relays(targets).await;
+    /// How often each relay's reachability is tested: every period, and at
+    /// least every 10 minutes.
+    fn retest_secs(&self) -> u64 {
+        self.cfg.interval_secs.clamp(1, 600)
+    }
+
+    /// A relay reached within this long counts as Running: two retests
+    /// and the time one may take (the tests are spread over time, so the
+    /// last one of a relay may have come just before the previous vote).
+    fn reach_window(&self) -> u64 {
+        2 * self.retest_secs() + reach::REACH_TIMEOUT.as_secs()
+    }
+
+    /// Keep every relay's reachability fresh, spread over time instead of
+    /// all at the start of a round: a relay is tested again once
+    /// [`Authority::retest_secs`] have passed since its last test ended,
+    /// the longest waiting first, at most [`REACH_AT_ONCE`] at a time (so
+    /// the tests of a large network fit a file-descriptor limit and never
+    /// hold up a vote).
+    async fn reach_loop(&self) {
+        let every = self.retest_secs();
+        let mut set = tokio::task::JoinSet::new();
+        let mut flying: std::collections::HashSet<[u8; 32]> = Default::default();
+        loop {
+            if set.len() < REACH_AT_ONCE {
+                let now = unix_now();
+                let due: Vec<([u8; 32], SocketAddr, LinkKey)> = {
+                    let st = lock(&self.state);
+                    let mut due: Vec<(u64, &VerifiedDescriptor)> = st
+                        .descriptors
+                        .values()
+                        .filter(|d| !flying.contains(&d.desc.identity))
+                        .filter_map(|d| {
+                            let tried = st
+                                .reach
+                                .get(&d.desc.identity)
+                                .and_then(|r| r.tried_at)
+                                .unwrap_or(0);
+                            (tried + every <= now).then_some((tried, d))
+                        })
+                        .collect();
+                    due.sort_by_key(|(t, _)| *t);
+                    due.into_iter()
+                        .take(REACH_AT_ONCE - set.len())
+                        .map(|(_, d)| (d.desc.identity, d.desc.addr, d.desc.link_key))
+                        .collect()
+                };
+                for (id, addr, key) in due {
+                    flying.insert(id);
+                    set.spawn(async move { (id, reach::test_relay(addr, RelayId(id), key).await) });
+                }
+            }
+            if set.is_empty() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            if let Ok(Some(Ok((id, r)))) =
+                tokio::time::timeout(Duration::from_millis(250), set.join_next()).await
+            {
+                flying.remove(&id);
+                self.record_reach(id, r);
+            }
+        }
     }
 
     async fn test_relays(&self, targets: Vec<([u8; 32], SocketAddr, LinkKey)>) {
@@ -561,23 +621,29 @@ impl Authority {
             set.spawn(async move { (id, reach::test_relay(addr, RelayId(id), key).await) });
         }
         while let Some(Ok((id, r))) = set.join_next().await {
-            let now = unix_now();
-            let mut st = lock(&self.state);
-            if !st.descriptors.contains_key(&id) {
-                continue;
+            self.record_reach(id, r);
+        }
+    }
+
+    /// What a reachability test of relay `id` found.
+    fn record_reach(&self, id: [u8; 32], r: Result<(), DirError>) {
+        let now = unix_now();
+        let mut st = lock(&self.state);
+        if !st.descriptors.contains_key(&id) {
+            return;
+        }
+        let e = st.reach.entry(id).or_default();
+        e.tried_at = Some(now);
+        match r {
+            Ok(()) => {
+                e.ok_at = Some(now);
+                e.running_since.get_or_insert(now);
             }
-            let e = st.reach.entry(id).or_default();
-            match r {
-                Ok(()) => {
-                    e.ok_at = Some(now);
-                    e.running_since.get_or_insert(now);
+            Err(err) => {
+                if e.running_since.is_some() {
+                    info!(id = %short_id(&id), "relay unreachable: {err}");
                 }
-                Err(err) => {
-                    if e.running_since.is_some() {
-                        info!(id = %short_id(&id), "relay unreachable: {err}");
-                    }
-                    e.running_since = None;
-                }
+                e.running_since = None;
             }
         }
     }
@@ -660,7 +726,7 @@ impl Authority {
                 st.reach
                     .get(&d.desc.identity)
                     .and_then(|r| r.ok_at)
-                    .is_some_and(|t| t + 2 * self.cfg.interval_secs >= now)
+                    .is_some_and(|t| t + self.reach_window() >= now)
             })
             .filter_map(|d| {
                 let id = d.desc.identity;
@@ -901,7 +967,7 @@ impl Authority {
         {
             warn!("persisting consensus: {e}");
         }
-        self.cache.install(Bytes::from(bytes));
+        self.cache.install(Bytes::from(bytes), c.valid_until);
         st.votes
             .retain(|va, _| *va + 2 * self.cfg.interval_secs > valid_after);
         st.own_sigs
@@ -944,7 +1010,6 @@ impl Authority {
             st.votes.retain(|p, _| *p >= keep_from);
             st.own_sigs.retain(|p, _| *p >= keep_from);
         }
-        self.test_reachability().await;
         let vote = self.make_vote(va, unix_now());
         for (_, addr, name) in self.peers() {
             if let Err(e) = http::post_vote(addr, vote.clone()).await {
@@ -1055,6 +1120,7 @@ impl Authority {
             () = schedule => Ok(()),
             () = self.measure_loop() => Ok(()),
             () = self.probe_loop() => Ok(()),
+            () = self.reach_loop() => Ok(()),
         }
     }
 }

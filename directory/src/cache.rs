@@ -35,6 +35,8 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct State {
     current: Option<Bytes>,
+    /// When `current` expires: from then on nothing is served.
+    valid_until: u64,
     /// The consensuses held before `current`, newest last (at most
     /// [`diff::KEEP`]), by digest.
     recent: VecDeque<([u8; 32], Bytes)>,
@@ -81,11 +83,13 @@ impl ConsensusCache {
         }
     }
 
-    /// Hold `bytes` (a consensus the caller verified) as the current one;
+    /// Hold `bytes` (a consensus the caller verified, valid until
+    /// `valid_until`) as the current one;
     /// the one it replaces becomes a base for diffs. The diffs are made by
     /// [`ConsensusCache::make_diffs`].
-    pub fn install(&self, bytes: Bytes) {
+    pub fn install(&self, bytes: Bytes, valid_until: u64) {
         let mut st = lock(&self.state);
+        st.valid_until = valid_until;
         if let Some(old) = st.current.replace(bytes.clone())
             && old != bytes
         {
@@ -198,6 +202,11 @@ impl ConsensusCache {
     /// The answer to `GET path`: `/consensus`, `/consensus/zstd` or
     /// `/consensus/diff/<hex SHA-256 of the base>`.
     pub async fn answer(&self, path: &str) -> Result<Bytes, (StatusCode, &'static str)> {
+        // An expired consensus helps no one (a cache that lost the
+        // authorities keeps it only as a base).
+        if lock(&self.state).valid_until < crate::unix_now() {
+            return Err((StatusCode::NOT_FOUND, "no consensus that is still valid"));
+        }
         let (form, found) = match path {
             "/consensus" => (0, self.current().ok_or("no consensus yet")),
             "/consensus/zstd" => (
@@ -277,8 +286,8 @@ mod tests {
         let old = Bytes::from(vec![7u8; 5000]);
         let mut new = vec![7u8; 5000];
         new[100] = 9;
-        c.install(old.clone());
-        c.install(Bytes::from(new.clone()));
+        c.install(old.clone(), u64::MAX);
+        c.install(Bytes::from(new.clone()), u64::MAX);
         // Made when first asked for.
         assert_eq!(c.answer("/consensus").await.unwrap(), new);
         let z = c.answer("/consensus/zstd").await.unwrap();
@@ -307,8 +316,11 @@ mod tests {
         let d = c.answer(&same).await.unwrap();
         assert!(d.len() < 32, "{} bytes", d.len());
         assert_eq!(diff::decode(Some(&new), &d, 1 << 20).unwrap(), new);
+        // Nothing is served once it has expired.
+        c.install(Bytes::from(new.clone()), 1);
+        assert_eq!(c.answer(&path).await.unwrap_err().0, StatusCode::NOT_FOUND);
         // Installing the same bytes again keeps the diffs.
-        c.install(Bytes::from(new));
+        c.install(Bytes::from(new), u64::MAX);
         assert!(c.answer(&path).await.is_ok());
     }
 }
