@@ -269,13 +269,13 @@ impl Client {
     pub async fn refresh_consensus(&self) -> Result<Arc<Consensus>, ClientError> {
         // The consensus held, as cached, is the base of a diff.
         let path = dir::cache_path(&self.inner.cfg.data_dir);
-        let base = match self.consensus() {
-            Some(_) => tokio::fs::read(&path).await.ok(),
-            None => None,
-        };
-        let cached = match self.consensus() {
-            Some(held) => self.fetch_from_caches(&held, base.as_deref()).await,
-            None => None,
+        let (base, cached) = match self.consensus() {
+            Some(held) => {
+                let base = tokio::fs::read(&path).await.ok();
+                let cached = self.fetch_from_caches(&held, base.as_deref()).await;
+                (base, cached)
+            }
+            None => (None, None),
         };
         let stats = &self.inner.stats;
         let fallbacks = &self.inner.cfg.fallback_dirs;

@@ -84,9 +84,9 @@ impl ConsensusCache {
     }
 
     /// Hold `bytes` (a consensus the caller verified, valid until
-    /// `valid_until`) as the current one;
-    /// the one it replaces becomes a base for diffs. The diffs are made by
-    /// [`ConsensusCache::make_diffs`].
+    /// `valid_until`) as the current one; the one it replaces becomes a
+    /// base for diffs. The diffs are made by [`ConsensusCache::make_diffs`]
+    /// or when first asked for.
     pub fn install(&self, bytes: Bytes, valid_until: u64) {
         let mut st = lock(&self.state);
         st.valid_until = valid_until;

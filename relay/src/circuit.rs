@@ -381,15 +381,9 @@ impl Circuit {
         }
     }
 
-    /// Take a stream the core opened: its queue, its room at the circuit.
-    fn open_stream(
-        &mut self,
-        stream: u16,
-    ) -> (
-        StreamKey,
-        Arc<Semaphore>,
-        mpsc::UnboundedReceiver<StreamCmd>,
-    ) {
+    /// Take a stream the core opened: its queue and its room at the
+    /// circuit, for its task.
+    fn open_stream(&mut self, stream: u16) -> exit::StreamTask {
         let (tx, rx) = mpsc::unbounded_channel();
         let room = Arc::new(Semaphore::new(exit::SEND_ROOM));
         let key = self.key(stream);
@@ -402,7 +396,7 @@ impl Circuit {
             },
         );
         RelayStats::inc(&self.ctx.stats.streams_opened, 1);
-        (key, room, rx)
+        exit::StreamTask::new(self.ctx.clone(), key, self.shared.clone(), room, rx)
     }
 
     async fn on_event(&mut self, ev: Event) -> Result<(), Teardown> {
@@ -424,27 +418,13 @@ impl Circuit {
                     self.had_stream = true;
                     RelayStats::inc(&self.ctx.stats.circuits_with_streams, 1);
                 }
-                let (key, room, rx) = self.open_stream(stream);
-                tokio::spawn(
-                    exit::run_stream(
-                        self.ctx.clone(),
-                        key,
-                        addr,
-                        port,
-                        self.shared.clone(),
-                        room,
-                        rx,
-                    )
-                    .in_current_span(),
-                );
+                let t = self.open_stream(stream);
+                tokio::spawn(exit::run_stream(t, addr, port).in_current_span());
             }
             Event::BeginDir { stream } => {
                 RelayStats::inc(&self.ctx.stats.dir_streams, 1);
-                let (key, room, rx) = self.open_stream(stream);
-                tokio::spawn(
-                    exit::run_dir_stream(self.ctx.clone(), key, self.shared.clone(), room, rx)
-                        .in_current_span(),
-                );
+                let t = self.open_stream(stream);
+                tokio::spawn(exit::run_dir_stream(t).in_current_span());
             }
             Event::Resolve { stream, host } => {
                 if !self.ctx.policy.is_exit() {

@@ -170,75 +170,87 @@ async fn connect(
     Err(last)
 }
 
-/// One exit stream, from BEGIN to END. `room` holds a permit for each
-/// chunk the stream may hand its circuit before the circuit has sealed it.
-pub async fn run_stream(
+/// What a stream task holds: its relay, its key, its circuit's shared
+/// state, its room at the circuit (a permit for each chunk it may hand the
+/// circuit before the circuit has sealed it) and its forward queue.
+pub struct StreamTask {
     ctx: Arc<RelayCtx>,
     sid: StreamKey,
-    addr: TargetAddr,
-    port: u16,
     circ: Arc<CircShared>,
     room: Arc<Semaphore>,
-    cmds: mpsc::UnboundedReceiver<StreamCmd>,
-) {
-    let cmds = CmdRx {
-        rx: cmds,
-        acct: circ.acct.clone(),
-    };
-    let (tcp, ip) = match connect(&ctx, &addr, port).await {
+    cmds: CmdRx,
+}
+
+impl StreamTask {
+    pub fn new(
+        ctx: Arc<RelayCtx>,
+        sid: StreamKey,
+        circ: Arc<CircShared>,
+        room: Arc<Semaphore>,
+        cmds: mpsc::UnboundedReceiver<StreamCmd>,
+    ) -> Self {
+        let cmds = CmdRx {
+            rx: cmds,
+            acct: circ.acct.clone(),
+        };
+        StreamTask {
+            ctx,
+            sid,
+            circ,
+            room,
+            cmds,
+        }
+    }
+}
+
+/// One exit stream, from BEGIN to END.
+pub async fn run_stream(t: StreamTask, addr: TargetAddr, port: u16) {
+    let (tcp, ip) = match connect(&t.ctx, &addr, port).await {
         Ok(x) => x,
         Err(reason) => {
             debug!(?reason, "exit connect failed");
-            let _ = circ.ev.send(StreamEvent::End(sid, reason));
+            let _ = t.circ.ev.send(StreamEvent::End(t.sid, reason));
             return;
         }
     };
-    if circ.ev.send(StreamEvent::Connected(sid, Some(ip))).is_err() {
+    if t.circ
+        .ev
+        .send(StreamEvent::Connected(t.sid, Some(ip)))
+        .is_err()
+    {
         return;
     }
     let (r, w) = tcp.into_split();
-    shuttle(&ctx, sid, r, w, &circ, &room, cmds, true).await;
+    shuttle(t, r, w, true).await;
 }
 
 /// A BEGIN_DIR stream: HTTP requests to this relay's consensus cache
 /// ([`allium_directory::cache::serve_stream`]), answered over the circuit.
-pub async fn run_dir_stream(
-    ctx: Arc<RelayCtx>,
-    sid: StreamKey,
-    circ: Arc<CircShared>,
-    room: Arc<Semaphore>,
-    cmds: mpsc::UnboundedReceiver<StreamCmd>,
-) {
-    let cmds = CmdRx {
-        rx: cmds,
-        acct: circ.acct.clone(),
-    };
-    if circ.ev.send(StreamEvent::Connected(sid, None)).is_err() {
+pub async fn run_dir_stream(t: StreamTask) {
+    if t.circ.ev.send(StreamEvent::Connected(t.sid, None)).is_err() {
         return;
     }
     let (ours, server) = tokio::io::duplex(READ_CHUNK);
-    let cache = ctx.net.cache().clone();
+    let cache = t.ctx.net.cache().clone();
     tokio::spawn(allium_directory::cache::serve_stream(cache, server).in_current_span());
     let (r, w) = tokio::io::split(ours);
-    shuttle(&ctx, sid, r, w, &circ, &room, cmds, false).await;
+    shuttle(t, r, w, false).await;
 }
 
 /// Carry bytes between a stream's far end (`r`, `w`) and its circuit until
 /// either ends; `exit` counts what is written as exit traffic.
-#[allow(clippy::too_many_arguments)]
-async fn shuttle<R, W>(
-    ctx: &RelayCtx,
-    sid: StreamKey,
-    mut r: R,
-    mut w: W,
-    circ: &CircShared,
-    room: &Semaphore,
-    mut cmds: CmdRx,
-    exit: bool,
-) where
+async fn shuttle<R, W>(t: StreamTask, mut r: R, mut w: W, exit: bool)
+where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
+    let StreamTask {
+        ctx,
+        sid,
+        circ,
+        room,
+        mut cmds,
+    } = t;
     let mut out: Vec<u8> = Vec::new();
     let mut chunk: Vec<u8> = Vec::new();
     // Holding a permit: room for one more chunk at the circuit.

@@ -210,7 +210,7 @@ impl Relay {
     }
 
     /// The consensus cache the relay serves over BEGIN_DIR streams.
-    pub fn dir_cache(&self) -> Arc<allium_directory::cache::ConsensusCache> {
+    pub fn dir_cache(&self) -> Arc<cache::ConsensusCache> {
         self.ctx.net.cache().clone()
     }
 
@@ -534,9 +534,7 @@ impl Relay {
             r = metrics => r.map_err(RelayError::from),
         }
     }
-}
 
-impl Relay {
     /// Answer consensus requests on `l` (`dir_listen`) from the cache, one
     /// per connection, each within [`cache::STREAM_TIMEOUT`], under the same
     /// per-address and process-wide connection limits as the ORPort.
