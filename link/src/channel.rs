@@ -7,9 +7,10 @@
 //! circuit whose inbox is full has ignored flow control and is destroyed.
 //!
 //! What keeps a channel bounded whatever the peer does:
-//! * every queue has a size: circuit inboxes ([`CIRC_QUEUE`]), the cells
-//!   waiting to be written ([`CHANNEL_QUEUE`]), the DESTROYs answered to the
-//!   peer ([`URGENT_MAX`]), the sealed bytes not yet written ([`OUT_HIGH`]);
+//! * every queue has a size: circuit inboxes ([`CIRC_QUEUE`]), each
+//!   circuit's cells waiting to be written ([`CIRC_OUT_QUEUE`]), the
+//!   DESTROYs answered to the peer ([`URGENT_MAX`]), the sealed bytes not
+//!   yet written ([`OUT_HIGH`]);
 //! * a peer that makes us queue DESTROYs faster than it reads them is not
 //!   read from until it takes them, and one that has not read for
 //!   [`WRITE_TIMEOUT`] while we had bytes for it loses its link (reading is
@@ -17,6 +18,10 @@
 //!   for the other to read could stall a busy link both ways);
 //! * the buffers of a channel that has been idle for [`IDLE_SHRINK`] are
 //!   given back, so an idle channel costs a few kilobytes.
+//!
+//! Cells waiting to be written wait per circuit, and each frame is filled
+//! from the circuits that have sent least of late ([`crate::sched`]): a
+//! small fetch is not queued behind bulk downloads on the same link.
 //!
 //! Circuit ids: the side that opened the link allocates ids with the high
 //! bit set, the other side without it; 0 is never used.
@@ -42,6 +47,7 @@ use tracing::{Instrument, debug, trace};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::limits::{CircAcct, ConnGuard, QueueMem, TokenBucket};
+use crate::sched::Sched;
 use crate::{LinkError, RelayStats};
 
 /// Cells queued toward one circuit. Flow control keeps an honest peer
@@ -51,11 +57,12 @@ use crate::{LinkError, RelayStats};
 /// honest circuit queues at one relay to a few hundred cells; the memory
 /// cap bounds all circuits together.)
 pub const CIRC_QUEUE: usize = allium_proto::flow::CWND_MAX as usize + 1536;
-/// Cells queued toward one channel.
-pub const CHANNEL_QUEUE: usize = 1024;
-/// The most cells one hand-off to a channel carries, so that one large
-/// batch does not wait for a whole empty queue ahead of the others.
+/// The most cells one hand-off to a channel carries.
 pub const BATCH_MAX: usize = MAX_CELLS_PER_FRAME;
+/// Cells one circuit may have waiting to be written to one channel; its
+/// sender waits while they are this many. (Four frames: enough to keep a
+/// link busy, few enough that a circuit feels its next hop's pace.)
+pub const CIRC_OUT_QUEUE: usize = 4 * BATCH_MAX;
 /// DESTROYs queued in answer to the peer; at this many the peer is not
 /// read from until it takes them.
 pub const URGENT_MAX: usize = 1024;
@@ -185,11 +192,37 @@ enum Ctrl {
     Shutdown,
 }
 
+/// Cells of one circuit on their way to the channel's task, with the room
+/// they took in that circuit's queue.
+struct Batch {
+    room: Arc<Semaphore>,
+    cells: Vec<Cell>,
+}
+
+/// What a batch gives back once written or dropped: room to its
+/// circuit's sender and bytes to the memory account it was counted in.
+struct Taken {
+    room: Arc<Semaphore>,
+    mem: Counted,
+}
+
+/// Where a waiting batch's bytes are counted.
+enum Counted {
+    /// Not at all (clients).
+    Nowhere,
+    /// In its circuit's account, so that the memory cap can find it.
+    Circuit(Arc<CircAcct>),
+    /// As the channel's (a circuit without an account of its own).
+    Shared(Arc<QueueMem>),
+}
+
 struct HandleInner {
-    /// Batches of cells to send; [`HandleInner::room`] bounds the cells.
-    out: mpsc::UnboundedSender<Vec<Cell>>,
-    /// Cells that may still be queued ([`CHANNEL_QUEUE`] in all).
-    room: Semaphore,
+    /// Batches of cells to send, each of one circuit; each circuit's room
+    /// bounds its cells.
+    out: mpsc::UnboundedSender<Batch>,
+    /// Per circuit: the cells it may still queue ([`CIRC_OUT_QUEUE`] at
+    /// most). Entries go when the channel's task forgets the circuit.
+    rooms: std::sync::Mutex<HashMap<CircId, Arc<Semaphore>>>,
     /// Unbounded by type; each message stands for a circuit of this side
     /// (one to register it, one to close it).
     ctrl: mpsc::UnboundedSender<Ctrl>,
@@ -215,37 +248,49 @@ impl ChannelHandle {
         self.inner.out.is_closed()
     }
 
-    /// Queue a cell; waits while the channel's queue is full.
+    /// Queue a cell; waits while its circuit's queue is full.
     pub async fn send(&self, cell: Cell) -> Result<(), LinkError> {
         self.send_batch(vec![cell]).await
     }
 
-    /// Queue cells, in order, in hand-offs of at most [`BATCH_MAX`] cells;
-    /// waits while the channel's queue is full.
+    /// Queue cells, in order, in hand-offs of at most [`BATCH_MAX`] cells
+    /// of one circuit; waits while a circuit's queue is full. Cells of a
+    /// circuit this channel does not carry (any more) are dropped.
     pub async fn send_batch(&self, mut cells: Vec<Cell>) -> Result<(), LinkError> {
-        while cells.len() > BATCH_MAX {
-            let rest = cells.split_off(BATCH_MAX);
+        while !cells.is_empty() {
+            let id = cells[0].circ_id;
+            let n = cells
+                .iter()
+                .take(BATCH_MAX)
+                .take_while(|c| c.circ_id == id)
+                .count();
+            let rest = cells.split_off(n);
             self.send_one_batch(cells).await?;
             cells = rest;
         }
-        self.send_one_batch(cells).await
+        Ok(())
+    }
+
+    /// The room of circuit `id`'s queue.
+    fn room(&self, id: CircId) -> Arc<Semaphore> {
+        let mut rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        rooms
+            .entry(id)
+            .or_insert_with(|| Arc::new(Semaphore::new(CIRC_OUT_QUEUE)))
+            .clone()
     }
 
     async fn send_one_batch(&self, cells: Vec<Cell>) -> Result<(), LinkError> {
-        if cells.is_empty() {
-            return Ok(());
-        }
         let n = cells.len();
-        self.inner
-            .room
-            .acquire_many(permits(n))
+        let room = self.room(cells[0].circ_id);
+        room.acquire_many(n.min(CIRC_OUT_QUEUE) as u32)
             .await
             .map_err(|_| LinkError::ChannelClosed)?
             .forget();
         if let Some(m) = &self.inner.mem {
             m.add_shared(CELL_LEN * n);
         }
-        self.inner.out.send(cells).map_err(|_| {
+        self.inner.out.send(Batch { room, cells }).map_err(|_| {
             if let Some(m) = &self.inner.mem {
                 m.sub_shared(CELL_LEN * n);
             }
@@ -306,9 +351,14 @@ struct CircEntry {
     acct: Option<Arc<CircAcct>>,
 }
 
-/// Queue permits a batch of `n` (at most [`BATCH_MAX`]) cells takes.
-fn permits(n: usize) -> u32 {
-    n.min(CHANNEL_QUEUE) as u32
+/// Gives back what `n` written or dropped cells of one batch took.
+fn release(t: Taken, n: usize) {
+    t.room.add_permits(n);
+    match t.mem {
+        Counted::Nowhere => {}
+        Counted::Circuit(a) => a.sub(CELL_LEN * n),
+        Counted::Shared(m) => m.sub_shared(CELL_LEN * n),
+    }
 }
 
 /// The channel's owner task.
@@ -338,8 +388,8 @@ struct Reactor {
     written: usize,
     /// Cells to seal into the next frame.
     batch: Vec<Cell>,
-    /// Cells taken from the queue, not yet sealed.
-    waiting: VecDeque<Cell>,
+    /// Cells taken from the queue, not yet sealed, by circuit.
+    sched: Sched<Taken>,
     opened: Vec<Cell>,
     /// The cells of the frame being opened, by circuit.
     staged: Vec<(CircId, Vec<Cell>)>,
@@ -379,7 +429,7 @@ impl Reactor {
                     }
                 }
             }
-            self.circs.remove(&id);
+            self.forget(id);
             self.count(|s| RelayStats::inc(&s.cells_dropped, n as u64));
             if overflow {
                 debug!("circuit queue overflow: the peer ignored flow control");
@@ -455,7 +505,7 @@ impl Reactor {
                 let _ = ack.send(free);
             }
             Ctrl::Close(id, reason) => {
-                self.circs.remove(&id);
+                self.forget(id);
                 if let Some(r) = reason {
                     self.urgent.push_back(Cell::destroy(id, r));
                 }
@@ -464,41 +514,69 @@ impl Reactor {
         }
     }
 
-    /// A batch from the channel's queue, to be sealed.
-    fn take_out(&mut self, cells: Vec<Cell>) {
-        if let Some(m) = &self.env.mem {
-            m.sub_shared(CELL_LEN * cells.len());
+    /// Forget a circuit: its inbox, its waiting cells and its room (a
+    /// sender still waiting for room learns that the circuit is gone).
+    fn forget(&mut self, id: CircId) {
+        self.circs.remove(&id);
+        self.sched.remove(id, release);
+        let mut rooms = (self.handle.inner.rooms.lock()).unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = rooms.remove(&id) {
+            r.close();
         }
-        self.handle
-            .inner
-            .room
-            .add_permits(permits(cells.len()) as usize);
-        self.waiting.extend(cells);
     }
 
-    /// Seal what is waiting (DESTROYs first) into frames while there is
-    /// room in the output buffer.
-    fn fill(&mut self, queue: &mut mpsc::UnboundedReceiver<Vec<Cell>>) -> Result<(), LinkError> {
+    /// A batch from the channel's queue: waiting, under its circuit's
+    /// memory account, to be sealed; dropped if the circuit is gone.
+    fn take_out(&mut self, b: Batch) {
+        let n = b.cells.len();
+        let mem = match &self.env.mem {
+            Some(m) => Counted::Shared(m.clone()),
+            None => Counted::Nowhere,
+        };
+        let Some(id) = b.cells.first().map(|c| c.circ_id) else {
+            return;
+        };
+        let taken = Taken { room: b.room, mem };
+        let Some(e) = self.circs.get(&id) else {
+            self.count(|s| RelayStats::inc(&s.cells_dropped, n as u64));
+            release(taken, n);
+            self.forget(id);
+            return;
+        };
+        let taken = match (&e.acct, taken.mem) {
+            (Some(a), Counted::Shared(m)) => {
+                m.sub_shared(CELL_LEN * n);
+                a.add(CELL_LEN * n);
+                Taken {
+                    room: taken.room,
+                    mem: Counted::Circuit(a.clone()),
+                }
+            }
+            (_, mem) => Taken {
+                room: taken.room,
+                mem,
+            },
+        };
+        self.sched.push(taken, b.cells);
+    }
+
+    /// Seal what is waiting (DESTROYs first, then by circuit priority) into
+    /// frames while there is room in the output buffer.
+    fn fill(&mut self, queue: &mut mpsc::UnboundedReceiver<Batch>) -> Result<(), LinkError> {
         if self.written > 0 && self.written * 2 >= self.out.len() {
             self.out.drain(..self.written);
             self.written = 0;
         }
+        while let Ok(b) = queue.try_recv() {
+            self.take_out(b);
+        }
+        let now = Instant::now().into_std();
         while self.out.len() - self.written < OUT_HIGH {
             let mut batch = std::mem::take(&mut self.batch);
             let urgent = self.urgent.len().min(MAX_CELLS_PER_FRAME);
             batch.extend(self.urgent.drain(..urgent));
-            loop {
-                let room = MAX_CELLS_PER_FRAME - batch.len();
-                let n = self.waiting.len().min(room);
-                batch.extend(self.waiting.drain(..n));
-                if batch.len() == MAX_CELLS_PER_FRAME {
-                    break;
-                }
-                match queue.try_recv() {
-                    Ok(cells) => self.take_out(cells),
-                    Err(_) => break,
-                }
-            }
+            self.sched
+                .pop(now, MAX_CELLS_PER_FRAME - batch.len(), &mut batch, release);
             if batch.is_empty() {
                 self.batch = batch;
                 break;
@@ -538,9 +616,9 @@ impl Reactor {
     }
 
     async fn run(
-        mut self,
+        &mut self,
         mut stream: TcpStream,
-        cells: &mut mpsc::UnboundedReceiver<Vec<Cell>>,
+        cells: &mut mpsc::UnboundedReceiver<Batch>,
         mut ctrl: mpsc::UnboundedReceiver<Ctrl>,
         mut stop: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Result<(), LinkError> {
@@ -570,7 +648,7 @@ impl Reactor {
         loop {
             self.fill(cells)?;
             let pending = self.written < self.out.len();
-            if self.closing && !pending && self.urgent.is_empty() && self.waiting.is_empty() {
+            if self.closing && !pending && self.urgent.is_empty() && self.sched.is_empty() {
                 return Ok(());
             }
             if !pending {
@@ -584,7 +662,6 @@ impl Reactor {
             }
             let in_debt = limit == 0;
             let can_read = self.urgent.len() < URGENT_MAX && !in_debt;
-            let room = self.out.len() - self.written < OUT_HIGH && self.waiting.is_empty();
             let big = self.inbuf.capacity() > READ_SMALL || self.out.capacity() > IDLE_BUF;
             if can_read {
                 self.inbuf
@@ -598,7 +675,7 @@ impl Reactor {
                     Some(c) => self.on_ctrl(c),
                     None => return Ok(()),
                 },
-                c = cells.recv(), if room => match c {
+                c = cells.recv() => match c {
                     Some(c) => self.take_out(c),
                     None => return Ok(()),
                 },
@@ -638,7 +715,7 @@ impl Reactor {
                         self.inbuf.shrink_to(self.inbuf.len().max(IDLE_BUF));
                         self.out.shrink_to(self.out.len().max(IDLE_BUF));
                         self.batch.shrink_to_fit();
-                        self.waiting.shrink_to_fit();
+                        self.sched.shrink_to_fit();
                         self.opened.shrink_to_fit();
                         self.staged.shrink_to_fit();
                         self.circs.shrink_to_fit();
@@ -679,7 +756,7 @@ fn spawn_channel(
     let handle = ChannelHandle {
         inner: Arc::new(HandleInner {
             out: out_tx,
-            room: Semaphore::new(CHANNEL_QUEUE),
+            rooms: Default::default(),
             ctrl: ctrl_tx,
             peer: setup.peer,
             next_id: AtomicU32::new(1),
@@ -687,7 +764,7 @@ fn spawn_channel(
             mem: setup.env.mem.clone(),
         }),
     };
-    let reactor = Reactor {
+    let mut reactor = Reactor {
         transport,
         circs: HashMap::new(),
         urgent: VecDeque::new(),
@@ -702,7 +779,7 @@ fn spawn_channel(
         out: Vec::new(),
         written: 0,
         batch: Vec::new(),
-        waiting: VecDeque::new(),
+        sched: Sched::new(Instant::now().into_std()),
         opened: Vec::new(),
         staged: Vec::new(),
         busy: false,
@@ -717,13 +794,18 @@ fn spawn_channel(
                 debug!("channel closed: {e}");
             }
             // Wake whoever waits for room, and uncount what was never sent.
-            h.inner.room.close();
             out_rx.close();
+            let rooms =
+                std::mem::take(&mut *h.inner.rooms.lock().unwrap_or_else(|p| p.into_inner()));
+            for r in rooms.into_values() {
+                r.close();
+            }
             while let Ok(b) = out_rx.try_recv() {
                 if let Some(m) = &h.inner.mem {
-                    m.sub_shared(CELL_LEN * b.len());
+                    m.sub_shared(CELL_LEN * b.cells.len());
                 }
             }
+            reactor.sched.clear(release);
             trace!("channel task ended");
         }
         .in_current_span(),

@@ -9,6 +9,7 @@
 //!   idle one when full, and one-request HTTP serving with timeouts.
 //! * [`metrics`]: serving Prometheus metrics over HTTP.
 //! * [`safelog`]: destinations and client addresses kept out of logs.
+//! * [`sched`]: which circuit a channel sends from next.
 //! * [`shaping`]: link delay and rate for test networks (off otherwise).
 //! * [`RelayStats`]: the counters a relay keeps.
 //!
@@ -20,6 +21,7 @@ pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod safelog;
+pub mod sched;
 pub mod shaping;
 
 use std::sync::atomic::{AtomicU64, Ordering};
