@@ -176,6 +176,30 @@ async fn whole_network_end_to_end() {
     assert_eq!(body.len(), BIG);
     assert_eq!(Sha256::digest(&body), want);
 
+    // Service names and Tor's names never leave the client: a mistyped
+    // address and a Tor name get F6, a valid address F0 (services cannot
+    // be reached yet), and no exit opens a stream for any of them.
+    let opened = || -> u64 {
+        net.relays
+            .iter()
+            .map(|r| RelayStats::get(&r.stats.streams_opened))
+            .sum()
+    };
+    let before = opened();
+    let good = "5jfgyy7ctrjavpxvkb5rglwf7gkuo5vox27hxescd3vgsfcg2iwdiuab.allium.alt";
+    for (host, want) in [
+        (good.to_string(), 0xf0),
+        (good.replacen('5', "6", 1), 0xf6),
+        (
+            "duckduckgogg42xjoc72x3sjasowoarfbgcmvfimaftt6twagswzczad.onion".into(),
+            0xf6,
+        ),
+    ] {
+        let (code, _) = common::socks5(proxy, &host, 80).await;
+        assert_eq!(code, want, "SOCKS reply for {host}");
+    }
+    assert_eq!(opened(), before, "a service or Tor name reached an exit");
+
     // Three distinct relays each carried those cells.
     let carried = net.client.circuit_paths().into_iter().any(|path| {
         let distinct =

@@ -710,6 +710,9 @@ impl Client {
         iso: &Isolation,
         ctl: &mut StreamWatch,
     ) -> Result<Stream, ClientError> {
+        if let TargetAddr::Host(h) = &addr {
+            keep_local(h)?;
+        }
         let target = ExitTarget::Addr(&addr, port);
         let generation = self.inner.generation.load(Ordering::Relaxed);
         let circ = self.circuit_for(&target, iso).await?;
@@ -805,6 +808,7 @@ impl Client {
     pub async fn resolve(&self, host: String, iso: &Isolation) -> Result<Vec<IpAddr>, ClientError> {
         let mut ctl = self.inner.events.new_stream(format!("{host}:0"), true);
         let r = async {
+            keep_local(&host)?;
             let circ = self.circuit_for(&ExitTarget::Any, iso).await?;
             ctl.sent(circ.serial);
             let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
@@ -1119,10 +1123,46 @@ fn learn(guards: &mut GuardSet, guard: &[u8; 32], len: usize, failure: Option<&B
     guards.record_build(guard, failure.map_or(len, |f| f.hops), len);
 }
 
+/// Names that must never reach an exit: service names (valid or not:
+/// checked here, before any network work) and Tor's `.onion` names, which
+/// an exit would hand to the DNS.
+fn keep_local(host: &str) -> Result<(), ClientError> {
+    use allium_proto::service::ServiceAddress;
+    if ServiceAddress::claims(host) {
+        ServiceAddress::parse(host)?;
+        return Err(ClientError::ServicesUnsupported);
+    }
+    let h = host.trim_end_matches('.');
+    let tld = h.rsplit('.').next().unwrap_or(h);
+    if tld.eq_ignore_ascii_case("onion") {
+        return Err(ClientError::TorOnionName);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::path::tests::relay;
+
+    #[test]
+    fn service_and_tor_names_stay_local() {
+        let good = "5jfgyy7ctrjavpxvkb5rglwf7gkuo5vox27hxescd3vgsfcg2iwdiuab.allium.alt";
+        let typo = good.replacen('5', "6", 1);
+        let code = |h: &str| keep_local(h).map_err(|e| e.socks_reply().0);
+        assert_eq!(code(good), Err(0xf0));
+        assert_eq!(code(&format!("www.{}", good.to_uppercase())), Err(0xf0));
+        assert_eq!(code(&typo), Err(0xf6));
+        assert_eq!(code("broken.allium.alt."), Err(0xf6));
+        assert_eq!(
+            code("duckduckgogg42xjoc72x3sjasowoarfbgcmvfimaftt6twagswzczad.onion"),
+            Err(0xf6)
+        );
+        assert_eq!(code("x.ONION."), Err(0xf6));
+        assert_eq!(code("example.com"), Ok(()));
+        assert_eq!(code("onion.example"), Ok(()));
+        assert_eq!(code("allium.alt.example"), Ok(()));
+    }
 
     #[test]
     fn a_stale_consensus_backs_off() {

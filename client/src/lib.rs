@@ -67,6 +67,17 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("bad config: {0}")]
     Config(String),
+    /// A service name that is not a valid address (mistyped).
+    #[error("invalid service address: {0}")]
+    BadServiceAddress(#[from] allium_proto::service::AddressError),
+    /// A valid service address: services cannot be reached from this
+    /// client yet (the name never leaves it).
+    #[error("onion services cannot be reached from this client yet")]
+    ServicesUnsupported,
+    /// A Tor `.onion` name: not ours, and never sent to an exit (whose
+    /// resolver would pass it to the DNS).
+    #[error("a Tor .onion name, which Allium cannot reach")]
+    TorOnionName,
 }
 
 impl ClientError {
@@ -82,6 +93,10 @@ impl ClientError {
                 _ => ReplyCode::GENERAL_FAILURE,
             },
             ClientError::Timeout(_) => ReplyCode::TTL_EXPIRED,
+            ClientError::BadServiceAddress(_) | ClientError::TorOnionName => {
+                ReplyCode::ONION_ADDRESS_INVALID
+            }
+            ClientError::ServicesUnsupported => ReplyCode::ONION_DESCRIPTOR_NOT_FOUND,
             _ => ReplyCode::GENERAL_FAILURE,
         }
     }

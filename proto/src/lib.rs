@@ -21,6 +21,7 @@ pub mod ntor;
 pub mod onion;
 pub mod policy;
 pub mod relaymsg;
+pub mod service;
 pub mod socks;
 pub mod vote;
 pub mod wire;

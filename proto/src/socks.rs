@@ -93,6 +93,16 @@ crate::open_enum! {
         TTL_EXPIRED = 6,
         COMMAND_NOT_SUPPORTED = 7,
         ADDRTYPE_NOT_SUPPORTED = 8,
+        // Tor's onion service replies (its socks-extensions.txt), which
+        // applications already explain to their users.
+        ONION_DESCRIPTOR_NOT_FOUND = 0xf0,
+        ONION_DESCRIPTOR_INVALID = 0xf1,
+        ONION_INTRODUCTION_FAILED = 0xf2,
+        ONION_RENDEZVOUS_FAILED = 0xf3,
+        ONION_MISSING_CLIENT_AUTH = 0xf4,
+        ONION_WRONG_CLIENT_AUTH = 0xf5,
+        ONION_ADDRESS_INVALID = 0xf6,
+        ONION_INTRODUCTION_TIMED_OUT = 0xf7,
     }
 }
 

@@ -299,6 +299,15 @@ fn compute() -> BTreeMap<String, String> {
     assert_eq!(Vote::verify(&vbytes, &pinned, 1_800_000_000).unwrap(), vote);
     assert_eq!(compute_consensus(&[vote]).unwrap(), cons);
     put("doc.vote", &vbytes);
+
+    // Service names (section 11).
+    let key = SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes();
+    let a = allium_proto::service::ServiceAddress::from_key(&key).unwrap();
+    assert_eq!(
+        allium_proto::service::ServiceAddress::parse(&a.to_string()).unwrap(),
+        a
+    );
+    put("service.address", &a.to_bytes());
     v
 }
 
