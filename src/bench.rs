@@ -326,6 +326,8 @@ pub struct Report {
     pub link_delay_ms: Option<f64>,
     pub link_rate: Option<u64>,
     pub link_rtt_ms: Option<f64>,
+    /// Every relay's bandwidth rate, if limited (bytes per second).
+    pub relay_rate: Option<u64>,
     pub single_stream_bytes: usize,
     /// 1 KiB time to first byte while 8 bulk downloads run (median, n).
     pub ttfb_1k_loaded_ms: f64,
@@ -374,6 +376,7 @@ pub async fn run(
     json: Option<&Path>,
     quick: bool,
     shaping: Option<Shaping>,
+    relay_rate: Option<u64>,
 ) -> BenchResult<Report> {
     let exe = std::env::current_exe().map_err(err)?;
     let dir = tempfile::tempdir().map_err(err)?;
@@ -382,6 +385,7 @@ pub async fn run(
     drop(held);
     let opts = TestnetOptions {
         base_port: Some(base),
+        relay_rate,
         ..opts0
     };
     let plan = testnet::init(&opts, dir.path()).map_err(err)?;
@@ -433,6 +437,7 @@ pub async fn run(
         machine: machine(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         bootstrap_s: start.elapsed().as_secs_f64(),
+        relay_rate,
         ..Default::default()
     };
     eprintln!(
@@ -783,6 +788,9 @@ fn print_report(r: &Report) {
             "every link delayed {d:.0} ms one-way{rate}; per-link round trip measured {rtt:.1} ms (expected {:.0})",
             2.0 * d
         );
+    }
+    if let Some(b) = r.relay_rate {
+        println!("every relay limited to {:.1} MB/s", b as f64 / 1e6);
     }
     println!("medians; MB = 10^6 bytes, GB = 10^9 bytes of payload");
     println!("----------------------------------------------------------------------------------");

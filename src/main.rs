@@ -147,7 +147,7 @@ enum Cmd {
     },
 }
 
-/// Distance emulated on one machine (test networks only).
+/// Distance and bottlenecks emulated on one machine (test networks only).
 #[derive(clap::Args)]
 struct LinkShapingArgs {
     /// Delay every byte each link sends by this many milliseconds (one
@@ -158,6 +158,11 @@ struct LinkShapingArgs {
     /// Also pace each link at this many bytes per second.
     #[arg(long, value_name = "BYTES_PER_SEC", requires = "link_delay")]
     link_rate: Option<u64>,
+    /// Limit every relay to this many bytes per second (its
+    /// `bandwidth_rate`): queues then form at the relays, as on a real
+    /// network, not at the machine's CPU.
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    relay_rate: Option<u64>,
 }
 
 impl LinkShapingArgs {
@@ -370,7 +375,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Cmd::Bench { json, quick, links } => {
-            let work = allium::bench::run(json.as_deref(), quick, links.shaping());
+            let work =
+                allium::bench::run(json.as_deref(), quick, links.shaping(), links.relay_rate);
             tokio::select! {
                 r = work => r.map(|_| ()),
                 () = shutdown_signal() => Err("interrupted".into()),
@@ -394,6 +400,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 data_dir: data_dir.clone(),
                 base_port,
                 shaping: links.shaping(),
+                relay_rate: links.relay_rate,
                 ..Default::default()
             };
             if init_only {

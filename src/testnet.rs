@@ -64,6 +64,8 @@ pub struct TestnetOptions {
     /// The bandwidth relay `i` declares is `declared[i]` if given
     /// (default 50 MB/s).
     pub declared: Vec<u32>,
+    /// Every relay's `bandwidth_rate` (bytes per second), if limited.
+    pub relay_rate: Option<u64>,
 }
 
 impl Default for TestnetOptions {
@@ -79,6 +81,7 @@ impl Default for TestnetOptions {
             interval_secs: 3,
             valid_intervals: 20,
             declared: vec![],
+            relay_rate: None,
             shaping: None,
         }
     }
@@ -270,6 +273,7 @@ pub fn plan(
             data_dir: dir.join(format!("relay{i}")),
             authorities: authorities.clone(),
             bandwidth: opts.declared.get(i).copied().unwrap_or(50_000_000),
+            bandwidth_rate: opts.relay_rate.unwrap_or(0),
             allow_private_addresses: true,
             exit_policy: if i < opts.exits {
                 testnet_exit_policy()

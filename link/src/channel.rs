@@ -10,7 +10,7 @@
 //! * every queue has a size: circuit inboxes ([`CIRC_QUEUE`]), each
 //!   circuit's cells waiting to be written ([`CIRC_OUT_QUEUE`]), the
 //!   DESTROYs answered to the peer ([`URGENT_MAX`]), the sealed bytes not
-//!   yet written ([`OUT_HIGH`]);
+//!   yet written ([`OUT_HIGH`], less on a relay with a write rate);
 //! * a peer that makes us queue DESTROYs faster than it reads them is not
 //!   read from until it takes them, and one that has not read for
 //!   [`WRITE_TIMEOUT`] while we had bytes for it loses its link (reading is
@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, trace};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::limits::{CircAcct, ConnGuard, QueueMem, TokenBucket};
+use crate::limits::{CircAcct, ConnGuard, QUIET_MAX, QueueMem, TokenBucket};
 use crate::sched::Sched;
 use crate::{LinkError, RelayStats};
 
@@ -68,6 +68,9 @@ pub const CIRC_OUT_QUEUE: usize = 4 * BATCH_MAX;
 pub const URGENT_MAX: usize = 1024;
 /// Sealed bytes a channel holds for writing before it stops sealing more.
 pub const OUT_HIGH: usize = 128 * 1024;
+/// The same on a relay with a write rate: a millisecond of the rate, at
+/// least this (sealed cells wait in order, whatever their circuit).
+pub const OUT_HIGH_LIMITED: usize = 16 * 1024;
 /// A peer that has not read anything for this long loses its link.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An idle channel gives back its buffers after this long.
@@ -180,7 +183,11 @@ impl Drop for Inbox {
 #[derive(Clone, Default)]
 pub struct ChannelEnv {
     pub mem: Option<Arc<QueueMem>>,
+    /// Bytes read from links, and bytes written to them: a relay's rate,
+    /// each way (written bytes are held back in the circuits' queues,
+    /// where their priority still applies, not in the kernel's).
     pub bucket: Option<Arc<TokenBucket>>,
+    pub write_bucket: Option<Arc<TokenBucket>>,
     pub stats: Option<Arc<RelayStats>>,
 }
 
@@ -571,12 +578,27 @@ impl Reactor {
             self.take_out(b);
         }
         let now = Instant::now().into_std();
-        while self.out.len() - self.written < OUT_HIGH {
+        let (high, limited) = match &self.env.write_bucket {
+            Some(b) => (
+                (b.rate() as usize / 1000).clamp(OUT_HIGH_LIMITED, OUT_HIGH),
+                true,
+            ),
+            None => (OUT_HIGH, false),
+        };
+        while self.out.len() - self.written < high {
+            // Under a write rate, no frame much past the mark; else whole
+            // frames (the fewest seals per byte).
+            let room = high - (self.out.len() - self.written);
+            let cells = if limited {
+                (room / CELL_LEN).clamp(1, MAX_CELLS_PER_FRAME)
+            } else {
+                MAX_CELLS_PER_FRAME
+            };
             let mut batch = std::mem::take(&mut self.batch);
-            let urgent = self.urgent.len().min(MAX_CELLS_PER_FRAME);
+            let urgent = self.urgent.len().min(cells);
             batch.extend(self.urgent.drain(..urgent));
             self.sched
-                .pop(now, MAX_CELLS_PER_FRAME - batch.len(), &mut batch, release);
+                .pop(now, cells - batch.len(), &mut batch, release);
             if batch.is_empty() {
                 self.batch = batch;
                 break;
@@ -624,8 +646,10 @@ impl Reactor {
     ) -> Result<(), LinkError> {
         let (mut rd, mut wr) = stream.split();
         let bucket = self.env.bucket.clone();
-        // Bandwidth granted by the bucket for the next read.
+        let wbucket = self.env.write_bucket.clone();
+        // Bandwidth granted by the buckets for the next read and write.
         let mut grant = 0usize;
+        let mut wgrant = 0usize;
         // Last time the peer took bytes, or we had none for it.
         let mut progress = Instant::now();
         let mut active = Instant::now();
@@ -651,13 +675,32 @@ impl Reactor {
             if self.closing && !pending && self.urgent.is_empty() && self.sched.is_empty() {
                 return Ok(());
             }
-            if !pending {
+            let mut wlen = self.out.len() - self.written;
+            if let Some(b) = &wbucket {
+                b.refund(std::mem::take(&mut wgrant));
+                if pending {
+                    wgrant = if wlen <= QUIET_MAX {
+                        b.take_quiet(wlen)
+                    } else {
+                        b.take_up_to(wlen)
+                    };
+                    wlen = wgrant;
+                }
+            }
+            // Held back by our own rate: not the peer's doing.
+            let write_debt = pending && wlen == 0;
+            if !pending || write_debt {
                 progress = Instant::now();
             }
             let mut limit = u64::MAX;
             if let Some(b) = &bucket {
                 b.refund(std::mem::take(&mut grant));
-                grant = b.take_up_to(READ_BIG);
+                // A link whose last read took less than it could is quiet.
+                grant = if self.busy {
+                    b.take_up_to(READ_BIG)
+                } else {
+                    b.take_quiet(READ_SMALL)
+                };
                 limit = grant as u64;
             }
             let in_debt = limit == 0;
@@ -679,8 +722,9 @@ impl Reactor {
                     Some(c) => self.take_out(c),
                     None => return Ok(()),
                 },
-                n = wr.write(&self.out[self.written..]), if pending => {
+                n = wr.write(&self.out[self.written..self.written + wlen]), if pending && !write_debt => {
                     let n = n?;
+                    wgrant = wgrant.saturating_sub(n);
                     self.count(|s| RelayStats::inc(&s.link_bytes_written, n as u64));
                     self.written += n;
                     if self.written == self.out.len() {
@@ -696,12 +740,13 @@ impl Reactor {
                         return Ok(());
                     }
                     self.count(|s| RelayStats::inc(&s.link_bytes_read, n as u64));
-                    self.busy = n == room_in;
+                    self.busy = n == room_in || n as u64 == limit;
                     grant = grant.saturating_sub(n);
                     self.open_frames()?;
                     active = Instant::now();
                 }
                 () = async { if let Some(b) = &bucket { b.refilled().await } }, if in_debt => {}
+                () = async { if let Some(b) = &wbucket { b.refilled().await } }, if write_debt => {}
                 () = &mut timer, if pending || big => {
                     let now = Instant::now();
                     if pending && now >= progress + WRITE_TIMEOUT {

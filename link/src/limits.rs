@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -203,91 +203,120 @@ impl Drop for CircAcct {
     }
 }
 
-/// A token bucket on relayed bytes (rate and burst per second), refilled by
-/// a timer; readers take a grant before they read and wait while it is
-/// empty.
+/// A token bucket on relayed bytes (rate and burst per second), refilled
+/// by the time that has passed whenever it is asked (no timer: a link that
+/// waits for it sleeps just as long as its share takes to come, to the
+/// millisecond); readers and writers take a grant before they move bytes
+/// and wait while it is empty.
 pub struct TokenBucket {
     rate: u64,
     burst: u64,
-    tokens: AtomicI64,
-    refilled: Notify,
+    state: Mutex<Tokens>,
 }
 
-const REFILL: Duration = Duration::from_millis(10);
+struct Tokens {
+    /// Below zero while quiet links have overdrawn it.
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+/// How far below empty quiet links may take a bucket.
+pub const QUIET_DEBT: i64 = 256 * 1024;
+/// The most a quiet link takes at once.
+pub const QUIET_MAX: usize = 16 * 1024;
+/// The least a busy link is granted (unless it asks for less).
+pub const MIN_GRANT: usize = 16 * 1024;
 
 impl TokenBucket {
-    /// `rate` bytes per second with bursts up to `burst` bytes; the refill
-    /// task runs until the bucket is dropped.
-    pub fn start(rate: u64, burst: u64) -> Arc<Self> {
+    /// `rate` bytes per second with bursts up to `burst` bytes; it starts
+    /// full.
+    pub fn new(rate: u64, burst: u64) -> Arc<Self> {
+        let rate = rate.max(1);
         let burst = burst.max(rate / 100).max(64 * 1024);
-        let b = Arc::new(TokenBucket {
+        Arc::new(TokenBucket {
             rate,
             burst,
-            tokens: AtomicI64::new(burst as i64),
-            refilled: Notify::new(),
-        });
-        let weak = Arc::downgrade(&b);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REFILL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last = Instant::now();
-            loop {
-                tick.tick().await;
-                let Some(b) = weak.upgrade() else { return };
-                let now = Instant::now();
-                let add =
-                    (b.rate as u128 * now.duration_since(last).as_micros() / 1_000_000) as i64;
-                last = now;
-                let cap = b.burst as i64;
-                let _ = b
-                    .tokens
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                        Some((t + add).min(cap))
-                    });
-                b.refilled.notify_waiters();
-            }
-        });
-        b
+            state: Mutex::new(Tokens {
+                tokens: burst as f64,
+                at: tokio::time::Instant::now(),
+            }),
+        })
     }
 
     pub fn rate(&self) -> u64 {
         self.rate
     }
 
-    /// Take up to `max` bytes of what is there now (0 while it is empty):
-    /// a reader reads at most that much, so readers woken together cannot
-    /// overdraw the bucket. Give back what was not read with
+    /// Refill for the time passed, then look at or change the tokens.
+    fn with<R>(&self, f: impl FnOnce(&mut f64) -> R) -> R {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        let secs = now.saturating_duration_since(s.at).as_secs_f64();
+        s.at = now;
+        s.tokens = (s.tokens + secs * self.rate as f64).min(self.burst as f64);
+        f(&mut s.tokens)
+    }
+
+    /// Take up to `max` bytes of what is there now, or nothing while there
+    /// is less than [`MIN_GRANT`] (or `max`): a reader reads at most that
+    /// much, so readers woken together cannot overdraw the bucket, and
+    /// none moves a few bytes at a time. Give back what was not read with
     /// [`TokenBucket::refund`].
     pub fn take_up_to(&self, max: usize) -> usize {
-        let mut granted = 0;
-        let _ = self
-            .tokens
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                granted = (t.max(0) as u64).min(max as u64) as usize;
-                (granted > 0).then_some(t - granted as i64)
-            });
-        granted
+        self.with(|t| {
+            let there = t.max(0.0) as usize;
+            if there < max.min(MIN_GRANT) {
+                return 0;
+            }
+            let granted = there.min(max);
+            *t -= granted as f64;
+            granted
+        })
+    }
+
+    /// Take `n` bytes, at most [`QUIET_MAX`], for a link that moves little
+    /// (a request, a few SENDMEs), even from an empty bucket, down to
+    /// [`QUIET_DEBT`] below empty; busy links, which take with
+    /// [`TokenBucket::take_up_to`], wait until that is refilled. So a busy
+    /// link cannot starve the quiet links of the same relay (which carry
+    /// the requests and acknowledgements its own traffic waits for), and
+    /// the rate still holds over time, overdrawn by [`QUIET_DEBT`] at most.
+    /// 0 when even that is spent.
+    pub fn take_quiet(&self, n: usize) -> usize {
+        let n = n.min(QUIET_MAX);
+        self.with(|t| {
+            if *t - n as f64 >= -(QUIET_DEBT as f64) {
+                *t -= n as f64;
+                n
+            } else {
+                0
+            }
+        })
     }
 
     pub fn refund(&self, n: usize) {
         if n > 0 {
-            self.tokens.fetch_add(n as i64, Ordering::Relaxed);
+            self.with(|t| *t += n as f64);
         }
     }
 
-    /// True while the bucket is empty or in debt: readers wait.
+    /// True while the bucket holds less than [`MIN_GRANT`]: busy links wait.
     pub fn in_debt(&self) -> bool {
-        self.tokens.load(Ordering::Relaxed) <= 0
+        self.with(|t| *t < MIN_GRANT as f64)
     }
 
-    /// Resolves once the bucket has tokens again.
+    /// Resolves once the bucket holds [`MIN_GRANT`] again.
     pub async fn refilled(&self) {
+        // Each wait ends when the debt is paid: bounded by the rate.
+        let min = MIN_GRANT as f64;
         loop {
-            let wait = self.refilled.notified();
-            if !self.in_debt() {
-                return;
+            let wait = self.with(|t| {
+                (*t < min).then(|| Duration::from_secs_f64((min - *t) / self.rate as f64))
+            });
+            match wait {
+                None => return,
+                Some(d) => tokio::time::sleep(d).await,
             }
-            wait.await;
         }
     }
 }
@@ -432,15 +461,42 @@ mod tests {
         assert_eq!(mem.peak(), 11 * CELL_BYTES);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn bucket_grants_no_more_than_it_holds() {
-        let b = TokenBucket::start(1000, 100_000);
+        let b = TokenBucket::new(1000, 100_000);
         assert_eq!(b.take_up_to(60_000), 60_000);
         assert_eq!(b.take_up_to(60_000), 40_000, "only what is left");
         assert_eq!(b.take_up_to(60_000), 0);
         assert!(b.in_debt());
         b.refund(5_000);
-        assert_eq!(b.take_up_to(60_000), 5_000);
+        assert_eq!(b.take_up_to(60_000), 0, "less than MIN_GRANT");
+        assert_eq!(b.take_up_to(4_000), 4_000, "all it asks for");
+        // Time refills it at the rate, up to the burst.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(b.take_up_to(60_000), 21_000);
+        tokio::time::advance(Duration::from_secs(1000)).await;
+        assert_eq!(b.take_up_to(200_000), 100_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_links_overdraw_a_little_and_everyone_waits_it_off() {
+        let b = TokenBucket::new(100_000, 100_000);
+        assert_eq!(b.take_up_to(1 << 20), 100_000);
+        // Empty: a busy link gets nothing, a quiet one its few bytes, down
+        // to QUIET_DEBT below empty and no further.
+        assert_eq!(b.take_up_to(1000), 0);
+        let mut quiet = 0;
+        while b.take_quiet(QUIET_MAX) > 0 {
+            quiet += QUIET_MAX;
+        }
+        assert_eq!(quiet as i64, QUIET_DEBT);
+        // The debt is paid off at the rate before a busy link goes again.
+        let t = tokio::time::Instant::now();
+        b.refilled().await;
+        let waited = t.elapsed().as_secs_f64();
+        let due = (QUIET_DEBT + MIN_GRANT as i64) as f64 / 100_000.0;
+        assert!((due..due + 0.01).contains(&waited), "waited {waited} s");
+        assert!(b.take_up_to(1000) > 0);
     }
 
     #[test]

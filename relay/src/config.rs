@@ -43,8 +43,9 @@ pub struct RelayConfig {
     /// MaxMemInQueues): above it, the circuits whose queued data has waited
     /// longest are killed.
     pub max_queued_bytes: u64,
-    /// Relayed bytes per second (token bucket on link traffic read); 0 for
-    /// no limit. The declared bandwidth is at most this.
+    /// Relayed bytes per second, each way (token buckets on link traffic
+    /// read and written); 0 for no limit. The declared bandwidth is at most
+    /// this.
     pub bandwidth_rate: u64,
     /// Bucket size in bytes (default: one second of `bandwidth_rate`).
     pub bandwidth_burst: u64,

@@ -140,14 +140,20 @@ impl Relay {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let stats = Arc::new(RelayStats::default());
         let mem = QueueMem::new(cfg.max_queued_bytes as usize, stats.clone());
-        let bucket = (cfg.bandwidth_rate > 0).then(|| {
-            let burst = if cfg.bandwidth_burst > 0 {
-                cfg.bandwidth_burst
-            } else {
-                cfg.bandwidth_rate
-            };
-            TokenBucket::start(cfg.bandwidth_rate, burst)
-        });
+        let burst = if cfg.bandwidth_burst > 0 {
+            cfg.bandwidth_burst
+        } else {
+            cfg.bandwidth_rate
+        };
+        // Reads may run a quarter over the rate: what a relay forwards it
+        // reads first, so a read limit equal to the write limit would leave
+        // its queues in the kernel's buffers (first come, first served)
+        // rather than in its circuits' queues, where quiet circuits go
+        // first.
+        let bucket = (cfg.bandwidth_rate > 0)
+            .then(|| TokenBucket::new(cfg.bandwidth_rate / 4 * 5, burst / 4 * 5));
+        let write_bucket =
+            (cfg.bandwidth_rate > 0).then(|| TokenBucket::new(cfg.bandwidth_rate, burst));
         let dos = Arc::new(DosGuard::new(
             cfg.dos_max_connections_per_addr,
             cfg.dos_circuit_rate,
@@ -169,6 +175,7 @@ impl Relay {
                 env: ChannelEnv {
                     mem: Some(mem.clone()),
                     bucket,
+                    write_bucket,
                     stats: Some(stats.clone()),
                 },
                 bind: Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified()),
