@@ -536,34 +536,26 @@ impl Reactor {
     /// memory account, to be sealed; dropped if the circuit is gone.
     fn take_out(&mut self, b: Batch) {
         let n = b.cells.len();
-        let mem = match &self.env.mem {
-            Some(m) => Counted::Shared(m.clone()),
-            None => Counted::Nowhere,
-        };
         let Some(id) = b.cells.first().map(|c| c.circ_id) else {
             return;
         };
+        let acct = self.circs.get(&id).map(|e| e.acct.clone());
+        let mem = match (&self.env.mem, &acct) {
+            (None, _) => Counted::Nowhere,
+            (Some(m), Some(Some(a))) => {
+                m.sub_shared(CELL_LEN * n);
+                a.add(CELL_LEN * n);
+                Counted::Circuit(a.clone())
+            }
+            (Some(m), _) => Counted::Shared(m.clone()),
+        };
         let taken = Taken { room: b.room, mem };
-        let Some(e) = self.circs.get(&id) else {
+        if acct.is_none() {
             self.count(|s| RelayStats::inc(&s.cells_dropped, n as u64));
             release(taken, n);
             self.forget(id);
             return;
-        };
-        let taken = match (&e.acct, taken.mem) {
-            (Some(a), Counted::Shared(m)) => {
-                m.sub_shared(CELL_LEN * n);
-                a.add(CELL_LEN * n);
-                Taken {
-                    room: taken.room,
-                    mem: Counted::Circuit(a.clone()),
-                }
-            }
-            (_, mem) => Taken {
-                room: taken.room,
-                mem,
-            },
-        };
+        }
         self.sched.push(taken, b.cells);
     }
 
