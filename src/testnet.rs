@@ -238,6 +238,7 @@ pub fn plan(
             guard_min_uptime_secs: 0,
             guard_min_bandwidth: 0,
             stable_min_uptime_secs: 0,
+            hsdir_min_uptime_secs: 0,
             // Everything shares 127.0.0.1 here.
             allow_private_addresses: true,
             requests_per_sec: 10_000,

@@ -29,6 +29,10 @@ fn example_configs_parse() {
         a.stable_min_uptime_secs,
         AuthConfig::default().stable_min_uptime_secs
     );
+    assert_eq!(
+        a.hsdir_min_uptime_secs,
+        AuthConfig::default().hsdir_min_uptime_secs
+    );
     assert_eq!(a.request_burst, AuthConfig::default().request_burst);
     assert_eq!(a.metrics_listen, None);
     assert_eq!(

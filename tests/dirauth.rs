@@ -173,3 +173,94 @@ async fn three_authorities_vote_and_survive_failures() {
 
     net.shutdown().await;
 }
+
+/// The authorities make a shared random value from all three reveals
+/// (doc/protocol.md section 8.1), agree on it, and with it place the
+/// HSDir relays on the services' ring (section 11.2). A run is 24
+/// intervals (72 s here): the test watches from the first run whose
+/// commitments it sees to the start of the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn authorities_agree_a_shared_random_value_from_their_reveals() {
+    use allium_proto::vote::shared_random::{self, Round};
+    let opts = TestnetOptions {
+        relays: 5,
+        exits: 2,
+        ..Default::default()
+    };
+    let interval = opts.interval_secs;
+    let run_secs = 24 * interval;
+    let net = Testnet::start(opts).await.unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let addrs: Vec<SocketAddr> = net.authorities.iter().map(|a| a.addr).collect();
+
+    // (run, its value, its last three reveals) once seen.
+    let mut revealed: Option<(u64, [u8; 32], Vec<shared_random::SrEntry>)> = None;
+    let mut committed_runs = Vec::new();
+    let mut hsdirs_seen = false;
+    let start = Instant::now();
+    let mut checked = false;
+    while start.elapsed() < Duration::from_secs(3 * run_secs + 30) {
+        let (_, c, _) = fetch(addrs[0]).await;
+        let round = Round::of(c.valid_after, interval);
+        let sr = &c.shared_random;
+        // Every consensus knows the ring of the period it is in, and every
+        // relay that has been Running is on it.
+        let period = c.period_at(c.valid_after);
+        let ring = c
+            .hsdir_ring(period)
+            .expect("the ring of the current period");
+        let running = c
+            .relays
+            .iter()
+            .filter(|r| r.flags.has(RelayFlags::RUNNING))
+            .count();
+        hsdirs_seen |= running == 5 && ring.len() == 5;
+        if !round.reveals() && sr.commits.len() == 3 {
+            committed_runs.push(round.run);
+        }
+        if round.reveals() && committed_runs.contains(&round.run) {
+            // Reveals only ever match the agreed commitments.
+            for e in &sr.reveals {
+                let want = shared_random::commitment(round.run, &e.authority, &e.value);
+                assert!(
+                    sr.commits
+                        .iter()
+                        .any(|x| x.authority == e.authority && x.value == want)
+                );
+            }
+            if sr.reveals.len() == 3 {
+                revealed = Some((round.run, sr.current, sr.reveals.clone()));
+            }
+        }
+        if let Some((run, value, reveals)) = &revealed
+            && round.run == run + 1
+        {
+            assert_eq!(sr.previous, *value);
+            assert_eq!(
+                sr.current,
+                shared_random::value(round.run, reveals, value),
+                "the value of run {} is made of run {run}'s three reveals",
+                round.run
+            );
+            // The three authorities serve the same value.
+            for a in &addrs[1..] {
+                let (_, other, _) = fetch(*a).await;
+                if other.valid_after == c.valid_after {
+                    assert_eq!(other.shared_random.current, sr.current);
+                }
+            }
+            checked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        hsdirs_seen,
+        "every Running relay got HSDir and is on the ring"
+    );
+    assert!(
+        checked,
+        "no run with all three reveals followed by the next run's value \
+         (runs with commitments seen: {committed_runs:?}, reveals: {revealed:?})"
+    );
+}

@@ -250,6 +250,7 @@ pub(crate) mod tests {
             valid_until: 0,
             weights: allium_proto::PositionWeights::compute(&relays),
             relays,
+            shared_random: Default::default(),
         }
     }
 

@@ -23,6 +23,7 @@ use allium_proto::doc::{
     AuthSigned, CONSENSUS_DOMAIN, MAX_CONSENSUS_RELAYS, VOTE_DOMAIN, VerifiedDescriptor,
 };
 use allium_proto::policy::is_private;
+use allium_proto::vote::shared_random::{self, Round, SharedRandom};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{
     AuthorityKey, AuthoritySig, LinkKey, OnionKey, RelayFlags, RelayId, UnverifiedConsensus,
@@ -77,6 +78,9 @@ pub struct AuthConfig {
     pub stable_min_uptime_secs: u64,
     /// Fast needs this much bandwidth.
     pub fast_min_bandwidth: u32,
+    /// HSDir (stores onion service descriptors) needs this much continuous
+    /// reachability, as Tor's `MinUptimeHidServDirectoryV2`.
+    pub hsdir_min_uptime_secs: u64,
     /// HTTP requests allowed per second from one address, and the burst.
     pub requests_per_sec: u32,
     pub request_burst: u32,
@@ -118,6 +122,7 @@ impl Default for AuthConfig {
             guard_min_bandwidth: 2_000_000,
             stable_min_uptime_secs: 5 * 24 * 3600,
             fast_min_bandwidth: 100_000,
+            hsdir_min_uptime_secs: 96 * 3600,
             requests_per_sec: 20,
             request_burst: 200,
             max_connections: 1024,
@@ -165,7 +170,15 @@ struct AuthState {
     /// Our detached signature by period.
     own_sigs: BTreeMap<u64, Bytes>,
     pending: Option<Pending>,
+    /// Our secret for a shared-random run: the run, the secret.
+    sr_secret: Option<(u64, [u8; 32])>,
+    /// The shared-random part of the latest consensus we published, and
+    /// its valid-after.
+    sr_held: Option<(u64, SharedRandom)>,
 }
+
+/// Where our shared-random secret is kept.
+const SR_SECRET_FILE: &str = "state/shared-random";
 
 /// Relays new to the table tested at once, at most.
 const PROBES_AT_ONCE: usize = 32;
@@ -264,8 +277,18 @@ impl Authority {
         }
         let cache = Arc::new(ConsensusCache::default());
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/consensus")) {
-            let valid_until = UnverifiedConsensus::parse(&b).map_or(0, |u| u.peek().valid_until);
+            let (valid_until, held) = match UnverifiedConsensus::parse(&b).and_then(|u| {
+                let at = u.peek().valid_after;
+                u.verify(&pinned, at)
+            }) {
+                Ok(c) => (c.valid_until, Some((c.valid_after, c.shared_random))),
+                Err(_) => (0, None),
+            };
+            st.sr_held = held;
             cache.install(Bytes::from(b), valid_until);
+        }
+        if let Ok(b) = std::fs::read(cfg.data_dir.join(SR_SECRET_FILE)) {
+            st.sr_secret = postcard::from_bytes(&b).ok();
         }
         if let Ok(b) = std::fs::read(cfg.data_dir.join("state/votes")) {
             let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
@@ -538,6 +561,9 @@ impl Authority {
         if running && up >= self.cfg.stable_min_uptime_secs {
             f |= RelayFlags::STABLE;
         }
+        if running && up >= self.cfg.hsdir_min_uptime_secs {
+            f |= RelayFlags::HSDIR;
+        }
         if running
             && up >= self.cfg.guard_min_uptime_secs
             && bw.is_some_and(|b| b >= self.cfg.guard_min_bandwidth)
@@ -676,8 +702,9 @@ impl Authority {
     /// address (an IPv4 address in any of its IPv6 forms counts as itself,
     /// and an IPv6 /64 as one address): the ones Running longest (then the
     /// lowest identities) keep
-    /// the flag; the others lose Running, Guard and Stable, so that one
-    /// host cannot fill the network with relays.
+    /// the flag; the others lose Running, Guard, Stable and HSDir, so that
+    /// one host cannot fill the network, or a stretch of the services'
+    /// ring, with relays.
     fn limit_per_addr(&self, st: &AuthState, relays: &mut [VoteRelay]) {
         let max = self.cfg.max_relays_per_addr.max(1);
         let mut by_ip: HashMap<IpAddr, Vec<usize>> = HashMap::new();
@@ -704,7 +731,10 @@ impl Authority {
             for &i in &idx[max..] {
                 let f = &mut relays[i].flags;
                 *f = RelayFlags(
-                    f.0 & !(RelayFlags::RUNNING | RelayFlags::GUARD | RelayFlags::STABLE),
+                    f.0 & !(RelayFlags::RUNNING
+                        | RelayFlags::GUARD
+                        | RelayFlags::STABLE
+                        | RelayFlags::HSDIR),
                 );
             }
         }
@@ -812,12 +842,17 @@ impl Authority {
             })
             .collect();
         self.limit_per_addr(&st, &mut relays);
+        let interval = self.cfg.interval_secs;
+        let round = Round::of(valid_after, interval);
+        let secret = self.sr_secret(&mut st, round.run);
+        let held = st.sr_held.as_ref().map(|(va, sr)| (*va, sr));
         let vote = Vote {
             authority: self.identity,
             valid_after,
-            interval: self.cfg.interval_secs,
+            interval,
             valid_intervals: self.cfg.valid_intervals,
             relays,
+            shared_random: shared_random::vote(round, interval, &self.identity, &secret, held),
         };
         let mut doc = vote.to_document();
         {
@@ -838,6 +873,26 @@ impl Authority {
             }
         }
         bytes
+    }
+
+    /// Our secret for shared-random run `run`: a new one for each run, kept
+    /// on disk (0600) so that a restart does not lose our reveal.
+    fn sr_secret(&self, st: &mut AuthState, run: u64) -> [u8; 32] {
+        if let Some((r, s)) = st.sr_secret
+            && r == run
+        {
+            return s;
+        }
+        use rand::RngExt;
+        let mut secret = [0u8; 32];
+        rand::rng().fill(&mut secret);
+        st.sr_secret = Some((run, secret));
+        let bytes = postcard::to_stdvec(&(run, secret)).unwrap_or_default();
+        if let Err(e) = store::write_atomic(&self.cfg.data_dir.join(SR_SECRET_FILE), &bytes, 0o600)
+        {
+            warn!("persisting the shared-random secret: {e}");
+        }
+        secret
     }
 
     /// Forget the descriptors older than `max_age`; their relays.
@@ -968,6 +1023,7 @@ impl Authority {
             warn!("persisting consensus: {e}");
         }
         self.cache.install(Bytes::from(bytes), c.valid_until);
+        st.sr_held = Some((c.valid_after, c.shared_random));
         st.votes
             .retain(|va, _| *va + 2 * self.cfg.interval_secs > valid_after);
         st.own_sigs

@@ -187,6 +187,7 @@ fn vectors(c: &Corpus) {
                 }
             })
             .collect::<Vec<_>>(),
+        shared_random: Default::default(),
     };
     let mut vote = vote;
     vote.relays.sort_by_key(|r| r.identity);

@@ -12,8 +12,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use allium_proto::doc::MAX_VOTE_LEN;
+use allium_proto::doc::{MAX_SIGNATURES, MAX_VOTE_LEN};
 use allium_proto::policy::{Action, AddrPattern, ExitPolicy, Rule};
+use allium_proto::vote::shared_random::{self, Round, SrEntry, SrVote};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{AuthSigned, Consensus, RelayFlags, UnverifiedConsensus};
 use arbitrary::{Arbitrary, Unstructured};
@@ -83,6 +84,23 @@ fn check_consensus(c: &Consensus) {
         assert!(r.family.is_none_or(|f| f as usize <= i));
         assert!(r.bandwidth <= r.declared_bandwidth);
     }
+    // Shared random entries: sorted, bounded, and every reveal matches its
+    // author's agreed commitment.
+    let sr = &c.shared_random;
+    for list in [&sr.commits, &sr.reveals] {
+        assert!(list.len() <= MAX_SIGNATURES);
+        assert!(list.windows(2).all(|w| w[0].authority < w[1].authority));
+    }
+    let run = Round::of(c.valid_after, c.interval()).run;
+    for e in &sr.reveals {
+        let want = shared_random::commitment(run, &e.authority, &e.value);
+        assert!(
+            sr.commits
+                .iter()
+                .any(|x| x.authority == e.authority && x.value == want),
+            "a reveal without its commitment"
+        );
+    }
 }
 
 #[derive(Arbitrary, Debug)]
@@ -91,6 +109,58 @@ struct ArbVote {
     interval: u64,
     valid_intervals: u64,
     relays: Vec<ArbEntry>,
+    sr: ArbSr,
+}
+
+/// A vote's shared random part. Commitments are made from secrets the
+/// input chooses, so that reveals can match them.
+#[derive(Arbitrary, Debug)]
+struct ArbSr {
+    secret: Option<[u8; 32]>,
+    reveal: bool,
+    /// Authority (index) and the secret it committed to.
+    commits: Vec<(u8, [u8; 32])>,
+    /// Authority (index) and the secret it revealed.
+    reveals: Vec<(u8, [u8; 32])>,
+    current: Option<[u8; 32]>,
+    previous: Option<[u8; 32]>,
+}
+
+impl ArbSr {
+    fn build(self, run: u64, me: [u8; 32]) -> SrVote {
+        let id = |i: u8| {
+            authority(i % (AUTHORITIES + 1))
+                .0
+                .verifying_key()
+                .to_bytes()
+        };
+        let entries = |list: Vec<(u8, [u8; 32])>, commit: bool| -> Vec<SrEntry> {
+            let m: BTreeMap<[u8; 32], [u8; 32]> = list
+                .into_iter()
+                .map(|(i, s)| {
+                    let a = id(i);
+                    let v = if commit {
+                        shared_random::commitment(run, &a, &s)
+                    } else {
+                        s
+                    };
+                    (a, v)
+                })
+                .collect();
+            m.into_iter()
+                .take(MAX_SIGNATURES)
+                .map(|(authority, value)| SrEntry { authority, value })
+                .collect()
+        };
+        SrVote {
+            commit: self.secret.map(|s| shared_random::commitment(run, &me, &s)),
+            reveal: self.secret.filter(|_| self.reveal),
+            commits: entries(self.commits, true),
+            reveals: entries(self.reveals, false),
+            current: self.current,
+            previous: self.previous,
+        }
+    }
 }
 
 #[derive(Arbitrary, Debug)]
@@ -160,12 +230,15 @@ impl ArbVote {
                 },
             );
         }
+        let me = authority(i).0.verifying_key().to_bytes();
+        let interval = self.interval.max(1);
         Vote {
-            authority: authority(i).0.verifying_key().to_bytes(),
+            authority: me,
             valid_after: NOW,
-            interval: self.interval.max(1),
+            interval,
             valid_intervals: self.valid_intervals.max(1),
             relays: relays.into_values().collect(),
+            shared_random: self.sr.build(Round::of(NOW, interval).run, me),
         }
     }
 }

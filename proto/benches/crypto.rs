@@ -326,6 +326,7 @@ fn documents(c: &mut Criterion) {
         valid_until: 300,
         weights: allium_proto::PositionWeights::compute(&relays),
         relays,
+        shared_random: Default::default(),
     };
     // Three authorities: identity keys certify signing keys.
     let ids: Vec<SigningKey> = (1..=3).map(|i| SigningKey::from_bytes(&[i; 32])).collect();

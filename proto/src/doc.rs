@@ -14,6 +14,9 @@ use sha2::{Digest, Sha256};
 
 use crate::ntor::OnionCrossCert;
 use crate::policy::{ExitPolicy, ExitPorts};
+use crate::service::TimePeriod;
+use crate::service::ring::Ring;
+use crate::vote::shared_random::{Round, SharedRandom, check_entries};
 use crate::{Error, LinkKey, OnionKey};
 
 pub const DESCRIPTOR_DOMAIN: &[u8] = b"allium descriptor v1\0";
@@ -326,6 +329,8 @@ impl RelayFlags {
     pub const STABLE: u16 = 16;
     pub const FAST: u16 = 32;
     pub const BAD_EXIT: u16 = 64;
+    /// Stores onion service descriptors (doc/protocol.md section 11.2).
+    pub const HSDIR: u16 = 128;
     pub fn has(self, f: u16) -> bool {
         self.0 & f == f
     }
@@ -338,6 +343,7 @@ impl RelayFlags {
             (Self::STABLE, "Stable"),
             (Self::FAST, "Fast"),
             (Self::BAD_EXIT, "BadExit"),
+            (Self::HSDIR, "HSDir"),
         ];
         all.iter()
             .filter(|(b, _)| self.has(*b))
@@ -382,6 +388,8 @@ pub struct Consensus {
     pub relays: Vec<ConsensusRelay>,
     /// How clients weight relays by position, computed by the authorities.
     pub weights: PositionWeights,
+    /// Where services' directories sit on the ring (section 8.1).
+    pub shared_random: SharedRandom,
 }
 
 /// Position weights, in parts of [`PositionWeights::SCALE`] (as Tor's
@@ -556,6 +564,40 @@ impl Consensus {
     pub fn to_document(&self) -> AuthSigned {
         AuthSigned::new(encode(self))
     }
+    /// The voting interval (seconds).
+    pub fn interval(&self) -> u64 {
+        self.fresh_until.saturating_sub(self.valid_after)
+    }
+
+    /// The time period of this consensus's network at time `t`.
+    pub fn period_at(&self, t: u64) -> TimePeriod {
+        TimePeriod::at(t, self.interval())
+    }
+
+    /// The shared random value services' directories are placed by in
+    /// `period`: the value of run `period.number`, which this consensus
+    /// holds while it is in that run or the next (section 11.2).
+    pub fn shared_random_for(&self, period: TimePeriod) -> Option<[u8; 32]> {
+        if period.length != TimePeriod::length_for(self.interval()) {
+            return None;
+        }
+        let run = Round::of(self.valid_after, self.interval()).run;
+        if run == period.number {
+            Some(self.shared_random.current)
+        } else if run == period.number.saturating_add(1) {
+            Some(self.shared_random.previous)
+        } else {
+            None
+        }
+    }
+
+    /// The ring of services' directories for `period`, if this consensus
+    /// knows its shared random value.
+    pub fn hsdir_ring(&self, period: TimePeriod) -> Option<Ring<'_>> {
+        let srv = self.shared_random_for(period)?;
+        Some(Ring::new(&self.relays, &srv, period))
+    }
+
     pub fn relay(&self, id: &[u8; 32]) -> Option<&ConsensusRelay> {
         self.relays
             .binary_search_by(|r| r.identity.cmp(id))
@@ -597,6 +639,8 @@ impl UnverifiedConsensus {
                 "relays not sorted by identity or repeated",
             ));
         }
+        check_entries("consensus commitments", &consensus.shared_random.commits)?;
+        check_entries("consensus reveals", &consensus.shared_random.reveals)?;
         for (i, r) in relays.iter().enumerate() {
             r.exit_ports.check()?;
             if r.family.is_some_and(|f| f as usize > i) {
@@ -681,6 +725,7 @@ mod tests {
     use super::*;
     use crate::ntor::OnionSecret;
     use crate::policy::{ExitPolicy, MAX_PORT_RANGES};
+    use crate::vote::shared_random::{SrEntry, SrVote};
     use crate::vote::{Vote, VoteRelay};
 
     pub(crate) fn key(b: u8) -> SigningKey {
@@ -773,10 +818,12 @@ mod tests {
             doc.add(s);
             doc.to_bytes()
         };
-        let overlong = signed(vec![0x00, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00]);
+        // After the weights: two zero shared random values, no entries.
+        let body = |head: &[u8]| [head, &[0; 66]].concat();
+        let overlong = signed(body(&[0x00, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00]));
         let err = UnverifiedConsensus::parse(&overlong).err().unwrap();
         assert!(err.to_string().contains("canonical"), "{err}");
-        let short = signed(vec![0x00, 0x7f, 0x00, 0x00, 0x00, 0x00]);
+        let short = signed(body(&[0x00, 0x7f, 0x00, 0x00, 0x00, 0x00]));
         assert_eq!(
             UnverifiedConsensus::parse(&short)
                 .unwrap()
@@ -874,6 +921,10 @@ mod tests {
             cert: vec![0xff; MAX_CERT_LEN],
             sig: Sig([0xff; 64]),
         };
+        let entry = SrEntry {
+            authority: [0xff; 32],
+            value: [0xff; 32],
+        };
         let c = Consensus {
             valid_after: u64::MAX,
             fresh_until: u64::MAX,
@@ -882,6 +933,12 @@ mod tests {
             weights: PositionWeights {
                 exit_elsewhere: u32::MAX,
                 guard_as_middle: u32::MAX,
+            },
+            shared_random: SharedRandom {
+                current: [0xff; 32],
+                previous: [0xff; 32],
+                commits: vec![entry; MAX_SIGNATURES],
+                reveals: vec![entry; MAX_SIGNATURES],
             },
         };
         let mut doc = c.to_document();
@@ -905,6 +962,14 @@ mod tests {
                 };
                 MAX_CONSENSUS_RELAYS
             ],
+            shared_random: SrVote {
+                commit: Some([0xff; 32]),
+                reveal: Some([0xff; 32]),
+                commits: vec![entry; MAX_SIGNATURES],
+                reveals: vec![entry; MAX_SIGNATURES],
+                current: Some([0xff; 32]),
+                previous: Some([0xff; 32]),
+            },
         };
         let mut doc = v.to_document();
         doc.signatures = vec![sig];
@@ -919,6 +984,7 @@ mod tests {
             valid_until: now + 180,
             relays: vec![],
             weights: PositionWeights::default(),
+            shared_random: SharedRandom::default(),
         }
     }
 

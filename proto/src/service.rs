@@ -31,6 +31,11 @@
 use ed25519_dalek::VerifyingKey;
 use sha2::{Digest, Sha256};
 
+mod blind;
+pub mod ring;
+
+pub use blind::{BlindedKey, BlindedSigningKey, INTERVALS_PER_PERIOD, TimePeriod};
+
 /// The top-level name of every service address (with its dot).
 pub const SUFFIX: &str = ".allium.alt";
 /// The address format this code writes and reads.

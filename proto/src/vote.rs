@@ -14,6 +14,10 @@ use crate::doc::PositionWeights;
 use crate::doc::{AuthSigned, AuthorityKey, MAX_CONSENSUS_RELAYS, MAX_VOTE_LEN, VOTE_DOMAIN};
 use crate::{Consensus, ConsensusRelay, Error, RelayFlags, UnverifiedDescriptor};
 
+pub mod shared_random;
+
+use shared_random::{Round, SrVote, check_entries};
+
 /// One relay as one authority sees it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VoteRelay {
@@ -38,6 +42,8 @@ pub struct Vote {
     pub valid_intervals: u64,
     /// Sorted by identity, no repeats.
     pub relays: Vec<VoteRelay>,
+    /// Its part in making the shared random value.
+    pub shared_random: SrVote,
 }
 
 impl Vote {
@@ -79,11 +85,13 @@ impl Vote {
         if v.interval == 0 || v.valid_intervals == 0 {
             return Err(Error::malformed("vote", "zero interval"));
         }
+        check_entries("vote commitments", &v.shared_random.commits)?;
+        check_entries("vote reveals", &v.shared_random.reveals)?;
         Ok(v)
     }
 }
 
-const FLAGS: [u16; 7] = [
+const FLAGS: [u16; 8] = [
     RelayFlags::RUNNING,
     RelayFlags::VALID,
     RelayFlags::EXIT,
@@ -91,6 +99,7 @@ const FLAGS: [u16; 7] = [
     RelayFlags::STABLE,
     RelayFlags::FAST,
     RelayFlags::BAD_EXIT,
+    RelayFlags::HSDIR,
 ];
 
 /// The weight of a relay no majority of authorities has measured (bytes
@@ -155,7 +164,8 @@ fn assign_families(relays: &mut [ConsensusRelay], declared: &BTreeMap<[u8; 32], 
 ///   first, then the heaviest, then the lowest identities;
 /// * `interval` and `valid_intervals` are the low medians over all votes;
 ///   `fresh_until = valid_after + interval`,
-///   `valid_until = valid_after + interval * valid_intervals`.
+///   `valid_until = valid_after + interval * valid_intervals`;
+/// * the shared random part is [`shared_random::combine`] of the votes'.
 pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
     let first = votes
         .first()
@@ -240,12 +250,17 @@ pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
     let interval = low_median(votes.iter().map(|v| v.interval).collect());
     let valid_intervals = low_median(votes.iter().map(|v| v.valid_intervals).collect());
     let va = first.valid_after;
+    let sr: Vec<_> = sorted
+        .iter()
+        .map(|v| (&v.authority, &v.shared_random))
+        .collect();
     Ok(Consensus {
         valid_after: va,
         fresh_until: va.saturating_add(interval),
         valid_until: va.saturating_add(interval.saturating_mul(valid_intervals)),
         weights: PositionWeights::compute(&relays),
         relays,
+        shared_random: shared_random::combine(Round::of(va, interval), &sr),
     })
 }
 
@@ -321,6 +336,7 @@ mod tests {
             interval: 60,
             valid_intervals: 3,
             relays,
+            shared_random: SrVote::default(),
         }
     }
 

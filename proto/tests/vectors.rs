@@ -19,6 +19,8 @@ use allium_proto::ntor::{self, OnionKeys, OnionSecret};
 use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
 use allium_proto::policy::ExitPolicy;
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
+use allium_proto::service::{BlindedSigningKey, TimePeriod, ring};
+use allium_proto::vote::shared_random::{self, Round, SharedRandom, SrEntry};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
 use allium_proto::{AuthorityCert, AuthoritySig, LinkKey};
 use allium_proto::{
@@ -245,6 +247,21 @@ fn compute() -> BTreeMap<String, String> {
             exit_elsewhere: 6666,
             guard_as_middle: 0,
         },
+        // The first half of run 20833 (section 8.1): this authority's
+        // commitment; no value held yet, so the value without reveals.
+        shared_random: SharedRandom {
+            current: shared_random::value(20833, &[], &[0; 32]),
+            previous: [0; 32],
+            commits: vec![SrEntry {
+                authority: auth_key.verifying_key().to_bytes(),
+                value: shared_random::commitment(
+                    20833,
+                    &auth_key.verifying_key().to_bytes(),
+                    &[0x43; 32],
+                ),
+            }],
+            reveals: vec![],
+        },
     };
     // The authority's identity certifies an online signing key.
     let signing = SigningKey::from_bytes(&[0x42; 32]);
@@ -276,11 +293,26 @@ fn compute() -> BTreeMap<String, String> {
     put("doc.consensus", &cbytes);
 
     // A vote listing the same relay.
+    let round = Round::of(1_800_000_000, 3600);
+    assert_eq!(
+        round,
+        Round {
+            run: 20833,
+            index: 8
+        }
+    );
     let vote = Vote {
         authority: auth_key.verifying_key().to_bytes(),
         valid_after: 1_800_000_000,
         interval: 3600,
         valid_intervals: 3,
+        shared_random: shared_random::vote(
+            round,
+            3600,
+            &auth_key.verifying_key().to_bytes(),
+            &[0x43; 32],
+            None,
+        ),
         relays: vec![VoteRelay {
             identity: desc.identity,
             digest: Sha256::digest(&desc.sign(&relay_key).body).into(),
@@ -308,6 +340,47 @@ fn compute() -> BTreeMap<String, String> {
         a
     );
     put("service.address", &a.to_bytes());
+
+    // Shared random values (section 8.1): a commitment, and the value of
+    // run 20834 from two reveals of run 20833.
+    let (x, y) = ([0x41; 32], [0x51; 32]);
+    put(
+        "sr.commit",
+        &shared_random::commitment(20833, &x, &[0x43; 32]),
+    );
+    let reveals = [
+        SrEntry {
+            authority: x,
+            value: [0x43; 32],
+        },
+        SrEntry {
+            authority: y,
+            value: [0x53; 32],
+        },
+    ];
+    let srv = shared_random::value(20834, &reveals, &[0x60; 32]);
+    put("sr.value", &srv);
+    put(
+        "sr.value.none",
+        &shared_random::value(20834, &[], &[0x60; 32]),
+    );
+
+    // Blinded keys and the ring (sections 11.1 and 11.2), for the period
+    // holding 1_800_000_000 with hour-long intervals.
+    let period = TimePeriod::at(1_800_000_000, 3600);
+    assert_eq!((period.number, period.length), (20832, 86_400));
+    let blinded = a.blinded(period);
+    let signer = BlindedSigningKey::derive(&SigningKey::from_bytes(&[7; 32]), period);
+    assert_eq!(signer.public(), blinded);
+    put("service.blinded", &blinded.0);
+    let sig = signer.sign(b"allium");
+    assert!(blinded.verify(b"allium", &sig));
+    put("service.blinded.signature", &sig.to_bytes());
+    put(
+        "hsdir.relay",
+        &ring::relay_position(&desc.identity, &srv, period),
+    );
+    put("hsdir.store.1", &ring::store_point(&blinded, 1, period));
     v
 }
 
@@ -348,4 +421,26 @@ fn spec_vectors_match_the_code() {
             "doc/protocol.md lists a vector {k} that no test computes"
         );
     }
+}
+
+/// Section 11.1's blinded key and signature, computed again from the
+/// specification's words by `doc/vectors/blinding.py`: plain Ed25519
+/// arithmetic in Python, sharing no code with the Rust side.
+#[test]
+fn blinding_agrees_with_an_independent_implementation() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../doc/vectors/blinding.py");
+    let out = match std::process::Command::new("python3").arg(script).output() {
+        Ok(o) => o,
+        Err(e) => {
+            assert!(
+                std::env::var_os("ALLIUM_CI_TOOLS").is_none(),
+                "python3 is needed: {e}"
+            );
+            eprintln!("skipped: no python3 ({e})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("(agrees)").count(), 2, "{text}");
 }

@@ -222,6 +222,7 @@ mod tests {
             valid_until: 3 * 3600,
             relays: vec![],
             weights: Default::default(),
+            shared_random: Default::default(),
         };
         let waits: Vec<u64> = (0..1000).map(|r| next_fetch(&c, 3700, 0, r).0).collect();
         assert!(waits.iter().all(|w| (3500..3500 + 450).contains(w)));
