@@ -423,6 +423,8 @@ pub struct RelayInfo {
     pub mem: Arc<allium_link::limits::QueueMem>,
     /// What it serves as a directory cache.
     pub dir_cache: Arc<allium_directory::cache::ConsensusCache>,
+    /// The onion service descriptors it stores.
+    pub services: Arc<allium_directory::hsdir::ServiceDirectory>,
     task: AbortHandle,
 }
 
@@ -500,6 +502,7 @@ impl Testnet {
             let span = tracing::info_span!("relay", name = %name);
             let (identity, stats, mem) = (relay.identity(), relay.stats(), relay.queue_mem());
             let dir_cache = relay.dir_cache();
+            let services = relay.service_directory();
             let n = name.clone();
             let task = tasks.spawn(
                 async move { (n, relay.serve(l).await.map_err(|e| e.to_string())) }
@@ -513,6 +516,7 @@ impl Testnet {
                 stats,
                 mem,
                 dir_cache,
+                services,
                 task,
             });
         }
@@ -600,6 +604,7 @@ impl Testnet {
         let name = rc.nickname.clone();
         self.relays[i].stats = relay.stats();
         self.relays[i].dir_cache = relay.dir_cache();
+        self.relays[i].services = relay.service_directory();
         let span = tracing::info_span!("relay", name = %name);
         self.relays[i].task = self.tasks.spawn(
             async move { (name, relay.serve(l).await.map_err(|e| e.to_string())) }.instrument(span),

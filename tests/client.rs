@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::small_net;
+use common::{library_client, small_net};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -218,19 +218,6 @@ async fn middle_relay_dies_during_a_download() {
     }
     assert!(circ.is_closed(), "the broken circuit is gone");
     net.shutdown().await;
-}
-
-/// A library client of `net` keeping its state in `dir`, bootstrapped.
-async fn library_client(net: &Testnet, dir: &std::path::Path) -> Client {
-    let cfg = allium_client::ClientConfig {
-        data_dir: dir.into(),
-        socks_listen: vec![],
-        ..net.client_config.clone()
-    };
-    let c = Client::new(cfg).unwrap();
-    tokio::spawn(c.clone().consensus_loop());
-    c.bootstrap(Duration::from_secs(30)).await.unwrap();
-    c
 }
 
 /// `GET /` from the local server at `port` through `c`: the whole answer.

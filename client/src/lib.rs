@@ -24,6 +24,7 @@ pub mod control;
 pub mod dir;
 pub mod events;
 pub mod guards;
+pub mod hsdir;
 pub mod path;
 pub mod pathbias;
 pub mod socks;
@@ -74,6 +75,12 @@ pub enum ClientError {
     /// client yet (the name never leaves it).
     #[error("onion services cannot be reached from this client yet")]
     ServicesUnsupported,
+    /// No directory responsible for the service had its descriptor.
+    #[error("service descriptor not found: {0}")]
+    DescriptorNotFound(String),
+    /// A directory gave a descriptor that does not verify or decrypt.
+    #[error("invalid service descriptor: {0}")]
+    BadDescriptor(String),
     /// A Tor `.onion` name: not ours, and never sent to an exit (whose
     /// resolver would pass it to the DNS).
     #[error("a Tor .onion name, which Allium cannot reach")]
@@ -96,7 +103,10 @@ impl ClientError {
             ClientError::BadServiceAddress(_) | ClientError::TorOnionName => {
                 ReplyCode::ONION_ADDRESS_INVALID
             }
-            ClientError::ServicesUnsupported => ReplyCode::ONION_DESCRIPTOR_NOT_FOUND,
+            ClientError::ServicesUnsupported | ClientError::DescriptorNotFound(_) => {
+                ReplyCode::ONION_DESCRIPTOR_NOT_FOUND
+            }
+            ClientError::BadDescriptor(_) => ReplyCode::ONION_DESCRIPTOR_INVALID,
             _ => ReplyCode::GENERAL_FAILURE,
         }
     }

@@ -13,11 +13,14 @@ use rand::{Rng, RngExt};
 
 use crate::ClientError;
 
-/// What the exit must reach, if anything.
+/// What the exit must reach, if anything; or which relay must be the last
+/// hop (a service directory, an introduction or rendezvous point), which
+/// needs no Exit flag.
 #[derive(Clone, Debug)]
 pub enum ExitTarget<'a> {
     Any,
     Addr(&'a TargetAddr, u16),
+    Relay(&'a [u8; 32]),
 }
 
 /// Does the consensus' summary of `r`'s exit policy accept the target's
@@ -27,6 +30,7 @@ pub fn exit_allows(r: &ConsensusRelay, t: &ExitTarget<'_>) -> bool {
     match t {
         ExitTarget::Any => r.exit_ports.is_exit(),
         ExitTarget::Addr(_, port) => r.exit_ports.allows(*port),
+        ExitTarget::Relay(id) => r.identity == **id,
     }
 }
 
@@ -131,9 +135,9 @@ pub fn choose_path<R: Rng + ?Sized>(
         .relays
         .iter()
         .filter(|r| {
+            let exit = r.flags.has(RelayFlags::EXIT) && !r.flags.has(RelayFlags::BAD_EXIT);
             usable(r)
-                && r.flags.has(RelayFlags::EXIT)
-                && !r.flags.has(RelayFlags::BAD_EXIT)
+                && (exit || matches!(target, ExitTarget::Relay(_)))
                 && exit_allows(r, target)
                 && guard.is_none_or(|g| compatible(g, r))
         })
@@ -142,6 +146,7 @@ pub fn choose_path<R: Rng + ?Sized>(
         ClientError::NoExit(Sensitive(match target {
             ExitTarget::Any => "any target".into(),
             ExitTarget::Addr(a, p) => format!("{a}:{p}"),
+            ExitTarget::Relay(id) => format!("relay {}", hex::encode(&id[..8])),
         }))
     })?;
     let guard = match guard {
@@ -252,6 +257,29 @@ pub(crate) mod tests {
             relays,
             shared_random: Default::default(),
         }
+    }
+
+    /// A circuit to a given relay (a service directory, say) ends there,
+    /// Exit or not, and its other hops still keep the rules.
+    #[test]
+    fn a_circuit_to_a_relay_ends_at_that_relay() {
+        let c = net();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for id in [[3u8; 32], [4; 32], [7; 32]] {
+            for _ in 0..200 {
+                let p = choose_path(&mut rng, &c, &ExitTarget::Relay(&id), None).unwrap();
+                assert_eq!(p[2].identity, id);
+                for (i, j) in [(0, 1), (1, 2), (0, 2)] {
+                    assert!(compatible(&p[i], &p[j]));
+                }
+            }
+        }
+        // Not in the consensus, or not Running: no path.
+        assert!(choose_path(&mut rng, &c, &ExitTarget::Relay(&[99; 32]), None).is_err());
+        let mut down = net();
+        down.relays[2].flags = RelayFlags(RelayFlags::VALID);
+        let id = down.relays[2].identity;
+        assert!(choose_path(&mut rng, &down, &ExitTarget::Relay(&id), None).is_err());
     }
 
     #[test]

@@ -11,8 +11,11 @@
 //! of it: what it gets is verified against its own pinned keys.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use allium_proto::service::descriptor::MAX_LEN;
+use http_body_util::BodyExt;
 
 use allium_link::metrics::{Family, Value};
 use bytes::Bytes;
@@ -22,6 +25,7 @@ use tracing::warn;
 
 use crate::auth::lock;
 use crate::diff;
+use crate::hsdir::ServiceDirectory;
 
 /// The forms a consensus is served in, as the request counters name them.
 pub const FORMS: [&str; 3] = ["full", "zstd", "diff"];
@@ -236,27 +240,45 @@ impl ConsensusCache {
     }
 }
 
-/// Answer one HTTP/1.1 GET request from `cache` on `io` (a BEGIN_DIR
-/// stream, or a connection to a fallback directory) within
-/// [`STREAM_TIMEOUT`] (its head within [`HEAD_TIMEOUT`]), then close.
-/// Anything but a GET is refused.
-pub async fn serve_stream<S>(cache: std::sync::Arc<ConsensusCache>, io: S)
-where
+/// Answer one HTTP/1.1 request on `io` (a BEGIN_DIR stream, or a
+/// connection to a fallback directory) within [`STREAM_TIMEOUT`] (its head
+/// within [`HEAD_TIMEOUT`]), then close: a GET from `cache`, or, with
+/// `services` (the store and the network's voting interval), a GET or POST
+/// of a service descriptor (`/service/...`). Anything else is refused.
+pub async fn serve_stream<S>(
+    cache: Arc<ConsensusCache>,
+    services: Option<(Arc<ServiceDirectory>, u64)>,
+    io: S,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let cache = cache.clone();
+        let services = services.clone();
         async move {
-            let (status, body) = if req.method() != hyper::Method::GET {
-                (
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    Bytes::from_static(b"GET only"),
-                )
-            } else {
-                match cache.answer(req.uri().path()).await {
-                    Ok(b) => (StatusCode::OK, b),
-                    Err((s, why)) => (s, Bytes::from_static(why.as_bytes())),
+            let path = req.uri().path().to_string();
+            let r = match (req.method(), &services) {
+                (&hyper::Method::GET, Some((dir, _))) if path.starts_with("/service/") => {
+                    dir.get(&path, crate::unix_now())
                 }
+                (&hyper::Method::POST, Some((dir, interval))) => {
+                    let limited = http_body_util::Limited::new(req.into_body(), MAX_LEN);
+                    match limited.collect().await {
+                        Ok(b) => dir
+                            .post(&path, &b.to_bytes(), crate::unix_now(), *interval)
+                            .map(|()| Bytes::from_static(b"stored")),
+                        Err(_) => Err((
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "a descriptor is at most 8 KiB",
+                        )),
+                    }
+                }
+                (&hyper::Method::GET, _) => cache.answer(&path).await,
+                _ => Err((StatusCode::METHOD_NOT_ALLOWED, "GET only")),
+            };
+            let (status, body) = match r {
+                Ok(b) => (StatusCode::OK, b),
+                Err((s, why)) => (s, Bytes::from_static(why.as_bytes())),
             };
             let mut resp = Response::new(Full::new(body));
             *resp.status_mut() = status;

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod cache;
 pub mod descstore;
 pub mod diff;
+pub mod hsdir;
 pub mod http;
 pub mod keys;
 pub mod measure;

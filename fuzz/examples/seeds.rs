@@ -141,6 +141,25 @@ fn vectors(c: &Corpus) {
         .u8(1);
     c.put("ntor", "changed_reply", &s.finish());
 
+    // A service descriptor of the fixed service, for this period, as a
+    // directory takes it, and its contents.
+    {
+        use allium_proto::service::TimePeriod;
+        use allium_proto::service::descriptor::{IntroPoint, ServiceInfo, build};
+        let identity = ed25519_dalek::SigningKey::from_bytes(&[0x5e; 32]);
+        let info = ServiceInfo {
+            intro_points: vec![IntroPoint {
+                relay: d_identity(0),
+                auth_key: [0xa1; 32],
+                enc_key: [0xe1; 32],
+            }],
+        };
+        let doc = build(&identity, TimePeriod::at(NOW, 3600), 1, &info, [1; 16]);
+        c.put("service_descriptor", "vector", &with_mode(0, &doc));
+        let contents = postcard::to_stdvec(&info).expect("encodes");
+        c.put("service_descriptor", "contents", &with_mode(1, &contents));
+    }
+
     // Documents: descriptor, certificate, consensus, vote of the vectors.
     let desc = keys::descriptor(0);
     let signed = desc.sign(&keys::relay_identity(0));

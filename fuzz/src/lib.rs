@@ -28,6 +28,7 @@ pub mod link_transport;
 pub mod ntor;
 pub mod policy;
 pub mod relay_msg;
+pub mod service_descriptor;
 pub mod socks;
 pub mod vote;
 
@@ -48,6 +49,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("ntor", ntor::run),
     ("policy", policy::run),
     ("relay_msg", relay_msg::run),
+    ("service_descriptor", service_descriptor::run),
     ("socks", socks::run),
     ("vote", vote::run),
 ];

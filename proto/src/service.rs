@@ -32,6 +32,7 @@ use ed25519_dalek::VerifyingKey;
 use sha2::{Digest, Sha256};
 
 mod blind;
+pub mod descriptor;
 pub mod ring;
 
 pub use blind::{BlindedKey, BlindedSigningKey, INTERVALS_PER_PERIOD, TimePeriod};

@@ -19,6 +19,7 @@ use allium_proto::ntor::{self, OnionKeys, OnionSecret};
 use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
 use allium_proto::policy::ExitPolicy;
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
+use allium_proto::service::descriptor::{self, IntroPoint, ServiceInfo};
 use allium_proto::service::{BlindedSigningKey, TimePeriod, ring};
 use allium_proto::vote::shared_random::{self, Round, SharedRandom, SrEntry};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
@@ -381,6 +382,28 @@ fn compute() -> BTreeMap<String, String> {
         &ring::relay_position(&desc.identity, &srv, period),
     );
     put("hsdir.store.1", &ring::store_point(&blinded, 1, period));
+
+    // A service descriptor (section 11.3).
+    let info = ServiceInfo {
+        intro_points: vec![IntroPoint {
+            relay: [0x01; 32],
+            auth_key: [0xa1; 32],
+            enc_key: [0xe1; 32],
+        }],
+    };
+    let sd = descriptor::build(
+        &SigningKey::from_bytes(&[7; 32]),
+        period,
+        1,
+        &info,
+        [0x5a; 16],
+    );
+    let read = descriptor::UnverifiedServiceDescriptor::parse(&sd)
+        .unwrap()
+        .verify()
+        .unwrap();
+    assert_eq!(read.decrypt(&a).unwrap(), info);
+    put("service.descriptor", &sd);
     v
 }
 

@@ -224,15 +224,17 @@ pub async fn run_stream(t: StreamTask, addr: TargetAddr, port: u16) {
     shuttle(t, r, w, true).await;
 }
 
-/// A BEGIN_DIR stream: HTTP requests to this relay's consensus cache
-/// ([`allium_directory::cache::serve_stream`]), answered over the circuit.
+/// A BEGIN_DIR stream: HTTP requests to this relay's consensus cache and
+/// service descriptors ([`allium_directory::cache::serve_stream`]),
+/// answered over the circuit.
 pub async fn run_dir_stream(t: StreamTask) {
     if t.circ.ev.send(StreamEvent::Connected(t.sid, None)).is_err() {
         return;
     }
     let (ours, server) = tokio::io::duplex(READ_CHUNK);
     let cache = t.ctx.net.cache().clone();
-    tokio::spawn(allium_directory::cache::serve_stream(cache, server).in_current_span());
+    let services = t.ctx.net.services();
+    tokio::spawn(allium_directory::cache::serve_stream(cache, services, server).in_current_span());
     let (r, w) = tokio::io::split(ours);
     shuttle(t, r, w, false).await;
 }

@@ -37,6 +37,7 @@ pub fn relay_registry(
     stats: Arc<RelayStats>,
     mem: Arc<QueueMem>,
     cache: Arc<allium_directory::cache::ConsensusCache>,
+    services: Arc<allium_directory::hsdir::ServiceDirectory>,
 ) -> Registry {
     let mut r = Registry::with_prefix("allium_relay");
     r.register_collector(Box::new(SnapshotCollector(move || {
@@ -114,6 +115,24 @@ pub fn relay_registry(
                 c(&s.dir_streams),
             ),
             cache.served_family(),
+            Family::gauge(
+                "service_descriptors_held",
+                "Onion service descriptors this relay stores now",
+                services.len() as i64,
+            ),
+            Family {
+                name: "service_descriptor_requests",
+                help: "Service descriptor uploads stored or refused, and fetches served or missed",
+                values: [
+                    ("stored", &services.stored),
+                    ("refused", &services.refused),
+                    ("served", &services.served),
+                    ("missed", &services.missed),
+                ]
+                .into_iter()
+                .map(|(r, v)| (Some(("result", r)), Value::Counter(c(v))))
+                .collect(),
+            },
             Family::gauge(
                 "streams_open",
                 "Streams open now (exit and BEGIN_DIR)",

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allium_directory::cache::ConsensusCache;
+use allium_directory::hsdir::ServiceDirectory;
 use allium_directory::{AuthorityEntry, http, unix_now};
 use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
 use tokio::sync::{Notify, watch};
@@ -54,6 +55,8 @@ pub struct NetView {
     /// What this relay serves to clients as a directory cache: the
     /// consensuses it verified, and diffs between them.
     cache: Arc<ConsensusCache>,
+    /// The onion service descriptors this relay stores.
+    services: Arc<ServiceDirectory>,
 }
 
 impl NetView {
@@ -64,12 +67,26 @@ impl NetView {
             current: watch::Sender::new(None),
             poke: Notify::new(),
             cache: Arc::new(ConsensusCache::new(allium_directory::cache::RELAY_LEVEL)),
+            services: Arc::default(),
         }
     }
 
     /// The consensus cache this relay serves over BEGIN_DIR streams.
     pub fn cache(&self) -> &Arc<ConsensusCache> {
         &self.cache
+    }
+
+    /// The service descriptors this relay stores and serves over BEGIN_DIR
+    /// streams, with the network's voting interval (none before the relay
+    /// holds a consensus: nothing is stored then).
+    pub fn services(&self) -> Option<(Arc<ServiceDirectory>, u64)> {
+        let interval = self.consensus()?.interval();
+        Some((self.services.clone(), interval))
+    }
+
+    /// The service descriptors this relay stores.
+    pub fn service_directory(&self) -> Arc<ServiceDirectory> {
+        self.services.clone()
     }
 
     fn enabled(&self) -> bool {

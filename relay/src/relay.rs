@@ -221,6 +221,11 @@ impl Relay {
         self.ctx.net.cache().clone()
     }
 
+    /// The onion service descriptors the relay stores.
+    pub fn service_directory(&self) -> Arc<allium_directory::hsdir::ServiceDirectory> {
+        self.ctx.net.service_directory()
+    }
+
     /// The relay's queued-cell accounting.
     pub fn queue_mem(&self) -> Arc<QueueMem> {
         self.ctx.mem.clone()
@@ -517,6 +522,7 @@ impl Relay {
                             self.ctx.stats.clone(),
                             self.ctx.mem.clone(),
                             self.ctx.net.cache().clone(),
+                            self.ctx.net.service_directory(),
                         ),
                     )
                     .await
@@ -557,7 +563,8 @@ impl Relay {
                 async move {
                     let _conn = conn;
                     slot.busy();
-                    cache::serve_stream(cache, s).await;
+                    // Consensuses only: services are reached over circuits.
+                    cache::serve_stream(cache, None, s).await;
                 }
                 .in_current_span(),
             );

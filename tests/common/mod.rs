@@ -305,3 +305,19 @@ pub async fn serve_bytes(body: Vec<u8>) -> SocketAddr {
     });
     addr
 }
+
+/// A library client of `net` keeping its state in `dir`, bootstrapped.
+pub async fn library_client(
+    net: &allium::testnet::Testnet,
+    dir: &std::path::Path,
+) -> allium_client::Client {
+    let cfg = allium_client::ClientConfig {
+        data_dir: dir.into(),
+        socks_listen: vec![],
+        ..net.client_config.clone()
+    };
+    let c = allium_client::Client::new(cfg).unwrap();
+    tokio::spawn(c.clone().consensus_loop());
+    c.bootstrap(Duration::from_secs(30)).await.unwrap();
+    c
+}

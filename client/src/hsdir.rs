@@ -1,0 +1,187 @@
+//! Service descriptors on the ring (doc/protocol.md sections 11.2 and
+//! 11.3), from a client's side: a service files its descriptor on the
+//! directories responsible for it, and a client that knows the address
+//! fetches and decrypts it. Every request goes over a three-hop circuit
+//! whose last hop is the directory, on a BEGIN_DIR stream: a directory
+//! never learns who files or asks.
+
+use std::time::Duration;
+
+use allium_directory::http;
+use allium_proto::ConsensusRelay;
+use allium_proto::service::descriptor::{MAX_LEN, ServiceInfo, UnverifiedServiceDescriptor};
+use allium_proto::service::ring::{SPREAD_FETCH, SPREAD_STORE};
+use allium_proto::service::{BlindedKey, ServiceAddress, TimePeriod};
+use tracing::debug;
+
+use crate::ClientError;
+use crate::client::Client;
+use crate::path::ExitTarget;
+
+/// How long one request to one directory may take, circuit included.
+pub const DIR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Directories asked at once.
+const PARALLEL: usize = 4;
+
+/// Where a descriptor was filed.
+#[derive(Debug)]
+pub struct Published {
+    /// Directories that stored it.
+    pub stored: usize,
+    /// Directories responsible for it.
+    pub responsible: usize,
+    /// Why each of the others did not (by directory nickname).
+    pub failures: Vec<(String, String)>,
+}
+
+/// One HTTP request over a BEGIN_DIR stream on a fresh circuit ending at
+/// `dir`.
+async fn request(
+    client: &Client,
+    dir: &ConsensusRelay,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, ClientError> {
+    let work = async {
+        // The circuit closes when the handle and the stream are gone.
+        let circ = client
+            .build_circuit(&ExitTarget::Relay(&dir.identity))
+            .await?;
+        let stream = circ.begin_dir().await?;
+        let (app, net) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(crate::socks::relay_bytes(net, stream, Vec::new()));
+        http::exchange(app, &dir.nickname, method, path, body, MAX_LEN)
+            .await
+            .map_err(ClientError::from)
+    };
+    tokio::time::timeout(DIR_TIMEOUT, work)
+        .await
+        .map_err(|_| ClientError::Timeout("service directory"))?
+}
+
+fn path_of(key: &BlindedKey) -> String {
+    format!("/service/{}", hex::encode(key.0))
+}
+
+/// The directories of the ring of `period` responsible for `key`, `spread`
+/// per replica, from the client's consensus.
+fn responsible(
+    client: &Client,
+    key: &BlindedKey,
+    period: TimePeriod,
+    spread: usize,
+) -> Result<Vec<ConsensusRelay>, ClientError> {
+    let c = client
+        .consensus()
+        .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
+    let ring = c.hsdir_ring(period).ok_or_else(|| {
+        ClientError::NoConsensus(format!(
+            "the consensus has no shared random value for period {}",
+            period.number
+        ))
+    })?;
+    Ok(ring.responsible(key, spread).into_iter().cloned().collect())
+}
+
+/// File the signed descriptor `doc` (for `period`, under `key`) on every
+/// directory responsible for it, a few at a time.
+pub async fn publish(
+    client: &Client,
+    key: &BlindedKey,
+    period: TimePeriod,
+    doc: &[u8],
+) -> Result<Published, ClientError> {
+    let dirs = responsible(client, key, period, SPREAD_STORE)?;
+    if dirs.is_empty() {
+        return Err(ClientError::NoPath(
+            "no service directories in the consensus".into(),
+        ));
+    }
+    let path = path_of(key);
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(PARALLEL));
+    let mut tasks = tokio::task::JoinSet::new();
+    for d in &dirs {
+        let (client, d, path, doc, gate) = (
+            client.clone(),
+            d.clone(),
+            path.clone(),
+            doc.to_vec(),
+            gate.clone(),
+        );
+        tasks.spawn(async move {
+            let _turn = gate.acquire_owned().await;
+            let r = request(&client, &d, "POST", &path, doc).await;
+            (d.nickname, r)
+        });
+    }
+    let mut out = Published {
+        stored: 0,
+        responsible: dirs.len(),
+        failures: Vec::new(),
+    };
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((_, Ok(_))) => out.stored += 1,
+            Ok((name, Err(e))) => out.failures.push((name, e.to_string())),
+            Err(e) => out.failures.push(("?".into(), e.to_string())),
+        }
+    }
+    Ok(out)
+}
+
+/// The descriptor of the service at `address` for the period of `now`,
+/// from the first responsible directory that has one that verifies and
+/// decrypts; the directories are asked in random order.
+pub async fn fetch(
+    client: &Client,
+    address: &ServiceAddress,
+    now: u64,
+) -> Result<ServiceInfo, ClientError> {
+    use rand::seq::SliceRandom;
+    let c = client
+        .consensus()
+        .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
+    let period = c.period_at(now);
+    let key = address.blinded(period);
+    let mut dirs = responsible(client, &key, period, SPREAD_FETCH)?;
+    dirs.shuffle(&mut rand::rng());
+    let path = path_of(&key);
+    let mut why = Vec::new();
+    let mut invalid = None;
+    for d in &dirs {
+        let r = request(client, d, "GET", &path, Vec::new())
+            .await
+            .and_then(|b| {
+                let v = UnverifiedServiceDescriptor::parse(&b)?.verify()?;
+                if v.period() != period {
+                    return Err(ClientError::BadDescriptor(format!(
+                        "for period {}, not {}",
+                        v.period().number,
+                        period.number
+                    )));
+                }
+                v.decrypt(address)
+                    .map_err(|e| ClientError::BadDescriptor(e.to_string()))
+            });
+        match r {
+            Ok(info) => return Ok(info),
+            Err(e) => {
+                debug!(directory = %d.nickname, "no service descriptor: {e}");
+                if matches!(e, ClientError::BadDescriptor(_) | ClientError::Proto(_)) {
+                    invalid = Some(e.to_string());
+                }
+                why.push(format!("{}: {e}", d.nickname));
+            }
+        }
+    }
+    match invalid {
+        Some(e) => Err(ClientError::BadDescriptor(e)),
+        None => Err(ClientError::DescriptorNotFound(format!(
+            "asked {} of the service's directories: {}",
+            dirs.len(),
+            why.join("; ")
+        ))),
+    }
+}

@@ -1,0 +1,61 @@
+//! `service_descriptor`: onion service descriptors, as a service directory
+//! takes them and a client reads them.
+//!
+//! Raw bytes (even first byte): a descriptor that parses is canonical; a
+//! directory either refuses it or stores it and serves back exactly those
+//! bytes; reading it with the fixed service's address never panics. Odd
+//! first byte: the rest is the encrypted contents of a descriptor that the
+//! fixed service signs properly, so a client's checks after decryption run
+//! on fuzzer-chosen bytes; contents that are read re-encode to themselves.
+
+use allium_directory::hsdir::ServiceDirectory;
+use allium_proto::doc::SignedDocument;
+use allium_proto::service::descriptor::{MAX_LEN, UnverifiedServiceDescriptor, build_raw};
+use allium_proto::service::{ServiceAddress, TimePeriod};
+use ed25519_dalek::SigningKey;
+
+use crate::keys::NOW;
+
+const INTERVAL: u64 = 3600;
+
+fn service() -> (SigningKey, ServiceAddress) {
+    let k = SigningKey::from_bytes(&[0x5e; 32]);
+    let a = ServiceAddress::from_key(&k.verifying_key().to_bytes()).expect("a valid key");
+    (k, a)
+}
+
+pub fn run(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let (identity, address) = service();
+    let period = TimePeriod::at(NOW, INTERVAL);
+    if mode & 1 == 1 {
+        let doc = build_raw(&identity, period, 1, rest, [mode; 16]);
+        let v = UnverifiedServiceDescriptor::parse(&doc)
+            .expect("a built descriptor parses")
+            .verify()
+            .expect("and verifies");
+        if let Ok(info) = v.decrypt(&address) {
+            assert_eq!(postcard::to_stdvec(&info).expect("encodes"), rest);
+        }
+        return;
+    }
+    let Ok(u) = UnverifiedServiceDescriptor::parse(rest) else {
+        return;
+    };
+    let outer = SignedDocument::parse("d", rest, MAX_LEN).expect("parsed once");
+    assert_eq!(outer.to_bytes(), rest, "a descriptor is canonical");
+    let claimed = u.blinded_key();
+    if let Ok(v) = u.verify() {
+        assert_eq!(v.bytes(), rest);
+        let _ = v.decrypt(&address);
+    }
+    // The directory, under the key the descriptor names.
+    let dir = ServiceDirectory::default();
+    let path = format!("/service/{}", hex::encode(claimed.0));
+    let now = NOW + u64::from(mode >> 1) * INTERVAL;
+    if dir.post(&path, rest, now, INTERVAL).is_ok() {
+        assert_eq!(dir.get(&path, now).expect("stored"), rest);
+    }
+}
