@@ -93,11 +93,7 @@ fn responders() {
         "the responders need {} file descriptors; the hard limit is {got}",
         RELAYS + 200
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         for i in 0..RELAYS {
             let (identity, link_secret) = keys(i);
@@ -128,6 +124,14 @@ fn responders() {
         .await
         .unwrap();
     });
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Kills the child by its pid when the test ends, however it ends.
@@ -178,11 +182,7 @@ fn ten_thousand_relays_are_tested_within_a_1024_descriptor_limit() {
 fn authority() {
     assert_eq!(fd_limit(), FD_LIMIT);
     let started = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let d = tempfile::tempdir().unwrap();
         let id = allium_directory::keys::keygen(

@@ -58,7 +58,8 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
         periods.push(period.next());
     }
     for p in &periods {
-        let doc = build(&identity, *p, 1, &info, [p.number as u8; 16]);
+        let revision = unix_now().saturating_sub(p.start());
+        let doc = build(&identity, *p, revision, &info, &mut rand::rng());
         let done = hsdir::publish(&net.client, &address.blinded(*p), *p, &doc)
             .await
             .unwrap();

@@ -154,7 +154,12 @@ pub async fn fetch(
         let r = request(client, d, "GET", &path, Vec::new())
             .await
             .and_then(|b| {
-                let v = UnverifiedServiceDescriptor::parse(&b)?.verify()?;
+                // What the directory gave is judged here; failures before
+                // it (a circuit, the stream) only mean "not found there".
+                let bad = |e: allium_proto::Error| ClientError::BadDescriptor(e.to_string());
+                let v = UnverifiedServiceDescriptor::parse(&b)
+                    .and_then(|u| u.verify())
+                    .map_err(bad)?;
                 if v.period() != period {
                     return Err(ClientError::BadDescriptor(format!(
                         "for period {}, not {}",
@@ -162,14 +167,13 @@ pub async fn fetch(
                         period.number
                     )));
                 }
-                v.decrypt(address)
-                    .map_err(|e| ClientError::BadDescriptor(e.to_string()))
+                v.decrypt(address).map_err(bad)
             });
         match r {
             Ok(info) => return Ok(info),
             Err(e) => {
                 debug!(directory = %d.nickname, "no service descriptor: {e}");
-                if matches!(e, ClientError::BadDescriptor(_) | ClientError::Proto(_)) {
+                if matches!(e, ClientError::BadDescriptor(_)) {
                     invalid = Some(e.to_string());
                 }
                 why.push(format!("{}: {e}", d.nickname));

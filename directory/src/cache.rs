@@ -25,7 +25,7 @@ use tracing::warn;
 
 use crate::auth::lock;
 use crate::diff;
-use crate::hsdir::ServiceDirectory;
+use crate::hsdir::DirView;
 
 /// The forms a consensus is served in, as the request counters name them.
 pub const FORMS: [&str; 3] = ["full", "zstd", "diff"];
@@ -243,13 +243,10 @@ impl ConsensusCache {
 /// Answer one HTTP/1.1 request on `io` (a BEGIN_DIR stream, or a
 /// connection to a fallback directory) within [`STREAM_TIMEOUT`] (its head
 /// within [`HEAD_TIMEOUT`]), then close: a GET from `cache`, or, with
-/// `services` (the store and the network's voting interval), a GET or POST
+/// `services` (the store, the consensus and the relay's identity), a GET or POST
 /// of a service descriptor (`/service/...`). Anything else is refused.
-pub async fn serve_stream<S>(
-    cache: Arc<ConsensusCache>,
-    services: Option<(Arc<ServiceDirectory>, u64)>,
-    io: S,
-) where
+pub async fn serve_stream<S>(cache: Arc<ConsensusCache>, services: Option<DirView>, io: S)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -258,14 +255,15 @@ pub async fn serve_stream<S>(
         async move {
             let path = req.uri().path().to_string();
             let r = match (req.method(), &services) {
-                (&hyper::Method::GET, Some((dir, _))) if path.starts_with("/service/") => {
-                    dir.get(&path, crate::unix_now())
+                (&hyper::Method::GET, Some(v)) if path.starts_with("/service/") => {
+                    v.dir.get(&path, crate::unix_now())
                 }
-                (&hyper::Method::POST, Some((dir, interval))) => {
+                (&hyper::Method::POST, Some(v)) => {
                     let limited = http_body_util::Limited::new(req.into_body(), MAX_LEN);
                     match limited.collect().await {
-                        Ok(b) => dir
-                            .post(&path, &b.to_bytes(), crate::unix_now(), *interval)
+                        Ok(b) => v
+                            .dir
+                            .post(&path, &b.to_bytes(), crate::unix_now(), &v.consensus, &v.me)
                             .map(|()| Bytes::from_static(b"stored")),
                         Err(_) => Err((
                             StatusCode::PAYLOAD_TOO_LARGE,

@@ -145,7 +145,7 @@ fn vectors(c: &Corpus) {
     // directory takes it, and its contents.
     {
         use allium_proto::service::TimePeriod;
-        use allium_proto::service::descriptor::{IntroPoint, ServiceInfo, build};
+        use allium_proto::service::descriptor::{IntroPoint, ServiceInfo, build_raw, padded};
         let identity = ed25519_dalek::SigningKey::from_bytes(&[0x5e; 32]);
         let info = ServiceInfo {
             intro_points: vec![IntroPoint {
@@ -154,9 +154,15 @@ fn vectors(c: &Corpus) {
                 enc_key: [0xe1; 32],
             }],
         };
-        let doc = build(&identity, TimePeriod::at(NOW, 3600), 1, &info, [1; 16]);
+        let doc = build_raw(
+            &identity,
+            TimePeriod::at(NOW, 3600),
+            1,
+            &padded(&info),
+            [1; 16],
+        );
         c.put("service_descriptor", "vector", &with_mode(0, &doc));
-        let contents = postcard::to_stdvec(&info).expect("encodes");
+        let contents = padded(&info);
         c.put("service_descriptor", "contents", &with_mode(1, &contents));
     }
 

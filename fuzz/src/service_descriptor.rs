@@ -6,12 +6,14 @@
 //! bytes; reading it with the fixed service's address never panics. Odd
 //! first byte: the rest is the encrypted contents of a descriptor that the
 //! fixed service signs properly, so a client's checks after decryption run
-//! on fuzzer-chosen bytes; contents that are read re-encode to themselves.
+//! on fuzzer-chosen bytes; contents that are read are their canonical
+//! encoding followed by zeros.
 
 use allium_directory::hsdir::ServiceDirectory;
 use allium_proto::doc::SignedDocument;
 use allium_proto::service::descriptor::{MAX_LEN, UnverifiedServiceDescriptor, build_raw};
 use allium_proto::service::{ServiceAddress, TimePeriod};
+use allium_proto::{Consensus, ConsensusRelay, RelayFlags};
 use ed25519_dalek::SigningKey;
 
 use crate::keys::NOW;
@@ -37,7 +39,9 @@ pub fn run(data: &[u8]) {
             .verify()
             .expect("and verifies");
         if let Ok(info) = v.decrypt(&address) {
-            assert_eq!(postcard::to_stdvec(&info).expect("encodes"), rest);
+            let enc = postcard::to_stdvec(&info).expect("encodes");
+            assert!(rest.starts_with(&enc), "contents are canonical");
+            assert!(rest[enc.len()..].iter().all(|b| *b == 0), "then zeros");
         }
         return;
     }
@@ -51,11 +55,39 @@ pub fn run(data: &[u8]) {
         assert_eq!(v.bytes(), rest);
         let _ = v.decrypt(&address);
     }
-    // The directory, under the key the descriptor names.
+    // The directory (the only one on its ring, so responsible for every
+    // key), under the key the descriptor names.
     let dir = ServiceDirectory::default();
     let path = format!("/service/{}", hex::encode(claimed.0));
     let now = NOW + u64::from(mode >> 1) * INTERVAL;
-    if dir.post(&path, rest, now, INTERVAL).is_ok() {
+    let c = consensus(now);
+    if dir.post(&path, rest, now, &c, &[1; 32]).is_ok() {
         assert_eq!(dir.get(&path, now).expect("stored"), rest);
+    }
+}
+
+/// A consensus of one service directory, relay `01^32`, valid at `now`.
+fn consensus(now: u64) -> Consensus {
+    let va = now - now % INTERVAL;
+    Consensus {
+        valid_after: va,
+        fresh_until: va + INTERVAL,
+        valid_until: va + 3 * INTERVAL,
+        relays: vec![ConsensusRelay {
+            nickname: "dir".into(),
+            identity: [1; 32],
+            link_key: allium_proto::LinkKey([1; 32]),
+            onion_key: allium_proto::OnionKey([1; 32]),
+            addr: ([127, 0, 0, 1], 9000).into(),
+            flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::HSDIR),
+            bandwidth: 1000,
+            declared_bandwidth: 1000,
+            measured_bandwidth: None,
+            exit_ports: Default::default(),
+            family: None,
+            descriptor_digest: [0; 32],
+        }],
+        weights: Default::default(),
+        shared_random: Default::default(),
     }
 }

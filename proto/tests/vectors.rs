@@ -391,11 +391,11 @@ fn compute() -> BTreeMap<String, String> {
             enc_key: [0xe1; 32],
         }],
     };
-    let sd = descriptor::build(
+    let sd = descriptor::build_raw(
         &SigningKey::from_bytes(&[7; 32]),
         period,
         1,
-        &info,
+        &descriptor::padded(&info),
         [0x5a; 16],
     );
     let read = descriptor::UnverifiedServiceDescriptor::parse(&sd)

@@ -233,7 +233,7 @@ pub async fn run_dir_stream(t: StreamTask) {
     }
     let (ours, server) = tokio::io::duplex(READ_CHUNK);
     let cache = t.ctx.net.cache().clone();
-    let services = t.ctx.net.services();
+    let services = t.ctx.net.services(t.ctx.identity_pub);
     tokio::spawn(allium_directory::cache::serve_stream(cache, services, server).in_current_span());
     let (r, w) = tokio::io::split(ours);
     shuttle(t, r, w, false).await;

@@ -122,12 +122,13 @@ pub fn relay_registry(
             ),
             Family {
                 name: "service_descriptor_requests",
-                help: "Service descriptor uploads stored or refused, and fetches served or missed",
+                help: "Service descriptor uploads stored or refused, fetches served or missed, and descriptors dropped to make room",
                 values: [
                     ("stored", &services.stored),
                     ("refused", &services.refused),
                     ("served", &services.served),
                     ("missed", &services.missed),
+                    ("evicted", &services.evicted),
                 ]
                 .into_iter()
                 .map(|(r, v)| (Some(("result", r)), Value::Counter(c(v))))

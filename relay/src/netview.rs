@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allium_directory::cache::ConsensusCache;
-use allium_directory::hsdir::ServiceDirectory;
+use allium_directory::hsdir::{DirView, ServiceDirectory};
 use allium_directory::{AuthorityEntry, http, unix_now};
 use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
 use tokio::sync::{Notify, watch};
@@ -76,12 +76,15 @@ impl NetView {
         &self.cache
     }
 
-    /// The service descriptors this relay stores and serves over BEGIN_DIR
-    /// streams, with the network's voting interval (none before the relay
-    /// holds a consensus: nothing is stored then).
-    pub fn services(&self) -> Option<(Arc<ServiceDirectory>, u64)> {
-        let interval = self.consensus()?.interval();
-        Some((self.services.clone(), interval))
+    /// The service descriptors this relay (`me`) stores and serves over
+    /// BEGIN_DIR streams, with the consensus it holds (none before it holds
+    /// one: nothing is stored then).
+    pub fn services(&self, me: [u8; 32]) -> Option<DirView> {
+        Some(DirView {
+            dir: self.services.clone(),
+            consensus: self.consensus()?,
+            me,
+        })
     }
 
     /// The service descriptors this relay stores.

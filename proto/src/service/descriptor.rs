@@ -11,7 +11,7 @@
 //! credential    = SHA-256("allium service credential" | A)
 //! subcredential = SHA-256("allium service subcredential" | credential | A')
 //! key           = HKDF-SHA256(salt, A' | subcredential | u64(revision), "allium service descriptor key")[0..32]
-//! encrypted     = AES-256-GCM(key, nonce 0, ad = A', postcard(ServiceInfo)) | tag
+//! encrypted     = AES-256-GCM(key, nonce 0, ad = A', postcard(ServiceInfo) zero-padded to 1024) | tag
 //! ```
 //!
 //! ```
@@ -24,7 +24,7 @@
 //! let info = ServiceInfo {
 //!     intro_points: vec![IntroPoint { relay: [1; 32], auth_key: [2; 32], enc_key: [3; 32] }],
 //! };
-//! let doc = build(&identity, period, 1, &info, [9; 16]);
+//! let doc = build(&identity, period, 1, &info, &mut rand::rng());
 //! // A directory checks the signature; only a client with the address reads it.
 //! let d = UnverifiedServiceDescriptor::parse(&doc).unwrap().verify().unwrap();
 //! assert_eq!(d.blinded_key(), address.blinded(period));
@@ -45,6 +45,9 @@ pub const DOMAIN: &[u8] = b"allium service descriptor v1\0";
 pub const MAX_LEN: usize = 8 * 1024;
 /// Introduction points a descriptor lists, at most.
 pub const MAX_INTRO_POINTS: usize = 10;
+/// Contents are zero-padded to this many bytes (the largest, 10
+/// introduction points, take 961).
+pub const PADDED_LEN: usize = 1024;
 const CREDENTIAL_DOMAIN: &[u8] = b"allium service credential";
 const SUBCREDENTIAL_DOMAIN: &[u8] = b"allium service subcredential";
 const KEY_INFO: &[u8] = b"allium service descriptor key";
@@ -106,21 +109,34 @@ fn key(blinded: &BlindedKey, subcred: &[u8; 32], revision: u64, salt: &[u8; 16])
 }
 
 /// The signed descriptor of the service `identity` for `period`, revision
-/// `revision`, listing `info`, encrypted under `salt` (16 random bytes,
-/// fresh for each descriptor).
+/// `revision` (the seconds since the period began, so that revisions rise
+/// within a period and say nothing across periods), listing `info`.
 pub fn build(
     identity: &ed25519_dalek::SigningKey,
     period: TimePeriod,
     revision: u64,
     info: &ServiceInfo,
-    salt: [u8; 16],
+    rng: &mut impl rand_core::CryptoRng,
 ) -> Vec<u8> {
-    let contents = postcard::to_stdvec(info).expect("encoding to a Vec cannot fail");
-    build_raw(identity, period, revision, &contents, salt)
+    let mut salt = [0u8; 16];
+    rng.fill_bytes(&mut salt);
+    build_raw(identity, period, revision, &padded(info), salt)
+}
+
+/// The contents of `info`: its encoding, zero-padded to [`PADDED_LEN`] so
+/// that the size does not tell how many introduction points it lists.
+pub fn padded(info: &ServiceInfo) -> Vec<u8> {
+    let mut v = postcard::to_stdvec(info).expect("encoding to a Vec cannot fail");
+    if v.len() < PADDED_LEN {
+        v.resize(PADDED_LEN, 0);
+    }
+    v
 }
 
 /// [`build`] with contents given as bytes (which need not encode a
-/// [`ServiceInfo`]: for tests of what a client does with them).
+/// [`ServiceInfo`]: for tests of what a client does with them) and the
+/// salt given: it must be fresh for each descriptor, or the encryption's
+/// nonce repeats.
 pub fn build_raw(
     identity: &ed25519_dalek::SigningKey,
     period: TimePeriod,
@@ -241,7 +257,16 @@ impl VerifiedServiceDescriptor {
                 "service descriptor (its contents do not decrypt)",
             ));
         }
-        let info: ServiceInfo = decode_exact("service descriptor contents", &buf)?;
+        let (info, padding): (ServiceInfo, &[u8]) = postcard::take_from_bytes(&buf)
+            .map_err(|e| Error::malformed("service descriptor contents", e.to_string()))?;
+        if padding.iter().any(|b| *b != 0)
+            || postcard::to_stdvec(&info).ok().as_deref() != Some(&buf[..buf.len() - padding.len()])
+        {
+            return Err(Error::malformed(
+                "service descriptor contents",
+                "not in canonical encoding followed by zero padding",
+            ));
+        }
         if info.intro_points.is_empty() || info.intro_points.len() > MAX_INTRO_POINTS {
             return Err(Error::malformed(
                 "service descriptor",
@@ -286,7 +311,7 @@ mod tests {
 
     #[test]
     fn a_client_with_the_address_reads_what_the_service_wrote() {
-        let doc = build(&identity(7), period(), 5, &info(3), [1; 16]);
+        let doc = build(&identity(7), period(), 5, &info(3), &mut rand::rng());
         assert!(doc.len() <= MAX_LEN);
         let d = UnverifiedServiceDescriptor::parse(&doc)
             .unwrap()
@@ -296,14 +321,48 @@ mod tests {
         assert_eq!(d.revision(), 5);
         assert_eq!(d.period(), period());
         assert_eq!(d.decrypt(&address(7)).unwrap(), info(3));
-        // The largest descriptor fits.
-        let big = build(&identity(7), period(), 5, &info(MAX_INTRO_POINTS), [1; 16]);
+        // The largest descriptor fits, and is no larger than the smallest:
+        // the size does not tell how many introduction points there are.
+        let big = build(
+            &identity(7),
+            period(),
+            5,
+            &info(MAX_INTRO_POINTS),
+            &mut rand::rng(),
+        );
         assert!(big.len() <= MAX_LEN, "{}", big.len());
+        let small = build(&identity(7), period(), 5, &info(1), &mut rand::rng());
+        assert_eq!(big.len(), small.len());
+        // Each descriptor gets its own salt.
+        assert_ne!(
+            doc,
+            build(&identity(7), period(), 5, &info(3), &mut rand::rng())
+        );
+    }
+
+    #[test]
+    fn padding_must_be_zeros() {
+        let mut contents = padded(&info(2));
+        let last = contents.len() - 1;
+        contents[last] = 1;
+        let doc = build_raw(&identity(7), period(), 5, &contents, [1; 16]);
+        let v = UnverifiedServiceDescriptor::parse(&doc)
+            .unwrap()
+            .verify()
+            .unwrap();
+        assert!(v.decrypt(&address(7)).is_err());
+        contents[last] = 0;
+        let doc = build_raw(&identity(7), period(), 5, &contents, [1; 16]);
+        let v = UnverifiedServiceDescriptor::parse(&doc)
+            .unwrap()
+            .verify()
+            .unwrap();
+        assert_eq!(v.decrypt(&address(7)).unwrap(), info(2));
     }
 
     #[test]
     fn the_directory_sees_neither_the_address_nor_the_contents() {
-        let doc = build(&identity(7), period(), 5, &info(3), [1; 16]);
+        let doc = build(&identity(7), period(), 5, &info(3), &mut rand::rng());
         let a = address(7);
         let hay = |needle: &[u8]| doc.windows(needle.len()).any(|w| w == needle);
         assert!(!hay(a.key()));
@@ -313,7 +372,7 @@ mod tests {
 
     #[test]
     fn forged_or_misfiled_descriptors_are_refused() {
-        let doc = build(&identity(7), period(), 5, &info(3), [1; 16]);
+        let doc = build(&identity(7), period(), 5, &info(3), &mut rand::rng());
         // Any flipped byte: refused by the parser or the signature.
         for i in 0..doc.len() {
             let mut t = doc.clone();
@@ -346,7 +405,13 @@ mod tests {
     #[test]
     fn a_service_lists_one_to_ten_introduction_points() {
         for n in [0, MAX_INTRO_POINTS + 1] {
-            let doc = build(&identity(7), period(), 5, &info(n), [1; 16]);
+            let doc = build_raw(
+                &identity(7),
+                period(),
+                5,
+                &postcard::to_stdvec(&info(n)).unwrap(),
+                [1; 16],
+            );
             let v = UnverifiedServiceDescriptor::parse(&doc)
                 .unwrap()
                 .verify()

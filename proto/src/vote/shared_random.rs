@@ -202,8 +202,8 @@ pub fn combine(round: Round, votes: &[(&[u8; 32], &SrVote)]) -> SharedRandom {
             }
         }
     }
-    let previous = majority(n, votes.iter().filter_map(|(_, v)| v.previous)).unwrap_or_default();
-    let current = majority(n, votes.iter().filter_map(|(_, v)| v.current))
+    let previous = majority(votes.iter().filter_map(|(_, v)| v.previous)).unwrap_or_default();
+    let current = majority(votes.iter().filter_map(|(_, v)| v.current))
         .unwrap_or_else(|| value(round.run, &[], &previous));
     let entries = |m: BTreeMap<[u8; 32], [u8; 32]>| {
         m.into_iter()
@@ -218,13 +218,20 @@ pub fn combine(round: Round, votes: &[(&[u8; 32], &SrVote)]) -> SharedRandom {
     }
 }
 
-/// The value more than half of `n` voted, if any.
-fn majority(n: usize, values: impl Iterator<Item = [u8; 32]>) -> Option<[u8; 32]> {
+/// The value more than half of the votes that give one agree on, if any:
+/// an authority that holds no value (back from an outage longer than a
+/// run, or new) abstains, and cannot reset the value in mid-run.
+fn majority(values: impl Iterator<Item = [u8; 32]>) -> Option<[u8; 32]> {
     let mut counts: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    let mut given = 0;
     for v in values {
         *counts.entry(v).or_default() += 1;
+        given += 1;
     }
-    counts.into_iter().find(|(_, c)| 2 * c > n).map(|(v, _)| v)
+    counts
+        .into_iter()
+        .find(|(_, c)| 2 * c > given)
+        .map(|(v, _)| v)
 }
 
 /// Lists of entries in documents: sorted by authority, one entry each, at
@@ -354,6 +361,67 @@ mod tests {
         assert_eq!(revealed, [1, 2]);
     }
 
+    /// An authority that was away for the whole first half cannot commit
+    /// late: in the second half only agreed commitments count, so its
+    /// reveal is ignored, even offered by every vote.
+    #[test]
+    fn no_commitment_is_taken_once_reveals_begin() {
+        let ids = [[1u8; 32], [2; 32], [3; 32]];
+        let out = run_network(
+            0..24 + 13,
+            |i, run| [i as u8 + 10 * run as u8; 32],
+            |i, r| i == 2 && r.run == 1 && !r.reveals(),
+        );
+        let (va, held) = &out[24 + 12];
+        assert_eq!(held.commits.len(), 2);
+        let round = Round::of(va + INTERVAL, INTERVAL);
+        let mut votes: Vec<SrVote> = (0..3)
+            .map(|i| {
+                vote(
+                    round,
+                    INTERVAL,
+                    &ids[i],
+                    &[i as u8 + 10; 32],
+                    Some((*va, held)),
+                )
+            })
+            .collect();
+        let late = SrEntry {
+            authority: ids[2],
+            value: [12; 32],
+        };
+        for v in &mut votes {
+            v.reveals.push(late);
+        }
+        let refs: Vec<_> = votes.iter().zip(&ids).map(|(v, a)| (a, v)).collect();
+        let sr = combine(round, &refs);
+        assert_eq!(sr.commits.len(), 2);
+        let revealed: Vec<u8> = sr.reveals.iter().map(|e| e.authority[0]).collect();
+        assert_eq!(revealed, [1, 2]);
+    }
+
+    /// An authority back without any state abstains: the run's value and
+    /// commitments stay what the others hold.
+    #[test]
+    fn an_authority_without_state_abstains() {
+        let ids = [[1u8; 32], [2; 32], [3; 32]];
+        let out = run_network(0..24 + 5, |i, run| [i as u8 + run as u8; 32], |_, _| false);
+        let (va, held) = &out[24 + 4];
+        let round = Round::of(va + INTERVAL, INTERVAL);
+        let votes = [
+            vote(round, INTERVAL, &ids[0], &[1; 32], Some((*va, held))),
+            vote(round, INTERVAL, &ids[1], &[2; 32], None),
+        ];
+        let refs = [(&ids[0], &votes[0]), (&ids[1], &votes[1])];
+        let sr = combine(round, &refs);
+        assert_eq!(sr.current, held.current);
+        assert_eq!(sr.previous, held.previous);
+        // Its commitment joins (first half); the held ones stay only if a
+        // majority lists them, which one of two does not: they come back
+        // when the third authority does.
+        assert!(sr.commits.iter().any(|e| e.authority == ids[1]));
+    }
+
     #[test]
     fn a_missed_reveal_or_a_fresh_network_still_gives_one_value() {
         // Authority 3 is down for the whole second half of run 1.
@@ -383,6 +451,10 @@ mod tests {
                 authority: ids[0],
                 value: commitment(1, &ids[0], &[5; 32]),
             }],
+            reveals: vec![SrEntry {
+                authority: ids[0],
+                value: [5; 32],
+            }],
             current: Some([7; 32]),
             previous: Some([6; 32]),
             ..SrVote::default()
@@ -404,7 +476,7 @@ mod tests {
         assert_eq!(sr.current, [7; 32]);
         assert_eq!(sr.commits, honest.commits);
         // A reveal that does not match the agreed commitment is dropped,
-        // whoever offers it.
-        assert!(sr.reveals.is_empty());
+        // whoever offers it; the one that does is kept.
+        assert_eq!(sr.reveals, honest.reveals);
     }
 }
