@@ -13,7 +13,9 @@ use allium_client::{ClientError, hsdir};
 use allium_directory::unix_now;
 use allium_proto::service::ServiceAddress;
 use allium_proto::service::descriptor::{IntroPoint, ServiceInfo, build};
+use allium_proto::service::ring::SPREAD_FETCH;
 use allium_proto::socks::ReplyCode;
+use allium_proto::{RelayFlags, UnverifiedConsensus};
 use common::library_client;
 use ed25519_dalek::SigningKey;
 
@@ -28,15 +30,33 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
     .unwrap();
     net.wait_ready(Duration::from_secs(60)).await.unwrap();
     // Every relay Running long enough is a service directory (the testnet
-    // asks no uptime for HSDir).
+    // asks no uptime for HSDir) and, once measured, a guard. Wait until the
+    // client and every relay see all 8 on the ring, and the client has a
+    // guard other than any one directory: a circuit to a directory cannot
+    // go through that directory as its guard.
+    let ring_len =
+        |c: &allium_proto::Consensus| c.hsdir_ring(c.period_at(unix_now())).map_or(0, |r| r.len());
     let start = Instant::now();
     loop {
         let c = net.client.consensus().unwrap();
-        let ring = c.hsdir_ring(c.period_at(unix_now())).map_or(0, |r| r.len());
-        if ring == 8 {
+        let guards = c
+            .relays
+            .iter()
+            .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::GUARD))
+            .count();
+        let relays_see = net.relays.iter().all(|r| {
+            r.dir_cache.current().is_some_and(|b| {
+                UnverifiedConsensus::parse(&b).is_ok_and(|u| ring_len(u.peek()) == 8)
+            })
+        });
+        if ring_len(&c) == 8 && guards == 8 && relays_see {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "ring of {ring}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "ring of {}, {guards} guards, relays see all: {relays_see}",
+            ring_len(&c)
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
@@ -107,6 +127,35 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
     assert!(matches!(e, ClientError::DescriptorNotFound(_)), "{e}");
     assert_eq!(e.socks_reply(), ReplyCode::ONION_DESCRIPTOR_NOT_FOUND);
     assert!(e.to_string().contains("asked 6"), "{e}");
+
+    // A directory a fetch may ask dies (not the client's first guard):
+    // every fetch still succeeds, from the others.
+    let c = fresh.consensus().unwrap();
+    let period = c.period_at(unix_now());
+    let asked: Vec<[u8; 32]> = c
+        .hsdir_ring(period)
+        .unwrap()
+        .responsible(&address.blinded(period), SPREAD_FETCH)
+        .iter()
+        .map(|r| r.identity)
+        .collect();
+    let guard = fresh.guards()[0];
+    let victim = net
+        .relays
+        .iter()
+        .position(|r| asked.contains(&r.identity) && r.identity != guard)
+        .unwrap();
+    net.stop_relay(victim);
+    // Directories are asked in random order: 12 fetches ask the dead one
+    // first at least once with probability 1 - (5/6)^12, 89%.
+    for _ in 0..12 {
+        let started = Instant::now();
+        assert_eq!(
+            hsdir::fetch(&fresh, &address, unix_now()).await.unwrap(),
+            info
+        );
+        eprintln!("with a directory down, fetched in {:?}", started.elapsed());
+    }
 
     // Directories took uploads and served fetches, and counted the misses.
     let count = |f: fn(&allium_directory::hsdir::ServiceDirectory) -> u64| {

@@ -516,6 +516,11 @@ impl Client {
                         Some(&f),
                     );
                     if let ClientError::ExtendFailed { relay, .. } = &f.error {
+                        // A circuit that must end at that relay cannot be
+                        // built around it: say so now rather than retry.
+                        if matches!(target, ExitTarget::Relay(id) if **id == *relay) {
+                            return Err(f.error);
+                        }
                         named.push(*relay);
                     }
                     last = Some(f.error);

@@ -142,12 +142,14 @@ pub fn choose_path<R: Rng + ?Sized>(
                 && guard.is_none_or(|g| compatible(g, r))
         })
         .collect();
-    let exit = weighted(rng, &w, Position::Exit, &exits).ok_or_else(|| {
-        ClientError::NoExit(Sensitive(match target {
-            ExitTarget::Any => "any target".into(),
-            ExitTarget::Addr(a, p) => format!("{a}:{p}"),
-            ExitTarget::Relay(id) => format!("relay {}", hex::encode(&id[..8])),
-        }))
+    let exit = weighted(rng, &w, Position::Exit, &exits).ok_or_else(|| match target {
+        ExitTarget::Any => ClientError::NoExit(Sensitive("any target".into())),
+        ExitTarget::Addr(a, p) => ClientError::NoExit(Sensitive(format!("{a}:{p}"))),
+        ExitTarget::Relay(id) => ClientError::NoPath(format!(
+            "no circuit can end at relay {}: it is not Running, or it is the guard \
+             (or shares the guard's family or /16)",
+            hex::encode(&id[..8])
+        )),
     })?;
     let guard = match guard {
         Some(g) => g,
