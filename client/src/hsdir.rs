@@ -173,10 +173,10 @@ pub async fn fetch(
             Ok(info) => return Ok(info),
             Err(e) => {
                 debug!(directory = %d.nickname, "no service descriptor: {e}");
-                if matches!(e, ClientError::BadDescriptor(_)) {
-                    invalid = Some(e.to_string());
-                }
                 why.push(format!("{}: {e}", d.nickname));
+                if let ClientError::BadDescriptor(e) = e {
+                    invalid = Some(e);
+                }
             }
         }
     }

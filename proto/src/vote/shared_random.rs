@@ -288,6 +288,27 @@ mod tests {
         out
     }
 
+    /// The three authorities' votes for `round` of run 1 (secrets as
+    /// `run_network` gives them there), each holding `held` of `va`.
+    fn votes_of_run_1(
+        round: Round,
+        va: u64,
+        held: &SharedRandom,
+        ids: &[[u8; 32]; 3],
+    ) -> Vec<SrVote> {
+        (0..3)
+            .map(|i| {
+                vote(
+                    round,
+                    INTERVAL,
+                    &ids[i],
+                    &[i as u8 + 10; 32],
+                    Some((va, held)),
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn rounds_split_runs_in_halves() {
         assert_eq!(Round::of(0, 3), Round { run: 0, index: 0 });
@@ -339,17 +360,7 @@ mod tests {
         let (va, held) = &out[24 + 11];
         let round = Round::of(va + INTERVAL, INTERVAL);
         assert!(round.reveals());
-        let mut votes: Vec<SrVote> = (0..3)
-            .map(|i| {
-                vote(
-                    round,
-                    INTERVAL,
-                    &ids[i],
-                    &[i as u8 + 10; 32],
-                    Some((*va, held)),
-                )
-            })
-            .collect();
+        let mut votes = votes_of_run_1(round, *va, held, &ids);
         let cheat = [99; 32];
         votes[2].commit = Some(commitment(round.run, &ids[2], &cheat));
         votes[2].reveal = Some(cheat);
@@ -375,17 +386,7 @@ mod tests {
         let (va, held) = &out[24 + 12];
         assert_eq!(held.commits.len(), 2);
         let round = Round::of(va + INTERVAL, INTERVAL);
-        let mut votes: Vec<SrVote> = (0..3)
-            .map(|i| {
-                vote(
-                    round,
-                    INTERVAL,
-                    &ids[i],
-                    &[i as u8 + 10; 32],
-                    Some((*va, held)),
-                )
-            })
-            .collect();
+        let mut votes = votes_of_run_1(round, *va, held, &ids);
         let late = SrEntry {
             authority: ids[2],
             value: [12; 32],
