@@ -1038,7 +1038,7 @@ impl Client {
 /// newer (the caller resets it on one that did).
 fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
     if c.fresh_until > now {
-        let period = c.fresh_until.saturating_sub(c.valid_after);
+        let period = c.interval();
         let spread = period
             .min(c.valid_until.saturating_sub(c.fresh_until) / 2)
             .clamp(1, 3600);

@@ -5,13 +5,15 @@
 //! whose last hop is the directory, on a BEGIN_DIR stream: a directory
 //! never learns who files or asks.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use allium_directory::http;
-use allium_proto::ConsensusRelay;
+
 use allium_proto::service::descriptor::{MAX_LEN, ServiceInfo, UnverifiedServiceDescriptor};
 use allium_proto::service::ring::{SPREAD_FETCH, SPREAD_STORE};
 use allium_proto::service::{BlindedKey, ServiceAddress, TimePeriod};
+use allium_proto::{Consensus, ConsensusRelay};
 use tracing::debug;
 
 use crate::ClientError;
@@ -65,17 +67,21 @@ fn path_of(key: &BlindedKey) -> String {
     format!("/service/{}", hex::encode(key.0))
 }
 
+/// The client's consensus.
+fn consensus(client: &Client) -> Result<Arc<Consensus>, ClientError> {
+    client
+        .consensus()
+        .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))
+}
+
 /// The directories of the ring of `period` responsible for `key`, `spread`
-/// per replica, from the client's consensus.
+/// per replica, in consensus `c`.
 fn responsible(
-    client: &Client,
+    c: &Consensus,
     key: &BlindedKey,
     period: TimePeriod,
     spread: usize,
 ) -> Result<Vec<ConsensusRelay>, ClientError> {
-    let c = client
-        .consensus()
-        .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
     let ring = c.hsdir_ring(period).ok_or_else(|| {
         ClientError::NoConsensus(format!(
             "the consensus has no shared random value for period {}",
@@ -93,7 +99,8 @@ pub async fn publish(
     period: TimePeriod,
     doc: &[u8],
 ) -> Result<Published, ClientError> {
-    let dirs = responsible(client, key, period, SPREAD_STORE)?;
+    let c = consensus(client)?;
+    let dirs = responsible(&c, key, period, SPREAD_STORE)?;
     if dirs.is_empty() {
         return Err(ClientError::NoPath(
             "no service directories in the consensus".into(),
@@ -140,12 +147,10 @@ pub async fn fetch(
     now: u64,
 ) -> Result<ServiceInfo, ClientError> {
     use rand::seq::SliceRandom;
-    let c = client
-        .consensus()
-        .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
+    let c = consensus(client)?;
     let period = c.period_at(now);
     let key = address.blinded(period);
-    let mut dirs = responsible(client, &key, period, SPREAD_FETCH)?;
+    let mut dirs = responsible(&c, &key, period, SPREAD_FETCH)?;
     dirs.shuffle(&mut rand::rng());
     let path = path_of(&key);
     let mut why = Vec::new();

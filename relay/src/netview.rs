@@ -219,7 +219,7 @@ impl NetView {
 /// that brought nothing newer; the caller resets it on one that did).
 fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
     if c.fresh_until > now {
-        let period = c.fresh_until.saturating_sub(c.valid_after);
+        let period = c.interval();
         let spread = (period / CACHE_SPREAD).clamp(1, 450);
         ((c.fresh_until - now).min(3600) + r % spread, 0)
     } else {
