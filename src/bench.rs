@@ -204,6 +204,13 @@ struct Fetch {
     bytes: usize,
 }
 
+/// Where a SOCKS request goes: an address, or a name and port.
+#[derive(Clone, Copy)]
+enum Dest<'a> {
+    Addr(SocketAddr),
+    Host(&'a str, u16),
+}
+
 /// GET `/{n}` from `target` through the SOCKS5 proxy; `user` picks an
 /// isolation class (username/password authentication).
 async fn socks_get(
@@ -212,13 +219,13 @@ async fn socks_get(
     n: usize,
     user: Option<&str>,
 ) -> BenchResult<Fetch> {
-    socks_get_counting(proxy, target, n, user, None).await
+    socks_get_counting(proxy, Dest::Addr(target), n, user, None).await
 }
 
-/// [`socks_get`], adding each read's bytes to `progress`.
+/// [`socks_get`] to any [`Dest`], adding each read's bytes to `progress`.
 async fn socks_get_counting(
     proxy: SocketAddr,
-    target: SocketAddr,
+    target: Dest<'_>,
     n: usize,
     user: Option<&str>,
     progress: Option<&AtomicUsize>,
@@ -243,12 +250,21 @@ async fn socks_get_counting(
             return Err("SOCKS authentication refused".into());
         }
     }
-    let SocketAddr::V4(t) = target else {
-        return Err("IPv4 target expected".into());
+    let req = match target {
+        Dest::Addr(SocketAddr::V4(t)) => {
+            let mut req = vec![5, 1, 0, 1];
+            req.extend_from_slice(&t.ip().octets());
+            req.extend_from_slice(&t.port().to_be_bytes());
+            req
+        }
+        Dest::Addr(_) => return Err("IPv4 target expected".into()),
+        Dest::Host(h, port) => {
+            let mut req = vec![5, 1, 0, 3, h.len() as u8];
+            req.extend_from_slice(h.as_bytes());
+            req.extend_from_slice(&port.to_be_bytes());
+            req
+        }
     };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&t.ip().octets());
-    req.extend_from_slice(&t.port().to_be_bytes());
     s.write_all(&req).await.map_err(err)?;
     let mut r = [0u8; 10];
     s.read_exact(&mut r).await.map_err(err)?;
@@ -335,6 +351,20 @@ pub struct Report {
     /// Two bulk downloads on their own circuits through the same guard,
     /// started together: each one's rate once settled (MB/s).
     pub shared_guard_mbps: (f64, f64),
+    /// Onion services (g.): from starting a service process to the
+    /// first stream through the client's SOCKS port (s); a fresh
+    /// library client's stream open to the published service (ms,
+    /// median of n); one stream to the service (MB/s, median of 3) and
+    /// its ratio to the exit stream of c.; from killing one of the
+    /// service's introduction points and one of its directories to a
+    /// fresh client's first whole fetch (s).
+    pub service_first_connect_s: f64,
+    pub service_connect_fresh_ms: f64,
+    pub service_connect_fresh_n: usize,
+    pub service_stream_mbps: f64,
+    pub service_stream_bytes: usize,
+    pub service_vs_exit: f64,
+    pub service_recovery_s: f64,
 }
 
 fn machine() -> String {
@@ -639,7 +669,14 @@ pub async fn run(
         .map(|i| {
             let counts = counts.clone();
             tokio::spawn(async move {
-                socks_get_counting(socks, http, 1 << 30, Some(users[i]), Some(&counts[i])).await
+                socks_get_counting(
+                    socks,
+                    Dest::Addr(http),
+                    1 << 30,
+                    Some(users[i]),
+                    Some(&counts[i]),
+                )
+                .await
             })
         })
         .collect();
@@ -754,12 +791,213 @@ pub async fn run(
         drop(links);
     }
 
+    // g. Onion services (last: it kills two relays).
+    services(
+        &exe, &plan, &mut procs, socks, http, shaping, quick, &mut rep,
+    )
+    .await?;
+
     print_report(&rep);
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&rep).map_err(err)? + "\n").map_err(err)?;
     }
     drop(procs);
     Ok(rep)
+}
+
+/// A library client of the bench network in its own directory, with a
+/// consensus.
+async fn fresh_client(plan: &testnet::Plan, name: &str) -> BenchResult<Client> {
+    let mut cfg: ClientConfig = plan.client.clone();
+    cfg.data_dir = plan.dir.join(name);
+    cfg.socks_listen = vec![];
+    cfg.preemptive_circuits = 0;
+    let c = Client::new(cfg).map_err(err)?;
+    c.refresh_consensus().await.map_err(err)?;
+    Ok(c)
+}
+
+/// `GET /{n}` from the service at `host` through a library client: the
+/// time its stream took to open, and the bytes of the answer.
+async fn service_get(c: &Client, host: &str, n: usize) -> BenchResult<(Duration, usize)> {
+    let t = Instant::now();
+    let mut s = c.open_stream(host, 80).await.map_err(err)?;
+    let open = t.elapsed();
+    s.write_all(format!("GET /{n} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .map_err(err)?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await.map_err(err)?;
+    Ok((open, all.len()))
+}
+
+/// g. An onion service in its own process (`allium service`), its port 80
+/// the bench's web server.
+#[allow(clippy::too_many_arguments)]
+async fn services(
+    exe: &Path,
+    plan: &testnet::Plan,
+    procs: &mut Procs,
+    socks: SocketAddr,
+    http: SocketAddr,
+    shaping: Option<Shaping>,
+    quick: bool,
+    rep: &mut Report,
+) -> BenchResult<()> {
+    use allium_client::service::{PortMap, ServiceConfig};
+    let svc = ServiceConfig {
+        ports: vec![PortMap {
+            virtual_port: 80,
+            target: http,
+        }],
+        ..ServiceConfig::default()
+    };
+    let dir = plan.dir.join("service");
+    let (_, address) = allium_client::service::load_identity(&dir, &svc).map_err(err)?;
+    let host = address.to_string();
+    let cfg = ClientConfig {
+        data_dir: dir.clone(),
+        socks_listen: vec![],
+        http_connect_listen: vec![],
+        control_listen: None,
+        metrics_listen: None,
+        preemptive_circuits: 0,
+        services: vec![svc],
+        ..plan.client.clone()
+    };
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml::to_string(&cfg).map_err(err)?).map_err(err)?;
+    let mut c = Command::new(exe);
+    c.arg("service").arg("--config").arg(&path);
+    if let Some(s) = &shaping {
+        c.env(shaping::ENV, s.to_env());
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let started = Instant::now();
+    procs.0.push((
+        "service".into(),
+        c.spawn().map_err(|e| format!("starting service: {e}"))?,
+    ));
+    // The first stream through the client's SOCKS port that works.
+    let mut first = None;
+    for _ in 0..240 {
+        if socks_get_counting(socks, Dest::Host(&host, 80), 1024, Some("svc"), None)
+            .await
+            .is_ok()
+        {
+            first = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    rep.service_first_connect_s = first
+        .ok_or("the service was not reachable within a minute")?
+        .as_secs_f64();
+    eprintln!(
+        "bench: g. service reachable {:.2} s after it started",
+        rep.service_first_connect_s
+    );
+
+    // Fresh clients, each with a consensus, reach the published service.
+    let n = 20;
+    let mut opens = Vec::new();
+    for i in 0..n {
+        let c = fresh_client(plan, &format!("svc-client-{i}")).await?;
+        let (open, _) = service_get(&c, &host, 1024).await?;
+        opens.push(ms(open));
+    }
+    rep.service_connect_fresh_n = n;
+    rep.service_connect_fresh_ms = median(&mut opens);
+    eprintln!(
+        "bench: g. fresh client to the service, stream open: median {:.1} ms (n={n}; {})",
+        rep.service_connect_fresh_ms,
+        list(&opens)
+    );
+
+    // One stream to the service: 6 relays between client and service.
+    let big = if quick || shaping.is_some() {
+        20 << 20
+    } else {
+        50 << 20
+    };
+    let mut runs = Vec::new();
+    for i in 0..3 {
+        let user = format!("svc-bulk{i}");
+        socks_get_counting(socks, Dest::Host(&host, 80), 1024, Some(&user), None).await?;
+        let f = socks_get_counting(socks, Dest::Host(&host, 80), big, Some(&user), None).await?;
+        runs.push(f.bytes as f64 / f.total.as_secs_f64() / 1e6);
+    }
+    rep.service_stream_bytes = big;
+    rep.service_stream_mbps = median(&mut runs);
+    rep.service_vs_exit = rep.service_stream_mbps / rep.single_stream_100mib_mbps.max(1e-9);
+    eprintln!(
+        "bench: g. one stream to the service {:.1} MB/s ({:.2}x the exit stream)",
+        rep.service_stream_mbps, rep.service_vs_exit
+    );
+
+    // Kill one introduction point and one directory a fetch may ask
+    // (neither an exit nor a guard of the client that then connects).
+    let c = fresh_client(plan, "svc-recovery").await?;
+    let cons = c.consensus().ok_or("no consensus")?;
+    let now = allium_directory::unix_now();
+    let info = allium_client::hsdir::fetch(&c, &address, now)
+        .await
+        .map_err(err)?;
+    let period = cons.period_at(now);
+    let asked: Vec<[u8; 32]> = cons
+        .hsdir_ring(period)
+        .ok_or("no ring")?
+        .responsible(
+            &address.blinded(period),
+            allium_proto::service::ring::SPREAD_FETCH,
+        )
+        .iter()
+        .map(|r| r.identity)
+        .collect();
+    let guards = c.guards();
+    let pick = |want: &dyn Fn(&[u8; 32]) -> bool, not: Option<&str>| {
+        cons.relays
+            .iter()
+            .find(|r| {
+                want(&r.identity)
+                    && !r.flags.has(allium_proto::RelayFlags::EXIT)
+                    && !guards.contains(&r.identity)
+                    && Some(r.nickname.as_str()) != not
+            })
+            .map(|r| r.nickname.clone())
+    };
+    let intro = pick(&|id| info.intro_points.iter().any(|i| i.relay == *id), None)
+        .ok_or("no introduction point to kill")?;
+    let hsdir = pick(&|id| asked.contains(id), Some(&intro)).ok_or("no directory to kill")?;
+    for name in [&intro, &hsdir] {
+        if let Some((_, ch)) = procs.0.iter_mut().find(|(n, _)| n == name) {
+            let _ = ch.kill();
+            let _ = ch.wait();
+        }
+    }
+    let killed = Instant::now();
+    let mut recovered = None;
+    for _ in 0..120 {
+        let again = fresh_client(plan, "svc-recovery-2").await;
+        if let Ok(again) = again
+            && let Ok((_, len)) = service_get(&again, &host, 1 << 20).await
+            && len > 1 << 20
+        {
+            recovered = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    rep.service_recovery_s = recovered
+        .ok_or("the service was not reachable a minute after the kill")?
+        .as_secs_f64();
+    eprintln!(
+        "bench: g. with introduction point {intro} and directory {hsdir} killed, a fresh client fetched 1 MiB {:.2} s later",
+        rep.service_recovery_s
+    );
+    Ok(())
 }
 
 fn list(v: &[f64]) -> String {
@@ -829,6 +1067,24 @@ fn print_report(r: &Report) {
     println!(
         "d. 32 parallel x 5 MiB, own circuits [MB/s]        {:.1}",
         r.parallel_32_mbps
+    );
+    println!(
+        "g. service: first stream after it started [s]     {:.2}",
+        r.service_first_connect_s
+    );
+    println!(
+        "g. service: fresh client, stream open [ms]        {:.1}  (n={})",
+        r.service_connect_fresh_ms, r.service_connect_fresh_n
+    );
+    println!(
+        "g. service: {:>3} MiB single stream, 6 relays [MB/s] {:.1}  ({:.2}x exit stream)",
+        r.service_stream_bytes >> 20,
+        r.service_stream_mbps,
+        r.service_vs_exit
+    );
+    println!(
+        "g. service: reachable again after killing an introduction point and a directory [s] {:.2}",
+        r.service_recovery_s
     );
     let (a, b) = r.shared_guard_mbps;
     println!(

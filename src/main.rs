@@ -40,6 +40,7 @@ impl Cmd {
             Cmd::Consensus { .. } => "consensus",
             Cmd::Relay { .. } => "relay",
             Cmd::Client { .. } => "client",
+            Cmd::Service { .. } => "service",
             Cmd::Bench { .. } => "bench",
             Cmd::Testnet { .. } => "testnet",
             Cmd::Check { .. } => "check",
@@ -94,6 +95,12 @@ enum Cmd {
     },
     /// Run a client with a SOCKS5 port.
     Client {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Host onion services: a client config with `[[services]]`
+    /// (see examples/service.toml).
+    Service {
         #[arg(long)]
         config: PathBuf,
     },
@@ -244,6 +251,7 @@ async fn shutdown_signal() {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    let service = matches!(cli.cmd, Cmd::Service { .. });
     match cli.cmd {
         Cmd::Check { config, role } => {
             let r = allium::check::check(&config, role);
@@ -365,9 +373,15 @@ async fn run(cli: Cli) -> Result<(), String> {
                 () = shutdown_signal() => Ok(()),
             }
         }
-        Cmd::Client { config } => {
+        Cmd::Client { config } | Cmd::Service { config } => {
             shaping_from_env()?;
             let cfg: ClientConfig = load(&config)?;
+            if service && cfg.services.is_empty() {
+                return Err(format!(
+                    "{}: no [[services]] to host (see examples/service.toml)",
+                    config.display()
+                ));
+            }
             let c = Client::new(cfg).map_err(|e| e.to_string())?;
             tokio::select! {
                 r = c.run() => r.map_err(|e| e.to_string()),
@@ -454,6 +468,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             if let Some(h) = net.http_addr {
                 say!("HTTP CONNECT proxy ready on http://{h}");
             }
+            match net.host_demo_service().await {
+                Ok(a) => say!(
+                    "Demo onion service at http://{a}/ (reachable once its log says so; try: curl --socks5-hostname {} http://{a}/)",
+                    net.socks_addr
+                ),
+                Err(e) => say!("No demo onion service: {e}"),
+            }
             let r = tokio::select! {
                 why = net.wait_failure() => Err(why),
                 () = shutdown_signal() => Ok(()),
@@ -507,7 +528,10 @@ fn main() -> ExitCode {
         .init();
     let daemon = matches!(
         cli.cmd,
-        Cmd::Relay { .. } | Cmd::Client { .. } | Cmd::Dirauth { action: None, .. }
+        Cmd::Relay { .. }
+            | Cmd::Client { .. }
+            | Cmd::Service { .. }
+            | Cmd::Dirauth { action: None, .. }
     );
     if daemon && running_as_root() {
         tracing::warn!(

@@ -425,6 +425,8 @@ pub struct RelayInfo {
     pub dir_cache: Arc<allium_directory::cache::ConsensusCache>,
     /// The onion service descriptors it stores.
     pub services: Arc<allium_directory::hsdir::ServiceDirectory>,
+    /// Its introduction and rendezvous circuits.
+    pub points: Arc<allium_relay::rendezvous::Points>,
     task: AbortHandle,
 }
 
@@ -503,6 +505,7 @@ impl Testnet {
             let (identity, stats, mem) = (relay.identity(), relay.stats(), relay.queue_mem());
             let dir_cache = relay.dir_cache();
             let services = relay.service_directory();
+            let points = relay.points();
             let n = name.clone();
             let task = tasks.spawn(
                 async move { (n, relay.serve(l).await.map_err(|e| e.to_string())) }
@@ -517,6 +520,7 @@ impl Testnet {
                 mem,
                 dir_cache,
                 services,
+                points,
                 task,
             });
         }
@@ -557,6 +561,71 @@ impl Testnet {
             tasks,
             _tmp: tmp,
         })
+    }
+
+    /// Host a demo onion service: a small web page on loopback, published
+    /// by a client of its own (in `service/` beside the testnet's client).
+    /// Returns its address; it is reachable once its descriptor is filed
+    /// (its log says "service reachable").
+    pub async fn host_demo_service(
+        &mut self,
+    ) -> Result<allium_proto::service::ServiceAddress, TestnetError> {
+        use allium_client::service::{PortMap, ServiceConfig};
+        let web = TcpListener::bind("127.0.0.1:0").await?;
+        let target = web.local_addr()?;
+        self.tasks.spawn(async move {
+            loop {
+                let Ok((mut s, _)) = web.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 2048];
+                    let _ = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+                    let body = "Hello from an Allium onion service.\n";
+                    let head = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        let svc = ServiceConfig {
+            ports: vec![PortMap {
+                virtual_port: 80,
+                target,
+            }],
+            ..ServiceConfig::default()
+        };
+        let data_dir = self
+            .client_config
+            .data_dir
+            .parent()
+            .map(|p| p.join("service"))
+            .ok_or_else(|| other("the client's data directory has no parent"))?;
+        let (_, address) = allium_client::service::load_identity(&data_dir, &svc)?;
+        let cfg = ClientConfig {
+            data_dir,
+            socks_listen: vec![],
+            http_connect_listen: vec![],
+            control_listen: None,
+            metrics_listen: None,
+            services: vec![svc],
+            ..self.client_config.clone()
+        };
+        let host = Client::new(cfg)?;
+        self.tasks.spawn(
+            async move {
+                (
+                    "service".to_string(),
+                    host.serve(vec![], vec![]).await.map_err(|e| e.to_string()),
+                )
+            }
+            .instrument(tracing::info_span!("service")),
+        );
+        Ok(address)
     }
 
     /// Wait until the client has a verified consensus listing every relay
@@ -605,6 +674,7 @@ impl Testnet {
         self.relays[i].stats = relay.stats();
         self.relays[i].dir_cache = relay.dir_cache();
         self.relays[i].services = relay.service_directory();
+        self.relays[i].points = relay.points();
         let span = tracing::info_span!("relay", name = %name);
         self.relays[i].task = self.tasks.spawn(
             async move { (name, relay.serve(l).await.map_err(|e| e.to_string())) }.instrument(span),

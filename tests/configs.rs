@@ -58,8 +58,22 @@ fn example_configs_parse() {
         RelayConfig::default().dos_max_connections_per_addr
     );
     assert_eq!(r.metrics_listen, None);
+    let s: ClientConfig = load(&ex.join("service.toml"));
+    s.check().unwrap();
+    assert_eq!(s.services.len(), 1);
+    let d = allium_client::service::ServiceConfig::default();
+    assert_eq!(
+        (
+            s.services[0].intro_points,
+            s.services[0].intro_rate,
+            s.services[0].intro_burst
+        ),
+        (d.intro_points, d.intro_rate, d.intro_burst)
+    );
+    assert!(s.socks_listen.is_empty());
     let c: ClientConfig = load(&ex.join("client.toml"));
     c.check().unwrap();
+    assert!(c.services.is_empty());
     assert_eq!(
         c.max_circuit_dirtiness_secs,
         ClientConfig::default().max_circuit_dirtiness_secs

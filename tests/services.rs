@@ -29,36 +29,7 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
     .await
     .unwrap();
     net.wait_ready(Duration::from_secs(60)).await.unwrap();
-    // Every relay Running long enough is a service directory (the testnet
-    // asks no uptime for HSDir) and, once measured, a guard. Wait until the
-    // client and every relay see all 8 on the ring, and the client has a
-    // guard other than any one directory: a circuit to a directory cannot
-    // go through that directory as its guard.
-    let ring_len =
-        |c: &allium_proto::Consensus| c.hsdir_ring(c.period_at(unix_now())).map_or(0, |r| r.len());
-    let start = Instant::now();
-    loop {
-        let c = net.client.consensus().unwrap();
-        let guards = c
-            .relays
-            .iter()
-            .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::GUARD))
-            .count();
-        let relays_see = net.relays.iter().all(|r| {
-            r.dir_cache.current().is_some_and(|b| {
-                UnverifiedConsensus::parse(&b).is_ok_and(|u| ring_len(u.peek()) == 8)
-            })
-        });
-        if ring_len(&c) == 8 && guards == 8 && relays_see {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "ring of {}, {guards} guards, relays see all: {relays_see}",
-            ring_len(&c)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_for_ring(&net).await;
 
     // The service files its descriptor for this period, and for the next
     // one once the consensus places it.
@@ -166,4 +137,268 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
     assert!(count(|s| s.served.load(Relaxed)) >= 1);
     assert!(count(|s| s.missed.load(Relaxed)) >= 6);
     net.shutdown().await;
+}
+
+/// Wait until the client and every relay see all relays on the ring of
+/// service directories, and as guards.
+async fn wait_for_ring(net: &Testnet) {
+    let n = net.relays.len();
+    // Every relay Running long enough is a service directory (the testnet
+    // asks no uptime for HSDir) and, once measured, a guard. Wait until the
+    // client and every relay see all of them on the ring, and the client has a
+    // guard other than any one directory: a circuit to a directory cannot
+    // go through that directory as its guard.
+    let ring_len =
+        |c: &allium_proto::Consensus| c.hsdir_ring(c.period_at(unix_now())).map_or(0, |r| r.len());
+    let start = Instant::now();
+    loop {
+        let c = net.client.consensus().unwrap();
+        let guards = c
+            .relays
+            .iter()
+            .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::GUARD))
+            .count();
+        let relays_see = net.relays.iter().all(|r| {
+            r.dir_cache.current().is_some_and(|b| {
+                UnverifiedConsensus::parse(&b).is_ok_and(|u| ring_len(u.peek()) == n)
+            })
+        });
+        if ring_len(&c) == n && guards == n && relays_see {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "ring of {}, {guards} guards, relays see all: {relays_see}",
+            ring_len(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A hosted service with its own client, reading its address from its
+/// directory once it has one.
+async fn host_service(
+    net: &Testnet,
+    dir: &std::path::Path,
+    target: std::net::SocketAddr,
+) -> (allium_client::Client, ServiceAddress) {
+    use allium_client::service::{PortMap, ServiceConfig};
+    let cfg = ServiceConfig {
+        ports: vec![PortMap {
+            virtual_port: 80,
+            target,
+        }],
+        ..ServiceConfig::default()
+    };
+    let host = library_client(net, dir).await;
+    let (_, address) = allium_client::service::load_identity(dir, &cfg).unwrap();
+    tokio::spawn(allium_client::service::run(host.clone(), cfg));
+    (host, address)
+}
+
+/// `curl --socks5-hostname` through `proxy` to `url`: the body.
+async fn curl(proxy: std::net::SocketAddr, url: &str) -> Result<Vec<u8>, String> {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--socks5-hostname"])
+        .arg(proxy.to_string())
+        .arg(url)
+        .output()
+        .await
+        .map_err(|e| format!("curl: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_intro_point_and_a_directory()
+ {
+    use sha2::{Digest, Sha256};
+    let net = Testnet::start(TestnetOptions {
+        relays: 8,
+        exits: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    wait_for_ring(&net).await;
+
+    let mut body = vec![0u8; 4 << 20];
+    rand::RngExt::fill(&mut rand::rng(), &mut body[..]);
+    let want = Sha256::digest(&body);
+    let web = common::serve_bytes(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (host, address) = host_service(&net, dir.path(), web).await;
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("service/hostname")).unwrap(),
+        format!("{address}\n")
+    );
+    let key = std::fs::metadata(dir.path().join("service/identity.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+        0o600
+    );
+
+    // curl, by the address alone, through the testnet's SOCKS port: the
+    // first fetch that works (the service is publishing meanwhile).
+    let url = format!("http://{address}/");
+    let mut tries = 0;
+    let got = loop {
+        tries += 1;
+        match curl(net.socks_addr, &url).await {
+            Ok(b) => break b,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(90),
+                    "no fetch from the service after {tries} tries: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    eprintln!(
+        "first fetch from the service {:?} after it started ({tries} tries)",
+        started.elapsed()
+    );
+    assert_eq!(Sha256::digest(&got), want);
+
+    // The same by a second stream on the same circuit.
+    assert_eq!(
+        Sha256::digest(curl(net.socks_addr, &url).await.unwrap()),
+        want
+    );
+
+    // A mistyped address fails at once (F6); an address nobody publishes is
+    // not found (F0).
+    let text = address.to_string();
+    let typo = format!(
+        "{}{}",
+        if text.starts_with('a') { 'b' } else { 'a' },
+        &text[1..]
+    );
+    let (code, _) = common::socks5(net.socks_addr, &typo, 80).await;
+    assert_eq!(code, ReplyCode::ONION_ADDRESS_INVALID.0);
+    let other = ServiceAddress::from_key(
+        &SigningKey::from_bytes(&[0x77; 32])
+            .verifying_key()
+            .to_bytes(),
+    )
+    .unwrap();
+    let (code, _) = common::socks5(net.socks_addr, &other.to_string(), 80).await;
+    assert_eq!(code, ReplyCode::ONION_DESCRIPTOR_NOT_FOUND.0);
+    // A port the service does not map: refused by the service.
+    let (code, _) = common::socks5(net.socks_addr, &text, 81).await;
+    assert_eq!(code, ReplyCode::CONNECTION_REFUSED.0);
+
+    // Kill one of the service's introduction points and one of the
+    // directories a fetch may ask (neither the host's nor the fresh
+    // client's first guard): a fresh client still connects.
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = library_client(&net, fresh_dir.path()).await;
+    let c = fresh.consensus().unwrap();
+    let period = c.period_at(unix_now());
+    let info = hsdir::fetch(&fresh, &address, unix_now()).await.unwrap();
+    let t = Instant::now();
+    assert_eq!(Sha256::digest(http_get(&fresh, &text).await.unwrap()), want);
+    eprintln!("a fresh library client fetched 4 MiB in {:?}", t.elapsed());
+    // (Not an exit either: a new client needs one to bootstrap.)
+    let mut keep: Vec<[u8; 32]> = c
+        .relays
+        .iter()
+        .filter(|r| r.flags.has(RelayFlags::EXIT))
+        .map(|r| r.identity)
+        .collect();
+    keep.extend([fresh.guards()[0], host.guards()[0]]);
+    let intro = net
+        .relays
+        .iter()
+        .position(|r| {
+            info.intro_points.iter().any(|i| i.relay == r.identity) && !keep.contains(&r.identity)
+        })
+        .unwrap();
+    let asked: Vec<[u8; 32]> = c
+        .hsdir_ring(period)
+        .unwrap()
+        .responsible(&address.blinded(period), SPREAD_FETCH)
+        .iter()
+        .map(|r| r.identity)
+        .collect();
+    let hsdir = net
+        .relays
+        .iter()
+        .enumerate()
+        .position(|(i, r)| i != intro && asked.contains(&r.identity) && !keep.contains(&r.identity))
+        .unwrap();
+    net.stop_relay(intro);
+    net.stop_relay(hsdir);
+    // (The first fresh client would use the circuit it has: another one
+    // must find the service anew.)
+    let killed = Instant::now();
+    let again_dir = tempfile::tempdir().unwrap();
+    let again = library_client(&net, again_dir.path()).await;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match http_get(&again, &text).await {
+            Ok(body) => {
+                assert_eq!(Sha256::digest(&body), want);
+                break;
+            }
+            Err(e) => {
+                eprintln!("after the kill, try {attempts}: {e}");
+                assert!(
+                    killed.elapsed() < Duration::from_secs(90),
+                    "no connection {attempts} tries after the kill: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    eprintln!(
+        "with an introduction point and a directory down, a fresh client connected {:?} after the kill ({attempts} tries)",
+        killed.elapsed()
+    );
+    // Relays counted what they did, and no store holds the address.
+    use std::sync::atomic::Ordering::Relaxed;
+    let joined: u64 = net
+        .relays
+        .iter()
+        .map(|r| r.points.stats.rendezvous_joined.load(Relaxed))
+        .sum();
+    assert!(joined >= 2, "{joined} rendezvous");
+    for r in &net.relays {
+        for d in r.services.descriptors() {
+            assert!(!d.windows(32).any(|w| w == address.key()));
+        }
+    }
+    net.shutdown().await;
+}
+
+/// `GET /` from `host` through `client`'s library streams: the body.
+async fn http_get(client: &allium_client::Client, host: &str) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = async {
+        let mut s = client
+            .open_stream(host, 80)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.map_err(|e| e.to_string())?;
+        let at = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("no HTTP head")?
+            + 4;
+        Ok::<_, String>(all[at..].to_vec())
+    };
+    tokio::time::timeout(Duration::from_secs(60), r)
+        .await
+        .unwrap_or_else(|_| Err("no whole answer in 60 s".to_string()))
 }

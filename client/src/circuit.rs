@@ -14,7 +14,7 @@ use allium_proto::cell::{self, Cell, CellCmd, CircId, DestroyReason, HANDSHAKE_N
 use allium_proto::circuit::{Circuit, Event, Side};
 use allium_proto::flow::CircParams;
 use allium_proto::ntor;
-use allium_proto::onion::{ClientLayers, forward_capacity};
+use allium_proto::onion::{ClientLayers, HopKeys, forward_capacity};
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
 use allium_proto::{ConsensusRelay, short_id};
 use rand::RngExt;
@@ -52,6 +52,50 @@ enum CircCmd {
     /// The application took this many DATA messages of this stream.
     Consumed(u16, u32),
     End(u16),
+    /// A service accepts stream `u16` (CONNECTED), or refuses it.
+    Accept(u16),
+    Refuse(u16, EndReason),
+    /// An onion service message for the last hop.
+    Service(RelayMsg),
+    /// The rendezvous point joined this circuit to the other end's.
+    Join {
+        /// Sent to the last hop just before joining (the service's
+        /// RENDEZVOUS1).
+        announce: Option<RelayMsg>,
+        keys: HopKeys,
+        params: CircParams,
+        incoming: Option<mpsc::Sender<Incoming>>,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+}
+
+/// A stream a client opened to this service: [`Incoming::accept`] it
+/// (CONNECTED goes back) or drop it (END).
+pub struct Incoming {
+    pub stream: Stream,
+    /// The port the client asked for.
+    pub port: u16,
+}
+
+impl Incoming {
+    /// Tell the client the stream is open, and take it.
+    pub async fn accept(self) -> Result<Stream, ClientError> {
+        self.stream
+            .tx
+            .send(CircCmd::Accept(self.stream.id))
+            .await
+            .map_err(|_| ClientError::CircuitClosed)?;
+        Ok(self.stream)
+    }
+
+    /// Refuse the stream, saying why.
+    pub async fn refuse(self, reason: EndReason) {
+        let _ = self
+            .stream
+            .tx
+            .send(CircCmd::Refuse(self.stream.id, reason))
+            .await;
+    }
 }
 
 /// An open stream through a circuit.
@@ -165,6 +209,10 @@ pub struct CircuitHandle {
     used: Arc<AtomicBool>,
     /// The circuit's congestion window, as its task last saw it.
     cwnd: Arc<AtomicU32>,
+    /// The last hop's [`HopKeys::binding`].
+    pub binding: [u8; 32],
+    /// Onion service messages from the last hop, for whoever takes them.
+    service_rx: Arc<std::sync::Mutex<Option<mpsc::Receiver<RelayMsg>>>>,
 }
 
 impl CircuitHandle {
@@ -197,6 +245,71 @@ impl CircuitHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(CircCmd::Begin { to, reply })
+            .await
+            .map_err(|_| ClientError::CircuitClosed)?;
+        rx.await.map_err(|_| ClientError::CircuitClosed)?
+    }
+
+    /// Send an onion service message to the last hop.
+    pub async fn send_service(&self, msg: RelayMsg) -> Result<(), ClientError> {
+        self.tx
+            .send(CircCmd::Service(msg))
+            .await
+            .map_err(|_| ClientError::CircuitClosed)
+    }
+
+    /// The onion service messages the last hop sends (once: the first
+    /// caller takes them).
+    pub fn service_messages(&self) -> Option<mpsc::Receiver<RelayMsg>> {
+        self.service_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The rendezvous point joined this circuit to the other end's, and
+    /// the end-to-end handshake gave `keys` (as this end sees them) and
+    /// `params`: streams now go to the other end. A service passes
+    /// `incoming`, where the streams clients open arrive.
+    pub async fn join(
+        &self,
+        keys: HopKeys,
+        params: CircParams,
+        incoming: Option<mpsc::Sender<Incoming>>,
+    ) -> Result<(), ClientError> {
+        self.join_inner(None, keys, params, incoming).await
+    }
+
+    /// Send `announce` to the last hop and join at once (a service's
+    /// RENDEZVOUS1: the client's first stream may follow its RENDEZVOUS2
+    /// at any time).
+    pub async fn join_after(
+        &self,
+        announce: RelayMsg,
+        keys: HopKeys,
+        params: CircParams,
+        incoming: Option<mpsc::Sender<Incoming>>,
+    ) -> Result<(), ClientError> {
+        self.join_inner(Some(announce), keys, params, incoming)
+            .await
+    }
+
+    async fn join_inner(
+        &self,
+        announce: Option<RelayMsg>,
+        keys: HopKeys,
+        params: CircParams,
+        incoming: Option<mpsc::Sender<Incoming>>,
+    ) -> Result<(), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(CircCmd::Join {
+                announce,
+                keys,
+                params,
+                incoming,
+                reply,
+            })
             .await
             .map_err(|_| ClientError::CircuitClosed)?;
         rx.await.map_err(|_| ClientError::CircuitClosed)?
@@ -370,6 +483,8 @@ async fn build_counting(
     debug!(path = %path.iter().map(|r| short_id(&r.identity)).collect::<Vec<_>>().join(","), "circuit built");
     let (tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
     let core = Circuit::client(&mut rand::rng(), layers, params)?;
+    let binding = core.binding();
+    let (service_tx, service_rx) = mpsc::channel(SERVICE_QUEUE);
     let cwnd = Arc::new(AtomicU32::new(core.cwnd()));
     watch.built(&path);
     let serial = watch.id();
@@ -388,6 +503,8 @@ async fn build_counting(
         resolving: HashMap::new(),
         cells_in: Vec::new(),
         out: Vec::new(),
+        service_tx,
+        incoming: None,
     };
     tokio::spawn(task.run().in_current_span());
     Ok(CircuitHandle {
@@ -396,6 +513,8 @@ async fn build_counting(
         path,
         used: Arc::default(),
         cwnd,
+        binding,
+        service_rx: Arc::new(std::sync::Mutex::new(Some(service_rx))),
     })
 }
 
@@ -442,7 +561,14 @@ struct CircTask {
     cells_in: Vec<Cell>,
     /// Cells for the guard, sent as one batch after every event.
     out: Vec<Cell>,
+    /// Onion service messages from the last hop (dropped when full).
+    service_tx: mpsc::Sender<RelayMsg>,
+    /// A service's circuit: where clients' streams go.
+    incoming: Option<mpsc::Sender<Incoming>>,
 }
+
+/// Onion service messages queued for their taker at most.
+const SERVICE_QUEUE: usize = 64;
 
 /// Commands handled per wake-up at most (then the batch is sent).
 const CMD_BATCH: usize = 128;
@@ -583,6 +709,28 @@ impl CircTask {
                 }
             }
             CircCmd::Consumed(sid, n) => self.core.consumed(sid, n)?,
+            CircCmd::Accept(sid) => self.core.connected(sid, None)?,
+            CircCmd::Refuse(sid, reason) => {
+                self.streams.remove(&sid);
+                self.core.end(sid, reason)?;
+            }
+            CircCmd::Service(msg) => self.core.send_service(&msg)?,
+            CircCmd::Join {
+                announce,
+                keys,
+                params,
+                incoming,
+                reply,
+            } => {
+                if let Some(m) = announce {
+                    self.core.send_service(&m)?;
+                }
+                let r = self.core.join_end_to_end(&keys, params, incoming.is_some());
+                if r.is_ok() {
+                    self.incoming = incoming;
+                }
+                let _ = reply.send(r.map_err(ClientError::from));
+            }
             CircCmd::End(sid) => {
                 self.pending.remove(&sid);
                 self.streams.remove(&sid);
@@ -659,9 +807,37 @@ impl CircTask {
                 self.remote_reason = Some(reason);
                 return Err(DestroyReason::DESTROYED);
             }
-            // Only a relay's core asks these.
             // Not asked for by this client: dropped.
             Event::Echo(_) => {}
+            Event::Service(msg) => {
+                let _ = self.service_tx.try_send(msg);
+            }
+            // A client opens a stream to this service.
+            Event::Begin { stream, port, .. } if self.incoming.is_some() => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let room = Arc::new(Semaphore::new(SEND_ROOM));
+                self.streams.insert(
+                    stream,
+                    StreamEntry {
+                        tx,
+                        room: room.clone(),
+                        unsealed: 0,
+                    },
+                );
+                let s = Stream {
+                    id: stream,
+                    rx,
+                    tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
+                    room,
+                    unreported: 0,
+                    watch: None,
+                };
+                let incoming = self.incoming.as_ref().expect("checked by the guard");
+                // A service that takes no more streams: the stream ends
+                // as it drops.
+                let _ = incoming.try_send(Incoming { stream: s, port });
+            }
+            // Only a relay's core asks these.
             Event::Begin { .. }
             | Event::BeginDir { .. }
             | Event::Resolve { .. }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use allium_directory::{http, unix_now};
 use allium_link::channel::{self, ChannelHandle};
 use allium_proto::relaymsg::TargetAddr;
+use allium_proto::service::ServiceAddress;
 use allium_proto::socks::SocksAuth;
 use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
 use tokio::sync::watch;
@@ -60,7 +61,12 @@ struct Inner {
     /// Guards whose caches served what did not verify, until when (Unix
     /// seconds).
     bad_caches: Mutex<HashMap<[u8; 32], u64>>,
+    /// Circuits to onion services, by address and isolation.
+    services: Mutex<HashMap<(ServiceAddress, Isolation), ServiceSlot>>,
 }
+
+/// The circuit to one service, built by one stream at a time.
+type ServiceSlot = Arc<tokio::sync::Mutex<Option<CircuitHandle>>>;
 
 /// Counters a client keeps (totals only).
 #[derive(Default, Debug)]
@@ -249,6 +255,7 @@ impl Client {
                 generation: AtomicU64::new(0),
                 started: Instant::now(),
                 bad_caches: Mutex::default(),
+                services: Mutex::default(),
             }),
         };
         if let Some(c) = client.consensus() {
@@ -715,8 +722,10 @@ impl Client {
         iso: &Isolation,
         ctl: &mut StreamWatch,
     ) -> Result<Stream, ClientError> {
-        if let TargetAddr::Host(h) = &addr {
-            keep_local(h)?;
+        if let TargetAddr::Host(h) = &addr
+            && let Some(service) = keep_local(h)?
+        {
+            return self.connect_service(service, port, iso, ctl).await;
         }
         let target = ExitTarget::Addr(&addr, port);
         let generation = self.inner.generation.load(Ordering::Relaxed);
@@ -758,6 +767,37 @@ impl Client {
             .unwrap_or(Err(ClientError::Timeout("stream connect")));
         self.judge_use(&circ, &second);
         second
+    }
+
+    /// A stream to `port` of the service at `address`, on the circuit to
+    /// it that streams of this isolation share (built when there is none).
+    async fn connect_service(
+        &self,
+        address: ServiceAddress,
+        port: u16,
+        iso: &Isolation,
+        ctl: &mut StreamWatch,
+    ) -> Result<Stream, ClientError> {
+        let slot = lock(&self.inner.services)
+            .entry((address, iso.clone()))
+            .or_default()
+            .clone();
+        let circ = {
+            let mut slot = slot.lock().await;
+            match &*slot {
+                Some(c) if !c.is_closed() => c.clone(),
+                _ => {
+                    let c = crate::rendezvous::connect(self, &address).await?;
+                    *slot = Some(c.clone());
+                    c
+                }
+            }
+        };
+        ctl.sent(circ.serial);
+        let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
+        tokio::time::timeout(t, circ.begin(TargetAddr::Host(address.to_string()), port))
+            .await
+            .unwrap_or(Err(ClientError::Timeout("stream connect")))
     }
 
     /// Keep `preemptive_circuits` unbound circuits ready and retire
@@ -813,7 +853,10 @@ impl Client {
     pub async fn resolve(&self, host: String, iso: &Isolation) -> Result<Vec<IpAddr>, ClientError> {
         let mut ctl = self.inner.events.new_stream(format!("{host}:0"), true);
         let r = async {
-            keep_local(&host)?;
+            if keep_local(&host)?.is_some() {
+                // A service has no address to give.
+                return Err(ClientError::StreamEnded(EndReason::RESOLVE_FAILED));
+            }
             let circ = self.circuit_for(&ExitTarget::Any, iso).await?;
             ctl.sent(circ.serial);
             let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
@@ -1011,6 +1054,18 @@ impl Client {
                 std::future::pending::<()>().await
             });
         }
+        for s in &self.inner.cfg.services {
+            let (me, s) = (self.clone(), s.clone());
+            set.spawn(
+                async move {
+                    if let Err(e) = crate::service::run(me, s).await {
+                        warn!("onion service: {e}");
+                    }
+                    std::future::pending::<()>().await
+                }
+                .in_current_span(),
+            );
+        }
         let boot = self.clone();
         set.spawn(async move {
             if let Err(e) = boot.bootstrap(Duration::from_secs(3600)).await {
@@ -1131,18 +1186,19 @@ fn learn(guards: &mut GuardSet, guard: &[u8; 32], len: usize, failure: Option<&B
 /// Names that must never reach an exit: service names (valid or not:
 /// checked here, before any network work) and Tor's `.onion` names, which
 /// an exit would hand to the DNS.
-fn keep_local(host: &str) -> Result<(), ClientError> {
-    use allium_proto::service::ServiceAddress;
+/// Names that must never reach an exit: a service address (returned, to
+/// be reached through the ring; a mistyped one fails here) or a Tor
+/// `.onion` name.
+fn keep_local(host: &str) -> Result<Option<ServiceAddress>, ClientError> {
     if ServiceAddress::claims(host) {
-        ServiceAddress::parse(host)?;
-        return Err(ClientError::ServicesUnsupported);
+        return Ok(Some(ServiceAddress::parse(host)?));
     }
     let h = host.trim_end_matches('.');
     let tld = h.rsplit('.').next().unwrap_or(h);
     if tld.eq_ignore_ascii_case("onion") {
         return Err(ClientError::TorOnionName);
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -1154,9 +1210,16 @@ mod tests {
     fn service_and_tor_names_stay_local() {
         let good = "5jfgyy7ctrjavpxvkb5rglwf7gkuo5vox27hxescd3vgsfcg2iwdiuab.allium.alt";
         let typo = good.replacen('5', "6", 1);
-        let code = |h: &str| keep_local(h).map_err(|e| e.socks_reply().0);
-        assert_eq!(code(good), Err(0xf0));
-        assert_eq!(code(&format!("www.{}", good.to_uppercase())), Err(0xf0));
+        let code = |h: &str| {
+            keep_local(h)
+                .map(|a| a.map(|a| a.to_string()))
+                .map_err(|e| e.socks_reply().0)
+        };
+        assert_eq!(code(good), Ok(Some(good.to_string())));
+        assert_eq!(
+            code(&format!("www.{}", good.to_uppercase())),
+            Ok(Some(good.to_string()))
+        );
         assert_eq!(code(&typo), Err(0xf6));
         assert_eq!(code("broken.allium.alt."), Err(0xf6));
         assert_eq!(
@@ -1164,9 +1227,9 @@ mod tests {
             Err(0xf6)
         );
         assert_eq!(code("x.ONION."), Err(0xf6));
-        assert_eq!(code("example.com"), Ok(()));
-        assert_eq!(code("onion.example"), Ok(()));
-        assert_eq!(code("allium.alt.example"), Ok(()));
+        assert_eq!(code("example.com"), Ok(None));
+        assert_eq!(code("onion.example"), Ok(None));
+        assert_eq!(code("allium.alt.example"), Ok(None));
     }
 
     #[test]

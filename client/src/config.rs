@@ -58,6 +58,9 @@ pub struct ClientConfig {
     /// `HashedControlPassword` form (`tor --hash-password` prints it).
     /// The cookie in `data_dir/control_auth_cookie` always admits.
     pub control_password_hash: Option<String>,
+    /// Onion services this client hosts (`[[services]]`; see
+    /// `examples/service.toml`).
+    pub services: Vec<crate::service::ServiceConfig>,
 }
 
 impl Default for ClientConfig {
@@ -83,6 +86,7 @@ impl Default for ClientConfig {
             congestion_control: true,
             control_listen: None,
             control_password_hash: None,
+            services: vec![],
         }
     }
 }
@@ -125,6 +129,9 @@ impl ClientConfig {
             )));
         }
         self.control_password()?;
+        for s in &self.services {
+            s.check()?;
+        }
         for a in self.socks_listen.iter().chain(&self.http_connect_listen) {
             if !a.ip().is_loopback() && !self.allow_non_loopback_socks {
                 return Err(ClientError::Config(format!(

@@ -27,6 +27,8 @@ pub mod guards;
 pub mod hsdir;
 pub mod path;
 pub mod pathbias;
+pub mod rendezvous;
+pub mod service;
 pub mod socks;
 
 pub use client::{Client, Isolation, Phase};
@@ -71,10 +73,16 @@ pub enum ClientError {
     /// A service name that is not a valid address (mistyped).
     #[error("invalid service address: {0}")]
     BadServiceAddress(#[from] allium_proto::service::AddressError),
-    /// A valid service address: services cannot be reached from this
-    /// client yet (the name never leaves it).
-    #[error("onion services cannot be reached from this client yet")]
-    ServicesUnsupported,
+    /// No introduction point passed the request on to the service.
+    #[error("introduction failed: {0}")]
+    IntroductionFailed(String),
+    /// Every introduction point timed out.
+    #[error("introduction timed out")]
+    IntroductionTimedOut,
+    /// The service did not come to the rendezvous point, or the circuit
+    /// there failed.
+    #[error("rendezvous failed: {0}")]
+    RendezvousFailed(String),
     /// No directory responsible for the service had its descriptor.
     #[error("service descriptor not found: {0}")]
     DescriptorNotFound(String),
@@ -103,9 +111,10 @@ impl ClientError {
             ClientError::BadServiceAddress(_) | ClientError::TorOnionName => {
                 ReplyCode::ONION_ADDRESS_INVALID
             }
-            ClientError::ServicesUnsupported | ClientError::DescriptorNotFound(_) => {
-                ReplyCode::ONION_DESCRIPTOR_NOT_FOUND
-            }
+            ClientError::DescriptorNotFound(_) => ReplyCode::ONION_DESCRIPTOR_NOT_FOUND,
+            ClientError::IntroductionFailed(_) => ReplyCode::ONION_INTRODUCTION_FAILED,
+            ClientError::IntroductionTimedOut => ReplyCode::ONION_INTRODUCTION_TIMED_OUT,
+            ClientError::RendezvousFailed(_) => ReplyCode::ONION_RENDEZVOUS_FAILED,
             ClientError::BadDescriptor(_) => ReplyCode::ONION_DESCRIPTOR_INVALID,
             _ => ReplyCode::GENERAL_FAILURE,
         }

@@ -202,7 +202,32 @@ async fn connect(
 
 /// Shuttle bytes between the application and the stream until either ends.
 /// `early` is what the application sent right after its request.
-pub async fn relay_bytes<S>(s: S, mut stream: Stream, early: Vec<u8>) -> Result<(), ClientError>
+pub async fn relay_bytes<S>(s: S, stream: Stream, early: Vec<u8>) -> Result<(), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    shuttle(s, stream, early, false).await
+}
+
+/// Shuttle bytes between a service's local server and a client's stream:
+/// as an exit does, the stream ends (END) once the server has closed and
+/// all it sent has gone.
+pub async fn serve_bytes<S>(s: S, stream: Stream) -> Result<(), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    shuttle(s, stream, Vec::new(), true).await
+}
+
+/// With `end_with_app`, the application's end of its writing ends the
+/// stream (the stream drops, and its END goes out after its data);
+/// otherwise only the far end's END or the circuit's end does.
+async fn shuttle<S>(
+    s: S,
+    mut stream: Stream,
+    early: Vec<u8>,
+    end_with_app: bool,
+) -> Result<(), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
@@ -216,6 +241,7 @@ where
     loop {
         tokio::select! {
             n = r.read(&mut buf), if app_open => match n {
+                Ok(0) | Err(_) if end_with_app => return Ok(()),
                 Ok(0) | Err(_) => app_open = false,
                 Ok(n) => stream.send(&buf[..n]).await?,
             },

@@ -82,10 +82,12 @@ pub enum KeyKind {
     RelayIdentity,
     RelayLink,
     RelayOnion,
+    ServiceIdentity,
 }
 
 impl KeyKind {
-    const ALL: [KeyKind; 5] = [
+    const ALL: [KeyKind; 6] = [
+        KeyKind::ServiceIdentity,
         KeyKind::AuthorityIdentity,
         KeyKind::AuthoritySigning,
         KeyKind::RelayIdentity,
@@ -100,6 +102,7 @@ impl KeyKind {
             KeyKind::RelayIdentity => "relay identity key (Ed25519)",
             KeyKind::RelayLink => "relay link key (X25519)",
             KeyKind::RelayOnion => "relay onion key (X25519)",
+            KeyKind::ServiceIdentity => "service identity key (Ed25519)",
         }
     }
 

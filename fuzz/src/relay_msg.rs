@@ -10,7 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use allium_proto::LinkKey;
 use allium_proto::onion::{BACKWARD_CAPACITY, BODY_LEN, forward_capacity};
-use allium_proto::relaymsg::{EndReason, Extend, HEADER_LEN, RelayMsg, TargetAddr};
+use allium_proto::relaymsg::{
+    COOKIE_LEN, EndReason, EstablishIntro, Extend, HEADER_LEN, Introduce, RelayMsg, TargetAddr,
+};
 use arbitrary::{Arbitrary, Unstructured};
 
 pub fn run(data: &[u8]) {
@@ -94,6 +96,13 @@ enum ArbMsg {
     Echo(Vec<u8>),
     Xoff(u16),
     Xon(u16),
+    EstablishIntro([u8; 32], u32, u32, [u8; 64]),
+    Introduce(bool, [u8; 32], Vec<u8>),
+    IntroduceAck(u8),
+    EstablishRendezvous([u8; COOKIE_LEN]),
+    Rendezvous1([u8; COOKIE_LEN], Vec<u8>),
+    Rendezvous2(Vec<u8>),
+    Established(bool),
 }
 
 /// A hostname as a parser gives it: valid, lowercase, no address literal.
@@ -136,6 +145,41 @@ impl ArbMsg {
                 }),
             ),
             ArbMsg::Extended(h) => (0, RelayMsg::Extended(h)),
+            ArbMsg::EstablishIntro(auth_key, rate, burst, sig) => (
+                0,
+                RelayMsg::EstablishIntro(EstablishIntro {
+                    auth_key,
+                    rate,
+                    burst,
+                    sig,
+                }),
+            ),
+            ArbMsg::Introduce(first, auth_key, encrypted) => {
+                let i = Introduce {
+                    auth_key,
+                    encrypted,
+                };
+                (
+                    0,
+                    if first {
+                        RelayMsg::Introduce1(i)
+                    } else {
+                        RelayMsg::Introduce2(i)
+                    },
+                )
+            }
+            ArbMsg::IntroduceAck(s) => (0, RelayMsg::IntroduceAck(s)),
+            ArbMsg::EstablishRendezvous(c) => (0, RelayMsg::EstablishRendezvous(c)),
+            ArbMsg::Rendezvous1(cookie, reply) => (0, RelayMsg::Rendezvous1 { cookie, reply }),
+            ArbMsg::Rendezvous2(r) => (0, RelayMsg::Rendezvous2(r)),
+            ArbMsg::Established(intro) => (
+                0,
+                if intro {
+                    RelayMsg::IntroEstablished
+                } else {
+                    RelayMsg::RendezvousEstablished
+                },
+            ),
             ArbMsg::Truncate => (0, RelayMsg::Truncate),
             ArbMsg::Truncated(r) => (0, RelayMsg::Truncated(r)),
             ArbMsg::Drop(sid) => (sid, RelayMsg::Drop),

@@ -274,6 +274,13 @@ impl ClientState {
     /// Check the relay's CREATED reply; the hop keys and the flow control
     /// agreed (what was asked for, or fixed windows if the relay said so).
     pub fn finish(mut self, reply: &[u8]) -> Result<(HopKeys, CircParams), Error> {
+        self.check(reply)
+    }
+
+    /// [`ClientState::finish`] without giving up the state: a client that
+    /// started several handshakes (one per introduction it sent) tries a
+    /// reply against each.
+    pub fn check(&mut self, reply: &[u8]) -> Result<(HopKeys, CircParams), Error> {
         let mut r = Reader::new(reply);
         let y: [u8; 32] = r.take_array()?;
         let auth: [u8; 32] = r.take_array()?;

@@ -77,7 +77,32 @@ pub struct HopKeys {
     pub backward: [u8; 32],
 }
 
+/// Domain of [`HopKeys::binding`].
+const BINDING_DOMAIN: &[u8] = b"allium circuit binding v1\0";
+
 impl HopKeys {
+    /// A value only the two ends of this hop know: signing it binds a
+    /// request to the circuit (an ESTABLISH_INTRO cannot be replayed on
+    /// another circuit).
+    pub fn binding(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::new()
+            .chain_update(BINDING_DOMAIN)
+            .chain_update(self.forward)
+            .chain_update(self.backward)
+            .finalize()
+            .into()
+    }
+
+    /// The same keys seen from the other end (the service's end of an
+    /// end-to-end hop sends with the client's backward key).
+    pub fn reversed(&self) -> Self {
+        HopKeys {
+            forward: self.backward,
+            backward: self.forward,
+        }
+    }
+
     pub fn from_bytes(b: &[u8; 64]) -> Self {
         let mut forward = [0; 32];
         let mut backward = [0; 32];
@@ -100,6 +125,7 @@ pub enum Peeled {
 pub struct RelayLayer {
     fwd: Direction,
     back: Direction,
+    binding: [u8; 32],
 }
 
 impl RelayLayer {
@@ -107,7 +133,13 @@ impl RelayLayer {
         RelayLayer {
             fwd: Direction::new(&keys.forward),
             back: Direction::new(&keys.backward),
+            binding: keys.binding(),
         }
+    }
+
+    /// This hop's [`HopKeys::binding`].
+    pub fn binding(&self) -> &[u8; 32] {
+        &self.binding
     }
 
     /// Remove this hop's layer from a forward cell, in place.
@@ -187,9 +219,18 @@ impl RelayLayer {
 }
 
 /// The client's layers of one circuit, hop 0 (the guard) first.
+///
+/// The last hop may be *joined*: an end-to-end hop with a service (or,
+/// at the service, with the client) behind a rendezvous point. Cells to it
+/// are sealed like cells to any hop; cells from it come the same way (the
+/// other end sealed them for delivery through its own hops, and the
+/// rendezvous point passed them on), so its layer opens with the
+/// "deliver" associated data, not as a backward cell.
 #[derive(Default)]
 pub struct ClientLayers {
     hops: Vec<(Direction, Direction)>,
+    bindings: Vec<[u8; 32]>,
+    joined: bool,
 }
 
 impl ClientLayers {
@@ -202,7 +243,31 @@ impl ClientLayers {
     pub fn is_empty(&self) -> bool {
         self.hops.is_empty()
     }
+    /// Add the end-to-end hop behind a rendezvous point (see the type's
+    /// docs); `keys.forward` is what this end seals with.
+    pub fn push_joined(&mut self, keys: &HopKeys) -> Result<(), Error> {
+        if self.joined {
+            return Err(Error::malformed("circuit", "already joined"));
+        }
+        self.push(keys)?;
+        self.joined = true;
+        Ok(())
+    }
+
+    /// Is the last hop the end-to-end hop of a joined circuit?
+    pub fn is_joined(&self) -> bool {
+        self.joined
+    }
+
+    /// Hop `hop`'s [`HopKeys::binding`].
+    pub fn binding(&self, hop: usize) -> Option<&[u8; 32]> {
+        self.bindings.get(hop)
+    }
+
     pub fn push(&mut self, keys: &HopKeys) -> Result<(), Error> {
+        if self.joined {
+            return Err(Error::malformed("circuit", "no hop after a joined one"));
+        }
         if self.hops.len() >= MAX_HOPS {
             return Err(Error::TooLarge {
                 what: "circuit",
@@ -214,6 +279,7 @@ impl ClientLayers {
             Direction::new(&keys.forward),
             Direction::new(&keys.backward),
         ));
+        self.bindings.push(keys.binding());
         Ok(())
     }
     /// Build the payload of a forward cell for hop `target` (0-based).
@@ -328,7 +394,8 @@ impl ClientLayers {
         let (key, n) = self.hops[last].1.current()?;
         let (tag, body) = payload.split_at_mut(TAG_LEN);
         let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| Error::Truncated)?;
-        if whole::open(key, n, &[], body, &tag) {
+        let ad = if self.joined { AD_DELIVER } else { &[] };
+        if whole::open(key, n, ad, body, &tag) {
             for (_, back) in &mut self.hops {
                 back.advance();
             }
@@ -412,6 +479,80 @@ mod tests {
                 assert_eq!(c.decrypt_backward(&mut p).unwrap(), target);
                 assert_eq!(&p[TAG_LEN..], &back[..]);
             }
+        }
+    }
+
+    /// Carry a cell sealed for the far end of a joined circuit: through
+    /// the sender's relays (the last is the rendezvous point, which passes
+    /// it on), then back down the receiver's relays.
+    fn across_join(
+        from: &mut [RelayLayer],
+        to: &mut [RelayLayer],
+        p: &mut [u8; PAYLOAD_LEN],
+    ) -> Result<(), Error> {
+        for r in from.iter_mut() {
+            assert_eq!(r.peel_forward(p, true)?, Peeled::Forward);
+        }
+        for r in to.iter_mut().rev() {
+            r.wrap_backward(p)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_joined_hop_reaches_the_far_end_both_ways() {
+        let (mut client, mut client_relays) = circuit(3);
+        let mut service = ClientLayers::new();
+        let mut service_relays = vec![];
+        for i in 10..13 {
+            service.push(&keys(i)).unwrap();
+            service_relays.push(RelayLayer::new(&keys(i)));
+        }
+        let e2e = keys(42);
+        client.push_joined(&e2e).unwrap();
+        service.push_joined(&e2e.reversed()).unwrap();
+        assert!(client.push(&keys(1)).is_err());
+        assert_eq!(client.binding(3), Some(&e2e.binding()));
+        for round in 0..4u8 {
+            let msg: Vec<u8> = (0..forward_capacity(3)).map(|i| i as u8 ^ round).collect();
+            let mut p = client.encrypt_forward(3, &msg).unwrap();
+            across_join(&mut client_relays, &mut service_relays, &mut p).unwrap();
+            assert_eq!(service.decrypt_backward(&mut p).unwrap(), 3);
+            assert_eq!(&p[TAG_LEN..TAG_LEN + msg.len()], &msg[..]);
+
+            let mut p = service.encrypt_forward(3, &msg[1..]).unwrap();
+            across_join(&mut service_relays, &mut client_relays, &mut p).unwrap();
+            assert_eq!(client.decrypt_backward(&mut p).unwrap(), 3);
+            assert_eq!(&p[TAG_LEN..TAG_LEN + msg.len() - 1], &msg[1..]);
+        }
+        // The rendezvous point can still speak to the client (as a hop in
+        // the middle of its circuit).
+        let mut p = client_relays[2].originate_backward(b"drop").unwrap();
+        client_relays[1].wrap_backward(&mut p).unwrap();
+        client_relays[0].wrap_backward(&mut p).unwrap();
+        assert_eq!(client.decrypt_backward(&mut p).unwrap(), 2);
+        // A byte changed anywhere on the way is caught at the far end.
+        for at in [0, 17, PAYLOAD_LEN - 1] {
+            let mut p = client.encrypt_forward(3, b"x").unwrap();
+            for r in client_relays.iter_mut() {
+                r.peel_forward(&mut p, true).unwrap();
+            }
+            p[at] ^= 1;
+            for r in service_relays.iter_mut().rev() {
+                r.wrap_backward(&mut p).unwrap();
+            }
+            assert!(service.decrypt_backward(&mut p).is_err());
+            // (Counters now differ: start a fresh pair for the next byte.)
+            let (c, cr) = circuit(3);
+            (client, client_relays) = (c, cr);
+            client.push_joined(&e2e).unwrap();
+            service = ClientLayers::new();
+            service_relays.clear();
+            for i in 10..13 {
+                service.push(&keys(i)).unwrap();
+                service_relays.push(RelayLayer::new(&keys(i)));
+            }
+            service.push_joined(&e2e.reversed()).unwrap();
         }
     }
 

@@ -33,6 +33,15 @@ crate::open_enum! {
         XOFF = 14,
         XON = 15,
         BEGIN_DIR = 16,
+        ESTABLISH_INTRO = 32,
+        ESTABLISH_RENDEZVOUS = 33,
+        INTRODUCE1 = 34,
+        INTRODUCE2 = 35,
+        RENDEZVOUS1 = 36,
+        RENDEZVOUS2 = 37,
+        INTRO_ESTABLISHED = 38,
+        RENDEZVOUS_ESTABLISHED = 39,
+        INTRODUCE_ACK = 40,
     }
 }
 
@@ -169,6 +178,61 @@ pub enum RelayMsg {
     /// Open a stream to the hop's own directory cache (an HTTP/1.1
     /// exchange, `doc/protocol.md` section 8); empty body.
     BeginDir,
+    /// Service to a relay: be an introduction point for `auth_key`.
+    EstablishIntro(EstablishIntro),
+    /// The relay took the ESTABLISH_INTRO.
+    IntroEstablished,
+    /// Client to an introduction point: pass this on to the service.
+    Introduce1(Introduce),
+    /// Introduction point to the service: a client's INTRODUCE1.
+    Introduce2(Introduce),
+    /// Introduction point to the client: what became of its INTRODUCE1
+    /// ([`IntroduceStatus`]).
+    IntroduceAck(u8),
+    /// Client to a relay: be the rendezvous point for `cookie`.
+    EstablishRendezvous([u8; COOKIE_LEN]),
+    /// The relay took the ESTABLISH_RENDEZVOUS.
+    RendezvousEstablished,
+    /// Service to the rendezvous point: join my circuit to the one that
+    /// established `cookie`, and give the client `reply`.
+    Rendezvous1 {
+        cookie: [u8; COOKIE_LEN],
+        reply: Vec<u8>,
+    },
+    /// Rendezvous point to the client: the service's handshake reply.
+    Rendezvous2(Vec<u8>),
+}
+
+/// Bytes of a rendezvous cookie.
+pub const COOKIE_LEN: usize = 20;
+
+/// Ask a relay to be an introduction point (`doc/protocol.md` section 11.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EstablishIntro {
+    /// The key this introduction is known by (not the service's identity).
+    pub auth_key: [u8; 32],
+    /// INTRODUCE1 cells per second the point passes on, and the burst.
+    pub rate: u32,
+    pub burst: u32,
+    /// `auth_key`'s signature, binding the request to this circuit.
+    pub sig: [u8; 64],
+}
+
+/// An INTRODUCE1 or INTRODUCE2 body: the introduction's key, then what
+/// only the service can read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Introduce {
+    pub auth_key: [u8; 32],
+    pub encrypted: Vec<u8>,
+}
+
+crate::open_enum! {
+    /// What an introduction point did with an INTRODUCE1.
+    IntroduceStatus(u8) {
+        SENT = 0,
+        UNKNOWN_SERVICE = 1,
+        RATE_LIMITED = 2,
+    }
 }
 
 /// Ask the last hop to extend the circuit to another relay.
@@ -200,7 +264,22 @@ impl RelayMsg {
             RelayMsg::Xoff => RelayCmd::XOFF,
             RelayMsg::Xon => RelayCmd::XON,
             RelayMsg::BeginDir => RelayCmd::BEGIN_DIR,
+            RelayMsg::EstablishIntro(_) => RelayCmd::ESTABLISH_INTRO,
+            RelayMsg::IntroEstablished => RelayCmd::INTRO_ESTABLISHED,
+            RelayMsg::Introduce1(_) => RelayCmd::INTRODUCE1,
+            RelayMsg::Introduce2(_) => RelayCmd::INTRODUCE2,
+            RelayMsg::IntroduceAck(_) => RelayCmd::INTRODUCE_ACK,
+            RelayMsg::EstablishRendezvous(_) => RelayCmd::ESTABLISH_RENDEZVOUS,
+            RelayMsg::RendezvousEstablished => RelayCmd::RENDEZVOUS_ESTABLISHED,
+            RelayMsg::Rendezvous1 { .. } => RelayCmd::RENDEZVOUS1,
+            RelayMsg::Rendezvous2(_) => RelayCmd::RENDEZVOUS2,
         }
+    }
+
+    /// Is this one of the onion service messages (introduction and
+    /// rendezvous, `doc/protocol.md` section 11.4)?
+    pub fn is_service(&self) -> bool {
+        (RelayCmd::ESTABLISH_INTRO.0..=RelayCmd::INTRODUCE_ACK.0).contains(&self.cmd().0)
     }
 
     fn body(&self) -> Vec<u8> {
@@ -239,7 +318,32 @@ impl RelayMsg {
             | RelayMsg::Drop
             | RelayMsg::Xoff
             | RelayMsg::Xon
-            | RelayMsg::BeginDir => {}
+            | RelayMsg::BeginDir
+            | RelayMsg::IntroEstablished
+            | RelayMsg::RendezvousEstablished => {}
+            RelayMsg::EstablishIntro(e) => {
+                w.put(&e.auth_key)
+                    .put_u32(e.rate)
+                    .put_u32(e.burst)
+                    .put(&e.sig);
+            }
+            RelayMsg::Introduce1(i) | RelayMsg::Introduce2(i) => {
+                w.put(&i.auth_key)
+                    .put_u16(i.encrypted.len() as u16)
+                    .put(&i.encrypted);
+            }
+            RelayMsg::IntroduceAck(s) => {
+                w.put_u8(*s);
+            }
+            RelayMsg::EstablishRendezvous(c) => {
+                w.put(c);
+            }
+            RelayMsg::Rendezvous1 { cookie, reply } => {
+                w.put(cookie).put_u16(reply.len() as u16).put(reply);
+            }
+            RelayMsg::Rendezvous2(reply) => {
+                w.put_u16(reply.len() as u16).put(reply);
+            }
             RelayMsg::Truncated(r) => {
                 w.put_u8(*r);
             }
@@ -408,6 +512,41 @@ impl RelayMsg {
             RelayCmd::XOFF => RelayMsg::Xoff,
             RelayCmd::XON => RelayMsg::Xon,
             RelayCmd::BEGIN_DIR => RelayMsg::BeginDir,
+            RelayCmd::ESTABLISH_INTRO => RelayMsg::EstablishIntro(EstablishIntro {
+                auth_key: r.take_array()?,
+                rate: r.take_u32()?,
+                burst: r.take_u32()?,
+                sig: r.take_array()?,
+            }),
+            RelayCmd::INTRO_ESTABLISHED => RelayMsg::IntroEstablished,
+            RelayCmd::INTRODUCE1 | RelayCmd::INTRODUCE2 => {
+                let auth_key = r.take_array()?;
+                let len = r.take_u16()? as usize;
+                let i = Introduce {
+                    auth_key,
+                    encrypted: r.take(len)?.to_vec(),
+                };
+                if cmd == RelayCmd::INTRODUCE1 {
+                    RelayMsg::Introduce1(i)
+                } else {
+                    RelayMsg::Introduce2(i)
+                }
+            }
+            RelayCmd::INTRODUCE_ACK => RelayMsg::IntroduceAck(r.take_u8()?),
+            RelayCmd::ESTABLISH_RENDEZVOUS => RelayMsg::EstablishRendezvous(r.take_array()?),
+            RelayCmd::RENDEZVOUS_ESTABLISHED => RelayMsg::RendezvousEstablished,
+            RelayCmd::RENDEZVOUS1 => {
+                let cookie = r.take_array()?;
+                let len = r.take_u16()? as usize;
+                RelayMsg::Rendezvous1 {
+                    cookie,
+                    reply: r.take(len)?.to_vec(),
+                }
+            }
+            RelayCmd::RENDEZVOUS2 => {
+                let len = r.take_u16()? as usize;
+                RelayMsg::Rendezvous2(r.take(len)?.to_vec())
+            }
             RelayCmd::TRUNCATED => RelayMsg::Truncated(r.take_u8()?),
             RelayCmd::DROP => {
                 r.take_rest();
@@ -485,6 +624,29 @@ mod tests {
             RelayMsg::Resolve("example.org".into()),
             RelayMsg::Resolved(vec![("1.2.3.4".parse().unwrap(), 60)]),
             RelayMsg::Echo(vec![9; 40]),
+            RelayMsg::EstablishIntro(EstablishIntro {
+                auth_key: [6; 32],
+                rate: 25,
+                burst: 200,
+                sig: [7; 64],
+            }),
+            RelayMsg::IntroEstablished,
+            RelayMsg::Introduce1(Introduce {
+                auth_key: [8; 32],
+                encrypted: vec![9; 300],
+            }),
+            RelayMsg::Introduce2(Introduce {
+                auth_key: [8; 32],
+                encrypted: vec![],
+            }),
+            RelayMsg::IntroduceAck(IntroduceStatus::RATE_LIMITED.0),
+            RelayMsg::EstablishRendezvous([10; COOKIE_LEN]),
+            RelayMsg::RendezvousEstablished,
+            RelayMsg::Rendezvous1 {
+                cookie: [11; COOKIE_LEN],
+                reply: vec![12; 66],
+            },
+            RelayMsg::Rendezvous2(vec![13; 66]),
         ]
     }
 

@@ -33,6 +33,7 @@ use sha2::{Digest, Sha256};
 
 mod blind;
 pub mod descriptor;
+pub mod intro;
 pub mod ring;
 
 pub use blind::{BlindedKey, BlindedSigningKey, INTERVALS_PER_PERIOD, TimePeriod};

@@ -22,16 +22,38 @@ use tracing::{Instrument, debug, info};
 use crate::exit::{self, CircShared, StreamCmd, StreamEvent, StreamKey};
 use crate::netview::Listing;
 use crate::relay::{ChannelManager, RelayCtx};
+use crate::rendezvous::{Joined, Pipe, Registration};
 use crate::{RelayError, RelayStats};
 use allium_link::channel::{ChannelHandle, Inbox, NewCircuit};
 use allium_link::limits::{CELL_BYTES, CircAcct};
+use allium_proto::relaymsg::RelayMsg;
 
 const EXTEND_TIMEOUT: Duration = Duration::from_secs(15);
 
-struct Next {
-    chan: ChannelHandle,
-    id: CircId,
-    rx: Inbox,
+/// The next hop: a channel to the next relay, or (at a rendezvous point)
+/// the other circuit of the join.
+enum Next {
+    Chan {
+        chan: ChannelHandle,
+        id: CircId,
+        rx: Inbox,
+    },
+    Joined {
+        tx: mpsc::UnboundedSender<Pipe>,
+        rx: mpsc::UnboundedReceiver<Pipe>,
+    },
+}
+
+impl Next {
+    fn end(self, tell: bool, reason: DestroyReason) {
+        if let Next::Chan { chan, id, .. } = self {
+            if tell {
+                chan.destroy(id, reason);
+            } else {
+                chan.unregister(id);
+            }
+        }
+    }
 }
 
 /// An exit or directory stream as its circuit sees it.
@@ -147,6 +169,12 @@ struct Circuit {
     /// against the memory cap, so a circuit whose next channel is slow is
     /// a candidate for the killer like one whose inbox is full.
     held: usize,
+    /// This circuit's introduction or rendezvous entry at the relay.
+    registration: Option<Registration>,
+    /// Introduction circuit: INTRODUCE1s from clients, for the service.
+    intro_rx: Option<mpsc::Receiver<allium_proto::relaymsg::Introduce>>,
+    /// Waiting rendezvous circuit: the service's circuit, once it comes.
+    join_rx: Option<tokio::sync::oneshot::Receiver<Joined>>,
 }
 
 /// Stream events handled per wake-up at most (then the batch is flushed).
@@ -210,6 +238,9 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         back_out: Vec::new(),
         exit_bytes: 0,
         held: 0,
+        registration: None,
+        intro_rx: None,
+        join_rx: None,
     };
     let killed = async {
         match &acct {
@@ -246,9 +277,42 @@ fn answer_create(
     Ok(ntor::server(&mut rand::rng(), &keys, hdata)?)
 }
 
+/// Cells from the next hop; false when it is gone. Cells from a joined
+/// circuit are counted against this circuit's memory from here on.
 async fn recv_next(next: &mut Option<Next>, out: &mut Vec<Cell>) -> bool {
     match next {
-        Some(n) => n.rx.recv_batch(out).await,
+        Some(Next::Chan { rx, .. }) => rx.recv_batch(out).await,
+        Some(Next::Joined { rx, .. }) => match rx.recv().await {
+            Some((cells, acct)) => {
+                if let Some(a) = acct {
+                    a.sub(CELL_BYTES * cells.len());
+                }
+                out.extend(cells);
+                true
+            }
+            None => false,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_join(rx: &mut Option<tokio::sync::oneshot::Receiver<Joined>>) -> Option<Joined> {
+    match rx {
+        Some(r) => {
+            let j = r.await.ok();
+            if j.is_none() {
+                // (The sender went with the registration: nothing comes.)
+                std::future::pending::<()>().await;
+            }
+            j
+        }
         None => std::future::pending().await,
     }
 }
@@ -270,6 +334,11 @@ impl Circuit {
                     return Teardown { reason: DestroyReason::CHANNEL_CLOSED, tell_prev: true, tell_next: false, from_neighbour: false };
                 },
                 Some(ev) = self.ev_rx.recv() => self.stream_events(ev).map_err(Teardown::from),
+                Some(intro) = recv_opt(&mut self.intro_rx) => self
+                    .core
+                    .send_service(&RelayMsg::Introduce2(intro))
+                    .map_err(|e| RelayError::from(e).into()),
+                Some(j) = recv_join(&mut self.join_rx) => self.joined(j),
             };
             if let Err(t) = r {
                 return t;
@@ -320,8 +389,19 @@ impl Circuit {
         if !self.fwd_out.is_empty() {
             let cells = std::mem::take(&mut self.fwd_out);
             // A next hop truncated meanwhile gets nothing more.
-            if let Some(n) = &self.next {
-                n.chan.send_batch(cells).await?;
+            match &self.next {
+                Some(Next::Chan { chan, .. }) => chan.send_batch(cells).await?,
+                Some(Next::Joined { tx, .. }) => {
+                    // Counted against this circuit until the other takes them.
+                    let acct = self.shared.acct.clone();
+                    if let Some(a) = &acct {
+                        a.add(CELL_BYTES * cells.len());
+                    }
+                    if tx.send((cells, acct)).is_err() {
+                        return Err(allium_link::LinkError::ChannelClosed.into());
+                    }
+                }
+                None => {}
             }
         }
         if !self.back_out.is_empty() {
@@ -359,19 +439,24 @@ impl Circuit {
                         cmd: CellCmd::RELAY,
                         payload: t.payload,
                     }),
-                    Side::Next => {
-                        if let Some(n) = &self.next {
-                            self.fwd_out.push(Cell {
-                                circ_id: n.id,
-                                cmd: if t.early {
-                                    CellCmd::RELAY_EARLY
-                                } else {
-                                    CellCmd::RELAY
-                                },
-                                payload: t.payload,
-                            });
-                        }
-                    }
+                    Side::Next => match &self.next {
+                        Some(Next::Chan { id, .. }) => self.fwd_out.push(Cell {
+                            circ_id: *id,
+                            cmd: if t.early {
+                                CellCmd::RELAY_EARLY
+                            } else {
+                                CellCmd::RELAY
+                            },
+                            payload: t.payload,
+                        }),
+                        // The other circuit takes them as from its next hop.
+                        Some(Next::Joined { .. }) => self.fwd_out.push(Cell {
+                            circ_id: self.prev_id,
+                            cmd: CellCmd::RELAY,
+                            payload: t.payload,
+                        }),
+                        None => {}
+                    },
                 }
             }
             let Some(ev) = self.core.poll_event() else {
@@ -404,9 +489,10 @@ impl Circuit {
             Event::Extend(e) => self.extend(e).await?,
             Event::Truncated => {
                 if let Some(n) = self.next.take() {
-                    n.chan.destroy(n.id, DestroyReason::REQUESTED);
+                    n.end(true, DestroyReason::REQUESTED);
                 }
             }
+            Event::Service(msg) => self.service(msg)?,
             Event::Begin { stream, addr, port } => {
                 if !self.ctx.policy.is_exit() {
                     self.core
@@ -604,12 +690,9 @@ impl Circuit {
             self.prev.unregister(self.prev_id);
         }
         if let Some(n) = self.next.take() {
-            if t.tell_next {
-                n.chan.destroy(n.id, t.onward());
-            } else {
-                n.chan.unregister(n.id);
-            }
+            n.end(t.tell_next, t.onward());
         }
+        self.registration = None;
         // What is still counted: cells taken and not handed on, chunks the
         // core holds, and chunks still queued from the stream tasks (which
         // take back what they cannot queue once the queue is closed).
@@ -629,6 +712,10 @@ impl Circuit {
     }
 
     async fn extend(&mut self, e: Extend) -> Result<(), Teardown> {
+        if self.registration.is_some() {
+            debug!("EXTEND refused: the circuit ends here (introduction or rendezvous)");
+            return Err(Teardown::both(DestroyReason::PROTOCOL));
+        }
         if e.identity == self.ctx.identity_pub {
             return Err(peer(PeerMisbehaved::ExtendToSelf));
         }
@@ -673,7 +760,91 @@ impl Circuit {
         let create = Cell::new(id, CellCmd::CREATE, &cell::encode_create(e.htype, &e.hdata))
             .map_err(RelayError::from)?;
         chan.send(create).await?;
-        self.next = Some(Next { chan, id, rx });
+        self.next = Some(Next::Chan { chan, id, rx });
+        Ok(())
+    }
+
+    /// An onion service message from the client: this circuit becomes an
+    /// introduction point, introduces a client, waits at a rendezvous
+    /// point, or joins one. Anything else, or a second role, ends it.
+    fn service(&mut self, msg: RelayMsg) -> Result<(), Teardown> {
+        let points = &self.ctx.points;
+        let refuse = |why: &str| -> Teardown {
+            debug!("service request refused: {why}");
+            Teardown::both(DestroyReason::PROTOCOL)
+        };
+        let full = |e: crate::rendezvous::Refused| -> Teardown {
+            debug!("service request refused: {e}");
+            Teardown::both(match e {
+                crate::rendezvous::Refused::Full => DestroyReason::RESOURCE_LIMIT,
+                crate::rendezvous::Refused::CookieInUse => DestroyReason::PROTOCOL,
+            })
+        };
+        let taken = self.registration.is_some() || self.next.is_some() || !self.streams.is_empty();
+        let reply = match msg {
+            RelayMsg::EstablishIntro(e) => {
+                if taken {
+                    return Err(refuse("the circuit is in use"));
+                }
+                if !e.verify(&self.core.binding()) {
+                    return Err(refuse("ESTABLISH_INTRO signature"));
+                }
+                let (reg, rx) = points
+                    .establish_intro(e.auth_key, e.rate, e.burst)
+                    .map_err(full)?;
+                self.registration = Some(reg);
+                self.intro_rx = Some(rx);
+                RelayMsg::IntroEstablished
+            }
+            RelayMsg::Introduce1(i) => {
+                if self.registration.is_some() || self.next.is_some() {
+                    return Err(refuse("INTRODUCE1 on a circuit in use"));
+                }
+                RelayMsg::IntroduceAck(points.introduce(i).0)
+            }
+            RelayMsg::EstablishRendezvous(cookie) => {
+                if taken {
+                    return Err(refuse("the circuit is in use"));
+                }
+                let (reg, rx) = points.establish_rendezvous(cookie).map_err(full)?;
+                self.registration = Some(reg);
+                self.join_rx = Some(rx);
+                RelayMsg::RendezvousEstablished
+            }
+            RelayMsg::Rendezvous1 { cookie, reply } => {
+                if taken {
+                    return Err(refuse("the circuit is in use"));
+                }
+                let (tx, rx) = points
+                    .rendezvous(&cookie, reply)
+                    .ok_or_else(|| refuse("no circuit waits at that cookie"))?;
+                self.core.join().map_err(RelayError::from)?;
+                self.next = Some(Next::Joined { tx, rx });
+                return Ok(());
+            }
+            m => return Err(refuse(&format!("{:?} from a client", m.cmd()))),
+        };
+        self.core
+            .send_service(&reply)
+            .map_err(|e| RelayError::from(e).into())
+    }
+
+    /// The service's circuit came to this waiting rendezvous circuit:
+    /// give the client the service's reply, then pass cells both ways.
+    fn joined(&mut self, j: Joined) -> Result<(), Teardown> {
+        self.join_rx = None;
+        self.registration = None;
+        if self.next.is_some() {
+            return Err(Teardown::both(DestroyReason::PROTOCOL));
+        }
+        self.core
+            .send_service(&RelayMsg::Rendezvous2(j.reply))
+            .map_err(RelayError::from)?;
+        self.core.join().map_err(RelayError::from)?;
+        self.next = Some(Next::Joined {
+            tx: j.to_other,
+            rx: j.from_other,
+        });
         Ok(())
     }
 

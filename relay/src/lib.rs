@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 pub mod netview;
 pub mod relay;
+pub mod rendezvous;
 pub mod selftest;
 pub mod status;
 

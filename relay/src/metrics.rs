@@ -38,6 +38,7 @@ pub fn relay_registry(
     mem: Arc<QueueMem>,
     cache: Arc<allium_directory::cache::ConsensusCache>,
     services: Arc<allium_directory::hsdir::ServiceDirectory>,
+    points: Arc<crate::rendezvous::Points>,
 ) -> Registry {
     let mut r = Registry::with_prefix("allium_relay");
     r.register_collector(Box::new(SnapshotCollector(move || {
@@ -132,6 +133,20 @@ pub fn relay_registry(
                 ]
                 .into_iter()
                 .map(|(r, v)| (Some(("result", r)), Value::Counter(c(v))))
+                .collect(),
+            },
+            Family {
+                name: "service_points",
+                help: "Onion service circuits: introduction points established, introductions passed on or refused, rendezvous points established and joined",
+                values: [
+                    ("intro_established", &points.stats.intros_established),
+                    ("introduce_sent", &points.stats.introductions_sent),
+                    ("introduce_refused", &points.stats.introductions_refused),
+                    ("rendezvous_established", &points.stats.rendezvous_established),
+                    ("rendezvous_joined", &points.stats.rendezvous_joined),
+                ]
+                .into_iter()
+                .map(|(r, v)| (Some(("event", r)), Value::Counter(c(v))))
                 .collect(),
             },
             Family::gauge(

@@ -43,6 +43,8 @@ pub struct RelayCtx {
     pub allow_private_addresses: bool,
     /// The ORPort self-test's view of inbound links.
     pub self_test: Arc<crate::selftest::Inbound>,
+    /// This relay's introduction and rendezvous circuits.
+    pub points: Arc<crate::rendezvous::Points>,
 }
 
 /// Stops the relay's channels when the serving future goes away.
@@ -192,6 +194,7 @@ impl Relay {
             net,
             allow_private_addresses: cfg.allow_private_addresses,
             self_test: Arc::default(),
+            points: Arc::default(),
             own_ips: [Some(cfg.listen.ip()), cfg.advertise.map(|a| a.ip())]
                 .into_iter()
                 .flatten()
@@ -224,6 +227,11 @@ impl Relay {
     /// The onion service descriptors the relay stores.
     pub fn service_directory(&self) -> Arc<allium_directory::hsdir::ServiceDirectory> {
         self.ctx.net.service_directory()
+    }
+
+    /// Its introduction and rendezvous circuits.
+    pub fn points(&self) -> Arc<crate::rendezvous::Points> {
+        self.ctx.points.clone()
     }
 
     /// The relay's queued-cell accounting.
@@ -523,6 +531,7 @@ impl Relay {
                             self.ctx.mem.clone(),
                             self.ctx.net.cache().clone(),
                             self.ctx.net.service_directory(),
+                            self.ctx.points.clone(),
                         ),
                     )
                     .await

@@ -138,6 +138,10 @@ pub enum Event {
     /// The neighbour on `side` destroyed the circuit, for `reason` (as it
     /// said; not to be passed on): tear it down toward the other side only.
     Destroyed { side: Side, reason: DestroyReason },
+    /// An onion service message ([`RelayMsg::is_service`]): at a relay,
+    /// from the client, on a circuit that ends here; at a client, from the
+    /// last hop.
+    Service(RelayMsg),
 }
 
 /// Counts since the last [`Circuit::take_counts`].
@@ -247,6 +251,9 @@ pub struct Circuit {
     /// when used: once per hundred cells, and it saves the memory).
     pad_key: Zeroizing<[u8; 32]>,
     pad_counter: u64,
+    /// Client: the last hop is a joined service, and this end is it: it
+    /// takes BEGINs.
+    serves: bool,
 }
 
 impl Circuit {
@@ -270,6 +277,7 @@ impl Circuit {
             counts: Counts::default(),
             closed: false,
             early_seen: 0,
+            serves: false,
         }
     }
 
@@ -336,6 +344,67 @@ impl Circuit {
         self.streams.len()
     }
 
+    /// The last hop's [`HopKeys::binding`](crate::onion::HopKeys::binding)
+    /// (at a relay, its own hop's).
+    pub fn binding(&self) -> [u8; 32] {
+        match &self.role {
+            Role::Client(l) => *l.binding(l.len() - 1).expect("a client circuit has hops"),
+            Role::Relay { layer, .. } => *layer.binding(),
+        }
+    }
+
+    /// Send an onion service message ([`RelayMsg::is_service`]) to the
+    /// other end of this hop: a client's to its last hop, a relay's to the
+    /// client.
+    pub fn send_service(&mut self, msg: &RelayMsg) -> Result<(), Error> {
+        if !msg.is_service() {
+            return Err(Error::malformed("service message", "not one"));
+        }
+        self.originate(0, msg)
+    }
+
+    /// Relay: join this circuit to another one at this relay (the
+    /// rendezvous point): what the client sends past this hop goes to the
+    /// other circuit, and what the other circuit passes on comes to the
+    /// client as from a next hop. The driver carries the cells between
+    /// them: [`Transmit`]s to [`Side::Next`] to the other circuit's
+    /// [`Circuit::handle_cell`] with [`Side::Next`].
+    pub fn join(&mut self) -> Result<(), Error> {
+        match &mut self.role {
+            Role::Relay { next, .. } if *next == NextHop::None => {
+                *next = NextHop::Open;
+                Ok(())
+            }
+            _ => Err(Error::malformed("rendezvous", "circuit already extended")),
+        }
+    }
+
+    /// Client or service: the rendezvous point joined this circuit to the
+    /// other end's; `keys` (as this end sees them) and `params` come from
+    /// the end-to-end handshake. Streams now go to the other end, and with
+    /// `serves` this end takes BEGINs from it.
+    pub fn join_end_to_end(
+        &mut self,
+        keys: &crate::onion::HopKeys,
+        params: CircParams,
+        serves: bool,
+    ) -> Result<(), Error> {
+        let Role::Client(layers) = &mut self.role else {
+            return Err(Error::malformed(
+                "rendezvous",
+                "a relay has no end-to-end hop",
+            ));
+        };
+        if !self.streams.is_empty() {
+            return Err(Error::malformed("rendezvous", "streams on the circuit"));
+        }
+        layers.push_joined(keys)?;
+        self.fc_send = CircSendWindow::new(params);
+        self.fc_recv = CircRecvWindow::new(params);
+        self.serves = serves;
+        Ok(())
+    }
+
     /// Client: open a stream to `addr:port` at the exit. Its
     /// [`Event::Connected`] or [`Event::End`] follows.
     pub fn begin(&mut self, addr: TargetAddr, port: u16) -> Result<u16, Error> {
@@ -374,7 +443,7 @@ impl Circuit {
     }
 
     fn new_stream(&mut self, kind: Kind) -> Result<u16, Error> {
-        if !matches!(self.role, Role::Client(_)) {
+        if !matches!(self.role, Role::Client(_)) || self.serves {
             return Err(Error::malformed("stream", "only a client opens streams"));
         }
         if self.streams.len() >= MAX_STREAMS {
@@ -624,6 +693,20 @@ impl Circuit {
             }
             (sid, RelayMsg::End(reason)) if sid != 0 => self.on_end(sid, reason),
             (_, RelayMsg::Drop) => Ok(()),
+            (0, m) if m.is_service() && !layers.is_joined() => {
+                self.events.push_back(Event::Service(m));
+                Ok(())
+            }
+            (sid, RelayMsg::Begin { addr, port }) if sid != 0 && self.serves => {
+                if self.open_incoming(sid, Kind::Opening)? {
+                    self.events.push_back(Event::Begin {
+                        stream: sid,
+                        addr,
+                        port,
+                    });
+                }
+                Ok(())
+            }
             (sid, m) => Err(unexpected(
                 "CONNECTED, DATA, END, SENDME, XOFF, XON, RESOLVED, ECHO or DROP from the last hop",
                 format!("{:?} on stream {sid}", m.cmd()),
@@ -645,6 +728,7 @@ impl Circuit {
             return Err(Error::malformed("circuit", "a client has no previous hop"));
         };
         let one_hop = *first && *next == NextHop::None;
+        let has_next = *next != NextHop::None;
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&payload[..TAG_LEN]);
         if layer.peel_forward(&mut payload, *next == NextHop::Open)? == Peeled::Forward {
@@ -687,40 +771,30 @@ impl Circuit {
             // Straight back, on a one-hop circuit only (a measurement): it
             // is no probe of a relay deeper in a circuit.
             RelayMsg::Echo(body) if sid == 0 && one_hop => self.originate(0, &RelayMsg::Echo(body)),
-            RelayMsg::Begin { .. } | RelayMsg::BeginDir | RelayMsg::Resolve(_)
-                if self.streams.contains_key(&sid) =>
-            {
-                Err(unexpected(
-                    "a new stream id for BEGIN, BEGIN_DIR or RESOLVE",
-                    format!("stream {sid}, which is open"),
-                ))
-            }
             RelayMsg::Begin { addr, port } if sid != 0 => {
-                if self.streams.len() >= MAX_STREAMS {
-                    return self.originate(sid, &RelayMsg::End(EndReason::RESOURCE_LIMIT));
+                if self.open_incoming(sid, Kind::Opening)? {
+                    self.events.push_back(Event::Begin {
+                        stream: sid,
+                        addr,
+                        port,
+                    });
                 }
-                self.streams.insert(sid, StreamState::new(Kind::Opening));
-                self.events.push_back(Event::Begin {
-                    stream: sid,
-                    addr,
-                    port,
-                });
                 Ok(())
             }
             RelayMsg::BeginDir if sid != 0 => {
-                if self.streams.len() >= MAX_STREAMS {
-                    return self.originate(sid, &RelayMsg::End(EndReason::RESOURCE_LIMIT));
+                if self.open_incoming(sid, Kind::Opening)? {
+                    self.events.push_back(Event::BeginDir { stream: sid });
                 }
-                self.streams.insert(sid, StreamState::new(Kind::Opening));
-                self.events.push_back(Event::BeginDir { stream: sid });
                 Ok(())
             }
             RelayMsg::Resolve(host) if sid != 0 => {
-                if self.streams.len() >= MAX_STREAMS {
-                    return self.originate(sid, &RelayMsg::Resolved(vec![]));
+                if self.open_incoming(sid, Kind::Resolving)? {
+                    self.events.push_back(Event::Resolve { stream: sid, host });
                 }
-                self.streams.insert(sid, StreamState::new(Kind::Resolving));
-                self.events.push_back(Event::Resolve { stream: sid, host });
+                Ok(())
+            }
+            m if sid == 0 && m.is_service() && !has_next => {
+                self.events.push_back(Event::Service(m));
                 Ok(())
             }
             RelayMsg::End(reason) if sid != 0 => self.on_end(sid, reason),
@@ -734,6 +808,30 @@ impl Circuit {
                 format!("{:?} on stream {sid}", other.cmd()),
             )),
         }
+    }
+
+    /// A stream the far end opens (BEGIN, BEGIN_DIR, RESOLVE) on id `sid`:
+    /// false if refused for lack of room (the refusal is sent).
+    fn open_incoming(&mut self, sid: u16, kind: Kind) -> Result<bool, Error> {
+        if self.streams.contains_key(&sid) {
+            return Err(unexpected(
+                "a new stream id for BEGIN, BEGIN_DIR or RESOLVE",
+                format!("stream {sid}, which is open"),
+            ));
+        }
+        if self.streams.len() >= MAX_STREAMS {
+            self.originate(
+                sid,
+                &if kind == Kind::Resolving {
+                    RelayMsg::Resolved(vec![])
+                } else {
+                    RelayMsg::End(EndReason::RESOURCE_LIMIT)
+                },
+            )?;
+            return Ok(false);
+        }
+        self.streams.insert(sid, StreamState::new(kind));
+        Ok(true)
     }
 
     /// DATA from the far end: counted in the circuit window at once and

@@ -28,6 +28,29 @@ struct CircuitPair {
     /// Called on each cell as it leaves node `usize`.
     tamper: Option<Tamper>,
     rng: StdRng,
+    /// Where a cell that leaves node `usize` toward `Side` arrives, and
+    /// from which side (a straight line unless two circuits are joined).
+    route: fn(usize, Side) -> (usize, Side),
+}
+
+fn straight(i: usize, side: Side) -> (usize, Side) {
+    match side {
+        Side::Next => (i + 1, Side::Prev),
+        Side::Prev => (i - 1, Side::Next),
+    }
+}
+
+/// Two three-hop circuits joined at the rendezvous point: nodes are the
+/// client, its guard, middle and rendezvous hop (3), the service's
+/// rendezvous hop (4), middle, guard, and the service (7).
+fn joined(i: usize, side: Side) -> (usize, Side) {
+    match (i, side) {
+        (3, Side::Next) => (4, Side::Next),
+        (4, Side::Next) => (3, Side::Next),
+        (0..=3, _) => straight(i, side),
+        (_, Side::Next) => (i - 1, Side::Prev),
+        (_, Side::Prev) => (i + 1, Side::Next),
+    }
 }
 
 impl CircuitPair {
@@ -107,7 +130,71 @@ impl CircuitPair {
             errors: (0..n).map(|_| None).collect(),
             tamper: None,
             rng,
+            route: straight,
         }
+    }
+
+    /// A client's circuit and a service's, each built by the real EXTEND
+    /// exchange to one rendezvous relay, joined there by the rendezvous
+    /// messages, with end-to-end keys between the two ends (see
+    /// [`joined`] for the node numbers).
+    fn joined(delay: Duration) -> Self {
+        let mut client = Self::new(3, delay);
+        let mut service = Self::new(3, delay);
+        let cookie = [3; crate::relaymsg::COOKIE_LEN];
+        client.nodes[0]
+            .send_service(&RelayMsg::EstablishRendezvous(cookie))
+            .unwrap();
+        client.drive();
+        assert_eq!(
+            client.take_events(3),
+            vec![Event::Service(RelayMsg::EstablishRendezvous(cookie))]
+        );
+        let reply = vec![4; 66];
+        service.nodes[0]
+            .send_service(&RelayMsg::Rendezvous1 {
+                cookie,
+                reply: reply.clone(),
+            })
+            .unwrap();
+        service.drive();
+        assert!(matches!(
+            &service.take_events(3)[..],
+            [Event::Service(RelayMsg::Rendezvous1 { .. })]
+        ));
+        for rp in [&mut client.nodes[3], &mut service.nodes[3]] {
+            rp.join().unwrap();
+            assert!(rp.join().is_err(), "joined once only");
+        }
+        client.nodes[3]
+            .send_service(&RelayMsg::Rendezvous2(reply.clone()))
+            .unwrap();
+        client.drive();
+        assert_eq!(
+            client.take_events(0),
+            vec![Event::Service(RelayMsg::Rendezvous2(reply))]
+        );
+        let mut k = [0u8; 64];
+        client.rng.fill_bytes(&mut k);
+        let keys = HopKeys::from_bytes(&k);
+        let params = CircParams::default();
+        client.nodes[0]
+            .join_end_to_end(&keys, params, false)
+            .unwrap();
+        service.nodes[0]
+            .join_end_to_end(&keys.reversed(), params, true)
+            .unwrap();
+        assert_eq!(client.nodes[0].binding(), keys.binding());
+        let mut nodes = std::mem::take(&mut client.nodes);
+        nodes.extend(std::mem::take(&mut service.nodes).into_iter().rev());
+        for n in &mut nodes {
+            n.take_counts();
+        }
+        client.events = (0..nodes.len()).map(|_| Vec::new()).collect();
+        client.errors = (0..nodes.len()).map(|_| None).collect();
+        client.nodes = nodes;
+        client.route = joined;
+        client
     }
 
     fn exit(&self) -> usize {
@@ -118,10 +205,7 @@ impl CircuitPair {
     fn collect(&mut self) {
         for i in 0..self.nodes.len() {
             while let Some(t) = self.nodes[i].poll_transmit() {
-                let (to, from) = match t.side {
-                    Side::Next => (i + 1, Side::Prev),
-                    Side::Prev => (i - 1, Side::Next),
-                };
+                let (to, from) = (self.route)(i, t.side);
                 let mut c = if t.early {
                     early_cell(t.payload)
                 } else {
@@ -286,6 +370,46 @@ fn bytes_cross_three_hops_both_ways_in_order() {
     assert_eq!(p.take_events(exit), vec![Event::Sent { stream: sid }]);
     let c = p.nodes[1].take_counts();
     assert!(c.relayed > 600 && c.originated == 0, "{c:?}");
+}
+
+#[test]
+fn a_joined_circuit_carries_streams_between_client_and_service() {
+    let mut p = CircuitPair::joined(Duration::from_millis(5));
+    let service = p.exit();
+    assert_eq!(service, 7);
+    // Streams go to the service, which answers BEGIN as an exit does.
+    let sid = p.open_stream();
+    let up = bytes(&mut p.rng, 100_000);
+    let down = bytes(&mut p.rng, 2_000_000);
+    let now = p.now;
+    p.nodes[0].send(now, sid, &up).unwrap();
+    p.nodes[service].send(now, sid, &down).unwrap();
+    let got = p.drive_reading(&[service, 0], sid);
+    assert_eq!(got[0], up);
+    assert_eq!(got[1], down);
+    assert!(p.errors.iter().all(Option::is_none), "{:?}", p.errors);
+    // Every relay on the way only passed cells on; the two ends opened
+    // and sealed them all (the windows and SENDMEs are end to end).
+    for relay in 1..service {
+        let c = p.nodes[relay].take_counts();
+        assert!(
+            c.relayed > 4000 && c.originated == 0 && c.delivered == 0,
+            "node {relay}: {c:?}"
+        );
+    }
+    assert!(p.nodes[0].rtt().is_some() && p.nodes[service].rtt().is_some());
+    // The client takes no BEGIN; the service opens no stream itself.
+    assert!(
+        p.nodes[service]
+            .begin(TargetAddr::Host("x".into()), 1)
+            .is_err()
+    );
+    p.nodes[service]
+        .send_service(&RelayMsg::Begin {
+            addr: TargetAddr::Host("x".into()),
+            port: 1,
+        })
+        .unwrap_err();
 }
 
 #[test]

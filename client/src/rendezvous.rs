@@ -1,0 +1,240 @@
+//! Reaching an onion service (doc/protocol.md section 11.4): fetch its
+//! descriptor, wait at a rendezvous point, introduce through one of its
+//! introduction points, and finish the end-to-end handshake when the
+//! service comes to the rendezvous point. The circuit that results ends at
+//! the service; streams on it work like exit streams.
+//!
+//! Each failure says which step failed, as Tor's extended SOCKS replies
+//! do: no descriptor (F0), a bad one (F1), no introduction point passed
+//! the request on (F2), the service never came to the rendezvous point
+//! (F3), every introduction point timed out (F7).
+
+use std::time::Duration;
+
+use allium_directory::unix_now;
+use allium_proto::OnionKey;
+use allium_proto::doc::RelayFlags;
+use allium_proto::ntor;
+use allium_proto::relaymsg::{COOKIE_LEN, Introduce, IntroduceStatus, RelayMsg};
+use allium_proto::service::ServiceAddress;
+use allium_proto::service::descriptor::subcredential;
+use allium_proto::service::intro::{self, IntroduceRequest};
+use rand::RngExt;
+use rand::seq::SliceRandom;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::ClientError;
+use crate::circuit::CircuitHandle;
+use crate::client::Client;
+use crate::hsdir;
+use crate::path::ExitTarget;
+
+/// How long an introduction point may take to answer INTRODUCE1, circuit
+/// included.
+pub const INTRO_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the service may take to come to the rendezvous point after an
+/// introduction point passed the request on.
+pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The next message from the last hop, within `t`.
+async fn next_msg(
+    rx: &mut mpsc::Receiver<RelayMsg>,
+    t: Duration,
+) -> Result<RelayMsg, Option<ClientError>> {
+    match tokio::time::timeout(t, rx.recv()).await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(Some(ClientError::CircuitClosed)),
+        Err(_) => Err(None),
+    }
+}
+
+/// Rendezvous points tried before giving up.
+const RP_ATTEMPTS: usize = 3;
+
+/// A circuit to `rp` waiting there at a fresh cookie: the circuit, its
+/// service messages and the cookie.
+async fn establish_rendezvous(
+    client: &Client,
+    rp: &allium_proto::ConsensusRelay,
+) -> Result<(CircuitHandle, mpsc::Receiver<RelayMsg>, [u8; COOKIE_LEN]), ClientError> {
+    let circ = client
+        .build_circuit(&ExitTarget::Relay(&rp.identity))
+        .await?;
+    let mut msgs = circ.service_messages().ok_or(ClientError::CircuitClosed)?;
+    let mut cookie = [0u8; COOKIE_LEN];
+    rand::rng().fill(&mut cookie[..]);
+    circ.send_service(RelayMsg::EstablishRendezvous(cookie))
+        .await?;
+    match next_msg(&mut msgs, INTRO_TIMEOUT).await {
+        Ok(RelayMsg::RendezvousEstablished) => Ok((circ, msgs, cookie)),
+        Ok(m) => Err(ClientError::Build(format!("answered {:?}", m.cmd()))),
+        Err(e) => Err(e.unwrap_or(ClientError::Timeout("ESTABLISH_RENDEZVOUS"))),
+    }
+}
+
+/// A running, valid relay at random, one not in `avoid` if there is one.
+pub(crate) fn pick_relay(
+    c: &allium_proto::Consensus,
+    avoid: &[[u8; 32]],
+) -> Option<allium_proto::ConsensusRelay> {
+    use rand::seq::IndexedRandom;
+    let running: Vec<_> = c
+        .relays
+        .iter()
+        .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::VALID))
+        .collect();
+    let preferred: Vec<_> = running
+        .iter()
+        .filter(|r| !avoid.contains(&r.identity))
+        .copied()
+        .collect();
+    let from = if preferred.is_empty() {
+        &running
+    } else {
+        &preferred
+    };
+    from.choose(&mut rand::rng()).map(|r| (*r).clone())
+}
+
+/// A circuit whose last hop is the service at `address`.
+pub async fn connect(
+    client: &Client,
+    address: &ServiceAddress,
+) -> Result<CircuitHandle, ClientError> {
+    let now = unix_now();
+    let info = hsdir::fetch(client, address, now).await?;
+    let c = client
+        .consensus()
+        .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
+    let period = c.period_at(now);
+    let subcred = subcredential(address.key(), &address.blinded(period));
+
+    // The rendezvous point: a running relay, not one of the introduction
+    // points nor one of this client's guards if another will do (a
+    // circuit cannot end at the guard it goes through).
+    let rend_failed = |why: String| ClientError::RendezvousFailed(why);
+    let mut avoid: Vec<[u8; 32]> = info.intro_points.iter().map(|i| i.relay).collect();
+    avoid.extend(client.guards());
+    // A relay that fails (it may have died since the consensus) is
+    // avoided in the next of a few tries.
+    let mut why_rp = Vec::new();
+    let mut waiting = None;
+    for _ in 0..RP_ATTEMPTS {
+        let rp = pick_relay(&c, &avoid)
+            .ok_or_else(|| rend_failed("no relay can be the rendezvous point".into()))?;
+        avoid.push(rp.identity);
+        match establish_rendezvous(client, &rp).await {
+            Ok((circ, msgs, cookie)) => {
+                waiting = Some((rp, circ, msgs, cookie));
+                break;
+            }
+            Err(e) => why_rp.push(format!("{}: {e}", rp.nickname)),
+        }
+    }
+    let (rp, rp_circ, mut rp_msgs, cookie) = waiting.ok_or_else(|| {
+        rend_failed(format!(
+            "no rendezvous point took the cookie: {}",
+            why_rp.join("; ")
+        ))
+    })?;
+
+    // Handshakes of the introductions sent: the service may answer an
+    // earlier one after the client moved on to the next point.
+    let mut started: Vec<ntor::ClientState> = Vec::new();
+    let mut points = info.intro_points.clone();
+    points.shuffle(&mut rand::rng());
+    let mut why = Vec::new();
+    let (mut timed_out, mut sent) = (0, 0);
+    for ip in &points {
+        let Some(relay) = c.relay(&ip.relay) else {
+            why.push("an introduction point not in the consensus".to_string());
+            continue;
+        };
+        let (st, onionskin) = ntor::client_start(
+            &mut rand::rng(),
+            &ip.auth_key,
+            &OnionKey(ip.enc_key),
+            client.config().circ_params(),
+        );
+        let req = IntroduceRequest {
+            cookie,
+            rp_identity: rp.identity,
+            rp_link_key: rp.link_key,
+            rp_addr: rp.addr,
+            onionskin,
+        };
+        let encrypted = intro::seal(&mut rand::rng(), &req, &ip.auth_key, &ip.enc_key, &subcred)?;
+        let ask = async {
+            let circ = client
+                .build_circuit(&ExitTarget::Relay(&relay.identity))
+                .await?;
+            let mut msgs = circ.service_messages().ok_or(ClientError::CircuitClosed)?;
+            circ.send_service(RelayMsg::Introduce1(Introduce {
+                auth_key: ip.auth_key,
+                encrypted,
+            }))
+            .await?;
+            // The circuit closes as its handle drops.
+            loop {
+                match msgs.recv().await {
+                    Some(RelayMsg::IntroduceAck(s)) => return Ok(IntroduceStatus(s)),
+                    Some(_) => continue,
+                    None => return Err(ClientError::CircuitClosed),
+                }
+            }
+        };
+        let status = match tokio::time::timeout(INTRO_TIMEOUT, ask).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                why.push(format!("{}: {e}", relay.nickname));
+                continue;
+            }
+            Err(_) => {
+                timed_out += 1;
+                why.push(format!("{}: timed out", relay.nickname));
+                continue;
+            }
+        };
+        if status != IntroduceStatus::SENT {
+            why.push(format!("{}: {status:?}", relay.nickname));
+            continue;
+        }
+        sent += 1;
+        started.push(st);
+        debug!(intro = %relay.nickname, rp = %rp.nickname, "introduced; waiting at the rendezvous point");
+        loop {
+            match next_msg(&mut rp_msgs, RENDEZVOUS_TIMEOUT).await {
+                Ok(RelayMsg::Rendezvous2(reply)) => {
+                    let (keys, params) = started
+                        .iter_mut()
+                        .rev()
+                        .find_map(|st| st.check(&reply).ok())
+                        .ok_or_else(|| {
+                            rend_failed("the service's handshake does not verify".into())
+                        })?;
+                    rp_circ.join(keys, params, None).await?;
+                    return Ok(rp_circ);
+                }
+                Ok(_) => continue,
+                Err(Some(e)) => return Err(rend_failed(format!("rendezvous circuit: {e}"))),
+                // Not there in time: the service may have lost this
+                // introduction circuit; try another.
+                Err(None) => {
+                    why.push(format!("{}: the service did not come", relay.nickname));
+                    break;
+                }
+            }
+        }
+    }
+    Err(if sent > 0 {
+        rend_failed(format!(
+            "the service did not come to the rendezvous point: {}",
+            why.join("; ")
+        ))
+    } else if timed_out > 0 && timed_out == points.len() {
+        ClientError::IntroductionTimedOut
+    } else {
+        ClientError::IntroductionFailed(why.join("; "))
+    })
+}
