@@ -121,3 +121,42 @@ async fn chromium_loads_a_local_page_through_the_network() {
     );
     net.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_loads_the_testnet_demo_service_by_its_address() {
+    if std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("ALLIUM_CI_TOOLS").is_none(),
+            "chromium is not installed (apt-get install chromium)"
+        );
+        eprintln!("chromium is not installed: skipped");
+        return;
+    }
+    let mut net = common::small_net(5).await;
+    let address = net.host_demo_service().await.unwrap();
+    let url = format!("http://{address}/");
+    let proxy = format!("--proxy-server=socks5://{}", net.socks_addr);
+    // The service publishes within a second or two of its client's
+    // bootstrap; until then the page does not load.
+    let started = std::time::Instant::now();
+    loop {
+        let dom = chromium(std::slice::from_ref(&proxy), &url).await;
+        if dom.contains("Hello from an Allium onion service.") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the demo service did not load: {dom}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!(
+        "loaded the demo service {:?} after it started",
+        started.elapsed()
+    );
+    net.shutdown().await;
+}

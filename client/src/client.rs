@@ -65,8 +65,9 @@ struct Inner {
     services: Mutex<HashMap<(ServiceAddress, Isolation), ServiceSlot>>,
 }
 
-/// The circuit to one service, built by one stream at a time.
-type ServiceSlot = Arc<tokio::sync::Mutex<Option<CircuitHandle>>>;
+/// The circuit to one service and when it was built, built by one stream
+/// at a time.
+type ServiceSlot = Arc<tokio::sync::Mutex<Option<(CircuitHandle, Instant)>>>;
 
 /// Counters a client keeps (totals only).
 #[derive(Default, Debug)]
@@ -770,7 +771,9 @@ impl Client {
     }
 
     /// A stream to `port` of the service at `address`, on the circuit to
-    /// it that streams of this isolation share (built when there is none).
+    /// it that streams of this isolation share: built when there is none,
+    /// or when the one there is older than `max_circuit_dirtiness_secs`
+    /// (the old one closes once its streams end).
     async fn connect_service(
         &self,
         address: ServiceAddress,
@@ -778,17 +781,20 @@ impl Client {
         iso: &Isolation,
         ctl: &mut StreamWatch,
     ) -> Result<Stream, ClientError> {
+        self.prune_services();
         let slot = lock(&self.inner.services)
             .entry((address, iso.clone()))
             .or_default()
             .clone();
         let circ = {
             let mut slot = slot.lock().await;
+            let dirty = self.max_circuit_dirtiness();
             match &*slot {
-                Some(c) if !c.is_closed() => c.clone(),
+                Some((c, built)) if !c.is_closed() && built.elapsed() < dirty => c.clone(),
                 _ => {
+                    *slot = None;
                     let c = crate::rendezvous::connect(self, &address).await?;
-                    *slot = Some(c.clone());
+                    *slot = Some((c.clone(), Instant::now()));
                     c
                 }
             }
@@ -800,6 +806,19 @@ impl Client {
             .unwrap_or(Err(ClientError::Timeout("stream connect")))
     }
 
+    /// Forget service circuits that are closed or past their dirtiness
+    /// (each closes once its streams end), and their entries.
+    fn prune_services(&self) {
+        let dirty = self.max_circuit_dirtiness();
+        lock(&self.inner.services).retain(|_, slot| match slot.try_lock() {
+            // In use: being built, or a stream is being opened.
+            Err(_) => true,
+            Ok(s) => s
+                .as_ref()
+                .is_some_and(|(c, built)| !c.is_closed() && built.elapsed() < dirty),
+        });
+    }
+
     /// Keep `preemptive_circuits` unbound circuits ready and retire
     /// circuits past their dirtiness.
     pub async fn preemptive_loop(self) {
@@ -808,6 +827,7 @@ impl Client {
             if self.consensus().is_none() {
                 continue;
             }
+            self.prune_services();
             let dirty = self.max_circuit_dirtiness();
             let ready = {
                 let mut pool = self.pool();

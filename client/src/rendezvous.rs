@@ -203,8 +203,11 @@ pub async fn connect(
         sent += 1;
         started.push(st);
         debug!(intro = %relay.nickname, rp = %rp.nickname, "introduced; waiting at the rendezvous point");
+        // One deadline for the service to come, whatever else arrives.
+        let deadline = tokio::time::Instant::now() + RENDEZVOUS_TIMEOUT;
         loop {
-            match next_msg(&mut rp_msgs, RENDEZVOUS_TIMEOUT).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match next_msg(&mut rp_msgs, left).await {
                 Ok(RelayMsg::Rendezvous2(reply)) => {
                     let (keys, params) = started
                         .iter_mut()

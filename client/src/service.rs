@@ -131,6 +131,12 @@ const RENDEZVOUS_PARALLEL: usize = 16;
 const INCOMING_QUEUE: usize = 64;
 /// How long the service waits for a local server to accept.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rendezvous circuits a service keeps at once (more introductions are
+/// dropped).
+const MAX_RENDEZVOUS_CIRCUITS: usize = 512;
+/// A rendezvous circuit with no stream for this long is closed (longer
+/// than a client keeps using one, `max_circuit_dirtiness_secs`).
+const IDLE_CLOSE: Duration = Duration::from_secs(15 * 60);
 /// Descriptors are filed again this often even when nothing changed.
 const REPUBLISH: Duration = Duration::from_secs(600);
 
@@ -157,6 +163,8 @@ struct Shared {
     address: ServiceAddress,
     ports: Vec<PortMap>,
     rendezvous: Semaphore,
+    /// Rendezvous circuits open now.
+    live: std::sync::atomic::AtomicUsize,
 }
 
 /// Run the service `cfg` inside `client` until the client stops.
@@ -170,6 +178,7 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
         address,
         ports: cfg.ports.clone(),
         rendezvous: Semaphore::new(RENDEZVOUS_PARALLEL),
+        live: Default::default(),
     });
     let mut intros: Vec<IntroState> = Vec::new();
     let mut published: Option<(Vec<[u8; 32]>, TimePeriod, Instant)> = None;
@@ -407,11 +416,19 @@ async fn introduced(
         },
         &req.onionskin,
     )?;
-    let _turn = shared
-        .rendezvous
-        .acquire()
-        .await
-        .map_err(|_| ClientError::CircuitClosed)?;
+    if shared.live.load(Ordering::Relaxed) >= MAX_RENDEZVOUS_CIRCUITS {
+        return Err(ClientError::RendezvousFailed(
+            "as many rendezvous circuits as the service keeps".into(),
+        ));
+    }
+    // A client waits for the service for so long only.
+    let _turn = tokio::time::timeout(
+        crate::rendezvous::RENDEZVOUS_TIMEOUT,
+        shared.rendezvous.acquire(),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout("a turn to build a rendezvous circuit"))?
+    .map_err(|_| ClientError::CircuitClosed)?;
     let circ = client
         .build_circuit(&ExitTarget::Relay(&rp.identity))
         .await?;
@@ -429,11 +446,41 @@ async fn introduced(
     drop(_turn);
     debug!(rp = %rp.nickname, "joined a client at its rendezvous point");
     let sh = shared.clone();
+    sh.live.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(
         async move {
-            while let Some(inc) = rx.recv().await {
-                tokio::spawn(serve_stream(sh.clone(), inc).in_current_span());
+            // Streams being served; the circuit closes once it has had
+            // none for IDLE_CLOSE (or when the client closes it).
+            let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut idle_since = Instant::now();
+            loop {
+                tokio::select! {
+                    inc = rx.recv() => match inc {
+                        Some(inc) => {
+                            idle_since = Instant::now();
+                            let (sh, active) = (sh.clone(), active.clone());
+                            active.fetch_add(1, Ordering::Relaxed);
+                            tokio::spawn(
+                                async move {
+                                    serve_stream(sh, inc).await;
+                                    active.fetch_sub(1, Ordering::Relaxed);
+                                }
+                                .in_current_span(),
+                            );
+                        }
+                        None => break,
+                    },
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {
+                        if active.load(Ordering::Relaxed) > 0 {
+                            idle_since = Instant::now();
+                        } else if idle_since.elapsed() >= IDLE_CLOSE {
+                            debug!("closing an idle rendezvous circuit");
+                            break;
+                        }
+                    }
+                }
             }
+            sh.live.fetch_sub(1, Ordering::Relaxed);
             drop(circ);
         }
         .in_current_span(),

@@ -20,6 +20,7 @@ use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, 
 use allium_proto::policy::ExitPolicy;
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
 use allium_proto::service::descriptor::{self, IntroPoint, ServiceInfo};
+use allium_proto::service::intro;
 use allium_proto::service::{BlindedSigningKey, TimePeriod, ring};
 use allium_proto::vote::shared_random::{self, Round, SharedRandom, SrEntry};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
@@ -404,6 +405,46 @@ fn compute() -> BTreeMap<String, String> {
         .unwrap();
     assert_eq!(read.decrypt(&a).unwrap(), info);
     put("service.descriptor", &sd);
+
+    // Introduction (section 11.4): the circuit binding of the hop whose
+    // keys are 42^64, the ESTABLISH_INTRO a service signs for it with the
+    // auth key of seed 1a^32, and an INTRODUCE1's encrypted part for the
+    // enc key of secret 3c^32, ephemeral secret 2b^32, under the
+    // subcredential of section 11's service in the period above.
+    let hop = HopKeys::from_bytes(&[0x42; 64]);
+    let binding = hop.binding();
+    put("circuit.binding", &binding);
+    let auth = SigningKey::from_bytes(&[0x1a; 32]);
+    let est = intro::establish_intro(&auth, &binding, 25, 200);
+    assert!(est.verify(&binding));
+    let est_msg = RelayMsg::EstablishIntro(est);
+    let b = est_msg.encode(0, 5 + 104).unwrap();
+    assert_eq!(RelayMsg::decode(&b).unwrap(), (0, est_msg));
+    put("intro.establish_intro", &b);
+    let enc = StaticSecret::from([0x3c; 32]);
+    let enc_key = PublicKey::from(&enc).to_bytes();
+    let subcred = descriptor::subcredential(a.key(), &blinded);
+    let req = intro::IntroduceRequest {
+        cookie: [0x0c; 20],
+        rp_identity: [0x01; 32],
+        rp_link_key: LinkKey([0x02; 32]),
+        rp_addr: "127.0.0.1:9001".parse().unwrap(),
+        onionskin: vec![0x5a; ntor::CLIENT_LEN],
+    };
+    let auth_key = auth.verifying_key().to_bytes();
+    let sealed = intro::seal_with_ephemeral(
+        StaticSecret::from([0x2b; 32]),
+        &req,
+        &auth_key,
+        &enc_key,
+        &subcred,
+    )
+    .unwrap();
+    assert_eq!(
+        intro::open(&enc, &auth_key, &subcred, &sealed).unwrap().0,
+        req
+    );
+    put("intro.introduce.encrypted", &sealed);
     v
 }
 

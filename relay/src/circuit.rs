@@ -22,7 +22,7 @@ use tracing::{Instrument, debug, info};
 use crate::exit::{self, CircShared, StreamCmd, StreamEvent, StreamKey};
 use crate::netview::Listing;
 use crate::relay::{ChannelManager, RelayCtx};
-use crate::rendezvous::{Joined, Pipe, Registration};
+use crate::rendezvous::{Joined, PIPE_CELLS, PipeRx, PipeTx, Registration, WAIT_MAX};
 use crate::{RelayError, RelayStats};
 use allium_link::channel::{ChannelHandle, Inbox, NewCircuit};
 use allium_link::limits::{CELL_BYTES, CircAcct};
@@ -39,8 +39,8 @@ enum Next {
         rx: Inbox,
     },
     Joined {
-        tx: mpsc::UnboundedSender<Pipe>,
-        rx: mpsc::UnboundedReceiver<Pipe>,
+        tx: PipeTx,
+        rx: PipeRx,
     },
 }
 
@@ -131,6 +131,7 @@ impl From<RelayError> for Teardown {
             RelayError::Protocol(_) | RelayError::Proto(_) => {
                 Teardown::both(DestroyReason::PROTOCOL)
             }
+            RelayError::ResourceLimit(_) => Teardown::both(DestroyReason::RESOURCE_LIMIT),
             _ => Teardown::both(DestroyReason::INTERNAL),
         }
     }
@@ -173,8 +174,10 @@ struct Circuit {
     registration: Option<Registration>,
     /// Introduction circuit: INTRODUCE1s from clients, for the service.
     intro_rx: Option<mpsc::Receiver<allium_proto::relaymsg::Introduce>>,
-    /// Waiting rendezvous circuit: the service's circuit, once it comes.
+    /// Waiting rendezvous circuit: the service's circuit, once it comes,
+    /// and until when it may come.
     join_rx: Option<tokio::sync::oneshot::Receiver<Joined>>,
+    wait_deadline: Option<tokio::time::Instant>,
 }
 
 /// Stream events handled per wake-up at most (then the batch is flushed).
@@ -241,6 +244,7 @@ pub async fn run(ctx: Arc<RelayCtx>, nc: NewCircuit) {
         registration: None,
         intro_rx: None,
         join_rx: None,
+        wait_deadline: None,
     };
     let killed = async {
         match &acct {
@@ -282,16 +286,25 @@ fn answer_create(
 async fn recv_next(next: &mut Option<Next>, out: &mut Vec<Cell>) -> bool {
     match next {
         Some(Next::Chan { rx, .. }) => rx.recv_batch(out).await,
-        Some(Next::Joined { rx, .. }) => match rx.recv().await {
+        Some(Next::Joined { rx, .. }) => match rx.chan.recv().await {
             Some((cells, acct)) => {
                 if let Some(a) = acct {
                     a.sub(CELL_BYTES * cells.len());
                 }
+                rx.queued
+                    .fetch_sub(cells.len(), std::sync::atomic::Ordering::Relaxed);
                 out.extend(cells);
                 true
             }
             None => false,
         },
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }
@@ -339,6 +352,10 @@ impl Circuit {
                     .send_service(&RelayMsg::Introduce2(intro))
                     .map_err(|e| RelayError::from(e).into()),
                 Some(j) = recv_join(&mut self.join_rx) => self.joined(j),
+                () = wait_until(self.wait_deadline) => {
+                    debug!("no service came to the rendezvous point in time");
+                    return Teardown::both(DestroyReason::TIMEOUT);
+                }
             };
             if let Err(t) = r {
                 return t;
@@ -392,12 +409,23 @@ impl Circuit {
             match &self.next {
                 Some(Next::Chan { chan, .. }) => chan.send_batch(cells).await?,
                 Some(Next::Joined { tx, .. }) => {
+                    // Bounded as an inbox is: the client's cells wait for
+                    // the service's link, and a client that ignores the
+                    // end-to-end window fills the pipe and loses the
+                    // circuit.
+                    let n = cells.len();
+                    let queued = tx.queued.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                    if queued > PIPE_CELLS {
+                        return Err(RelayError::ResourceLimit(format!(
+                            "{queued} cells wait to cross the rendezvous point"
+                        )));
+                    }
                     // Counted against this circuit until the other takes them.
                     let acct = self.shared.acct.clone();
                     if let Some(a) = &acct {
-                        a.add(CELL_BYTES * cells.len());
+                        a.add(CELL_BYTES * n);
                     }
-                    if tx.send((cells, acct)).is_err() {
+                    if tx.chan.send((cells, acct)).is_err() {
                         return Err(allium_link::LinkError::ChannelClosed.into());
                     }
                 }
@@ -780,7 +808,10 @@ impl Circuit {
                 crate::rendezvous::Refused::CookieInUse => DestroyReason::PROTOCOL,
             })
         };
-        let taken = self.registration.is_some() || self.next.is_some() || !self.streams.is_empty();
+        let taken = self.registration.is_some()
+            || self.next.is_some()
+            || !self.streams.is_empty()
+            || !self.resolving.is_empty();
         let reply = match msg {
             RelayMsg::EstablishIntro(e) => {
                 if taken {
@@ -809,6 +840,7 @@ impl Circuit {
                 let (reg, rx) = points.establish_rendezvous(cookie).map_err(full)?;
                 self.registration = Some(reg);
                 self.join_rx = Some(rx);
+                self.wait_deadline = Some(tokio::time::Instant::now() + WAIT_MAX);
                 RelayMsg::RendezvousEstablished
             }
             RelayMsg::Rendezvous1 { cookie, reply } => {
@@ -833,6 +865,7 @@ impl Circuit {
     /// give the client the service's reply, then pass cells both ways.
     fn joined(&mut self, j: Joined) -> Result<(), Teardown> {
         self.join_rx = None;
+        self.wait_deadline = None;
         self.registration = None;
         if self.next.is_some() {
             return Err(Teardown::both(DestroyReason::PROTOCOL));

@@ -34,6 +34,9 @@ pub enum RelayError {
     Link(#[from] LinkError),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A circuit holds more than its share of the relay's memory.
+    #[error("over a resource limit: {0}")]
+    ResourceLimit(String),
     #[error("bad config: {0}")]
     Config(String),
 }

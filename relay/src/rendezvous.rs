@@ -9,7 +9,7 @@
 //! names its cookie.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,10 +30,29 @@ const INTRO_QUEUE: usize = 32;
 /// account of the circuit that passed them (counted until taken).
 pub type Pipe = (Vec<Cell>, Option<Arc<CircAcct>>);
 
+/// Cells one joined circuit may have passed to the other and not yet
+/// taken, as many as a circuit's inbox holds: a circuit past it loses
+/// itself (DESTROY 14), as one whose inbox overflows.
+pub const PIPE_CELLS: usize = allium_link::channel::CIRC_QUEUE;
+
+/// A circuit waits at a cookie this long at most (a client waits for the
+/// service for seconds).
+pub const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// One direction between joined circuits: the cells in it, counted.
+pub struct PipeEnd<T> {
+    pub chan: T,
+    pub queued: Arc<AtomicUsize>,
+}
+
+/// A joined circuit's sending end, and its receiving end.
+pub type PipeTx = PipeEnd<mpsc::UnboundedSender<Pipe>>;
+pub type PipeRx = PipeEnd<mpsc::UnboundedReceiver<Pipe>>;
+
 /// The rendezvous circuit's ends of the pipes to the service's circuit.
 pub struct Joined {
-    pub to_other: mpsc::UnboundedSender<Pipe>,
-    pub from_other: mpsc::UnboundedReceiver<Pipe>,
+    pub to_other: PipeTx,
+    pub from_other: PipeRx,
     /// The service's handshake reply, for RENDEZVOUS2.
     pub reply: Vec<u8>,
 }
@@ -244,18 +263,34 @@ impl Points {
         &self,
         cookie: &[u8; COOKIE_LEN],
         reply: Vec<u8>,
-    ) -> Option<(mpsc::UnboundedSender<Pipe>, mpsc::UnboundedReceiver<Pipe>)> {
+    ) -> Option<(PipeTx, PipeRx)> {
         let w = lock(&self.waiting).remove(cookie)?;
         let (to_client, from_service) = mpsc::unbounded_channel();
         let (to_service, from_client) = mpsc::unbounded_channel();
+        let (down, up) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         w.tx.send(Joined {
-            to_other: to_service,
-            from_other: from_service,
+            to_other: PipeEnd {
+                chan: to_service,
+                queued: up.clone(),
+            },
+            from_other: PipeEnd {
+                chan: from_service,
+                queued: down.clone(),
+            },
             reply,
         })
         .ok()?;
         inc(&self.stats.rendezvous_joined);
-        Some((to_client, from_client))
+        Some((
+            PipeEnd {
+                chan: to_client,
+                queued: down,
+            },
+            PipeEnd {
+                chan: from_client,
+                queued: up,
+            },
+        ))
     }
 }
 
@@ -295,7 +330,10 @@ mod tests {
         let (to_client, _from_client) = p.rendezvous(&[1; COOKIE_LEN], vec![9]).unwrap();
         let joined = rx.try_recv().unwrap();
         assert_eq!(joined.reply, vec![9]);
-        to_client.send((vec![], None)).unwrap();
+        to_client.chan.send((vec![], None)).unwrap();
+        // The two ends of each direction count the same cells.
+        to_client.queued.fetch_add(3, Ordering::Relaxed);
+        assert_eq!(joined.from_other.queued.load(Ordering::Relaxed), 3);
         assert!(
             p.rendezvous(&[1; COOKIE_LEN], vec![]).is_none(),
             "once only"

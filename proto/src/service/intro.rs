@@ -165,7 +165,23 @@ pub fn seal(
     enc_key: &[u8; 32],
     subcredential: &[u8; 32],
 ) -> Result<Vec<u8>, Error> {
-    let e = StaticSecret::random_from_rng(rng);
+    seal_with_ephemeral(
+        StaticSecret::random_from_rng(rng),
+        req,
+        auth_key,
+        enc_key,
+        subcredential,
+    )
+}
+
+/// [`seal`] with a given ephemeral key, for test vectors.
+pub fn seal_with_ephemeral(
+    e: StaticSecret,
+    req: &IntroduceRequest,
+    auth_key: &[u8; 32],
+    enc_key: &[u8; 32],
+    subcredential: &[u8; 32],
+) -> Result<Vec<u8>, Error> {
     let epub = PublicKey::from(&e).to_bytes();
     let shared = e.diffie_hellman(&PublicKey::from(*enc_key));
     if !shared.was_contributory() {
