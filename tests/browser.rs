@@ -45,6 +45,24 @@ async fn page() -> SocketAddr {
     addr
 }
 
+/// True (and said) if Chromium is not installed, which only a run outside
+/// CI may skip.
+fn chromium_missing() -> bool {
+    if std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        return false;
+    }
+    assert!(
+        std::env::var_os("ALLIUM_CI_TOOLS").is_none(),
+        "chromium is not installed (apt-get install chromium)"
+    );
+    eprintln!("chromium is not installed: skipped");
+    true
+}
+
 /// The DOM Chromium renders for `url` with `proxy_args`.
 async fn chromium(proxy_args: &[String], url: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
@@ -73,16 +91,7 @@ async fn chromium(proxy_args: &[String], url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_loads_a_local_page_through_the_network() {
-    if std::process::Command::new("chromium")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("ALLIUM_CI_TOOLS").is_none(),
-            "chromium is not installed (apt-get install chromium)"
-        );
-        eprintln!("chromium is not installed: skipped");
+    if chromium_missing() {
         return;
     }
     let web = page().await;
@@ -124,16 +133,7 @@ async fn chromium_loads_a_local_page_through_the_network() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_loads_the_testnet_demo_service_by_its_address() {
-    if std::process::Command::new("chromium")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("ALLIUM_CI_TOOLS").is_none(),
-            "chromium is not installed (apt-get install chromium)"
-        );
-        eprintln!("chromium is not installed: skipped");
+    if chromium_missing() {
         return;
     }
     let mut net = common::small_net(5).await;

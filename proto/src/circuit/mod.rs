@@ -698,14 +698,7 @@ impl Circuit {
                 Ok(())
             }
             (sid, RelayMsg::Begin { addr, port }) if sid != 0 && self.serves => {
-                if self.open_incoming(sid, Kind::Opening)? {
-                    self.events.push_back(Event::Begin {
-                        stream: sid,
-                        addr,
-                        port,
-                    });
-                }
-                Ok(())
+                self.incoming_begin(sid, addr, port)
             }
             (sid, m) => Err(unexpected(
                 "CONNECTED, DATA, END, SENDME, XOFF, XON, RESOLVED, ECHO or DROP from the last hop",
@@ -771,16 +764,7 @@ impl Circuit {
             // Straight back, on a one-hop circuit only (a measurement): it
             // is no probe of a relay deeper in a circuit.
             RelayMsg::Echo(body) if sid == 0 && one_hop => self.originate(0, &RelayMsg::Echo(body)),
-            RelayMsg::Begin { addr, port } if sid != 0 => {
-                if self.open_incoming(sid, Kind::Opening)? {
-                    self.events.push_back(Event::Begin {
-                        stream: sid,
-                        addr,
-                        port,
-                    });
-                }
-                Ok(())
-            }
+            RelayMsg::Begin { addr, port } if sid != 0 => self.incoming_begin(sid, addr, port),
             RelayMsg::BeginDir if sid != 0 => {
                 if self.open_incoming(sid, Kind::Opening)? {
                     self.events.push_back(Event::BeginDir { stream: sid });
@@ -808,6 +792,19 @@ impl Circuit {
                 format!("{:?} on stream {sid}", other.cmd()),
             )),
         }
+    }
+
+    /// A BEGIN from the far end (at an exit, or at a service): the driver
+    /// is asked to connect it.
+    fn incoming_begin(&mut self, sid: u16, addr: TargetAddr, port: u16) -> Result<(), Error> {
+        if self.open_incoming(sid, Kind::Opening)? {
+            self.events.push_back(Event::Begin {
+                stream: sid,
+                addr,
+                port,
+            });
+        }
+        Ok(())
     }
 
     /// A stream the far end opens (BEGIN, BEGIN_DIR, RESOLVE) on id `sid`:
