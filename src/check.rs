@@ -352,6 +352,19 @@ fn client(r: &mut Report, c: ClientConfig) {
         duration(c.max_circuit_dirtiness_secs),
         duration(c.stream_timeout_secs)
     ));
+    for s in &c.services {
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| format!("{} -> {}", p.virtual_port, p.target))
+            .collect();
+        r.plan.push(format!(
+            "hosts an onion service from {} (its key and hostname there): ports {}; {} introduction points",
+            c.data_dir.join(&s.dir).display(),
+            ports.join(", "),
+            s.intro_points
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +395,20 @@ mod tests {
         assert_eq!(r.role, Some(Role::Client));
         assert!(!r.ok());
         assert!(r.errors[0].contains("not on loopback"), "{r}");
+        // A client hosting a service: the plan says where and what.
+        write(&format!(
+            "data_dir = {data:?}\nsocks_listen = []\n\
+             [[authorities]]\nname = \"a\"\naddr = \"127.0.0.1:7000\"\nkey = \"{}\"\n\
+             [[services]]\ndir = \"web\"\nports = [{{ virtual_port = 80, target = \"127.0.0.1:8080\" }}]\n",
+            "11".repeat(32)
+        ));
+        let r = check(&p, None);
+        assert!(
+            r.plan
+                .iter()
+                .any(|l| l.contains("onion service") && l.contains("80 -> 127.0.0.1:8080")),
+            "{r}"
+        );
         // A relay whose key file others can read.
         write(&format!(
             "nickname = \"r1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {data:?}\nexit = true\n"
