@@ -358,11 +358,26 @@ fn client(r: &mut Report, c: ClientConfig) {
             .iter()
             .map(|p| format!("{} -> {}", p.virtual_port, p.target))
             .collect();
+        let who = match allium_client::service::load_authorized(&c.data_dir, s) {
+            Ok(k) if k.is_empty() => "anyone who knows its address".to_string(),
+            Ok(k) if k.len() == 1 => "its one authorized client only".to_string(),
+            Ok(k) => format!("its {} authorized clients only", k.len()),
+            Err(e) => {
+                r.errors.push(e.to_string());
+                continue;
+            }
+        };
         r.plan.push(format!(
-            "hosts an onion service from {} (its key and hostname there): ports {}; {} introduction points",
+            "hosts an onion service from {} (its key and hostname there): ports {}; {} introduction points; for {who}",
             c.data_dir.join(&s.dir).display(),
             ports.join(", "),
             s.intro_points
+        ));
+    }
+    if let Some(d) = &c.service_auth_dir {
+        r.plan.push(format!(
+            "reads keys for services that authorize clients from {}",
+            c.data_dir.join(d).display()
         ));
     }
 }
@@ -407,6 +422,25 @@ mod tests {
             r.plan
                 .iter()
                 .any(|l| l.contains("onion service") && l.contains("80 -> 127.0.0.1:8080")),
+            "{r}"
+        );
+        // One that authorizes clients: a key file that is not a key is an
+        // error, never an open service.
+        let auth = data.join("web/authorized_clients");
+        std::fs::create_dir_all(&auth).unwrap();
+        let key = allium_proto::service::auth::ClientAuthSecret::from_bytes([9; 32]).public();
+        std::fs::write(auth.join("alice.auth"), format!("{key}\n")).unwrap();
+        let r = check(&p, None);
+        assert!(
+            r.plan
+                .iter()
+                .any(|l| l.contains("one authorized client only")),
+            "{r}"
+        );
+        std::fs::write(auth.join("bob.auth"), "descriptor:x25519:oops\n").unwrap();
+        let r = check(&p, None);
+        assert!(
+            !r.ok() && r.errors.iter().any(|e| e.contains("bob.auth")),
             "{r}"
         );
         // A relay whose key file others can read.

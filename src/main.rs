@@ -44,6 +44,7 @@ impl Cmd {
             Cmd::Bench { .. } => "bench",
             Cmd::Testnet { .. } => "testnet",
             Cmd::Check { .. } => "check",
+            Cmd::ClientAuth { .. } => "client-auth",
         }
     }
 }
@@ -103,6 +104,21 @@ enum Cmd {
     Service {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Make a key for one client of a service that admits only the
+    /// clients it lists: writes NAME.auth_private (the client's secret,
+    /// for its service_auth_dir) and NAME.auth (for the service's
+    /// authorized_clients/ directory).
+    ClientAuth {
+        /// The service's address.
+        #[arg(long)]
+        address: String,
+        /// The client's name, for the two file names.
+        #[arg(long)]
+        name: String,
+        /// Where to write the two files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
     /// Check a config as the daemon would read it, without starting it:
     /// every value, the addresses it listens on, its data directory and
@@ -239,6 +255,37 @@ fn load<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
     toml::from_str(&s).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// `allium client-auth`: a fresh key pair for one client of `address`.
+fn client_auth(address: &str, name: &str, out: &Path) -> Result<(), String> {
+    use allium_proto::service::{ServiceAddress, auth::ClientAuthSecret};
+    let address = ServiceAddress::parse(address).map_err(|e| format!("{address}: {e}"))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+    {
+        return Err(format!("--name {name:?}: letters, digits, - and _ only"));
+    }
+    let secret = ClientAuthSecret::generate(&mut rand::rng());
+    let private = out.join(format!("{name}.auth_private"));
+    let public = out.join(format!("{name}.auth"));
+    let write = |path: &Path, text: &str, mode| {
+        allium_directory::store::write_atomic(path, text.as_bytes(), mode)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write(&private, &format!("{}\n", *secret.to_line(&address)), 0o600)?;
+    write(&public, &format!("{}\n", secret.public()), 0o644)?;
+    say!(
+        "{}: the client's secret key; move it into the service_auth_dir of the client's config",
+        private.display()
+    );
+    say!(
+        "{}: move it into the authorized_clients/ directory in the service's directory, then restart the service",
+        public.display()
+    );
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
@@ -373,6 +420,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 () = shutdown_signal() => Ok(()),
             }
         }
+        Cmd::ClientAuth { address, name, out } => client_auth(&address, &name, &out),
         Cmd::Client { config } | Cmd::Service { config } => {
             shaping_from_env()?;
             let cfg: ClientConfig = load(&config)?;

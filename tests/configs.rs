@@ -96,6 +96,44 @@ fn example_configs_parse() {
 }
 
 #[test]
+fn client_auth_writes_a_key_pair_the_service_and_the_client_read() {
+    use allium_proto::service::ServiceAddress;
+    use allium_proto::service::auth::{ClientAuthKey, ClientAuthSecret};
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let address = ServiceAddress::from_key(&key.verifying_key().to_bytes()).unwrap();
+    let exe = env!("CARGO_BIN_EXE_allium");
+    let run = |addr: &str, name: &str| {
+        std::process::Command::new(exe)
+            .args(["client-auth", "--address", addr, "--name", name, "--out"])
+            .arg(d.path())
+            .output()
+            .unwrap()
+    };
+    let out = run(&address.to_string(), "alice");
+    assert!(out.status.success(), "{out:?}");
+    let private = d.path().join("alice.auth_private");
+    let secret = std::fs::read_to_string(&private).unwrap();
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (for_address, secret) = ClientAuthSecret::parse_line(&secret).unwrap();
+    assert_eq!(for_address, address);
+    let public = std::fs::read_to_string(d.path().join("alice.auth")).unwrap();
+    assert_eq!(ClientAuthKey::parse(&public).unwrap(), secret.public());
+    // A mistyped address or a name that is a path: refused, nothing written.
+    let typo = format!("a{}", &address.to_string()[1..]);
+    let typo = if typo == address.to_string() {
+        format!("b{}", &typo[1..])
+    } else {
+        typo
+    };
+    assert!(!run(&typo, "bob").status.success());
+    assert!(!run(&address.to_string(), "../bob").status.success());
+    assert!(!d.path().join("bob.auth").exists());
+}
+
+#[test]
 fn init_only_writes_a_runnable_network() {
     let d = tempfile::tempdir().unwrap();
     let opts = TestnetOptions {

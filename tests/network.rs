@@ -76,74 +76,6 @@ async fn socks_connect(proxy: SocketAddr, target: SocketAddr) -> u8 {
     r[1]
 }
 
-/// Open a SOCKS5 connection to `host:port`, with username/password if given.
-async fn socks_open(
-    proxy: SocketAddr,
-    host: &str,
-    port: u16,
-    auth: Option<(&str, &str)>,
-) -> TcpStream {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    match auth {
-        None => {
-            s.write_all(&[5, 1, 0]).await.unwrap();
-            let mut m = [0u8; 2];
-            s.read_exact(&mut m).await.unwrap();
-            assert_eq!(m, [5, 0]);
-        }
-        Some((u, p)) => {
-            s.write_all(&[5, 2, 0, 2]).await.unwrap();
-            let mut m = [0u8; 2];
-            s.read_exact(&mut m).await.unwrap();
-            assert_eq!(m, [5, 2]);
-            let mut a = vec![1, u.len() as u8];
-            a.extend_from_slice(u.as_bytes());
-            a.push(p.len() as u8);
-            a.extend_from_slice(p.as_bytes());
-            s.write_all(&a).await.unwrap();
-            s.read_exact(&mut m).await.unwrap();
-            assert_eq!(m, [1, 0]);
-        }
-    }
-    let mut req = vec![5, 1, 0, 3, host.len() as u8];
-    req.extend_from_slice(host.as_bytes());
-    req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut r = [0u8; 10];
-    s.read_exact(&mut r).await.unwrap();
-    assert_eq!(r[1], 0, "SOCKS reply for {host}:{port}");
-    s
-}
-
-/// HTTP/1.1 GET with hyper's client over a SOCKS5 stream; the hostname is
-/// resolved at the exit.
-async fn http_get(
-    proxy: SocketAddr,
-    host: &str,
-    port: u16,
-    path: &str,
-    auth: Option<(&str, &str)>,
-) -> Vec<u8> {
-    use http_body_util::BodyExt;
-    let s = socks_open(proxy, host, port, auth).await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", format!("{host}:{port}"))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec()
-}
-
 fn processed(s: &RelayStats) -> u64 {
     RelayStats::get(&s.cells_relayed)
         + RelayStats::get(&s.cells_delivered)
@@ -171,7 +103,7 @@ async fn whole_network_end_to_end() {
     // 4 MiB through SOCKS5 with a real HTTP client; the hostname goes to the exit.
     let want = Sha256::digest(blob(1, BIG));
     let t = Instant::now();
-    let body = http_get(proxy, "localhost", web.port(), "/blob", None).await;
+    let body = common::hyper_get(proxy, "localhost", web.port(), "/blob", None).await;
     println!("4 MiB fetch through three relays: {:?}", t.elapsed());
     assert_eq!(body.len(), BIG);
     assert_eq!(Sha256::digest(&body), want);
@@ -272,7 +204,8 @@ async fn whole_network_end_to_end() {
         set.spawn(async move {
             (
                 n,
-                http_get(proxy, "127.0.0.1", web.port(), &format!("/small/{n}"), None).await,
+                common::hyper_get(proxy, "127.0.0.1", web.port(), &format!("/small/{n}"), None)
+                    .await,
             )
         });
     }
@@ -329,7 +262,7 @@ async fn whole_network_end_to_end() {
         .unwrap();
     assert_eq!(a1.serial, a2.serial);
     assert_ne!(a1.serial, b1.serial);
-    let body = http_get(
+    let body = common::hyper_get(
         proxy,
         "localhost",
         web.port(),

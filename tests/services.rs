@@ -50,7 +50,7 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
     }
     for p in &periods {
         let revision = unix_now().saturating_sub(p.start());
-        let doc = build(&identity, *p, revision, &info, &mut rand::rng());
+        let doc = build(&identity, *p, revision, &info, &[], &mut rand::rng());
         let done = hsdir::publish(&net.client, &address.blinded(*p), *p, &doc)
             .await
             .unwrap();
@@ -266,15 +266,20 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
     );
     assert_eq!(Sha256::digest(&got), want);
 
-    // The same by a second stream on the same circuit.
+    // The same by a second stream on the same circuit, and by hyper's
+    // HTTP/1.1 client over SOCKS5, as a browser-like client.
     assert_eq!(
         Sha256::digest(curl(net.socks_addr, &url).await.unwrap()),
+        want
+    );
+    let text = address.to_string();
+    assert_eq!(
+        Sha256::digest(common::hyper_get(net.socks_addr, &text, 80, "/", None).await),
         want
     );
 
     // A mistyped address fails at once (F6); an address nobody publishes is
     // not found (F0).
-    let text = address.to_string();
     let typo = format!(
         "{}{}",
         if text.starts_with('a') { 'b' } else { 'a' },
@@ -376,6 +381,97 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
         }
     }
     net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_for_listed_clients_serves_them_and_answers_others_f4_or_f5() {
+    use allium_proto::service::auth::ClientAuthSecret;
+    use sha2::{Digest, Sha256};
+    let net = Testnet::start(TestnetOptions {
+        relays: 8,
+        exits: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    wait_for_ring(&net).await;
+    let mut body = vec![0u8; 4 << 20];
+    rand::RngExt::fill(&mut rand::rng(), &mut body[..]);
+    let want = Sha256::digest(&body);
+    let web = common::serve_bytes(body).await;
+
+    // The service lists alice's key, as `allium client-auth` writes it.
+    let dir = tempfile::tempdir().unwrap();
+    let alice = ClientAuthSecret::generate(&mut rand::rng());
+    let bob = ClientAuthSecret::generate(&mut rand::rng());
+    let listed = dir.path().join("service/authorized_clients");
+    std::fs::create_dir_all(&listed).unwrap();
+    std::fs::write(listed.join("alice.auth"), format!("{}\n", alice.public())).unwrap();
+    let started = Instant::now();
+    let (_host, address) = host_service(&net, dir.path(), web).await;
+    let text = address.to_string();
+
+    // Alice's client has her key and a SOCKS port of its own.
+    let (_a, alice_client, alice_socks) = keyed_client(&net, &alice, &address).await;
+    // Once the service has filed its descriptor, alice reads it...
+    loop {
+        match hsdir::fetch(&alice_client, &address, unix_now()).await {
+            Ok(info) => {
+                assert!(!info.intro_points.is_empty());
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(90),
+                    "alice cannot read the descriptor: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    // ... and hyper fetches the 4 MiB through her SOCKS port.
+    assert_eq!(
+        Sha256::digest(common::hyper_get(alice_socks, &text, 80, "/", None).await),
+        want
+    );
+    // The testnet's client has no key: F4, on its SOCKS port.
+    let (code, _) = common::socks5(net.socks_addr, &text, 80).await;
+    assert_eq!(code, ReplyCode::ONION_MISSING_CLIENT_AUTH.0);
+    // Bob has a key the service does not list: F5.
+    let (_b, _bob_client, bob_socks) = keyed_client(&net, &bob, &address).await;
+    let (code, _) = common::socks5(bob_socks, &text, 80).await;
+    assert_eq!(code, ReplyCode::ONION_WRONG_CLIENT_AUTH.0);
+    net.shutdown().await;
+}
+
+/// A client of `net` holding `key` for `address` in its
+/// `service_auth_dir`, serving SOCKS on a free loopback port, bootstrapped.
+async fn keyed_client(
+    net: &Testnet,
+    key: &allium_proto::service::auth::ClientAuthSecret,
+    address: &ServiceAddress,
+) -> (
+    tempfile::TempDir,
+    allium_client::Client,
+    std::net::SocketAddr,
+) {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("keys")).unwrap();
+    let line = format!("{}\n", *key.to_line(address));
+    std::fs::write(d.path().join("keys/svc.auth_private"), line).unwrap();
+    let cfg = allium_client::ClientConfig {
+        data_dir: d.path().into(),
+        socks_listen: vec![],
+        service_auth_dir: Some("keys".into()),
+        ..net.client_config.clone()
+    };
+    let client = allium_client::Client::new(cfg).unwrap();
+    let socks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socks.local_addr().unwrap();
+    tokio::spawn(client.clone().serve(vec![socks], vec![]));
+    client.bootstrap(Duration::from_secs(30)).await.unwrap();
+    (d, client, addr)
 }
 
 /// `GET /` from `host` through `client`'s library streams: the body.

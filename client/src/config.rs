@@ -61,6 +61,12 @@ pub struct ClientConfig {
     /// Onion services this client hosts (`[[services]]`; see
     /// `examples/service.toml`).
     pub services: Vec<crate::service::ServiceConfig>,
+    /// Keys for services that admit only the clients they list: one
+    /// `NAME.auth_private` file per service, holding
+    /// `<address>:descriptor:x25519:<base32 secret>` as Tor's
+    /// `ClientOnionAuthDir` does (under `data_dir` if relative; read at
+    /// each descriptor fetch). `allium client-auth` makes a key.
+    pub service_auth_dir: Option<PathBuf>,
 }
 
 impl Default for ClientConfig {
@@ -87,6 +93,7 @@ impl Default for ClientConfig {
             control_listen: None,
             control_password_hash: None,
             services: vec![],
+            service_auth_dir: None,
         }
     }
 }

@@ -10,11 +10,14 @@ use std::time::Duration;
 
 use allium_directory::http;
 
-use allium_proto::service::descriptor::{MAX_LEN, ServiceInfo, UnverifiedServiceDescriptor};
+use allium_proto::service::auth::ClientAuthSecret;
+use allium_proto::service::descriptor::{
+    MAX_LEN, ReadError, ServiceInfo, UnverifiedServiceDescriptor,
+};
 use allium_proto::service::ring::{SPREAD_FETCH, SPREAD_STORE};
 use allium_proto::service::{BlindedKey, ServiceAddress, TimePeriod};
 use allium_proto::{Consensus, ConsensusRelay};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::ClientError;
 use crate::client::Client;
@@ -153,6 +156,10 @@ pub async fn fetch(
     let mut dirs = responsible(&c, &key, period, SPREAD_FETCH)?;
     dirs.shuffle(&mut rand::rng());
     let path = path_of(&key);
+    let auth = match &client.config().service_auth_dir {
+        Some(d) => auth_key(&client.config().data_dir.join(d), address),
+        None => None,
+    };
     let mut why = Vec::new();
     let mut invalid = None;
     for d in &dirs {
@@ -172,10 +179,21 @@ pub async fn fetch(
                         period.number
                     )));
                 }
-                v.decrypt(address).map_err(bad)
+                v.decrypt(address, auth.as_ref()).map_err(|e| match e {
+                    ReadError::Invalid(e) => bad(e),
+                    ReadError::AuthMissing => ClientError::ClientAuthMissing(format!(
+                        "{e} (a key goes in a .auth_private file in service_auth_dir)"
+                    )),
+                    ReadError::AuthWrong => ClientError::ClientAuthWrong(e.to_string()),
+                })
             });
         match r {
             Ok(info) => return Ok(info),
+            // The service's own descriptor says so: no directory will
+            // say otherwise.
+            Err(e @ (ClientError::ClientAuthMissing(_) | ClientError::ClientAuthWrong(_))) => {
+                return Err(e);
+            }
             Err(e) => {
                 debug!(directory = %d.nickname, "no service descriptor: {e}");
                 why.push(format!("{}: {e}", d.nickname));
@@ -193,4 +211,48 @@ pub async fn fetch(
             why.join("; ")
         ))),
     }
+}
+
+/// Files read from a `service_auth_dir`, at most.
+const MAX_AUTH_FILES: usize = 4096;
+/// Bytes read from one `.auth_private` file, at most.
+const MAX_AUTH_FILE_LEN: u64 = 4096;
+
+/// This client's key for the service at `address`, from the
+/// `NAME.auth_private` files in `dir` (read at each fetch, so a key added
+/// there counts at once). Files that cannot be read or do not hold a key
+/// are skipped with a warning.
+pub fn auth_key(dir: &std::path::Path, address: &ServiceAddress) -> Option<ClientAuthSecret> {
+    use std::io::Read;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!("service_auth_dir {}: {e}", dir.display());
+            return None;
+        }
+    };
+    for entry in entries.take(MAX_AUTH_FILES).flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("auth_private") {
+            continue;
+        }
+        let mut text = zeroize::Zeroizing::new(String::new());
+        let read = std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_AUTH_FILE_LEN).read_to_string(&mut text));
+        if let Err(e) = read {
+            warn!("{}: {e}", path.display());
+            continue;
+        }
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .unwrap_or("");
+        match ClientAuthSecret::parse_line(line) {
+            Ok((a, key)) if a == *address => return Some(key),
+            Ok(_) => {}
+            Err(e) => warn!("{}: {e}", path.display()),
+        }
+    }
+    None
 }

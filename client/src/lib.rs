@@ -89,6 +89,13 @@ pub enum ClientError {
     /// A directory gave a descriptor that does not verify or decrypt.
     #[error("invalid service descriptor: {0}")]
     BadDescriptor(String),
+    /// The service admits only the clients it lists, and this client has
+    /// no key for it.
+    #[error("client authorization missing: {0}")]
+    ClientAuthMissing(String),
+    /// This client's key for the service is not one the service lists.
+    #[error("client authorization wrong: {0}")]
+    ClientAuthWrong(String),
     /// A Tor `.onion` name: not ours, and never sent to an exit (whose
     /// resolver would pass it to the DNS).
     #[error("a Tor .onion name, which Allium cannot reach")]
@@ -116,6 +123,8 @@ impl ClientError {
             ClientError::IntroductionTimedOut => ReplyCode::ONION_INTRODUCTION_TIMED_OUT,
             ClientError::RendezvousFailed(_) => ReplyCode::ONION_RENDEZVOUS_FAILED,
             ClientError::BadDescriptor(_) => ReplyCode::ONION_DESCRIPTOR_INVALID,
+            ClientError::ClientAuthMissing(_) => ReplyCode::ONION_MISSING_CLIENT_AUTH,
+            ClientError::ClientAuthWrong(_) => ReplyCode::ONION_WRONG_CLIENT_AUTH,
             _ => ReplyCode::GENERAL_FAILURE,
         }
     }

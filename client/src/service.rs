@@ -20,6 +20,7 @@ use allium_directory::store::{self, KeyKind};
 use allium_directory::unix_now;
 use allium_proto::ntor::{self, OnionKeys, OnionSecret};
 use allium_proto::relaymsg::{EndReason, Introduce, RelayMsg};
+use allium_proto::service::auth::ClientAuthKey;
 use allium_proto::service::descriptor::{
     self, IntroPoint, MAX_INTRO_POINTS, ServiceInfo, subcredential,
 };
@@ -122,6 +123,53 @@ pub fn load_identity(
     Ok((identity, address))
 }
 
+/// Clients listed in `authorized_clients/`, at most.
+const MAX_AUTH_FILES: usize = 4096;
+
+/// The clients the service admits, from the `NAME.auth` files in
+/// `dir/authorized_clients/` (each `descriptor:x25519:<base32 key>`, as
+/// Tor writes them); none, or no such directory: anyone who knows the
+/// address. A file that does not hold a key is an error, so that a typo
+/// never opens a service meant to be restricted.
+pub fn load_authorized(
+    data_dir: &Path,
+    cfg: &ServiceConfig,
+) -> Result<Vec<ClientAuthKey>, ClientError> {
+    let dir = cfg.dir_in(data_dir).join("authorized_clients");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(ClientError::Config(format!("{}: {e}", dir.display()))),
+    };
+    let mut keys = Vec::new();
+    for entry in entries.take(MAX_AUTH_FILES) {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("auth") {
+            continue;
+        }
+        let bad = |why: String| ClientError::Config(format!("{}: {why}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .unwrap_or("");
+        let key = ClientAuthKey::parse(line).map_err(|e| bad(e.to_string()))?;
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    if keys.len() > descriptor::MAX_AUTH_CLIENTS {
+        return Err(ClientError::Config(format!(
+            "{}: {} clients, at most {} can be authorized",
+            dir.display(),
+            keys.len(),
+            descriptor::MAX_AUTH_CLIENTS
+        )));
+    }
+    Ok(keys)
+}
+
 /// Introductions one introduction point takes before the service replaces
 /// it (so its replay cache stays bounded).
 const MAX_INTRODUCTIONS: usize = 16_384;
@@ -171,7 +219,16 @@ struct Shared {
 pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> {
     cfg.check()?;
     let (identity, address) = load_identity(&client.config().data_dir, &cfg)?;
-    info!(%address, "onion service starting");
+    let authorized = load_authorized(&client.config().data_dir, &cfg)?;
+    if authorized.is_empty() {
+        info!(%address, "onion service starting");
+    } else {
+        info!(
+            %address,
+            "onion service starting, for {} authorized clients only",
+            authorized.len()
+        );
+    }
     client.wait_bootstrapped().await;
     let shared = Arc::new(Shared {
         client: client.clone(),
@@ -245,7 +302,8 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
             };
             for p in periods {
                 let revision = unix_now().saturating_sub(p.start());
-                let doc = descriptor::build(&identity, p, revision, &info, &mut rand::rng());
+                let doc =
+                    descriptor::build(&identity, p, revision, &info, &authorized, &mut rand::rng());
                 match hsdir::publish(&client, &address.blinded(p), p, &doc).await {
                     Ok(r) => {
                         info!(

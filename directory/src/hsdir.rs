@@ -322,7 +322,7 @@ mod tests {
         let path = format!("/service/{}", hex::encode(a.blinded(period).0));
         (
             path,
-            build(&id, period, revision, &info(), &mut rand::rng()),
+            build(&id, period, revision, &info(), &[], &mut rand::rng()),
         )
     }
 

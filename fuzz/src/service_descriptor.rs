@@ -11,9 +11,13 @@
 
 use allium_directory::hsdir::ServiceDirectory;
 use allium_proto::doc::SignedDocument;
-use allium_proto::service::descriptor::{MAX_LEN, UnverifiedServiceDescriptor, build_raw};
+use allium_proto::service::auth::ClientAuthSecret;
+use allium_proto::service::descriptor::{
+    MAX_LEN, UnverifiedServiceDescriptor, auth_layer, build_raw, subcredential,
+};
 use allium_proto::service::{ServiceAddress, TimePeriod};
 use allium_proto::{Consensus, ConsensusRelay, RelayFlags};
+use chacha20::rand_core::SeedableRng;
 use ed25519_dalek::SigningKey;
 
 use crate::keys::NOW;
@@ -33,12 +37,24 @@ pub fn run(data: &[u8]) {
     let (identity, address) = service();
     let period = TimePeriod::at(NOW, INTERVAL);
     if mode & 1 == 1 {
-        let doc = build_raw(&identity, period, 1, rest, [mode; 16]);
+        let key = ClientAuthSecret::from_bytes([mode; 32]);
+        let outer = if mode & 2 == 2 {
+            rest.to_vec()
+        } else {
+            let blinded = address.blinded(period);
+            let subcred = subcredential(address.key(), &blinded);
+            let mut rng = chacha20::ChaCha20Rng::from_seed([mode; 32]);
+            auth_layer(&blinded, &subcred, 1, &[mode; 16], rest, &[], &mut rng)
+        };
+        let doc = build_raw(&identity, period, 1, &outer, [mode; 16]);
         let v = UnverifiedServiceDescriptor::parse(&doc)
             .expect("a built descriptor parses")
             .verify()
             .expect("and verifies");
-        if let Ok(info) = v.decrypt(&address) {
+        let _ = v.decrypt(&address, Some(&key));
+        if let Ok(info) = v.decrypt(&address, None)
+            && mode & 2 == 0
+        {
             let enc = postcard::to_stdvec(&info).expect("encodes");
             assert!(rest.starts_with(&enc), "contents are canonical");
             assert!(rest[enc.len()..].iter().all(|b| *b == 0), "then zeros");
@@ -53,7 +69,7 @@ pub fn run(data: &[u8]) {
     let claimed = u.blinded_key();
     if let Ok(v) = u.verify() {
         assert_eq!(v.bytes(), rest);
-        let _ = v.decrypt(&address);
+        let _ = v.decrypt(&address, None);
     }
     // The directory (the only one on its ring, so responsible for every
     // key), under the key the descriptor names.

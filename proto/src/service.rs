@@ -31,6 +31,7 @@
 use ed25519_dalek::VerifyingKey;
 use sha2::{Digest, Sha256};
 
+pub mod auth;
 mod blind;
 pub mod descriptor;
 pub mod intro;
@@ -110,7 +111,7 @@ impl ServiceAddress {
         if n != ENCODED_LEN {
             return Err(AddressError::Length(n));
         }
-        let raw = base32_decode(label)?;
+        let raw: [u8; RAW_LEN] = base32_decode(label)?;
         let (key, rest) = raw.split_at(32);
         let version = rest[2];
         if version != VERSION {
@@ -155,35 +156,50 @@ fn checksum(key: &[u8; 32], version: u8) -> [u8; 2] {
     [d[0], d[1]]
 }
 
-/// RFC 4648 base32, lowercase, of 35 bytes (exactly 56 characters).
-fn base32_encode(raw: &[u8; RAW_LEN]) -> String {
-    let mut out = String::with_capacity(ENCODED_LEN);
-    for chunk in raw.chunks(5) {
-        let mut v = [0u8; 8];
-        v[8 - chunk.len()..].copy_from_slice(chunk);
-        let bits = u64::from_be_bytes(v);
-        for i in (0..8).rev() {
-            out.push(char::from(ALPHABET[((bits >> (5 * i)) & 31) as usize]));
+/// RFC 4648 base32, lowercase, without padding.
+pub(crate) fn base32_encode(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len().div_ceil(5) * 8);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in raw {
+        acc = (acc << 8 | u32::from(b)) & 0xfff;
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(char::from(ALPHABET[(acc >> bits & 31) as usize]));
         }
+    }
+    if bits > 0 {
+        out.push(char::from(ALPHABET[(acc << (5 - bits) & 31) as usize]));
     }
     out
 }
 
-/// The inverse of [`base32_encode`], any case.
-fn base32_decode(s: &str) -> Result<[u8; RAW_LEN], AddressError> {
-    let mut raw = [0u8; RAW_LEN];
-    let chars: Vec<char> = s.chars().collect();
-    for (chunk, out) in chars.chunks(8).zip(raw.chunks_mut(5)) {
-        let mut bits = 0u64;
-        for &c in chunk {
-            let v = match c.to_ascii_lowercase() {
-                c @ 'a'..='z' => c as u64 - 'a' as u64,
-                c @ '2'..='7' => c as u64 - '2' as u64 + 26,
-                _ => return Err(AddressError::Character(c)),
-            };
-            bits = bits << 5 | v;
+/// The inverse of [`base32_encode`], any case, for exactly `N` bytes: the
+/// length must be the one `N` bytes encode to and the unused low bits of
+/// the last character zero, so each value has one spelling.
+pub(crate) fn base32_decode<const N: usize>(s: &str) -> Result<[u8; N], AddressError> {
+    let mut raw = [0u8; N];
+    let n = s.chars().count();
+    if n != (N * 8).div_ceil(5) {
+        return Err(AddressError::Length(n));
+    }
+    let (mut acc, mut bits, mut i) = (0u32, 0u32, 0);
+    for c in s.chars() {
+        let v = match c.to_ascii_lowercase() {
+            c @ 'a'..='z' => c as u32 - 'a' as u32,
+            c @ '2'..='7' => c as u32 - '2' as u32 + 26,
+            _ => return Err(AddressError::Character(c)),
+        };
+        acc = (acc << 5 | v) & 0xfff;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            raw[i] = (acc >> bits) as u8;
+            i += 1;
         }
-        out.copy_from_slice(&bits.to_be_bytes()[3..]);
+    }
+    if acc & ((1 << bits) - 1) != 0 {
+        return Err(AddressError::Character(s.chars().last().unwrap_or('?')));
     }
     Ok(raw)
 }
@@ -294,6 +310,22 @@ mod tests {
         raw[..5].copy_from_slice(b"fooba");
         let e = base32_encode(&raw);
         assert!(e.starts_with("mzxw6ytb"), "{e}");
-        assert_eq!(base32_decode(&e).unwrap(), raw);
+        assert_eq!(base32_decode::<RAW_LEN>(&e).unwrap(), raw);
+        // Lengths that are not a multiple of 5 bytes, as in RFC 4648.
+        for (raw, text) in [
+            (&b"f"[..], "my"),
+            (b"fo", "mzxq"),
+            (b"foo", "mzxw6"),
+            (b"foob", "mzxw6yq"),
+        ] {
+            assert_eq!(base32_encode(raw), text);
+        }
+        assert_eq!(base32_decode::<2>("mzxq").unwrap(), *b"fo");
+        // Only one spelling: unused low bits must be zero.
+        assert!(base32_decode::<2>("mzxr").is_err());
+        assert!(base32_decode::<2>("mzx").is_err());
+        let k = [0xa5; 32];
+        assert_eq!(base32_decode::<32>(&base32_encode(&k)).unwrap(), k);
+        assert_eq!(base32_encode(&k).len(), 52);
     }
 }

@@ -19,6 +19,7 @@ use allium_proto::ntor::{self, OnionKeys, OnionSecret};
 use allium_proto::onion::{BACKWARD_CAPACITY, ClientLayers, HopKeys, RelayLayer, forward_capacity};
 use allium_proto::policy::ExitPolicy;
 use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
+use allium_proto::service::auth::ClientAuthSecret;
 use allium_proto::service::descriptor::{self, IntroPoint, ServiceInfo};
 use allium_proto::service::intro;
 use allium_proto::service::{BlindedSigningKey, TimePeriod, ring};
@@ -29,6 +30,7 @@ use allium_proto::{
     Consensus, ConsensusRelay, RelayDescriptor, RelayFlags, UnverifiedConsensus,
     UnverifiedDescriptor,
 };
+use chacha20::rand_core::SeedableRng;
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -392,18 +394,43 @@ fn compute() -> BTreeMap<String, String> {
             enc_key: [0xe1; 32],
         }],
     };
-    let sd = descriptor::build_raw(
+    // The randomness: ChaCha20's keystream under the key 5a^32 (nonce 0).
+    let mut rng = chacha20::ChaCha20Rng::from_seed([0x5a; 32]);
+    let sd = descriptor::build(
         &SigningKey::from_bytes(&[7; 32]),
         period,
         1,
-        &descriptor::padded(&info),
-        [0x5a; 16],
+        &info,
+        &[],
+        &mut rng,
     );
     let read = descriptor::UnverifiedServiceDescriptor::parse(&sd)
         .unwrap()
         .verify()
         .unwrap();
-    assert_eq!(read.decrypt(&a).unwrap(), info);
+    assert_eq!(read.decrypt(&a, None).unwrap(), info);
+    // The same, for one authorized client whose secret is 3c^32.
+    let client = ClientAuthSecret::from_bytes([0x3c; 32]);
+    let mut rng = chacha20::ChaCha20Rng::from_seed([0x5a; 32]);
+    let restricted = descriptor::build(
+        &SigningKey::from_bytes(&[7; 32]),
+        period,
+        1,
+        &info,
+        &[client.public()],
+        &mut rng,
+    );
+    let read = descriptor::UnverifiedServiceDescriptor::parse(&restricted)
+        .unwrap()
+        .verify()
+        .unwrap();
+    assert_eq!(read.decrypt(&a, Some(&client)).unwrap(), info);
+    assert!(read.decrypt(&a, None).is_err());
+    put("service.client_auth.key", &client.public().0);
+    put(
+        "service.descriptor.restricted.sha256",
+        &Sha256::digest(&restricted),
+    );
     put("service.descriptor", &sd);
 
     // Introduction (section 11.4): the circuit binding of the hop whose

@@ -321,3 +321,72 @@ pub async fn library_client(
     c.bootstrap(Duration::from_secs(30)).await.unwrap();
     c
 }
+
+/// Open a SOCKS5 connection to `host:port`, with username/password if given.
+pub async fn socks_open(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    match auth {
+        None => {
+            s.write_all(&[5, 1, 0]).await.unwrap();
+            let mut m = [0u8; 2];
+            s.read_exact(&mut m).await.unwrap();
+            assert_eq!(m, [5, 0]);
+        }
+        Some((u, p)) => {
+            s.write_all(&[5, 2, 0, 2]).await.unwrap();
+            let mut m = [0u8; 2];
+            s.read_exact(&mut m).await.unwrap();
+            assert_eq!(m, [5, 2]);
+            let mut a = vec![1, u.len() as u8];
+            a.extend_from_slice(u.as_bytes());
+            a.push(p.len() as u8);
+            a.extend_from_slice(p.as_bytes());
+            s.write_all(&a).await.unwrap();
+            s.read_exact(&mut m).await.unwrap();
+            assert_eq!(m, [1, 0]);
+        }
+    }
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r[1], 0, "SOCKS reply for {host}:{port}");
+    s
+}
+
+/// HTTP/1.1 GET with hyper's client over a SOCKS5 stream; the hostname is
+/// resolved at the exit.
+pub async fn hyper_get(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    path: &str,
+    auth: Option<(&str, &str)>,
+) -> Vec<u8> {
+    use http_body_util::BodyExt;
+    let s = socks_open(proxy, host, port, auth).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", format!("{host}:{port}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+}
