@@ -368,10 +368,15 @@ fn client(r: &mut Report, c: ClientConfig) {
             }
         };
         r.plan.push(format!(
-            "hosts an onion service from {} (its key and hostname there): ports {}; {} introduction points; for {who}",
+            "hosts an onion service from {} (its key and hostname there): ports {}; {} introduction points; for {who}; {}",
             c.data_dir.join(&s.dir).display(),
             ports.join(", "),
-            s.intro_points
+            s.intro_points,
+            match (s.pow_defense, s.pow_min_effort) {
+                (false, _) => "no puzzle under load".to_string(),
+                (true, 0) => "a puzzle under load".to_string(),
+                (true, n) => format!("a puzzle of effort {n} at least"),
+            }
         ));
     }
     if let Some(d) = &c.service_auth_dir {

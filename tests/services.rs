@@ -41,6 +41,7 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
             auth_key: [0xa1; 32],
             enc_key: [0xe1; 32],
         }],
+        pow: None,
     };
     let c = net.client.consensus().unwrap();
     let period = c.period_at(unix_now());
@@ -181,6 +182,7 @@ async fn host_service(
     net: &Testnet,
     dir: &std::path::Path,
     target: std::net::SocketAddr,
+    pow_min_effort: u32,
 ) -> (allium_client::Client, ServiceAddress) {
     use allium_client::service::{PortMap, ServiceConfig};
     let cfg = ServiceConfig {
@@ -188,6 +190,7 @@ async fn host_service(
             virtual_port: 80,
             target,
         }],
+        pow_min_effort,
         ..ServiceConfig::default()
     };
     let host = library_client(net, dir).await;
@@ -232,7 +235,7 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
     let web = common::serve_bytes(body).await;
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let (host, address) = host_service(&net, dir.path(), web).await;
+    let (host, address) = host_service(&net, dir.path(), web, 0).await;
     assert_eq!(
         std::fs::read_to_string(dir.path().join("service/hostname")).unwrap(),
         format!("{address}\n")
@@ -384,7 +387,7 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_service_for_listed_clients_serves_them_and_answers_others_f4_or_f5() {
+async fn a_service_for_listed_clients_with_a_puzzle_serves_them_and_answers_others_f4_or_f5() {
     use allium_proto::service::auth::ClientAuthSecret;
     use sha2::{Digest, Sha256};
     let net = Testnet::start(TestnetOptions {
@@ -409,7 +412,8 @@ async fn a_service_for_listed_clients_serves_them_and_answers_others_f4_or_f5() 
     std::fs::create_dir_all(&listed).unwrap();
     std::fs::write(listed.join("alice.auth"), format!("{}\n", alice.public())).unwrap();
     let started = Instant::now();
-    let (_host, address) = host_service(&net, dir.path(), web).await;
+    // It also asks every introduction for effort 8 of its puzzle.
+    let (_host, address) = host_service(&net, dir.path(), web, 8).await;
     let text = address.to_string();
 
     // Alice's client has her key and a SOCKS port of its own.
@@ -419,6 +423,7 @@ async fn a_service_for_listed_clients_serves_them_and_answers_others_f4_or_f5() 
         match hsdir::fetch(&alice_client, &address, unix_now()).await {
             Ok(info) => {
                 assert!(!info.intro_points.is_empty());
+                assert_eq!(info.pow.map(|p| p.effort), Some(8));
                 break;
             }
             Err(e) => {
@@ -430,7 +435,8 @@ async fn a_service_for_listed_clients_serves_them_and_answers_others_f4_or_f5() 
             }
         }
     }
-    // ... and hyper fetches the 4 MiB through her SOCKS port.
+    // ... and hyper fetches the 4 MiB through her SOCKS port (her client
+    // paid the effort: the service drops introductions that do not).
     assert_eq!(
         Sha256::digest(common::hyper_get(alice_socks, &text, 80, "/", None).await),
         want

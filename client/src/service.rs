@@ -24,11 +24,12 @@ use allium_proto::service::auth::ClientAuthKey;
 use allium_proto::service::descriptor::{
     self, IntroPoint, MAX_INTRO_POINTS, ServiceInfo, subcredential,
 };
-use allium_proto::service::intro;
+use allium_proto::service::intro::{self, IntroduceRequest};
+use allium_proto::service::pow::{EffortControl, PowParams, Solver, verify};
 use allium_proto::service::{ServiceAddress, TimePeriod};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, warn};
 use x25519_dalek::StaticSecret;
 
@@ -53,6 +54,14 @@ pub struct ServiceConfig {
     /// burst it allows.
     pub intro_rate: u32,
     pub intro_burst: u32,
+    /// Answer a flood of introductions with a puzzle (section 11.5 of the
+    /// protocol): the descriptor carries the service's seed and the
+    /// effort it suggests (none until introductions find no turn), and
+    /// introductions that paid more are served first.
+    pub pow_defense: bool,
+    /// The least effort an introduction must carry (0: none unless under
+    /// load).
+    pub pow_min_effort: u32,
 }
 
 impl Default for ServiceConfig {
@@ -63,6 +72,8 @@ impl Default for ServiceConfig {
             intro_points: 3,
             intro_rate: 25,
             intro_burst: 200,
+            pow_defense: true,
+            pow_min_effort: 0,
         }
     }
 }
@@ -92,6 +103,15 @@ impl ServiceConfig {
                 "intro_rate must be 1 to {}, intro_burst 1 to {}",
                 intro::MAX_RATE,
                 intro::MAX_BURST
+            )));
+        }
+        if self.pow_min_effort > 0 && !self.pow_defense {
+            return Err(bad("pow_min_effort needs pow_defense".into()));
+        }
+        if self.pow_min_effort > crate::rendezvous::MAX_POW_EFFORT {
+            return Err(bad(format!(
+                "pow_min_effort above {} (what a client pays at most) shuts every client out",
+                crate::rendezvous::MAX_POW_EFFORT
             )));
         }
         Ok(())
@@ -188,6 +208,190 @@ const IDLE_CLOSE: Duration = Duration::from_secs(15 * 60);
 /// Descriptors are filed again this often even when nothing changed.
 const REPUBLISH: Duration = Duration::from_secs(600);
 
+/// Introductions waiting for a turn, at most (past it the one that paid
+/// least is dropped).
+const MAX_WAITING: usize = 1024;
+/// The suggested effort is reviewed this often.
+const POW_UPDATE: Duration = Duration::from_secs(60);
+/// The puzzle's seed changes this often (the previous one still counts),
+/// so solutions cannot be made long before they are used.
+const SEED_LIFETIME: Duration = Duration::from_secs(3 * 3600);
+
+/// The service's puzzle: its seeds and the effort it suggests.
+struct PowState {
+    seed: [u8; 32],
+    previous: Option<[u8; 32]>,
+    seeded: Instant,
+    control: EffortControl,
+    reviewed: Instant,
+}
+
+impl PowState {
+    fn new(floor: u32) -> Self {
+        PowState {
+            seed: rand::random(),
+            previous: None,
+            seeded: Instant::now(),
+            control: EffortControl::new(floor),
+            reviewed: Instant::now(),
+        }
+    }
+
+    /// What the descriptor says now, after a new seed or a review of the
+    /// effort if one is due.
+    fn params(&mut self, turns: &Turns) -> PowParams {
+        if self.seeded.elapsed() >= SEED_LIFETIME {
+            self.previous = Some(self.seed);
+            self.seed = rand::random();
+            self.seeded = Instant::now();
+        }
+        if self.reviewed.elapsed() >= POW_UPDATE {
+            let (dropped, waiting, mean) = turns.review();
+            let before = self.control.suggested;
+            let now = self.control.update(dropped, waiting, mean);
+            if now != before {
+                info!(
+                    dropped,
+                    waiting, "introductions now asked for effort {now} (was {before})"
+                );
+            }
+            self.reviewed = Instant::now();
+        }
+        PowParams {
+            seed: self.seed,
+            effort: self.control.suggested,
+        }
+    }
+
+    /// The seed a solution names by its first bytes.
+    fn seed_for(&self, head: &[u8; 4]) -> Option<[u8; 32]> {
+        [Some(self.seed), self.previous]
+            .into_iter()
+            .flatten()
+            .find(|s| s[..4] == head[..])
+    }
+}
+
+/// Turns to build rendezvous circuits: `free` at a time, then given to
+/// the waiting introduction that paid the most effort (the oldest among
+/// equals). At most `max_waiting` wait; past that the one that paid
+/// least is dropped.
+struct Turns {
+    state: Mutex<TurnState>,
+    max_waiting: usize,
+}
+
+#[derive(Default)]
+struct TurnState {
+    free: usize,
+    seq: u64,
+    waiting: std::collections::BTreeMap<(u32, std::cmp::Reverse<u64>), oneshot::Sender<Turn>>,
+    /// Since the last review: introductions dropped, and those served
+    /// with the sum of their efforts.
+    dropped: u64,
+    served: u64,
+    served_effort: u64,
+}
+
+/// A turn: handed to the next waiting introduction when dropped (also
+/// when it is dropped unreceived, as its waiter gives up).
+struct Turn(Option<Arc<Turns>>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.release();
+        }
+    }
+}
+
+impl Turns {
+    fn new(parallel: usize, max_waiting: usize) -> Arc<Self> {
+        Arc::new(Turns {
+            state: Mutex::new(TurnState {
+                free: parallel,
+                ..TurnState::default()
+            }),
+            max_waiting,
+        })
+    }
+
+    fn release(self: &Arc<Self>) {
+        let mut st = self.lock();
+        while let Some(((effort, _), tx)) = st.waiting.pop_last() {
+            match tx.send(Turn(Some(self.clone()))) {
+                Ok(()) => {
+                    st.served += 1;
+                    st.served_effort += u64::from(effort);
+                    return;
+                }
+                // Its waiter is gone: the turn goes to the next.
+                Err(mut t) => t.0 = None,
+            }
+        }
+        st.free += 1;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TurnState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for a turn, with `effort` paid; `None` if dropped for one that
+    /// paid more.
+    async fn wait(self: &Arc<Self>, effort: u32) -> Option<Turn> {
+        let rx = {
+            let mut st = self.lock();
+            if st.free > 0 && st.waiting.is_empty() {
+                st.free -= 1;
+                st.served += 1;
+                st.served_effort += u64::from(effort);
+                return Some(Turn(Some(self.clone())));
+            }
+            if st.waiting.len() >= self.max_waiting {
+                st.waiting.retain(|_, tx| !tx.is_closed());
+            }
+            if st.waiting.len() >= self.max_waiting {
+                match st.waiting.first_key_value() {
+                    Some((&(least, _), _)) if least < effort => {
+                        st.waiting.pop_first();
+                        st.dropped += 1;
+                    }
+                    _ => {
+                        st.dropped += 1;
+                        return None;
+                    }
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            st.seq += 1;
+            let key = (effort, std::cmp::Reverse(st.seq));
+            st.waiting.insert(key, tx);
+            rx
+        };
+        rx.await.ok()
+    }
+
+    /// Count an introduction that gave up waiting.
+    fn gave_up(&self) {
+        self.lock().dropped += 1;
+    }
+
+    /// Since the last review: introductions dropped, waiting now, and
+    /// the mean effort of those served.
+    fn review(&self) -> (u64, usize, u32) {
+        let mut st = self.lock();
+        let waiting = st.waiting.values().filter(|tx| !tx.is_closed()).count();
+        let mean = st
+            .served_effort
+            .checked_div(st.served)
+            .map_or(0, |m| m.min(u64::from(u32::MAX)) as u32);
+        let dropped = std::mem::take(&mut st.dropped);
+        st.served = 0;
+        st.served_effort = 0;
+        (dropped, waiting, mean)
+    }
+}
+
 /// What an introduction point's circuit needs to answer introductions.
 struct IntroKeys {
     auth_key: [u8; 32],
@@ -210,9 +414,21 @@ struct Shared {
     client: Client,
     address: ServiceAddress,
     ports: Vec<PortMap>,
-    rendezvous: Semaphore,
+    /// Turns to build rendezvous circuits, by effort.
+    turns: Arc<Turns>,
+    /// The puzzle, if the service has one.
+    pow: Option<Mutex<PowState>>,
     /// Rendezvous circuits open now.
     live: std::sync::atomic::AtomicUsize,
+}
+
+/// What the service last filed: the introduction points' keys, the
+/// period, when, and the puzzle.
+struct Filed {
+    keys: Vec<[u8; 32]>,
+    period: TimePeriod,
+    at: Instant,
+    pow: Option<PowParams>,
 }
 
 /// Run the service `cfg` inside `client` until the client stops.
@@ -234,11 +450,14 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
         client: client.clone(),
         address,
         ports: cfg.ports.clone(),
-        rendezvous: Semaphore::new(RENDEZVOUS_PARALLEL),
+        turns: Turns::new(RENDEZVOUS_PARALLEL, MAX_WAITING),
+        pow: cfg
+            .pow_defense
+            .then(|| Mutex::new(PowState::new(cfg.pow_min_effort))),
         live: Default::default(),
     });
     let mut intros: Vec<IntroState> = Vec::new();
-    let mut published: Option<(Vec<[u8; 32]>, TimePeriod, Instant)> = None;
+    let mut published: Option<Filed> = None;
     let mut reachable = false;
     loop {
         let before = intros.len();
@@ -269,13 +488,22 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
             );
         }
         let keys: Vec<[u8; 32]> = intros.iter().map(|i| i.keys.auth_key).collect();
+        let pow = shared.pow.as_ref().map(|p| {
+            p.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .params(&shared.turns)
+        });
         let c_now = client.consensus();
         let period = c_now.as_ref().map(|c| c.period_at(unix_now()));
         let due = match (&published, period) {
             (_, None) => false,
             (None, Some(_)) => !keys.is_empty(),
-            (Some((k, p, at)), Some(period)) => {
-                (*k != keys || *p != period || at.elapsed() >= REPUBLISH) && !keys.is_empty()
+            (Some(f), Some(period)) => {
+                (f.keys != keys
+                    || f.period != period
+                    || f.at.elapsed() >= REPUBLISH
+                    || f.pow != pow)
+                    && !keys.is_empty()
             }
         };
         if let (true, Some(period)) = (due, period) {
@@ -288,6 +516,7 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
                         enc_key: i.keys.enc.public().0,
                     })
                     .collect(),
+                pow,
             };
             let mut stored_now = 0;
             // The next period's descriptor once the consensus has its
@@ -324,7 +553,12 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
                 }
             }
             if stored_now > 0 {
-                published = Some((keys, period, Instant::now()));
+                published = Some(Filed {
+                    keys,
+                    period,
+                    at: Instant::now(),
+                    pow,
+                });
                 if !reachable {
                     reachable = true;
                     info!(%address, "service reachable");
@@ -385,11 +619,32 @@ async fn establish(
     // Introductions, as they come: the task ends with the circuit (or
     // retires it after MAX_INTRODUCTIONS).
     let (sh, k, c2) = (shared.clone(), keys.clone(), circ.clone());
+    // (Twice the burst: the point's bucket runs on its own clock, and
+    // delays on the way can bunch what it passed on within its rate.)
+    let (rate, burst) = (f64::from(cfg.intro_rate), 2.0 * f64::from(cfg.intro_burst));
+    let name = relay.nickname.clone();
     tokio::spawn(
         async move {
             let mut taken = 0;
+            // The rate the service asked for, held to by the service too:
+            // a point that passes on more (hostile, or broken) costs the
+            // service no work for the excess, and is replaced once the
+            // excess reaches a burst.
+            let (mut tokens, mut last, mut excess) = (burst, Instant::now(), 0.0);
             while let Some(m) = msgs.recv().await {
                 if let RelayMsg::Introduce2(i) = m {
+                    tokens = (tokens + last.elapsed().as_secs_f64() * rate).min(burst);
+                    last = Instant::now();
+                    if tokens < 1.0 {
+                        excess += 1.0;
+                        if excess >= burst {
+                            warn!(intro = %name, "introduction point passes on more than the rate asked; replacing it");
+                            k.retired.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        continue;
+                    }
+                    tokens -= 1.0;
                     taken += 1;
                     if taken > MAX_INTRODUCTIONS {
                         k.retired.store(true, Ordering::Relaxed);
@@ -418,6 +673,49 @@ async fn establish(
         keys,
         circ,
     })
+}
+
+/// The effort an introduction paid: its solution must verify under one of
+/// the service's seeds and meet the service's floor.
+async fn check_pow(
+    shared: &Shared,
+    req: &IntroduceRequest,
+    ephemeral: &[u8; 32],
+) -> Result<u32, ClientError> {
+    let refused = |why: &str| Err(ClientError::IntroductionFailed(why.into()));
+    let Some(state) = &shared.pow else {
+        return Ok(0);
+    };
+    let (seed, floor) = {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        let seed = req.pow.and_then(|p| st.seed_for(&p.seed_head));
+        (seed, st.control.floor)
+    };
+    let Some(pow) = req.pow else {
+        return if floor == 0 {
+            Ok(0)
+        } else {
+            refused("an introduction without the effort the service requires")
+        };
+    };
+    let Some(seed) = seed else {
+        return refused("a puzzle solution for a seed the service does not have");
+    };
+    if pow.effort < floor {
+        return refused("an introduction with less effort than the service requires");
+    }
+    let key = *ephemeral;
+    let ok = tokio::task::spawn_blocking(move || {
+        thread_local!(static SOLVER: std::cell::RefCell<Solver> = std::cell::RefCell::new(Solver::new()));
+        SOLVER.with(|s| verify(&mut s.borrow_mut(), &seed, &key, &pow))
+    })
+    .await
+    .unwrap_or(false);
+    if ok {
+        Ok(pow.effort)
+    } else {
+        refused("a puzzle solution that does not verify")
+    }
 }
 
 /// A client's introduction: check it, then meet the client at its
@@ -458,6 +756,7 @@ async fn introduced(
             "a replayed introduction".into(),
         ));
     }
+    let effort = check_pow(shared, &req, &ephemeral).await?;
     let rp = c
         .relay(&req.rp_identity)
         .filter(|r| r.link_key == req.rp_link_key && r.addr == req.rp_addr)
@@ -480,13 +779,23 @@ async fn introduced(
         ));
     }
     // A client waits for the service for so long only.
-    let _turn = tokio::time::timeout(
+    let _turn = match tokio::time::timeout(
         crate::rendezvous::RENDEZVOUS_TIMEOUT,
-        shared.rendezvous.acquire(),
+        shared.turns.wait(effort),
     )
     .await
-    .map_err(|_| ClientError::Timeout("a turn to build a rendezvous circuit"))?
-    .map_err(|_| ClientError::CircuitClosed)?;
+    {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return Err(ClientError::RendezvousFailed(
+                "dropped for introductions that paid more effort".into(),
+            ));
+        }
+        Err(_) => {
+            shared.turns.gave_up();
+            return Err(ClientError::Timeout("a turn to build a rendezvous circuit"));
+        }
+    };
     let circ = client
         .build_circuit(&ExitTarget::Relay(&rp.identity))
         .await?;
@@ -588,5 +897,78 @@ async fn serve_stream(shared: Arc<Shared>, inc: Incoming) {
             }
         }
         Err(e) => debug!("service stream: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A waiter for a turn with `effort`, reporting when it got one.
+    fn waiter(
+        turns: &Arc<Turns>,
+        effort: u32,
+        got: &mpsc::UnboundedSender<u32>,
+    ) -> tokio::task::JoinHandle<Option<Turn>> {
+        let (turns, got) = (turns.clone(), got.clone());
+        tokio::spawn(async move {
+            let t = turns.wait(effort).await;
+            let _ = got.send(if t.is_some() { effort } else { 0 });
+            t
+        })
+    }
+
+    #[tokio::test]
+    async fn turns_go_to_the_most_effort_and_a_full_queue_drops_the_least() {
+        let turns = Turns::new(1, 3);
+        let (tx, mut got) = mpsc::unbounded_channel();
+        let first = turns.wait(0).await.expect("a free turn");
+        let low = waiter(&turns, 1, &tx);
+        tokio::task::yield_now().await;
+        let mid = waiter(&turns, 5, &tx);
+        tokio::task::yield_now().await;
+        let mid2 = waiter(&turns, 5, &tx);
+        tokio::task::yield_now().await;
+        // The queue is full: one that paid more takes the place of the
+        // least (which is told at once), one that paid less is refused.
+        let high = waiter(&turns, 9, &tx);
+        assert_eq!(got.recv().await, Some(0));
+        assert!(low.await.unwrap().is_none());
+        assert!(turns.wait(2).await.is_none());
+        // Each released turn goes to the highest effort, then the oldest.
+        drop(first);
+        assert_eq!(got.recv().await, Some(9));
+        drop(high.await.unwrap());
+        assert_eq!(got.recv().await, Some(5));
+        let t = mid.await.unwrap().expect("the older of the two");
+        // One that gives up waiting passes its turn on.
+        mid2.abort();
+        let _ = mid2.await;
+        drop(t);
+        let again = turns.wait(3).await.expect("a free turn again");
+        let (dropped, waiting, mean) = turns.review();
+        assert_eq!((dropped, waiting), (2, 0));
+        // Served: the first (0), then 9, 5 and 3.
+        assert_eq!(mean, 17 / 4, "mean effort of those served");
+        drop(again);
+        assert_eq!(turns.lock().free, 1);
+    }
+
+    #[tokio::test]
+    async fn a_turn_dropped_unreceived_goes_to_the_next() {
+        let turns = Turns::new(1, 8);
+        let (tx, mut got) = mpsc::unbounded_channel();
+        let first = turns.wait(0).await.unwrap();
+        let a = waiter(&turns, 7, &tx);
+        tokio::task::yield_now().await;
+        let b = waiter(&turns, 1, &tx);
+        tokio::task::yield_now().await;
+        // The turn is sent to `a`, which is cancelled before it runs.
+        drop(first);
+        a.abort();
+        let _ = a.await;
+        assert_eq!(got.recv().await, Some(1));
+        drop(b.await.unwrap());
+        assert_eq!(turns.lock().free, 1);
     }
 }

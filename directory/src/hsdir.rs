@@ -285,6 +285,7 @@ mod tests {
                 auth_key: [2; 32],
                 enc_key: [3; 32],
             }],
+            pow: None,
         }
     }
 

@@ -153,6 +153,7 @@ fn vectors(c: &Corpus) {
                 auth_key: [0xa1; 32],
                 enc_key: [0xe1; 32],
             }],
+            pow: None,
         };
         let doc = build_raw(
             &identity,

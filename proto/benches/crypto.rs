@@ -380,5 +380,21 @@ fn documents(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, cells, handshakes, links, relay_path, documents);
+/// The introduction puzzle (doc/protocol.md section 11.5): one attempt,
+/// which is also what the service spends to check a solution.
+fn puzzle(c: &mut Criterion) {
+    use allium_proto::service::pow::Solver;
+    let mut s = Solver::new();
+    let mut n = 0u128;
+    c.bench_function("pow_attempt", |b| {
+        b.iter(|| {
+            n += 1;
+            black_box(s.hash(&[1; 32], &[2; 32], 100, &n.to_be_bytes()))
+        })
+    });
+}
+
+criterion_group!(
+    benches, cells, handshakes, links, relay_path, documents, puzzle
+);
 criterion_main!(benches);

@@ -35,6 +35,7 @@ pub mod auth;
 mod blind;
 pub mod descriptor;
 pub mod intro;
+pub mod pow;
 pub mod ring;
 
 pub use blind::{BlindedKey, BlindedSigningKey, INTERVALS_PER_PERIOD, TimePeriod};

@@ -22,6 +22,7 @@ use allium_proto::relaymsg::{EndReason, Extend, RelayMsg, TargetAddr};
 use allium_proto::service::auth::ClientAuthSecret;
 use allium_proto::service::descriptor::{self, IntroPoint, ServiceInfo};
 use allium_proto::service::intro;
+use allium_proto::service::pow::{Pow, Solver};
 use allium_proto::service::{BlindedSigningKey, TimePeriod, ring};
 use allium_proto::vote::shared_random::{self, Round, SharedRandom, SrEntry};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
@@ -393,6 +394,7 @@ fn compute() -> BTreeMap<String, String> {
             auth_key: [0xa1; 32],
             enc_key: [0xe1; 32],
         }],
+        pow: None,
     };
     // The randomness: ChaCha20's keystream under the key 5a^32 (nonce 0).
     let mut rng = chacha20::ChaCha20Rng::from_seed([0x5a; 32]);
@@ -457,6 +459,11 @@ fn compute() -> BTreeMap<String, String> {
         rp_link_key: LinkKey([0x02; 32]),
         rp_addr: "127.0.0.1:9001".parse().unwrap(),
         onionskin: vec![0x5a; ntor::CLIENT_LEN],
+        pow: Some(Pow {
+            effort: 3,
+            seed_head: [0x5e; 4],
+            nonce: [0x0d; 16],
+        }),
     };
     let auth_key = auth.verifying_key().to_bytes();
     let sealed = intro::seal_with_ephemeral(
@@ -472,6 +479,12 @@ fn compute() -> BTreeMap<String, String> {
         req
     );
     put("intro.introduce.encrypted", &sealed);
+
+    // The puzzle (section 11.5): one attempt, seed 5e^32, key 2b^32's
+    // public key, effort 3, nonce 0d^16.
+    let e = PublicKey::from(&StaticSecret::from([0x2b; 32])).to_bytes();
+    let mut solver = Solver::new();
+    put("pow.hash", &solver.hash(&[0x5e; 32], &e, 3, &[0x0d; 16]));
     v
 }
 

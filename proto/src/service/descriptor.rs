@@ -30,6 +30,7 @@
 //! let period = TimePeriod::at(1_800_000_000, 3600);
 //! let info = ServiceInfo {
 //!     intro_points: vec![IntroPoint { relay: [1; 32], auth_key: [2; 32], enc_key: [3; 32] }],
+//!     pow: None,
 //! };
 //! let doc = build(&identity, period, 1, &info, &[], &mut rand::rng());
 //! // A directory checks the signature; only a client with the address reads it.
@@ -120,6 +121,9 @@ pub enum ReadError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInfo {
     pub intro_points: Vec<IntroPoint>,
+    /// The service's puzzle for introductions (section 11.5), if it has
+    /// one.
+    pub pow: Option<super::pow::PowParams>,
 }
 
 /// One introduction point.
@@ -528,6 +532,11 @@ mod tests {
                     enc_key: [0xe0 + i as u8; 32],
                 })
                 .collect(),
+            // The largest puzzle parameters, for the sizes.
+            pow: Some(super::super::pow::PowParams {
+                seed: [0x5e; 32],
+                effort: u32::MAX,
+            }),
         }
     }
 

@@ -9,7 +9,8 @@
 //! INTRODUCE1.encrypted = E[32] | tag[16] | AES-256-GCM(key, nonce 0, ad = auth_key, request)
 //!   key     = HKDF-SHA256(salt "allium introduce v1", X25519(e, B) | E | B | auth_key | subcredential, "key")
 //!   request = cookie[20] | rp identity[32] | rp link key[32] | rp address | u16 port
-//!             | u16 len | ntor onionskin | zeros to 256 bytes
+//!             | u16 len | ntor onionskin | u32 pow effort | pow seed head[4] | pow nonce[16]
+//!             | zeros to 256 bytes
 //! ```
 //! `B` is the service's X25519 key for this introduction point (from the
 //! descriptor). The subcredential makes the request useless to anyone who
@@ -25,6 +26,7 @@ use rand_core::CryptoRng;
 use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use super::pow::Pow;
 use crate::aead::{self, TAG_LEN};
 use crate::relaymsg::{COOKIE_LEN, EstablishIntro, TargetAddr};
 use crate::wire::{Reader, Writer};
@@ -92,6 +94,9 @@ pub struct IntroduceRequest {
     pub rp_link_key: LinkKey,
     pub rp_addr: SocketAddr,
     pub onionskin: Vec<u8>,
+    /// A solution of the service's puzzle (section 11.5), bound to the
+    /// introduction's ephemeral key.
+    pub pow: Option<Pow>,
 }
 
 impl IntroduceRequest {
@@ -104,6 +109,10 @@ impl IntroduceRequest {
         w.put_u16(self.rp_addr.port())
             .put_u16(self.onionskin.len() as u16)
             .put(&self.onionskin);
+        match &self.pow {
+            Some(p) => w.put_u32(p.effort).put(&p.seed_head).put(&p.nonce),
+            None => w.put(&[0; 24]),
+        };
         let mut v = w.finish();
         if v.len() > REQUEST_LEN {
             return Err(Error::TooLarge {
@@ -128,6 +137,20 @@ impl IntroduceRequest {
         let port = r.take_u16()?;
         let len = r.take_u16()? as usize;
         let onionskin = r.take(len)?.to_vec();
+        let effort = r.take_u32()?;
+        let seed_head = r.take_array()?;
+        let nonce = r.take_array()?;
+        let pow = (effort > 0).then_some(Pow {
+            effort,
+            seed_head,
+            nonce,
+        });
+        if pow.is_none() && (seed_head != [0; 4] || nonce != [0; 16]) {
+            return Err(Error::malformed(
+                "introduce",
+                "a puzzle solution of no effort",
+            ));
+        }
         if r.take_rest().iter().any(|&b| b != 0) {
             return Err(Error::malformed("introduce", "padding is not zeros"));
         }
@@ -137,6 +160,7 @@ impl IntroduceRequest {
             rp_link_key,
             rp_addr: SocketAddr::new(ip, port),
             onionskin,
+            pow,
         })
     }
 }
@@ -249,6 +273,11 @@ mod tests {
             rp_link_key: LinkKey([6; 32]),
             rp_addr: "[::1]:9001".parse().unwrap(),
             onionskin: vec![7; crate::ntor::CLIENT_LEN],
+            pow: Some(Pow {
+                effort: 3,
+                seed_head: [1, 2, 3, 4],
+                nonce: [5; 16],
+            }),
         };
         let sealed = seal(&mut rng, &req, &[8; 32], &enc_pub, &[9; 32]).unwrap();
         assert_eq!(sealed.len(), ENCRYPTED_LEN);
