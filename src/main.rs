@@ -273,7 +273,7 @@ fn client_auth(address: &str, name: &str, out: &Path) -> Result<(), String> {
         allium_directory::store::write_atomic(path, text.as_bytes(), mode)
             .map_err(|e| format!("{}: {e}", path.display()))
     };
-    write(&private, &format!("{}\n", *secret.to_line(&address)), 0o600)?;
+    write(&private, &secret.to_line(&address), 0o600)?;
     write(&public, &format!("{}\n", secret.public()), 0o644)?;
     say!(
         "{}: the client's secret key; move it into the service_auth_dir of the client's config",

@@ -131,6 +131,7 @@ fn client_auth_writes_a_key_pair_the_service_and_the_client_read() {
     assert!(!run(&typo, "bob").status.success());
     assert!(!run(&address.to_string(), "../bob").status.success());
     assert!(!d.path().join("bob.auth").exists());
+    assert!(!d.path().parent().unwrap().join("bob.auth").exists());
 }
 
 #[test]

@@ -464,8 +464,11 @@ async fn keyed_client(
 ) {
     let d = tempfile::tempdir().unwrap();
     std::fs::create_dir(d.path().join("keys")).unwrap();
-    let line = format!("{}\n", *key.to_line(address));
-    std::fs::write(d.path().join("keys/svc.auth_private"), line).unwrap();
+    std::fs::write(
+        d.path().join("keys/svc.auth_private"),
+        key.to_line(address).as_bytes(),
+    )
+    .unwrap();
     let cfg = allium_client::ClientConfig {
         data_dir: d.path().into(),
         socks_listen: vec![],

@@ -162,6 +162,7 @@ pub async fn fetch(
     };
     let mut why = Vec::new();
     let mut invalid = None;
+    let mut auth_refused = None;
     for d in &dirs {
         let r = request(client, d, "GET", &path, Vec::new())
             .await
@@ -189,10 +190,11 @@ pub async fn fetch(
             });
         match r {
             Ok(info) => return Ok(info),
-            // The service's own descriptor says so: no directory will
-            // say otherwise.
+            // The service's own descriptor says so; but a directory may
+            // hold an older one (or replay it), so ask the others too.
             Err(e @ (ClientError::ClientAuthMissing(_) | ClientError::ClientAuthWrong(_))) => {
-                return Err(e);
+                debug!(directory = %d.nickname, "service descriptor: {e}");
+                auth_refused = Some(e);
             }
             Err(e) => {
                 debug!(directory = %d.nickname, "no service descriptor: {e}");
@@ -202,6 +204,9 @@ pub async fn fetch(
                 }
             }
         }
+    }
+    if let Some(e) = auth_refused {
+        return Err(e);
     }
     match invalid {
         Some(e) => Err(ClientError::BadDescriptor(e)),
@@ -236,7 +241,20 @@ pub fn auth_key(dir: &std::path::Path, address: &ServiceAddress) -> Option<Clien
         if path.extension().and_then(|e| e.to_str()) != Some("auth_private") {
             continue;
         }
-        let mut text = zeroize::Zeroizing::new(String::new());
+        #[cfg(unix)]
+        if let Ok(m) = std::fs::metadata(&path) {
+            use std::os::unix::fs::PermissionsExt;
+            if m.permissions().mode() & 0o077 != 0 {
+                warn!(
+                    "{}: others can read this secret key (chmod 600 it)",
+                    path.display()
+                );
+            }
+        }
+        // Room for the whole file at once, so no copy of the key is left
+        // behind by a reallocation.
+        let mut text =
+            zeroize::Zeroizing::new(String::with_capacity(MAX_AUTH_FILE_LEN as usize + 1));
         let read = std::fs::File::open(&path)
             .and_then(|f| f.take(MAX_AUTH_FILE_LEN).read_to_string(&mut text));
         if let Err(e) = read {

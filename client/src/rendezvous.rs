@@ -19,7 +19,7 @@ use allium_proto::relaymsg::{COOKIE_LEN, Introduce, IntroduceStatus, RelayMsg};
 use allium_proto::service::ServiceAddress;
 use allium_proto::service::descriptor::subcredential;
 use allium_proto::service::intro::{self, IntroduceRequest};
-use allium_proto::service::pow::{Pow, Solver};
+use allium_proto::service::pow::{self, Pow, Solver};
 use rand::RngExt;
 use rand::seq::SliceRandom;
 use tokio::sync::mpsc;
@@ -51,19 +51,21 @@ async fn next_msg(
     }
 }
 
-/// The most effort a client spends on one introduction (Tor's
-/// `CLIENT_MAX_POW_EFFORT`): about 3.5 s of one core.
-pub const MAX_POW_EFFORT: u32 = 10_000;
-
 /// A solution of `effort` to the service's puzzle under `seed`, for the
-/// introduction whose ephemeral key is `key` (on a blocking thread: it
-/// takes about `effort` times 0.35 ms).
-async fn solve(seed: [u8; 32], key: [u8; 32], effort: u32) -> Result<Pow, ClientError> {
+/// introduction through `point` whose ephemeral key is `key` (on a
+/// blocking thread: it takes about `effort` times 0.4 ms).
+async fn solve(
+    seed: [u8; 32],
+    point: [u8; 32],
+    key: [u8; 32],
+    effort: u32,
+) -> Result<Pow, ClientError> {
     let started = std::time::Instant::now();
     let pow = tokio::task::spawn_blocking(move || {
         // 64 times the mean: a miss is as likely as e^-64.
         Solver::new().solve(
             &seed,
+            &point,
             &key,
             effort,
             &mut rand::rng(),
@@ -174,7 +176,8 @@ pub async fn connect(
     points.shuffle(&mut rand::rng());
     let mut why = Vec::new();
     let (mut timed_out, mut sent) = (0, 0);
-    for (tries, ip) in points.iter().enumerate() {
+    let mut tries = 0u32;
+    for ip in &points {
         let Some(relay) = c.relay(&ip.relay) else {
             why.push("an introduction point not in the consensus".to_string());
             continue;
@@ -193,9 +196,16 @@ pub async fn connect(
                 let effort = p
                     .effort
                     .saturating_mul(1 << tries.min(8))
-                    .min(MAX_POW_EFFORT);
+                    .min(pow::MAX_EFFORT);
+                tries += 1;
                 let key = PublicKey::from(&ephemeral).to_bytes();
-                Some(solve(p.seed, key, effort).await?)
+                match solve(p.seed, ip.auth_key, key, effort).await {
+                    Ok(pow) => Some(pow),
+                    Err(e) => {
+                        why.push(format!("{}: {e}", relay.nickname));
+                        continue;
+                    }
+                }
             }
             _ => None,
         };

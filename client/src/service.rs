@@ -25,7 +25,7 @@ use allium_proto::service::descriptor::{
     self, IntroPoint, MAX_INTRO_POINTS, ServiceInfo, subcredential,
 };
 use allium_proto::service::intro::{self, IntroduceRequest};
-use allium_proto::service::pow::{EffortControl, PowParams, Solver, verify};
+use allium_proto::service::pow::{EffortControl, Pow, PowParams, Solver, verify};
 use allium_proto::service::{ServiceAddress, TimePeriod};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
@@ -108,10 +108,10 @@ impl ServiceConfig {
         if self.pow_min_effort > 0 && !self.pow_defense {
             return Err(bad("pow_min_effort needs pow_defense".into()));
         }
-        if self.pow_min_effort > crate::rendezvous::MAX_POW_EFFORT {
+        if self.pow_min_effort > allium_proto::service::pow::MAX_EFFORT {
             return Err(bad(format!(
                 "pow_min_effort above {} (what a client pays at most) shuts every client out",
-                crate::rendezvous::MAX_POW_EFFORT
+                allium_proto::service::pow::MAX_EFFORT
             )));
         }
         Ok(())
@@ -149,8 +149,9 @@ const MAX_AUTH_FILES: usize = 4096;
 /// The clients the service admits, from the `NAME.auth` files in
 /// `dir/authorized_clients/` (each `descriptor:x25519:<base32 key>`, as
 /// Tor writes them); none, or no such directory: anyone who knows the
-/// address. A file that does not hold a key is an error, so that a typo
-/// never opens a service meant to be restricted.
+/// address. A file that does not hold a key is an error, and so is a
+/// directory that holds no `.auth` file at all or more than it takes, so
+/// that a typo never opens a service meant to be restricted.
 pub fn load_authorized(
     data_dir: &Path,
     cfg: &ServiceConfig,
@@ -162,10 +163,18 @@ pub fn load_authorized(
         Err(e) => return Err(ClientError::Config(format!("{}: {e}", dir.display()))),
     };
     let mut keys = Vec::new();
-    for entry in entries.take(MAX_AUTH_FILES) {
+    let mut files = 0;
+    for entry in entries {
         let path = entry?.path();
         if path.extension().and_then(|e| e.to_str()) != Some("auth") {
             continue;
+        }
+        files += 1;
+        if files > MAX_AUTH_FILES {
+            return Err(ClientError::Config(format!(
+                "{}: more than {MAX_AUTH_FILES} .auth files",
+                dir.display()
+            )));
         }
         let bad = |why: String| ClientError::Config(format!("{}: {why}", path.display()));
         let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
@@ -178,6 +187,12 @@ pub fn load_authorized(
         if !keys.contains(&key) {
             keys.push(key);
         }
+    }
+    if keys.is_empty() {
+        return Err(ClientError::Config(format!(
+            "{}: no NAME.auth file in it (remove the directory to serve anyone who knows the address)",
+            dir.display()
+        )));
     }
     if keys.len() > descriptor::MAX_AUTH_CLIENTS {
         return Err(ClientError::Config(format!(
@@ -211,8 +226,9 @@ const REPUBLISH: Duration = Duration::from_secs(600);
 /// Introductions waiting for a turn, at most (past it the one that paid
 /// least is dropped).
 const MAX_WAITING: usize = 1024;
-/// The suggested effort is reviewed this often.
-const POW_UPDATE: Duration = Duration::from_secs(60);
+/// The suggested effort is reviewed this often (Tor's
+/// `HS_UPDATE_PERIOD`): a change files the descriptor again.
+const POW_UPDATE: Duration = Duration::from_secs(300);
 /// The puzzle's seed changes this often (the previous one still counts),
 /// so solutions cannot be made long before they are used.
 const SEED_LIFETIME: Duration = Duration::from_secs(3 * 3600);
@@ -249,6 +265,7 @@ impl PowState {
             let (dropped, waiting, mean) = turns.review();
             let before = self.control.suggested;
             let now = self.control.update(dropped, waiting, mean);
+            turns.lock().counted_from = now;
             if now != before {
                 info!(
                     dropped,
@@ -263,12 +280,43 @@ impl PowState {
         }
     }
 
-    /// The seed a solution names by its first bytes.
-    fn seed_for(&self, head: &[u8; 4]) -> Option<[u8; 32]> {
-        [Some(self.seed), self.previous]
+    /// What checking a solution needs, copied out of the lock.
+    fn checker(&self) -> PowCheck {
+        PowCheck {
+            seeds: [Some(self.seed), self.previous],
+            floor: self.control.floor,
+        }
+    }
+}
+
+/// The service's seeds and floor, to check a solution against.
+#[derive(Clone, Copy)]
+struct PowCheck {
+    seeds: [Option<[u8; 32]>; 2],
+    floor: u32,
+}
+
+impl PowCheck {
+    /// What can be told without hashing: no solution needed (`None`),
+    /// the seed to check one against, or why it is dropped.
+    fn precheck(&self, pow: Option<Pow>) -> Result<Option<([u8; 32], Pow)>, &'static str> {
+        let Some(pow) = pow else {
+            return if self.floor == 0 {
+                Ok(None)
+            } else {
+                Err("an introduction without the effort the service requires")
+            };
+        };
+        if pow.effort < self.floor {
+            return Err("an introduction with less effort than the service requires");
+        }
+        let seed = self
+            .seeds
             .into_iter()
             .flatten()
-            .find(|s| s[..4] == head[..])
+            .find(|s| s[..4] == pow.seed_head)
+            .ok_or("a puzzle solution for a seed the service does not have")?;
+        Ok(Some((seed, pow)))
     }
 }
 
@@ -281,13 +329,23 @@ struct Turns {
     max_waiting: usize,
 }
 
+impl TurnState {
+    fn drop_of(&mut self, effort: u32) {
+        if effort >= self.counted_from {
+            self.dropped += 1;
+        }
+    }
+}
+
 #[derive(Default)]
 struct TurnState {
     free: usize,
     seq: u64,
     waiting: std::collections::BTreeMap<(u32, std::cmp::Reverse<u64>), oneshot::Sender<Turn>>,
-    /// Since the last review: introductions dropped, and those served
-    /// with the sum of their efforts.
+    /// Since the last review: introductions dropped that paid at least
+    /// `counted_from` (the effort suggested), and those served with the
+    /// sum of their efforts.
+    counted_from: u32,
     dropped: u64,
     served: u64,
     served_effort: u64,
@@ -354,10 +412,10 @@ impl Turns {
                 match st.waiting.first_key_value() {
                     Some((&(least, _), _)) if least < effort => {
                         st.waiting.pop_first();
-                        st.dropped += 1;
+                        st.drop_of(least);
                     }
                     _ => {
-                        st.dropped += 1;
+                        st.drop_of(effort);
                         return None;
                     }
                 }
@@ -371,9 +429,21 @@ impl Turns {
         rx.await.ok()
     }
 
-    /// Count an introduction that gave up waiting.
-    fn gave_up(&self) {
-        self.lock().dropped += 1;
+    /// Count an introduction of `effort` that gave up waiting.
+    fn gave_up(&self, effort: u32) {
+        self.lock().drop_of(effort);
+    }
+
+    /// Would an introduction of `effort` get a place (so that checking
+    /// its solution is worth the work)?
+    fn would_admit(&self, effort: u32) -> bool {
+        let st = self.lock();
+        st.free > 0
+            || st.waiting.len() < self.max_waiting
+            || st
+                .waiting
+                .first_key_value()
+                .is_some_and(|(&(least, _), _)| least < effort)
     }
 
     /// Since the last review: introductions dropped, waiting now, and
@@ -418,6 +488,8 @@ struct Shared {
     turns: Arc<Turns>,
     /// The puzzle, if the service has one.
     pow: Option<Mutex<PowState>>,
+    /// Solutions being checked now (one per core at most).
+    checking: tokio::sync::Semaphore,
     /// Rendezvous circuits open now.
     live: std::sync::atomic::AtomicUsize,
 }
@@ -454,6 +526,9 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
         pow: cfg
             .pow_defense
             .then(|| Mutex::new(PowState::new(cfg.pow_min_effort))),
+        checking: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ),
         live: Default::default(),
     });
     let mut intros: Vec<IntroState> = Vec::new();
@@ -633,7 +708,10 @@ async fn establish(
             let (mut tokens, mut last, mut excess) = (burst, Instant::now(), 0.0);
             while let Some(m) = msgs.recv().await {
                 if let RelayMsg::Introduce2(i) = m {
-                    tokens = (tokens + last.elapsed().as_secs_f64() * rate).min(burst);
+                    let refill = last.elapsed().as_secs_f64() * rate;
+                    tokens = (tokens + refill).min(burst);
+                    // Excess of long ago is forgiven at the same rate.
+                    excess = (excess - refill).max(0.0);
                     last = Instant::now();
                     if tokens < 1.0 {
                         excess += 1.0;
@@ -675,46 +753,40 @@ async fn establish(
     })
 }
 
-/// The effort an introduction paid: its solution must verify under one of
-/// the service's seeds and meet the service's floor.
+/// The effort an introduction through `auth_key` paid: its solution must
+/// verify under one of the service's seeds and meet the service's floor.
+/// Checked on a blocking thread, as many at once as the machine has
+/// cores; one more is dropped.
 async fn check_pow(
     shared: &Shared,
+    auth_key: &[u8; 32],
     req: &IntroduceRequest,
     ephemeral: &[u8; 32],
 ) -> Result<u32, ClientError> {
-    let refused = |why: &str| Err(ClientError::IntroductionFailed(why.into()));
     let Some(state) = &shared.pow else {
         return Ok(0);
     };
-    let (seed, floor) = {
-        let st = state.lock().unwrap_or_else(|p| p.into_inner());
-        let seed = req.pow.and_then(|p| st.seed_for(&p.seed_head));
-        (seed, st.control.floor)
+    let refused = |why: &str| ClientError::IntroductionFailed(why.into());
+    let check = state.lock().unwrap_or_else(|p| p.into_inner()).checker();
+    let Some((seed, pow)) = check.precheck(req.pow).map_err(refused)? else {
+        return Ok(0);
     };
-    let Some(pow) = req.pow else {
-        return if floor == 0 {
-            Ok(0)
-        } else {
-            refused("an introduction without the effort the service requires")
-        };
+    let Ok(_slot) = shared.checking.try_acquire() else {
+        return Err(refused(
+            "as many puzzle solutions being checked as there are cores",
+        ));
     };
-    let Some(seed) = seed else {
-        return refused("a puzzle solution for a seed the service does not have");
-    };
-    if pow.effort < floor {
-        return refused("an introduction with less effort than the service requires");
-    }
-    let key = *ephemeral;
+    let (auth_key, key) = (*auth_key, *ephemeral);
     let ok = tokio::task::spawn_blocking(move || {
         thread_local!(static SOLVER: std::cell::RefCell<Solver> = std::cell::RefCell::new(Solver::new()));
-        SOLVER.with(|s| verify(&mut s.borrow_mut(), &seed, &key, &pow))
+        SOLVER.with(|s| verify(&mut s.borrow_mut(), &seed, &auth_key, &key, &pow))
     })
     .await
     .unwrap_or(false);
     if ok {
         Ok(pow.effort)
     } else {
-        refused("a puzzle solution that does not verify")
+        Err(refused("a puzzle solution that does not verify"))
     }
 }
 
@@ -756,7 +828,7 @@ async fn introduced(
             "a replayed introduction".into(),
         ));
     }
-    let effort = check_pow(shared, &req, &ephemeral).await?;
+    // Cheap checks first, then the puzzle's (one Argon2 attempt).
     let rp = c
         .relay(&req.rp_identity)
         .filter(|r| r.link_key == req.rp_link_key && r.addr == req.rp_addr)
@@ -764,6 +836,19 @@ async fn introduced(
             ClientError::RendezvousFailed("a rendezvous point not in the consensus as named".into())
         })?
         .clone();
+    if shared.live.load(Ordering::Relaxed) >= MAX_RENDEZVOUS_CIRCUITS {
+        return Err(ClientError::RendezvousFailed(
+            "as many rendezvous circuits as the service keeps".into(),
+        ));
+    }
+    let claimed = req.pow.map_or(0, |p| p.effort);
+    if !shared.turns.would_admit(claimed) {
+        shared.turns.gave_up(claimed);
+        return Err(ClientError::RendezvousFailed(
+            "as many introductions waiting, none of which paid less".into(),
+        ));
+    }
+    let effort = check_pow(shared, &keys.auth_key, &req, &ephemeral).await?;
     let secrets = [&keys.enc];
     let (reply, hop_keys, params) = ntor::server(
         &mut rand::rng(),
@@ -773,11 +858,6 @@ async fn introduced(
         },
         &req.onionskin,
     )?;
-    if shared.live.load(Ordering::Relaxed) >= MAX_RENDEZVOUS_CIRCUITS {
-        return Err(ClientError::RendezvousFailed(
-            "as many rendezvous circuits as the service keeps".into(),
-        ));
-    }
     // A client waits for the service for so long only.
     let _turn = match tokio::time::timeout(
         crate::rendezvous::RENDEZVOUS_TIMEOUT,
@@ -792,7 +872,7 @@ async fn introduced(
             ));
         }
         Err(_) => {
-            shared.turns.gave_up();
+            shared.turns.gave_up(effort);
             return Err(ClientError::Timeout("a turn to build a rendezvous circuit"));
         }
     };
@@ -952,6 +1032,55 @@ mod tests {
         assert_eq!(mean, 17 / 4, "mean effort of those served");
         drop(again);
         assert_eq!(turns.lock().free, 1);
+    }
+
+    #[test]
+    fn a_solution_counts_under_either_seed_and_at_its_own_point_only() {
+        use allium_proto::service::pow::verify;
+        let mut state = PowState::new(4);
+        let (point, key) = ([2; 32], [3; 32]);
+        let mut solver = Solver::new();
+        let solve = |solver: &mut Solver, seed: [u8; 32], effort| {
+            solver
+                .solve(&seed, &point, &key, effort, &mut rand::rng(), 1 << 14)
+                .unwrap()
+        };
+        let old = state.seed;
+        let early = solve(&mut solver, old, 4);
+        // A new seed: solutions for the previous one still count.
+        state.seeded = Instant::now() - SEED_LIFETIME;
+        let turns = Turns::new(1, 8);
+        let params = state.params(&turns);
+        assert_ne!(params.seed, old);
+        assert_eq!(params.effort, 4, "the floor");
+        let check = state.checker();
+        let (seed, pow) = check.precheck(Some(early)).unwrap().unwrap();
+        assert_eq!(seed, old);
+        assert!(verify(&mut solver, &seed, &point, &key, &pow));
+        // Not at another introduction point.
+        // Not at another introduction point: its hash differs (and meets
+        // the bar only by chance).
+        let here = solver.hash(&seed, &point, &key, pow.effort, &pow.nonce);
+        let there = solver.hash(&seed, &[9; 32], &key, pow.effort, &pow.nonce);
+        assert_ne!(here, there);
+        assert_eq!(
+            verify(&mut solver, &seed, &[9; 32], &key, &pow),
+            allium_proto::service::pow::meets(&there, pow.effort)
+        );
+        // Less than the floor, none at all, or a seed never used: dropped
+        // before any hashing.
+        let cheap = solve(&mut solver, params.seed, 2);
+        assert!(check.precheck(Some(cheap)).is_err());
+        assert!(check.precheck(None).is_err());
+        let stranger = solve(&mut solver, [0xee; 32], 4);
+        assert!(check.precheck(Some(stranger)).is_err());
+        // With no floor, an introduction may pay nothing.
+        let open = PowState::new(0).checker();
+        assert_eq!(open.precheck(None), Ok(None));
+        // After another rotation the first seed is gone.
+        state.seeded = Instant::now() - SEED_LIFETIME;
+        state.params(&turns);
+        assert!(state.checker().precheck(Some(early)).is_err());
     }
 
     #[tokio::test]

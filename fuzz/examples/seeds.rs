@@ -145,7 +145,9 @@ fn vectors(c: &Corpus) {
     // directory takes it, and its contents.
     {
         use allium_proto::service::TimePeriod;
-        use allium_proto::service::descriptor::{IntroPoint, ServiceInfo, build_raw, padded};
+        use allium_proto::service::auth::ClientAuthSecret;
+        use allium_proto::service::descriptor::{IntroPoint, ServiceInfo, build, padded};
+        use chacha20::rand_core::SeedableRng;
         let identity = ed25519_dalek::SigningKey::from_bytes(&[0x5e; 32]);
         let info = ServiceInfo {
             intro_points: vec![IntroPoint {
@@ -155,14 +157,14 @@ fn vectors(c: &Corpus) {
             }],
             pow: None,
         };
-        let doc = build_raw(
-            &identity,
-            TimePeriod::at(NOW, 3600),
-            1,
-            &padded(&info),
-            [1; 16],
-        );
+        let mut rng = chacha20::ChaCha20Rng::from_seed([1; 32]);
+        let period = TimePeriod::at(NOW, 3600);
+        let doc = build(&identity, period, 1, &info, &[], &mut rng);
         c.put("service_descriptor", "vector", &with_mode(0, &doc));
+        // One for the client key the target tries with mode 5 (listed).
+        let listed = ClientAuthSecret::from_bytes([5; 32]).public();
+        let doc = build(&identity, period, 1, &info, &[listed], &mut rng);
+        c.put("service_descriptor", "restricted", &with_mode(0, &doc));
         let contents = padded(&info);
         c.put("service_descriptor", "contents", &with_mode(1, &contents));
     }

@@ -4,16 +4,19 @@
 //! Raw bytes (even first byte): a descriptor that parses is canonical; a
 //! directory either refuses it or stores it and serves back exactly those
 //! bytes; reading it with the fixed service's address never panics. Odd
-//! first byte: the rest is the encrypted contents of a descriptor that the
-//! fixed service signs properly, so a client's checks after decryption run
-//! on fuzzer-chosen bytes; contents that are read are their canonical
-//! encoding followed by zeros.
+//! first byte: the rest is encrypted in a descriptor that the fixed
+//! service signs properly, so a client's checks after decryption run on
+//! fuzzer-chosen bytes: with bit 1 set, as the outer layer's contents (the
+//! client entries, read with and without a key); without it, as the inner
+//! layer (zero-padded to its size) of a service open to all or, with bit
+//! 2, one that lists the key the target tries; contents that are read are
+//! their canonical encoding followed by zeros.
 
 use allium_directory::hsdir::ServiceDirectory;
 use allium_proto::doc::SignedDocument;
 use allium_proto::service::auth::ClientAuthSecret;
 use allium_proto::service::descriptor::{
-    MAX_LEN, UnverifiedServiceDescriptor, auth_layer, build_raw, subcredential,
+    MAX_LEN, PADDED_LEN, UnverifiedServiceDescriptor, auth_layer, build_raw, subcredential,
 };
 use allium_proto::service::{ServiceAddress, TimePeriod};
 use allium_proto::{Consensus, ConsensusRelay, RelayFlags};
@@ -38,26 +41,45 @@ pub fn run(data: &[u8]) {
     let period = TimePeriod::at(NOW, INTERVAL);
     if mode & 1 == 1 {
         let key = ClientAuthSecret::from_bytes([mode; 32]);
+        let mut inner = rest.to_vec();
+        inner.resize(inner.len().max(PADDED_LEN), 0);
         let outer = if mode & 2 == 2 {
             rest.to_vec()
         } else {
             let blinded = address.blinded(period);
             let subcred = subcredential(address.key(), &blinded);
             let mut rng = chacha20::ChaCha20Rng::from_seed([mode; 32]);
-            auth_layer(&blinded, &subcred, 1, &[mode; 16], rest, &[], &mut rng)
+            let listed = if mode & 4 == 4 {
+                vec![key.public()]
+            } else {
+                vec![]
+            };
+            auth_layer(
+                &blinded,
+                &subcred,
+                1,
+                &[mode; 16],
+                &inner,
+                &listed,
+                &mut rng,
+            )
         };
         let doc = build_raw(&identity, period, 1, &outer, [mode; 16]);
         let v = UnverifiedServiceDescriptor::parse(&doc)
             .expect("a built descriptor parses")
             .verify()
             .expect("and verifies");
-        let _ = v.decrypt(&address, Some(&key));
-        if let Ok(info) = v.decrypt(&address, None)
-            && mode & 2 == 0
-        {
-            let enc = postcard::to_stdvec(&info).expect("encodes");
-            assert!(rest.starts_with(&enc), "contents are canonical");
-            assert!(rest[enc.len()..].iter().all(|b| *b == 0), "then zeros");
+        let with_key = v.decrypt(&address, Some(&key));
+        let without = v.decrypt(&address, None);
+        if mode & 2 == 0 {
+            // The listed key, or anyone for an open service, reads what
+            // the contents say, and nothing else.
+            let read = if mode & 4 == 4 { with_key } else { without };
+            if let Ok(info) = read {
+                let enc = postcard::to_stdvec(&info).expect("encodes");
+                assert!(inner.starts_with(&enc), "contents are canonical");
+                assert!(inner[enc.len()..].iter().all(|b| *b == 0), "then zeros");
+            }
         }
         return;
     }

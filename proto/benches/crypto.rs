@@ -389,7 +389,7 @@ fn puzzle(c: &mut Criterion) {
     c.bench_function("pow_attempt", |b| {
         b.iter(|| {
             n += 1;
-            black_box(s.hash(&[1; 32], &[2; 32], 100, &n.to_be_bytes()))
+            black_box(s.hash(&[1; 32], &[2; 32], &[3; 32], 100, &n.to_be_bytes()))
         })
     });
 }

@@ -428,7 +428,7 @@ fn compute() -> BTreeMap<String, String> {
         .unwrap();
     assert_eq!(read.decrypt(&a, Some(&client)).unwrap(), info);
     assert!(read.decrypt(&a, None).is_err());
-    put("service.client_auth.key", &client.public().0);
+    put("service.client_auth.key", client.public().as_bytes());
     put(
         "service.descriptor.restricted.sha256",
         &Sha256::digest(&restricted),
@@ -480,11 +480,15 @@ fn compute() -> BTreeMap<String, String> {
     );
     put("intro.introduce.encrypted", &sealed);
 
-    // The puzzle (section 11.5): one attempt, seed 5e^32, key 2b^32's
-    // public key, effort 3, nonce 0d^16.
+    // The puzzle (section 11.5): one attempt, seed 5e^32, at the
+    // introduction point of the auth key above, for the ephemeral key of
+    // secret 2b^32, effort 3, nonce 0d^16.
     let e = PublicKey::from(&StaticSecret::from([0x2b; 32])).to_bytes();
     let mut solver = Solver::new();
-    put("pow.hash", &solver.hash(&[0x5e; 32], &e, 3, &[0x0d; 16]));
+    put(
+        "pow.hash",
+        &solver.hash(&[0x5e; 32], &auth_key, &e, 3, &[0x0d; 16]),
+    );
     v
 }
 

@@ -33,24 +33,38 @@ pub enum AuthKeyError {
     Format,
     #[error("the key is a point of small order: it would authorize anyone")]
     Weak,
+    #[error("the key is not in canonical form (its top bit is set, or it is not below 2^255 - 19)")]
+    NotCanonical,
     #[error("{0}")]
     Address(#[from] super::AddressError),
 }
 
 /// A client's X25519 public key, as a service lists it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientAuthKey(pub [u8; 32]);
+pub struct ClientAuthKey([u8; 32]);
 
 impl ClientAuthKey {
+    /// The key's 32 bytes (canonical: below 2^255 - 19).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Read `descriptor:x25519:<base32>` (surrounding space ignored).
     /// Refuses points of small order: every secret shares the same (zero)
-    /// secret with them, so such an entry would open to anyone.
+    /// secret with them, so such an entry would open to anyone. Refuses
+    /// non-canonical encodings (the top bit set, or 2^255 - 19 and above):
+    /// the client derives its entry from its canonical key, so the entry
+    /// for another spelling would never be its own.
     pub fn parse(line: &str) -> Result<Self, AuthKeyError> {
         let b32 = line
             .trim()
             .strip_prefix(PREFIX)
             .ok_or(AuthKeyError::Format)?;
         let key: [u8; 32] = base32_decode(b32).map_err(|_| AuthKeyError::Format)?;
+        let at_least_p = key[31] == 0x7f && key[1..31].iter().all(|&b| b == 0xff) && key[0] >= 0xed;
+        if key[31] & 0x80 != 0 || at_least_p {
+            return Err(AuthKeyError::NotCanonical);
+        }
         // A clamped scalar is a multiple of 8, so any secret gives the
         // zero point with a point of small order.
         let probe = StaticSecret::from([1; 32]);
@@ -115,14 +129,19 @@ impl ClientAuthSecret {
         Ok((address, ClientAuthSecret::from_bytes(*key)))
     }
 
-    /// The line of a client's `.auth_private` file for `address`.
+    /// The line of a client's `.auth_private` file for `address`, with its
+    /// newline.
     pub fn to_line(&self, address: &ServiceAddress) -> Zeroizing<String> {
         let label = address.to_string();
         let label = label.trim_end_matches(super::SUFFIX);
-        Zeroizing::new(format!(
-            "{label}:{PREFIX}{}",
-            base32_encode(self.0.as_bytes())
-        ))
+        let key = Zeroizing::new(base32_encode(self.0.as_bytes()));
+        let mut line = Zeroizing::new(String::with_capacity(label.len() + PREFIX.len() + 54));
+        line.push_str(label);
+        line.push(':');
+        line.push_str(PREFIX);
+        line.push_str(&key);
+        line.push('\n');
+        line
     }
 }
 
@@ -158,6 +177,19 @@ mod tests {
         assert_eq!((a, s2.public()), (address, p));
         let full = format!("{address}:{PREFIX}{}", base32_encode(&[0x3c; 32]));
         assert_eq!(ClientAuthSecret::parse_line(&full).unwrap().1.public(), p);
+        // Not canonical: the top bit, or p = 2^255 - 19 itself.
+        let mut top = *p.as_bytes();
+        top[31] |= 0x80;
+        let top = format!("{PREFIX}{}", base32_encode(&top));
+        assert_eq!(ClientAuthKey::parse(&top), Err(AuthKeyError::NotCanonical));
+        let mut prime = [0xff; 32];
+        prime[0] = 0xed;
+        prime[31] = 0x7f;
+        let prime = format!("{PREFIX}{}", base32_encode(&prime));
+        assert_eq!(
+            ClientAuthKey::parse(&prime),
+            Err(AuthKeyError::NotCanonical)
+        );
         // Small-order points: zero, and the point of order 8 Tor's tests use.
         let zero = format!("{PREFIX}{}", base32_encode(&[0; 32]));
         assert_eq!(ClientAuthKey::parse(&zero), Err(AuthKeyError::Weak));

@@ -12,7 +12,7 @@
 //! subcredential = SHA-256("allium service subcredential" | credential | A')
 //! key           = HKDF-SHA256(salt, A' | subcredential | u64(revision), "allium service descriptor key")[0..32]
 //! encrypted     = AES-256-GCM(key, nonce 0, ad = A', postcard(AuthLayer)) | tag
-//! AuthLayer     = { ephemeral, clients: [16·k entries], encrypted: the inner layer }
+//! AuthLayer     = { ephemeral, clients: [16·k entries], inner: the inner layer }
 //! inner key     = HKDF-SHA256(salt, A' | subcredential | u64(revision) | cookie, "allium service descriptor inner key")
 //! inner         = AES-256-GCM(inner key, nonce 0, ad = A', postcard(ServiceInfo) zero-padded to 1024) | tag
 //! ```
@@ -185,7 +185,7 @@ fn entry_keys(
     ephemeral: &[u8; 32],
     client: &ClientAuthKey,
 ) -> ([u8; 8], [u8; 32]) {
-    let ikm = [&subcred[..], shared, ephemeral, &client.0].concat();
+    let ikm = [&subcred[..], shared, ephemeral, client.as_bytes()].concat();
     let mut out = [0u8; 40];
     Hkdf::<Sha256>::new(None, &ikm)
         .expand(ENTRY_INFO, &mut out)
@@ -256,15 +256,19 @@ pub fn auth_layer(
     if !authorized.is_empty() {
         rng.fill_bytes(&mut cookie[..]);
     }
+    // (A key of small order would share the zero secret with anyone:
+    // parsing refuses one, and none gets an entry here either.)
     let mut clients: Vec<AuthEntry> = authorized
         .iter()
-        .map(|k| {
-            let shared = secret.diffie_hellman(&PublicKey::from(k.0));
-            let (id, pad) = entry_keys(subcred, shared.as_bytes(), &ephemeral, k);
-            AuthEntry {
-                id,
-                cookie: xor32(&cookie, &pad),
-            }
+        .filter_map(|k| {
+            let shared = secret.diffie_hellman(&PublicKey::from(*k.as_bytes()));
+            shared.was_contributory().then(|| {
+                let (id, pad) = entry_keys(subcred, shared.as_bytes(), &ephemeral, k);
+                AuthEntry {
+                    id,
+                    cookie: xor32(&cookie, &pad),
+                }
+            })
         })
         .collect();
     let n = authorized.len().max(1).div_ceil(AUTH_BLOCK) * AUTH_BLOCK;
@@ -514,6 +518,7 @@ fn read_info(buf: &[u8]) -> Result<ServiceInfo, Error> {
 mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
+    use std::collections::HashSet;
 
     fn identity(i: u8) -> SigningKey {
         SigningKey::from_bytes(&[i; 32])
@@ -632,9 +637,46 @@ mod tests {
         );
         let last = ClientAuthSecret::from_bytes([(MAX_AUTH_CLIENTS - 1) as u8 ^ 0x40; 32]);
         assert_eq!(read(&big, &address(7), Some(&last)).unwrap(), info(1));
-        // Neither the cookie's entries nor the keys show.
-        let hay = |needle: &[u8]| doc.windows(needle.len()).any(|w| w == needle);
-        assert!(keys.iter().all(|k| !hay(&k.0)));
+        // Even to a reader with the address, the entries show neither the
+        // clients' keys nor the cookie.
+        let v = UnverifiedServiceDescriptor::parse(&doc)
+            .unwrap()
+            .verify()
+            .unwrap();
+        let blinded = address(7).blinded(period());
+        let subcred = subcredential(address(7).key(), &blinded);
+        let outer = super::open(
+            &key(&blinded, &subcred, 5, &v.desc.salt),
+            &blinded.0,
+            &v.desc.encrypted,
+        )
+        .unwrap();
+        let hay = |needle: &[u8]| outer.windows(needle.len()).any(|w| w == needle);
+        assert!(keys.iter().all(|k| !hay(k.as_bytes())));
+        let layer: AuthLayer = postcard::from_bytes(&outer).unwrap();
+        let cookies: HashSet<[u8; 32]> = layer.clients.iter().map(|e| e.cookie).collect();
+        assert_eq!(
+            cookies.len(),
+            AUTH_BLOCK,
+            "each entry wraps the cookie its own way"
+        );
+        // An entry that is found but whose cookie does not open the inner
+        // layer: the wrong key, not an open service.
+        let mut bad = layer.clone();
+        for e in &mut bad.clients {
+            e.cookie[0] ^= 1;
+        }
+        let tampered = build_raw(
+            &identity(7),
+            period(),
+            5,
+            &postcard::to_stdvec(&bad).unwrap(),
+            v.desc.salt,
+        );
+        assert!(matches!(
+            read(&tampered, &address(7), Some(&clients[0])),
+            Err(ReadError::AuthWrong)
+        ));
     }
 
     #[test]
