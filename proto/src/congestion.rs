@@ -120,6 +120,22 @@ impl Params {
             delta: 10 * inc,
         }
     }
+
+    /// The same for a path through `relays` relays: the queue thresholds
+    /// are for the three of a circuit to an exit, and each relay on a
+    /// longer path keeps its own queue, so they grow in proportion (as
+    /// Tor's are higher for onion services' six). The window's bounds do
+    /// not change.
+    pub fn for_relays(self, relays: u32) -> Self {
+        let scale = |v: u32| v.saturating_mul(relays.max(3)) / 3;
+        Params {
+            alpha: scale(self.alpha),
+            beta: scale(self.beta),
+            gamma: scale(self.gamma),
+            delta: scale(self.delta),
+            ..self
+        }
+    }
 }
 
 /// One circuit's congestion window.
@@ -310,6 +326,24 @@ impl Vegas {
         self.acked = 0;
         self.round_start = Some(now);
         self.round_full = false;
+    }
+}
+
+#[cfg(test)]
+mod thresholds {
+    use super::Params;
+
+    #[test]
+    fn a_longer_path_keeps_proportionally_more_in_queues() {
+        let p = Params::with_inc(31);
+        assert_eq!(p.for_relays(3), p);
+        assert_eq!(p.for_relays(0), p, "never below a circuit to an exit");
+        let six = p.for_relays(6);
+        assert_eq!(
+            (six.alpha, six.beta, six.gamma, six.delta),
+            (372, 496, 372, 620)
+        );
+        assert_eq!((six.cwnd_min, six.cwnd_max), (p.cwnd_min, p.cwnd_max));
     }
 }
 

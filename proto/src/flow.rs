@@ -111,10 +111,12 @@ impl CircParams {
         }
     }
 
-    fn controller(self) -> Option<Vegas> {
+    fn controller(self, relays: u32) -> Option<Vegas> {
         match self {
             CircParams::Fixed => None,
-            CircParams::Vegas { inc } => Some(Vegas::new(Params::with_inc(u32::from(inc)))),
+            CircParams::Vegas { inc } => Some(Vegas::new(
+                Params::with_inc(u32::from(inc)).for_relays(relays),
+            )),
         }
     }
 }
@@ -145,9 +147,15 @@ pub struct CircSendWindow {
 
 impl CircSendWindow {
     pub fn new(params: CircParams) -> Self {
+        Self::through(params, 3)
+    }
+
+    /// The window of a path through `relays` relays (six between the two
+    /// ends of a joined circuit): its queue thresholds grow with it.
+    pub fn through(params: CircParams, relays: u32) -> Self {
         CircSendWindow {
             inc: params.inc(),
-            cc: params.controller(),
+            cc: params.controller(relays),
             inflight: 0,
             sent: 0,
             expected: VecDeque::new(),

@@ -399,7 +399,8 @@ impl Circuit {
             return Err(Error::malformed("rendezvous", "streams on the circuit"));
         }
         layers.push_joined(keys)?;
-        self.fc_send = CircSendWindow::new(params);
+        // Six relays lie between the two ends.
+        self.fc_send = CircSendWindow::through(params, 6);
         self.fc_recv = CircRecvWindow::new(params);
         self.serves = serves;
         Ok(())
