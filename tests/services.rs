@@ -176,6 +176,29 @@ async fn wait_for_ring(net: &Testnet) {
     }
 }
 
+/// A testnet of 8 relays with every one on the ring, and a local web
+/// server of 4 MiB of random bytes: its address and the bytes' SHA-256.
+async fn net_with_web() -> (
+    Testnet,
+    std::net::SocketAddr,
+    sha2::digest::Output<sha2::Sha256>,
+) {
+    use sha2::{Digest, Sha256};
+    let net = Testnet::start(TestnetOptions {
+        relays: 8,
+        exits: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    net.wait_ready(Duration::from_secs(60)).await.unwrap();
+    wait_for_ring(&net).await;
+    let mut body = vec![0u8; 4 << 20];
+    rand::RngExt::fill(&mut rand::rng(), &mut body[..]);
+    let want = Sha256::digest(&body);
+    (net, common::serve_bytes(body).await, want)
+}
+
 /// A hosted service with its own client, reading its address from its
 /// directory once it has one.
 async fn host_service(
@@ -219,20 +242,7 @@ async fn curl(proxy: std::net::SocketAddr, url: &str) -> Result<Vec<u8>, String>
 async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_intro_point_and_a_directory()
  {
     use sha2::{Digest, Sha256};
-    let net = Testnet::start(TestnetOptions {
-        relays: 8,
-        exits: 2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    net.wait_ready(Duration::from_secs(60)).await.unwrap();
-    wait_for_ring(&net).await;
-
-    let mut body = vec![0u8; 4 << 20];
-    rand::RngExt::fill(&mut rand::rng(), &mut body[..]);
-    let want = Sha256::digest(&body);
-    let web = common::serve_bytes(body).await;
+    let (net, web, want) = net_with_web().await;
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let (host, address) = host_service(&net, dir.path(), web, 0).await;
@@ -390,19 +400,7 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
 async fn a_service_for_listed_clients_with_a_puzzle_serves_them_and_answers_others_f4_or_f5() {
     use allium_proto::service::auth::ClientAuthSecret;
     use sha2::{Digest, Sha256};
-    let net = Testnet::start(TestnetOptions {
-        relays: 8,
-        exits: 2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    net.wait_ready(Duration::from_secs(60)).await.unwrap();
-    wait_for_ring(&net).await;
-    let mut body = vec![0u8; 4 << 20];
-    rand::RngExt::fill(&mut rand::rng(), &mut body[..]);
-    let want = Sha256::digest(&body);
-    let web = common::serve_bytes(body).await;
+    let (net, web, want) = net_with_web().await;
 
     // The service lists alice's key, as `allium client-auth` writes it.
     let dir = tempfile::tempdir().unwrap();

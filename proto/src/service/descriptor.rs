@@ -153,26 +153,24 @@ pub fn subcredential(identity: &[u8; 32], blinded: &BlindedKey) -> [u8; 32] {
         .into()
 }
 
-fn key(blinded: &BlindedKey, subcred: &[u8; 32], revision: u64, salt: &[u8; 16]) -> aead::Key {
-    let ikm = [&blinded.0[..], subcred, &revision.to_be_bytes()].concat();
-    let mut k = [0u8; aead::KEY_LEN];
-    Hkdf::<Sha256>::new(Some(salt), &ikm)
-        .expand(KEY_INFO, &mut k)
-        .expect("32 bytes is a valid HKDF-SHA256 length");
-    aead::Key::new(&k)
-}
-
-fn inner_key(
+/// The key of the outer layer (no cookie) or of the inner one.
+fn key(
     blinded: &BlindedKey,
     subcred: &[u8; 32],
     revision: u64,
     salt: &[u8; 16],
-    cookie: &[u8; 32],
+    cookie: Option<&[u8; 32]>,
 ) -> aead::Key {
-    let ikm = [&blinded.0[..], subcred, &revision.to_be_bytes(), cookie].concat();
+    let mut ikm = [&blinded.0[..], subcred, &revision.to_be_bytes()].concat();
+    ikm.extend_from_slice(cookie.map_or(&[][..], |c| &c[..]));
+    let info = if cookie.is_some() {
+        INNER_KEY_INFO
+    } else {
+        KEY_INFO
+    };
     let mut k = [0u8; aead::KEY_LEN];
     Hkdf::<Sha256>::new(Some(salt), &ikm)
-        .expand(INNER_KEY_INFO, &mut k)
+        .expand(info, &mut k)
         .expect("32 bytes is a valid HKDF-SHA256 length");
     aead::Key::new(&k)
 }
@@ -283,7 +281,7 @@ pub fn auth_layer(
     }
     clients.sort_by_key(|e| e.id);
     let mut sealed = inner.to_vec();
-    let k = inner_key(blinded, subcred, revision, salt, &cookie);
+    let k = key(blinded, subcred, revision, salt, Some(&cookie));
     let tag = aead::whole::seal(&k, 0, &blinded.0, &mut sealed);
     sealed.extend_from_slice(&tag);
     postcard::to_stdvec(&AuthLayer {
@@ -328,7 +326,7 @@ pub fn build_raw(
     let blinded = signer.public();
     let subcred = subcredential(&identity.verifying_key().to_bytes(), &blinded);
     let mut buf = contents.to_vec();
-    let k = key(&blinded, &subcred, revision, &salt);
+    let k = key(&blinded, &subcred, revision, &salt, None);
     let tag = aead::whole::seal(&k, 0, &blinded.0, &mut buf);
     buf.extend_from_slice(&tag);
     let d = ServiceDescriptor {
@@ -430,7 +428,7 @@ impl VerifiedServiceDescriptor {
         let subcred = subcredential(address.key(), &blinded);
         let d = &self.desc;
         let outer = open(
-            &key(&blinded, &subcred, d.revision, &d.salt),
+            &key(&blinded, &subcred, d.revision, &d.salt, None),
             &blinded.0,
             &d.encrypted,
         )
@@ -458,7 +456,7 @@ impl VerifiedServiceDescriptor {
             .into());
         }
         let inner = |cookie: &[u8; 32]| {
-            let k = inner_key(&blinded, &subcred, d.revision, &d.salt, cookie);
+            let k = key(&blinded, &subcred, d.revision, &d.salt, Some(cookie));
             open(&k, &blinded.0, &layer.inner)
         };
         // This client's entry, if the service lists it.
@@ -646,7 +644,7 @@ mod tests {
         let blinded = address(7).blinded(period());
         let subcred = subcredential(address(7).key(), &blinded);
         let outer = super::open(
-            &key(&blinded, &subcred, 5, &v.desc.salt),
+            &key(&blinded, &subcred, 5, &v.desc.salt, None),
             &blinded.0,
             &v.desc.encrypted,
         )
