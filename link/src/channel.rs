@@ -255,6 +255,11 @@ impl ChannelHandle {
         self.inner.out.is_closed()
     }
 
+    /// This side opened the link (it was the handshake's initiator).
+    pub fn we_opened(&self) -> bool {
+        self.inner.high_bit != 0
+    }
+
     /// Queue a cell; waits while its circuit's queue is full.
     pub async fn send(&self, cell: Cell) -> Result<(), LinkError> {
         self.send_batch(vec![cell]).await

@@ -67,6 +67,13 @@ impl ChannelManager {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether this relay holds an open link to `id` that it opened.
+    pub fn opened_to(&self, id: &RelayId) -> bool {
+        self.lock()
+            .get(id)
+            .is_some_and(|h| !h.is_closed() && h.we_opened())
+    }
+
     pub fn insert(&self, id: RelayId, h: ChannelHandle) {
         let mut m = self.lock();
         m.retain(|_, h| !h.is_closed());
@@ -393,6 +400,14 @@ impl Relay {
             .iter()
             .filter(|r| r.identity != me && r.flags.has(RelayFlags::RUNNING))
             .collect();
+        // A relay that would reuse a link this one opened proves nothing:
+        // go through one that must open its own, if there is one.
+        let fresh: Vec<_> = others
+            .iter()
+            .copied()
+            .filter(|r| !self.ctx.channels.opened_to(&RelayId(r.identity)))
+            .collect();
+        let others = if fresh.is_empty() { others } else { fresh };
         let via =
             crate::selftest::Hop::from(*others.get(rand::random_range(0..others.len().max(1)))?);
         let desc = self.descriptor(unix_now()).ok()?;

@@ -11,7 +11,8 @@
 //! consensus lists) and created a circuit on it since the relay started;
 //! otherwise it proves nothing and is tried again. In a busy network the
 //! links between relays stay up, so the extending relay nearly always
-//! reuses one.
+//! reuses one: the test goes through a relay this one holds no link to
+//! that it opened, where there is one.
 //!
 //! Relays extend circuits only to relays the consensus lists at that
 //! address, so the test can run once the consensus lists this relay; until
