@@ -148,6 +148,8 @@ struct Reach {
 struct Pending {
     valid_after: u64,
     doc: AuthSigned,
+    /// The body's SHA-256, which signatures sign.
+    digest: [u8; 32],
 }
 
 /// The votes for one period by authority: parsed and as received.
@@ -184,6 +186,12 @@ const SR_SECRET_FILE: &str = "state/shared-random";
 const PROBES_AT_ONCE: usize = 32;
 /// Relays retested at once, at most ([`Authority::reach_loop`]).
 const REACH_AT_ONCE: usize = 64;
+/// Retests a second an authority aims at, at most: past this many relays
+/// per period, the period between a relay's tests grows with the table.
+/// (A real network's 50,000 relays need 84 a second at the 10-minute
+/// floor; a test network's 3-second period would otherwise have its
+/// authorities spend a core each testing a few thousand relays.)
+const RETESTS_PER_SEC: u64 = 100;
 
 /// A running authority's shared state.
 pub struct Authority {
@@ -201,6 +209,8 @@ pub struct Authority {
     stats: Arc<AuthStats>,
     /// The published consensus, its predecessors and the diffs from them.
     cache: Arc<ConsensusCache>,
+    /// Relays in the table, as of the last scan for tests.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 fn parse_id(s: &str) -> Result<[u8; 32], DirError> {
@@ -310,6 +320,7 @@ impl Authority {
             signer: Mutex::new(signer),
             rejected,
             bad_exits,
+            held: st.descriptors.len().into(),
             state: Mutex::new(st),
             disk: Mutex::new(disk),
             limiter: Mutex::new(limiter),
@@ -520,7 +531,7 @@ impl Authority {
                 "signature rejected: no consensus being assembled".into(),
             ));
         };
-        s.check(CONSENSUS_DOMAIN, &p.doc.body, &self.pinned, now)
+        s.check_digest(CONSENSUS_DOMAIN, &p.digest, &self.pinned, now)
             .map_err(|e| {
                 (
                     StatusCode::BAD_REQUEST,
@@ -577,9 +588,14 @@ impl Authority {
     }
 
     /// How often each relay's reachability is tested: every period, and at
-    /// least every 10 minutes.
+    /// least every 10 minutes, but no more than [`RETESTS_PER_SEC`] tests
+    /// a second.
     fn retest_secs(&self) -> u64 {
-        self.cfg.interval_secs.clamp(1, 600)
+        let held = self.held.load(std::sync::atomic::Ordering::Relaxed) as u64;
+        self.cfg
+            .interval_secs
+            .clamp(1, 600)
+            .max(held.div_ceil(RETESTS_PER_SEC))
     }
 
     /// A relay reached within this long counts as Running: two retests
@@ -602,7 +618,6 @@ impl Authority {
     /// the network, the limit (about 65 tests a second at 10,000 relays,
     /// too few to keep them all Running).
     async fn reach_loop(&self) {
-        let every = self.retest_secs();
         let mut set = tokio::task::JoinSet::new();
         let mut flying: std::collections::HashSet<[u8; 32]> = Default::default();
         loop {
@@ -610,6 +625,9 @@ impl Authority {
                 let now = unix_now();
                 let due: Vec<([u8; 32], SocketAddr, LinkKey)> = {
                     let st = lock(&self.state);
+                    self.held
+                        .store(st.descriptors.len(), std::sync::atomic::Ordering::Relaxed);
+                    let every = self.retest_secs();
                     let mut due: Vec<(u64, &VerifiedDescriptor)> = st
                         .descriptors
                         .values()
@@ -982,8 +1000,13 @@ impl Authority {
         };
         let sig_bytes = postcard::to_stdvec(&sig).ok()?;
         doc.add(sig);
+        let digest = doc.digest();
         let mut st = lock(&self.state);
-        st.pending = Some(Pending { valid_after, doc });
+        st.pending = Some(Pending {
+            valid_after,
+            doc,
+            digest,
+        });
         st.own_sigs
             .insert(valid_after, Bytes::from(sig_bytes.clone()));
         Some(sig_bytes)
@@ -1232,6 +1255,26 @@ pub(crate) mod tests {
             allow_private_addresses: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn retests_slow_down_past_a_hundred_a_second() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = AuthConfig {
+            interval_secs: 3,
+            ..authority(d.path())
+        };
+        let a = Authority::new(cfg).unwrap();
+        let at = |held: usize| {
+            a.held.store(held, std::sync::atomic::Ordering::Relaxed);
+            (a.retest_secs(), a.reach_window())
+        };
+        // A small network is tested every period, as before.
+        assert_eq!(at(6), (3, 11));
+        assert_eq!(at(300), (3, 11));
+        // 2,000 relays every 20 s, 5,000 every 50 s: 100 tests a second.
+        assert_eq!(at(2000), (20, 45));
+        assert_eq!(at(5000), (50, 105));
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct State {
     current: Option<Bytes>,
+    /// `current`'s SHA-256, the name fetchers give it as a base.
+    digest: [u8; 32],
     /// When `current` expires: from then on nothing is served.
     valid_until: u64,
     /// The consensuses held before `current`, newest last (at most
@@ -92,13 +94,14 @@ impl ConsensusCache {
     /// base for diffs. The diffs are made by [`ConsensusCache::make_diffs`]
     /// or when first asked for.
     pub fn install(&self, bytes: Bytes, valid_until: u64) {
+        let current = diff::digest(&bytes);
         let mut st = lock(&self.state);
         st.valid_until = valid_until;
+        let old_digest = std::mem::replace(&mut st.digest, current);
         if let Some(old) = st.current.replace(bytes.clone())
             && old != bytes
         {
-            let current = diff::digest(&bytes);
-            st.recent.push_back((diff::digest(&old), old));
+            st.recent.push_back((old_digest, old));
             st.recent.retain(|(d, _)| *d != current);
             while st.recent.len() > diff::KEEP {
                 st.recent.pop_front();
@@ -156,7 +159,7 @@ impl ConsensusCache {
             };
             // From itself too: a fetcher that already holds it gets a few
             // bytes that say so.
-            let itself = (diff::digest(&c), c.clone());
+            let itself = (st.digest, c.clone());
             let bases: Vec<(Option<[u8; 32]>, Option<Bytes>)> = std::iter::once((None, None))
                 .chain(
                     st.recent

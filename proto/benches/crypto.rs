@@ -367,7 +367,7 @@ fn documents(c: &mut Criterion) {
         d.add(AuthoritySig::make(CONSENSUS_DOMAIN, &d.body, cert, sk));
     }
     let bytes = d.to_bytes();
-    g.bench_function("parse_and_verify_3_signatures", |b| {
+    g.bench_function("parse_and_verify_2_of_3_signatures", |b| {
         b.iter(|| {
             black_box(
                 UnverifiedConsensus::parse(&bytes)
