@@ -1119,7 +1119,11 @@ impl Authority {
         self.collect_signatures(va).await;
         let published = self.publish(va);
         if published.is_ok() {
-            self.make_diffs().await;
+            // Off the voting path: the next round's vote must not wait for
+            // compression (seconds at level 19 for thousands of relays).
+            // A fetch that comes first waits for its diff instead.
+            let cache = self.cache.clone();
+            tokio::spawn(async move { cache.make_diffs().await });
         }
         match published {
             // Every few seconds on a test network: not worth a line there.
