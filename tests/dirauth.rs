@@ -63,6 +63,75 @@ async fn three_authorities_vote_and_survive_failures() {
     )
     .await;
 
+    // Votes name descriptors by digest: a relay whose descriptor reached
+    // two authorities of three is listed by all three, the third fetching
+    // the descriptor from the others for its consensus.
+    let key = ed25519_dalek::SigningKey::from_bytes(&[0x5a; 32]);
+    let identity = key.verifying_key().to_bytes();
+    let onion = allium_proto::ntor::OnionSecret::new(x25519_dalek::StaticSecret::from([0x5b; 32]));
+    let desc = allium_proto::RelayDescriptor {
+        nickname: "uploadedtotwo".into(),
+        identity,
+        link_key: allium_proto::LinkKey([7; 32]),
+        onion_key: onion.public(),
+        onion_crosscert: onion.crosscert(&identity),
+        addr: "127.0.0.1:9".parse().unwrap(),
+        bandwidth: 1000,
+        exit_policy: allium_proto::policy::ExitPolicy::reject_all(),
+        family: vec![],
+        published: unix_now(),
+    }
+    .sign(&key);
+    let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        &desc.body,
+    ))
+    .into();
+    for a in &addrs[..2] {
+        http::post_descriptor(*a, desc.to_bytes()).await.unwrap();
+    }
+    eventually(
+        "the relay listed by all three, in one consensus",
+        20,
+        async || {
+            let mut docs = Vec::new();
+            for a in &addrs {
+                docs.push(fetch(*a).await);
+            }
+            docs.iter().all(|d| d.0 == docs[0].0 && d.2 == 3)
+                && docs[0]
+                    .1
+                    .relay(&identity)
+                    .is_some_and(|r| r.descriptor_digest == digest)
+        },
+    )
+    .await;
+    let got = http::fetch_descriptors(addrs[2], &[digest, [0; 32]])
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        [desc.to_bytes()],
+        "auth2 holds what it fetched; no other"
+    );
+    for bad in ["00", "zz", &vec![hex::encode([1; 32]); 65].join("+")] {
+        assert!(
+            matches!(
+                http::exchange(
+                    tokio::net::TcpStream::connect(addrs[0]).await.unwrap(),
+                    &addrs[0].to_string(),
+                    "GET",
+                    &format!("/descriptors/{bad}"),
+                    vec![],
+                    1 << 20
+                )
+                .await,
+                Err(DirError::Status { status: 400, .. })
+            ),
+            "{bad}"
+        );
+    }
+
     // Bad input gets a 4xx with a reason.
     let (_, c0, _) = fetch(addrs[0]).await;
     let old_vote = http::fetch_vote(addrs[0], c0.valid_after).await.unwrap();

@@ -6,14 +6,15 @@
 //! 1. from `V - I`: test every known relay's reachability, sign a vote,
 //!    push it to the other authorities (`POST /vote`);
 //! 2. at `V - I/2`: fetch the votes still missing (`GET /vote/V`); with
-//!    votes from more than half of the authorities compute the consensus
-//!    ([`allium_proto::vote::compute_consensus`]), sign it and push the
-//!    detached signature (`POST /signature`);
+//!    votes from more than half of the authorities fetch the descriptors
+//!    they name that this one lacks (`GET /descriptors/...`), compute the
+//!    consensus ([`allium_proto::vote::compute_consensus`]), sign it and
+//!    push the detached signature (`POST /signature`);
 //! 3. at `V - I/4` and at `V`: fetch missing signatures
 //!    (`GET /signature/V`), then publish the consensus if more than half of
 //!    the authorities signed it; otherwise keep serving the last one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,7 @@ use allium_proto::doc::{
 };
 use allium_proto::policy::is_private;
 use allium_proto::vote::shared_random::{self, Round, SharedRandom};
-use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
+use allium_proto::vote::{Vote, VoteRelay, compute_consensus, listed};
 use allium_proto::{
     AuthorityKey, AuthoritySig, LinkKey, OnionKey, RelayFlags, RelayId, UnverifiedConsensus,
     UnverifiedDescriptor, short_id,
@@ -157,7 +158,11 @@ type VotesOfPeriod = BTreeMap<[u8; 32], (Vote, Bytes)>;
 
 #[derive(Default)]
 struct AuthState {
-    descriptors: BTreeMap<[u8; 32], VerifiedDescriptor>,
+    descriptors: BTreeMap<[u8; 32], Arc<VerifiedDescriptor>>,
+    /// By digest: the descriptors that the votes held name, which this
+    /// authority had when it voted or fetched from another authority for
+    /// a consensus (a relay may have replaced or dropped one since).
+    named: HashMap<[u8; 32], Arc<VerifiedDescriptor>>,
     reach: HashMap<[u8; 32], Reach>,
     /// Our bandwidth measurements: bytes per second, when, and at which
     /// address (a relay that moves is measured again).
@@ -279,7 +284,7 @@ impl Authority {
                     if v.desc.identity == file
                         && (cfg.allow_private_addresses || !is_private(v.desc.addr.ip())) =>
                 {
-                    st.descriptors.insert(v.desc.identity, v);
+                    st.descriptors.insert(v.desc.identity, Arc::new(v));
                 }
                 // Too old by now, or not what it should be.
                 _ => disk.remove(&file)?,
@@ -417,7 +422,7 @@ impl Authority {
         let id = v.desc.identity;
         let (nickname, short) = (v.desc.nickname.clone(), short_id(&id));
         let bytes = v.bytes.clone();
-        if st.descriptors.insert(id, v).is_none() {
+        if st.descriptors.insert(id, Arc::new(v)).is_none() {
             info!(relay = %nickname, id = %short, "descriptor of a new relay accepted");
             if st.untested.len() < self.cfg.max_relays {
                 st.untested.push_back(id);
@@ -628,7 +633,7 @@ impl Authority {
                     self.held
                         .store(st.descriptors.len(), std::sync::atomic::Ordering::Relaxed);
                     let every = self.retest_secs();
-                    let mut due: Vec<(u64, &VerifiedDescriptor)> = st
+                    let mut due: Vec<(u64, &Arc<VerifiedDescriptor>)> = st
                         .descriptors
                         .values()
                         .filter(|d| !flying.contains(&d.desc.identity))
@@ -858,7 +863,6 @@ impl Authority {
             .map(|d| VoteRelay {
                 identity: d.desc.identity,
                 digest: d.digest,
-                descriptor: d.bytes.clone(),
                 flags: RelayFlags(self.flags_for(
                     d,
                     st.reach.get(&d.desc.identity).copied().unwrap_or_default(),
@@ -888,6 +892,22 @@ impl Authority {
             doc.add(AuthoritySig::make(VOTE_DOMAIN, &doc.body, &s.cert, &s.key));
         }
         let bytes = doc.to_bytes();
+        // Keep what the votes held name (those of other periods are gone
+        // by now), and what this one does.
+        let named: HashSet<[u8; 32]> = (st.votes.values().flat_map(|m| m.values()))
+            .flat_map(|(v, _)| v.relays.iter().map(|r| r.digest))
+            .collect();
+        let AuthState {
+            named: held,
+            descriptors,
+            ..
+        } = &mut *st;
+        held.retain(|d, _| named.contains(d));
+        for r in &vote.relays {
+            if let Some(d) = descriptors.get(&r.identity) {
+                held.entry(d.digest).or_insert_with(|| d.clone());
+            }
+        }
         st.votes
             .entry(valid_after)
             .or_default()
@@ -986,7 +1006,8 @@ impl Authority {
             );
             return None;
         }
-        let c = match compute_consensus(&votes) {
+        let held = self.descriptors_for(&votes).await;
+        let c = match compute_consensus(&votes, |d| held.get(d).map(|v| &**v)) {
             Ok(c) => c,
             Err(e) => {
                 warn!("computing consensus: {e}");
@@ -1010,6 +1031,75 @@ impl Authority {
         st.own_sigs
             .insert(valid_after, Bytes::from(sig_bytes.clone()));
         Some(sig_bytes)
+    }
+
+    /// The descriptors a consensus of `votes` needs, by digest: those we
+    /// hold, and those we lack fetched from the other authorities (each
+    /// checked: signature, key binding, digest, identity). A relay whose
+    /// descriptor no one gives is left out of our consensus.
+    async fn descriptors_for(&self, votes: &[Vote]) -> HashMap<[u8; 32], Arc<VerifiedDescriptor>> {
+        let wanted = listed(votes);
+        let (mut held, mut missing) = (HashMap::new(), HashMap::new());
+        {
+            let st = lock(&self.state);
+            for (id, digest) in wanted {
+                let d = st
+                    .named
+                    .get(&digest)
+                    .or_else(|| st.descriptors.get(&id).filter(|d| d.digest == digest));
+                match d {
+                    Some(d) => _ = held.insert(digest, d.clone()),
+                    None => _ = missing.insert(digest, id),
+                }
+            }
+        }
+        for (_, addr, name) in self.peers() {
+            if missing.is_empty() {
+                break;
+            }
+            let asked: Vec<[u8; 32]> = missing.keys().copied().collect();
+            for chunk in asked.chunks(http::DESCRIPTORS_PER_FETCH) {
+                let got = match http::fetch_descriptors(addr, chunk).await {
+                    Ok(got) => got,
+                    Err(e) => {
+                        debug!(authority = %name, "fetching descriptors: {e}");
+                        break;
+                    }
+                };
+                for b in got {
+                    let d = UnverifiedDescriptor::parse(&b).and_then(|u| u.verify_unclocked());
+                    match d {
+                        Ok(d) if missing.get(&d.digest) == Some(&d.desc.identity) => {
+                            missing.remove(&d.digest);
+                            held.insert(d.digest, Arc::new(d));
+                        }
+                        Ok(_) => warn!(authority = %name, "sent a descriptor not asked for"),
+                        Err(e) => warn!(authority = %name, "sent a bad descriptor: {e}"),
+                    }
+                }
+            }
+        }
+        if !missing.is_empty() {
+            warn!(
+                relays = missing.len(),
+                "descriptors named by a majority of votes not found: left out of our consensus"
+            );
+        }
+        let mut st = lock(&self.state);
+        for (digest, d) in &held {
+            st.named.entry(*digest).or_insert_with(|| d.clone());
+        }
+        held
+    }
+
+    /// The descriptors of `digests` this authority holds for the votes
+    /// (see [`AuthState::named`]), as received, in no particular order.
+    pub fn named_descriptors(&self, digests: &[[u8; 32]]) -> Vec<Vec<u8>> {
+        let st = lock(&self.state);
+        digests
+            .iter()
+            .filter_map(|d| st.named.get(d).map(|v| v.bytes.clone()))
+            .collect()
     }
 
     /// Fetch the detached signatures we do not have yet.

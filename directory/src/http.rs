@@ -288,6 +288,35 @@ pub async fn fetch_vote(addr: SocketAddr, valid_after: u64) -> Result<Vec<u8>, D
     .await
 }
 
+/// Descriptors asked of an authority in one request, at most.
+pub const DESCRIPTORS_PER_FETCH: usize = 64;
+
+/// Fetch from an authority the descriptors its votes named by these
+/// digests (at most [`DESCRIPTORS_PER_FETCH`]): those it holds, as
+/// received, unchecked.
+pub async fn fetch_descriptors(
+    addr: SocketAddr,
+    digests: &[[u8; 32]],
+) -> Result<Vec<Vec<u8>>, DirError> {
+    let path: Vec<String> = digests.iter().map(hex::encode).collect();
+    let max = DESCRIPTORS_PER_FETCH * (allium_proto::doc::MAX_DESCRIPTOR_LEN + 2) + 2;
+    let b = request(
+        addr,
+        "GET",
+        &format!("/descriptors/{}", path.join("+")),
+        vec![],
+        max,
+    )
+    .await?;
+    allium_proto::doc::decode_exact::<Vec<Vec<u8>>>("descriptor list", &b)
+        .ok()
+        .filter(|l| l.len() <= digests.len())
+        .ok_or_else(|| DirError::Http {
+            addr: addr.to_string(),
+            why: "malformed descriptor list".into(),
+        })
+}
+
 /// Push our vote to another authority.
 pub async fn post_vote(addr: SocketAddr, vote: Vec<u8>) -> Result<(), DirError> {
     request(addr, "POST", "/vote", vote, 4096).await.map(|_| ())

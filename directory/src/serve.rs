@@ -43,7 +43,7 @@ use tracing::{debug, info};
 
 use crate::auth::{AuthConfig, Authority};
 use crate::metrics::AuthStats;
-use crate::{DirError, unix_now};
+use crate::{DirError, http, unix_now};
 
 /// Largest detached consensus signature accepted.
 pub const MAX_SIGNATURE_LEN: usize = 4096;
@@ -207,6 +207,7 @@ fn router(a: Arc<Authority>, limits: HttpLimits) -> Router {
         )
         .route("/vote", vote_route)
         .route("/vote/{va}", get(get_vote))
+        .route("/descriptors/{digests}", get(get_descriptors))
         .route(
             "/signature",
             limited(&a, 2, post(post_signature), MAX_SIGNATURE_LEN),
@@ -368,6 +369,28 @@ async fn get_vote(
 ) -> Result<Bytes, (StatusCode, &'static str)> {
     a.own_vote(va)
         .ok_or((StatusCode::NOT_FOUND, "no vote for that period"))
+}
+
+/// The descriptors named by `digests` (hex, joined by `+`, at most
+/// [`http::DESCRIPTORS_PER_FETCH`]) that this authority's votes hold.
+async fn get_descriptors(
+    State(a): State<Arc<Authority>>,
+    Path(digests): Path<String>,
+) -> Result<Vec<u8>, (StatusCode, &'static str)> {
+    let bad = (
+        StatusCode::BAD_REQUEST,
+        "expected at most 64 descriptor digests in hex, joined by +",
+    );
+    let list: Vec<[u8; 32]> = digests
+        .split('+')
+        .map(|h| hex::decode(h).ok()?.try_into().ok())
+        .collect::<Option<_>>()
+        .ok_or(bad)?;
+    if list.len() > http::DESCRIPTORS_PER_FETCH {
+        return Err(bad);
+    }
+    postcard::to_stdvec(&a.named_descriptors(&list))
+        .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "encoding"))
 }
 
 async fn get_signature(

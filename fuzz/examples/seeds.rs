@@ -197,6 +197,14 @@ fn vectors(c: &Corpus) {
         "vector_body",
         &with_mode(1, &cert_doc.body),
     );
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let d = keys::descriptor(i).sign(&keys::relay_identity(i));
+            allium_proto::UnverifiedDescriptor::parse(&d.to_bytes())
+                .and_then(|u| u.verify_unclocked())
+                .expect("a valid descriptor")
+        })
+        .collect();
     let vote = Vote {
         authority: keys::authority(0).0.verifying_key().to_bytes(),
         valid_after: NOW,
@@ -208,7 +216,6 @@ fn vectors(c: &Corpus) {
                 VoteRelay {
                     identity: d_identity(i),
                     digest: Sha256::digest(&d.body).into(),
-                    descriptor: d.to_bytes(),
                     flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::EXIT),
                     bandwidth: 1_000_000,
                     measured: Some(800_000),
@@ -221,8 +228,11 @@ fn vectors(c: &Corpus) {
     vote.relays.sort_by_key(|r| r.identity);
     let vbytes = keys::signed_vote(&vote, 0);
     c.put("vote", "vector", &with_mode(0, &vbytes));
-    let cons =
-        allium_proto::vote::compute_consensus(std::slice::from_ref(&vote)).expect("a consensus");
+    let cons = allium_proto::vote::compute_consensus(std::slice::from_ref(&vote), |d| {
+        held.iter().find(|h| h.digest == *d)
+    })
+    .expect("a consensus");
+    assert_eq!(cons.relays.len(), 2);
     let cbytes = keys::signed_consensus(&cons);
     c.put("consensus", "vector", &with_mode(0, &cbytes));
     c.put(

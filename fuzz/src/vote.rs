@@ -5,18 +5,20 @@
 //! the consensus of it alone is sound. Otherwise the rest is read as
 //! `arbitrary` votes by the pinned authorities, listing fixed relays whose
 //! descriptors (signed by the relays) have fuzzer-chosen contents and
-//! policies. Every such vote verifies, and the consensus computed from
-//! them is one that clients accept: sorted, within its limits, with valid
-//! exit summaries and families, and it verifies once signed.
+//! policies; those that verify are held, as an authority holds them.
+//! Every such vote verifies, and the consensus computed from them is one
+//! that clients accept: sorted, within its limits, with valid exit
+//! summaries and families, and it verifies once signed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use allium_proto::doc::{MAX_SIGNATURES, MAX_VOTE_LEN};
 use allium_proto::policy::{Action, AddrPattern, ExitPolicy, Rule};
 use allium_proto::vote::shared_random::{self, Round, SrEntry, SrVote};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
-use allium_proto::{AuthSigned, Consensus, RelayFlags, UnverifiedConsensus};
+use allium_proto::doc::VerifiedDescriptor;
+use allium_proto::{AuthSigned, Consensus, RelayFlags, UnverifiedConsensus, UnverifiedDescriptor};
 use arbitrary::{Arbitrary, Unstructured};
 use sha2::{Digest, Sha256};
 
@@ -37,16 +39,17 @@ pub fn run(data: &[u8]) {
         let doc = AuthSigned::parse("vote", rest, MAX_VOTE_LEN).expect("parsed once");
         assert_eq!(doc.to_bytes(), rest, "a vote is canonical");
         assert_eq!(postcard::to_stdvec(&v).expect("encodes"), doc.body);
-        return sound(&[v]);
+        return sound(&[v], &HashMap::new());
     }
     let mut u = Unstructured::new(rest);
     let Ok(votes) = Vec::<ArbVote>::arbitrary(&mut u) else {
         return;
     };
     let mut by_authority = BTreeMap::new();
+    let mut held = HashMap::new();
     for v in votes.into_iter().take(usize::from(AUTHORITIES)) {
         let i = v.authority % AUTHORITIES;
-        let vote = v.build(i);
+        let vote = v.build(i, &mut held);
         let bytes = signed_vote(&vote, i);
         let got = Vote::verify(&bytes, &pinned, NOW).expect("a pinned authority's vote");
         assert_eq!(got, vote);
@@ -54,13 +57,19 @@ pub fn run(data: &[u8]) {
     }
     let votes: Vec<Vote> = by_authority.into_values().collect();
     if !votes.is_empty() {
-        sound(&votes);
+        sound(&votes, &held);
     }
 }
 
-/// The consensus of `votes` is one clients take.
-fn sound(votes: &[Vote]) {
-    let c = compute_consensus(votes).expect("votes for one period");
+/// The consensus of `votes`, with the descriptors `held`, is one clients
+/// take, and lists only relays whose descriptor is held.
+fn sound(votes: &[Vote], held: &HashMap<[u8; 32], VerifiedDescriptor>) {
+    let c = compute_consensus(votes, |d| held.get(d)).expect("votes for one period");
+    assert!(
+        c.relays
+            .iter()
+            .all(|r| held.get(&r.descriptor_digest).is_some_and(|d| d.desc.identity == r.identity))
+    );
     check_consensus(&c);
     let bytes = signed_consensus(&c);
     let u = UnverifiedConsensus::parse(&bytes).expect("a computed consensus parses");
@@ -202,7 +211,9 @@ enum ArbPattern {
 }
 
 impl ArbVote {
-    fn build(self, i: u8) -> Vote {
+    /// The vote of authority `i`; the descriptors it names that verify
+    /// go into `held`.
+    fn build(self, i: u8, held: &mut HashMap<[u8; 32], VerifiedDescriptor>) -> Vote {
         let mut relays: BTreeMap<[u8; 32], VoteRelay> = BTreeMap::new();
         for e in self.relays {
             let r = e.relay % RELAYS;
@@ -214,6 +225,10 @@ impl ArbVote {
             let mut doc = allium_proto::SignedDocument::new(body);
             doc.sign(allium_proto::doc::DESCRIPTOR_DOMAIN, &key);
             let mut digest: [u8; 32] = Sha256::digest(&doc.body).into();
+            if let Ok(v) = UnverifiedDescriptor::parse(&doc.to_bytes()).and_then(|u| u.verify_unclocked()) {
+                assert_eq!(v.digest, digest);
+                held.insert(digest, v);
+            }
             if e.wrong_digest {
                 digest[0] ^= 1;
             }
@@ -223,7 +238,6 @@ impl ArbVote {
                 VoteRelay {
                     identity,
                     digest,
-                    descriptor: doc.to_bytes(),
                     flags: RelayFlags(e.flags),
                     bandwidth: e.bandwidth,
                     measured: e.measured,

@@ -32,7 +32,7 @@ pub const MAX_CONSENSUS_RELAYS: usize = 10_000;
 /// a descriptor's size is bounded as a whole, and the consensus carries
 /// fixed-size summaries of policies and families, not the lists.
 pub const MAX_DESCRIPTOR_LEN: usize = 4 * 1024;
-pub const MAX_VOTE_LEN: usize = 48 * 1024 * 1024;
+pub const MAX_VOTE_LEN: usize = 2 * 1024 * 1024;
 pub const MAX_CONSENSUS_LEN: usize = 6 * 1024 * 1024;
 pub const MAX_SIGNATURES: usize = 16;
 pub const MAX_FAMILY: usize = 64;
@@ -93,7 +93,7 @@ pub struct SignedDocument {
 /// encoding it gives back): postcard also reads a number written in more
 /// bytes than it needs, which would give one document several encodings
 /// and several digests.
-pub(crate) fn decode_exact<'a, T: Deserialize<'a> + Serialize>(
+pub fn decode_exact<'a, T: Deserialize<'a> + Serialize>(
     what: &'static str,
     b: &'a [u8],
 ) -> Result<T, Error> {
@@ -254,6 +254,27 @@ impl UnverifiedDescriptor {
     /// within `[now - max_age, now + MAX_CLOCK_SKEW]`.
     pub fn verify(self, now: u64, max_age: u64) -> Result<VerifiedDescriptor, Error> {
         let d = &self.desc;
+        if d.published > now.saturating_add(MAX_CLOCK_SKEW) {
+            return Err(Error::Expired(format!(
+                "published {}s in the future",
+                d.published - now
+            )));
+        }
+        // A maximum age as large as a config may give never overflows.
+        if d.published.saturating_add(max_age) < now {
+            return Err(Error::Expired(format!(
+                "published {}s ago, limit {max_age}s",
+                now - d.published
+            )));
+        }
+        self.verify_unclocked()
+    }
+
+    /// Everything [`UnverifiedDescriptor::verify`] checks but the clock:
+    /// for a descriptor that a vote names, which an authority fetches from
+    /// another after the relay uploaded it there.
+    pub fn verify_unclocked(self) -> Result<VerifiedDescriptor, Error> {
+        let d = &self.desc;
         match self.doc.signatures.as_slice() {
             [s] if s.key == d.identity => {
                 if !self.doc.check(DESCRIPTOR_DOMAIN, s) {
@@ -271,19 +292,6 @@ impl UnverifiedDescriptor {
                     "must carry exactly one signature",
                 ));
             }
-        }
-        if d.published > now.saturating_add(MAX_CLOCK_SKEW) {
-            return Err(Error::Expired(format!(
-                "published {}s in the future",
-                d.published - now
-            )));
-        }
-        // A maximum age as large as a config may give never overflows.
-        if d.published.saturating_add(max_age) < now {
-            return Err(Error::Expired(format!(
-                "published {}s ago, limit {max_age}s",
-                now - d.published
-            )));
         }
         if !valid_nickname(&d.nickname) {
             return Err(Error::malformed(
@@ -977,7 +985,7 @@ mod tests {
         doc.signatures = vec![sig.clone(); MAX_SIGNATURES];
         let len = doc.to_bytes().len();
         assert!(len <= MAX_CONSENSUS_LEN, "consensus {len} bytes");
-        // A vote carries every descriptor whole.
+        // A vote names each descriptor by its digest.
         let v = Vote {
             authority: [0xff; 32],
             valid_after: u64::MAX,
@@ -987,7 +995,6 @@ mod tests {
                 VoteRelay {
                     identity: [0xff; 32],
                     digest: [0xff; 32],
-                    descriptor: vec![0xff; MAX_DESCRIPTOR_LEN],
                     flags: RelayFlags(u16::MAX),
                     bandwidth: u32::MAX,
                     measured: Some(u32::MAX),

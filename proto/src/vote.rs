@@ -1,18 +1,21 @@
 //! Votes and the consensus computation (`doc/protocol.md` section 8).
 //!
-//! Each authority signs a [`Vote`] listing the relays it knows (their full
-//! signed descriptors), the flags it assigns and the bandwidth it sees.
-//! [`compute_consensus`] turns a set of votes for one period into the
-//! consensus; it is a pure function of the votes, so every authority that
-//! holds the same votes produces the same bytes.
+//! Each authority signs a [`Vote`] listing the relays it knows (by the
+//! digest of their descriptors), the flags it assigns and the bandwidth it
+//! sees. [`compute_consensus`] turns a set of votes for one period, and
+//! the descriptors they name ([`listed`]: an authority fetches those it
+//! lacks from the others), into the consensus; it is a pure function of
+//! them, so every authority that holds the same votes produces the same
+//! bytes.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::doc::PositionWeights;
+use crate::doc::VerifiedDescriptor;
 use crate::doc::{AuthSigned, AuthorityKey, MAX_CONSENSUS_RELAYS, MAX_VOTE_LEN, VOTE_DOMAIN};
-use crate::{Consensus, ConsensusRelay, Error, RelayFlags, UnverifiedDescriptor};
+use crate::{Consensus, ConsensusRelay, Error, RelayFlags};
 
 pub mod shared_random;
 
@@ -24,8 +27,6 @@ pub struct VoteRelay {
     pub identity: [u8; 32],
     /// SHA-256 of the descriptor's body.
     pub digest: [u8; 32],
-    /// The signed descriptor, exactly as the relay uploaded it.
-    pub descriptor: Vec<u8>,
     pub flags: RelayFlags,
     /// The bandwidth the descriptor declares.
     pub bandwidth: u32,
@@ -148,11 +149,46 @@ fn assign_families(relays: &mut [ConsensusRelay], declared: &BTreeMap<[u8; 32], 
     }
 }
 
+/// Each relay that more than half of `votes` list with the same
+/// descriptor digest, with the entries that list it so, in identity order.
+fn majorities(votes: &[Vote]) -> Vec<([u8; 32], [u8; 32], Vec<&VoteRelay>)> {
+    let mut by_relay: BTreeMap<[u8; 32], Vec<&VoteRelay>> = BTreeMap::new();
+    for v in votes {
+        for r in &v.relays {
+            by_relay.entry(r.identity).or_default().push(r);
+        }
+    }
+    let n = votes.len();
+    by_relay
+        .into_iter()
+        .filter_map(|(id, entries)| {
+            let mut counts: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+            for e in &entries {
+                *counts.entry(e.digest).or_default() += 1;
+            }
+            let (digest, _) = counts.into_iter().find(|(_, c)| 2 * c > n)?;
+            let listing = entries.into_iter().filter(|e| e.digest == digest).collect();
+            Some((id, digest, listing))
+        })
+        .collect()
+}
+
+/// The descriptors a consensus of `votes` needs: (identity, digest) of
+/// each relay more than half of them list with the same digest.
+pub fn listed(votes: &[Vote]) -> Vec<([u8; 32], [u8; 32])> {
+    majorities(votes)
+        .into_iter()
+        .map(|(id, digest, _)| (id, digest))
+        .collect()
+}
+
 /// The consensus of `votes`, which must all be for the same `valid_after`
-/// and come from distinct authorities. Rules:
+/// and come from distinct authorities; `descriptor` gives the verified
+/// descriptor of a digest, if the caller holds it. Rules:
 ///
 /// * a relay is listed only if more than half of the votes list it with
-///   the same descriptor digest, and that descriptor's signature verifies;
+///   the same descriptor digest, and that descriptor is held (verified,
+///   with that digest and identity);
 /// * each flag is set if more than half of those listing votes set it;
 /// * its weight is the low median of the measurements of the listing
 ///   votes that have one, at most the declared bandwidth, if more than half
@@ -166,38 +202,26 @@ fn assign_families(relays: &mut [ConsensusRelay], declared: &BTreeMap<[u8; 32], 
 ///   `fresh_until = valid_after + interval`,
 ///   `valid_until = valid_after + interval * valid_intervals`;
 /// * the shared random part is [`shared_random::combine`] of the votes'.
-pub fn compute_consensus(votes: &[Vote]) -> Result<Consensus, Error> {
+pub fn compute_consensus<'a>(
+    votes: &[Vote],
+    descriptor: impl Fn(&[u8; 32]) -> Option<&'a VerifiedDescriptor>,
+) -> Result<Consensus, Error> {
     let first = votes
         .first()
         .ok_or_else(|| Error::malformed("votes", "none"))?;
     if votes.iter().any(|v| v.valid_after != first.valid_after) {
         return Err(Error::malformed("votes", "for different periods"));
     }
-    let mut by_relay: BTreeMap<[u8; 32], Vec<&VoteRelay>> = BTreeMap::new();
     let mut sorted: Vec<&Vote> = votes.iter().collect();
     sorted.sort_by_key(|v| v.authority);
-    for v in &sorted {
-        for r in &v.relays {
-            by_relay.entry(r.identity).or_default().push(r);
-        }
-    }
     let n = votes.len();
     let mut relays = Vec::new();
     let mut declared_family: BTreeMap<[u8; 32], Vec<[u8; 32]>> = BTreeMap::new();
-    for (id, entries) in by_relay {
-        let mut counts: BTreeMap<[u8; 32], usize> = BTreeMap::new();
-        for e in &entries {
-            *counts.entry(e.digest).or_default() += 1;
-        }
-        let Some((digest, _)) = counts.into_iter().find(|(_, c)| 2 * c > n) else {
-            continue;
-        };
-        let listing: Vec<&VoteRelay> = entries.into_iter().filter(|e| e.digest == digest).collect();
-        let Some(desc) = listing.iter().find_map(|e| {
-            let u = UnverifiedDescriptor::parse(&e.descriptor).ok()?;
-            (u.verify_signature().ok()? == digest && u.descriptor().identity == id)
-                .then(|| u.descriptor().clone())
-        }) else {
+    for (id, digest, listing) in majorities(votes) {
+        let Some(desc) = descriptor(&digest)
+            .filter(|d| d.digest == digest && d.desc.identity == id)
+            .map(|d| d.desc.clone())
+        else {
             continue;
         };
         let mut flags = 0u16;
@@ -317,14 +341,31 @@ mod tests {
             published,
         }
         .sign(&k);
+        let v = crate::UnverifiedDescriptor::parse(&d.to_bytes())
+            .unwrap()
+            .verify_unclocked()
+            .unwrap();
+        assert_eq!(v.digest, <[u8; 32]>::from(Sha256::digest(&d.body)));
+        let digest = v.digest;
+        HELD.with_borrow_mut(|h| h.insert(digest, Box::leak(Box::new(v))));
         VoteRelay {
             identity: k.verifying_key().to_bytes(),
-            digest: Sha256::digest(&d.body).into(),
-            descriptor: d.to_bytes(),
+            digest,
             flags: RelayFlags(flags),
             bandwidth: declared,
             measured,
         }
+    }
+
+    thread_local! {
+        /// The descriptors the test relays were built with, by digest.
+        static HELD: std::cell::RefCell<std::collections::HashMap<[u8; 32], &'static VerifiedDescriptor>> =
+            Default::default();
+    }
+
+    /// The consensus of `votes`, with every descriptor they name held.
+    fn compute(votes: &[Vote]) -> Result<Consensus, Error> {
+        compute_consensus(votes, |d| HELD.with_borrow(|h| h.get(d).copied()))
     }
 
     fn vote(a: u8, relays: Vec<VoteRelay>) -> Vote {
@@ -365,7 +406,7 @@ mod tests {
                 vec![relay(10, 5, RelayFlags::VALID, 200), relay(12, 5, RV, 1)],
             ),
         ];
-        let c = compute_consensus(&votes).unwrap();
+        let c = compute(&votes).unwrap();
         let ids: Vec<[u8; 32]> = c.relays.iter().map(|r| r.identity).collect();
         assert!(ids.contains(&relay(10, 5, 0, 0).identity));
         // One authority cannot remove a relay the other two list...
@@ -384,7 +425,7 @@ mod tests {
         // Deterministic: vote order does not matter.
         let mut rev = votes.clone();
         rev.reverse();
-        assert_eq!(compute_consensus(&rev).unwrap(), c);
+        assert_eq!(compute(&rev).unwrap(), c);
     }
 
     #[test]
@@ -401,7 +442,7 @@ mod tests {
             vote(2, vec![liar(10_000_000), modest(2000), unmeasured(None)]),
             vote(3, vec![liar(11_000_000), modest(3000), unmeasured(None)]),
         ];
-        let c = compute_consensus(&votes).unwrap();
+        let c = compute(&votes).unwrap();
         let get = |i: u8| c.relay(&relay(i, 5, 0, 0).identity).unwrap().clone();
         // What it declares does not matter: the authorities' median does.
         let l = get(20);
@@ -439,7 +480,7 @@ mod tests {
             ]
         };
         let votes: Vec<Vote> = (1..=3).map(|a| vote(a, relays())).collect();
-        let c = compute_consensus(&votes).unwrap();
+        let c = compute(&votes).unwrap();
         let f = |i: u8| c.relay(&id(i)).unwrap().family;
         let first = (30..=32)
             .map(|i| c.relays.iter().position(|r| r.identity == id(i)).unwrap())
@@ -459,16 +500,43 @@ mod tests {
             vote(2, vec![relay(10, 6, RV, 100)]),
             vote(3, vec![relay(10, 7, RV, 100)]),
         ];
-        assert!(compute_consensus(&votes).unwrap().relays.is_empty());
+        assert!(compute(&votes).unwrap().relays.is_empty());
     }
 
     #[test]
-    fn forged_descriptor_in_votes_is_not_listed() {
-        let mut r = relay(10, 5, RV, 100);
-        let n = r.descriptor.len();
-        r.descriptor[n - 1] ^= 1; // break the signature, keep the digest claim
-        let votes = vec![vote(1, vec![r.clone()]), vote(2, vec![r])];
-        assert!(compute_consensus(&votes).unwrap().relays.is_empty());
+    fn a_relay_is_listed_only_with_the_descriptor_its_digest_names() {
+        let r = relay(10, 5, RV, 100);
+        let votes = vec![vote(1, vec![r.clone()]), vote(2, vec![r.clone()])];
+        assert_eq!(listed(&votes), [(r.identity, r.digest)]);
+        assert_eq!(compute(&votes).unwrap().relays.len(), 1);
+        // Not held: not listed.
+        assert!(
+            compute_consensus(&votes, |_| None)
+                .unwrap()
+                .relays
+                .is_empty()
+        );
+        // What is handed back for the digest must be that descriptor, of
+        // that relay.
+        let other = relay(11, 5, RV, 100);
+        let held = HELD.with_borrow(|h| h[&other.digest]);
+        assert!(
+            compute_consensus(&votes, |_| Some(held))
+                .unwrap()
+                .relays
+                .is_empty()
+        );
+        let mut renamed = held.clone();
+        renamed.digest = r.digest;
+        assert!(
+            compute_consensus(&votes, |_| Some(&renamed))
+                .unwrap()
+                .relays
+                .is_empty()
+        );
+        // One vote of three is no majority: nothing to fetch.
+        let lone = vec![vote(1, vec![r]), vote(2, vec![]), vote(3, vec![])];
+        assert!(listed(&lone).is_empty());
     }
 
     #[test]

@@ -321,7 +321,6 @@ fn compute() -> BTreeMap<String, String> {
         relays: vec![VoteRelay {
             identity: desc.identity,
             digest: Sha256::digest(&desc.sign(&relay_key).body).into(),
-            descriptor: doc.clone(),
             flags: RelayFlags(RelayFlags::RUNNING | RelayFlags::VALID | RelayFlags::EXIT),
             bandwidth: 1_000_000,
             measured: Some(800_000),
@@ -334,7 +333,14 @@ fn compute() -> BTreeMap<String, String> {
         auth_key.verifying_key().to_bytes(),
     )];
     assert_eq!(Vote::verify(&vbytes, &pinned, 1_800_000_000).unwrap(), vote);
-    assert_eq!(compute_consensus(&[vote]).unwrap(), cons);
+    let held = allium_proto::UnverifiedDescriptor::parse(&doc)
+        .unwrap()
+        .verify_unclocked()
+        .unwrap();
+    assert_eq!(
+        compute_consensus(&[vote], |d| (*d == held.digest).then_some(&held)).unwrap(),
+        cons
+    );
     put("doc.vote", &vbytes);
 
     // Service names (section 11).
