@@ -17,6 +17,17 @@ async fn fetch(addr: SocketAddr) -> (Vec<u8>, Consensus, usize) {
     (b.clone(), u.peek().clone(), n)
 }
 
+/// The consensus all of `addrs` serve, if they serve the same bytes, each
+/// signed by three.
+async fn agreed(addrs: &[SocketAddr]) -> Option<Consensus> {
+    let mut docs = Vec::new();
+    for a in addrs {
+        docs.push(fetch(*a).await);
+    }
+    let all = docs.iter().all(|d| d.0 == docs[0].0 && d.2 == 3);
+    all.then(|| docs.swap_remove(0).1)
+}
+
 /// Poll `f` every 250 ms until it holds, for at most `secs`.
 async fn eventually<F: AsyncFnMut() -> bool>(what: &str, secs: u64, mut f: F) {
     let start = Instant::now();
@@ -53,13 +64,7 @@ async fn three_authorities_vote_and_survive_failures() {
     eventually(
         "three byte-identical consensuses with three signatures",
         20,
-        async || {
-            let mut docs = Vec::new();
-            for a in &addrs {
-                docs.push(fetch(*a).await);
-            }
-            docs.iter().all(|d| d.0 == docs[0].0 && d.2 == 3)
-        },
+        async || agreed(&addrs).await.is_some(),
     )
     .await;
 
@@ -94,15 +99,10 @@ async fn three_authorities_vote_and_survive_failures() {
         "the relay listed by all three, in one consensus",
         20,
         async || {
-            let mut docs = Vec::new();
-            for a in &addrs {
-                docs.push(fetch(*a).await);
-            }
-            docs.iter().all(|d| d.0 == docs[0].0 && d.2 == 3)
-                && docs[0]
-                    .1
-                    .relay(&identity)
+            agreed(&addrs).await.is_some_and(|c| {
+                c.relay(&identity)
                     .is_some_and(|r| r.descriptor_digest == digest)
+            })
         },
     )
     .await;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use allium_directory::{http, unix_now};
+use allium_directory::{http, unix_now, unix_now_ms};
 use allium_link::channel::{self, ChannelHandle};
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::service::ServiceAddress;
@@ -426,7 +426,7 @@ impl Client {
                         );
                     }
                     let wait;
-                    (wait, stale) = next_fetch(&c, unix_now(), stale, rand::random());
+                    (wait, stale) = next_fetch(&c, unix_now_ms(), stale, rand::random());
                     wait
                 }
                 Err(e) => {
@@ -439,10 +439,14 @@ impl Client {
                         }
                     }
                     missing = missing.saturating_add(1);
-                    http::retry_after(missing, self.consensus().is_some(), rand::random())
+                    Duration::from_secs(http::retry_after(
+                        missing,
+                        self.consensus().is_some(),
+                        rand::random(),
+                    ))
                 }
             };
-            tokio::time::sleep(Duration::from_secs(wait)).await;
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -1098,28 +1102,31 @@ impl Client {
     }
 }
 
-/// Seconds until the next consensus fetch after one that gave consensus
-/// `c`, and the new count of stale answers in a row; `r` is a random
-/// number.
+/// How long until the next consensus fetch after one that gave consensus
+/// `c` at `now_ms` (milliseconds since the UNIX epoch), and the new count
+/// of stale answers in a row; `r` is a random number.
 ///
-/// A fresh consensus is fetched again at a random time in the period
-/// after it stops being fresh (one period long, and ending no later than
-/// halfway to `valid_until`), so that a network's clients spread their
-/// fetches evenly over the period instead of all asking at the second the
+/// A fresh consensus is fetched again at a random millisecond in the
+/// period after it stops being fresh (one period long, and ending no later
+/// than halfway to `valid_until`), so that a network's clients spread their
+/// fetches evenly over the period instead of all asking at the moment the
 /// next consensus appears; the one held stays valid meanwhile. A stale
 /// one (an authority that has not made a newer one yet, or serves an old
 /// one) backs off from 1 s, doubling up to 5 minutes, instead of asking
 /// again every second; `stale` counts such answers that brought nothing
 /// newer (the caller resets it on one that did).
-fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
-    if c.fresh_until > now {
-        let period = c.interval();
-        let spread = period
+fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
+    if c.fresh_until.saturating_mul(1000) > now_ms {
+        let spread = c
+            .interval()
             .min(c.valid_until.saturating_sub(c.fresh_until) / 2)
-            .clamp(1, 3600);
-        ((c.fresh_until - now).min(3600) + r % spread, 0)
+            .min(3600);
+        (http::after_fresh(c, now_ms, spread * 1000, r), 0)
     } else {
-        ((1u64 << stale.min(9)).min(300), stale.saturating_add(1))
+        (
+            Duration::from_secs((1u64 << stale.min(9)).min(300)),
+            stale.saturating_add(1),
+        )
     }
 }
 
@@ -1260,30 +1267,37 @@ mod tests {
         let mut stale = 0;
         let waits: Vec<u64> = (0..8)
             .map(|_| {
-                let (w, s) = next_fetch(&c, 1000, stale, 0);
+                let (w, s) = next_fetch(&c, 1_000_000, stale, 0);
                 stale = s;
-                w
+                w.as_secs()
             })
             .collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128]);
-        assert_eq!(next_fetch(&c, 1000, 20, 0), (300, 21));
+        assert_eq!(
+            next_fetch(&c, 1_000_000, 20, 0),
+            (Duration::from_secs(300), 21)
+        );
         c.fresh_until = 1001;
-        assert_eq!(next_fetch(&c, 1000, stale, 0), (1, 0));
+        assert_eq!(
+            next_fetch(&c, 1_000_000, stale, 0),
+            (Duration::from_secs(1), 0)
+        );
     }
 
     /// Clients fetch the next consensus at times spread evenly over the
     /// period after the one they hold stops being fresh.
     #[test]
     fn fetches_spread_over_the_next_period() {
+        let ms = |w: Duration| u64::try_from(w.as_millis()).unwrap();
         let mut c = crate::path::tests::consensus_of(vec![]);
         (c.valid_after, c.fresh_until, c.valid_until) = (3600, 7200, 14400);
         let mut by_minute = [0u32; 60];
         for r in 0..36_000u64 {
-            let (w, stale) = next_fetch(&c, 3600, 0, r.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let (w, stale) = next_fetch(&c, 3_600_000, 0, r.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             assert_eq!(stale, 0);
-            let at = 3600 + w;
-            assert!((7200..10800).contains(&at), "{at}");
-            by_minute[((at - 7200) / 60) as usize] += 1;
+            let at = 3_600_000 + ms(w);
+            assert!((7_200_000..10_800_000).contains(&at), "{at}");
+            by_minute[((at - 7_200_000) / 60_000) as usize] += 1;
         }
         // 600 a minute if even; every minute within 20% of that.
         assert!(
@@ -1293,10 +1307,17 @@ mod tests {
         // A short validity narrows the spread to half of what is left.
         c.valid_until = 8000;
         let latest = (0..1000u64)
-            .map(|r| next_fetch(&c, 7000, 0, r).0)
+            .map(|r| ms(next_fetch(&c, 7_000_000, 0, r * 400 + 399).0))
             .max()
             .unwrap();
-        assert_eq!(latest, 200 + 399);
+        assert_eq!(latest, 200_000 + 399_999);
+        // Periods of seconds spread to the millisecond: 3 s fresh, 6 s valid.
+        (c.valid_after, c.fresh_until, c.valid_until) = (3, 6, 12);
+        let at: std::collections::BTreeSet<u64> = (0..10_000u64)
+            .map(|r| 4_500 + ms(next_fetch(&c, 4_500, 0, r).0))
+            .collect();
+        assert_eq!(at.len(), 3000);
+        assert_eq!((at.first(), at.last()), (Some(&6_000), Some(&8_999)));
     }
 
     /// Three relays, all Guards, one of them the only exit: a client whose

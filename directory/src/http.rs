@@ -252,6 +252,16 @@ pub fn retry_after(failures: u32, have: bool, r: u64) -> u64 {
     cap - r % (cap / 2 + 1)
 }
 
+/// How long from `now_ms` (milliseconds since the UNIX epoch) until a
+/// moment `r` picks in the `spread_ms` after consensus `c` stops being
+/// fresh, at most an hour and `spread_ms` away: fetchers that hold the same
+/// consensus ask for the next one spread to the millisecond, not in the
+/// same second, even when a period lasts only seconds.
+pub fn after_fresh(c: &allium_proto::Consensus, now_ms: u64, spread_ms: u64, r: u64) -> Duration {
+    let until = c.fresh_until.saturating_mul(1000).saturating_sub(now_ms);
+    Duration::from_millis(until.min(3_600_000) + r % spread_ms.max(1))
+}
+
 /// Say loudly (at most every ten minutes per process) that the configured
 /// authority keys are wrong, when `e` says so; true if it does.
 pub fn warn_if_wrong_keys(e: &DirError) -> bool {

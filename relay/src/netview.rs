@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use allium_directory::cache::ConsensusCache;
 use allium_directory::hsdir::{DirView, ServiceDirectory};
-use allium_directory::{AuthorityEntry, http, unix_now};
+use allium_directory::{AuthorityEntry, http, unix_now, unix_now_ms};
 use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -185,9 +185,9 @@ impl NetView {
                         // Nothing newer: still wake those waiting for it.
                         self.current.send_modify(|_| {});
                     }
-                    let secs;
-                    (secs, stale) = next_fetch(&c, unix_now(), stale, rand::random());
-                    Duration::from_secs(secs)
+                    let wait;
+                    (wait, stale) = next_fetch(&c, unix_now_ms(), stale, rand::random());
+                    wait
                 }
                 Err(e) => {
                     if !http::warn_if_wrong_keys(&e) {
@@ -209,22 +209,23 @@ impl NetView {
     }
 }
 
-/// Seconds until a relay fetches again after one that gave consensus `c`,
-/// and the new count of stale answers in a row; `r` is a random number.
-/// A fresh consensus is fetched again at a random time in the first
-/// 1/[`CACHE_SPREAD`] of the period after it stops being fresh (relays
+/// How long until a relay fetches again after one that gave consensus `c`
+/// at `now_ms` (milliseconds since the UNIX epoch), and the new count of
+/// stale answers in a row; `r` is a random number. A fresh consensus is
+/// fetched again at a random millisecond in the first 1/[`CACHE_SPREAD`]
+/// of the period after it stops being fresh, at most 450 s into it (relays
 /// are the clients' caches: they must have the next one early, but not all
-/// in the same second); a stale one backs off from 1 s, doubling up to
-/// [`STALE_MAX`], while the authorities are late (`stale` counts answers
-/// that brought nothing newer; the caller resets it on one that did).
-fn next_fetch(c: &Consensus, now: u64, stale: u32, r: u64) -> (u64, u32) {
-    if c.fresh_until > now {
-        let period = c.interval();
-        let spread = (period / CACHE_SPREAD).clamp(1, 450);
-        ((c.fresh_until - now).min(3600) + r % spread, 0)
+/// at once, even with periods of seconds); a stale one backs off from 1 s,
+/// doubling up to [`STALE_MAX`], while the authorities are late (`stale`
+/// counts answers that brought nothing newer; the caller resets it on one
+/// that did).
+fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
+    if c.fresh_until.saturating_mul(1000) > now_ms {
+        let spread_ms = (c.interval().saturating_mul(1000) / CACHE_SPREAD).min(450_000);
+        (http::after_fresh(c, now_ms, spread_ms, r), 0)
     } else {
         (
-            (1u64 << stale.min(6)).min(STALE_MAX),
+            Duration::from_secs((1u64 << stale.min(6)).min(STALE_MAX)),
             stale.saturating_add(1),
         )
     }
@@ -244,17 +245,37 @@ mod tests {
             weights: Default::default(),
             shared_random: Default::default(),
         };
-        let waits: Vec<u64> = (0..1000).map(|r| next_fetch(&c, 3700, 0, r).0).collect();
-        assert!(waits.iter().all(|w| (3500..3500 + 450).contains(w)));
-        assert!(waits.iter().any(|w| *w >= 3500 + 400));
+        let ms = |w: Duration| u64::try_from(w.as_millis()).unwrap();
+        let waits: Vec<u64> = (0..1000)
+            .map(|r| ms(next_fetch(&c, 3_700_000, 0, r * 449).0))
+            .collect();
+        assert!(waits.iter().all(|w| (3_500_000..3_950_000).contains(w)));
+        assert!(waits.iter().any(|w| *w >= 3_900_000));
         let mut stale = 0;
         let mut seen = Vec::new();
         for _ in 0..8 {
             let w;
-            (w, stale) = next_fetch(&c, 7300, stale, 0);
-            seen.push(w);
+            (w, stale) = next_fetch(&c, 7_300_000, stale, 0);
+            seen.push(w.as_secs());
         }
         assert_eq!(seen, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(next_fetch(&c, 7100, stale, 0), (100, 0));
+        assert_eq!(
+            next_fetch(&c, 7_100_000, stale, 0),
+            (Duration::from_secs(100), 0)
+        );
+        // A period of 3 s: relays of the same second still spread their
+        // fetches over its first 375 ms, and none fetches before it starts.
+        let c = Consensus {
+            valid_after: 3,
+            fresh_until: 6,
+            valid_until: 12,
+            ..c
+        };
+        let at: std::collections::BTreeSet<u64> = (0..1000)
+            .map(|r| 5_250 + ms(next_fetch(&c, 5_250, 0, r).0))
+            .collect();
+        assert_eq!(at.first(), Some(&6_000));
+        assert_eq!(at.last(), Some(&6_374));
+        assert_eq!(at.len(), 375);
     }
 }
