@@ -323,21 +323,19 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
     let t = Instant::now();
     assert_eq!(Sha256::digest(http_get(&fresh, &text).await.unwrap()), want);
     eprintln!("a fresh library client fetched 4 MiB in {:?}", t.elapsed());
-    // (Not an exit either: a new client needs one to bootstrap.)
-    let mut keep: Vec<[u8; 32]> = c
-        .relays
-        .iter()
-        .filter(|r| r.flags.has(RelayFlags::EXIT))
-        .map(|r| r.identity)
-        .collect();
-    keep.extend([fresh.guards()[0], host.guards()[0]]);
-    let intro = net
-        .relays
-        .iter()
-        .position(|r| {
-            info.intro_points.iter().any(|i| i.relay == r.identity) && !keep.contains(&r.identity)
+    // Neither guard, and at most one of the two exits (a new client needs
+    // one to bootstrap): an introduction point that is no exit if there is
+    // one, and a directory that is no exit if the introduction point is.
+    let guards = [fresh.guards()[0], host.guards()[0]];
+    let exit = |i: usize| !net.relays[i].config.exit_policy.is_empty();
+    let mut intros: Vec<usize> = (0..net.relays.len())
+        .filter(|&i| {
+            let id = net.relays[i].identity;
+            info.intro_points.iter().any(|p| p.relay == id) && !guards.contains(&id)
         })
-        .unwrap();
+        .collect();
+    intros.sort_by_key(|&i| exit(i));
+    let intro = intros[0];
     let asked: Vec<[u8; 32]> = c
         .hsdir_ring(period)
         .unwrap()
@@ -345,11 +343,11 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
         .iter()
         .map(|r| r.identity)
         .collect();
-    let hsdir = net
-        .relays
-        .iter()
-        .enumerate()
-        .position(|(i, r)| i != intro && asked.contains(&r.identity) && !keep.contains(&r.identity))
+    let hsdir = (0..net.relays.len())
+        .find(|&i| {
+            let id = net.relays[i].identity;
+            i != intro && asked.contains(&id) && !guards.contains(&id) && !(exit(intro) && exit(i))
+        })
         .unwrap();
     net.stop_relay(intro);
     net.stop_relay(hsdir);
