@@ -1,14 +1,15 @@
 //! Consensus diffs at scale: a network of N relays (default 10,000)
 //! through one real authority, then 1% of them republishing, as in an hour
-//! of a real network. Prints the consensus' size, compressed, the diff's
-//! size and the time to make and apply it.
+//! of a real network. Prints the authority's work per period (time and
+//! CPU to vote, compute and sign, bytes written), the consensus' size,
+//! compressed, the diff's size and the time to make and apply it.
 //!
 //! `cargo bench -p allium-directory --bench consensus_diff [-- N]`
 
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use allium_directory::auth::{AuthConfig, Authority};
 use allium_directory::{AuthorityEntry, diff, unix_now};
@@ -16,6 +17,29 @@ use allium_proto::ntor::OnionSecret;
 use allium_proto::policy::ExitPolicy;
 use allium_proto::{LinkKey, RelayDescriptor};
 use ed25519_dalek::SigningKey;
+
+/// This process's CPU time (user and system) so far, and the bytes it
+/// has handed to `write` calls, from /proc.
+fn usage() -> (Duration, u64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The fields after the command's closing parenthesis; utime and stime
+    // are the 12th and 13th of them, in clock ticks of 10 ms.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let io = std::fs::read_to_string("/proc/self/io").unwrap();
+    let wchar = io
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (Duration::from_millis((f[0] + f[1]) * 10), wchar)
+}
 
 fn desc(i: u32, published: u64) -> Vec<u8> {
     let mut seed = [0u8; 32];
@@ -78,14 +102,35 @@ async fn main() {
         })
         .unwrap(),
     );
-    for i in 0..n {
-        a.accept_descriptor(&desc(i, now - 60), now).unwrap();
+    let descs: Vec<Vec<u8>> = (0..n).map(|i| desc(i, now - 60)).collect();
+    let (t, (cpu0, w0)) = (Instant::now(), usage());
+    for d in &descs {
+        a.accept_descriptor(d, now).unwrap();
     }
+    let (uploads, (cpu1, w1)) = (t.elapsed(), usage());
+    println!(
+        "{n} uploads                   {uploads:.2?}, {:.2?} CPU, {} bytes written ({:.0} per upload)",
+        cpu1 - cpu0,
+        w1 - w0,
+        (w1 - w0) as f64 / f64::from(n)
+    );
     let va = (now / 3600 + 1) * 3600;
     let publish = async |va: u64, now: u64| {
+        let (t, (cpu0, w0)) = (Instant::now(), usage());
         a.make_vote(va, now);
+        let voted = t.elapsed();
         a.assemble(va).await.unwrap();
+        let assembled = t.elapsed();
         a.publish(va).unwrap();
+        let (published, (cpu1, w1)) = (t.elapsed(), usage());
+        println!(
+            "period: vote {voted:.2?}, compute and sign {:.2?}, publish {:.2?}; {:.2?} CPU in all; {} bytes written ({:.0} per relay)",
+            assembled - voted,
+            published - assembled,
+            cpu1 - cpu0,
+            w1 - w0,
+            (w1 - w0) as f64 / f64::from(n)
+        );
         let t = Instant::now();
         a.make_diffs().await;
         (a.consensus_bytes().unwrap(), t.elapsed())

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::cache::ConsensusCache;
-use crate::descstore::DescriptorStore;
+use crate::descstore::{DescriptorStore, VoteStore};
 use crate::keys::Signer;
 use crate::metrics::{self, AuthStats};
 use crate::serve::{self, HttpLimits, RateLimiter, host_key};
@@ -115,7 +115,7 @@ impl Default for AuthConfig {
             interval_secs: 3600,
             valid_intervals: 3,
             descriptor_max_age_secs: 48 * 3600,
-            max_relays: 10_000,
+            max_relays: MAX_CONSENSUS_RELAYS,
             allow_private_addresses: false,
             reject: vec![],
             bad_exits: vec![],
@@ -210,6 +210,8 @@ pub struct Authority {
     /// Descriptors on disk; taken before `state` is let go, so that writes
     /// land in the order of the changes they record.
     disk: Mutex<DescriptorStore>,
+    /// Votes on disk, one file each, written with `state` let go.
+    vote_disk: VoteStore,
     limiter: Mutex<RateLimiter>,
     stats: Arc<AuthStats>,
     /// The published consensus, its predecessors and the diffs from them.
@@ -305,15 +307,13 @@ impl Authority {
         if let Ok(b) = std::fs::read(cfg.data_dir.join(SR_SECRET_FILE)) {
             st.sr_secret = postcard::from_bytes(&b).ok();
         }
-        if let Ok(b) = std::fs::read(cfg.data_dir.join("state/votes")) {
-            let list: Vec<Vec<u8>> = postcard::from_bytes(&b).unwrap_or_default();
-            for v in list {
-                if let Ok(vote) = Vote::verify(&v, &pinned, now) {
-                    st.votes
-                        .entry(vote.valid_after)
-                        .or_default()
-                        .insert(vote.authority, (vote, Bytes::from(v)));
-                }
+        let vote_disk = VoteStore::new(&cfg.data_dir.join("state"));
+        for v in vote_disk.load()? {
+            if let Ok(vote) = Vote::verify(&v, &pinned, now) {
+                st.votes
+                    .entry(vote.valid_after)
+                    .or_default()
+                    .insert(vote.authority, (vote, Bytes::from(v)));
             }
         }
         info!(descriptors = st.descriptors.len(), "authority state loaded");
@@ -328,6 +328,7 @@ impl Authority {
             held: st.descriptors.len().into(),
             state: Mutex::new(st),
             disk: Mutex::new(disk),
+            vote_disk,
             limiter: Mutex::new(limiter),
             stats: Arc::default(),
             cache,
@@ -348,16 +349,11 @@ impl Authority {
         &self.cfg
     }
 
-    fn persist_votes(&self, st: &AuthState) {
-        let list: Vec<&[u8]> = st
-            .votes
-            .values()
-            .flat_map(|m| m.values().map(|(_, b)| b.as_ref()))
-            .collect();
-        if let Ok(b) = postcard::to_stdvec(&list)
-            && let Err(e) = store::write_atomic(&self.cfg.data_dir.join("state/votes"), &b, 0o600)
-        {
-            warn!("persisting votes: {e}");
+    /// Keep a vote taken or made on disk (so that a restart within the
+    /// round does not lose it): its own file, written without the state.
+    fn persist_vote(&self, valid_after: u64, authority: &[u8; 32], bytes: &[u8]) {
+        if let Err(e) = self.vote_disk.put(valid_after, authority, bytes) {
+            warn!("persisting a vote: {e}");
         }
     }
 
@@ -516,8 +512,10 @@ impl Authority {
             None => {}
         }
         debug!(from = %short_id(&v.authority), period = v.valid_after, "vote accepted");
+        let (va, authority) = (v.valid_after, v.authority);
         slot.insert(v.authority, (v, Bytes::copy_from_slice(body)));
-        self.persist_votes(&st);
+        drop(st);
+        self.persist_vote(va, &authority, body);
         Ok("accepted")
     }
 
@@ -912,7 +910,6 @@ impl Authority {
             .entry(valid_after)
             .or_default()
             .insert(self.identity, (vote, Bytes::from(bytes.clone())));
-        self.persist_votes(&st);
         let disk = lock(&self.disk);
         drop(st);
         for id in stale {
@@ -920,6 +917,8 @@ impl Authority {
                 warn!("removing a stale descriptor: {e}");
             }
         }
+        drop(disk);
+        self.persist_vote(valid_after, &self.identity, &bytes);
         bytes
     }
 
@@ -1125,14 +1124,17 @@ impl Authority {
 
     /// Publish the assembled consensus if enough authorities signed it.
     pub fn publish(&self, valid_after: u64) -> Result<usize, String> {
-        let mut st = lock(&self.state);
-        let p = st
-            .pending
-            .as_ref()
-            .filter(|p| p.valid_after == valid_after)
-            .ok_or("no consensus assembled")?;
-        let bytes = p.doc.to_bytes();
-        let n = p.doc.signatures.len();
+        // Checked and written with the state let go: at 50,000 relays the
+        // consensus is megabytes.
+        let (bytes, n) = {
+            let st = lock(&self.state);
+            let p = st
+                .pending
+                .as_ref()
+                .filter(|p| p.valid_after == valid_after)
+                .ok_or("no consensus assembled")?;
+            (p.doc.to_bytes(), p.doc.signatures.len())
+        };
         let c = UnverifiedConsensus::parse(&bytes)
             .and_then(|u| u.verify(&self.pinned, valid_after))
             .map_err(|e| e.to_string())?;
@@ -1146,6 +1148,7 @@ impl Authority {
             warn!("persisting consensus: {e}");
         }
         self.cache.install(Bytes::from(bytes), c.valid_until);
+        let mut st = lock(&self.state);
         st.sr_held = Some((c.valid_after, c.shared_random));
         st.votes
             .retain(|va, _| *va + 2 * self.cfg.interval_secs > valid_after);
@@ -1188,6 +1191,10 @@ impl Authority {
             let keep_from = va.saturating_sub(2 * self.cfg.interval_secs);
             st.votes.retain(|p, _| *p >= keep_from);
             st.own_sigs.retain(|p, _| *p >= keep_from);
+            drop(st);
+            if let Err(e) = self.vote_disk.prune(keep_from) {
+                warn!("removing old votes: {e}");
+            }
         }
         let vote = self.make_vote(va, unix_now());
         for (_, addr, name) in self.peers() {

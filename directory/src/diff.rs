@@ -18,8 +18,8 @@ pub const KEEP: usize = 8;
 /// Compression level: diffs are made once per consensus and base.
 pub const LEVEL: i32 = 19;
 /// Window of a frame, log2 bytes: enough to reach back over a base and a
-/// consensus of the largest allowed size (4 MiB each).
-pub const WINDOW_LOG: u32 = 23;
+/// consensus of the largest allowed size (28 MiB each).
+pub const WINDOW_LOG: u32 = 26;
 
 /// The SHA-256 of a consensus' bytes, which names it as a base.
 pub fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -60,7 +60,14 @@ pub fn decode(base: Option<&[u8]>, diff: &[u8], max: usize) -> Result<Vec<u8>, S
     if let Some(b) = base {
         dx.ref_prefix(b).map_err(e)?;
     }
-    let mut out = Vec::with_capacity(max);
+    // What the frame says it holds, if it says so, and never over `max`:
+    // the output cannot grow past its capacity.
+    let cap = match zstd_safe::get_frame_content_size(diff) {
+        Ok(Some(n)) if n > max as u64 => return Err(format!("bad diff: over {max} bytes")),
+        Ok(Some(n)) => n as usize,
+        _ => max,
+    };
+    let mut out = Vec::with_capacity(cap);
     dx.decompress(&mut out, diff).map_err(e)?;
     Ok(out)
 }

@@ -481,10 +481,27 @@ async fn testnet(c: &Corpus) {
     // A round later, so every authority has votes and a consensus stored.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut files = Vec::new();
-    for n in ["config.toml", "consensus", "votes", "descriptors"] {
+    for n in ["config.toml", "consensus"] {
         find(dir.path(), n, &mut files);
     }
     files.sort();
+    // Authority 0's votes and descriptors, one file each.
+    let stored = |d: &str| -> Vec<Vec<u8>> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.path().join("auth0/state").join(d))
+            .expect("the authority's store")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        paths.sort();
+        paths
+            .iter()
+            .map(|p| std::fs::read(p).expect("readable"))
+            .collect()
+    };
     let mut n = 0;
     for f in &files {
         let b = std::fs::read(f).expect("readable");
@@ -512,39 +529,35 @@ async fn testnet(c: &Corpus) {
                 let u = UnverifiedConsensus::parse(&b).expect("the testnet's consensus");
                 c.put("consensus", "testnet_body", &with_mode(1, &u.doc.body));
             }
-            "votes" if role == "auth0" => {
-                let list: Vec<Vec<u8>> = postcard::from_bytes(&b).expect("stored votes");
-                let Some(v) = list.first() else { continue };
-                c.put("vote", "testnet", &with_mode(0, v));
-                // The same vote as the harness's authority 0's.
-                let doc = AuthSigned::parse("vote", v, 1 << 26).expect("a vote");
-                let mut vote: Vote = postcard::from_bytes(&doc.body).expect("a vote body");
-                vote.authority = keys::authority(0).0.verifying_key().to_bytes();
-                vote.relays.truncate(3);
-                c.put(
-                    "vote",
-                    "testnet_resigned",
-                    &with_mode(0, &keys::signed_vote(&vote, 0)),
-                );
-            }
-            "descriptors" if role == "auth0" => {
-                let list: Vec<Vec<u8>> = postcard::from_bytes(&b).expect("stored descriptors");
-                for (i, d) in list.iter().take(2).enumerate() {
-                    c.put("descriptor", &format!("testnet{i}"), &with_mode(0, d));
-                    let doc = SignedDocument::parse("d", d, 4096).expect("a descriptor");
-                    // Its body, under relay 0's key, for the upload handler.
-                    let mut body: allium_proto::RelayDescriptor =
-                        postcard::from_bytes(&doc.body).expect("a body");
-                    body.identity = d_identity(0);
-                    let mut again =
-                        SignedDocument::new(postcard::to_stdvec(&body).expect("encodes"));
-                    again.sign(DESCRIPTOR_DOMAIN, &keys::relay_identity(0));
-                    let script = Script::new().u8(1).var(&again.body).u8(0).var(d).finish();
-                    c.put("dirauth", &format!("testnet{i}"), &script);
-                }
-            }
             _ => n -= 1,
         }
+    }
+    if let Some(v) = stored("votes.d").first() {
+        n += 1;
+        c.put("vote", "testnet", &with_mode(0, v));
+        // The same vote as the harness's authority 0's.
+        let doc = AuthSigned::parse("vote", v, 1 << 26).expect("a vote");
+        let mut vote: Vote = postcard::from_bytes(&doc.body).expect("a vote body");
+        vote.authority = keys::authority(0).0.verifying_key().to_bytes();
+        vote.relays.truncate(3);
+        c.put(
+            "vote",
+            "testnet_resigned",
+            &with_mode(0, &keys::signed_vote(&vote, 0)),
+        );
+    }
+    for (i, d) in stored("descriptors.d").iter().take(2).enumerate() {
+        n += 1;
+        c.put("descriptor", &format!("testnet{i}"), &with_mode(0, d));
+        let doc = SignedDocument::parse("d", d, 4096).expect("a descriptor");
+        // Its body, under relay 0's key, for the upload handler.
+        let mut body: allium_proto::RelayDescriptor =
+            postcard::from_bytes(&doc.body).expect("a body");
+        body.identity = d_identity(0);
+        let mut again = SignedDocument::new(postcard::to_stdvec(&body).expect("encodes"));
+        again.sign(DESCRIPTOR_DOMAIN, &keys::relay_identity(0));
+        let script = Script::new().u8(1).var(&again.body).u8(0).var(d).finish();
+        c.put("dirauth", &format!("testnet{i}"), &script);
     }
     let _ = CONSENSUS_DOMAIN;
     println!("{n} files of the testnet used");

@@ -13,11 +13,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
+use allium_proto::doc::VerifiedDescriptor;
 use allium_proto::doc::{MAX_SIGNATURES, MAX_VOTE_LEN};
 use allium_proto::policy::{Action, AddrPattern, ExitPolicy, Rule};
 use allium_proto::vote::shared_random::{self, Round, SrEntry, SrVote};
 use allium_proto::vote::{Vote, VoteRelay, compute_consensus};
-use allium_proto::doc::VerifiedDescriptor;
 use allium_proto::{AuthSigned, Consensus, RelayFlags, UnverifiedConsensus, UnverifiedDescriptor};
 use arbitrary::{Arbitrary, Unstructured};
 use sha2::{Digest, Sha256};
@@ -65,11 +65,10 @@ pub fn run(data: &[u8]) {
 /// take, and lists only relays whose descriptor is held.
 fn sound(votes: &[Vote], held: &HashMap<[u8; 32], VerifiedDescriptor>) {
     let c = compute_consensus(votes, |d| held.get(d)).expect("votes for one period");
-    assert!(
-        c.relays
-            .iter()
-            .all(|r| held.get(&r.descriptor_digest).is_some_and(|d| d.desc.identity == r.identity))
-    );
+    assert!(c.relays.iter().all(|r| {
+        held.get(&r.descriptor_digest)
+            .is_some_and(|d| d.desc.identity == r.identity)
+    }));
     check_consensus(&c);
     let bytes = signed_consensus(&c);
     let u = UnverifiedConsensus::parse(&bytes).expect("a computed consensus parses");
@@ -225,7 +224,9 @@ impl ArbVote {
             let mut doc = allium_proto::SignedDocument::new(body);
             doc.sign(allium_proto::doc::DESCRIPTOR_DOMAIN, &key);
             let mut digest: [u8; 32] = Sha256::digest(&doc.body).into();
-            if let Ok(v) = UnverifiedDescriptor::parse(&doc.to_bytes()).and_then(|u| u.verify_unclocked()) {
+            if let Ok(v) =
+                UnverifiedDescriptor::parse(&doc.to_bytes()).and_then(|u| u.verify_unclocked())
+            {
                 assert_eq!(v.digest, digest);
                 held.insert(digest, v);
             }

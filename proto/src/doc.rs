@@ -26,14 +26,14 @@ pub const VOTE_DOMAIN: &[u8] = b"allium vote v2\0";
 pub const MAX_CERT_LEN: usize = 1024;
 /// Relays a consensus lists at most (and a vote, and an authority's
 /// table by default).
-pub const MAX_CONSENSUS_RELAYS: usize = 10_000;
+pub const MAX_CONSENSUS_RELAYS: usize = 50_000;
 /// Sizes chosen so that a vote or a consensus of [`MAX_CONSENSUS_RELAYS`]
 /// relays of the largest kind always fits (section 7; checked by a test):
 /// a descriptor's size is bounded as a whole, and the consensus carries
 /// fixed-size summaries of policies and families, not the lists.
 pub const MAX_DESCRIPTOR_LEN: usize = 4 * 1024;
-pub const MAX_VOTE_LEN: usize = 2 * 1024 * 1024;
-pub const MAX_CONSENSUS_LEN: usize = 6 * 1024 * 1024;
+pub const MAX_VOTE_LEN: usize = 4 * 1024 * 1024;
+pub const MAX_CONSENSUS_LEN: usize = 28 * 1024 * 1024;
 pub const MAX_SIGNATURES: usize = 16;
 pub const MAX_FAMILY: usize = 64;
 pub const MAX_NICKNAME_LEN: usize = 19;
