@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use allium::testnet::{Testnet, TestnetOptions};
+use allium_client::path::ExitTarget;
 use allium_client::{ClientError, hsdir};
 use allium_directory::unix_now;
 use allium_proto::service::ServiceAddress;
@@ -323,6 +324,39 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
     let t = Instant::now();
     assert_eq!(Sha256::digest(http_get(&fresh, &text).await.unwrap()), want);
     eprintln!("a fresh library client fetched 4 MiB in {:?}", t.elapsed());
+    // The service's circuits to its introduction points go through its
+    // restricted middles (those to points that are not exits: an exit
+    // circuit may end at an exit), and so do ten circuits the fresh client
+    // builds to one relay (a random middle would be one of them half the
+    // time).
+    let fp = |id: &[u8; 32]| <[u8; 20]>::try_from(&id[..20]).unwrap();
+    let exits: Vec<[u8; 20]> = (net.relays.iter())
+        .filter(|r| !r.config.exit_policy.is_empty())
+        .map(|r| fp(&r.identity))
+        .collect();
+    let points: Vec<[u8; 20]> = (info.intro_points.iter())
+        .map(|p| fp(&p.relay))
+        .filter(|p| !exits.contains(p))
+        .collect();
+    let layer2: Vec<[u8; 20]> = host.vanguards().iter().map(fp).collect();
+    assert_eq!(layer2.len(), allium_client::vanguards::SIZE);
+    let to_points: Vec<_> = (host.events().circuit_status().into_iter())
+        .filter(|l| l.path.len() == 3 && points.contains(&l.path[2].fingerprint))
+        .collect();
+    assert!(to_points.len() >= points.len().min(1));
+    for l in to_points {
+        assert!(layer2.contains(&l.path[1].fingerprint), "{}", l.path[1]);
+    }
+    let target = net.relays[net.relays.len() - 1].identity;
+    let layer2 = fresh.vanguards();
+    for _ in 0..10 {
+        let circ = fresh
+            .build_circuit(&ExitTarget::Relay(&target))
+            .await
+            .unwrap();
+        let middle = circ.path[1].identity;
+        assert!(layer2.contains(&middle), "{}", circ.path[1].nickname);
+    }
     // Neither guard, and at most one of the two exits (a new client needs
     // one to bootstrap): an introduction point that is no exit if there is
     // one, and a directory that is no exit if the introduction point is.

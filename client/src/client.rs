@@ -19,6 +19,7 @@ use crate::circuit::{self, BuildFailure, CircuitHandle, Stream};
 use crate::events::{Events, StreamWatch, build_failure_reason, stream_failure_reason};
 use crate::guards::GuardSet;
 use crate::path::{self, ExitTarget};
+use crate::vanguards::Vanguards;
 use crate::{ClientConfig, ClientError, dir};
 use allium_proto::relaymsg::EndReason;
 
@@ -49,6 +50,8 @@ struct Inner {
     /// How far bootstrap has come: a [`Phase`] as its percentage.
     phase: AtomicU8,
     guards: Mutex<GuardSet>,
+    /// The restricted middles of onion-service circuits.
+    vanguards: Mutex<Vanguards>,
     cbt: Mutex<BuildTimes>,
     stats: Arc<ClientStats>,
     events: Arc<Events>,
@@ -227,6 +230,7 @@ impl Client {
         let cached = dir::load_cached(&cfg.data_dir, &keys);
         let (consensus, _) = watch::channel(cached);
         let (ready, _) = watch::channel(false);
+        let vanguards = Vanguards::load(cfg.data_dir.join("vanguards"));
         let guards = GuardSet::load(
             cfg.data_dir.join("guards"),
             cfg.guard_sample_size,
@@ -249,6 +253,7 @@ impl Client {
                 bootstrapping: AtomicBool::new(false),
                 phase: AtomicU8::new(Phase::Starting as u8),
                 guards: Mutex::new(guards),
+                vanguards: Mutex::new(vanguards),
                 cbt: Mutex::new(cbt),
                 stats: Arc::new(ClientStats::default()),
                 events: Arc::default(),
@@ -489,8 +494,24 @@ impl Client {
                 g.update(&c, unix_now());
                 g.usable(&c)
             };
-            let (guard, p) =
-                guard_and_path(&mut rand::rng(), &c, target, &usable, avoid_exits, &named)?;
+            // Circuits to a chosen relay (onion services') go through the
+            // restricted middles.
+            let layer2 = if matches!(target, ExitTarget::Relay(_)) {
+                let mut v = lock(&self.inner.vanguards);
+                v.update(&mut rand::rng(), &c, unix_now());
+                v.ids()
+            } else {
+                Vec::new()
+            };
+            let (guard, p) = guard_and_path(
+                &mut rand::rng(),
+                &c,
+                target,
+                &usable,
+                avoid_exits,
+                &named,
+                &layer2,
+            )?;
             let ctl = self.inner.events.launch();
             let chan = match self.guard_channel(&guard).await {
                 Ok(ch) => ch,
@@ -562,6 +583,11 @@ impl Client {
     /// The guard sample, in order (first is the one in use when reachable).
     pub fn guards(&self) -> Vec<[u8; 32]> {
         lock(&self.inner.guards).ids()
+    }
+
+    /// The restricted middles of onion-service circuits (`vanguards.rs`).
+    pub fn vanguards(&self) -> Vec<[u8; 32]> {
+        lock(&self.inner.vanguards).ids()
     }
 
     /// The circuit build timeout in force now.
@@ -1156,16 +1182,17 @@ pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
     guard: &ConsensusRelay,
     avoid_exits: &[[u8; 32]],
     named: &[[u8; 32]],
+    layer2: &[[u8; 32]],
 ) -> Result<([ConsensusRelay; 3], bool), ClientError> {
     let clean = |p: &[ConsensusRelay; 3]| {
         !avoid_exits.contains(&p[2].identity) && !p[1..].iter().any(|r| named.contains(&r.identity))
     };
-    let mut p = path::choose_path(rng, c, target, Some(guard))?;
+    let mut p = path::choose_path(rng, c, target, Some(guard), layer2)?;
     for _ in 0..16 {
         if clean(&p) {
             return Ok((p, true));
         }
-        p = path::choose_path(rng, c, target, Some(guard))?;
+        p = path::choose_path(rng, c, target, Some(guard), layer2)?;
     }
     let ok = clean(&p);
     Ok((p, ok))
@@ -1186,11 +1213,12 @@ pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
     usable: &[ConsensusRelay],
     avoid_exits: &[[u8; 32]],
     named: &[[u8; 32]],
+    layer2: &[[u8; 32]],
 ) -> Result<(ConsensusRelay, [ConsensusRelay; 3]), ClientError> {
     let mut last = ClientError::NoPath("every guard in the sample failed recently".into());
     let mut fallback = None;
     for guard in usable {
-        match choose_path_through(rng, c, target, guard, avoid_exits, named) {
+        match choose_path_through(rng, c, target, guard, avoid_exits, named, layer2) {
             Ok((p, true)) => return Ok((guard.clone(), p)),
             Ok((p, false)) => {
                 fallback.get_or_insert((guard.clone(), p));
@@ -1340,19 +1368,19 @@ mod tests {
         ];
         let any = ExitTarget::Any;
         assert!(matches!(
-            choose_path_through(&mut rng, &c, &any, &order[0], &[], &[]),
+            choose_path_through(&mut rng, &c, &any, &order[0], &[], &[], &[]),
             Err(ClientError::NoExit(_))
         ));
-        let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &[], &[]).unwrap();
+        let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &[], &[], &[]).unwrap();
         assert_eq!(g.identity, [3; 32]);
         let ids = p.map(|r| r.identity[0]);
         assert_eq!(ids, [3, 2, 1]);
         assert!(matches!(
-            guard_and_path(&mut rng, &c, &any, &order[..1], &[], &[]),
+            guard_and_path(&mut rng, &c, &any, &order[..1], &[], &[], &[]),
             Err(ClientError::NoExit(_))
         ));
         assert!(matches!(
-            guard_and_path(&mut rng, &c, &any, &[], &[], &[]),
+            guard_and_path(&mut rng, &c, &any, &[], &[], &[], &[]),
             Err(ClientError::NoPath(_))
         ));
     }
@@ -1380,12 +1408,12 @@ mod tests {
         let down = [[6; 32]];
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for _ in 0..20 {
-            let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &down, &[]).unwrap();
+            let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &down, &[], &[]).unwrap();
             assert_eq!(g.identity, [2; 32]);
             assert_eq!(p[2].identity, [5; 32]);
         }
         // With exit 6 back, guard 1 is used again.
-        let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &[], &[]).unwrap();
+        let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &[], &[], &[]).unwrap();
         assert_eq!((g.identity, p[2].identity), ([1; 32], [6; 32]));
     }
 
@@ -1450,7 +1478,7 @@ mod tests {
         for _ in 0..n {
             guards.update(&c, 100);
             let g = guards.pick(&c).expect("a guard");
-            let p = choose_path_through(&mut rng, &c, &ExitTarget::Any, &g, &[], &[])
+            let p = choose_path_through(&mut rng, &c, &ExitTarget::Any, &g, &[], &[], &[])
                 .unwrap()
                 .0;
             middles += 1;

@@ -30,6 +30,7 @@ pub mod pathbias;
 pub mod rendezvous;
 pub mod service;
 pub mod socks;
+pub mod vanguards;
 
 pub use client::{Client, Isolation, Phase};
 pub use config::ClientConfig;

@@ -54,7 +54,8 @@ pub fn compatible(a: &ConsensusRelay, b: &ConsensusRelay) -> bool {
     a.identity != b.identity && subnet(a) != subnet(b) && !family
 }
 
-fn usable(r: &ConsensusRelay) -> bool {
+/// Listed Running and Valid: fit for a circuit.
+pub fn usable(r: &ConsensusRelay) -> bool {
     r.flags.has(RelayFlags::RUNNING | RelayFlags::VALID)
 }
 
@@ -123,12 +124,17 @@ pub fn weighted<'a, R: Rng + ?Sized>(
 }
 
 /// Choose guard, middle and exit. With `guard` given (from the guard
-/// sample) only middle and exit are chosen, compatible with it.
+/// sample) only middle and exit are chosen, compatible with it. A circuit
+/// to a chosen relay takes its middle from `layer2` (the restricted
+/// middles, `vanguards.rs`) when one of them fits the path; with none that
+/// does (each is the target, or shares its or the guard's family or /16),
+/// from all relays.
 pub fn choose_path<R: Rng + ?Sized>(
     rng: &mut R,
     c: &Consensus,
     target: &ExitTarget<'_>,
     guard: Option<&ConsensusRelay>,
+    layer2: &[[u8; 32]],
 ) -> Result<[ConsensusRelay; 3], ClientError> {
     let w = Weights::new(c);
     let exits: Vec<&ConsensusRelay> = c
@@ -163,11 +169,16 @@ pub fn choose_path<R: Rng + ?Sized>(
                 .ok_or_else(|| ClientError::NoPath("no guard available".into()))?
         }
     };
-    let middles: Vec<&ConsensusRelay> = c
+    let mut middles: Vec<&ConsensusRelay> = c
         .relays
         .iter()
         .filter(|r| usable(r) && compatible(r, exit) && compatible(r, guard))
         .collect();
+    if matches!(target, ExitTarget::Relay(_))
+        && middles.iter().any(|r| layer2.contains(&r.identity))
+    {
+        middles.retain(|r| layer2.contains(&r.identity));
+    }
     let middle = weighted(rng, &w, Position::Middle, &middles)
         .ok_or_else(|| ClientError::NoPath("no middle available".into()))?;
     Ok([guard.clone(), middle.clone(), exit.clone()])
@@ -181,15 +192,42 @@ pub fn sample_guards<R: Rng + ?Sized>(
     n: usize,
     exclude: &[[u8; 32]],
 ) -> Vec<ConsensusRelay> {
+    sample(rng, c, n, exclude, Position::Guard)
+}
+
+/// `n` new restricted middles (`vanguards.rs`): usable relays drawn by
+/// middle-position weight, without repeats, none of `exclude`.
+pub fn sample_middles<R: Rng + ?Sized>(
+    rng: &mut R,
+    c: &Consensus,
+    n: usize,
+    exclude: &[[u8; 32]],
+) -> Vec<ConsensusRelay> {
+    sample(rng, c, n, exclude, Position::Middle)
+}
+
+/// Up to `n` relays fit for position `p` (Guard-flagged ones for a guard),
+/// drawn by their weight there, without repeats, none of `exclude`.
+fn sample<R: Rng + ?Sized>(
+    rng: &mut R,
+    c: &Consensus,
+    n: usize,
+    exclude: &[[u8; 32]],
+    p: Position,
+) -> Vec<ConsensusRelay> {
     let w = Weights::new(c);
     let mut cands: Vec<&ConsensusRelay> = c
         .relays
         .iter()
-        .filter(|r| usable(r) && r.flags.has(RelayFlags::GUARD) && !exclude.contains(&r.identity))
+        .filter(|r| {
+            usable(r)
+                && (p != Position::Guard || r.flags.has(RelayFlags::GUARD))
+                && !exclude.contains(&r.identity)
+        })
         .collect();
     let mut out = Vec::new();
     while out.len() < n {
-        let Some(g) = weighted(rng, &w, Position::Guard, &cands) else {
+        let Some(g) = weighted(rng, &w, p, &cands) else {
             break;
         };
         cands.retain(|r| r.identity != g.identity);
@@ -269,7 +307,7 @@ pub(crate) mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for id in [[3u8; 32], [4; 32], [7; 32]] {
             for _ in 0..200 {
-                let p = choose_path(&mut rng, &c, &ExitTarget::Relay(&id), None).unwrap();
+                let p = choose_path(&mut rng, &c, &ExitTarget::Relay(&id), None, &[]).unwrap();
                 assert_eq!(p[2].identity, id);
                 for (i, j) in [(0, 1), (1, 2), (0, 2)] {
                     assert!(compatible(&p[i], &p[j]));
@@ -277,11 +315,35 @@ pub(crate) mod tests {
             }
         }
         // Not in the consensus, or not Running: no path.
-        assert!(choose_path(&mut rng, &c, &ExitTarget::Relay(&[99; 32]), None).is_err());
+        assert!(choose_path(&mut rng, &c, &ExitTarget::Relay(&[99; 32]), None, &[]).is_err());
         let mut down = net();
         down.relays[2].flags = RelayFlags(RelayFlags::VALID);
         let id = down.relays[2].identity;
-        assert!(choose_path(&mut rng, &down, &ExitTarget::Relay(&id), None).is_err());
+        assert!(choose_path(&mut rng, &down, &ExitTarget::Relay(&id), None, &[]).is_err());
+    }
+
+    /// A circuit to a chosen relay takes its middle from the restricted
+    /// middles that fit; an exit circuit ignores them; with none that fits,
+    /// any middle will do.
+    #[test]
+    fn circuits_to_a_chosen_relay_use_the_restricted_middles() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let c = net();
+        let (r3, r4, r6) = ([3; 32], [4; 32], [6; 32]);
+        let middles = |target: &ExitTarget<'_>, layer2: &[[u8; 32]], rng: &mut _| {
+            let mut seen: Vec<[u8; 32]> = (0..200)
+                .map(|_| choose_path(rng, &c, target, None, layer2).unwrap()[1].identity)
+                .collect();
+            seen.sort();
+            seen.dedup();
+            seen
+        };
+        let to4 = ExitTarget::Relay(&r4);
+        assert_eq!(middles(&to4, &[r3, r4], &mut rng), [r3], "r4 is the target");
+        assert_eq!(middles(&to4, &[r3, r6], &mut rng), [r3, r6]);
+        assert!(middles(&to4, &[], &mut rng).len() > 2);
+        assert!(middles(&to4, &[r4], &mut rng).len() > 2, "none fits: any");
+        assert!(middles(&ExitTarget::Any, &[r3], &mut rng).len() > 1);
     }
 
     #[test]
@@ -293,7 +355,7 @@ pub(crate) mod tests {
         let n = 10_000;
         let mut exit5 = 0;
         for _ in 0..n {
-            let p = choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 443), None).unwrap();
+            let p = choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 443), None, &[]).unwrap();
             assert!(p[0].flags.has(RelayFlags::GUARD), "seed {seed}");
             assert!(p[2].flags.has(RelayFlags::EXIT) && p[2].exit_ports.allows(443));
             for (i, j) in [(0, 1), (1, 2), (0, 2)] {
@@ -313,12 +375,12 @@ pub(crate) mod tests {
         let share = exit5 as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.03, "share {share}, seed {seed}");
         assert!(matches!(
-            choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 25), None),
+            choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 25), None, &[]),
             Err(ClientError::NoExit(_))
         ));
         let ip = TargetAddr::Ip("10.0.0.1".parse().unwrap());
         assert!(
-            choose_path(&mut rng, &c, &ExitTarget::Addr(&ip, 80), None).is_ok(),
+            choose_path(&mut rng, &c, &ExitTarget::Addr(&ip, 80), None, &[]).is_ok(),
             "this policy allows private"
         );
     }
@@ -338,7 +400,7 @@ pub(crate) mod tests {
         assert_eq!(w.weight(c.relay(&[3; 32]).unwrap(), Position::Middle), 1000);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for _ in 0..2000 {
-            let p = choose_path(&mut rng, &c, &ExitTarget::Any, None).unwrap();
+            let p = choose_path(&mut rng, &c, &ExitTarget::Any, None, &[]).unwrap();
             assert!(!p[1].flags.has(RelayFlags::EXIT), "an exit in the middle");
         }
     }
@@ -349,7 +411,7 @@ pub(crate) mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let g = c.relay(&[2; 32]).unwrap().clone();
         for _ in 0..500 {
-            let p = choose_path(&mut rng, &c, &ExitTarget::Any, Some(&g)).unwrap();
+            let p = choose_path(&mut rng, &c, &ExitTarget::Any, Some(&g), &[]).unwrap();
             assert_eq!(p[0].identity, g.identity);
             assert_ne!(p[2].identity, [5; 32], "relay 5 is relay 2's family");
         }

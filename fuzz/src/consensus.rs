@@ -9,7 +9,7 @@
 //! signs, so the checks after the signatures, and path selection, run on
 //! fuzzer-chosen contents.
 
-use allium_client::path::{ExitTarget, choose_path, sample_guards};
+use allium_client::path::{ExitTarget, choose_path, sample_guards, sample_middles};
 use allium_proto::doc::CONSENSUS_DOMAIN;
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::{AuthSigned, Consensus, UnverifiedConsensus};
@@ -71,9 +71,18 @@ fn use_it(c: &Consensus, mode: u8) {
     }
     let mut rng = rng(u64::from(mode));
     let guards = sample_guards(&mut rng, c, 3, &[]);
+    let layer2: Vec<[u8; 32]> = sample_middles(&mut rng, c, 4, &[])
+        .iter()
+        .map(|r| r.identity)
+        .collect();
     let addr = TargetAddr::Ip("198.51.100.7".parse().expect("an address"));
-    for t in [ExitTarget::Any, ExitTarget::Addr(&addr, 443)] {
-        if let Ok(path) = choose_path(&mut rng, c, &t, guards.first()) {
+    let to = c.relays.first().map(|r| r.identity).unwrap_or_default();
+    for t in [
+        ExitTarget::Any,
+        ExitTarget::Addr(&addr, 443),
+        ExitTarget::Relay(&to),
+    ] {
+        if let Ok(path) = choose_path(&mut rng, c, &t, guards.first(), &layer2) {
             assert!(path.iter().all(|r| c.relay(&r.identity).is_some()));
         }
     }
