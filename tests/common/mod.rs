@@ -248,25 +248,10 @@ pub async fn impostor() -> (SocketAddr, LinkKey, Arc<AtomicU64>) {
     (addr, link_key, linked)
 }
 
-/// A SOCKS5 CONNECT to `host:port` (no authentication): the reply code,
-/// and the stream if it is 0.
+/// Open a SOCKS5 connection to `host:port`: the reply code and the
+/// stream (a reply within a minute).
 pub async fn socks5(proxy: SocketAddr, host: &str, port: u16) -> (u8, tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).await.unwrap();
-    assert_eq!(m, [5, 0]);
-    let mut req = vec![5, 1, 0, 3, host.len() as u8];
-    req.extend_from_slice(host.as_bytes());
-    req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut r = [0u8; 10];
-    tokio::time::timeout(Duration::from_secs(60), s.read_exact(&mut r))
-        .await
-        .expect("a SOCKS reply within a minute")
-        .unwrap();
-    (r[1], s)
+    socks5_auth(proxy, host, port, None).await
 }
 
 /// A running network of one authority and `relays` relays (the first two
@@ -322,13 +307,14 @@ pub async fn library_client(
     c
 }
 
-/// Open a SOCKS5 connection to `host:port`, with username/password if given.
-pub async fn socks_open(
+/// Open a SOCKS5 connection to `host:port`, with username/password if
+/// given: the reply code and the stream (a reply within a minute).
+pub async fn socks5_auth(
     proxy: SocketAddr,
     host: &str,
     port: u16,
     auth: Option<(&str, &str)>,
-) -> tokio::net::TcpStream {
+) -> (u8, tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
     match auth {
@@ -357,8 +343,22 @@ pub async fn socks_open(
     req.extend_from_slice(&port.to_be_bytes());
     s.write_all(&req).await.unwrap();
     let mut r = [0u8; 10];
-    s.read_exact(&mut r).await.unwrap();
-    assert_eq!(r[1], 0, "SOCKS reply for {host}:{port}");
+    tokio::time::timeout(Duration::from_secs(60), s.read_exact(&mut r))
+        .await
+        .expect("a SOCKS reply within a minute")
+        .unwrap();
+    (r[1], s)
+}
+
+/// [`socks5_auth`], which must succeed: the stream.
+pub async fn socks_open(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+) -> tokio::net::TcpStream {
+    let (code, s) = socks5_auth(proxy, host, port, auth).await;
+    assert_eq!(code, 0, "SOCKS reply for {host}:{port}");
     s
 }
 
