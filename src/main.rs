@@ -165,6 +165,12 @@ enum Cmd {
         /// First port of the block of loopback ports to use.
         #[arg(long)]
         base_port: Option<u16>,
+        /// The authorities' voting period in seconds (default: 3, and one
+        /// more per 500 relays past 1,000: every relay fetches every
+        /// consensus, so the work of a period grows as the square of the
+        /// relays)
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(2..=3600))]
+        interval: Option<u64>,
         #[command(flatten)]
         links: LinkShapingArgs,
     },
@@ -452,11 +458,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             data_dir,
             init_only,
             base_port,
+            interval,
             links,
         } => {
             let opts = TestnetOptions {
                 authorities,
                 relays,
+                interval_secs: interval.unwrap_or_else(|| testnet::interval_for(relays)),
                 socks,
                 http_connect,
                 data_dir: data_dir.clone(),

@@ -68,6 +68,14 @@ pub struct TestnetOptions {
     pub relay_rate: Option<u64>,
 }
 
+/// The voting period (seconds) `allium testnet` gives a network of
+/// `relays` relays: 3, and one more per 500 relays past 1,000. Each relay
+/// fetches each consensus, of one entry per relay, so a period's work in
+/// one process grows as the square of the relays.
+pub fn interval_for(relays: usize) -> u64 {
+    3 + (relays.saturating_sub(1000) as u64).div_ceil(500)
+}
+
 impl Default for TestnetOptions {
     fn default() -> Self {
         TestnetOptions {
@@ -708,5 +716,17 @@ impl Testnet {
         if self.shaped {
             allium_link::shaping::set(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn large_testnets_vote_less_often() {
+        let secs: Vec<u64> = [6, 1000, 1001, 2000, 3000, 5000]
+            .into_iter()
+            .map(super::interval_for)
+            .collect();
+        assert_eq!(secs, [3, 3, 4, 5, 7, 11]);
     }
 }
