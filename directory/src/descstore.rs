@@ -68,28 +68,38 @@ impl DescriptorStore {
             }
             std::fs::remove_file(&self.legacy).map_err(|e| DirError::io(&self.legacy, e))?;
         }
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| DirError::io(&self.dir, e))?;
         let mut out = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(e.path());
-                continue;
-            }
+        for (name, len, path) in files(&self.dir)? {
             let mut id = [0u8; 32];
-            if hex::decode_to_slice(&name, &mut id).is_err() {
-                continue;
-            }
-            let small = e
-                .metadata()
-                .is_ok_and(|m| m.is_file() && m.len() <= MAX_DESCRIPTOR_LEN as u64);
-            if small && let Ok(b) = std::fs::read(e.path()) {
+            if hex::decode_to_slice(&name, &mut id).is_ok()
+                && len <= MAX_DESCRIPTOR_LEN as u64
+                && let Ok(b) = std::fs::read(path)
+            {
                 out.push((id, b));
             }
         }
         out.sort();
         Ok(out)
     }
+}
+
+/// The files in `dir` (created if missing, 0700): name, length and path
+/// of each. Leftover temporary files of [`write_atomic`] are removed.
+fn files(dir: &Path) -> Result<Vec<(String, u64, PathBuf)>, DirError> {
+    private_dir(dir)?;
+    let entries = std::fs::read_dir(dir).map_err(|e| DirError::io(dir, e))?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        } else if let Ok(m) = e.metadata()
+            && m.is_file()
+        {
+            out.push((name, m.len(), e.path()));
+        }
+    }
+    Ok(out)
 }
 
 /// The votes held on disk: see the module's documentation.
@@ -154,31 +164,15 @@ impl VoteStore {
 
     /// The vote files: period start, length and path of each.
     fn files(&self) -> Result<Vec<(u64, u64, PathBuf)>, DirError> {
-        private_dir(&self.dir)?;
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| DirError::io(&self.dir, e))?;
-        let mut out = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(e.path());
-                continue;
-            }
-            let Some((va, auth)) = name.split_once('-') else {
-                continue;
-            };
-            let mut id = [0u8; 32];
-            let Ok(va) = va.parse::<u64>() else {
-                continue;
-            };
-            if hex::decode_to_slice(auth, &mut id).is_err() {
-                continue;
-            }
-            if let Ok(m) = e.metadata()
-                && m.is_file()
-            {
-                out.push((va, m.len(), e.path()));
-            }
-        }
+        let mut out: Vec<_> = files(&self.dir)?
+            .into_iter()
+            .filter_map(|(name, len, path)| {
+                let (va, auth) = name.split_once('-')?;
+                let mut id = [0u8; 32];
+                hex::decode_to_slice(auth, &mut id).ok()?;
+                Some((va.parse::<u64>().ok()?, len, path))
+            })
+            .collect();
         out.sort();
         Ok(out)
     }
