@@ -140,26 +140,12 @@ impl GuardSet {
                 bias: e.bias,
             })
             .collect();
-        match postcard::to_stdvec(&(BIAS_FORMAT, list)) {
-            Ok(b) => {
-                if let Err(e) = allium_directory::store::write_atomic(&self.bias_file, &b, 0o600) {
-                    warn!("saving path-bias counts: {e}");
-                }
-            }
-            Err(e) => warn!("encoding path-bias counts: {e}"),
-        }
+        save(&self.bias_file, &(BIAS_FORMAT, list), "path-bias counts");
     }
 
     fn save(&self) {
         let list: Vec<&Stored> = self.entries.iter().map(|e| &e.stored).collect();
-        match postcard::to_stdvec(&list) {
-            Ok(b) => {
-                if let Err(e) = allium_directory::store::write_atomic(&self.file, &b, 0o600) {
-                    warn!("saving guards: {e}");
-                }
-            }
-            Err(e) => warn!("encoding guards: {e}"),
-        }
+        save(&self.file, &list, "guards");
     }
 
     /// Drop guards that left the consensus or outlived their lifetime, and
@@ -331,6 +317,19 @@ impl GuardSet {
 
 /// The counts in a `pathbias` file; none if it is missing, unreadable or
 /// of another format.
+/// Write `value` to `file` (postcard, atomically, 0600); a failure is
+/// logged as one to save `what`: the client goes on with what it holds.
+pub(crate) fn save<T: Serialize + ?Sized>(file: &std::path::Path, value: &T, what: &str) {
+    match postcard::to_stdvec(value) {
+        Ok(b) => {
+            if let Err(e) = allium_directory::store::write_atomic(file, &b, 0o600) {
+                warn!("saving {what}: {e}");
+            }
+        }
+        Err(e) => warn!("encoding {what}: {e}"),
+    }
+}
+
 fn load_bias(file: &std::path::Path) -> Vec<StoredBias> {
     let Ok(bytes) = std::fs::read(file) else {
         return Vec::new();

@@ -20,10 +20,10 @@
 
 use std::path::PathBuf;
 
-use allium_proto::{Consensus, ConsensusRelay, short_id};
+use allium_proto::{Consensus, short_id};
 use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::path;
 
@@ -88,23 +88,8 @@ impl Vanguards {
         self.members.iter().map(|m| m.identity).collect()
     }
 
-    /// The members listed in `c`.
-    pub fn relays(&self, c: &Consensus) -> Vec<ConsensusRelay> {
-        self.members
-            .iter()
-            .filter_map(|m| c.relay(&m.identity).cloned())
-            .collect()
-    }
-
     fn save(&self) {
-        match postcard::to_stdvec(&self.members) {
-            Ok(b) => {
-                if let Err(e) = allium_directory::store::write_atomic(&self.file, &b, 0o600) {
-                    warn!("saving restricted middles: {e}");
-                }
-            }
-            Err(e) => warn!("encoding restricted middles: {e}"),
-        }
+        crate::guards::save(&self.file, &self.members, "restricted middles");
     }
 }
 
