@@ -495,12 +495,35 @@ struct Shared {
 }
 
 /// What the service last filed: the introduction points' keys, the
-/// period, when, and the puzzle.
+/// period, whether the next period's descriptor went too, when, and the
+/// puzzle.
+#[derive(Clone, Debug, PartialEq)]
 struct Filed {
     keys: Vec<[u8; 32]>,
     period: TimePeriod,
+    with_next: bool,
     at: Instant,
     pow: Option<PowParams>,
+}
+
+impl Filed {
+    /// Are the descriptors due again? `now` is what would be filed now:
+    /// the period and puzzle of this moment (its `at` unused), `with_next`
+    /// whether the next period's shared random value is known. A client
+    /// whose clock is in the next period asks for that period's
+    /// descriptor as soon as it begins, so it is filed as soon as it can
+    /// be (halfway through this period), not when this one ends.
+    fn due(last: Option<&Filed>, now: &Filed) -> bool {
+        if now.keys.is_empty() {
+            return false;
+        }
+        let Some(f) = last else { return true };
+        f.keys != now.keys
+            || f.period != now.period
+            || (now.with_next && !f.with_next)
+            || f.pow != now.pow
+            || f.at.elapsed() >= REPUBLISH
+    }
 }
 
 /// Run the service `cfg` inside `client` until the client stops.
@@ -569,74 +592,77 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
                 .params(&shared.turns)
         });
         let c_now = client.consensus();
-        let period = c_now.as_ref().map(|c| c.period_at(unix_now()));
-        let due = match (&published, period) {
-            (_, None) => false,
-            (None, Some(_)) => !keys.is_empty(),
-            (Some(f), Some(period)) => {
-                (f.keys != keys
-                    || f.period != period
-                    || f.at.elapsed() >= REPUBLISH
-                    || f.pow != pow)
-                    && !keys.is_empty()
-            }
-        };
-        if let (true, Some(period)) = (due, period) {
-            let info = ServiceInfo {
-                intro_points: intros
-                    .iter()
-                    .map(|i| IntroPoint {
-                        relay: i.relay,
-                        auth_key: i.keys.auth_key,
-                        enc_key: i.keys.enc.public().0,
-                    })
-                    .collect(),
+        if let Some(c) = &c_now {
+            let period = c.period_at(unix_now());
+            let now = Filed {
+                keys,
+                period,
+                // The next period's descriptor once the consensus has its
+                // shared random value (from halfway through this one).
+                with_next: c.shared_random_for(period.next()).is_some(),
+                at: Instant::now(),
                 pow,
             };
-            let mut stored_now = 0;
-            // The next period's descriptor once the consensus has its
-            // shared random value (from halfway through this one).
-            let next = c_now
-                .as_ref()
-                .is_some_and(|c| c.shared_random_for(period.next()).is_some());
-            let periods = if next {
-                vec![period, period.next()]
-            } else {
-                vec![period]
-            };
-            for p in periods {
-                let revision = unix_now().saturating_sub(p.start());
-                let doc =
-                    descriptor::build(&identity, p, revision, &info, &authorized, &mut rand::rng());
-                match hsdir::publish(&client, &address.blinded(p), p, &doc).await {
-                    Ok(r) => {
-                        info!(
-                            %address,
-                            period = p.number,
-                            "descriptor uploaded to {} of {} service directories",
-                            r.stored,
-                            r.responsible
-                        );
-                        for (dir, why) in &r.failures {
-                            debug!(directory = %dir, "descriptor not stored: {why}");
+            if Filed::due(published.as_ref(), &now) {
+                let info = ServiceInfo {
+                    intro_points: intros
+                        .iter()
+                        .map(|i| IntroPoint {
+                            relay: i.relay,
+                            auth_key: i.keys.auth_key,
+                            enc_key: i.keys.enc.public().0,
+                        })
+                        .collect(),
+                    pow,
+                };
+                let mut stored = [0, 0];
+                let periods = if now.with_next {
+                    vec![period, period.next()]
+                } else {
+                    vec![period]
+                };
+                for (p, stored) in periods.into_iter().zip(&mut stored) {
+                    // Counted from the period before, so that the first
+                    // filing (halfway through it) is not 0 and one in the
+                    // period's first second still replaces it.
+                    let since = p.start().saturating_sub(p.length);
+                    let revision = unix_now().saturating_sub(since);
+                    let doc = descriptor::build(
+                        &identity,
+                        p,
+                        revision,
+                        &info,
+                        &authorized,
+                        &mut rand::rng(),
+                    );
+                    match hsdir::publish(&client, &address.blinded(p), p, &doc).await {
+                        Ok(r) => {
+                            info!(
+                                %address,
+                                period = p.number,
+                                "descriptor uploaded to {} of {} service directories",
+                                r.stored,
+                                r.responsible
+                            );
+                            for (dir, why) in &r.failures {
+                                debug!(directory = %dir, "descriptor not stored: {why}");
+                            }
+                            *stored = r.stored;
                         }
-                        if p == period {
-                            stored_now = r.stored;
+                        Err(e) => {
+                            warn!(%address, period = p.number, "descriptor not uploaded: {e}")
                         }
                     }
-                    Err(e) => warn!(%address, period = p.number, "descriptor not uploaded: {e}"),
                 }
-            }
-            if stored_now > 0 {
-                published = Some(Filed {
-                    keys,
-                    period,
-                    at: Instant::now(),
-                    pow,
-                });
-                if !reachable {
-                    reachable = true;
-                    info!(%address, "service reachable");
+                if stored[0] > 0 {
+                    published = Some(Filed {
+                        with_next: now.with_next && stored[1] > 0,
+                        ..now
+                    });
+                    if !reachable {
+                        reachable = true;
+                        info!(%address, "service reachable");
+                    }
                 }
             }
         }
@@ -996,6 +1022,46 @@ mod tests {
             let _ = got.send(if t.is_some() { effort } else { 0 });
             t
         })
+    }
+
+    #[test]
+    fn the_next_periods_descriptor_is_filed_as_soon_as_it_can_be() {
+        let period = TimePeriod::at(1_000_000, 3);
+        let filed = Filed {
+            keys: vec![[1; 32]],
+            period,
+            with_next: false,
+            at: Instant::now(),
+            pow: None,
+        };
+        let same = filed.clone();
+        assert!(Filed::due(None, &same));
+        assert!(!Filed::due(Some(&filed), &same));
+        // Halfway through the period the next one's value is known: due,
+        // though nothing else changed; once filed with it, not again.
+        let next_known = Filed {
+            with_next: true,
+            ..filed.clone()
+        };
+        assert!(Filed::due(Some(&filed), &next_known));
+        assert!(!Filed::due(Some(&next_known), &next_known));
+        assert!(!Filed::due(Some(&next_known), &same));
+        // A new period, new introduction points: due; no points: never.
+        let later = Filed {
+            period: period.next(),
+            ..filed.clone()
+        };
+        assert!(Filed::due(Some(&next_known), &later));
+        let moved = Filed {
+            keys: vec![[2; 32]],
+            ..filed.clone()
+        };
+        assert!(Filed::due(Some(&filed), &moved));
+        let none = Filed {
+            keys: vec![],
+            ..filed.clone()
+        };
+        assert!(!Filed::due(None, &none));
     }
 
     #[tokio::test]

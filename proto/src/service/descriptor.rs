@@ -200,8 +200,9 @@ fn xor32(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
 }
 
 /// The signed descriptor of the service `identity` for `period`, revision
-/// `revision` (the seconds since the period began, so that revisions rise
-/// within a period and say nothing across periods), listing `info`, for
+/// `revision` (the seconds since the period before it began, so that
+/// revisions rise from the first filing, halfway through that period, and
+/// say nothing across periods), listing `info`, for
 /// anyone who knows the address if `authorized` is empty, else only for
 /// the clients whose keys it lists (at most [`MAX_AUTH_CLIENTS`]; any
 /// more are left out).
