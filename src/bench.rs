@@ -219,16 +219,19 @@ async fn socks_get(
     n: usize,
     user: Option<&str>,
 ) -> BenchResult<Fetch> {
-    socks_get_counting(proxy, Dest::Addr(target), n, user, None).await
+    socks_get_counting(proxy, Dest::Addr(target), n, user, None, false).await
 }
 
 /// [`socks_get`] to any [`Dest`], adding each read's bytes to `progress`.
+/// With `optimistic`, the GET goes with the SOCKS request, as browsers
+/// built for Tor send it, instead of after the answer, as curl does.
 async fn socks_get_counting(
     proxy: SocketAddr,
     target: Dest<'_>,
     n: usize,
     user: Option<&str>,
     progress: Option<&AtomicUsize>,
+    optimistic: bool,
 ) -> BenchResult<Fetch> {
     let start = Instant::now();
     let mut s = TcpStream::connect(proxy).await.map_err(err)?;
@@ -250,7 +253,7 @@ async fn socks_get_counting(
             return Err("SOCKS authentication refused".into());
         }
     }
-    let req = match target {
+    let mut req = match target {
         Dest::Addr(SocketAddr::V4(t)) => {
             let mut req = vec![5, 1, 0, 1];
             req.extend_from_slice(&t.ip().octets());
@@ -265,6 +268,10 @@ async fn socks_get_counting(
             req
         }
     };
+    let get = format!("GET /{n} HTTP/1.0\r\nHost: bench\r\n\r\n");
+    if optimistic {
+        req.extend_from_slice(get.as_bytes());
+    }
     s.write_all(&req).await.map_err(err)?;
     let mut r = [0u8; 10];
     s.read_exact(&mut r).await.map_err(err)?;
@@ -272,9 +279,9 @@ async fn socks_get_counting(
         return Err(format!("SOCKS reply {}", r[1]));
     }
     let open = start.elapsed();
-    s.write_all(format!("GET /{n} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
-        .await
-        .map_err(err)?;
+    if !optimistic {
+        s.write_all(get.as_bytes()).await.map_err(err)?;
+    }
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0usize;
     let mut ttfb = None;
@@ -317,6 +324,7 @@ pub struct Report {
     pub circuit_build_ms_min_max: (f64, f64),
     pub ttfb_1k_ms: f64,
     pub ttfb_1k_p90_ms: f64,
+    pub ttfb_1k_optimistic_ms: f64,
     pub stream_open_ms: f64,
     pub single_stream_100mib_mbps: f64,
     pub single_stream_runs_mbps: Vec<f64>,
@@ -539,6 +547,19 @@ pub async fn run(
     rep.ttfb_1k_ms = median(&mut ttfb);
     rep.stream_open_ms = median(&mut open);
     eprintln!("bench: b. 1 KiB TTFB median {:.2} ms", rep.ttfb_1k_ms);
+    // The same with the GET sent along with the SOCKS request (optimistic
+    // data: it goes with the BEGIN).
+    let mut ttfb = Vec::new();
+    for _ in 0..50 {
+        let d = Dest::Addr(http);
+        let f = socks_get_counting(socks, d, 1024, Some("ttfb"), None, true).await?;
+        ttfb.push(ms(f.ttfb));
+    }
+    rep.ttfb_1k_optimistic_ms = median(&mut ttfb);
+    eprintln!(
+        "bench: b. 1 KiB TTFB, request sent with the SOCKS request: median {:.2} ms",
+        rep.ttfb_1k_optimistic_ms
+    );
 
     // c. One stream of 100 MiB, each run on a fresh circuit.
     // Under delay, 20 MiB (as the congestion-control figures are taken).
@@ -675,6 +696,7 @@ pub async fn run(
                     1 << 30,
                     Some(users[i]),
                     Some(&counts[i]),
+                    false,
                 )
                 .await
             })
@@ -883,7 +905,7 @@ async fn services(
     // The first stream through the client's SOCKS port that works.
     let mut first = None;
     for _ in 0..240 {
-        if socks_get_counting(socks, Dest::Host(&host, 80), 1024, Some("svc"), None)
+        if socks_get_counting(socks, Dest::Host(&host, 80), 1024, Some("svc"), None, false)
             .await
             .is_ok()
         {
@@ -925,8 +947,9 @@ async fn services(
     let mut runs = Vec::new();
     for i in 0..3 {
         let user = format!("svc-bulk{i}");
-        socks_get_counting(socks, Dest::Host(&host, 80), 1024, Some(&user), None).await?;
-        let f = socks_get_counting(socks, Dest::Host(&host, 80), big, Some(&user), None).await?;
+        socks_get_counting(socks, Dest::Host(&host, 80), 1024, Some(&user), None, false).await?;
+        let f =
+            socks_get_counting(socks, Dest::Host(&host, 80), big, Some(&user), None, false).await?;
         runs.push(f.bytes as f64 / f.total.as_secs_f64() / 1e6);
     }
     rep.service_stream_bytes = big;
@@ -1044,6 +1067,10 @@ fn print_report(r: &Report) {
     println!(
         "     SOCKS CONNECT answered (stream open) [ms]      {:.2}",
         r.stream_open_ms
+    );
+    println!(
+        "     GET sent with the SOCKS request [ms]           {:.2}  (optimistic data, n=50)",
+        r.ttfb_1k_optimistic_ms
     );
     println!(
         "b'. the same with 8 bulk downloads running [ms]    {:.2}  (n={}; {:.2}x idle)",

@@ -1,8 +1,9 @@
 //! A network whose every link delays what it sends by 20 ms (link shaping,
 //! as `allium testnet --link-delay 20`): it bootstraps, circuits take the
 //! round trips the delay implies, a download and an upload arrive intact,
-//! and congestion control opens the client's window past the old fixed
-//! window of 1000 cells. Its own test binary: shaping is set for the whole
+//! congestion control opens the client's window past the old fixed
+//! window of 1000 cells, and a request sent with the SOCKS request
+//! (optimistic data) reaches the server before the SOCKS reply is back. Its own test binary: shaping is set for the whole
 //! process.
 
 #![allow(clippy::unwrap_used)]
@@ -86,5 +87,34 @@ async fn a_delayed_network_works_and_takes_its_round_trips() {
     // The window that carried it grew past what a fixed window allows.
     let most = net.client.circuit_cwnds().into_iter().max().unwrap_or(0);
     assert!(most > 1000, "largest congestion window {most} cells");
+
+    // Optimistic data: a request written with the SOCKS request goes with
+    // the BEGIN, so the server has it before CONNECTED is back at the
+    // client (half a circuit round trip, 120 ms, sooner); otherwise it
+    // would leave only after.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut req = [0u8; 7];
+        s.read_exact(&mut req).await.unwrap();
+        let at = Instant::now();
+        s.write_all(b"answer").await.unwrap();
+        (req, at)
+    });
+    let (code, mut s) =
+        common::socks5_early(net.socks_addr, "localhost", port, None, b"request").await;
+    let replied = Instant::now();
+    assert_eq!(code, 0);
+    let mut answer = [0u8; 6];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"answer");
+    let (req, got_at) = server.await.unwrap();
+    assert_eq!(&req, b"request");
+    assert!(
+        got_at < replied,
+        "the server had the request {:?} after the SOCKS reply",
+        got_at - replied
+    );
     net.shutdown().await;
 }

@@ -40,8 +40,10 @@ pub enum StreamData {
 enum CircCmd {
     /// A stream to `addr:port` at the exit, or (`None`) to the last hop's
     /// directory cache.
+    /// `early` goes right behind the BEGIN (optimistic data).
     Begin {
         to: Option<(TargetAddr, u16)>,
+        early: Vec<u8>,
         reply: oneshot::Sender<Result<Stream, ClientError>>,
     },
     Resolve {
@@ -232,19 +234,32 @@ impl CircuitHandle {
         !self.used.swap(true, Ordering::Relaxed)
     }
 
-    pub async fn begin(&self, addr: TargetAddr, port: u16) -> Result<Stream, ClientError> {
-        self.open(Some((addr, port))).await
+    ///
+    /// `early` is sent right behind the BEGIN, before the exit has
+    /// connected (optimistic data: an application's request costs no
+    /// round trip of its own); the exit drops it if it cannot connect.
+    pub async fn begin(
+        &self,
+        addr: TargetAddr,
+        port: u16,
+        early: Vec<u8>,
+    ) -> Result<Stream, ClientError> {
+        self.open(Some((addr, port)), early).await
     }
 
     /// A stream to the last hop's directory cache (BEGIN_DIR).
     pub async fn begin_dir(&self) -> Result<Stream, ClientError> {
-        self.open(None).await
+        self.open(None, Vec::new()).await
     }
 
-    async fn open(&self, to: Option<(TargetAddr, u16)>) -> Result<Stream, ClientError> {
+    async fn open(
+        &self,
+        to: Option<(TargetAddr, u16)>,
+        early: Vec<u8>,
+    ) -> Result<Stream, ClientError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(CircCmd::Begin { to, reply })
+            .send(CircCmd::Begin { to, early, reply })
             .await
             .map_err(|_| ClientError::CircuitClosed)?;
         rx.await.map_err(|_| ClientError::CircuitClosed)?
@@ -665,7 +680,7 @@ impl CircTask {
 
     fn on_cmd(&mut self, now: Instant, cmd: CircCmd) -> Result<(), ProtoError> {
         match cmd {
-            CircCmd::Begin { to, reply } => {
+            CircCmd::Begin { to, early, reply } => {
                 let opened = match to {
                     Some((addr, port)) => self.core.begin(addr, port),
                     None => self.core.begin_dir(),
@@ -686,6 +701,11 @@ impl CircTask {
                 };
                 self.streams.insert(sid, entry);
                 self.pending.insert(sid, (reply, rx));
+                // Bounded by the caller; it took no room permit, so none
+                // comes back when it is sealed.
+                if !early.is_empty() {
+                    self.core.send(now, sid, &early)?;
+                }
             }
             CircCmd::Resolve { host, reply } => match self.core.resolve(host) {
                 Ok(sid) => {

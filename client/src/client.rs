@@ -713,21 +713,26 @@ impl Client {
         self.inner.started.elapsed()
     }
 
-    /// Open a stream to `addr:port` through the network. A BEGIN that
-    /// fails for a reason another exit might not have (exit policy, name
-    /// resolution, timeout) is tried once more on a fresh circuit through
-    /// a different exit.
+    /// Open a stream to `addr:port` through the network, `early` sent
+    /// right behind the BEGIN (optimistic data: what the application sent
+    /// with its request). A BEGIN that fails for a reason another exit
+    /// might not have (exit policy, name resolution, timeout) is tried
+    /// once more on a fresh circuit through a different exit; with early
+    /// bytes, only when the exit said it did not connect (END 2, 4 or 7),
+    /// since after a timeout here or a closed circuit they may have
+    /// reached the server already.
     pub async fn connect(
         &self,
         addr: TargetAddr,
         port: u16,
         iso: &Isolation,
+        early: Vec<u8>,
     ) -> Result<Stream, ClientError> {
         let mut ctl = self
             .inner
             .events
             .new_stream(format!("{addr}:{port}"), false);
-        let r = self.connect_inner(addr, port, iso, &mut ctl).await;
+        let r = self.connect_inner(addr, port, iso, early, &mut ctl).await;
         inc(if r.is_ok() {
             &self.inner.stats.streams_opened
         } else {
@@ -751,29 +756,34 @@ impl Client {
         addr: TargetAddr,
         port: u16,
         iso: &Isolation,
+        early: Vec<u8>,
         ctl: &mut StreamWatch,
     ) -> Result<Stream, ClientError> {
         if let TargetAddr::Host(h) = &addr
             && let Some(service) = keep_local(h)?
         {
-            return self.connect_service(service, port, iso, ctl).await;
+            return self.connect_service(service, port, iso, early, ctl).await;
         }
         let target = ExitTarget::Addr(&addr, port);
         let generation = self.inner.generation.load(Ordering::Relaxed);
         let circ = self.circuit_for(&target, iso).await?;
         ctl.sent(circ.serial);
         let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
-        let first = tokio::time::timeout(t, circ.begin(addr.clone(), port))
+        let first = tokio::time::timeout(t, circ.begin(addr.clone(), port, early.clone()))
             .await
             .unwrap_or(Err(ClientError::Timeout("stream connect")));
         self.judge_use(&circ, &first);
-        let retry = matches!(
+        let not_connected = matches!(
             &first,
             Err(ClientError::StreamEnded(
                 EndReason::EXIT_POLICY | EndReason::RESOLVE_FAILED | EndReason::TIMEOUT
-            )) | Err(ClientError::Timeout(_))
-                | Err(ClientError::CircuitClosed)
+            ))
         );
+        let unknown = matches!(
+            &first,
+            Err(ClientError::Timeout(_)) | Err(ClientError::CircuitClosed)
+        );
+        let retry = not_connected || (unknown && early.is_empty());
         if !retry {
             return first;
         }
@@ -793,7 +803,7 @@ impl Client {
             ctl.detached(stream_failure_reason(e));
         }
         ctl.sent(circ.serial);
-        let second = tokio::time::timeout(t, circ.begin(addr, port))
+        let second = tokio::time::timeout(t, circ.begin(addr, port, early))
             .await
             .unwrap_or(Err(ClientError::Timeout("stream connect")));
         self.judge_use(&circ, &second);
@@ -809,6 +819,7 @@ impl Client {
         address: ServiceAddress,
         port: u16,
         iso: &Isolation,
+        early: Vec<u8>,
         ctl: &mut StreamWatch,
     ) -> Result<Stream, ClientError> {
         self.prune_services();
@@ -831,7 +842,8 @@ impl Client {
         };
         ctl.sent(circ.serial);
         let t = Duration::from_secs(self.inner.cfg.stream_timeout_secs);
-        tokio::time::timeout(t, circ.begin(TargetAddr::Host(address.to_string()), port))
+        let to = TargetAddr::Host(address.to_string());
+        tokio::time::timeout(t, circ.begin(to, port, early))
             .await
             .unwrap_or(Err(ClientError::Timeout("stream connect")))
     }
@@ -886,11 +898,11 @@ impl Client {
             listener: usize::MAX,
             auth: SocksAuth::NoAuth,
         };
-        let stream = self.connect(addr, port, &iso).await?;
+        let stream = self.connect(addr, port, &iso, Vec::new()).await?;
         let (app, ours) = tokio::io::duplex(64 * 1024);
         tokio::spawn(
             async move {
-                if let Err(e) = crate::socks::relay_bytes(ours, stream, Vec::new()).await {
+                if let Err(e) = crate::socks::relay_bytes(ours, stream).await {
                     debug!("library stream: {e}");
                 }
             }

@@ -54,7 +54,7 @@ pub async fn fetch_from_cache(
                 why: format!("BEGIN_DIR: {e}"),
             })?;
         let (app, net) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(crate::socks::relay_bytes(net, stream, Vec::new()));
+        tokio::spawn(crate::socks::relay_bytes(net, stream));
         http::exchange(app, source, "GET", &path, Vec::new(), max).await
     };
     let bytes = tokio::time::timeout(CACHE_TIMEOUT, http::fetch_consensus_with(source, get, base))

@@ -56,7 +56,7 @@ async fn request(
             .await?;
         let stream = circ.begin_dir().await?;
         let (app, net) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(crate::socks::relay_bytes(net, stream, Vec::new()));
+        tokio::spawn(crate::socks::relay_bytes(net, stream));
         http::exchange(app, &dir.nickname, method, path, body, MAX_LEN)
             .await
             .map_err(ClientError::from)

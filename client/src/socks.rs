@@ -19,6 +19,8 @@ use crate::{Client, ClientError, Isolation};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HANDSHAKE: usize = 1024;
+/// The most optimistic data a stream takes with its BEGIN.
+const MAX_EARLY: usize = 16 * 1024;
 
 /// Which protocol a listener speaks.
 #[derive(Clone, Copy, Debug)]
@@ -123,13 +125,14 @@ async fn handle_socks(
             Ok(())
         }
         SocksCmd::Connect => {
-            let r = connect(&client, req.addr.clone(), req.port, &iso).await;
+            let early = early_bytes(&s, early);
+            let r = connect(&client, req.addr.clone(), req.port, &iso, early).await;
             let code = r
                 .as_ref()
                 .map_or_else(ClientError::socks_reply, |_| ReplyCode::SUCCEEDED);
             s.write_all(&req.reply(code, None)).await?;
             match r {
-                Ok(stream) => relay_bytes(s, stream, early).await,
+                Ok(stream) => relay_bytes(s, stream).await,
                 Err(_) => Ok(()),
             }
         }
@@ -176,15 +179,32 @@ async fn handle_http(
         listener: index,
         auth: req.auth.clone(),
     };
-    let r = connect(&client, req.addr, req.port, &iso).await;
+    let early = early_bytes(&s, early);
+    let r = connect(&client, req.addr, req.port, &iso, early).await;
     let code = r
         .as_ref()
         .map_or_else(ClientError::socks_reply, |_| ReplyCode::SUCCEEDED);
     s.write_all(&httpconnect::response(code)).await?;
     match r {
-        Ok(stream) => relay_bytes(s, stream, early).await,
+        Ok(stream) => relay_bytes(s, stream).await,
         Err(_) => Ok(()),
     }
+}
+
+/// Optimistic data: what the application sent right behind its request
+/// (`early`, read with it), and what more has already arrived, read
+/// without waiting; at most [`MAX_EARLY`] bytes. It goes with the BEGIN,
+/// so a request sent without waiting for the proxy's answer (as browsers
+/// built for Tor do) reaches the server a round trip sooner.
+fn early_bytes(s: &TcpStream, mut early: Vec<u8>) -> Vec<u8> {
+    let room = MAX_EARLY.saturating_sub(early.len());
+    if room > 0 {
+        let mut tmp = vec![0u8; room];
+        if let Ok(n) = s.try_read(&mut tmp) {
+            early.extend_from_slice(&tmp[..n]);
+        }
+    }
+    early
 }
 
 async fn connect(
@@ -192,8 +212,9 @@ async fn connect(
     addr: TargetAddr,
     port: u16,
     iso: &Isolation,
+    early: Vec<u8>,
 ) -> Result<Stream, ClientError> {
-    let r = client.connect(addr, port, iso).await;
+    let r = client.connect(addr, port, iso, early).await;
     if let Err(e) = &r {
         info!(code = e.socks_reply().0, "stream failed: {e}");
     }
@@ -201,12 +222,11 @@ async fn connect(
 }
 
 /// Shuttle bytes between the application and the stream until either ends.
-/// `early` is what the application sent right after its request.
-pub async fn relay_bytes<S>(s: S, stream: Stream, early: Vec<u8>) -> Result<(), ClientError>
+pub async fn relay_bytes<S>(s: S, stream: Stream) -> Result<(), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
-    shuttle(s, stream, early, false).await
+    shuttle(s, stream, false).await
 }
 
 /// Shuttle bytes between a service's local server and a client's stream:
@@ -216,24 +236,16 @@ pub async fn serve_bytes<S>(s: S, stream: Stream) -> Result<(), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
-    shuttle(s, stream, Vec::new(), true).await
+    shuttle(s, stream, true).await
 }
 
 /// With `end_with_app`, the application's end of its writing ends the
 /// stream (the stream drops, and its END goes out after its data);
 /// otherwise only the far end's END or the circuit's end does.
-async fn shuttle<S>(
-    s: S,
-    mut stream: Stream,
-    early: Vec<u8>,
-    end_with_app: bool,
-) -> Result<(), ClientError>
+async fn shuttle<S>(s: S, mut stream: Stream, end_with_app: bool) -> Result<(), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
-    if !early.is_empty() {
-        stream.send(&early).await?;
-    }
     let (mut r, mut w) = tokio::io::split(s);
     let mut buf = vec![0u8; 32 * 1024];
     let mut app_open = true;

@@ -315,6 +315,18 @@ pub async fn socks5_auth(
     port: u16,
     auth: Option<(&str, &str)>,
 ) -> (u8, tokio::net::TcpStream) {
+    socks5_early(proxy, host, port, auth, &[]).await
+}
+
+/// [`socks5_auth`], writing `early` in the same write as the request, as
+/// a browser that sends optimistic data does.
+pub async fn socks5_early(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+    early: &[u8],
+) -> (u8, tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
     match auth {
@@ -341,6 +353,7 @@ pub async fn socks5_auth(
     let mut req = vec![5, 1, 0, 3, host.len() as u8];
     req.extend_from_slice(host.as_bytes());
     req.extend_from_slice(&port.to_be_bytes());
+    req.extend_from_slice(early);
     s.write_all(&req).await.unwrap();
     let mut r = [0u8; 10];
     tokio::time::timeout(Duration::from_secs(60), s.read_exact(&mut r))

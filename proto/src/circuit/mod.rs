@@ -507,11 +507,20 @@ impl Circuit {
     /// when all is sealed; otherwise [`Event::Sent`] follows once it is.
     /// A stream that is gone (or never was) fails with
     /// [`Error::UnknownStream`].
+    ///
+    /// A client may send on a stream it has begun before the far end
+    /// connects it (optimistic data: the request goes with the BEGIN
+    /// instead of a round trip later); the far end holds it until it has
+    /// connected, and drops it if it cannot.
     pub fn send(&mut self, now: Instant, sid: u16, data: &[u8]) -> Result<bool, Error> {
+        // The end that opened the stream (a service's streams are opened
+        // by the client behind the rendezvous point).
+        let opener = matches!(self.role, Role::Client(_)) && !self.serves;
         let Some(st) = self.streams.get_mut(&sid) else {
             return Err(Error::UnknownStream(sid));
         };
-        if st.kind != Kind::Open || st.end_after.is_some() {
+        let open = st.kind == Kind::Open || (opener && st.kind == Kind::Opening);
+        if !open || st.end_after.is_some() {
             return Err(Error::UnknownStream(sid));
         }
         let was_blocked = !st.unsent.is_empty();

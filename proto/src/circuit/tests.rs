@@ -373,6 +373,62 @@ fn bytes_cross_three_hops_both_ways_in_order() {
 }
 
 #[test]
+fn data_sent_with_a_begin_reaches_the_exit_before_it_connects() {
+    let mut p = CircuitPair::new(3, Duration::from_millis(5));
+    let exit = p.exit();
+    let sid = p.nodes[0]
+        .begin(TargetAddr::Host("example.org".into()), 80)
+        .unwrap();
+    let request = bytes(&mut p.rng, 2_000);
+    let now = p.now;
+    // Optimistic data: sealed right behind the BEGIN, one trip for both.
+    assert!(p.nodes[0].send(now, sid, &request).unwrap());
+    p.drive();
+    let ev = p.take_events(exit);
+    assert!(
+        matches!(ev.first(), Some(Event::Begin { stream, port: 80, .. }) if *stream == sid),
+        "{ev:?}"
+    );
+    let got: Vec<u8> = ev[1..]
+        .iter()
+        .flat_map(|e| match e {
+            Event::Data { stream, data, .. } if *stream == sid => data.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, request);
+    // Only the end that opened the stream sends before CONNECTED.
+    let now = p.now;
+    assert!(matches!(
+        p.nodes[exit].send(now, sid, b"reply"),
+        Err(Error::UnknownStream(_))
+    ));
+    p.nodes[exit].connected(sid, None).unwrap();
+    assert!(p.nodes[exit].send(now, sid, b"reply").unwrap());
+    p.drive();
+    assert_eq!(p.received(0, sid).0, b"reply");
+    // An exit that cannot connect ends the stream; what came early is
+    // dropped with it, and nothing is left waiting at the client.
+    let sid = p.nodes[0]
+        .begin(TargetAddr::Host("example.org".into()), 81)
+        .unwrap();
+    let now = p.now;
+    assert!(p.nodes[0].send(now, sid, &request).unwrap());
+    p.drive();
+    p.nodes[exit].end(sid, EndReason::CONNECT_REFUSED).unwrap();
+    p.drive();
+    assert!(p.take_events(0).contains(&Event::End {
+        stream: sid,
+        reason: EndReason::CONNECT_REFUSED
+    }));
+    assert!(matches!(
+        p.nodes[0].send(now, sid, b"more"),
+        Err(Error::UnknownStream(_))
+    ));
+    assert!(p.errors.iter().all(Option::is_none));
+}
+
+#[test]
 fn a_joined_circuit_carries_streams_between_client_and_service() {
     let mut p = CircuitPair::joined(Duration::from_millis(5));
     let service = p.exit();
