@@ -146,38 +146,49 @@ pub async fn connect(
     let rend_failed = |why: String| ClientError::RendezvousFailed(why);
     let mut avoid: Vec<[u8; 32]> = info.intro_points.iter().map(|i| i.relay).collect();
     avoid.extend(client.guards());
-    // A relay that fails (it may have died since the consensus) is
-    // avoided in the next of a few tries.
-    let mut why_rp = Vec::new();
-    let mut waiting = None;
-    for _ in 0..RP_ATTEMPTS {
-        let rp = pick_relay(&c, &avoid)
-            .ok_or_else(|| rend_failed("no relay can be the rendezvous point".into()))?;
-        avoid.push(rp.identity);
-        match establish_rendezvous(client, &rp).await {
-            Ok((circ, msgs, cookie)) => {
-                waiting = Some((rp, circ, msgs, cookie));
-                break;
+    let mut points = info.intro_points.clone();
+    points.shuffle(&mut rand::rng());
+    let rp_setup = async {
+        // A relay that fails (it may have died since the consensus) is
+        // avoided in the next of a few tries.
+        let mut why_rp = Vec::new();
+        for _ in 0..RP_ATTEMPTS {
+            let rp = pick_relay(&c, &avoid)
+                .ok_or_else(|| rend_failed("no relay can be the rendezvous point".into()))?;
+            avoid.push(rp.identity);
+            match establish_rendezvous(client, &rp).await {
+                Ok((circ, msgs, cookie)) => return Ok((rp, circ, msgs, cookie)),
+                Err(e) => why_rp.push(format!("{}: {e}", rp.nickname)),
             }
-            Err(e) => why_rp.push(format!("{}: {e}", rp.nickname)),
         }
-    }
-    let (rp, rp_circ, mut rp_msgs, cookie) = waiting.ok_or_else(|| {
-        rend_failed(format!(
+        Err(rend_failed(format!(
             "no rendezvous point took the cookie: {}",
             why_rp.join("; ")
-        ))
-    })?;
+        )))
+    };
+    // The circuit to the first introduction point is built meanwhile (the
+    // INTRODUCE1 waits for RENDEZVOUS_ESTABLISHED: the service must not
+    // reach the rendezvous point before the cookie does).
+    let first_intro = async {
+        let relay = c.relay(&points.first()?.relay)?;
+        Some(
+            client
+                .build_circuit(&ExitTarget::Relay(&relay.identity))
+                .await,
+        )
+    };
+    let (waiting, mut prebuilt) = tokio::join!(rp_setup, first_intro);
+    let (rp, rp_circ, mut rp_msgs, cookie) = waiting?;
 
     // Handshakes of the introductions sent: the service may answer an
     // earlier one after the client moved on to the next point.
     let mut started: Vec<ntor::ClientState> = Vec::new();
-    let mut points = info.intro_points.clone();
-    points.shuffle(&mut rand::rng());
     let mut why = Vec::new();
     let (mut timed_out, mut sent) = (0, 0);
     let mut tries = 0u32;
     for ip in &points {
+        // Built for the first point only.
+        let circ = prebuilt.take();
         let Some(relay) = c.relay(&ip.relay) else {
             why.push("an introduction point not in the consensus".to_string());
             continue;
@@ -220,9 +231,14 @@ pub async fn connect(
         let encrypted =
             intro::seal_with_ephemeral(ephemeral, &req, &ip.auth_key, &ip.enc_key, &subcred)?;
         let ask = async {
-            let circ = client
-                .build_circuit(&ExitTarget::Relay(&relay.identity))
-                .await?;
+            let circ = match circ {
+                Some(built) => built?,
+                None => {
+                    client
+                        .build_circuit(&ExitTarget::Relay(&relay.identity))
+                        .await?
+                }
+            };
             let mut msgs = circ.service_messages().ok_or(ClientError::CircuitClosed)?;
             circ.send_service(RelayMsg::Introduce1(Introduce {
                 auth_key: ip.auth_key,
