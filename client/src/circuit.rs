@@ -234,6 +234,7 @@ impl CircuitHandle {
         !self.used.swap(true, Ordering::Relaxed)
     }
 
+    /// A stream to `addr:port` at the exit.
     ///
     /// `early` is sent right behind the BEGIN, before the exit has
     /// connected (optimistic data: an application's request costs no
@@ -247,9 +248,49 @@ impl CircuitHandle {
         self.open(Some((addr, port)), early).await
     }
 
-    /// A stream to the last hop's directory cache (BEGIN_DIR).
-    pub async fn begin_dir(&self) -> Result<Stream, ClientError> {
-        self.open(None, Vec::new()).await
+    /// Run `talk` (an HTTP exchange) on a byte stream to the last hop's
+    /// directory cache. What it writes before the stream is open, its
+    /// request, goes right behind the BEGIN_DIR (optimistic data): the
+    /// answer comes a round trip sooner than after CONNECTED. `Err` if
+    /// the BEGIN_DIR failed, whatever `talk` made of the stream closing.
+    pub async fn dir_talk<T, F, Fut>(&self, talk: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(tokio::io::DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        use tokio::io::AsyncReadExt;
+        let (app, mut net) = tokio::io::duplex(64 * 1024);
+        let (failed, mut why) = oneshot::channel();
+        let circ = self.clone();
+        tokio::spawn(
+            async move {
+                let mut early = vec![0u8; crate::socks::MAX_EARLY];
+                let mut n = net.read(&mut early).await.unwrap_or(0);
+                // And what followed at once (a body written apart).
+                while n < early.len() {
+                    match tokio::time::timeout(Duration::ZERO, net.read(&mut early[n..])).await {
+                        Ok(Ok(k)) if k > 0 => n += k,
+                        _ => break,
+                    }
+                }
+                early.truncate(n);
+                match circ.open(None, early).await {
+                    Ok(stream) => {
+                        let _ = crate::socks::relay_bytes(net, stream).await;
+                    }
+                    // Sent before `net` drops, so `talk` ends after it.
+                    Err(e) => {
+                        let _ = failed.send(e);
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        let r = talk(app).await;
+        match why.try_recv() {
+            Ok(e) => Err(e),
+            Err(_) => Ok(r),
+        }
     }
 
     async fn open(

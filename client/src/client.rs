@@ -732,6 +732,7 @@ impl Client {
             .inner
             .events
             .new_stream(format!("{addr}:{port}"), false);
+        let sent = early.len();
         let r = self.connect_inner(addr, port, iso, early, &mut ctl).await;
         inc(if r.is_ok() {
             &self.inner.stats.streams_opened
@@ -741,6 +742,8 @@ impl Client {
         match r {
             Ok(mut s) => {
                 ctl.succeeded();
+                // What went with the BEGIN counts as written.
+                ctl.wrote(sent);
                 s.watch(ctl);
                 Ok(s)
             }

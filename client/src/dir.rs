@@ -46,16 +46,12 @@ pub async fn fetch_from_cache(
 ) -> Result<(Arc<Consensus>, Vec<u8>), CacheFailure> {
     let max = allium_proto::doc::MAX_CONSENSUS_LEN;
     let get = |path: String| async move {
-        let stream = circ
-            .begin_dir()
+        circ.dir_talk(|io| http::exchange(io, source, "GET", &path, Vec::new(), max))
             .await
             .map_err(|e| allium_directory::DirError::Http {
                 addr: source.to_string(),
                 why: format!("BEGIN_DIR: {e}"),
-            })?;
-        let (app, net) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(crate::socks::relay_bytes(net, stream));
-        http::exchange(app, source, "GET", &path, Vec::new(), max).await
+            })?
     };
     let bytes = tokio::time::timeout(CACHE_TIMEOUT, http::fetch_consensus_with(source, get, base))
         .await

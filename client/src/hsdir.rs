@@ -54,11 +54,8 @@ async fn request(
         let circ = client
             .build_circuit(&ExitTarget::Relay(&dir.identity))
             .await?;
-        let stream = circ.begin_dir().await?;
-        let (app, net) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(crate::socks::relay_bytes(net, stream));
-        http::exchange(app, &dir.nickname, method, path, body, MAX_LEN)
-            .await
+        circ.dir_talk(|io| http::exchange(io, &dir.nickname, method, path, body, MAX_LEN))
+            .await?
             .map_err(ClientError::from)
     };
     tokio::time::timeout(DIR_TIMEOUT, work)

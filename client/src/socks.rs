@@ -20,7 +20,7 @@ use crate::{Client, ClientError, Isolation};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HANDSHAKE: usize = 1024;
 /// The most optimistic data a stream takes with its BEGIN.
-const MAX_EARLY: usize = 16 * 1024;
+pub(crate) const MAX_EARLY: usize = 16 * 1024;
 
 /// Which protocol a listener speaks.
 #[derive(Clone, Copy, Debug)]
