@@ -591,8 +591,7 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
                 .unwrap_or_else(|e| e.into_inner())
                 .params(&shared.turns)
         });
-        let c_now = client.consensus();
-        if let Some(c) = &c_now {
+        if let Some(c) = client.consensus() {
             let period = c.period_at(unix_now());
             let now = Filed {
                 keys,
