@@ -309,6 +309,19 @@ async fn socks_get_counting(
     })
 }
 
+/// Where a process of the bench writes its log: `DIR/NAME.log` with
+/// `--logs DIR`, nowhere without.
+fn log_file(logs: Option<&Path>, name: &str) -> BenchResult<Stdio> {
+    match logs {
+        Some(d) => {
+            let p = d.join(format!("{name}.log"));
+            let f = std::fs::File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            Ok(f.into())
+        }
+        None => Ok(Stdio::null()),
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -412,6 +425,7 @@ fn cpu_of(procs: &Procs, names: &[String]) -> f64 {
 /// Run the benchmark; print the table and optionally write JSON.
 pub async fn run(
     json: Option<&Path>,
+    logs: Option<&Path>,
     quick: bool,
     shaping: Option<Shaping>,
     relay_rate: Option<u64>,
@@ -430,7 +444,10 @@ pub async fn run(
     let socks = plan.client.socks_listen[0];
     let mut procs = Procs(Vec::new());
     let start = Instant::now();
-    let spawn = |role: &str, cfg: &Path| -> BenchResult<Child> {
+    if let Some(d) = logs {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let spawn = |role: &str, name: &str, cfg: &Path| -> BenchResult<Child> {
         let mut c = Command::new(&exe);
         c.arg(role).arg("--config").arg(cfg);
         if let Some(s) = &shaping {
@@ -438,18 +455,18 @@ pub async fn run(
         }
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(log_file(logs, name)?);
         c.spawn().map_err(|e| format!("starting {role}: {e}"))
     };
     for a in &plan.auths {
-        let ch = spawn("dirauth", &a.data_dir.join("config.toml"))?;
+        let ch = spawn("dirauth", &a.nickname, &a.data_dir.join("config.toml"))?;
         procs.0.push((a.nickname.clone(), ch));
     }
     for r in &plan.relays {
-        let ch = spawn("relay", &r.data_dir.join("config.toml"))?;
+        let ch = spawn("relay", &r.nickname, &r.data_dir.join("config.toml"))?;
         procs.0.push((r.nickname.clone(), ch));
     }
-    let ch = spawn("client", &plan.dir.join("client/config.toml"))?;
+    let ch = spawn("client", "client", &plan.dir.join("client/config.toml"))?;
     procs.0.push(("client".into(), ch));
     let relay_names: Vec<String> = plan.relays.iter().map(|r| r.nickname.clone()).collect();
     let auth_names: Vec<String> = plan.auths.iter().map(|a| a.nickname.clone()).collect();
@@ -815,7 +832,7 @@ pub async fn run(
 
     // g. Onion services (last: it kills two relays).
     services(
-        &exe, &plan, &mut procs, socks, http, shaping, quick, &mut rep,
+        &exe, &plan, &mut procs, socks, http, shaping, logs, quick, &mut rep,
     )
     .await?;
 
@@ -863,6 +880,7 @@ async fn services(
     socks: SocketAddr,
     http: SocketAddr,
     shaping: Option<Shaping>,
+    logs: Option<&Path>,
     quick: bool,
     rep: &mut Report,
 ) -> BenchResult<()> {
@@ -896,7 +914,7 @@ async fn services(
     }
     c.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(log_file(logs, "service")?);
     let started = Instant::now();
     procs.0.push((
         "service".into(),

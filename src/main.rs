@@ -139,6 +139,10 @@ enum Cmd {
         /// Smaller transfers, for a quick look (20 MiB single stream, 2000 idle circuits).
         #[arg(long)]
         quick: bool,
+        /// Keep each process's log here (NAME.log; RUST_LOG sets the level
+        /// for all of them).
+        #[arg(long)]
+        logs: Option<PathBuf>,
         #[command(flatten)]
         links: LinkShapingArgs,
     },
@@ -442,9 +446,19 @@ async fn run(cli: Cli) -> Result<(), String> {
                 () = shutdown_signal() => Ok(()),
             }
         }
-        Cmd::Bench { json, quick, links } => {
-            let work =
-                allium::bench::run(json.as_deref(), quick, links.shaping(), links.relay_rate);
+        Cmd::Bench {
+            json,
+            quick,
+            logs,
+            links,
+        } => {
+            let work = allium::bench::run(
+                json.as_deref(),
+                logs.as_deref(),
+                quick,
+                links.shaping(),
+                links.relay_rate,
+            );
             tokio::select! {
                 r = work => r.map(|_| ()),
                 () = shutdown_signal() => Err("interrupted".into()),
