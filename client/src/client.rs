@@ -335,7 +335,7 @@ impl Client {
         &self,
         held: &Consensus,
         base: Option<&[u8]>,
-    ) -> Option<(Arc<Consensus>, Vec<u8>)> {
+    ) -> Option<(Arc<Consensus>, bytes::Bytes)> {
         let now = unix_now();
         let caches: Vec<ConsensusRelay> = {
             let mut g = lock(&self.inner.guards);

@@ -9,8 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use allium_directory::{AuthorityEntry, http, unix_now};
+use allium_directory::{AuthorityEntry, http, unix_now, verified};
 use allium_proto::{AuthorityKey, Consensus, UnverifiedConsensus};
+use bytes::Bytes;
 use tracing::debug;
 
 use crate::ClientError;
@@ -43,7 +44,7 @@ pub async fn fetch_from_cache(
     keys: &[AuthorityKey],
     held: &Consensus,
     base: Option<&[u8]>,
-) -> Result<(Arc<Consensus>, Vec<u8>), CacheFailure> {
+) -> Result<(Arc<Consensus>, Bytes), CacheFailure> {
     let max = allium_proto::doc::MAX_CONSENSUS_LEN;
     let get = |path: String| async move {
         circ.dir_talk(|io| http::exchange(io, source, "GET", &path, Vec::new(), max))
@@ -57,14 +58,16 @@ pub async fn fetch_from_cache(
         .await
         .map_err(|_| CacheFailure::Unavailable(ClientError::Timeout("directory cache")))?
         .map_err(|e| CacheFailure::Unavailable(e.into()))?;
-    let c = UnverifiedConsensus::parse(&bytes)
-        .and_then(|u| u.verify(keys, unix_now()))
-        .map_err(|e| match e {
-            // Signed as it should be, but out of date: a cache that has
-            // lost the authorities, not one that forges.
-            allium_proto::Error::Expired(_) => CacheFailure::Unavailable(e.into()),
-            e => CacheFailure::Misbehaved(e.to_string()),
-        })?;
+    let now = unix_now();
+    let (c, bytes) = verified::consensus(bytes, keys, now, |b| {
+        UnverifiedConsensus::parse(b).and_then(|u| u.verify_window(keys, now))
+    })
+    .map_err(|e| match e {
+        // Signed as it should be, but out of date: a cache that has
+        // lost the authorities, not one that forges.
+        allium_proto::Error::Expired(_) => CacheFailure::Unavailable(e.into()),
+        e => CacheFailure::Misbehaved(e.to_string()),
+    })?;
     // Valid but behind (a cache that has not fetched the latest yet):
     // not held against it, but the next cache is asked.
     if c.valid_after < held.valid_after {
@@ -75,7 +78,7 @@ pub async fn fetch_from_cache(
             ),
         )));
     }
-    Ok((Arc::new(c), bytes))
+    Ok((c, bytes))
 }
 
 /// Fetch a consensus that verifies against `keys` (see
@@ -85,7 +88,7 @@ pub async fn fetch_consensus(
     auths: &[AuthorityEntry],
     keys: &[AuthorityKey],
     base: Option<&[u8]>,
-) -> Result<(Arc<Consensus>, Vec<u8>), ClientError> {
+) -> Result<(Arc<Consensus>, Bytes), ClientError> {
     http::fetch_verified_consensus(auths, keys, base)
         .await
         .map_err(|e| match e {
@@ -107,7 +110,7 @@ pub async fn fetch_from_fallbacks(
     fallbacks: &[std::net::SocketAddr],
     keys: &[AuthorityKey],
     base: Option<&[u8]>,
-) -> Option<(Arc<Consensus>, Vec<u8>)> {
+) -> Option<(Arc<Consensus>, Bytes)> {
     if fallbacks.is_empty() {
         return None;
     }

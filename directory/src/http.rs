@@ -15,7 +15,7 @@ use allium_proto::{AuthorityKey, Consensus, UnverifiedConsensus};
 use rand::seq::SliceRandom;
 use tracing::debug;
 
-use crate::{AuthorityEntry, DirError, diff, unix_now};
+use crate::{AuthorityEntry, DirError, diff, unix_now, verified};
 
 /// A small request and its answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -168,7 +168,7 @@ pub async fn fetch_verified_consensus(
     auths: &[AuthorityEntry],
     keys: &[AuthorityKey],
     base: Option<&[u8]>,
-) -> Result<(Arc<Consensus>, Vec<u8>), DirError> {
+) -> Result<(Arc<Consensus>, Bytes), DirError> {
     let sources: Vec<(String, SocketAddr)> =
         auths.iter().map(|a| (a.name.clone(), a.addr)).collect();
     fetch_verified_from(&sources, keys, base).await
@@ -180,7 +180,7 @@ pub async fn fetch_verified_from(
     sources: &[(String, SocketAddr)],
     keys: &[AuthorityKey],
     base: Option<&[u8]>,
-) -> Result<(Arc<Consensus>, Vec<u8>), DirError> {
+) -> Result<(Arc<Consensus>, Bytes), DirError> {
     let mut order: Vec<&(String, SocketAddr)> = sources.iter().collect();
     order.shuffle(&mut rand::rng());
     let mut why = Vec::new();
@@ -193,32 +193,35 @@ pub async fn fetch_verified_from(
             let max = allium_proto::doc::MAX_CONSENSUS_LEN;
             let get = |path: String| async move { request(*addr, "GET", &path, vec![], max).await };
             let bytes = fetch_consensus_with(name, get, base).await?;
-            let u = UnverifiedConsensus::parse(&bytes)?;
-            answered += 1;
             let now = unix_now();
-            // Who claims to have signed (their certificates' identities,
-            // no signature checked: `verify` checks what counts).
-            let signers: Vec<[u8; 32]> = u
-                .doc
-                .signatures
-                .iter()
-                .filter_map(|s| s.identity())
-                .collect();
-            if !signers.is_empty() && signers.iter().all(|id| !keys.iter().any(|k| k.0 == *id)) {
-                by_unpinned += 1;
-                for id in &signers {
-                    let id = allium_proto::short_id(id);
-                    if !unpinned.contains(&id) {
-                        unpinned.push(id);
+            verified::consensus(bytes, keys, now, |bytes| {
+                let u = UnverifiedConsensus::parse(bytes)?;
+                answered += 1;
+                // Who claims to have signed (their certificates'
+                // identities, no signature checked: `verify` checks what
+                // counts).
+                let signers: Vec<[u8; 32]> = u
+                    .doc
+                    .signatures
+                    .iter()
+                    .filter_map(|s| s.identity())
+                    .collect();
+                if !signers.is_empty() && signers.iter().all(|id| !keys.iter().any(|k| k.0 == *id))
+                {
+                    by_unpinned += 1;
+                    for id in &signers {
+                        let id = allium_proto::short_id(id);
+                        if !unpinned.contains(&id) {
+                            unpinned.push(id);
+                        }
                     }
                 }
-            }
-            let c = u.verify(keys, now)?;
-            Ok::<_, DirError>((c, bytes))
+                Ok::<_, DirError>(u.verify_window(keys, now)?)
+            })
         }
         .await;
         match r {
-            Ok((c, b)) => return Ok((Arc::new(c), b)),
+            Ok(got) => return Ok(got),
             Err(e) => {
                 debug!(directory = %name, "consensus refused: {e}");
                 why.push(format!("{name}: {e}"));

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod reach;
 pub mod serve;
 pub mod store;
+pub mod verified;
 
 pub use auth::{AuthConfig, Authority};
 

@@ -7,6 +7,7 @@
 //! only `verify` yields the trusted one.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -710,20 +711,29 @@ impl UnverifiedConsensus {
     /// The distinct pinned authorities whose signatures are valid at `now`.
     pub fn valid_signers(&self, pinned: &[AuthorityKey], now: u64) -> Vec<AuthorityKey> {
         self.signers_up_to(pinned, now, usize::MAX)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
     }
 
-    /// [`Self::valid_signers`], stopping once `enough` are found.
-    fn signers_up_to(&self, pinned: &[AuthorityKey], now: u64, enough: usize) -> Vec<AuthorityKey> {
+    /// [`Self::valid_signers`], stopping once `enough` are found, each with
+    /// its certificate's validity.
+    fn signers_up_to(
+        &self,
+        pinned: &[AuthorityKey],
+        now: u64,
+        enough: usize,
+    ) -> Vec<(AuthorityKey, RangeInclusive<u64>)> {
         let digest = self.doc.digest();
-        let mut out: Vec<AuthorityKey> = Vec::new();
+        let mut out: Vec<(AuthorityKey, RangeInclusive<u64>)> = Vec::new();
         for s in &self.doc.signatures {
             if out.len() >= enough {
                 break;
             }
             if let Ok(c) = s.check_digest(CONSENSUS_DOMAIN, &digest, pinned, now) {
                 let k = AuthorityKey(c.identity);
-                if !out.contains(&k) {
-                    out.push(k);
+                if !out.iter().any(|(o, _)| *o == k) {
+                    out.push((k, c.valid_from..=c.valid_until));
                 }
             }
         }
@@ -734,9 +744,22 @@ impl UnverifiedConsensus {
     /// certificates valid at `now`) and `now` lies within its validity
     /// (with [`MAX_CLOCK_SKEW`] of tolerance before `valid_after`).
     pub fn verify(self, pinned: &[AuthorityKey], now: u64) -> Result<Consensus, Error> {
+        self.verify_window(pinned, now).map(|(c, _)| c)
+    }
+
+    /// [`Self::verify`], with the times at which the same verdict holds:
+    /// the consensus' own validity within that of the certificates that
+    /// counted. The same bytes checked against the same keys at another
+    /// time in it are trusted without checking them again.
+    pub fn verify_window(
+        self,
+        pinned: &[AuthorityKey],
+        now: u64,
+    ) -> Result<(Consensus, RangeInclusive<u64>), Error> {
         let needed = pinned.len() / 2 + 1;
         // Enough signatures are enough: the others are not checked.
-        let valid = self.signers_up_to(pinned, now, needed).len();
+        let signers = self.signers_up_to(pinned, now, needed);
+        let valid = signers.len();
         if pinned.is_empty() || valid < needed {
             return Err(Error::NotEnoughSignatures { valid, needed });
         }
@@ -756,7 +779,15 @@ impl UnverifiedConsensus {
         if !(c.valid_after <= c.fresh_until && c.fresh_until <= c.valid_until) {
             return Err(Error::malformed("consensus", "validity times out of order"));
         }
-        Ok(self.consensus)
+        let from = signers
+            .iter()
+            .map(|(_, w)| *w.start())
+            .fold(c.valid_after.saturating_sub(MAX_CLOCK_SKEW), u64::max);
+        let until = signers
+            .iter()
+            .map(|(_, w)| *w.end())
+            .fold(c.valid_until, u64::min);
+        Ok((self.consensus, from..=until))
     }
 }
 

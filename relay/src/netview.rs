@@ -175,7 +175,7 @@ impl NetView {
                         .is_none_or(|old| old.valid_after < c.valid_after);
                     if newer {
                         stale = 0;
-                        self.cache.install(bytes.into(), c.valid_until);
+                        self.cache.install(bytes, c.valid_until);
                         if !announced {
                             info!(relays = c.relays.len(), "consensus verified");
                             announced = true;
