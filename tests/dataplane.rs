@@ -873,3 +873,49 @@ async fn the_self_test_tells_a_reachable_orport_from_a_closed_one() {
         "{v:?}"
     );
 }
+
+/// A link that carries no circuit is closed by the side that opened it
+/// once its idle time has passed (measured from its last circuit), and
+/// only then; a link opened without an idle time stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_without_circuits_close_after_their_idle_time() {
+    let relay = lone_relay(|_| {}).await;
+    let d = &relay.desc;
+    let me = |b: u8, idle_close| channel::LinkIdentity {
+        identity: ed25519_dalek::SigningKey::from_bytes(&[b; 32]),
+        link_secret: x25519_dalek::StaticSecret::from([b + 1; 32]),
+        stop: None,
+        env: channel::ChannelEnv {
+            idle_close,
+            ..Default::default()
+        },
+        bind: None,
+        known_relay: None,
+    };
+    let idle = Duration::from_secs(1);
+    let link = |m| async move {
+        channel::connect_xk(d.addr, RelayId(d.identity), &d.link_key, &m, None)
+            .await
+            .unwrap()
+    };
+    let closing = link(me(0xa0, Some(idle))).await;
+    let staying = link(me(0xb0, None)).await;
+    let (id, _inbox) = closing.new_circuit().await.unwrap();
+    // Twice the longest idle time (1.5 s) with a circuit: still open.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!closing.is_closed(), "closed while it carried a circuit");
+    closing.destroy(id, DestroyReason::FINISHED);
+    let gone = std::time::Instant::now();
+    for _ in 0..100 {
+        if closing.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        closing.is_closed(),
+        "still open 10 s after its last circuit"
+    );
+    assert!(gone.elapsed() >= idle, "closed before its idle time");
+    assert!(!staying.is_closed(), "a link without an idle time closed");
+}

@@ -77,6 +77,10 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const IDLE_SHRINK: Duration = Duration::from_secs(1);
 /// How often a channel looks at its write timeout and idleness.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A relay's links without circuits close after this (and up to half as
+/// long again; [`ChannelEnv::idle_close`]), as Tor closes its channels
+/// that carry no circuits after a few minutes.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(180);
 /// Circuits one channel may carry; further CREATEs are refused.
 pub const MAX_CIRCUITS_PER_CHANNEL: usize = 8192;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -189,6 +193,13 @@ pub struct ChannelEnv {
     pub bucket: Option<Arc<TokenBucket>>,
     pub write_bucket: Option<Arc<TokenBucket>>,
     pub stats: Option<Arc<RelayStats>>,
+    /// A link this side opened is closed once it has carried no circuit
+    /// for this long, and up to half as long again (drawn for each link,
+    /// so that links opened together do not close together): a relay
+    /// keeps links to the relays it works with, not to every relay it
+    /// ever extended a circuit to. The side that opened it closes it, so
+    /// that its own next circuit never races the close.
+    pub idle_close: Option<Duration>,
 }
 
 enum Ctrl {
@@ -409,6 +420,10 @@ struct Reactor {
     busy: bool,
     /// Asked to close: the link ends once nothing is left to write.
     closing: bool,
+    /// Close after carrying no circuit for this long ([`ChannelEnv::idle_close`]).
+    idle_close: Option<Duration>,
+    /// When the link last carried a circuit.
+    used: Instant,
 }
 
 impl Reactor {
@@ -529,7 +544,9 @@ impl Reactor {
     /// Forget a circuit: its inbox, its waiting cells and its room (a
     /// sender still waiting for room learns that the circuit is gone).
     fn forget(&mut self, id: CircId) {
-        self.circs.remove(&id);
+        if self.circs.remove(&id).is_some() {
+            self.used = Instant::now();
+        }
         self.sched.remove(id, release);
         let mut rooms = (self.handle.inner.rooms.lock()).unwrap_or_else(|p| p.into_inner());
         if let Some(r) = rooms.remove(&id) {
@@ -744,8 +761,17 @@ impl Reactor {
                 }
                 () = async { if let Some(b) = &bucket { b.refilled().await } }, if in_debt => {}
                 () = async { if let Some(b) = &wbucket { b.refilled().await } }, if write_debt => {}
-                () = &mut timer, if pending || big => {
+                () = &mut timer, if pending || big || self.idle_close.is_some() => {
                     let now = Instant::now();
+                    if let Some(after) = self.idle_close {
+                        let quiet = !pending && self.urgent.is_empty() && self.sched.is_empty();
+                        if !self.circs.is_empty() {
+                            self.used = now;
+                        } else if quiet && now >= self.used + after {
+                            debug!(peer = ?self.handle.peer(), "link closed: no circuit for {} s", after.as_secs());
+                            return Ok(());
+                        }
+                    }
                     if pending && now >= progress + WRITE_TIMEOUT {
                         self.count(|s| RelayStats::inc(&s.links_stalled, 1));
                         return Err(LinkError::PeerMisbehaved(format!(
@@ -806,6 +832,11 @@ fn spawn_channel(
             mem: setup.env.mem.clone(),
         }),
     };
+    let idle_close = setup
+        .env
+        .idle_close
+        .filter(|_| setup.we_opened)
+        .map(|d| d + d.mul_f64(rand::random::<f64>() / 2.0));
     let mut reactor = Reactor {
         transport,
         circs: HashMap::new(),
@@ -826,6 +857,8 @@ fn spawn_channel(
         staged: Vec::new(),
         busy: false,
         closing: false,
+        idle_close,
+        used: Instant::now(),
     };
     let stop = setup.stop;
     let h = handle.clone();

@@ -186,6 +186,7 @@ impl Relay {
                     bucket,
                     write_bucket,
                     stats: Some(stats.clone()),
+                    idle_close: Some(allium_link::channel::IDLE_CLOSE),
                 },
                 bind: Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified()),
                 known_relay: Some(Arc::new(move |id, ip| listed.is_relay_at(id, ip))),
