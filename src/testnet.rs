@@ -40,6 +40,9 @@ fn other(s: &str) -> TestnetError {
     TestnetError::Other(s.to_string())
 }
 
+/// Relays made at once when a testnet starts.
+const MAKE_PARALLEL: usize = 64;
+
 /// Options of `allium testnet`.
 #[derive(Clone, Debug)]
 pub struct TestnetOptions {
@@ -504,10 +507,27 @@ impl Testnet {
                 task,
             });
         }
+        // Made side by side: each writes and syncs its key files, which
+        // one after another take most of a large network's start.
+        let mut making = JoinSet::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(MAKE_PARALLEL));
+        for (i, rc) in p.relays.iter().enumerate() {
+            let (rc, gate) = (rc.clone(), gate.clone());
+            making.spawn(async move {
+                let _turn = gate.acquire_owned().await;
+                let made = tokio::task::spawn_blocking(move || Relay::new(rc)).await;
+                (i, made)
+            });
+        }
+        let mut made: Vec<Option<Relay>> = (0..p.relays.len()).map(|_| None).collect();
+        while let Some(done) = making.join_next().await {
+            let (i, r) = done.map_err(|e| other(&e.to_string()))?;
+            made[i] = Some(r.map_err(|e| other(&e.to_string()))??);
+        }
         let mut relays = Vec::new();
-        for rc in &p.relays {
+        for (rc, relay) in p.relays.iter().zip(made) {
             let l = next_port()?;
-            let relay = Relay::new(rc.clone())?;
+            let relay = relay.ok_or_else(|| other("a relay was not made"))?;
             let name = rc.nickname.clone();
             let span = tracing::info_span!("relay", name = %name);
             let (identity, stats, mem) = (relay.identity(), relay.stats(), relay.queue_mem());

@@ -348,19 +348,36 @@ fn answer(
     }
 }
 
+/// What taking an upload gives: what became of it, or the HTTP status
+/// and reason of a refusal.
+type Taken = Result<&'static str, (StatusCode, String)>;
+
+/// Take an upload with `take` on a thread that may block: taking one
+/// writes it to disk and waits for the disk, one file at a time, and a
+/// burst of uploads must not hold the threads that answer requests.
+async fn take_upload(
+    a: Arc<Authority>,
+    what: &str,
+    body: Bytes,
+    take: fn(&Authority, &[u8], u64) -> Taken,
+) -> (StatusCode, String) {
+    let a2 = a.clone();
+    let r = tokio::task::spawn_blocking(move || take(&a2, &body, unix_now()))
+        .await
+        .unwrap_or_else(|e| Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())));
+    answer(&a, what, r)
+}
+
 async fn post_descriptor(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
-    let r = a.accept_descriptor(&body, unix_now());
-    answer(&a, "descriptor", r)
+    take_upload(a, "descriptor", body, Authority::accept_descriptor).await
 }
 
 async fn post_vote(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
-    let r = a.accept_vote(&body, unix_now());
-    answer(&a, "vote", r)
+    take_upload(a, "vote", body, Authority::accept_vote).await
 }
 
 async fn post_signature(State(a): State<Arc<Authority>>, body: Bytes) -> (StatusCode, String) {
-    let r = a.accept_signature(&body, unix_now());
-    answer(&a, "signature", r)
+    take_upload(a, "signature", body, Authority::accept_signature).await
 }
 
 async fn get_vote(
