@@ -182,6 +182,9 @@ struct AuthState {
     /// The shared-random part of the latest consensus we published, and
     /// its valid-after.
     sr_held: Option<(u64, SharedRandom)>,
+    /// When a reachability test last could not be made (said once a
+    /// minute).
+    reach_not_made: Option<u64>,
 }
 
 /// Where our shared-random secret is kept.
@@ -659,15 +662,17 @@ impl Authority {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
-            if let Ok(Some(Ok((id, r)))) =
+            if let Ok(Some(Ok(first))) =
                 tokio::time::timeout(Duration::from_millis(250), set.join_next()).await
             {
-                flying.remove(&id);
-                self.record_reach(id, r);
-                while let Some(Ok((id, r))) = set.try_join_next() {
-                    flying.remove(&id);
-                    self.record_reach(id, r);
+                let mut done = vec![first];
+                while let Some(Ok(next)) = set.try_join_next() {
+                    done.push(next);
                 }
+                for (id, _) in &done {
+                    flying.remove(id);
+                }
+                self.record_all(done).await;
             }
         }
     }
@@ -682,16 +687,43 @@ impl Authority {
         }
     }
 
-    /// What a reachability test of relay `id` found.
-    fn record_reach(&self, id: [u8; 32], r: Result<(), DirError>) {
+    /// Record the tests in `done`; wait a second if any was not made (so
+    /// that an authority out of descriptors does not retry at once).
+    async fn record_all(&self, done: Vec<([u8; 32], reach::Verdict)>) {
+        let mut made = true;
+        for (id, r) in done {
+            made &= self.record_reach(id, r);
+        }
+        if !made {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// What a reachability test of relay `id` found. False if the test
+    /// was not made ([`reach::Verdict::NotMade`]): nothing is recorded, the relay
+    /// is tested again soon, and the caller should wait a little.
+    fn record_reach(&self, id: [u8; 32], r: reach::Verdict) -> bool {
         let now = unix_now();
         let mut st = lock(&self.state);
         if !st.descriptors.contains_key(&id) {
-            return;
+            return true;
         }
+        let reached = match r {
+            reach::Verdict::Reached => Ok(()),
+            reach::Verdict::Unreachable(err) => Err(err),
+            reach::Verdict::NotMade(why) => {
+                if st.reach_not_made.is_none_or(|t| now >= t + 60) {
+                    warn!(
+                        "reachability tests not made: {why} (this authority's own limit, not the relays')"
+                    );
+                    st.reach_not_made = Some(now);
+                }
+                return false;
+            }
+        };
         let e = st.reach.entry(id).or_default();
         e.tried_at = Some(now);
-        match r {
+        match reached {
             Ok(()) => {
                 e.ok_at = Some(now);
                 e.running_since.get_or_insert(now);
@@ -703,6 +735,7 @@ impl Authority {
                 e.running_since = None;
             }
         }
+        true
     }
 
     /// Test relays new to the table soon after their upload, at most
@@ -1615,6 +1648,35 @@ pub(crate) mod tests {
         got.sort();
         assert_eq!(got, want);
         assert_eq!(vote.relays.len(), 5, "the others are still listed");
+    }
+
+    /// A test the authority could not make (out of descriptors) leaves a
+    /// relay's standing as it was; one the relay failed ends it.
+    #[test]
+    fn a_test_not_made_is_no_verdict_on_the_relay() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Authority::new(authority(d.path())).unwrap();
+        let now = unix_now();
+        let k = SigningKey::from_bytes(&[7; 32]);
+        let id = k.verifying_key().to_bytes();
+        a.accept_descriptor(&desc(&k, now), now).unwrap();
+        let standing = || {
+            let st = lock(&a.state);
+            st.reach.get(&id).map(|r| (r.running_since, r.tried_at))
+        };
+        assert!(a.record_reach(id, reach::Verdict::Reached));
+        let before = standing();
+        assert!(before.unwrap().0.is_some());
+        let emfile = std::io::Error::from_raw_os_error(24);
+        assert!(allium_link::listen::out_of_local_resources(&emfile));
+        assert!(!a.record_reach(id, reach::Verdict::NotMade(emfile.to_string())));
+        assert_eq!(standing(), before);
+        let refused = DirError::Http {
+            addr: "127.0.0.1:9".into(),
+            why: "connection refused".into(),
+        };
+        assert!(a.record_reach(id, reach::Verdict::Unreachable(refused)));
+        assert_eq!(standing().unwrap().0, None);
     }
 
     #[test]

@@ -176,9 +176,18 @@ pub async fn accept(l: &TcpListener, gate: &Arc<Gate>) -> (TcpStream, SocketAddr
     }
 }
 
-fn out_of_descriptors(e: &std::io::Error) -> bool {
+/// This process (or the system) has no file descriptor left.
+pub fn out_of_descriptors(e: &std::io::Error) -> bool {
     // EMFILE, ENFILE on Linux and the BSDs.
     matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+/// A connection could not be made for want of something of this host's
+/// own (descriptors, local ports, memory), not for anything the far end
+/// did.
+pub fn out_of_local_resources(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{AddrNotAvailable, OutOfMemory};
+    out_of_descriptors(e) || matches!(e.kind(), AddrNotAvailable | OutOfMemory)
 }
 
 /// Inbound connections allowed under a descriptor limit of `limit`.
