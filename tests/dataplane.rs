@@ -876,7 +876,8 @@ async fn the_self_test_tells_a_reachable_orport_from_a_closed_one() {
 
 /// A link that carries no circuit is closed by the side that opened it
 /// once its idle time has passed (measured from its last circuit), and
-/// only then; a link opened without an idle time stays.
+/// only then; a link opened without an idle time stays, until asked to
+/// close if idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn links_without_circuits_close_after_their_idle_time() {
     let relay = lone_relay(|_| {}).await;
@@ -918,4 +919,23 @@ async fn links_without_circuits_close_after_their_idle_time() {
     );
     assert!(gone.elapsed() >= idle, "closed before its idle time");
     assert!(!staying.is_closed(), "a link without an idle time closed");
+
+    // Closed on request only if it carries no circuit (as a relay's
+    // self-test closes its link to the relay it goes through).
+    let (id, _inbox) = staying.new_circuit().await.unwrap();
+    staying.close_if_idle();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!staying.is_closed(), "closed while it carried a circuit");
+    staying.destroy(id, DestroyReason::FINISHED);
+    staying.close_if_idle();
+    for _ in 0..50 {
+        if staying.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        staying.is_closed(),
+        "an idle link stayed open when asked to close"
+    );
 }

@@ -208,6 +208,8 @@ enum Ctrl {
     Close(CircId, Option<DestroyReason>),
     /// Close the link once what is queued has been written.
     Shutdown,
+    /// The same, if the link carries no circuit.
+    ShutdownIfIdle,
 }
 
 /// Cells of one circuit on their way to the channel's task, with the room
@@ -353,6 +355,13 @@ impl ChannelHandle {
     /// Forget a circuit (its inbox is dropped).
     pub fn unregister(&self, circ_id: CircId) {
         let _ = self.inner.ctrl.send(Ctrl::Close(circ_id, None));
+    }
+
+    /// Close the link, as [`ChannelHandle::close`] does, if it carries no
+    /// circuit when its task gets this (a circuit registered after that
+    /// fails as on a lost link).
+    pub fn close_if_idle(&self) {
+        let _ = self.inner.ctrl.send(Ctrl::ShutdownIfIdle);
     }
 
     /// Close the link once what is queued for it has been written (a link
@@ -538,6 +547,7 @@ impl Reactor {
                 }
             }
             Ctrl::Shutdown => self.closing = true,
+            Ctrl::ShutdownIfIdle => self.closing |= self.circs.is_empty(),
         }
     }
 

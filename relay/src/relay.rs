@@ -74,6 +74,15 @@ impl ChannelManager {
             .is_some_and(|h| !h.is_closed() && h.we_opened())
     }
 
+    /// Close the link to `id` this relay opened if it carries no circuit
+    /// ([`ChannelHandle::close_if_idle`]); the link, if there is one.
+    pub fn close_if_idle(&self, id: &RelayId) -> Option<ChannelHandle> {
+        let m = self.lock();
+        let h = m.get(id).filter(|h| !h.is_closed() && h.we_opened())?;
+        h.close_if_idle();
+        Some(h.clone())
+    }
+
     pub fn insert(&self, id: RelayId, h: ChannelHandle) {
         let mut m = self.lock();
         m.retain(|_, h| !h.is_closed());
@@ -409,13 +418,26 @@ impl Relay {
             .filter(|r| !self.ctx.channels.opened_to(&RelayId(r.identity)))
             .collect();
         let others = if fresh.is_empty() { others } else { fresh };
-        let via =
-            crate::selftest::Hop::from(*others.get(rand::random_range(0..others.len().max(1)))?);
+        let via = *others.get(rand::random_range(0..others.len().max(1)))?;
+        // With no such relay (a small network, where this one opened links
+        // to all the others), close the link to the one chosen if it
+        // carries no circuit, so that it opens its own (waiting at most 2 s
+        // for the close; a link that stays makes the test inconclusive).
+        let closing = self.ctx.channels.close_if_idle(&RelayId(via.identity));
+        let via = crate::selftest::Hop::from(via);
         let desc = self.descriptor(unix_now()).ok()?;
         let d = UnverifiedDescriptor::parse(&desc.to_bytes()).ok()?;
         let mine = crate::selftest::Hop::from(d.descriptor());
         let inbound = self.ctx.self_test.clone();
         Some(tokio::spawn(async move {
+            if let Some(h) = closing {
+                for _ in 0..40 {
+                    if h.is_closed() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
             crate::selftest::through(&via, &mine, &inbound).await
         }))
     }
