@@ -218,10 +218,11 @@ async fn three_authorities_vote_and_survive_failures() {
     assert!(net.client.consensus().is_some());
     tokio::time::sleep(Duration::from_secs(wait.min(60))).await;
     // Had it published alone, it would serve a valid consensus: it serves
-    // none, the last having expired.
+    // none, the last having expired, and says when its next round ends.
     match http::fetch_consensus(addrs[0]).await {
-        Err(DirError::Status { status: 404, body }) => {
-            assert_eq!(body, "no consensus that is still valid");
+        Err(DirError::NotYet { why, secs }) => {
+            assert!(why.ends_with(": no consensus that is still valid"), "{why}");
+            assert!((1..=interval).contains(&secs), "next due in {secs} s");
         }
         other => panic!("one authority alone must not publish: {other:?}"),
     }
@@ -236,7 +237,7 @@ async fn three_authorities_vote_and_survive_failures() {
         .expect_err("no valid consensus exists")
         .to_string();
     assert!(
-        err.contains("no usable consensus") && err.contains("no consensus that is still valid"),
+        err.contains("no consensus yet") && err.contains("no consensus that is still valid"),
         "{err}"
     );
 

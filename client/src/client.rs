@@ -401,7 +401,7 @@ impl Client {
     }
 
     /// Keep the consensus fresh forever: refetch in the period after
-    /// fresh-until ([`next_fetch`]), back off on failure ([`http::retry_after`]),
+    /// fresh-until ([`next_fetch`]), back off on failure ([`http::retry_wait`]),
     /// keep a still-valid one meanwhile.
     pub async fn consensus_loop(self) {
         let mut announced = false;
@@ -444,11 +444,11 @@ impl Client {
                         }
                     }
                     missing = missing.saturating_add(1);
-                    Duration::from_secs(http::retry_after(
-                        missing,
-                        self.consensus().is_some(),
-                        rand::random(),
-                    ))
+                    let have = self.consensus().is_some();
+                    match &e {
+                        ClientError::Dir(e) => http::retry_wait(e, missing, have, rand::random()),
+                        _ => Duration::from_secs(http::retry_after(missing, have, rand::random())),
+                    }
                 }
             };
             tokio::time::sleep(wait).await;

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -221,6 +222,9 @@ pub struct Authority {
     cache: Arc<ConsensusCache>,
     /// Relays in the table, as of the last scan for tests.
     held: std::sync::atomic::AtomicUsize,
+    /// The valid-after of the voting round in progress: when its
+    /// consensus is to be published.
+    publishing: std::sync::atomic::AtomicU64,
 }
 
 fn parse_id(s: &str) -> Result<[u8; 32], DirError> {
@@ -335,6 +339,7 @@ impl Authority {
             limiter: Mutex::new(limiter),
             stats: Arc::default(),
             cache,
+            publishing: 0.into(),
         })
     }
 
@@ -1268,6 +1273,13 @@ impl Authority {
         }
     }
 
+    /// Seconds from `now` until this authority is to publish its next
+    /// consensus (at least 1: a round past its time is still collecting
+    /// signatures); what it tells fetchers when it has none to serve.
+    pub fn next_consensus_in(&self, now: u64) -> u64 {
+        self.publishing.load(Relaxed).saturating_sub(now).max(1)
+    }
+
     /// The published consensus.
     pub fn consensus_bytes(&self) -> Option<Bytes> {
         self.cache.current()
@@ -1322,6 +1334,7 @@ impl Authority {
                 let va = sched
                     .upcoming(unix_now())
                     .max(last + sched.cfg.interval_secs);
+                sched.publishing.store(va, Relaxed);
                 sched.round(va).await;
                 last = va;
             }

@@ -88,6 +88,10 @@ where
         .await
         .map_err(|e| fail(e.to_string()))?;
     let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
     let body = Limited::new(resp.into_body(), limit)
         .collect()
         .await
@@ -96,9 +100,13 @@ where
         .to_vec();
     conn.abort();
     if status != 200 {
-        return Err(DirError::Status {
-            status,
-            body: String::from_utf8_lossy(&body[..body.len().min(512)]).into(),
+        let body = String::from_utf8_lossy(&body[..body.len().min(512)]).into();
+        return Err(match retry {
+            Some(secs) if status == 404 => DirError::NotYet {
+                why: format!("{host}: {body}"),
+                secs,
+            },
+            _ => DirError::Status { status, body },
         });
     }
     Ok(body)
@@ -154,6 +162,8 @@ where
     });
     match full {
         Ok(full) => return Ok(full),
+        // It has none at all: no need to ask for the whole.
+        Err(e @ DirError::NotYet { .. }) => return Err(e),
         Err(e) => debug!(source, "no consensus diff or compressed consensus: {e}"),
     }
     get("/consensus".into()).await
@@ -188,6 +198,8 @@ pub async fn fetch_verified_from(
     // many authorities answered at all and how many served such.
     let mut unpinned: Vec<String> = Vec::new();
     let (mut answered, mut by_unpinned) = (0, 0);
+    // The soonest time a directory without a consensus said to come back.
+    let mut soonest: Option<u64> = None;
     for (name, addr) in order {
         let r = async {
             let max = allium_proto::doc::MAX_CONSENSUS_LEN;
@@ -224,6 +236,9 @@ pub async fn fetch_verified_from(
             Ok(got) => return Ok(got),
             Err(e) => {
                 debug!(directory = %name, "consensus refused: {e}");
+                if let DirError::NotYet { secs, .. } = e {
+                    soonest = Some(soonest.map_or(secs, |s| s.min(secs)));
+                }
                 why.push(format!("{name}: {e}"));
             }
         }
@@ -234,7 +249,32 @@ pub async fn fetch_verified_from(
             signers: unpinned.join(", "),
         });
     }
-    Err(DirError::NoConsensus(why.join("; ")))
+    let why = why.join("; ");
+    Err(match soonest {
+        Some(secs) => DirError::NotYet { why, secs },
+        None => DirError::NoConsensus(why),
+    })
+}
+
+/// The longest a directory's `Retry-After` may hold a fetcher off.
+pub const NOT_YET_MAX: u64 = 120;
+
+/// How long until a fetcher asks for the consensus again after fetch error
+/// `e` (the `failures`-th in a row), `have` telling whether it holds a
+/// valid one; `r` is a random number. Holding none, when the directories
+/// said when their next consensus is due ([`DirError::NotYet`], the
+/// soonest of them, at most [`NOT_YET_MAX`]), it asks then, at a random
+/// moment in the following 1 s plus a tenth of the wait (so that a
+/// network's fetchers do not all come in the same millisecond); otherwise
+/// as [`retry_after`] says.
+pub fn retry_wait(e: &DirError, failures: u32, have: bool, r: u64) -> Duration {
+    match e {
+        DirError::NotYet { secs, .. } if !have => {
+            let ms = secs.min(&NOT_YET_MAX) * 1000;
+            Duration::from_millis(ms + 100 + r % (900 + ms / 10))
+        }
+        _ => Duration::from_secs(retry_after(failures, have, r)),
+    }
 }
 
 /// Seconds until the consensus is asked for again after `failures` failed
@@ -411,5 +451,32 @@ mod tests {
             assert!((150..=300).contains(&w), "{w}");
             assert!((3..=5).contains(&retry_after(1, true, r)));
         }
+    }
+
+    /// At bootstrap a fetcher comes back when the directories said the
+    /// consensus is due, spread over a second and a tenth of the wait, and
+    /// no directory holds it off longer than NOT_YET_MAX.
+    #[test]
+    fn fetchers_without_a_consensus_come_back_when_it_is_due() {
+        let not_yet = |secs| DirError::NotYet {
+            why: "a: no consensus yet".into(),
+            secs,
+        };
+        let ms = |w: Duration| u64::try_from(w.as_millis()).unwrap();
+        let waits: Vec<u64> = (0..2000)
+            .map(|r| ms(retry_wait(&not_yet(10), 5, false, r * 7)))
+            .collect();
+        assert!(
+            waits.iter().all(|w| (10_100..12_000).contains(w)),
+            "{waits:?}"
+        );
+        assert!(waits.iter().any(|w| *w < 10_300) && waits.iter().any(|w| *w > 11_700));
+        let longest = ms(retry_wait(&not_yet(u64::MAX), 5, false, u64::MAX));
+        assert!(longest < (NOT_YET_MAX + 14) * 1000, "{longest}");
+        // Holding a consensus, or with no time given: the usual back-off.
+        let usual = Duration::from_secs(retry_after(5, true, 3));
+        assert_eq!(retry_wait(&not_yet(10), 5, true, 3), usual);
+        let refused = DirError::NoConsensus("a: refused".into());
+        assert_eq!(retry_wait(&refused, 5, false, 3), Duration::from_secs(1));
     }
 }

@@ -79,6 +79,10 @@ pub enum DirError {
     Proto(#[from] allium_proto::Error),
     #[error("no valid consensus: {0}")]
     NoConsensus(String),
+    /// No directory asked had a consensus yet; the soonest said when it
+    /// expects the next (its `Retry-After`), `secs` from now.
+    #[error("no consensus yet ({why}); the next is due in {secs} s")]
+    NotYet { why: String, secs: u64 },
     /// The authorities serve a consensus, signed by authorities this
     /// config does not pin: its `authorities` keys are wrong.
     #[error(

@@ -420,11 +420,17 @@ async fn get_signature(
 
 /// The consensus, whole, compressed or as a diff (doc/protocol.md,
 /// "Consensus diffs"), as [`crate::cache::ConsensusCache::answer`] says.
-async fn get_consensus(
-    State(a): State<Arc<Authority>>,
-    uri: axum::http::Uri,
-) -> Result<Bytes, (StatusCode, &'static str)> {
-    a.cache().answer(uri.path()).await
+/// Holding none that is valid, the 404 says in `Retry-After` when the next
+/// is due, so that fetchers at bootstrap ask then, not every second.
+async fn get_consensus(State(a): State<Arc<Authority>>, uri: axum::http::Uri) -> Response {
+    match a.cache().answer(uri.path()).await {
+        Ok(b) => b.into_response(),
+        Err(e) if e.0 == StatusCode::NOT_FOUND && !a.cache().holds_valid(unix_now()) => {
+            let after = a.next_consensus_in(unix_now()).to_string();
+            (e.0, [(axum::http::header::RETRY_AFTER, after)], e.1).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 #[cfg(test)]

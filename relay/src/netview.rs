@@ -154,7 +154,8 @@ impl NetView {
 
     /// Keep the consensus fresh: fetch at fresh-until, on a poke (at most
     /// every [`POKE_INTERVAL`]), and retry failures as clients do
-    /// ([`http::retry_after`]: no tight loop while the directory is down).
+    /// ([`http::retry_wait`]: no tight loop while the directory is down,
+    /// and at bootstrap a fetch when the authorities say the consensus is due).
     pub async fn run(&self) {
         if !self.enabled() {
             return std::future::pending().await;
@@ -196,7 +197,7 @@ impl NetView {
                     self.current.send_modify(|_| {});
                     failures = failures.saturating_add(1);
                     let have = self.consensus().is_some();
-                    Duration::from_secs(http::retry_after(failures, have, rand::random()))
+                    http::retry_wait(&e, failures, have, rand::random())
                 }
             };
             tokio::select! {
