@@ -1188,8 +1188,8 @@ fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32)
 /// build, and each failure counts against the guard. `avoid_exits` is one
 /// exit that failed a stream, for that stream's single retry.
 ///
-/// Also whether the path avoids them all (false when 16 draws through
-/// `guard` found no such path).
+/// Also whether the path avoids them all (false when none through `guard`
+/// does).
 pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
     rng: &mut R,
     c: &Consensus,
@@ -1202,13 +1202,8 @@ pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
     let clean = |p: &[ConsensusRelay; 3]| {
         !avoid_exits.contains(&p[2].identity) && !p[1..].iter().any(|r| named.contains(&r.identity))
     };
-    let mut p = path::choose_path(rng, c, target, Some(guard), layer2)?;
-    for _ in 0..16 {
-        if clean(&p) {
-            return Ok((p, true));
-        }
-        p = path::choose_path(rng, c, target, Some(guard), layer2)?;
-    }
+    let avoid: Vec<[u8; 32]> = avoid_exits.iter().chain(named).copied().collect();
+    let p = path::choose_path(rng, c, target, Some(guard), layer2, &avoid)?;
     let ok = clean(&p);
     Ok((p, ok))
 }
@@ -1398,6 +1393,36 @@ mod tests {
             guard_and_path(&mut rng, &c, &any, &[], &[], &[], &[]),
             Err(ClientError::NoPath(_))
         ));
+    }
+
+    /// A restricted middle that failed this build (it is down but still
+    /// listed) is not chosen again while another fits, however much of the
+    /// middle weight it carries; with no other, it is (and the path says
+    /// it is not clean).
+    #[test]
+    fn a_middle_that_failed_the_build_is_not_chosen_again() {
+        use allium_proto::RelayFlags;
+        use rand::SeedableRng;
+        let c = crate::path::tests::consensus_of(vec![
+            relay(1, 1000, RelayFlags::GUARD),
+            relay(2, 1_000_000, 0),
+            relay(3, 1, 0),
+            relay(4, 1000, 0),
+        ]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (guard, target) = (c.relays[0].clone(), [4u8; 32]);
+        let to = ExitTarget::Relay(&target);
+        let layer2 = [[2u8; 32], [3; 32]];
+        let middle = |named: &[[u8; 32]], rng: &mut rand::rngs::StdRng| {
+            let (p, clean) =
+                choose_path_through(rng, &c, &to, &guard, &[], named, &layer2).unwrap();
+            (p[1].identity[0], clean)
+        };
+        assert_eq!(middle(&[], &mut rng), (2, true));
+        for _ in 0..50 {
+            assert_eq!(middle(&[[2; 32]], &mut rng), (3, true));
+        }
+        assert!(!middle(&[[2; 32], [3; 32]], &mut rng).1);
     }
 
     /// Six relays, two exits: exit 5 is in guard 1's family, exit 6 is

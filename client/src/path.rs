@@ -128,16 +128,18 @@ pub fn weighted<'a, R: Rng + ?Sized>(
 /// to a chosen relay takes its middle from `layer2` (the restricted
 /// middles, `vanguards.rs`) when one of them fits the path; with none that
 /// does (each is the target, or shares its or the guard's family or /16),
-/// from all relays.
+/// from all relays. Middle and exit are none of `avoid` (relays that failed
+/// this build, exits a stream gave up on) while another fits.
 pub fn choose_path<R: Rng + ?Sized>(
     rng: &mut R,
     c: &Consensus,
     target: &ExitTarget<'_>,
     guard: Option<&ConsensusRelay>,
     layer2: &[[u8; 32]],
+    avoid: &[[u8; 32]],
 ) -> Result<[ConsensusRelay; 3], ClientError> {
     let w = Weights::new(c);
-    let exits: Vec<&ConsensusRelay> = c
+    let mut exits: Vec<&ConsensusRelay> = c
         .relays
         .iter()
         .filter(|r| {
@@ -148,6 +150,7 @@ pub fn choose_path<R: Rng + ?Sized>(
                 && guard.is_none_or(|g| compatible(g, r))
         })
         .collect();
+    prefer_not(&mut exits, avoid);
     let exit = weighted(rng, &w, Position::Exit, &exits).ok_or_else(|| match target {
         ExitTarget::Any => ClientError::NoExit(Sensitive("any target".into())),
         ExitTarget::Addr(a, p) => ClientError::NoExit(Sensitive(format!("{a}:{p}"))),
@@ -179,9 +182,17 @@ pub fn choose_path<R: Rng + ?Sized>(
     {
         middles.retain(|r| layer2.contains(&r.identity));
     }
+    prefer_not(&mut middles, avoid);
     let middle = weighted(rng, &w, Position::Middle, &middles)
         .ok_or_else(|| ClientError::NoPath("no middle available".into()))?;
     Ok([guard.clone(), middle.clone(), exit.clone()])
+}
+
+/// Drop the candidates in `avoid`, unless that would leave none.
+fn prefer_not(candidates: &mut Vec<&ConsensusRelay>, avoid: &[[u8; 32]]) {
+    if candidates.iter().any(|r| !avoid.contains(&r.identity)) {
+        candidates.retain(|r| !avoid.contains(&r.identity));
+    }
 }
 
 /// Guard candidates for a new guard sample, best first (weighted random
@@ -307,7 +318,7 @@ pub(crate) mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for id in [[3u8; 32], [4; 32], [7; 32]] {
             for _ in 0..200 {
-                let p = choose_path(&mut rng, &c, &ExitTarget::Relay(&id), None, &[]).unwrap();
+                let p = choose_path(&mut rng, &c, &ExitTarget::Relay(&id), None, &[], &[]).unwrap();
                 assert_eq!(p[2].identity, id);
                 for (i, j) in [(0, 1), (1, 2), (0, 2)] {
                     assert!(compatible(&p[i], &p[j]));
@@ -315,11 +326,11 @@ pub(crate) mod tests {
             }
         }
         // Not in the consensus, or not Running: no path.
-        assert!(choose_path(&mut rng, &c, &ExitTarget::Relay(&[99; 32]), None, &[]).is_err());
+        assert!(choose_path(&mut rng, &c, &ExitTarget::Relay(&[99; 32]), None, &[], &[]).is_err());
         let mut down = net();
         down.relays[2].flags = RelayFlags(RelayFlags::VALID);
         let id = down.relays[2].identity;
-        assert!(choose_path(&mut rng, &down, &ExitTarget::Relay(&id), None, &[]).is_err());
+        assert!(choose_path(&mut rng, &down, &ExitTarget::Relay(&id), None, &[], &[]).is_err());
     }
 
     /// A circuit to a chosen relay takes its middle from the restricted
@@ -332,7 +343,7 @@ pub(crate) mod tests {
         let (r3, r4, r6) = ([3; 32], [4; 32], [6; 32]);
         let middles = |target: &ExitTarget<'_>, layer2: &[[u8; 32]], rng: &mut _| {
             let mut seen: Vec<[u8; 32]> = (0..200)
-                .map(|_| choose_path(rng, &c, target, None, layer2).unwrap()[1].identity)
+                .map(|_| choose_path(rng, &c, target, None, layer2, &[]).unwrap()[1].identity)
                 .collect();
             seen.sort();
             seen.dedup();
@@ -355,7 +366,15 @@ pub(crate) mod tests {
         let n = 10_000;
         let mut exit5 = 0;
         for _ in 0..n {
-            let p = choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 443), None, &[]).unwrap();
+            let p = choose_path(
+                &mut rng,
+                &c,
+                &ExitTarget::Addr(&target, 443),
+                None,
+                &[],
+                &[],
+            )
+            .unwrap();
             assert!(p[0].flags.has(RelayFlags::GUARD), "seed {seed}");
             assert!(p[2].flags.has(RelayFlags::EXIT) && p[2].exit_ports.allows(443));
             for (i, j) in [(0, 1), (1, 2), (0, 2)] {
@@ -375,12 +394,12 @@ pub(crate) mod tests {
         let share = exit5 as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.03, "share {share}, seed {seed}");
         assert!(matches!(
-            choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 25), None, &[]),
+            choose_path(&mut rng, &c, &ExitTarget::Addr(&target, 25), None, &[], &[]),
             Err(ClientError::NoExit(_))
         ));
         let ip = TargetAddr::Ip("10.0.0.1".parse().unwrap());
         assert!(
-            choose_path(&mut rng, &c, &ExitTarget::Addr(&ip, 80), None, &[]).is_ok(),
+            choose_path(&mut rng, &c, &ExitTarget::Addr(&ip, 80), None, &[], &[]).is_ok(),
             "this policy allows private"
         );
     }
@@ -400,7 +419,7 @@ pub(crate) mod tests {
         assert_eq!(w.weight(c.relay(&[3; 32]).unwrap(), Position::Middle), 1000);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for _ in 0..2000 {
-            let p = choose_path(&mut rng, &c, &ExitTarget::Any, None, &[]).unwrap();
+            let p = choose_path(&mut rng, &c, &ExitTarget::Any, None, &[], &[]).unwrap();
             assert!(!p[1].flags.has(RelayFlags::EXIT), "an exit in the middle");
         }
     }
@@ -411,7 +430,7 @@ pub(crate) mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let g = c.relay(&[2; 32]).unwrap().clone();
         for _ in 0..500 {
-            let p = choose_path(&mut rng, &c, &ExitTarget::Any, Some(&g), &[]).unwrap();
+            let p = choose_path(&mut rng, &c, &ExitTarget::Any, Some(&g), &[], &[]).unwrap();
             assert_eq!(p[0].identity, g.identity);
             assert_ne!(p[2].identity, [5; 32], "relay 5 is relay 2's family");
         }

@@ -82,7 +82,7 @@ fn use_it(c: &Consensus, mode: u8) {
         ExitTarget::Addr(&addr, 443),
         ExitTarget::Relay(&to),
     ] {
-        if let Ok(path) = choose_path(&mut rng, c, &t, guards.first(), &layer2) {
+        if let Ok(path) = choose_path(&mut rng, c, &t, guards.first(), &layer2, &[]) {
             assert!(path.iter().all(|r| c.relay(&r.identity).is_some()));
         }
     }
