@@ -103,27 +103,26 @@ async fn establish_rendezvous(
     }
 }
 
-/// A running, valid relay at random, one not in `avoid` if there is one.
+/// A running, valid relay at random, none of `never`; of the others, none
+/// of each list in `avoid` (the first the most to be avoided) while one
+/// that is not is left.
 pub(crate) fn pick_relay(
     c: &allium_proto::Consensus,
-    avoid: &[[u8; 32]],
+    never: &[[u8; 32]],
+    avoid: &[&[[u8; 32]]],
 ) -> Option<allium_proto::ConsensusRelay> {
     use rand::seq::IndexedRandom;
-    let running: Vec<_> = c
+    let mut from: Vec<_> = c
         .relays
         .iter()
         .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::VALID))
+        .filter(|r| !never.contains(&r.identity))
         .collect();
-    let preferred: Vec<_> = running
-        .iter()
-        .filter(|r| !avoid.contains(&r.identity))
-        .copied()
-        .collect();
-    let from = if preferred.is_empty() {
-        &running
-    } else {
-        &preferred
-    };
+    for list in avoid {
+        if from.iter().any(|r| !list.contains(&r.identity)) {
+            from.retain(|r| !list.contains(&r.identity));
+        }
+    }
     from.choose(&mut rand::rng()).map(|r| (*r).clone())
 }
 
@@ -153,7 +152,7 @@ pub async fn connect(
         // avoided in the next of a few tries.
         let mut why_rp = Vec::new();
         for _ in 0..RP_ATTEMPTS {
-            let rp = pick_relay(&c, &avoid)
+            let rp = pick_relay(&c, &[], &[&avoid])
                 .ok_or_else(|| rend_failed("no relay can be the rendezvous point".into()))?;
             avoid.push(rp.identity);
             match establish_rendezvous(client, &rp).await {
@@ -310,4 +309,34 @@ pub async fn connect(
     } else {
         ClientError::IntroductionFailed(why.join("; "))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_relay;
+    use crate::path::tests::{consensus_of, relay};
+
+    /// A relay of `never` is never picked; each list to avoid is avoided
+    /// while a relay not on it is left, the first before the second: an
+    /// introduction point that just failed is less fit than a guard.
+    #[test]
+    fn picks_avoid_the_worst_first() {
+        let c = consensus_of((1..=6).map(|i| relay(i, 1000, 0)).collect());
+        let picks = |never: &[[u8; 32]], avoid: &[&[[u8; 32]]]| {
+            let mut got: Vec<u8> = (0..200)
+                .map(|_| pick_relay(&c, never, avoid).unwrap().identity[0])
+                .collect();
+            got.sort();
+            got.dedup();
+            got
+        };
+        let ids = |v: &[u8]| v.iter().map(|&i| [i; 32]).collect::<Vec<_>>();
+        let (used, failed, guards) = (ids(&[1, 2, 3]), ids(&[4]), ids(&[5, 6]));
+        assert_eq!(picks(&used, &[&failed, &guards]), [5, 6]);
+        assert_eq!(picks(&used, &[&ids(&[4, 5]), &guards]), [6]);
+        assert_eq!(picks(&used, &[&ids(&[4, 5, 6]), &guards]), [4]);
+        assert_eq!(picks(&ids(&[1, 2, 3, 5, 6]), &[&failed, &guards]), [4]);
+        assert!(pick_relay(&c, &ids(&[1, 2, 3, 4, 5, 6]), &[]).is_none());
+        assert_eq!(picks(&[], &[]), [1, 2, 3, 4, 5, 6]);
+    }
 }

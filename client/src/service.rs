@@ -222,6 +222,9 @@ const MAX_RENDEZVOUS_CIRCUITS: usize = 512;
 const IDLE_CLOSE: Duration = Duration::from_secs(15 * 60);
 /// Descriptors are filed again this often even when nothing changed.
 const REPUBLISH: Duration = Duration::from_secs(600);
+/// How long a relay whose introduction circuit closed or could not be made
+/// is passed over for a new one.
+const INTRO_SHUNNED: Duration = Duration::from_secs(600);
 
 /// Introductions waiting for a turn, at most (past it the one that paid
 /// least is dropped).
@@ -557,16 +560,27 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
     let mut intros: Vec<IntroState> = Vec::new();
     let mut published: Option<Filed> = None;
     let mut reachable = false;
+    // Relays whose introduction circuit closed or could not be made, and
+    // when: not chosen again for a while (one that died stays listed until
+    // the authorities notice).
+    let mut failed: Vec<([u8; 32], Instant)> = Vec::new();
     loop {
+        failed.retain(|(_, at)| at.elapsed() < INTRO_SHUNNED);
         let before = intros.len();
         // (A retired point's circuit closes as its state drops.)
-        intros.retain(|i| !i.circ.is_closed() && !i.keys.retired.load(Ordering::Relaxed));
+        intros.retain(|i| {
+            let closed = i.circ.is_closed();
+            if closed {
+                failed.push((i.relay, Instant::now()));
+            }
+            !closed && !i.keys.retired.load(Ordering::Relaxed)
+        });
         if intros.len() < before {
             info!(%address, lost = before - intros.len(), "introduction point lost; replacing it");
         }
         let mut failures = 0;
         while intros.len() < cfg.intro_points && failures < 3 {
-            match establish(&shared, &cfg, &intros).await {
+            match establish(&shared, &cfg, &intros, &mut failed).await {
                 Ok(i) => {
                     debug!(intro = %i.nickname, "introduction point established");
                     intros.push(i);
@@ -669,23 +683,38 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
     }
 }
 
-/// A new introduction point, on a relay none of `have` uses.
+/// A new introduction point, on a relay none of `have` uses; a relay
+/// that fails is added to `failed`.
 async fn establish(
     shared: &Arc<Shared>,
     cfg: &ServiceConfig,
     have: &[IntroState],
+    failed: &mut Vec<([u8; 32], Instant)>,
 ) -> Result<IntroState, ClientError> {
     let client = &shared.client;
     let c = client
         .consensus()
         .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
-    // Not a relay already used, nor one of the service's guards (when
-    // another will do).
-    let mut avoid: Vec<[u8; 32]> = have.iter().map(|i| i.relay).collect();
-    avoid.extend(client.guards());
-    let relay = crate::rendezvous::pick_relay(&c, &avoid)
-        .filter(|r| !have.iter().any(|i| i.relay == r.identity))
+    // Not a relay already used; while another is left, not one that
+    // failed lately, and then not one of the service's guards.
+    let used: Vec<[u8; 32]> = have.iter().map(|i| i.relay).collect();
+    let lately: Vec<[u8; 32]> = failed.iter().map(|f| f.0).collect();
+    let relay = crate::rendezvous::pick_relay(&c, &used, &[&lately, &client.guards()])
         .ok_or_else(|| ClientError::NoPath("no relay left for an introduction point".into()))?;
+    let made = establish_at(shared, cfg, relay.clone()).await;
+    if made.is_err() {
+        failed.push((relay.identity, Instant::now()));
+    }
+    made
+}
+
+/// An introduction point on `relay`.
+async fn establish_at(
+    shared: &Arc<Shared>,
+    cfg: &ServiceConfig,
+    relay: allium_proto::ConsensusRelay,
+) -> Result<IntroState, ClientError> {
+    let client = &shared.client;
     let circ = client
         .build_circuit(&ExitTarget::Relay(&relay.identity))
         .await?;
