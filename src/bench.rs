@@ -1020,14 +1020,21 @@ async fn services(
     }
     let killed = Instant::now();
     let mut recovered = None;
+    // What the failed tries said, and how often.
+    let mut failures: std::collections::BTreeMap<String, u32> = Default::default();
     for _ in 0..120 {
-        if let Ok((_, len)) = service_get(&c, &host, 1 << 20).await
-            && len > 1 << 20
-        {
-            recovered = Some(killed.elapsed());
-            break;
+        match service_get(&c, &host, 1 << 20).await {
+            Ok((_, len)) if len > 1 << 20 => {
+                recovered = Some(killed.elapsed());
+                break;
+            }
+            Ok((_, len)) => *failures.entry(format!("{len} bytes")).or_default() += 1,
+            Err(e) => *failures.entry(e.to_string()).or_default() += 1,
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for (why, n) in &failures {
+        eprintln!("bench: g. recovery: {n} tries failed: {why}");
     }
     // (Not reached: reported as such, with the rest of the figures.)
     rep.service_recovery_s = recovered.map_or(f64::NAN, |d| d.as_secs_f64());
