@@ -9,6 +9,7 @@
 use allium_link::safelog::Sensitive;
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::{Consensus, ConsensusRelay, RelayFlags};
+use rand::seq::IndexedRandom;
 use rand::{Rng, RngExt};
 
 use crate::ClientError;
@@ -101,7 +102,9 @@ impl Weights {
     }
 }
 
-/// Pick one of `cands` with probability proportional to its weight in `p`.
+/// Pick one of `cands` with probability proportional to its weight in `p`;
+/// uniformly if they all weigh 0 there (in a network so small that only
+/// scarce guards or exits are left for the position).
 pub fn weighted<'a, R: Rng + ?Sized>(
     rng: &mut R,
     w: &Weights,
@@ -110,7 +113,7 @@ pub fn weighted<'a, R: Rng + ?Sized>(
 ) -> Option<&'a ConsensusRelay> {
     let total: u64 = cands.iter().map(|r| w.weight(r, p)).sum();
     if total == 0 {
-        return None;
+        return cands.choose(rng).copied();
     }
     let mut x = rng.random_range(0..total);
     for r in cands {
@@ -308,6 +311,32 @@ pub(crate) mod tests {
             relays,
             shared_random: Default::default(),
         }
+    }
+
+    /// Four relays, all Guards but the target: guard capacity is so scarce
+    /// that a Guard weighs 0 as middle, and the middle is still chosen
+    /// (uniformly) rather than no circuit built.
+    #[test]
+    fn a_middle_is_chosen_when_every_candidate_weighs_nothing() {
+        let mut c = consensus_of(vec![
+            relay(1, 1000, RelayFlags::GUARD),
+            relay(2, 1000, RelayFlags::GUARD),
+            relay(3, 1000, RelayFlags::GUARD),
+            relay(4, 1000, 0),
+        ]);
+        c.weights.guard_as_middle = 0;
+        let mut rng = rand::rng();
+        let target = [4u8; 32];
+        let guard = c.relays[0].clone();
+        let mut middles: Vec<u8> = (0..100)
+            .map(|_| {
+                let to = ExitTarget::Relay(&target);
+                choose_path(&mut rng, &c, &to, Some(&guard), &[], &[]).unwrap()[1].identity[0]
+            })
+            .collect();
+        middles.sort();
+        middles.dedup();
+        assert_eq!(middles, [2, 3]);
     }
 
     /// A circuit to a given relay (a service directory, say) ends there,
