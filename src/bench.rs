@@ -1019,6 +1019,10 @@ async fn services(
         }
     }
     let killed = Instant::now();
+    // As a running client does, it follows the consensus: relays found
+    // dead leave it (and its restricted middles), and the one it holds
+    // would expire within a minute.
+    let following = tokio::spawn(c.clone().consensus_loop());
     let mut recovered = None;
     // What the failed tries said, and how often.
     let mut failures: std::collections::BTreeMap<String, u32> = Default::default();
@@ -1033,6 +1037,7 @@ async fn services(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    following.abort();
     for (why, n) in &failures {
         eprintln!("bench: g. recovery: {n} tries failed: {why}");
     }
