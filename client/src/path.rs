@@ -192,7 +192,7 @@ pub fn choose_path<R: Rng + ?Sized>(
 }
 
 /// Drop the candidates in `avoid`, unless that would leave none.
-fn prefer_not(candidates: &mut Vec<&ConsensusRelay>, avoid: &[[u8; 32]]) {
+pub(crate) fn prefer_not(candidates: &mut Vec<&ConsensusRelay>, avoid: &[[u8; 32]]) {
     if candidates.iter().any(|r| !avoid.contains(&r.identity)) {
         candidates.retain(|r| !avoid.contains(&r.identity));
     }

@@ -119,9 +119,7 @@ pub(crate) fn pick_relay(
         .filter(|r| !never.contains(&r.identity))
         .collect();
     for list in avoid {
-        if from.iter().any(|r| !list.contains(&r.identity)) {
-            from.retain(|r| !list.contains(&r.identity));
-        }
+        crate::path::prefer_not(&mut from, list);
     }
     from.choose(&mut rand::rng()).map(|r| (*r).clone())
 }
