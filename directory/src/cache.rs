@@ -206,14 +206,14 @@ impl ConsensusCache {
         self.diff(base)
     }
 
-    /// The answer to `GET path`: `/consensus`, `/consensus/zstd` or
-    /// `/consensus/diff/<hex SHA-256 of the base>`.
     /// Whether it holds a consensus still valid at `now`.
     pub fn holds_valid(&self, now: u64) -> bool {
         let st = lock(&self.state);
         st.current.is_some() && now <= st.valid_until
     }
 
+    /// The answer to `GET path`: `/consensus`, `/consensus/zstd` or
+    /// `/consensus/diff/<hex SHA-256 of the base>`.
     pub async fn answer(&self, path: &str) -> Result<Bytes, (StatusCode, &'static str)> {
         // An expired consensus helps no one (a cache that lost the
         // authorities keeps it only as a base).
