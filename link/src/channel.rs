@@ -268,6 +268,13 @@ impl ChannelHandle {
         self.inner.out.is_closed()
     }
 
+    /// Whether the link is closed within `d` (waiting at most that long).
+    pub async fn closed_within(&self, d: Duration) -> bool {
+        tokio::time::timeout(d, self.inner.out.closed())
+            .await
+            .is_ok()
+    }
+
     /// This side opened the link (it was the handshake's initiator).
     pub fn we_opened(&self) -> bool {
         self.inner.high_bit != 0

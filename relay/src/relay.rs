@@ -431,12 +431,7 @@ impl Relay {
         let inbound = self.ctx.self_test.clone();
         Some(tokio::spawn(async move {
             if let Some(h) = closing {
-                for _ in 0..40 {
-                    if h.is_closed() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                h.closed_within(Duration::from_secs(2)).await;
             }
             crate::selftest::through(&via, &mine, &inbound).await
         }))
