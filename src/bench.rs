@@ -327,6 +327,51 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Everything `allium bench` reports.
+/// Downloads without end, one per isolation class in `users` (each on a
+/// circuit of its own), started together and left to settle past slow
+/// start (4 s under link shaping, 1 s without); then each one's rate over
+/// the same seconds (6 and 2), in MB/s.
+async fn settled_rates<const N: usize>(
+    socks: SocketAddr,
+    http: SocketAddr,
+    users: [&'static str; N],
+    shaped: bool,
+) -> BenchResult<[f64; N]> {
+    for u in users {
+        socks_get(socks, http, 1024, Some(u)).await?;
+    }
+    let counts: Arc<[AtomicUsize; N]> = Arc::new(std::array::from_fn(|_| AtomicUsize::new(0)));
+    let loads: Vec<_> = (0..N)
+        .map(|i| {
+            let counts = counts.clone();
+            let u = users[i];
+            tokio::spawn(async move {
+                let d = Dest::Addr(http);
+                socks_get_counting(socks, d, 1 << 30, Some(u), Some(&counts[i]), false).await
+            })
+        })
+        .collect();
+    let (settle, window) = if shaped {
+        (Duration::from_secs(4), Duration::from_secs(6))
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(2))
+    };
+    tokio::time::sleep(settle).await;
+    let before: [usize; N] = std::array::from_fn(|i| counts[i].load(Ordering::Relaxed));
+    tokio::time::sleep(window).await;
+    let rates = std::array::from_fn(|i| {
+        (counts[i].load(Ordering::Relaxed) - before[i]) as f64 / window.as_secs_f64() / 1e6
+    });
+    let finished = loads.iter().filter(|l| l.is_finished()).count();
+    for l in loads {
+        l.abort();
+    }
+    if finished > 0 {
+        return Err(format!("{finished} of {N} bulk downloads ended early"));
+    }
+    Ok(rates)
+}
+
 #[derive(Serialize, Default)]
 pub struct Report {
     pub date: String,
@@ -341,6 +386,9 @@ pub struct Report {
     pub stream_open_ms: f64,
     pub single_stream_100mib_mbps: f64,
     pub single_stream_runs_mbps: Vec<f64>,
+    /// One download's rate once past slow start (as f.), median of 3.
+    pub single_stream_settled_mbps: f64,
+    pub single_stream_settled_runs_mbps: Vec<f64>,
     pub parallel_8_mbps: f64,
     pub parallel_32_mbps: f64,
     pub relay_cpu_s_per_gb_per_hop_single: f64,
@@ -608,6 +656,19 @@ pub async fn run(
         "bench: c. single stream {:.1} MB/s",
         rep.single_stream_100mib_mbps
     );
+    // c'. One stream's rate once past slow start (a download without end,
+    // measured as f. measures two), each run on a fresh circuit.
+    let mut settled = Vec::new();
+    for user in ["settled0", "settled1", "settled2"] {
+        let [r] = settled_rates(socks, http, [user], shaping.is_some()).await?;
+        settled.push(r);
+    }
+    rep.single_stream_settled_runs_mbps = settled.clone();
+    rep.single_stream_settled_mbps = median(&mut settled);
+    eprintln!(
+        "bench: c'. single stream once settled {:.1} MB/s",
+        rep.single_stream_settled_mbps
+    );
 
     // d. 8 and 32 parallel downloads of 5 MiB, each on its own circuit.
     let mut par_cpu = Vec::new();
@@ -698,45 +759,7 @@ pub async fn run(
     // f. Two bulk downloads through the same guard, started together and
     // left to settle (past slow start), then each one's rate over the
     // same few seconds.
-    let users = ["share0", "share1"];
-    for u in users {
-        socks_get(socks, http, 1024, Some(u)).await?;
-    }
-    let counts: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
-    let shares: Vec<_> = (0..2)
-        .map(|i| {
-            let counts = counts.clone();
-            tokio::spawn(async move {
-                socks_get_counting(
-                    socks,
-                    Dest::Addr(http),
-                    1 << 30,
-                    Some(users[i]),
-                    Some(&counts[i]),
-                    false,
-                )
-                .await
-            })
-        })
-        .collect();
-    let (settle, window) = if shaping.is_some() {
-        (Duration::from_secs(4), Duration::from_secs(6))
-    } else {
-        (Duration::from_secs(1), Duration::from_secs(2))
-    };
-    tokio::time::sleep(settle).await;
-    let before = [0, 1].map(|i| counts[i].load(Ordering::Relaxed));
-    tokio::time::sleep(window).await;
-    let rates = [0, 1].map(|i| {
-        (counts[i].load(Ordering::Relaxed) - before[i]) as f64 / window.as_secs_f64() / 1e6
-    });
-    let finished = shares.iter().filter(|s| s.is_finished()).count();
-    for sh in shares {
-        sh.abort();
-    }
-    if finished > 0 {
-        return Err("a shared bulk download ended early".into());
-    }
+    let rates = settled_rates(socks, http, ["share0", "share1"], shaping.is_some()).await?;
     rep.shared_guard_mbps = (rates[0], rates[1]);
     eprintln!(
         "bench: f. two bulk circuits through one guard: {:.1} and {:.1} MB/s",
@@ -1113,6 +1136,11 @@ fn print_report(r: &Report) {
         r.single_stream_bytes >> 20,
         r.single_stream_100mib_mbps,
         list(&r.single_stream_runs_mbps)
+    );
+    println!(
+        "c'. single stream once settled [MB/s]              {:.1}  (runs {})",
+        r.single_stream_settled_mbps,
+        list(&r.single_stream_settled_runs_mbps)
     );
     println!(
         "d.  8 parallel x 5 MiB, own circuits [MB/s]        {:.1}",
