@@ -428,6 +428,65 @@ async fn curl_fetches_from_a_service_by_its_address_and_it_survives_losing_an_in
     net.shutdown().await;
 }
 
+/// A fresh client's first whole fetch of `/` from `address`, trying
+/// every half second for at most `limit`; how many tries it took.
+async fn fetch_fresh(net: &Testnet, address: &str, limit: Duration) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let client = library_client(net, dir.path()).await;
+    let start = Instant::now();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match http_get(&client, address).await {
+            Ok(_) => return tries,
+            Err(e) => {
+                assert!(start.elapsed() < limit, "no fetch in {tries} tries: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_whose_guard_dies_keeps_its_introduction_points() {
+    let (net, web, _) = net_with_web().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (host, address) = host_service(&net, dir.path(), web, 0).await;
+    let text = address.to_string();
+    fetch_fresh(&net, &text, Duration::from_secs(90)).await;
+    let look = tempfile::tempdir().unwrap();
+    let looker = library_client(&net, look.path()).await;
+    let points = |info: ServiceInfo| {
+        let mut v: Vec<([u8; 32], [u8; 32])> = (info.intro_points.iter())
+            .map(|p| (p.relay, p.auth_key))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = points(hsdir::fetch(&looker, &address, unix_now()).await.unwrap());
+    // Every introduction circuit goes through the service's first guard,
+    // which is none of the points (guards are passed over for them while
+    // other relays are left): they all close when it dies.
+    let guard = host.guards()[0];
+    assert!(before.iter().all(|p| p.0 != guard));
+    let i = net.relays.iter().position(|r| r.identity == guard).unwrap();
+    net.stop_relay(i);
+    // The service builds each circuit again to the same point with the
+    // same keys, through another guard: the descriptor the directories
+    // hold stays right, and is not filed again with new points.
+    let t = Instant::now();
+    let tries = fetch_fresh(&net, &text, Duration::from_secs(90)).await;
+    eprintln!(
+        "with the service's guard down, a fresh client fetched {:?} after the kill ({tries} tries)",
+        t.elapsed()
+    );
+    let look = tempfile::tempdir().unwrap();
+    let looker = library_client(&net, look.path()).await;
+    let after = points(hsdir::fetch(&looker, &address, unix_now()).await.unwrap());
+    assert_eq!(after, before);
+    net.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_service_for_listed_clients_with_a_puzzle_serves_them_and_answers_others_f4_or_f5() {
     use allium_proto::service::auth::ClientAuthSecret;

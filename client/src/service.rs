@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use allium_directory::store::{self, KeyKind};
 use allium_directory::unix_now;
+use allium_proto::doc::RelayFlags;
 use allium_proto::ntor::{self, OnionKeys, OnionSecret};
 use allium_proto::relaymsg::{EndReason, Introduce, RelayMsg};
 use allium_proto::service::auth::ClientAuthKey;
@@ -222,9 +223,14 @@ const MAX_RENDEZVOUS_CIRCUITS: usize = 512;
 const IDLE_CLOSE: Duration = Duration::from_secs(15 * 60);
 /// Descriptors are filed again this often even when nothing changed.
 const REPUBLISH: Duration = Duration::from_secs(600);
-/// How long a relay whose introduction circuit closed or could not be made
-/// is passed over for a new one.
+/// How long a relay whose introduction point was given up is passed over
+/// for a new one.
 const INTRO_SHUNNED: Duration = Duration::from_secs(600);
+/// Times a point whose circuit closed is built again on the same relay,
+/// with the same keys, before it is replaced (Tor's
+/// `MAX_INTRO_POINT_CIRCUIT_RETRIES`): a guard or a middle that died
+/// leaves the point and the descriptor that lists it as they were.
+const INTRO_REBUILDS: u8 = 3;
 
 /// Introductions waiting for a turn, at most (past it the one that paid
 /// least is dropped).
@@ -467,6 +473,7 @@ impl Turns {
 
 /// What an introduction point's circuit needs to answer introductions.
 struct IntroKeys {
+    auth: SigningKey,
     auth_key: [u8; 32],
     enc: OnionSecret,
     /// Clients' ephemeral keys seen: an introduction is taken once.
@@ -480,6 +487,8 @@ struct IntroState {
     nickname: String,
     keys: Arc<IntroKeys>,
     circ: CircuitHandle,
+    /// Circuits built again for this point after one closed.
+    rebuilt: u8,
 }
 
 /// The service as its tasks share it.
@@ -560,23 +569,37 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
     let mut intros: Vec<IntroState> = Vec::new();
     let mut published: Option<Filed> = None;
     let mut reachable = false;
-    // Relays whose introduction circuit closed or could not be made, and
-    // when: not chosen again for a while (one that died stays listed until
-    // the authorities notice).
+    // Relays whose introduction point was given up or could not be made,
+    // and when: not chosen again for a while (one that died stays listed
+    // until the authorities notice).
     let mut failed: Vec<([u8; 32], Instant)> = Vec::new();
     loop {
         failed.retain(|(_, at)| at.elapsed() < INTRO_SHUNNED);
         let before = intros.len();
-        // (A retired point's circuit closes as its state drops.)
-        intros.retain(|i| {
-            let closed = i.circ.is_closed();
-            if closed {
-                failed.push((i.relay, Instant::now()));
+        let mut k = 0;
+        while k < intros.len() {
+            let i = &intros[k];
+            // (A retired point's circuit closes as its state drops.)
+            if i.keys.retired.load(Ordering::Relaxed) {
+                intros.remove(k);
+                continue;
             }
-            !closed && !i.keys.retired.load(Ordering::Relaxed)
-        });
-        if intros.len() < before {
-            info!(%address, lost = before - intros.len(), "introduction point lost; replacing it");
+            if !i.circ.is_closed() {
+                k += 1;
+                continue;
+            }
+            match rebuild(&shared, &cfg, i).await {
+                Ok(again) => {
+                    info!(%address, intro = %again.nickname, "introduction circuit lost; built again");
+                    intros[k] = again;
+                    k += 1;
+                }
+                Err(e) => {
+                    info!(%address, intro = %i.nickname, "introduction point lost ({e}); replacing it");
+                    failed.push((i.relay, Instant::now()));
+                    intros.remove(k);
+                }
+            }
         }
         let mut failures = 0;
         while intros.len() < cfg.intro_points && failures < 3 {
@@ -701,33 +724,63 @@ async fn establish(
     let lately: Vec<[u8; 32]> = failed.iter().map(|f| f.0).collect();
     let relay = crate::rendezvous::pick_relay(&c, &used, &[&lately, &client.guards()])
         .ok_or_else(|| ClientError::NoPath("no relay left for an introduction point".into()))?;
-    let made = establish_at(shared, cfg, relay.clone()).await;
+    let made = establish_at(shared, cfg, relay.clone(), None).await;
     if made.is_err() {
         failed.push((relay.identity, Instant::now()));
     }
     made
 }
 
-/// An introduction point on `relay`.
+/// The point `lost`, whose circuit closed, on a new circuit to the same
+/// relay with the same keys; an error if it has been built again
+/// [`INTRO_REBUILDS`] times already, if the relay is no longer Running in
+/// the consensus, or if the circuit cannot be made.
+async fn rebuild(
+    shared: &Arc<Shared>,
+    cfg: &ServiceConfig,
+    lost: &IntroState,
+) -> Result<IntroState, ClientError> {
+    if lost.rebuilt >= INTRO_REBUILDS {
+        return Err(ClientError::Build(format!(
+            "its circuit closed {} times",
+            INTRO_REBUILDS + 1
+        )));
+    }
+    let relay = shared
+        .client
+        .consensus()
+        .and_then(|c| c.relay(&lost.relay).cloned())
+        .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::VALID))
+        .ok_or_else(|| ClientError::NoPath(format!("{} is not Running", lost.nickname)))?;
+    let mut again = establish_at(shared, cfg, relay, Some(lost.keys.clone())).await?;
+    again.rebuilt = lost.rebuilt + 1;
+    Ok(again)
+}
+
+/// An introduction point on `relay`: with fresh keys, or `keys` again.
 async fn establish_at(
     shared: &Arc<Shared>,
     cfg: &ServiceConfig,
     relay: allium_proto::ConsensusRelay,
+    keys: Option<Arc<IntroKeys>>,
 ) -> Result<IntroState, ClientError> {
     let client = &shared.client;
     let circ = client
         .build_circuit(&ExitTarget::Relay(&relay.identity))
         .await?;
     let mut msgs = circ.service_messages().ok_or(ClientError::CircuitClosed)?;
-    let auth = SigningKey::generate(&mut rand::rng());
-    let keys = Arc::new(IntroKeys {
-        auth_key: auth.verifying_key().to_bytes(),
-        enc: OnionSecret::new(StaticSecret::random_from_rng(&mut rand::rng())),
-        seen: Mutex::default(),
-        retired: AtomicBool::new(false),
+    let keys = keys.unwrap_or_else(|| {
+        let auth = SigningKey::generate(&mut rand::rng());
+        Arc::new(IntroKeys {
+            auth_key: auth.verifying_key().to_bytes(),
+            auth,
+            enc: OnionSecret::new(StaticSecret::random_from_rng(&mut rand::rng())),
+            seen: Mutex::default(),
+            retired: AtomicBool::new(false),
+        })
     });
     circ.send_service(RelayMsg::EstablishIntro(intro::establish_intro(
-        &auth,
+        &keys.auth,
         &circ.binding,
         cfg.intro_rate,
         cfg.intro_burst,
@@ -804,6 +857,7 @@ async fn establish_at(
         nickname: relay.nickname,
         keys,
         circ,
+        rebuilt: 0,
     })
 }
 
