@@ -327,6 +327,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Everything `allium bench` reports.
+/// The size asked for downloads meant to run until stopped: more than a
+/// fast circuit carries in the seconds they are measured.
+const ENDLESS: usize = 1 << 40;
+
 /// Downloads without end, one per isolation class in `users` (each on a
 /// circuit of its own), started together and left to settle past slow
 /// start (4 s under link shaping, 1 s without); then each one's rate over
@@ -347,7 +351,7 @@ async fn settled_rates<const N: usize>(
             let u = users[i];
             tokio::spawn(async move {
                 let d = Dest::Addr(http);
-                socks_get_counting(socks, d, 1 << 30, Some(u), Some(&counts[i]), false).await
+                socks_get_counting(socks, d, ENDLESS, Some(u), Some(&counts[i]), false).await
             })
         })
         .collect();
@@ -727,7 +731,7 @@ pub async fn run(
         .iter()
         .map(|u| {
             let u = u.clone();
-            tokio::spawn(async move { socks_get(socks, http, 1 << 30, Some(&u)).await })
+            tokio::spawn(async move { socks_get(socks, http, ENDLESS, Some(&u)).await })
         })
         .collect();
     // Let the downloads leave slow start.
