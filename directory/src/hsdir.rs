@@ -6,8 +6,8 @@
 //! signed it, it is for the current or the next period of the network, and
 //! the directory is on the ring where that key's descriptors go (one place
 //! of slack per point, for consensuses that differ by a relay); a higher
-//! revision replaces a lower one. It keeps each until its period ends, at
-//! most [`MAX_BYTES`] in all: when full, the descriptors used longest ago
+//! revision replaces a lower one. It keeps each until half a period after
+//! its period ends, at most [`MAX_BYTES`] in all: when full, the descriptors used longest ago
 //! (stored or served) make room. It never learns which service a
 //! descriptor belongs to, and it logs and counts descriptors without their
 //! keys.
@@ -228,7 +228,12 @@ impl ServiceDirectory {
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let expires = period.end();
+        // Half a period past the period's end: a client that took the
+        // period from its clock just before the end asks its directories
+        // one after another, each a few round trips away, and the last
+        // asked would otherwise have dropped it by then (as would all of
+        // them for a client whose clock runs a little late).
+        let expires = period.end().saturating_add(period.length / 2);
         s.bytes += need;
         s.by_expiry.insert((expires, key));
         s.by_key.insert(
@@ -328,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn stores_the_highest_revision_until_its_period_ends() {
+    fn stores_the_highest_revision_until_half_a_period_after_its_period_ends() {
         let (c, me) = (consensus(4), [1; 32]);
         let dir = ServiceDirectory::default();
         let p = TimePeriod::at(NOW, INTERVAL);
@@ -361,8 +366,9 @@ mod tests {
             dir.post(&far_path, &far, later.valid_after, &later, &me)
                 .is_err()
         );
-        // Gone when the period ends.
-        assert!(dir.get(&path, p.end()).is_err());
+        // Still there just after the period ends; gone half a period later.
+        assert_eq!(dir.get(&path, p.end() + 1).unwrap(), d2);
+        assert!(dir.get(&path, p.end() + p.length / 2).is_err());
         assert_eq!(dir.stored.load(Ordering::Relaxed), 3);
         assert_eq!(dir.refused.load(Ordering::Relaxed), 2);
     }
