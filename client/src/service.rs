@@ -226,8 +226,8 @@ const REPUBLISH: Duration = Duration::from_secs(600);
 /// How long a relay whose introduction point was given up is passed over
 /// for a new one.
 const INTRO_SHUNNED: Duration = Duration::from_secs(600);
-/// Times a point whose circuit closed is built again on the same relay,
-/// with the same keys, before it is replaced (Tor's
+/// New circuits tried, over a point's life, on the same relay with the
+/// same keys after its circuit closed, before the point is replaced (Tor's
 /// `MAX_INTRO_POINT_CIRCUIT_RETRIES`): a guard or a middle that died
 /// leaves the point and the descriptor that lists it as they were.
 const INTRO_REBUILDS: u8 = 3;
@@ -487,7 +487,7 @@ struct IntroState {
     nickname: String,
     keys: Arc<IntroKeys>,
     circ: CircuitHandle,
-    /// Circuits built again for this point after one closed.
+    /// New circuits tried for this point after one closed.
     rebuilt: u8,
 }
 
@@ -592,6 +592,14 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
                 Ok(again) => {
                     info!(%address, intro = %again.nickname, "introduction circuit lost; built again");
                     intros[k] = again;
+                    k += 1;
+                }
+                // The service's own side of the path (its guard, a middle)
+                // failed, not the point: again at the next look, while
+                // rebuilds are left.
+                Err(e) if !gives_up(&e, &i.relay) && i.rebuilt + 1 < INTRO_REBUILDS => {
+                    debug!(intro = %i.nickname, "introduction circuit not built again yet: {e}");
+                    intros[k].rebuilt += 1;
                     k += 1;
                 }
                 Err(e) => {
@@ -732,8 +740,8 @@ async fn establish(
 }
 
 /// The point `lost`, whose circuit closed, on a new circuit to the same
-/// relay with the same keys; an error if it has been built again
-/// [`INTRO_REBUILDS`] times already, if the relay is no longer Running in
+/// relay with the same keys; an error if [`INTRO_REBUILDS`] were tried
+/// already, if the relay is no longer Running in
 /// the consensus, or if the circuit cannot be made.
 async fn rebuild(
     shared: &Arc<Shared>,
@@ -755,6 +763,17 @@ async fn rebuild(
     let mut again = establish_at(shared, cfg, relay, Some(lost.keys.clone())).await?;
     again.rebuilt = lost.rebuilt + 1;
     Ok(again)
+}
+
+/// Whether `e`, from building a circuit to the introduction point on
+/// `relay`, is about that relay: the extend to it failed, or no circuit
+/// can end there (it is not Running, or it is the service's guard).
+fn gives_up(e: &ClientError, relay: &[u8; 32]) -> bool {
+    match e {
+        ClientError::ExtendFailed { relay: r, .. } => r == relay,
+        ClientError::NoPath(_) => true,
+        _ => false,
+    }
 }
 
 /// An introduction point on `relay`: with fresh keys, or `keys` again.
