@@ -326,7 +326,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Everything `allium bench` reports.
 /// The size asked for downloads meant to run until stopped: more than a
 /// fast circuit carries in the seconds they are measured.
 const ENDLESS: usize = 1 << 40;
@@ -376,6 +375,7 @@ async fn settled_rates<const N: usize>(
     Ok(rates)
 }
 
+/// Everything `allium bench` reports.
 #[derive(Serialize, Default)]
 pub struct Report {
     pub date: String,

@@ -7,10 +7,10 @@
 //! the directory is on the ring where that key's descriptors go (one place
 //! of slack per point, for consensuses that differ by a relay); a higher
 //! revision replaces a lower one. It keeps each until half a period after
-//! its period ends, at most [`MAX_BYTES`] in all: when full, the descriptors used longest ago
-//! (stored or served) make room. It never learns which service a
-//! descriptor belongs to, and it logs and counts descriptors without their
-//! keys.
+//! its period ends, at most [`MAX_BYTES`] in all: when full, the
+//! descriptors used longest ago (stored or served) make room. It never
+//! learns which service a descriptor belongs to, and it logs and counts
+//! descriptors without their keys.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
