@@ -355,7 +355,7 @@ fn bytes_cross_three_hops_both_ways_in_order() {
     let sid = p.open_stream();
     let exit = p.exit();
     let up = bytes(&mut p.rng, 50_000);
-    let down = bytes(&mut p.rng, 300_000);
+    let down = bytes(&mut p.rng, 600_000);
     let now = p.now;
     // The client's bytes fit its windows: sealed at once. The exit's do
     // not: it is told when the last of them is sealed.
@@ -538,7 +538,10 @@ fn ending_a_stream_under_xoff_releases_what_it_held() {
 fn the_circuit_window_caps_all_streams_together() {
     for (params, window) in [
         (CircParams::Fixed, FIXED_WINDOW),
-        (CircParams::default(), 4 * 31),
+        (
+            CircParams::default(),
+            crate::congestion::Params::default().cwnd_init,
+        ),
     ] {
         let mut p = CircuitPair::with_params(2, Duration::from_millis(1), params);
         let exit = p.exit();
@@ -566,7 +569,7 @@ fn ending_a_stream_sends_its_unsent_bytes_first() {
     let mut p = CircuitPair::new(1, Duration::from_millis(2));
     let sid = p.open_stream();
     let exit = p.exit();
-    let data = bytes(&mut p.rng, 800 * 498);
+    let data = bytes(&mut p.rng, 1500 * 498);
     let now = p.now;
     assert!(!p.nodes[0].send(now, sid, &data).unwrap());
     p.nodes[0].end(sid, EndReason::DONE).unwrap();
