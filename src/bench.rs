@@ -1038,7 +1038,34 @@ async fn services(
     };
     let intro = pick(&|id| info.intro_points.iter().any(|i| i.relay == *id), None)
         .ok_or("no introduction point to kill")?;
-    let hsdir = pick(&|id| asked.contains(id), Some(&intro)).ok_or("no directory to kill")?;
+    // And a network left that can still make a circuit: three relays no
+    // two of which share a family (the testnet's six relays are two
+    // families of two and two without one; killing both of those leaves
+    // no path for anyone).
+    let leaves_a_path = |dead: [&str; 2]| {
+        let live: Vec<_> = (cons.relays.iter())
+            .filter(|r| !dead.contains(&r.nickname.as_str()))
+            .collect();
+        live.iter().enumerate().any(|(i, a)| {
+            live[i + 1..].iter().enumerate().any(|(j, b)| {
+                allium_client::path::compatible(a, b)
+                    && live[i + j + 2..].iter().any(|c| {
+                        allium_client::path::compatible(a, c)
+                            && allium_client::path::compatible(b, c)
+                    })
+            })
+        })
+    };
+    let hsdir = pick(
+        &|id| {
+            asked.contains(id)
+                && cons
+                    .relay(id)
+                    .is_some_and(|r| leaves_a_path([&intro, &r.nickname]))
+        },
+        Some(&intro),
+    )
+    .ok_or("no directory to kill")?;
     for name in [&intro, &hsdir] {
         if let Some((_, ch)) = procs.0.iter_mut().find(|(n, _)| n == name) {
             let _ = ch.kill();
