@@ -24,33 +24,35 @@
 //! The window starts at 1000 cells. In slow start it grows by `2 * inc`
 //! per SENDME (tripling each round trip: a 300 ms path that holds 30,000
 //! cells is full in four round trips rather than five, and slow start ends
-//! on the queue it sees, not
-//! on a guess) until the queue, judged at each SENDME from an average of the
-//! last round trips (`cwnd - cwnd * min_rtt / avg_rtt`), passes `gamma` or
-//! a quarter of the window, whichever is more (then the window is set to
-//! `bdp + gamma`, `bdp` being no less than `cwnd * min_rtt / avg_rtt`), or
-//! the window reaches `ss_cwnd_max`. (Sending two cells
-//! for each one acknowledged, slow start queues the tail of each burst at
-//! the bottleneck even while the window is below what the path holds, and
-//! that estimate grows with the square of the window: with `gamma` alone
-//! it would end slow start at `sqrt(2 * gamma * bdp)`, a tenth of a
-//! 30,000-cell path.) It only grows while the circuit
+//! on the queue it sees, not on a guess) until the queue, judged at each
+//! SENDME from an average of the last round trips (`cwnd - cwnd * min_rtt
+//! / avg_rtt`), passes `gamma` or a quarter of the window, whichever is
+//! more (then the window is set to `bdp + gamma`, `bdp` being no less than
+//! `cwnd * min_rtt / avg_rtt`), or the window reaches `ss_cwnd_max`.
+//! (Sending two cells for each one acknowledged, slow start queues the
+//! tail of each burst at the bottleneck even while the window is below
+//! what the path holds, and that estimate grows with the square of the
+//! window: with `gamma` alone it would end slow start at `sqrt(2 * gamma *
+//! bdp)`, a tenth of a 30,000-cell path.) It only grows while the circuit
 //! fills it: a window the sender does not use says nothing about the path.
 //! After that, once per round (a window of acknowledged cells), with the
 //! thresholds `alpha`, `beta` and `delta` raised to a 16th, an 8th and a
 //! quarter of the window when that is more: it grows by a step of at most
-//! 256 cells (a quarter of a small window, `inc` at least) while the queue is
-//! under `alpha`, shrinks by `inc` or a 64th of the window over `beta`,
+//! 256 cells (a quarter of a small window, `inc` at least) while the queue
+//! is under `alpha`, shrinks by `inc` or a 64th of the window over `beta`,
 //! and drops to `bdp + alpha` less that over `delta`. Steps up of the same
 //! number of cells for every circuit are what makes circuits that share a
-//! bottleneck converge to equal windows (as in AIMD). A circuit so keeps a few SENDMEs' worth of cells queued, or a
-//! few percent of its round trip for a large window: enough to fill the
-//! path, not enough to delay other circuits much. (Thresholds of a fixed
-//! number of cells, as Tor's, read a millisecond of jitter in a 100 ms
-//! round trip as hundreds of queued cells once the window holds tens of
-//! thousands, and steps of `inc` take minutes to move such a window.)
-//! The window stays within `[cwnd_min,
-//! cwnd_max]`; `cwnd_max` is what a relay's memory cap allows one circuit.
+//! bottleneck converge to equal windows (as in AIMD) while they grow and
+//! shrink; while the queue stays between `alpha` and `beta` nothing moves,
+//! and circuits can rest there at unequal shares (doc/performance.md). A
+//! circuit so keeps a few SENDMEs' worth of cells queued, or a few percent
+//! of its round trip for a large window: enough to fill the path, not
+//! enough to delay other circuits much. (Thresholds of a fixed number of
+//! cells, as Tor's, read a millisecond of jitter in a 100 ms round trip as
+//! hundreds of queued cells once the window holds tens of thousands, and
+//! steps of `inc` take minutes to move such a window.) The window stays
+//! within `[cwnd_min, cwnd_max]`; `cwnd_max` is what a relay's memory cap
+//! allows one circuit.
 //!
 //! `min_rtt` is never forgotten here: a path whose own delay grows would
 //! read as a queue and keep a smaller window (Tor's proposal 324 has the
