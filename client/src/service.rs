@@ -741,8 +741,8 @@ async fn establish(
 
 /// The point `lost`, whose circuit closed, on a new circuit to the same
 /// relay with the same keys; an error if [`INTRO_REBUILDS`] were tried
-/// already, if the relay is no longer Running in
-/// the consensus, or if the circuit cannot be made.
+/// already, if the relay is no longer Running in the consensus, or if the
+/// circuit cannot be made.
 async fn rebuild(
     shared: &Arc<Shared>,
     cfg: &ServiceConfig,
