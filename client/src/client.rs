@@ -1225,7 +1225,7 @@ pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
     named: &[[u8; 32]],
     layer2: &[[u8; 32]],
 ) -> Result<(ConsensusRelay, [ConsensusRelay; 3]), ClientError> {
-    let mut last = ClientError::NoPath("every guard in the sample failed recently".into());
+    let mut last = None;
     let mut fallback = None;
     for guard in usable {
         match choose_path_through(rng, c, target, guard, avoid_exits, named, layer2) {
@@ -1233,10 +1233,17 @@ pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
             Ok((p, false)) => {
                 fallback.get_or_insert((guard.clone(), p));
             }
-            Err(e) => last = e,
+            // That no circuit through one guard can end at the target says
+            // less than another guard's failure on the way there.
+            Err(ClientError::CannotEndAt { .. }) if last.is_some() => {}
+            Err(e) => last = Some(e),
         }
     }
-    fallback.ok_or(last)
+    fallback.ok_or_else(|| {
+        last.unwrap_or_else(|| {
+            ClientError::NoPath("every guard in the sample failed recently".into())
+        })
+    })
 }
 
 /// What a build through `guard` of a path of `len` hops teaches the client:
@@ -1356,6 +1363,35 @@ mod tests {
             .collect();
         assert_eq!(at.len(), 3000);
         assert_eq!((at.first(), at.last()), (Some(&6_000), Some(&8_999)));
+    }
+
+    /// A circuit to relay 1 with guards 2 and 1 and no third relay: through
+    /// 2 there is no middle, and no circuit can end at 1 through 1 itself.
+    /// The first is the error: it is about the client's side of the path,
+    /// not about relay 1 (a service gives up an introduction point only
+    /// for the second).
+    #[test]
+    fn a_failure_on_the_way_outranks_a_guard_that_is_the_target() {
+        use allium_proto::RelayFlags;
+        use rand::SeedableRng;
+        let c = crate::path::tests::consensus_of(vec![
+            relay(1, 1000, RelayFlags::GUARD),
+            relay(2, 1000, RelayFlags::GUARD),
+        ]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let to = ExitTarget::Relay(&[1; 32]);
+        for order in [
+            [c.relays[1].clone(), c.relays[0].clone()],
+            [c.relays[0].clone(), c.relays[1].clone()],
+        ] {
+            let e = guard_and_path(&mut rng, &c, &to, &order, &[], &[], &[]).unwrap_err();
+            assert!(matches!(e, ClientError::NoPath(_)), "{e}");
+        }
+        let e = guard_and_path(&mut rng, &c, &to, &c.relays[..1], &[], &[], &[]).unwrap_err();
+        assert!(
+            matches!(e, ClientError::CannotEndAt { relay: [1, ..], .. }),
+            "{e}"
+        );
     }
 
     /// Three relays, all Guards, one of them the only exit: a client whose

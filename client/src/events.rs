@@ -368,7 +368,10 @@ pub(crate) fn stream_failure_reason(e: &ClientError) -> &'static str {
         ClientError::Timeout(_) => "TIMEOUT",
         ClientError::CircuitClosed => "DESTROY",
         ClientError::NoExit(_) => "EXITPOLICY",
-        ClientError::NoConsensus(_) | ClientError::NoPath(_) | ClientError::Build(_) => "NOROUTE",
+        ClientError::NoConsensus(_)
+        | ClientError::NoPath(_)
+        | ClientError::CannotEndAt { .. }
+        | ClientError::Build(_) => "NOROUTE",
         _ => "MISC",
     }
 }

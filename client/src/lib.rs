@@ -48,6 +48,10 @@ pub enum ClientError {
     NoExit(Sensitive<String>),
     #[error("no path: {0}")]
     NoPath(String),
+    /// No circuit can end at `relay`: it is not Running, or every guard
+    /// the client may use is it or shares its family or /16.
+    #[error("no circuit can end at relay {}: {why}", hex::encode(&relay[..8]))]
+    CannotEndAt { relay: [u8; 32], why: String },
     #[error("circuit build failed: {0}")]
     Build(String),
     /// The previous hop reports that it could not extend to `relay`. The

@@ -157,11 +157,11 @@ pub fn choose_path<R: Rng + ?Sized>(
     let exit = weighted(rng, &w, Position::Exit, &exits).ok_or_else(|| match target {
         ExitTarget::Any => ClientError::NoExit(Sensitive("any target".into())),
         ExitTarget::Addr(a, p) => ClientError::NoExit(Sensitive(format!("{a}:{p}"))),
-        ExitTarget::Relay(id) => ClientError::NoPath(format!(
-            "no circuit can end at relay {}: it is not Running, or it is the guard \
-             (or shares the guard's family or /16)",
-            hex::encode(&id[..8])
-        )),
+        ExitTarget::Relay(id) => ClientError::CannotEndAt {
+            relay: **id,
+            why: "it is not Running, or it is the guard (or shares the guard's family or /16)"
+                .into(),
+        },
     })?;
     let guard = match guard {
         Some(g) => g,

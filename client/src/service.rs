@@ -759,7 +759,10 @@ async fn rebuild(
         .consensus()
         .and_then(|c| c.relay(&lost.relay).cloned())
         .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::VALID))
-        .ok_or_else(|| ClientError::NoPath(format!("{} is not Running", lost.nickname)))?;
+        .ok_or_else(|| ClientError::CannotEndAt {
+            relay: lost.relay,
+            why: format!("{} is not Running", lost.nickname),
+        })?;
     let mut again = establish_at(shared, cfg, relay, Some(lost.keys.clone())).await?;
     again.rebuilt = lost.rebuilt + 1;
     Ok(again)
@@ -770,8 +773,9 @@ async fn rebuild(
 /// can end there (it is not Running, or it is the service's guard).
 fn gives_up(e: &ClientError, relay: &[u8; 32]) -> bool {
     match e {
-        ClientError::ExtendFailed { relay: r, .. } => r == relay,
-        ClientError::NoPath(_) => true,
+        ClientError::ExtendFailed { relay: r, .. } | ClientError::CannotEndAt { relay: r, .. } => {
+            r == relay
+        }
         _ => false,
     }
 }
@@ -1123,6 +1127,30 @@ mod tests {
             let _ = got.send(if t.is_some() { effort } else { 0 });
             t
         })
+    }
+
+    /// Only a failure about the point's own relay gives the point up: not
+    /// a path with no middle (the service's side), nor another relay.
+    #[test]
+    fn a_point_is_given_up_only_for_its_own_relay() {
+        let (point, other) = ([7; 32], [8; 32]);
+        let end = |relay| ClientError::CannotEndAt {
+            relay,
+            why: String::new(),
+        };
+        let extend = |relay| ClientError::ExtendFailed {
+            relay,
+            why: String::new(),
+        };
+        assert!(gives_up(&end(point), &point));
+        assert!(gives_up(&extend(point), &point));
+        assert!(!gives_up(&end(other), &point));
+        assert!(!gives_up(&extend(other), &point));
+        assert!(!gives_up(
+            &ClientError::NoPath("no middle available".into()),
+            &point
+        ));
+        assert!(!gives_up(&ClientError::CircuitClosed, &point));
     }
 
     #[test]
