@@ -286,7 +286,10 @@ async fn socks_get_counting(
     let mut got = 0usize;
     let mut ttfb = None;
     loop {
-        let k = s.read(&mut buf).await.map_err(err)?;
+        let k = s
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("after {got} bytes for {n}: {e}"))?;
         if k == 0 {
             break;
         }

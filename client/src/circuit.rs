@@ -37,7 +37,7 @@ pub enum StreamData {
     End(EndReason),
 }
 
-enum CircCmd {
+pub(crate) enum CircCmd {
     /// A stream to `addr:port` at the exit, or (`None`) to the last hop's
     /// directory cache.
     /// `early` goes right behind the BEGIN (optimistic data).
@@ -53,7 +53,8 @@ enum CircCmd {
     Data(u16, Vec<u8>),
     /// The application took this many DATA messages of this stream.
     Consumed(u16, u32),
-    End(u16),
+    /// This end closes the stream, for this reason (DONE: it sent all).
+    End(u16, EndReason),
     /// A service accepts stream `u16` (CONNECTED), or refuses it.
     Accept(u16),
     Refuse(u16, EndReason),
@@ -117,6 +118,8 @@ pub struct Stream {
     unreported: u32,
     /// What its controllers see; CLOSED when the stream drops.
     watch: Option<StreamWatch>,
+    /// The END it sends as it drops.
+    end: EndReason,
 }
 
 /// Report consumption to the circuit in batches of this many cells.
@@ -180,13 +183,46 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// A stream on no circuit, for tests: what arrives is sent on the
+    /// first channel, what it asks of its circuit arrives on the second.
+    #[cfg(test)]
+    pub(crate) fn detached(
+        id: u16,
+    ) -> (
+        Self,
+        mpsc::UnboundedSender<(StreamData, u32)>,
+        mpsc::Receiver<CircCmd>,
+    ) {
+        let (data_tx, rx) = mpsc::unbounded_channel();
+        let (tx, cmd_rx) = mpsc::channel(64);
+        let s = Stream {
+            id,
+            rx,
+            tx,
+            room: Arc::new(Semaphore::new(SEND_ROOM)),
+            unreported: 0,
+            watch: None,
+            end: EndReason::DONE,
+        };
+        (s, data_tx, cmd_rx)
+    }
+
+    /// End the stream with `reason` rather than DONE: this end could not
+    /// send all (its application's connection failed), and the far end
+    /// must not take what it got for the whole.
+    pub fn end_with(mut self, reason: EndReason) {
+        self.end = reason;
+    }
+}
+
 impl Drop for Stream {
     /// END goes out after what the stream sent: behind its commands in the
     /// circuit's queue, waiting for room there if the queue is full (a
     /// dropped END would leave the exit's connection open for good).
     fn drop(&mut self) {
         use mpsc::error::TrySendError;
-        let end = CircCmd::End(self.id);
+        let end = CircCmd::End(self.id, self.end);
         if let Err(TrySendError::Full(end)) = self.tx.try_send(end)
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
@@ -792,11 +828,11 @@ impl CircTask {
                 }
                 let _ = reply.send(r.map_err(ClientError::from));
             }
-            CircCmd::End(sid) => {
+            CircCmd::End(sid, reason) => {
                 self.pending.remove(&sid);
                 self.streams.remove(&sid);
                 self.resolving.remove(&sid);
-                self.core.end(sid, EndReason::DONE)?;
+                self.core.end(sid, reason)?;
             }
         }
         Ok(())
@@ -828,6 +864,7 @@ impl CircTask {
                     room: st.room.clone(),
                     unreported: 0,
                     watch: None,
+                    end: EndReason::DONE,
                 };
                 if let Err(Ok(s)) = reply.send(Ok(stream)) {
                     drop(s);
@@ -892,6 +929,7 @@ impl CircTask {
                     room,
                     unreported: 0,
                     watch: None,
+                    end: EndReason::DONE,
                 };
                 let incoming = self.incoming.as_ref().expect("checked by the guard");
                 // A service that takes no more streams: the stream ends

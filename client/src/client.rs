@@ -895,17 +895,19 @@ impl Client {
         &self,
         host: &str,
         port: u16,
-    ) -> Result<tokio::io::DuplexStream, ClientError> {
+    ) -> Result<crate::socks::AppStream, ClientError> {
         let addr = TargetAddr::from_host(host)?;
         let iso = Isolation {
             listener: usize::MAX,
             auth: SocksAuth::NoAuth,
         };
         let stream = self.connect(addr, port, &iso, Vec::new()).await?;
-        let (app, ours) = tokio::io::duplex(64 * 1024);
+        let (app, mut ours) = tokio::io::duplex(64 * 1024);
+        let (app, broke) = crate::socks::AppStream::new(app);
         tokio::spawn(
             async move {
-                if let Err(e) = crate::socks::relay_bytes(ours, stream).await {
+                if let Err(e) = crate::socks::relay_bytes(&mut ours, stream).await {
+                    broke.store(true, Ordering::Release);
                     debug!("library stream: {e}");
                 }
             }

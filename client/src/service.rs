@@ -1103,7 +1103,9 @@ async fn serve_stream(shared: Arc<Shared>, inc: Incoming) {
     debug!(port = inc.port, "service stream connected");
     match inc.accept().await {
         Ok(stream) => {
-            if let Err(e) = crate::socks::serve_bytes(tcp, stream).await {
+            let mut tcp = tcp;
+            if let Err(e) = crate::socks::serve_bytes(&mut tcp, stream).await {
+                crate::socks::reset(&tcp);
                 debug!("service stream: {e}");
             }
         }

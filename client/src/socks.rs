@@ -4,13 +4,17 @@
 //! per connection.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use allium_link::listen::Slot;
 use allium_proto::httpconnect;
-use allium_proto::relaymsg::TargetAddr;
+use allium_proto::relaymsg::{EndReason, TargetAddr};
 use allium_proto::socks::{ReplyCode, SocksCmd, SocksServer, Step};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info};
 
@@ -132,7 +136,7 @@ async fn handle_socks(
                 .map_or_else(ClientError::socks_reply, |_| ReplyCode::SUCCEEDED);
             s.write_all(&req.reply(code, None)).await?;
             match r {
-                Ok(stream) => relay_bytes(s, stream).await,
+                Ok(stream) => relay_or_reset(s, stream).await,
                 Err(_) => Ok(()),
             }
         }
@@ -186,9 +190,18 @@ async fn handle_http(
         .map_or_else(ClientError::socks_reply, |_| ReplyCode::SUCCEEDED);
     s.write_all(&httpconnect::response(code)).await?;
     match r {
-        Ok(stream) => relay_bytes(s, stream).await,
+        Ok(stream) => relay_or_reset(s, stream).await,
         Err(_) => Ok(()),
     }
+}
+
+/// [`relay_bytes`] over `s`, reset if the stream broke off.
+async fn relay_or_reset(mut s: TcpStream, stream: Stream) -> Result<(), ClientError> {
+    let r = relay_bytes(&mut s, stream).await;
+    if r.is_err() {
+        reset(&s);
+    }
+    r
 }
 
 /// Optimistic data: what the application sent right behind its request
@@ -221,7 +234,11 @@ async fn connect(
     r
 }
 
-/// Shuttle bytes between the application and the stream until either ends.
+/// Shuttle bytes between the application's connection `s` and the stream
+/// until either ends. An error when the stream did not end whole (an END
+/// other than DONE, or the circuit's end): the caller should then reset
+/// `s` ([`reset`]), so that the application cannot take what it got for
+/// all of it (the connection has not been shut down).
 pub async fn relay_bytes<S>(s: S, stream: Stream) -> Result<(), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
@@ -230,13 +247,94 @@ where
 }
 
 /// Shuttle bytes between a service's local server and a client's stream:
-/// as an exit does, the stream ends (END) once the server has closed and
-/// all it sent has gone.
+/// as an exit does, the stream ends (END DONE) once the server has closed
+/// and all it sent has gone, and with the reason if reading from the
+/// server failed. Errors as [`relay_bytes`].
 pub async fn serve_bytes<S>(s: S, stream: Stream) -> Result<(), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
     shuttle(s, stream, true).await
+}
+
+/// A stream from [`Client::open_stream`]: where the stream broke off (an
+/// END other than DONE, or its circuit's end), a read fails with
+/// `ConnectionReset` instead of ending as if all had come.
+pub struct AppStream {
+    io: tokio::io::DuplexStream,
+    broke: Arc<AtomicBool>,
+}
+
+impl AppStream {
+    /// `io`, and the flag that says its stream broke off (set before the
+    /// other end of `io` drops).
+    pub(crate) fn new(io: tokio::io::DuplexStream) -> (Self, Arc<AtomicBool>) {
+        let broke = Arc::new(AtomicBool::new(false));
+        (
+            AppStream {
+                io,
+                broke: broke.clone(),
+            },
+            broke,
+        )
+    }
+}
+
+impl AsyncRead for AppStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let (before, room) = (buf.filled().len(), buf.remaining());
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(()))
+                if room > 0
+                    && buf.filled().len() == before
+                    && this.broke.load(Ordering::Acquire) =>
+            {
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "the stream broke off",
+                )))
+            }
+            r => r,
+        }
+    }
+}
+
+impl AsyncWrite for AppStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Reset the application's connection (RST, not FIN): its stream broke
+/// off, and a clean end would pass a truncated transfer off as whole.
+pub(crate) fn reset(s: &TcpStream) {
+    let _ = s.set_zero_linger();
+}
+
+/// The END reason for a failed read from the application's connection.
+fn end_reason(e: &std::io::Error) -> EndReason {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => EndReason::CONN_RESET,
+        std::io::ErrorKind::TimedOut => EndReason::TIMEOUT,
+        _ => EndReason::MISC,
+    }
 }
 
 /// With `end_with_app`, the application's end of its writing ends the
@@ -253,37 +351,160 @@ where
     loop {
         tokio::select! {
             n = r.read(&mut buf), if app_open => match n {
-                Ok(0) | Err(_) if end_with_app => return Ok(()),
+                Ok(0) if end_with_app => return Ok(()),
+                Err(e) if end_with_app => {
+                    stream.end_with(end_reason(&e));
+                    return Err(e.into());
+                }
                 Ok(0) | Err(_) => app_open = false,
                 Ok(n) => stream.send(&buf[..n]).await?,
             },
-            d = stream.recv() => match d {
-                Some(StreamData::Data(d)) => {
-                    // Write what has arrived in one go.
-                    out.clear();
-                    out.extend_from_slice(&d);
-                    let mut ended = false;
-                    while out.len() < 60 * 1024 {
-                        match stream.try_recv().await {
-                            Some(StreamData::Data(d)) => out.extend_from_slice(&d),
-                            Some(StreamData::End(_)) => {
-                                ended = true;
-                                break;
-                            }
-                            None => break,
+            d = stream.recv() => {
+                // Write what has arrived in one go.
+                out.clear();
+                let mut end = None;
+                let mut next = d;
+                loop {
+                    match next {
+                        Some(StreamData::Data(d)) => out.extend_from_slice(&d),
+                        Some(StreamData::End(r)) => {
+                            end = Some(Ok(r));
+                            break;
+                        }
+                        None => {
+                            end = Some(Err(()));
+                            break;
                         }
                     }
+                    if out.len() >= 60 * 1024 {
+                        break;
+                    }
+                    match stream.try_recv().await {
+                        Some(d) => next = Some(d),
+                        None => break,
+                    }
+                }
+                if !out.is_empty() {
                     w.write_all(&out).await?;
-                    if ended {
+                }
+                match end {
+                    None => {}
+                    Some(Ok(EndReason::DONE)) => {
                         let _ = w.shutdown().await;
                         return Ok(());
                     }
-                }
-                Some(StreamData::End(_)) | None => {
-                    let _ = w.shutdown().await;
-                    return Ok(());
+                    Some(Ok(r)) => return Err(ClientError::StreamEnded(r)),
+                    Some(Err(())) => return Err(ClientError::CircuitClosed),
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::circuit::CircCmd;
+
+    /// Both ends of a loopback TCP connection: (ours, the application's).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (ours, _) = l.accept().await.unwrap();
+        (ours, app)
+    }
+
+    /// What the application reads until its connection ends, and how it
+    /// ended.
+    async fn read_all(app: &mut TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Bounded: the far end ends within the test's few bytes.
+        for _ in 0..1000 {
+            match app.read(&mut buf).await {
+                Ok(0) => return (got, Ok(())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+        panic!("no end");
+    }
+
+    /// A stream whose far end sent "hello", then `end` (None: its
+    /// circuit died): what the application got, how its connection
+    /// ended, and what the client's side returned.
+    async fn after(end: Option<EndReason>) -> (Vec<u8>, std::io::Result<()>, bool) {
+        let (ours, mut app) = pair().await;
+        let (stream, data, _cmds) = Stream::detached(1);
+        data.send((StreamData::Data(b"hello".to_vec()), 1)).unwrap();
+        match end {
+            Some(r) => data.send((StreamData::End(r), 0)).unwrap(),
+            None => drop(data),
+        }
+        let r = relay_or_reset(ours, stream).await;
+        let (got, how) = read_all(&mut app).await;
+        (got, how, r.is_ok())
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_broke_off_resets_the_application_connection() {
+        // END DONE: all came, and the connection ends cleanly.
+        let (got, how, ok) = after(Some(EndReason::DONE)).await;
+        assert_eq!(got, b"hello");
+        assert!(how.is_ok() && ok, "{how:?}");
+        // Any other END, or the circuit's end: what came is delivered,
+        // then the connection is reset, so that no application can take
+        // the transfer for whole.
+        for end in [Some(EndReason::CONN_RESET), Some(EndReason::DESTROY), None] {
+            let (got, how, ok) = after(end).await;
+            assert_eq!(got, b"hello", "{end:?}");
+            let kind = how.expect_err("a reset").kind();
+            assert_eq!(kind, std::io::ErrorKind::ConnectionReset, "{end:?}");
+            assert!(!ok);
+        }
+    }
+
+    /// The END a service's stream sends when its local server's
+    /// connection ends: cleanly, or reset.
+    async fn service_end(reset_by_server: bool) -> EndReason {
+        let (ours, server) = pair().await;
+        let (stream, _data, mut cmds) = Stream::detached(7);
+        if reset_by_server {
+            server.set_zero_linger().unwrap();
+        }
+        drop(server);
+        let _ = serve_bytes(ours, stream).await;
+        // Bounded by the channel: the stream sent at most a few commands.
+        while let Some(c) = cmds.recv().await {
+            if let CircCmd::End(7, r) = c {
+                return r;
+            }
+        }
+        panic!("no END");
+    }
+
+    #[tokio::test]
+    async fn a_service_stream_ends_with_why_its_server_connection_ended() {
+        assert_eq!(service_end(false).await, EndReason::DONE);
+        assert_eq!(service_end(true).await, EndReason::CONN_RESET);
+    }
+
+    #[tokio::test]
+    async fn a_library_stream_that_broke_off_fails_its_last_read() {
+        let (app, mut ours) = tokio::io::duplex(1024);
+        let (mut app, broke) = AppStream::new(app);
+        ours.write_all(b"hi").await.unwrap();
+        broke.store(true, Ordering::Release);
+        drop(ours);
+        let mut got = [0u8; 2];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hi");
+        let e = app.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+        // Without the flag, the end is a clean one.
+        let (app, ours) = tokio::io::duplex(1024);
+        let (mut app, _) = AppStream::new(app);
+        drop(ours);
+        assert_eq!(app.read(&mut [0u8; 8]).await.unwrap(), 0);
     }
 }
