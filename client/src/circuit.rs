@@ -151,34 +151,47 @@ impl Stream {
     }
 
     /// The next data from the exit (what arrived together, in one piece),
-    /// or its END; `None` if the circuit died.
+    /// or its END; `None` if the circuit died. Cancel safe (as in a
+    /// `select!` beside a read from the application): dropped before it
+    /// returns, it has taken nothing.
     pub async fn recv(&mut self) -> Option<StreamData> {
+        self.report().await;
         let (d, cells) = self.rx.recv().await?;
-        self.taken(&d, cells).await;
+        self.taken(&d, cells);
         Some(d)
     }
 
-    /// Like [`Stream::recv`], without waiting.
+    /// Like [`Stream::recv`], without waiting for data.
     pub async fn try_recv(&mut self) -> Option<StreamData> {
+        self.report().await;
         let (d, cells) = self.rx.try_recv().ok()?;
-        self.taken(&d, cells).await;
+        self.taken(&d, cells);
         Some(d)
     }
 
-    async fn taken(&mut self, d: &StreamData, cells: u32) {
+    fn taken(&mut self, d: &StreamData, cells: u32) {
         if let Some(w) = &mut self.watch {
             match d {
                 StreamData::Data(d) => w.read(d.len()),
                 StreamData::End(r) => w.ended_by_exit(*r),
             }
         }
-        if cells > 0 {
-            self.unreported += cells;
-            // Report in batches, and whenever nothing more is waiting.
-            if self.unreported >= CONSUMED_BATCH || self.rx.is_empty() {
-                let n = std::mem::take(&mut self.unreported);
-                let _ = self.tx.send(CircCmd::Consumed(self.id, n)).await;
-            }
+        self.unreported += cells;
+    }
+
+    /// Tell the circuit what was handed on since the last report: in
+    /// batches, and whenever nothing more is waiting. What was taken is
+    /// counted as reported only once the report is sent, and the report
+    /// is made before the next data is taken, never after (a wait for
+    /// room in the circuit's queue there would hold data that a cancelled
+    /// [`Stream::recv`] loses).
+    async fn report(&mut self) {
+        let n = self.unreported;
+        if n > 0
+            && (n >= CONSUMED_BATCH || self.rx.is_empty())
+            && self.tx.send(CircCmd::Consumed(self.id, n)).await.is_ok()
+        {
+            self.unreported = 0;
         }
     }
 }
@@ -953,6 +966,33 @@ impl CircTask {
 mod tests {
     use super::*;
     use allium_proto::onion::{HopKeys, Peeled, RelayLayer};
+
+    /// A `recv` dropped while it waits to report what was taken (the
+    /// circuit's queue full), as a `select!` beside a read from the
+    /// application drops it, takes nothing with it: the data that was
+    /// waiting comes with the next `recv`.
+    #[tokio::test]
+    async fn a_cancelled_recv_loses_no_data() {
+        let (mut s, data, mut cmds) = Stream::detached(1);
+        let got = |d: Option<StreamData>| match d {
+            Some(StreamData::Data(d)) => d,
+            _ => panic!("no data"),
+        };
+        data.send((StreamData::Data(b"a".to_vec()), CONSUMED_BATCH))
+            .unwrap();
+        assert_eq!(got(s.recv().await), b"a");
+        // The circuit's queue is full; more data arrives.
+        while s.tx.try_send(CircCmd::Consumed(1, 0)).is_ok() {}
+        data.send((StreamData::Data(b"c".to_vec()), 1)).unwrap();
+        let wait = tokio::time::timeout(Duration::from_millis(50), s.recv()).await;
+        assert!(wait.is_err(), "the report waits for room");
+        // Room again: the report goes, then the data that waited.
+        while cmds.try_recv().is_ok() {}
+        let next = tokio::time::timeout(Duration::from_secs(5), s.recv()).await;
+        assert_eq!(got(next.expect("the data that waited")), b"c");
+        let reported = cmds.try_recv().expect("a report");
+        assert!(matches!(reported, CircCmd::Consumed(1, n) if n == CONSUMED_BATCH));
+    }
 
     #[test]
     fn an_extend_is_padded_with_random_bytes() {
