@@ -194,9 +194,7 @@ impl Stream {
             self.unreported = 0;
         }
     }
-}
 
-impl Stream {
     /// A stream on no circuit, for tests: what arrives is sent on the
     /// first channel, what it asks of its circuit arrives on the second.
     #[cfg(test)]

@@ -360,41 +360,33 @@ where
                 Ok(n) => stream.send(&buf[..n]).await?,
             },
             d = stream.recv() => {
-                // Write what has arrived in one go.
+                // Write what has arrived in one go; how the stream ended,
+                // if it did.
                 out.clear();
-                let mut end = None;
                 let mut next = d;
-                loop {
+                let end = loop {
                     match next {
                         Some(StreamData::Data(d)) => out.extend_from_slice(&d),
-                        Some(StreamData::End(r)) => {
-                            end = Some(Ok(r));
-                            break;
-                        }
-                        None => {
-                            end = Some(Err(()));
-                            break;
-                        }
+                        Some(StreamData::End(EndReason::DONE)) => break Some(Ok(())),
+                        Some(StreamData::End(r)) => break Some(Err(ClientError::StreamEnded(r))),
+                        None => break Some(Err(ClientError::CircuitClosed)),
                     }
                     if out.len() >= 60 * 1024 {
-                        break;
+                        break None;
                     }
                     match stream.try_recv().await {
                         Some(d) => next = Some(d),
-                        None => break,
+                        None => break None,
                     }
-                }
+                };
                 if !out.is_empty() {
                     w.write_all(&out).await?;
                 }
-                match end {
-                    None => {}
-                    Some(Ok(EndReason::DONE)) => {
+                if let Some(end) = end {
+                    if end.is_ok() {
                         let _ = w.shutdown().await;
-                        return Ok(());
                     }
-                    Some(Ok(r)) => return Err(ClientError::StreamEnded(r)),
-                    Some(Err(())) => return Err(ClientError::CircuitClosed),
+                    return end;
                 }
             },
         }
