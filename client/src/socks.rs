@@ -328,15 +328,6 @@ pub(crate) fn reset(s: &TcpStream) {
     let _ = s.set_zero_linger();
 }
 
-/// The END reason for a failed read from the application's connection.
-fn end_reason(e: &std::io::Error) -> EndReason {
-    match e.kind() {
-        std::io::ErrorKind::ConnectionReset => EndReason::CONN_RESET,
-        std::io::ErrorKind::TimedOut => EndReason::TIMEOUT,
-        _ => EndReason::MISC,
-    }
-}
-
 /// With `end_with_app`, the application's end of its writing ends the
 /// stream (the stream drops, and its END goes out after its data);
 /// otherwise only the far end's END or the circuit's end does.
@@ -353,7 +344,7 @@ where
             n = r.read(&mut buf), if app_open => match n {
                 Ok(0) if end_with_app => return Ok(()),
                 Err(e) if end_with_app => {
-                    stream.end_with(end_reason(&e));
+                    stream.end_with(EndReason::for_io_error(&e));
                     return Err(e.into());
                 }
                 Ok(0) | Err(_) => app_open = false,

@@ -63,6 +63,20 @@ crate::open_enum! {
     }
 }
 
+impl EndReason {
+    /// Why a stream ends when a connection of its end failed with `e`.
+    pub fn for_io_error(e: &std::io::Error) -> Self {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            ConnectionRefused => EndReason::CONNECT_REFUSED,
+            TimedOut => EndReason::TIMEOUT,
+            HostUnreachable | NetworkUnreachable | AddrNotAvailable => EndReason::NO_ROUTE,
+            ConnectionReset => EndReason::CONN_RESET,
+            _ => EndReason::MISC,
+        }
+    }
+}
+
 /// A stream target: a hostname (resolved at the exit) or an address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TargetAddr {

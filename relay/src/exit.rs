@@ -120,17 +120,6 @@ pub async fn resolve(ctx: &RelayCtx, host: &str) -> Result<Vec<IpAddr>, EndReaso
     }
 }
 
-fn end_reason(e: &std::io::Error) -> EndReason {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        ConnectionRefused => EndReason::CONNECT_REFUSED,
-        TimedOut => EndReason::TIMEOUT,
-        HostUnreachable | NetworkUnreachable | AddrNotAvailable => EndReason::NO_ROUTE,
-        ConnectionReset => EndReason::CONN_RESET,
-        _ => EndReason::MISC,
-    }
-}
-
 async fn connect(
     ctx: &RelayCtx,
     addr: &TargetAddr,
@@ -163,7 +152,7 @@ async fn connect(
                 let _ = s.set_nodelay(true);
                 return Ok((s, ip));
             }
-            Ok(Err(e)) => last = end_reason(&e),
+            Ok(Err(e)) => last = EndReason::for_io_error(&e),
             Err(_) => last = EndReason::TIMEOUT,
         }
     }
@@ -289,7 +278,7 @@ where
                     }
                 }
                 Err(e) => {
-                    let _ = circ.ev.send(StreamEvent::End(sid, end_reason(&e)));
+                    let _ = circ.ev.send(StreamEvent::End(sid, EndReason::for_io_error(&e)));
                     return;
                 }
             },
@@ -318,7 +307,7 @@ where
                     }
                     let reason = match res {
                         Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(end_reason(&e)),
+                        Ok(Err(e)) => Some(EndReason::for_io_error(&e)),
                         Err(_) => Some(EndReason::TIMEOUT),
                     };
                     if let Some(reason) = reason {
