@@ -749,18 +749,18 @@ impl CircTask {
         r
     }
 
-    /// Handle a command and those queued behind it.
+    /// Handle a command and those queued behind it, [`CMD_BATCH`] in all
+    /// at most: each taken from the queue is handled in the same turn.
     fn on_cmds(&mut self, first: CircCmd) -> Result<(), DestroyReason> {
         let now = Instant::now();
-        let mut cmd = first;
+        let mut first = Some(first);
         for _ in 0..CMD_BATCH {
+            let Some(cmd) = first.take().or_else(|| self.cmd_rx.try_recv().ok()) else {
+                break;
+            };
             if let Err(e) = self.on_cmd(now, cmd) {
                 debug!("circuit command failed: {e}");
                 return Err(DestroyReason::INTERNAL);
-            }
-            match self.cmd_rx.try_recv() {
-                Ok(c) => cmd = c,
-                Err(_) => break,
             }
         }
         Ok(())
