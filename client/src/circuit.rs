@@ -23,7 +23,7 @@ use tracing::Instrument;
 use tracing::debug;
 
 use crate::ClientError;
-use crate::events::{CircWatch, StreamWatch};
+use crate::events::{CircWatch, StreamWatch, WriteCount};
 
 const CMD_QUEUE: usize = 256;
 const TAG_LEN: usize = 16;
@@ -84,6 +84,7 @@ impl Incoming {
     /// Tell the client the stream is open, and take it.
     pub async fn accept(self) -> Result<Stream, ClientError> {
         self.stream
+            .out
             .tx
             .send(CircCmd::Accept(self.stream.id))
             .await
@@ -95,6 +96,7 @@ impl Incoming {
     pub async fn refuse(self, reason: EndReason) {
         let _ = self
             .stream
+            .out
             .tx
             .send(CircCmd::Refuse(self.stream.id, reason))
             .await;
@@ -112,8 +114,9 @@ pub struct Stream {
     pub id: u16,
     /// What the exit sent, with the DATA cells it took.
     rx: mpsc::UnboundedReceiver<(StreamData, u32)>,
-    tx: mpsc::Sender<CircCmd>,
-    room: Arc<Semaphore>,
+    /// Its sending half; its queue to the circuit carries the stream's
+    /// other commands too.
+    out: StreamSender,
     /// DATA messages taken but not yet reported to the circuit.
     unreported: u32,
     /// What its controllers see; CLOSED when the stream drops.
@@ -125,29 +128,78 @@ pub struct Stream {
 /// Report consumption to the circuit in batches of this many cells.
 const CONSUMED_BATCH: u32 = 10;
 
-impl Stream {
-    /// Report this stream's traffic and end to its controllers.
-    pub(crate) fn watch(&mut self, w: StreamWatch) {
-        self.watch = Some(w);
-    }
+/// The sending half of a [`Stream`] ([`Stream::sender`]), to send while
+/// the stream receives: an application that reads only after its writes
+/// have gone (an echo, a protocol that answers as it reads) must get its
+/// answer while a send waits for room, or neither end moves again.
+#[derive(Clone)]
+pub struct StreamSender {
+    id: u16,
+    tx: mpsc::Sender<CircCmd>,
+    room: Arc<Semaphore>,
+    count: Option<WriteCount>,
+}
 
-    /// Send bytes toward the exit.
+impl StreamSender {
+    /// Send bytes toward the exit. Cancel safe: dropped before it
+    /// returns, it has sent nothing.
     pub async fn send(&self, data: &[u8]) -> Result<(), ClientError> {
         if data.is_empty() {
             return Ok(());
         }
-        if let Some(w) = &self.watch {
-            w.wrote(data.len());
+        let Ok(room) = self.room.acquire().await else {
+            return Err(ClientError::CircuitClosed);
+        };
+        let Ok(slot) = self.tx.reserve().await else {
+            return Err(ClientError::CircuitClosed);
+        };
+        room.forget();
+        if let Some(c) = &self.count {
+            c.wrote(data.len());
         }
-        self.room
-            .acquire()
-            .await
-            .map_err(|_| ClientError::CircuitClosed)?
-            .forget();
-        self.tx
-            .send(CircCmd::Data(self.id, data.to_vec()))
-            .await
-            .map_err(|_| ClientError::CircuitClosed)
+        slot.send(CircCmd::Data(self.id, data.to_vec()));
+        Ok(())
+    }
+}
+
+impl Stream {
+    /// Report this stream's traffic and end to its controllers.
+    pub(crate) fn watch(&mut self, w: StreamWatch) {
+        self.out.count = Some(w.write_count());
+        self.watch = Some(w);
+    }
+
+    /// A stream of the circuit that `tx` commands, with `room` for its
+    /// chunks there.
+    fn new(
+        id: u16,
+        rx: mpsc::UnboundedReceiver<(StreamData, u32)>,
+        tx: mpsc::Sender<CircCmd>,
+        room: Arc<Semaphore>,
+    ) -> Self {
+        Stream {
+            id,
+            rx,
+            out: StreamSender {
+                id,
+                tx,
+                room,
+                count: None,
+            },
+            unreported: 0,
+            watch: None,
+            end: EndReason::DONE,
+        }
+    }
+
+    /// Send bytes toward the exit (cancel safe, as [`StreamSender::send`]).
+    pub async fn send(&self, data: &[u8]) -> Result<(), ClientError> {
+        self.out.send(data).await
+    }
+
+    /// Its sending half, to send while receiving.
+    pub fn sender(&self) -> StreamSender {
+        self.out.clone()
     }
 
     /// The next data from the exit (what arrived together, in one piece),
@@ -189,7 +241,12 @@ impl Stream {
         let n = self.unreported;
         if n > 0
             && (n >= CONSUMED_BATCH || self.rx.is_empty())
-            && self.tx.send(CircCmd::Consumed(self.id, n)).await.is_ok()
+            && self
+                .out
+                .tx
+                .send(CircCmd::Consumed(self.id, n))
+                .await
+                .is_ok()
         {
             self.unreported = 0;
         }
@@ -207,16 +264,14 @@ impl Stream {
     ) {
         let (data_tx, rx) = mpsc::unbounded_channel();
         let (tx, cmd_rx) = mpsc::channel(64);
-        let s = Stream {
-            id,
-            rx,
-            tx,
-            room: Arc::new(Semaphore::new(SEND_ROOM)),
-            unreported: 0,
-            watch: None,
-            end: EndReason::DONE,
-        };
-        (s, data_tx, cmd_rx)
+        let room = Arc::new(Semaphore::new(SEND_ROOM));
+        (Stream::new(id, rx, tx, room), data_tx, cmd_rx)
+    }
+
+    /// Its room for chunks at the circuit, for tests (which seal nothing).
+    #[cfg(test)]
+    pub(crate) fn room(&self) -> Arc<Semaphore> {
+        self.out.room.clone()
     }
 
     /// End the stream with `reason` rather than DONE: this end could not
@@ -234,10 +289,10 @@ impl Drop for Stream {
     fn drop(&mut self) {
         use mpsc::error::TrySendError;
         let end = CircCmd::End(self.id, self.end);
-        if let Err(TrySendError::Full(end)) = self.tx.try_send(end)
+        if let Err(TrySendError::Full(end)) = self.out.tx.try_send(end)
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let tx = self.tx.clone();
+            let tx = self.out.tx.clone();
             rt.spawn(async move {
                 let _ = tx.send(end).await;
             });
@@ -868,15 +923,8 @@ impl CircTask {
                 else {
                     return Ok(());
                 };
-                let stream = Stream {
-                    id: sid,
-                    rx,
-                    tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
-                    room: st.room.clone(),
-                    unreported: 0,
-                    watch: None,
-                    end: EndReason::DONE,
-                };
+                let tx = self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?;
+                let stream = Stream::new(sid, rx, tx, st.room.clone());
                 if let Err(Ok(s)) = reply.send(Ok(stream)) {
                     drop(s);
                 }
@@ -933,15 +981,8 @@ impl CircTask {
                         unsealed: 0,
                     },
                 );
-                let s = Stream {
-                    id: stream,
-                    rx,
-                    tx: self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?,
-                    room,
-                    unreported: 0,
-                    watch: None,
-                    end: EndReason::DONE,
-                };
+                let tx = self.cmd_tx.upgrade().ok_or(DestroyReason::FINISHED)?;
+                let s = Stream::new(stream, rx, tx, room);
                 let incoming = self.incoming.as_ref().expect("checked by the guard");
                 // A service that takes no more streams: the stream ends
                 // as it drops.
@@ -980,7 +1021,7 @@ mod tests {
             .unwrap();
         assert_eq!(got(s.recv().await), b"a");
         // The circuit's queue is full; more data arrives.
-        while s.tx.try_send(CircCmd::Consumed(1, 0)).is_ok() {}
+        while s.out.tx.try_send(CircCmd::Consumed(1, 0)).is_ok() {}
         data.send((StreamData::Data(b"c".to_vec()), 1)).unwrap();
         let wait = tokio::time::timeout(Duration::from_millis(50), s.recv()).await;
         assert!(wait.is_err(), "the report waits for room");

@@ -339,6 +339,22 @@ impl StreamWatch {
     pub fn wrote(&self, n: usize) {
         self.events.written.fetch_add(n as u64, Ordering::Relaxed);
     }
+
+    /// What counts the bytes the application sends, for the stream's
+    /// sending half.
+    pub fn write_count(&self) -> WriteCount {
+        WriteCount(self.events.clone())
+    }
+}
+
+/// Counts what a stream's application sends ([`StreamWatch::wrote`]).
+#[derive(Clone)]
+pub(crate) struct WriteCount(Arc<Events>);
+
+impl WriteCount {
+    pub fn wrote(&self, n: usize) {
+        self.0.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 impl Drop for StreamWatch {

@@ -331,38 +331,67 @@ pub(crate) fn reset(s: &TcpStream) {
 /// With `end_with_app`, the application's end of its writing ends the
 /// stream (the stream drops, and its END goes out after its data);
 /// otherwise only the far end's END or the circuit's end does.
+///
+/// Each direction moves on its own: a send that waits for room in the
+/// circuit never stops what arrives from reaching the application, and a
+/// write to an application that is not reading never stops what it sends
+/// (an echo, or a protocol that answers as it reads, would otherwise wait
+/// on the far end while the far end waits on it).
 async fn shuttle<S>(s: S, mut stream: Stream, end_with_app: bool) -> Result<(), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
     let (mut r, mut w) = tokio::io::split(s);
+    let sender = stream.sender();
     let mut buf = vec![0u8; 32 * 1024];
     let mut app_open = true;
-    let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+    // Read from the application, not yet sent.
+    let mut up: Vec<u8> = Vec::with_capacity(buf.len());
+    // Arrived on the stream, written up to `written`.
+    let mut down: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut written = 0;
+    // How the stream ended, once it has.
+    let mut end: Option<Result<(), ClientError>> = None;
     loop {
+        if written == down.len()
+            && let Some(end) = end.take()
+        {
+            if end.is_ok() {
+                let _ = w.shutdown().await;
+            }
+            return end;
+        }
         tokio::select! {
-            n = r.read(&mut buf), if app_open => match n {
-                Ok(0) if end_with_app => return Ok(()),
+            n = r.read(&mut buf), if app_open && up.is_empty() => match n {
+                Ok(0) if end_with_app => {
+                    let _ = w.write_all(&down[written..]).await;
+                    return Ok(());
+                }
                 Err(e) if end_with_app => {
                     stream.end_with(EndReason::for_io_error(&e));
                     return Err(e.into());
                 }
                 Ok(0) | Err(_) => app_open = false,
-                Ok(n) => stream.send(&buf[..n]).await?,
+                Ok(n) => up.extend_from_slice(&buf[..n]),
             },
-            d = stream.recv() => {
-                // Write what has arrived in one go; how the stream ended,
-                // if it did.
-                out.clear();
+            sent = sender.send(&up), if !up.is_empty() => {
+                sent?;
+                up.clear();
+            }
+            d = stream.recv(), if written == down.len() && end.is_none() => {
+                // Take what has arrived, to write in one go; how the
+                // stream ended, if it did.
+                down.clear();
+                written = 0;
                 let mut next = d;
-                let end = loop {
+                end = loop {
                     match next {
-                        Some(StreamData::Data(d)) => out.extend_from_slice(&d),
+                        Some(StreamData::Data(d)) => down.extend_from_slice(&d),
                         Some(StreamData::End(EndReason::DONE)) => break Some(Ok(())),
                         Some(StreamData::End(r)) => break Some(Err(ClientError::StreamEnded(r))),
                         None => break Some(Err(ClientError::CircuitClosed)),
                     }
-                    if out.len() >= 60 * 1024 {
+                    if down.len() >= 60 * 1024 {
                         break None;
                     }
                     match stream.try_recv().await {
@@ -370,15 +399,10 @@ where
                         None => break None,
                     }
                 };
-                if !out.is_empty() {
-                    w.write_all(&out).await?;
-                }
-                if let Some(end) = end {
-                    if end.is_ok() {
-                        let _ = w.shutdown().await;
-                    }
-                    return end;
-                }
+            }
+            n = w.write(&down[written..]), if written < down.len() => match n? {
+                0 => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                n => written += n,
             },
         }
     }
@@ -470,6 +494,43 @@ mod tests {
     async fn a_service_stream_ends_with_why_its_server_connection_ended() {
         assert_eq!(service_end(false).await, EndReason::DONE);
         assert_eq!(service_end(true).await, EndReason::CONN_RESET);
+    }
+
+    /// While a send waits for room at the circuit (none is made here:
+    /// nothing seals what was sent), what arrives still reaches the
+    /// application, and the application is still read once room comes.
+    #[tokio::test]
+    async fn what_arrives_reaches_the_application_while_a_send_waits() {
+        let (ours, mut app) = pair().await;
+        let (stream, data, mut cmds) = Stream::detached(1);
+        let room = stream.room();
+        let shuttle = tokio::spawn(relay_or_reset(ours, stream));
+        // More than the stream's room: the third chunk waits.
+        let chunk = vec![7u8; 32 * 1024];
+        for _ in 0..3 {
+            app.write_all(&chunk).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        data.send((StreamData::Data(b"answer".to_vec()), 1))
+            .unwrap();
+        let mut got = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut got))
+            .await
+            .expect("the answer, while the send waits")
+            .unwrap();
+        assert_eq!(&got, b"answer");
+        // Everything the application wrote goes to the circuit once the
+        // first chunks are sealed (as the circuit would: their room back).
+        let mut sent = 0;
+        while sent < 3 * chunk.len() {
+            let c = tokio::time::timeout(Duration::from_secs(5), cmds.recv()).await;
+            if let CircCmd::Data(1, d) = c.expect("the rest, once there is room").unwrap() {
+                sent += d.len();
+                room.add_permits(1);
+            }
+        }
+        data.send((StreamData::End(EndReason::DONE), 0)).unwrap();
+        assert!(shuttle.await.unwrap().is_ok());
     }
 
     #[tokio::test]
