@@ -607,3 +607,46 @@ async fn many_busy_streams_on_one_circuit_lose_nothing() {
     assert!(bad.is_empty(), "streams that came back different: {bad:?}");
     net.shutdown().await;
 }
+
+/// A server that sends all of its answer before it reads the request's
+/// body, as many do: the exit must go on reading the answer while its
+/// write of the body waits (the server reads nothing yet), or neither
+/// end moves again. Through a plain TCP connection this works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_that_answers_before_it_reads_is_carried() {
+    const ANSWER: usize = 32 << 20;
+    const BODY: usize = 16 << 20;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(4).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let answer = vec![5u8; ANSWER];
+        s.write_all(&answer).await.unwrap();
+        let mut body = vec![0u8; BODY];
+        s.read_exact(&mut body).await.unwrap();
+        assert!(body.iter().all(|b| *b == 9), "the body as sent");
+        s.write_all(b"ok").await.unwrap();
+    });
+    let net = small_net(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = library_client(&net, dir.path()).await;
+    let s = c.open_stream("localhost", port).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        w.write_all(&vec![9u8; BODY]).await.unwrap();
+        w
+    });
+    let mut got = vec![0u8; ANSWER + 2];
+    tokio::time::timeout(Duration::from_secs(30), r.read_exact(&mut got))
+        .await
+        .expect("the whole answer within 30 s")
+        .unwrap();
+    assert!(got[..ANSWER].iter().all(|b| *b == 5));
+    assert_eq!(&got[ANSWER..], b"ok");
+    drop(writer.await.unwrap());
+    server.await.unwrap();
+    net.shutdown().await;
+}

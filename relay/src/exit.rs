@@ -228,8 +228,31 @@ pub async fn run_dir_stream(t: StreamTask) {
     shuttle(t, r, w, false).await;
 }
 
+/// The relay memory that what a stream took from its circuit stands for
+/// until it is written to the target: given back then, or as it drops.
+struct Unwritten<'a> {
+    acct: Option<&'a CircAcct>,
+    bytes: usize,
+}
+
+impl Unwritten<'_> {
+    fn settle(&mut self) {
+        if let Some(a) = self.acct {
+            a.sub(std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
 /// Carry bytes between a stream's far end (`r`, `w`) and its circuit until
-/// either ends; `exit` counts what is written as exit traffic.
+/// either ends; `exit` counts what is written as exit traffic. Each
+/// direction moves on its own: a target that answers as it reads (an
+/// echo) is read while a write to it waits, or neither would move again.
 async fn shuttle<R, W>(t: StreamTask, mut r: R, mut w: W, exit: bool)
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -242,12 +265,23 @@ where
         room,
         mut cmds,
     } = t;
+    // From the client, written up to `written`: it came in `cells` DATA
+    // cells, counted against the relay's memory until written.
     let mut out: Vec<u8> = Vec::new();
+    let mut written = 0;
+    let mut cells = 0;
+    let mut unwritten = Unwritten {
+        acct: circ.acct.as_deref(),
+        bytes: 0,
+    };
+    // When a write to the target last made progress.
+    let mut wrote_at = tokio::time::Instant::now();
     let mut chunk: Vec<u8> = Vec::new();
     // Holding a permit: room for one more chunk at the circuit.
     let mut permit = false;
     loop {
         let full = circ.mem_full();
+        let writing = written < out.len();
         tokio::select! {
             p = room.acquire(), if !permit => match p {
                 Ok(p) => {
@@ -261,7 +295,15 @@ where
             () = tokio::time::sleep(FULL_RECHECK), if permit && full => {}
             n = r.read_buf(&mut chunk), if permit && !full => match n {
                 Ok(0) => {
-                    let _ = circ.ev.send(StreamEvent::End(sid, EndReason::DONE));
+                    // What the client sent still goes (a target may stop
+                    // sending before it stops reading).
+                    let rest = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&out[written..]));
+                    let reason = match rest.await {
+                        Ok(Ok(())) => EndReason::DONE,
+                        Ok(Err(e)) => EndReason::for_io_error(&e),
+                        Err(_) => EndReason::TIMEOUT,
+                    };
+                    let _ = circ.ev.send(StreamEvent::End(sid, reason));
                     return;
                 }
                 Ok(_) => {
@@ -282,11 +324,12 @@ where
                     return;
                 }
             },
-            c = cmds.rx.recv() => match c {
+            c = cmds.rx.recv(), if !writing => match c {
                 Some(StreamCmd::Data(d, n)) => {
                     // Write what is queued in one go.
-                    let mut cells = n;
+                    cells = n;
                     out.clear();
+                    written = 0;
                     out.extend_from_slice(&d);
                     while out.len() < 60 * 1024 {
                         match cmds.rx.try_recv() {
@@ -300,26 +343,37 @@ where
                     if exit {
                         RelayStats::inc(&ctx.stats.exit_bytes, out.len() as u64);
                     }
-                    // A target that takes nothing for this long is gone.
-                    let res = tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&out)).await;
-                    if let Some(a) = &circ.acct {
-                        a.sub(CELL_BYTES * cells as usize);
+                    unwritten.bytes = CELL_BYTES * cells as usize;
+                    wrote_at = tokio::time::Instant::now();
+                }
+                None => return,
+            },
+            n = w.write(&out[written..]), if writing => {
+                let reason = match n {
+                    Ok(0) => Some(EndReason::for_io_error(&std::io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        written += n;
+                        wrote_at = tokio::time::Instant::now();
+                        None
                     }
-                    let reason = match res {
-                        Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(EndReason::for_io_error(&e)),
-                        Err(_) => Some(EndReason::TIMEOUT),
-                    };
-                    if let Some(reason) = reason {
-                        let _ = circ.ev.send(StreamEvent::End(sid, reason));
-                        return;
-                    }
+                    Err(e) => Some(EndReason::for_io_error(&e)),
+                };
+                if let Some(reason) = reason {
+                    let _ = circ.ev.send(StreamEvent::End(sid, reason));
+                    return;
+                }
+                if written == out.len() {
+                    unwritten.settle();
                     if circ.ev.send(StreamEvent::Consumed(sid, cells)).is_err() {
                         return;
                     }
                 }
-                None => return,
-            },
+            }
+            // A target that takes nothing for this long is gone.
+            () = tokio::time::sleep_until(wrote_at + WRITE_TIMEOUT), if writing => {
+                let _ = circ.ev.send(StreamEvent::End(sid, EndReason::TIMEOUT));
+                return;
+            }
         }
     }
 }
