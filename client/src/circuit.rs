@@ -131,7 +131,8 @@ const CONSUMED_BATCH: u32 = 10;
 /// The sending half of a [`Stream`] ([`Stream::sender`]), to send while
 /// the stream receives: an application that reads only after its writes
 /// have gone (an echo, a protocol that answers as it reads) must get its
-/// answer while a send waits for room, or neither end moves again.
+/// answer while a send waits for room, or neither end moves again. What
+/// it sends once its stream has dropped goes nowhere.
 #[derive(Clone)]
 pub struct StreamSender {
     id: u16,

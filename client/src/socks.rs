@@ -365,7 +365,7 @@ where
             n = r.read(&mut buf), if app_open && up.is_empty() => match n {
                 Ok(0) if end_with_app => {
                     let _ = w.write_all(&down[written..]).await;
-                    return Ok(());
+                    return end.unwrap_or(Ok(()));
                 }
                 Err(e) if end_with_app => {
                     stream.end_with(EndReason::for_io_error(&e));
