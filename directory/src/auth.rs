@@ -1513,7 +1513,8 @@ pub(crate) mod tests {
     }
 
     /// Descriptors kept by an older authority in one file are taken over
-    /// into one file per relay; a stored descriptor gone stale is dropped.
+    /// into one file per relay; a stored descriptor gone stale, or left
+    /// empty, is dropped.
     #[test]
     fn descriptors_persist_one_file_each_and_old_state_is_taken_over() {
         let d = tempfile::tempdir().unwrap();
@@ -1543,10 +1544,18 @@ pub(crate) mod tests {
         drop(a);
         // Relay 2's descriptor is stale by the next start.
         std::fs::write(file(2), desc(&key(2), now - 49 * 3600)).unwrap();
-        let b = Authority::new(cfg).unwrap();
-        let held: Vec<[u8; 32]> = lock(&b.state).descriptors.keys().copied().collect();
+        // Relay 1's write was lost to a power failure (descriptors are
+        // written without waiting for the disk): an empty file.
+        std::fs::write(file(1), b"").unwrap();
+        let b = Authority::new(cfg.clone()).unwrap();
+        assert!(lock(&b.state).descriptors.is_empty());
+        assert!(!file(2).exists() && !file(1).exists());
+        // Relay 1 uploads again.
+        b.accept_descriptor(&newer, now + 1).unwrap();
+        drop(b);
+        let c = Authority::new(cfg).unwrap();
+        let held: Vec<[u8; 32]> = lock(&c.state).descriptors.keys().copied().collect();
         assert_eq!(held, vec![key(1).verifying_key().to_bytes()]);
-        assert!(!file(2).exists());
     }
 
     /// An authority serves its consensus as a diff from each of the last

@@ -21,6 +21,18 @@ pub fn private_dir(dir: &Path) -> Result<(), DirError> {
 /// Write `bytes` to `path` atomically (temp file, fsync, rename) with
 /// `mode`, creating its directory (0700) if need be.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError> {
+    write_replacing(path, bytes, mode, true)
+}
+
+/// [`write_atomic`] without waiting for the disk: a reader sees the old
+/// bytes or the new, never a mix, but a power failure may lose the write
+/// (or leave an empty file). For what can be had again: a relay's
+/// descriptor, which it uploads again within its publish interval.
+pub fn replace_unsynced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError> {
+    write_replacing(path, bytes, mode, false)
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<(), DirError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     private_dir(dir)?;
@@ -49,9 +61,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError
     let (tmp, mut f) = open_tmp().map_err(|e| DirError::io(dir, e))?;
     let res = (|| {
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
+        if sync && let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
         Ok(())
