@@ -54,7 +54,7 @@ struct State {
 /// The consensus held and its diffs, behind a lock of its own (nothing
 /// slow is done under it).
 ///
-/// An authority makes every diff when it publishes
+/// An authority makes the diffs most fetchers want when it publishes
 /// ([`ConsensusCache::make_diffs`]); a relay makes each one the first
 /// time it is asked for, at a cheaper compression level, so that a
 /// network of thousands of relays does not spend its CPU on diffs nobody
@@ -94,7 +94,7 @@ impl ConsensusCache {
     /// base for diffs. The diffs are made by [`ConsensusCache::make_diffs`]
     /// or when first asked for.
     pub fn install(&self, bytes: Bytes, valid_until: u64) {
-        let current = diff::digest(&bytes);
+        let current = crate::verified::digest(&bytes);
         let mut st = lock(&self.state);
         st.valid_until = valid_until;
         let old_digest = std::mem::replace(&mut st.digest, current);
@@ -141,59 +141,57 @@ impl ConsensusCache {
         }
     }
 
-    /// Make the current consensus' diffs from the recent ones and its
-    /// compressed form, off the async threads and outside the lock; they
-    /// are kept if the consensus is still current when they are done.
+    /// Make what most fetchers ask for as soon as a consensus is current:
+    /// the diff from the one before it (which every cache that kept up
+    /// holds), then its compressed form. Diffs from older ones are made
+    /// when first asked for: made for every base at once, at [`diff::LEVEL`],
+    /// they took seconds of CPU each period that few fetchers used.
+    /// Each is made off the async threads and outside the lock, and kept
+    /// if the consensus is still current when it is done.
     pub async fn make_diffs(&self) {
-        self.make(None).await
+        let previous = lock(&self.state).recent.back().map(|(d, _)| *d);
+        if let Some(d) = previous {
+            self.make(Some(d)).await;
+        }
+        self.make(None).await;
     }
 
-    /// Make the diffs not made yet: all of them, or (`only`) the one from
-    /// that base (`Some(None)`: the compressed form).
-    async fn make(&self, only: Option<Option<[u8; 32]>>) {
+    /// Make the diff from `base` (`None`: the compressed form) if it is
+    /// not made yet and `base` is held (or is the current one itself: a
+    /// fetcher that already holds it gets a few bytes that say so).
+    async fn make(&self, base: Option<[u8; 32]>) {
         let _making = self.making.lock().await;
-        let (current, bases) = {
+        let (current, from) = {
             let st = lock(&self.state);
             let Some(c) = st.current.clone() else {
                 return;
             };
-            // From itself too: a fetcher that already holds it gets a few
-            // bytes that say so.
-            let itself = (st.digest, c.clone());
-            let bases: Vec<(Option<[u8; 32]>, Option<Bytes>)> = std::iter::once((None, None))
-                .chain(
-                    st.recent
-                        .iter()
-                        .chain(std::iter::once(&itself))
-                        .map(|(d, b)| (Some(*d), Some(b.clone()))),
-                )
-                .filter(|(d, _)| only.is_none_or(|o| o == *d) && !st.diffs.contains_key(d))
-                .collect();
-            if bases.is_empty() {
+            if st.diffs.contains_key(&base) {
                 return;
             }
-            (c, bases)
+            let from = match base {
+                None => None,
+                Some(d) if d == st.digest => Some(c.clone()),
+                Some(d) => match st.recent.iter().find(|(r, _)| *r == d) {
+                    Some((_, b)) => Some(b.clone()),
+                    None => return,
+                },
+            };
+            (c, from)
         };
         let (c, level) = (current.clone(), self.level);
-        let made = tokio::task::spawn_blocking(move || {
-            bases
-                .into_iter()
-                .map(|(d, b)| (d, diff::encode_at(level, b.as_deref(), &c)))
-                .collect::<Vec<_>>()
-        })
-        .await;
+        let made =
+            tokio::task::spawn_blocking(move || diff::encode_at(level, from.as_deref(), &c)).await;
         let Ok(made) = made else { return };
         let mut st = lock(&self.state);
         if st.current.as_ref() != Some(&current) {
             return;
         }
-        for (base, d) in made {
-            match d {
-                Ok(d) => {
-                    st.diffs.insert(base, Bytes::from(d));
-                }
-                Err(e) => warn!("making a consensus diff: {e}"),
+        match made {
+            Ok(d) => {
+                st.diffs.insert(base, Bytes::from(d));
             }
+            Err(e) => warn!("making a consensus diff: {e}"),
         }
     }
 
@@ -202,7 +200,7 @@ impl ConsensusCache {
         if let Some(d) = self.diff(base) {
             return Some(d);
         }
-        self.make(Some(base)).await;
+        self.make(base).await;
         self.diff(base)
     }
 
@@ -351,5 +349,30 @@ mod tests {
         // Installing the same bytes again keeps the diffs.
         c.install(Bytes::from(new), u64::MAX);
         assert!(c.answer(&path).await.is_ok());
+    }
+
+    /// Made as a consensus is published: the diff from the one before and
+    /// the compressed form; from older ones only when asked for.
+    #[tokio::test]
+    async fn the_diffs_most_fetchers_want_are_made_first() {
+        let c = ConsensusCache::new(RELAY_LEVEL);
+        let docs: Vec<Bytes> = (0..3u8)
+            .map(|i| {
+                let mut d = vec![7u8; 5000];
+                d[100] = i;
+                Bytes::from(d)
+            })
+            .collect();
+        for d in &docs {
+            c.install(d.clone(), u64::MAX);
+        }
+        c.make_diffs().await;
+        let from = |i: usize| Some(diff::digest(&docs[i]));
+        assert!(c.diff(from(1)).is_some() && c.diff(None).is_some());
+        assert!(c.diff(from(0)).is_none() && c.diff(from(2)).is_none());
+        let path = format!("/consensus/diff/{}", hex::encode(diff::digest(&docs[0])));
+        let d = c.answer(&path).await.unwrap();
+        assert_eq!(diff::decode(Some(&docs[0]), &d, 1 << 20).unwrap(), docs[2]);
+        assert!(c.diff(from(0)).is_some());
     }
 }

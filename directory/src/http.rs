@@ -139,7 +139,10 @@ where
 {
     let max = allium_proto::doc::MAX_CONSENSUS_LEN;
     let path = match base {
-        Some(b) => format!("/consensus/diff/{}", hex::encode(diff::digest(b))),
+        Some(b) => format!(
+            "/consensus/diff/{}",
+            hex::encode(crate::verified::digest(b))
+        ),
         None => "/consensus/zstd".into(),
     };
     let full = get(path).await.and_then(|d| {

@@ -87,16 +87,18 @@ impl Memory {
         now: u64,
         verify: impl FnOnce(&[u8]) -> Result<(Consensus, RangeInclusive<u64>), E>,
     ) -> Result<(Arc<Consensus>, Bytes), E> {
-        let digest = diff::digest(&bytes);
-        let same = |s: &Seen| s.digest == digest && s.keys == keys;
-        let held = self
-            .seen()
-            .iter()
-            .find(|s| same(s) && s.trusted.contains(&now))
-            .and_then(|s| Some((s.consensus.upgrade()?, s.bytes.upgrade()?)));
+        // The same bytes, compared as they are: hashing a megabyte for
+        // each of thousands of fetchers was most of such a process's work.
+        let held = self.seen().iter().find_map(|s| {
+            let b = s.bytes.upgrade()?;
+            (s.keys == keys && s.trusted.contains(&now) && *b == bytes)
+                .then(|| Some((s.consensus.upgrade()?, b)))?
+        });
         if let Some((c, b)) = held {
             return Ok((c, Bytes::from_owner(Owned(b))));
         }
+        let digest = diff::digest(&bytes);
+        let same = |s: &Seen| s.digest == digest && s.keys == keys;
         let (c, trusted) = verify(&bytes)?;
         let (c, b) = (Arc::new(c), Arc::new(bytes));
         let mut all = self.seen();
@@ -113,6 +115,24 @@ impl Memory {
         });
         Ok((c, Bytes::from_owner(Owned(b))))
     }
+
+    /// The SHA-256 of `bytes` ([`diff::digest`]), remembered if they are
+    /// the very bytes of a consensus remembered here (as handed out, not a
+    /// copy): every relay of such a process names the consensus it holds
+    /// as a diff's base, and its cache names it for its own fetchers.
+    pub fn digest(&self, bytes: &[u8]) -> [u8; 32] {
+        let held = self.seen().iter().find_map(|s| {
+            let b = s.bytes.upgrade()?;
+            // Alive, so no other allocation can be at that address.
+            (b.as_ptr() == bytes.as_ptr() && b.len() == bytes.len()).then_some(s.digest)
+        });
+        held.unwrap_or_else(|| diff::digest(bytes))
+    }
+}
+
+/// [`Memory::digest`] with the process's memory.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    PROCESS.digest(bytes)
 }
 
 #[cfg(test)]
@@ -166,5 +186,24 @@ mod tests {
             .consensus(b(3), &keys, 100, |_| Ok::<_, ()>((doc(7), 0..=200)))
             .unwrap();
         assert_eq!(c5.valid_after, 7);
+    }
+
+    #[test]
+    fn a_remembered_consensus_is_named_by_its_digest() {
+        let m = Memory::default();
+        let keys = [AuthorityKey([1; 32])];
+        let bytes = vec![9u8; 1000];
+        let (c, b) = m
+            .consensus(bytes.clone(), &keys, 100, |_| {
+                Ok::<_, ()>((doc(100), 100..=130))
+            })
+            .unwrap();
+        // Its own bytes, and a copy of them: the same name.
+        assert_eq!(m.digest(&b), diff::digest(&bytes));
+        assert_eq!(m.digest(&bytes), diff::digest(&bytes));
+        // Other bytes at the address of none remembered.
+        assert_eq!(m.digest(&b[1..]), diff::digest(&bytes[1..]));
+        drop((c, b));
+        assert_eq!(m.digest(&bytes), diff::digest(&bytes));
     }
 }
