@@ -416,7 +416,7 @@ impl Client {
                     if held.is_none_or(|va| c.valid_after > va) {
                         stale = 0;
                     }
-                    if c.relays.len() >= 3 {
+                    if c.relays.len() >= USABLE_RELAYS {
                         self.reached(
                             Phase::EnoughDirinfo,
                             "consensus verified",
@@ -1145,6 +1145,9 @@ impl Client {
     }
 }
 
+/// A consensus must list this many relays for a circuit to be built.
+const USABLE_RELAYS: usize = 3;
+
 /// How long until the next consensus fetch after one that gave consensus
 /// `c` at `now_ms` (milliseconds since the UNIX epoch), and the new count
 /// of stale answers in a row; `r` is a random number.
@@ -1158,13 +1161,24 @@ impl Client {
 /// one) backs off from 1 s, doubling up to 5 minutes, instead of asking
 /// again every second; `stale` counts such answers that brought nothing
 /// newer (the caller resets it on one that did).
+///
+/// A consensus of fewer than [`USABLE_RELAYS`] relays (a network just
+/// started) builds no circuit: its holder, which can do nothing until it
+/// has the next, fetches it in the second 1/[`http::CACHE_SPREAD`] of that
+/// period, just after the caches have theirs.
 fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
     if c.fresh_until.saturating_mul(1000) > now_ms {
-        let spread = c
+        let spread_ms = c
             .interval()
             .min(c.valid_until.saturating_sub(c.fresh_until) / 2)
-            .min(3600);
-        (http::after_fresh(c, now_ms, spread * 1000, r), 0)
+            .min(3600)
+            * 1000;
+        if c.relays.len() < USABLE_RELAYS {
+            let caches_ms = c.interval().saturating_mul(1000) / http::CACHE_SPREAD;
+            let wait = http::after_fresh(c, now_ms, caches_ms, r);
+            return (wait + Duration::from_millis(caches_ms), 0);
+        }
+        (http::after_fresh(c, now_ms, spread_ms, r), 0)
     } else {
         (
             Duration::from_secs((1u64 << stale.min(9)).min(300)),
@@ -1308,8 +1322,9 @@ mod tests {
 
     #[test]
     fn a_stale_consensus_backs_off() {
+        use crate::path::tests::{consensus_of, relay};
         // Fresh from 0 to 1000, valid until 3000.
-        let mut c = crate::path::tests::consensus_of(vec![]);
+        let mut c = consensus_of((1..=3).map(|i| relay(i, 1000, 0)).collect());
         (c.valid_after, c.fresh_until, c.valid_until) = (0, 1000, 3000);
         let mut stale = 0;
         let waits: Vec<u64> = (0..8)
@@ -1335,8 +1350,9 @@ mod tests {
     /// period after the one they hold stops being fresh.
     #[test]
     fn fetches_spread_over_the_next_period() {
+        use crate::path::tests::{consensus_of, relay};
         let ms = |w: Duration| u64::try_from(w.as_millis()).unwrap();
-        let mut c = crate::path::tests::consensus_of(vec![]);
+        let mut c = consensus_of((1..=3).map(|i| relay(i, 1000, 0)).collect());
         (c.valid_after, c.fresh_until, c.valid_until) = (3600, 7200, 14400);
         let mut by_minute = [0u32; 60];
         for r in 0..36_000u64 {
@@ -1365,6 +1381,18 @@ mod tests {
             .collect();
         assert_eq!(at.len(), 3000);
         assert_eq!((at.first(), at.last()), (Some(&6_000), Some(&8_999)));
+        // One that lists too few relays to build a circuit: the next is
+        // fetched in the second eighth of the period, once caches have it.
+        let few = Consensus {
+            valid_after: 3,
+            fresh_until: 6,
+            valid_until: 12,
+            ..consensus_of(vec![relay(1, 1000, 0), relay(2, 1000, 0)])
+        };
+        let at: std::collections::BTreeSet<u64> = (0..10_000u64)
+            .map(|r| 4_500 + ms(next_fetch(&few, 4_500, 0, r).0))
+            .collect();
+        assert_eq!((at.first(), at.last()), (Some(&6_375), Some(&6_749)));
     }
 
     /// A circuit to relay 1 with guards 2 and 1 and no third relay: through

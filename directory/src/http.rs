@@ -298,6 +298,11 @@ pub fn retry_after(failures: u32, have: bool, r: u64) -> u64 {
     cap - r % (cap / 2 + 1)
 }
 
+/// Relays, the clients' caches, fetch the next consensus within the first
+/// 1/`CACHE_SPREAD` of the period after theirs stops being fresh (clients,
+/// who fetch from them, later).
+pub const CACHE_SPREAD: u64 = 8;
+
 /// How long from `now_ms` (milliseconds since the UNIX epoch) until a
 /// moment `r` picks in the `spread_ms` after consensus `c` stops being
 /// fresh, at most an hour and `spread_ms` away: fetchers that hold the same

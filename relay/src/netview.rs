@@ -30,9 +30,6 @@ use tracing::{debug, info};
 /// Fetches asked for by lookups of unlisted relays (only while the
 /// consensus is due for refresh) happen at most this often.
 const POKE_INTERVAL: Duration = Duration::from_secs(5);
-/// Relays fetch within the first 1/`CACHE_SPREAD` of a period (clients,
-/// who fetch from them, over the whole period after it).
-const CACHE_SPREAD: u64 = 8;
 /// The longest wait for a newer consensus once the one held is stale.
 const STALE_MAX: u64 = 60;
 /// How long a lookup of an unlisted relay waits for a fresher consensus.
@@ -213,7 +210,7 @@ impl NetView {
 /// How long until a relay fetches again after one that gave consensus `c`
 /// at `now_ms` (milliseconds since the UNIX epoch), and the new count of
 /// stale answers in a row; `r` is a random number. A fresh consensus is
-/// fetched again at a random millisecond in the first 1/[`CACHE_SPREAD`]
+/// fetched again at a random millisecond in the first 1/[`http::CACHE_SPREAD`]
 /// of the period after it stops being fresh, at most 450 s into it (relays
 /// are the clients' caches: they must have the next one early, but not all
 /// at once, even with periods of seconds); a stale one backs off from 1 s,
@@ -222,7 +219,7 @@ impl NetView {
 /// that did).
 fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
     if c.fresh_until.saturating_mul(1000) > now_ms {
-        let spread_ms = (c.interval().saturating_mul(1000) / CACHE_SPREAD).min(450_000);
+        let spread_ms = (c.interval().saturating_mul(1000) / http::CACHE_SPREAD).min(450_000);
         (http::after_fresh(c, now_ms, spread_ms, r), 0)
     } else {
         (
