@@ -50,6 +50,8 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
     if c.shared_random_for(period.next()).is_some() {
         periods.push(period.next());
     }
+    // Every store a directory took, those of the tries filed again too.
+    let mut stores = 0;
     for p in &periods {
         let revision = unix_now().saturating_sub(p.start());
         // A directory whose consensus is older than the client's may not
@@ -71,6 +73,7 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
                 .unwrap();
             let behind = |f: &(String, String)| f.1.contains("does not know that period's ring");
             tries += 1;
+            stores += done.stored;
             if done.stored == done.responsible || tries == 20 || !done.failures.iter().all(behind) {
                 break done;
             }
@@ -155,7 +158,7 @@ async fn a_descriptor_filed_on_the_ring_is_found_by_the_address_alone() {
         net.relays.iter().map(|r| f(&r.services)).sum::<u64>()
     };
     use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(count(|s| s.stored.load(Relaxed)), 8 * periods.len() as u64);
+    assert_eq!(count(|s| s.stored.load(Relaxed)), stores as u64);
     assert!(count(|s| s.served.load(Relaxed)) >= 1);
     assert!(count(|s| s.missed.load(Relaxed)) >= 6);
     net.shutdown().await;
