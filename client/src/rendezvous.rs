@@ -147,12 +147,14 @@ pub async fn connect(
     points.shuffle(&mut rand::rng());
     let rp_setup = async {
         // A relay that fails (it may have died since the consensus) is
-        // avoided in the next of a few tries.
-        let mut why_rp = Vec::new();
+        // avoided in the next of a few tries, before all others: in a small
+        // network the introduction points and guards may be every relay
+        // but the one that failed.
+        let (mut why_rp, mut failed) = (Vec::new(), Vec::new());
         for _ in 0..RP_ATTEMPTS {
-            let rp = pick_relay(&c, &[], &[&avoid])
+            let rp = pick_relay(&c, &[], &[&failed, &avoid])
                 .ok_or_else(|| rend_failed("no relay can be the rendezvous point".into()))?;
-            avoid.push(rp.identity);
+            failed.push(rp.identity);
             match establish_rendezvous(client, &rp).await {
                 Ok((circ, msgs, cookie)) => return Ok((rp, circ, msgs, cookie)),
                 Err(e) => why_rp.push(format!("{}: {e}", rp.nickname)),
