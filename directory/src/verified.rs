@@ -7,14 +7,14 @@
 //! clients) fetched the same consensus once per relay: at 5,000 relays,
 //! 5,000 parses and signature checks of a 5,000-entry document each period,
 //! and 5,000 copies of its bytes and of the parsed document held by each
-//! relay's cache (several consensuses' worth). Now the bytes are hashed,
-//! and a consensus seen before is the same [`Arc`] and the same [`Bytes`]:
-//! its memory is shared, whoever holds it. The memory holds neither
-//! itself (weak references only): a consensus nobody holds any more is
-//! freed, and checked again if it comes back.
+//! relay's cache (several consensuses' worth). Now the bytes are compared
+//! with those remembered, and a consensus seen before is the same [`Arc`]
+//! and the same [`Bytes`]: its memory is shared, whoever holds it. The
+//! memory holds neither itself (weak references only): a consensus nobody
+//! holds any more is freed, and checked again if it comes back.
 //!
-//! The verdict is reused only for the same bytes (SHA-256) and the same
-//! pinned keys, and only within the times it holds for
+//! The verdict is reused only for the same bytes (compared whole) and the
+//! same pinned keys, and only within the times it holds for
 //! ([`UnverifiedConsensus::verify_window`]: the consensus' validity within
 //! that of the certificates that counted). Outside them, or for anything
 //! else, the document is checked in full.
