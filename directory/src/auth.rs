@@ -614,11 +614,12 @@ impl Authority {
     /// the longest waiting first, at most [`REACH_AT_ONCE`] at a time (so
     /// the tests of a large network fit a file-descriptor limit and never
     /// hold up a vote). A relay new to the table, never tested, comes
-    /// first, within a quarter of a second of its upload: one found
+    /// first, as soon as a test is free to start (within a quarter of a
+    /// second of its upload when fewer are running): one found
     /// unreachable gives its place in a full table to a newcomer without
-    /// waiting for a round. (A second loop that tested newcomers alone
-    /// tested them again beside this one: at 5,000 new relays, thousands of
-    /// handshakes twice over.)
+    /// waiting for a round. (A second loop that tested newcomers alone ran
+    /// beside this one, and most newcomers were tested by both: at 5,000
+    /// new relays, thousands of handshakes twice over.)
     ///
     /// The table is scanned for due relays only when a quarter of the
     /// slots are free (or none is taken), and every finished test is
