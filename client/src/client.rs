@@ -1164,21 +1164,20 @@ const USABLE_RELAYS: usize = 3;
 ///
 /// A consensus of fewer than [`USABLE_RELAYS`] relays (a network just
 /// started) builds no circuit: its holder, which can do nothing until it
-/// has the next, fetches it in the second 1/[`http::CACHE_SPREAD`] of that
-/// period, just after the caches have theirs.
+/// has the next, fetches it in the stretch of [`http::cache_spread_ms`]
+/// after the caches' (the second eighth of the period), once they have it.
 fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
     if c.fresh_until.saturating_mul(1000) > now_ms {
-        let spread_ms = c
-            .interval()
-            .min(c.valid_until.saturating_sub(c.fresh_until) / 2)
-            .min(3600)
-            * 1000;
         if c.relays.len() < USABLE_RELAYS {
-            let caches_ms = c.interval().saturating_mul(1000) / http::CACHE_SPREAD;
+            let caches_ms = http::cache_spread_ms(c);
             let wait = http::after_fresh(c, now_ms, caches_ms, r);
             return (wait + Duration::from_millis(caches_ms), 0);
         }
-        (http::after_fresh(c, now_ms, spread_ms, r), 0)
+        let spread = c
+            .interval()
+            .min(c.valid_until.saturating_sub(c.fresh_until) / 2)
+            .min(3600);
+        (http::after_fresh(c, now_ms, spread * 1000, r), 0)
     } else {
         (
             Duration::from_secs((1u64 << stale.min(9)).min(300)),

@@ -303,6 +303,13 @@ pub fn retry_after(failures: u32, have: bool, r: u64) -> u64 {
 /// who fetch from them, later).
 pub const CACHE_SPREAD: u64 = 8;
 
+/// The milliseconds after consensus `c` stops being fresh within which
+/// the caches fetch the next: the first 1/[`CACHE_SPREAD`] of the period,
+/// at most 450 s.
+pub fn cache_spread_ms(c: &allium_proto::Consensus) -> u64 {
+    (c.interval().saturating_mul(1000) / CACHE_SPREAD).min(450_000)
+}
+
 /// How long from `now_ms` (milliseconds since the UNIX epoch) until a
 /// moment `r` picks in the `spread_ms` after consensus `c` stops being
 /// fresh, at most an hour and `spread_ms` away: fetchers that hold the same

@@ -210,8 +210,8 @@ impl NetView {
 /// How long until a relay fetches again after one that gave consensus `c`
 /// at `now_ms` (milliseconds since the UNIX epoch), and the new count of
 /// stale answers in a row; `r` is a random number. A fresh consensus is
-/// fetched again at a random millisecond in the first 1/[`http::CACHE_SPREAD`]
-/// of the period after it stops being fresh, at most 450 s into it (relays
+/// fetched again at a random millisecond in [`http::cache_spread_ms`]
+/// after it stops being fresh (relays
 /// are the clients' caches: they must have the next one early, but not all
 /// at once, even with periods of seconds); a stale one backs off from 1 s,
 /// doubling up to [`STALE_MAX`], while the authorities are late (`stale`
@@ -219,8 +219,7 @@ impl NetView {
 /// that did).
 fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
     if c.fresh_until.saturating_mul(1000) > now_ms {
-        let spread_ms = (c.interval().saturating_mul(1000) / http::CACHE_SPREAD).min(450_000);
-        (http::after_fresh(c, now_ms, spread_ms, r), 0)
+        (http::after_fresh(c, now_ms, http::cache_spread_ms(c), r), 0)
     } else {
         (
             Duration::from_secs((1u64 << stale.min(6)).min(STALE_MAX)),
