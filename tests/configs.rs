@@ -306,7 +306,8 @@ async fn separate_processes_run_the_network() {
         let log = std::fs::File::create(logs.join(cfg.replace('/', "-"))).unwrap();
         Command::new(exe)
             .args([role, "--config", &d.path().join(cfg).to_string_lossy()])
-            .env("RUST_LOG", "info")
+            // With the self-test's inconclusive tries, which say why.
+            .env("RUST_LOG", "info,allium_relay::status=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -275,6 +275,15 @@ impl ChannelHandle {
             .is_ok()
     }
 
+    /// Whether circuits have cells queued or sent on this link that the
+    /// link has not forgotten (a circuit the peer created counts once it
+    /// is answered).
+    pub fn carries_circuits(&self) -> bool {
+        !(self.inner.rooms.lock())
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     /// This side opened the link (it was the handshake's initiator).
     pub fn we_opened(&self) -> bool {
         self.inner.high_bit != 0

@@ -8,7 +8,9 @@ use std::time::Duration;
 use allium_directory::{http, unix_now};
 use allium_proto::doc::MAX_DESCRIPTOR_LEN;
 use allium_proto::policy::ExitPolicy;
-use allium_proto::{LinkKey, RelayDescriptor, RelayId, SignedDocument, UnverifiedDescriptor};
+use allium_proto::{
+    ConsensusRelay, LinkKey, RelayDescriptor, RelayId, SignedDocument, UnverifiedDescriptor,
+};
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -67,11 +69,13 @@ impl ChannelManager {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether this relay holds an open link to `id` that it opened.
-    pub fn opened_to(&self, id: &RelayId) -> bool {
+    /// Whether this relay holds an open link to `id` that it opened, and
+    /// if so whether that link carries circuits.
+    pub fn opened_to(&self, id: &RelayId) -> Option<bool> {
         self.lock()
             .get(id)
-            .is_some_and(|h| !h.is_closed() && h.we_opened())
+            .filter(|h| !h.is_closed() && h.we_opened())
+            .map(ChannelHandle::carries_circuits)
     }
 
     /// Close the link to `id` this relay opened if it carries no circuit
@@ -401,24 +405,32 @@ impl Relay {
         addr: std::net::SocketAddr,
     ) -> Option<tokio::task::JoinHandle<crate::selftest::Verdict>> {
         use allium_proto::RelayFlags;
+        use rand::seq::IndexedRandom;
         let me = self.ctx.identity_pub;
         c.relays
             .iter()
             .find(|r| r.identity == me && r.addr == addr)?;
-        let others: Vec<_> = c
+        // A relay that would reuse a link this one opened proves nothing:
+        // go through one that must open its own, if there is one, else
+        // through one whose link from this relay carries no circuit (each
+        // ranked once: links come and go meanwhile).
+        let channels = &self.ctx.channels;
+        let ranked: Vec<(u8, &ConsensusRelay)> = c
             .relays
             .iter()
             .filter(|r| r.identity != me && r.flags.has(RelayFlags::RUNNING))
+            .map(|r| match channels.opened_to(&RelayId(r.identity)) {
+                None => (0, r),
+                Some(false) => (1, r),
+                Some(true) => (2, r),
+            })
             .collect();
-        // A relay that would reuse a link this one opened proves nothing:
-        // go through one that must open its own, if there is one.
-        let fresh: Vec<_> = others
-            .iter()
-            .copied()
-            .filter(|r| !self.ctx.channels.opened_to(&RelayId(r.identity)))
+        let best = ranked.iter().map(|(k, _)| *k).min()?;
+        let others: Vec<&ConsensusRelay> = ranked
+            .into_iter()
+            .filter_map(|(k, r)| (k == best).then_some(r))
             .collect();
-        let others = if fresh.is_empty() { others } else { fresh };
-        let via = *others.get(rand::random_range(0..others.len().max(1)))?;
+        let via = *others.choose(&mut rand::rng())?;
         // With no such relay (a small network, where this one opened links
         // to all the others), close the link to the one chosen if it
         // carries no circuit, so that it opens its own (waiting at most 2 s
