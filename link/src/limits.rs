@@ -102,17 +102,21 @@ impl QueueMem {
             return;
         }
         let now = now_ms(self.epoch);
-        let mut victims: Vec<(u64, usize, Arc<CircAcct>)> = {
+        // Chosen once the lock is released: a circuit may end meanwhile,
+        // leaving the account upgraded here as its last reference, whose
+        // drop takes the lock.
+        let live: Vec<Arc<CircAcct>> = {
             let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-            reg.values()
-                .filter_map(Weak::upgrade)
-                .filter(|a| !a.killed.load(Ordering::Relaxed))
-                .filter_map(|a| {
-                    let q = a.queued.load(Ordering::Relaxed);
-                    (q > 0).then(|| (now.saturating_sub(a.since.load(Ordering::Relaxed)), q, a))
-                })
-                .collect()
+            reg.values().filter_map(Weak::upgrade).collect()
         };
+        let mut victims: Vec<(u64, usize, Arc<CircAcct>)> = live
+            .into_iter()
+            .filter(|a| !a.killed.load(Ordering::Relaxed))
+            .filter_map(|a| {
+                let q = a.queued.load(Ordering::Relaxed);
+                (q > 0).then(|| (now.saturating_sub(a.since.load(Ordering::Relaxed)), q, a))
+            })
+            .collect();
         victims.sort_by_key(|v| std::cmp::Reverse(v.0));
         let mut left = self.total();
         let target = self.cap / 4 * 3;
@@ -454,6 +458,37 @@ mod tests {
         young.sub(7 * CELL_BYTES);
         assert_eq!(mem.total(), 0);
         assert_eq!(mem.peak(), 11 * CELL_BYTES);
+    }
+
+    /// Circuits that end while the cap is being enforced: the account the
+    /// cap looked at may be the last reference, and dropping it takes the
+    /// registry's lock. Both threads must finish (a deadlock here stopped
+    /// a whole relay).
+    #[test]
+    fn accounts_dropped_while_the_cap_is_enforced_do_not_deadlock() {
+        let mem = QueueMem::new(100 * CELL_BYTES, Arc::new(RelayStats::default()));
+        let (done, finished) = std::sync::mpsc::channel();
+        for role in 0..2 {
+            let (mem, done) = (mem.clone(), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..200_000 {
+                    if role == 0 {
+                        // A circuit comes and goes (nothing queued).
+                        drop(mem.account());
+                    } else {
+                        // Another crosses 90% of the cap and back.
+                        mem.add_shared(95 * CELL_BYTES);
+                        mem.sub_shared(95 * CELL_BYTES);
+                    }
+                }
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..2 {
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a thread deadlocked on the registry");
+        }
     }
 
     #[tokio::test(start_paused = true)]
