@@ -344,6 +344,9 @@ impl Relay {
         let mut next_test = tokio::time::Instant::now();
         let mut tried = false;
         let mut failures = 0u32;
+        // Whether the consensus before the one held listed this relay here,
+        // and whether the one held does.
+        let (mut listed_before, mut listed) = (false, false);
         loop {
             let asked = async {
                 match usr1.as_mut() {
@@ -368,8 +371,9 @@ impl Relay {
                     let c = consensus.borrow_and_update().clone();
                     if let Some(c) = c {
                         self.standing.listed(&c, &self.ctx.identity_pub, addr);
+                        (listed_before, listed) = (listed, self.listed_at(&c, addr));
                         if test.is_none() && (!tried || tokio::time::Instant::now() >= next_test) {
-                            test = self.start_self_test(&c, addr);
+                            test = self.start_self_test(&c, addr, !listed_before);
                             tried |= test.is_some();
                         }
                     }
@@ -378,7 +382,7 @@ impl Relay {
                 () = tokio::time::sleep_until(next_test), if idle && tried => {
                     next_test = tokio::time::Instant::now() + retest_after(failures.max(3));
                     if let Some(c) = self.ctx.net.consensus() {
-                        test = self.start_self_test(&c, addr);
+                        test = self.start_self_test(&c, addr, !listed_before);
                     }
                 }
                 r = tested => {
@@ -397,19 +401,27 @@ impl Relay {
         }
     }
 
+    /// Whether `c` lists this relay at `addr`.
+    fn listed_at(&self, c: &allium_proto::Consensus, addr: SocketAddr) -> bool {
+        let me = self.ctx.identity_pub;
+        c.relays.iter().any(|r| r.identity == me && r.addr == addr)
+    }
+
     /// Start the self-test through a Running relay other than this one, if
-    /// `c` lists this relay at `addr`.
+    /// `c` lists this relay at `addr`; `newly` if the consensus before did
+    /// not (other relays may still hold that one).
     fn start_self_test(
         &self,
         c: &allium_proto::Consensus,
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
+        newly: bool,
     ) -> Option<tokio::task::JoinHandle<crate::selftest::Verdict>> {
         use allium_proto::RelayFlags;
         use rand::seq::IndexedRandom;
         let me = self.ctx.identity_pub;
-        c.relays
-            .iter()
-            .find(|r| r.identity == me && r.addr == addr)?;
+        if !self.listed_at(c, addr) {
+            return None;
+        }
         // A relay that would reuse a link this one opened proves nothing:
         // go through one that must open its own, if there is one, else
         // through one whose link from this relay carries no circuit (each
@@ -441,11 +453,18 @@ impl Relay {
         let d = UnverifiedDescriptor::parse(&desc.to_bytes()).ok()?;
         let mine = crate::selftest::Hop::from(d.descriptor());
         let inbound = self.ctx.self_test.clone();
+        let lag_until = if newly {
+            crate::selftest::others_may_lag_until(c)
+        } else {
+            0
+        };
         Some(tokio::spawn(async move {
             if let Some(h) = closing {
                 h.closed_within(Duration::from_secs(2)).await;
             }
-            crate::selftest::through(&via, &mine, &inbound).await
+            crate::selftest::through(&via, &mine, &inbound)
+                .await
+                .unless_lagging(lag_until, allium_directory::unix_now_ms())
         }))
     }
 

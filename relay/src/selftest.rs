@@ -17,7 +17,10 @@
 //! Relays extend circuits only to relays the consensus lists at that
 //! address, so the test can run once the consensus lists this relay; until
 //! then the authorities' own reachability tests decide whether it is
-//! listed Running.
+//! listed Running. When the consensus before did not list this relay
+//! there, the other relay may still hold that one, and refuse as it would
+//! if it could not connect: such a refusal says "unreachable" only once
+//! the others have had time to fetch the new one.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -108,6 +111,31 @@ impl From<&RelayDescriptor> for Hop {
             link_key: d.link_key,
             onion_key: d.onion_key,
             addr: d.addr,
+        }
+    }
+}
+
+/// How long after a consensus takes effect its relays may still hold the
+/// one before: the caches' fetch window, and this for the fetch itself.
+const FETCH_SLACK_MS: u64 = 10_000;
+
+/// Until when (milliseconds since the UNIX epoch) another relay may still
+/// hold the consensus before `c`, which may not list this relay: it then
+/// refuses to extend to it, with the same answer it gives when it cannot
+/// connect.
+pub fn others_may_lag_until(c: &allium_proto::Consensus) -> u64 {
+    c.valid_after.saturating_mul(1000) + allium_directory::http::cache_spread_ms(c) + FETCH_SLACK_MS
+}
+
+impl Verdict {
+    /// "Could not reach" from a relay whose consensus may not list this
+    /// relay yet (before `lag_until`, at `now_ms`) proves nothing.
+    pub fn unless_lagging(self, lag_until: u64, now_ms: u64) -> Verdict {
+        match self {
+            Verdict::Unreachable(e) if now_ms < lag_until => {
+                Verdict::Unknown(format!("{e}; its consensus may not list this relay yet"))
+            }
+            v => v,
         }
     }
 }
@@ -230,4 +258,27 @@ async fn extend_back(
         )),
         (_, m) => Err(lost(&format!("answered {:?}", m.cmd()))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Verdict;
+
+    #[test]
+    fn a_refusal_while_others_may_lag_proves_nothing() {
+        let refused = || Verdict::Unreachable("relay1 could not reach 127.0.0.1:1".into());
+        assert!(matches!(
+            refused().unless_lagging(1000, 999),
+            Verdict::Unknown(e) if e.contains("may not list this relay yet")
+        ));
+        assert!(matches!(
+            refused().unless_lagging(1000, 1000),
+            Verdict::Unreachable(_)
+        ));
+        let took = std::time::Duration::from_millis(3);
+        assert_eq!(
+            Verdict::Reachable(took).unless_lagging(1000, 0),
+            Verdict::Reachable(took)
+        );
+    }
 }
