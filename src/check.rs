@@ -259,6 +259,12 @@ fn dirauth(r: &mut Report, c: AuthConfig) {
         r.errors
             .push("interval_secs must be at least 2 and valid_intervals positive".into());
     }
+    if c.voting_secs
+        .is_some_and(|v| !(2..=c.interval_secs).contains(&v))
+    {
+        r.errors
+            .push("voting_secs must be at least 2 and at most interval_secs".into());
+    }
     r.plan.push(format!(
         "a consensus every {}, valid for {}; descriptors kept {}",
         duration(c.interval_secs),

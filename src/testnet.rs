@@ -79,6 +79,14 @@ pub fn interval_for(relays: usize) -> u64 {
     3 + (relays.saturating_sub(1000) as u64).div_ceil(500)
 }
 
+/// How long before each period `allium testnet`'s authorities vote: 3 s,
+/// and one more per 5,000 relays. The vote, the missing descriptors and
+/// the signatures of a few thousand relays cross in a second or two; a
+/// longer interval (for the relays' fetches) need not delay the votes.
+pub fn voting_for(relays: usize) -> u64 {
+    3 + relays as u64 / 5000
+}
+
 impl Default for TestnetOptions {
     fn default() -> Self {
         TestnetOptions {
@@ -244,6 +252,7 @@ pub fn plan(
             data_dir: dir.join(format!("auth{i}")),
             authorities: authorities.clone(),
             interval_secs: opts.interval_secs,
+            voting_secs: Some(voting_for(opts.relays).min(opts.interval_secs)),
             valid_intervals: opts.valid_intervals,
             descriptor_max_age_secs: 600,
             guard_min_uptime_secs: 0,
@@ -748,5 +757,10 @@ mod tests {
             .map(super::interval_for)
             .collect();
         assert_eq!(secs, [3, 3, 4, 5, 7, 11]);
+        let voting: Vec<u64> = [6, 4999, 5000, 10_000]
+            .into_iter()
+            .map(super::voting_for)
+            .collect();
+        assert_eq!(voting, [3, 3, 4, 5]);
     }
 }

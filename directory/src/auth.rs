@@ -1,16 +1,18 @@
 //! The directory authority (`allium dirauth`).
 //!
-//! Every `interval_secs`, aligned to the clock, the authorities agree on
-//! the consensus that becomes valid at the next boundary `V`:
+//! Every `interval_secs` (`I`), aligned to the clock, the authorities agree
+//! on the consensus that becomes valid at the next boundary `V`, in the
+//! last `voting_secs` (`D`) before it, while every known relay's
+//! reachability is tested all along:
 //!
-//! 1. from `V - I`: test every known relay's reachability, sign a vote,
-//!    push it to the other authorities (`POST /vote`);
-//! 2. at `V - I/2`: fetch the votes still missing (`GET /vote/V`); with
+//! 1. at `V - D`: sign a vote with the reachability found so far, push it
+//!    to the other authorities (`POST /vote`);
+//! 2. at `V - D/2`: fetch the votes still missing (`GET /vote/V`); with
 //!    votes from more than half of the authorities fetch the descriptors
 //!    they name that this one lacks (`GET /descriptors/...`), compute the
 //!    consensus ([`allium_proto::vote::compute_consensus`]), sign it and
 //!    push the detached signature (`POST /signature`);
-//! 3. at `V - I/4` and at `V`: fetch missing signatures
+//! 3. at `V - D/4` and at `V`: fetch missing signatures
 //!    (`GET /signature/V`), then publish the consensus if more than half of
 //!    the authorities signed it; otherwise keep serving the last one.
 
@@ -58,6 +60,15 @@ pub struct AuthConfig {
     pub interval_secs: u64,
     /// A consensus stays valid for this many intervals.
     pub valid_intervals: u64,
+    /// Each period's votes are made this many seconds before it starts
+    /// (the consensus is computed halfway from there, the signatures are
+    /// gathered at three quarters): the shorter, the fresher what the
+    /// votes say of the relays, as long as the votes, the missing
+    /// descriptors and the signatures still cross in time. At most the
+    /// interval; by default the interval, at most 600 s. Every authority
+    /// of a network must use the same: one that votes later than the
+    /// others compute is left out of their consensus.
+    pub voting_secs: Option<u64>,
     /// Descriptors older than this are dropped.
     pub descriptor_max_age_secs: u64,
     /// Relays held at most. When the table is full, a new relay takes the
@@ -115,6 +126,7 @@ impl Default for AuthConfig {
             authorities: vec![],
             interval_secs: 3600,
             valid_intervals: 3,
+            voting_secs: None,
             descriptor_max_age_secs: 48 * 3600,
             max_relays: MAX_CONSENSUS_RELAYS,
             allow_private_addresses: false,
@@ -188,6 +200,10 @@ struct AuthState {
 /// Where our shared-random secret is kept.
 const SR_SECRET_FILE: &str = "state/shared-random";
 
+/// How long before its period a round votes, when `voting_secs` is not
+/// set and the interval is longer: Tor's vote and distribution delays.
+const DEFAULT_VOTING_SECS: u64 = 600;
+
 /// Relays retested at once, at most ([`Authority::reach_loop`]).
 const REACH_AT_ONCE: usize = 64;
 /// Retests a second an authority aims at, at most: past this many relays
@@ -249,6 +265,14 @@ impl Authority {
         if cfg.interval_secs < 2 || cfg.valid_intervals == 0 {
             return Err(DirError::Config(
                 "interval_secs must be at least 2 and valid_intervals positive".into(),
+            ));
+        }
+        if cfg
+            .voting_secs
+            .is_some_and(|v| !(2..=cfg.interval_secs).contains(&v))
+        {
+            return Err(DirError::Config(
+                "voting_secs must be at least 2 and at most interval_secs".into(),
             ));
         }
         allium_link::metrics::check_listen(cfg.metrics_listen, cfg.metrics_allow_remote)
@@ -1015,6 +1039,16 @@ impl Authority {
                 return None;
             }
         };
+        debug!(
+            valid_after,
+            relays = c.relays.len(),
+            running = c
+                .relays
+                .iter()
+                .filter(|r| r.flags.has(RelayFlags::RUNNING))
+                .count(),
+            "consensus computed"
+        );
         let mut doc = c.to_document();
         let sig = {
             let s = lock(&self.signer);
@@ -1181,11 +1215,16 @@ impl Authority {
         }
     }
 
+    /// How long before its period a round votes (`voting_secs`).
+    fn voting_ms(&self) -> u64 {
+        let i = self.cfg.interval_secs;
+        1000 * self.cfg.voting_secs.unwrap_or(DEFAULT_VOTING_SECS).min(i)
+    }
+
     /// One voting round for the consensus valid at `va`.
     async fn round(&self, va: u64) {
-        let i_ms = self.cfg.interval_secs * 1000;
+        let d_ms = self.voting_ms();
         let va_ms = va * 1000;
-        self.reload_signer();
         {
             // Keep votes and signatures of the last two periods only, even
             // when no consensus gets published.
@@ -1198,13 +1237,15 @@ impl Authority {
                 warn!("removing old votes: {e}");
             }
         }
+        sleep_until_unix_ms(va_ms - d_ms).await;
+        self.reload_signer();
         let vote = self.make_vote(va, unix_now());
         for (_, addr, name) in self.peers() {
             if let Err(e) = http::post_vote(addr, vote.clone()).await {
                 debug!(authority = %name, "pushing vote: {e}");
             }
         }
-        sleep_until_unix_ms(va_ms - i_ms / 2).await;
+        sleep_until_unix_ms(va_ms - d_ms / 2).await;
         if let Some(sig) = self.assemble(va).await {
             for (_, addr, name) in self.peers() {
                 if let Err(e) = http::post_signature(addr, sig.clone()).await {
@@ -1212,7 +1253,7 @@ impl Authority {
                 }
             }
         }
-        sleep_until_unix_ms(va_ms - i_ms / 4).await;
+        sleep_until_unix_ms(va_ms - d_ms / 4).await;
         self.collect_signatures(va).await;
         sleep_until_unix_ms(va_ms).await;
         self.collect_signatures(va).await;
@@ -1365,6 +1406,25 @@ pub(crate) mod tests {
             allow_private_addresses: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn votes_are_made_voting_secs_before_the_period() {
+        let d = tempfile::tempdir().unwrap();
+        let base = authority(d.path());
+        let with = |interval_secs, voting_secs| {
+            Authority::new(AuthConfig {
+                interval_secs,
+                voting_secs,
+                ..base.clone()
+            })
+            .map(|a| a.voting_ms())
+        };
+        assert_eq!(with(60, None).unwrap(), 60_000, "the interval");
+        assert_eq!(with(3600, None).unwrap(), 600_000, "at most 10 minutes");
+        assert_eq!(with(11, Some(4)).unwrap(), 4_000);
+        assert!(with(11, Some(12)).is_err(), "longer than the interval");
+        assert!(with(11, Some(1)).is_err());
     }
 
     #[test]
