@@ -484,6 +484,10 @@ impl Testnet {
             (None, None) => return Err(other("no directory")),
         };
         std::fs::create_dir_all(&dir)?;
+        if tmp.is_some() {
+            // Nothing of it outlives the process: no file waits for the disk.
+            allium_directory::store::set_durable(false);
+        }
         let (base, held) = free_block(&opts).await?;
         let keys = authority_keys(&opts, &dir)?;
         let ids = relay_keys(&opts, &dir)?;
@@ -744,6 +748,9 @@ impl Testnet {
         self.tasks.shutdown().await;
         if self.shaped {
             allium_link::shaping::set(None);
+        }
+        if self._tmp.is_some() {
+            allium_directory::store::set_durable(true);
         }
     }
 }

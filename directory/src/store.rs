@@ -18,10 +18,22 @@ pub fn private_dir(dir: &Path) -> Result<(), DirError> {
         .map_err(|e| DirError::io(dir, e))
 }
 
+/// Whether [`write_atomic`] waits for the disk (see [`set_durable`]).
+static DURABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Stop waiting for the disk in this process, for a test network in a
+/// temporary directory that goes when it stops: its files are still
+/// replaced atomically, with their modes, but a large one's thousands of
+/// key files took seconds of syncs at each start.
+pub fn set_durable(durable: bool) {
+    DURABLE.store(durable, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Write `bytes` to `path` atomically (temp file, fsync, rename) with
 /// `mode`, creating its directory (0700) if need be.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError> {
-    write_replacing(path, bytes, mode, true)
+    let durable = DURABLE.load(std::sync::atomic::Ordering::Relaxed);
+    write_replacing(path, bytes, mode, durable)
 }
 
 /// [`write_atomic`] without waiting for the disk: a reader sees the old
