@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
 
 use allium::testnet::{TestnetOptions, init};
@@ -245,10 +247,7 @@ impl Drop for Procs {
 /// directory, on the first block of free loopback ports from `from`
 /// (authority, relays, SOCKS); the directory and the block's first port.
 fn small_network(from: u16) -> (tempfile::TempDir, u16) {
-    let base = (0..50u16)
-        .map(|i| from + i * 100)
-        .find(|b| (0..10).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
-        .expect("free ports");
+    let base = common::free_block(from, 10);
     let d = tempfile::tempdir().unwrap();
     let opts = TestnetOptions {
         relays: 3,

@@ -403,3 +403,15 @@ pub async fn hyper_get(
         .to_bytes()
         .to_vec()
 }
+
+/// The first port of a block of `len` free loopback ports at `from`,
+/// `from + 100`, ... (20 tries), all below 32768, where Linux's ephemeral
+/// ports begin: an outgoing connection never takes a port of the block
+/// between this check and the bind of the process that listens there.
+pub fn free_block(from: u16, len: u16) -> u16 {
+    (0..20u16)
+        .map(|i| from + i * 100)
+        .inspect(|b| assert!(u32::from(*b) + u32::from(len) <= 32768, "{b}+{len}"))
+        .find(|b| (0..len).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
+        .expect("free ports")
+}
