@@ -2,10 +2,11 @@
 //!
 //! Layout: `authorities` directory authorities that vote, N relays (the
 //! first `exits` of them exits that may reach loopback), and a client with
-//! a SOCKS5 port. Each role has its own data directory and `config.toml`,
-//! so `--init-only` writes a network that can also run one process per
-//! role. Each authority's offline identity key is kept in
-//! `authN/offline/identity.key` (a real operator keeps it elsewhere).
+//! a SOCKS5 port. Each role has its own data directory; with
+//! `--data-dir` (and `--init-only`) each also gets its `config.toml`, so
+//! the network can also run one process per role. Each authority's
+//! offline identity key is kept in `authN/offline/identity.key` (a real
+//! operator keeps it elsewhere).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -216,12 +217,30 @@ fn families(n_relays: usize) -> Vec<(usize, usize)> {
 
 /// Make (or reuse) the relays' identity keys; return them in hex.
 fn relay_keys(opts: &TestnetOptions, dir: &Path) -> Result<Vec<String>, TestnetError> {
-    (0..opts.relays)
-        .map(|i| {
-            let ks = allium_relay::keys::KeyStore::new(&dir.join(format!("relay{i}")));
-            Ok(hex::encode(ks.identity()?.verifying_key().to_bytes()))
+    let one = |i: usize| -> Result<String, TestnetError> {
+        let ks = allium_relay::keys::KeyStore::new(&dir.join(format!("relay{i}")));
+        Ok(hex::encode(ks.identity()?.verifying_key().to_bytes()))
+    };
+    // Side by side, on each core: a large network's keys are many files.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = opts.relays.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..opts.relays)
+            .step_by(per)
+            .map(|from| {
+                s.spawn(move || {
+                    (from..opts.relays.min(from + per))
+                        .map(one)
+                        .collect::<Result<Vec<String>, TestnetError>>()
+                })
+            })
+            .collect();
+        parts.into_iter().try_fold(Vec::new(), |mut all, p| {
+            let part = p.join().map_err(|_| other("making relay keys"))??;
+            all.extend(part);
+            Ok(all)
         })
-        .collect()
+    })
 }
 
 /// Make the configs (no files; keys already made).
@@ -488,10 +507,12 @@ impl Testnet {
             // Nothing of it outlives the process: no file waits for the disk.
             allium_directory::store::set_durable(false);
         }
+        let began = std::time::Instant::now();
         let (base, held) = free_block(&opts).await?;
         let keys = authority_keys(&opts, &dir)?;
         let ids = relay_keys(&opts, &dir)?;
         let mut p = plan(&opts, &dir, base, &keys, &ids)?;
+        tracing::debug!(took = ?began.elapsed(), "testnet ports and identity keys");
         // The fallback directories' ports are the last held; the relays
         // bind them themselves.
         let mut held = held;
@@ -537,6 +558,7 @@ impl Testnet {
             let (i, r) = done.map_err(|e| other(&e.to_string()))?;
             made[i] = Some(r.map_err(|e| other(&e.to_string()))??);
         }
+        tracing::debug!(took = ?began.elapsed(), "testnet relays made");
         let mut relays = Vec::new();
         for (rc, relay) in p.relays.iter().zip(made) {
             let l = next_port()?;
@@ -576,7 +598,12 @@ impl Testnet {
         };
         let http_addr = http_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         p.client.http_connect_listen = http_addr.into_iter().collect();
-        write_configs(&p, &opts)?;
+        // Configs for running each role on its own, kept only in a
+        // directory the user named: nobody can run from a temporary one (a
+        // 5,000-relay network's configs took seconds to write).
+        if opts.data_dir.is_some() {
+            write_configs(&p, &opts)?;
+        }
         let client = Client::new(p.client.clone())?;
         let socks_addr = socks_listener.local_addr()?;
         let c = client.clone();
