@@ -255,15 +255,8 @@ fn dirauth(r: &mut Report, c: AuthConfig) {
             c.listen
         ));
     }
-    if c.interval_secs < 2 || c.valid_intervals == 0 {
-        r.errors
-            .push("interval_secs must be at least 2 and valid_intervals positive".into());
-    }
-    if c.voting_secs
-        .is_some_and(|v| !(2..=c.interval_secs).contains(&v))
-    {
-        r.errors
-            .push("voting_secs must be at least 2 and at most interval_secs".into());
+    if let Err(e) = c.check() {
+        r.errors.push(e.to_string());
     }
     r.plan.push(format!(
         "a consensus every {}, valid for {}; descriptors kept {}",
@@ -271,9 +264,6 @@ fn dirauth(r: &mut Report, c: AuthConfig) {
         duration(c.interval_secs * c.valid_intervals),
         duration(c.descriptor_max_age_secs)
     ));
-    if let Err(e) = allium_link::metrics::check_listen(c.metrics_listen, c.metrics_allow_remote) {
-        r.errors.push(e.to_string());
-    }
     match allium_directory::keys::Signer::load(&c.data_dir) {
         Ok(s) => {
             let now = allium_directory::unix_now();

@@ -151,6 +151,37 @@ impl Default for AuthConfig {
     }
 }
 
+impl AuthConfig {
+    /// Whether the values are usable: the periods, `max_relays`, the
+    /// metrics address (keys and files are checked when loaded).
+    pub fn check(&self) -> Result<(), DirError> {
+        if self.interval_secs < 2 || self.valid_intervals == 0 {
+            return Err(DirError::Config(
+                "interval_secs must be at least 2 and valid_intervals positive".into(),
+            ));
+        }
+        if self
+            .voting_secs
+            .is_some_and(|v| !(2..=self.interval_secs).contains(&v))
+        {
+            return Err(DirError::Config(
+                "voting_secs must be at least 2 and at most interval_secs".into(),
+            ));
+        }
+        allium_link::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)
+            .map_err(|e| match e {
+                allium_link::LinkError::Config(why) => DirError::Config(why),
+                other => DirError::Config(other.to_string()),
+            })?;
+        if !(1..=MAX_CONSENSUS_RELAYS).contains(&self.max_relays) {
+            return Err(DirError::Config(format!(
+                "max_relays must be 1 to {MAX_CONSENSUS_RELAYS} (what a vote may list)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Default, Clone, Copy)]
 struct Reach {
     ok_at: Option<u64>,
@@ -262,26 +293,7 @@ async fn sleep_until_unix_ms(target_ms: u64) {
 impl Authority {
     /// Load the signing key, certificate and persisted state. No network.
     pub fn new(cfg: AuthConfig) -> Result<Self, DirError> {
-        if cfg.interval_secs < 2 || cfg.valid_intervals == 0 {
-            return Err(DirError::Config(
-                "interval_secs must be at least 2 and valid_intervals positive".into(),
-            ));
-        }
-        if cfg
-            .voting_secs
-            .is_some_and(|v| !(2..=cfg.interval_secs).contains(&v))
-        {
-            return Err(DirError::Config(
-                "voting_secs must be at least 2 and at most interval_secs".into(),
-            ));
-        }
-        allium_link::metrics::check_listen(cfg.metrics_listen, cfg.metrics_allow_remote)
-            .map_err(|e| DirError::Config(e.to_string()))?;
-        if !(1..=MAX_CONSENSUS_RELAYS).contains(&cfg.max_relays) {
-            return Err(DirError::Config(format!(
-                "max_relays must be 1 to {MAX_CONSENSUS_RELAYS} (what a vote may list)"
-            )));
-        }
+        cfg.check()?;
         let signer = Signer::load(&cfg.data_dir)?;
         let pinned = crate::authority_keys(&cfg.authorities)?;
         let identity = signer.parsed.identity;
