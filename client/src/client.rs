@@ -11,7 +11,7 @@ use allium_link::channel::{self, ChannelHandle};
 use allium_proto::relaymsg::TargetAddr;
 use allium_proto::service::ServiceAddress;
 use allium_proto::socks::SocksAuth;
-use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
+use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayFlags, RelayId};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, warn};
 
@@ -1256,7 +1256,17 @@ pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
     }
     fallback.ok_or_else(|| {
         last.unwrap_or_else(|| {
-            ClientError::NoPath("every guard in the sample failed recently".into())
+            let guards = (c.relays.iter())
+                .filter(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::GUARD))
+                .count();
+            ClientError::NoPath(if guards == 0 {
+                format!(
+                    "the consensus lists no Running relay with the Guard flag (of {} relays): a network just started, or a stale consensus",
+                    c.relays.len()
+                )
+            } else {
+                "every guard in the sample failed recently".into()
+            })
         })
     })
 }
@@ -1456,7 +1466,16 @@ mod tests {
         ));
         assert!(matches!(
             guard_and_path(&mut rng, &c, &any, &[], &[], &[], &[]),
-            Err(ClientError::NoPath(_))
+            Err(ClientError::NoPath(m)) if m.contains("failed recently")
+        ));
+        // No guard at all in the consensus: said so, not blamed on guards.
+        let mut none = c.clone();
+        for r in &mut none.relays {
+            r.flags = RelayFlags(r.flags.0 & !RelayFlags::GUARD);
+        }
+        assert!(matches!(
+            guard_and_path(&mut rng, &none, &any, &[], &[], &[], &[]),
+            Err(ClientError::NoPath(m)) if m.contains("no Running relay with the Guard flag")
         ));
     }
 
