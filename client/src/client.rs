@@ -144,7 +144,8 @@ pub struct Client {
 /// Attempts at building one circuit, and the pause after the first failed
 /// one (doubling after each): about 8 s in all, long enough for the
 /// authorities to notice a relay that died (a stream waits for a circuit
-/// rather than failing at the first bad path, as Tor's do).
+/// rather than failing at the first bad path, as Tor's do). A build that
+/// can end at another relay stops sooner ([`Client::build_circuit_or_move_on`]).
 const BUILD_ATTEMPTS: usize = 6;
 const BUILD_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -479,8 +480,34 @@ impl Client {
         target: &ExitTarget<'_>,
         avoid_exits: &[[u8; 32]],
     ) -> Result<CircuitHandle, ClientError> {
+        self.build(target, avoid_exits, false).await
+    }
+
+    /// A fresh circuit ending at `relay`, for a caller that can end at
+    /// another relay instead (an onion service's directory, introduction
+    /// or rendezvous point of the client's choosing): given up at once
+    /// when every path left goes through a relay that failed this build.
+    /// In a small network an onion-service circuit's restricted middles
+    /// may leave one that fits; waiting for the consensus to drop it took
+    /// the retries' 8 s.
+    pub(crate) async fn build_circuit_or_move_on(
+        &self,
+        relay: &[u8; 32],
+    ) -> Result<CircuitHandle, ClientError> {
+        self.build(&ExitTarget::Relay(relay), &[], true).await
+    }
+
+    async fn build(
+        &self,
+        target: &ExitTarget<'_>,
+        avoid_exits: &[[u8; 32]],
+        move_on: bool,
+    ) -> Result<CircuitHandle, ClientError> {
         let mut last = None;
         let mut named = Vec::new();
+        // The last extend failure, which ends a `move_on` build whose
+        // every path left meets a relay that failed.
+        let mut cornered = None;
         for attempt in 0..BUILD_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(BUILD_RETRY_PAUSE * (1 << (attempt - 1))).await;
@@ -503,7 +530,7 @@ impl Client {
             } else {
                 Vec::new()
             };
-            let (guard, p) = guard_and_path(
+            let (guard, p, avoids) = guard_and_path(
                 &mut rand::rng(),
                 &c,
                 target,
@@ -512,6 +539,13 @@ impl Client {
                 &named,
                 &layer2,
             )?;
+            if move_on
+                && !avoids
+                && let Some(e) = cornered.take()
+            {
+                debug!("every path to the relay chosen meets one that failed: {e}");
+                return Err(e);
+            }
             let ctl = self.inner.events.launch();
             let chan = match self.guard_channel(&guard).await {
                 Ok(ch) => ch,
@@ -555,6 +589,10 @@ impl Client {
                             return Err(f.error);
                         }
                         named.push(*relay);
+                        cornered = Some(ClientError::ExtendFailed {
+                            relay: *relay,
+                            why: format!("{}, on every path left", f.error),
+                        });
                     }
                     last = Some(f.error);
                 }
@@ -1230,7 +1268,8 @@ pub(crate) fn choose_path_through<R: rand::Rng + ?Sized>(
 /// guard choice by the exit; so is a guard through which every path meets
 /// an exit to avoid or a relay this build's failures named (the only live
 /// exit is in the guard's family), when a later guard has a path that does
-/// not. The guard stays first in the sample.
+/// not. The guard stays first in the sample. Also whether the path avoids
+/// them all.
 pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
     rng: &mut R,
     c: &Consensus,
@@ -1239,14 +1278,14 @@ pub(crate) fn guard_and_path<R: rand::Rng + ?Sized>(
     avoid_exits: &[[u8; 32]],
     named: &[[u8; 32]],
     layer2: &[[u8; 32]],
-) -> Result<(ConsensusRelay, [ConsensusRelay; 3]), ClientError> {
+) -> Result<(ConsensusRelay, [ConsensusRelay; 3], bool), ClientError> {
     let mut last = None;
     let mut fallback = None;
     for guard in usable {
         match choose_path_through(rng, c, target, guard, avoid_exits, named, layer2) {
-            Ok((p, true)) => return Ok((guard.clone(), p)),
+            Ok((p, true)) => return Ok((guard.clone(), p, true)),
             Ok((p, false)) => {
-                fallback.get_or_insert((guard.clone(), p));
+                fallback.get_or_insert((guard.clone(), p, false));
             }
             // That no circuit through one guard can end at the target says
             // less than another guard's failure on the way there.
@@ -1456,7 +1495,7 @@ mod tests {
             choose_path_through(&mut rng, &c, &any, &order[0], &[], &[], &[]),
             Err(ClientError::NoExit(_))
         ));
-        let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &[], &[], &[]).unwrap();
+        let (g, p, _) = guard_and_path(&mut rng, &c, &any, &order, &[], &[], &[]).unwrap();
         assert_eq!(g.identity, [3; 32]);
         let ids = p.map(|r| r.identity[0]);
         assert_eq!(ids, [3, 2, 1]);
@@ -1532,13 +1571,39 @@ mod tests {
         let down = [[6; 32]];
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for _ in 0..20 {
-            let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &down, &[], &[]).unwrap();
+            let (g, p, _) = guard_and_path(&mut rng, &c, &any, &order, &down, &[], &[]).unwrap();
             assert_eq!(g.identity, [2; 32]);
             assert_eq!(p[2].identity, [5; 32]);
         }
         // With exit 6 back, guard 1 is used again.
-        let (g, p) = guard_and_path(&mut rng, &c, &any, &order, &[], &[], &[]).unwrap();
+        let (g, p, _) = guard_and_path(&mut rng, &c, &any, &order, &[], &[], &[]).unwrap();
         assert_eq!((g.identity, p[2].identity), ([1; 32], [6; 32]));
+    }
+
+    /// A circuit to a chosen relay whose only fitting restricted middle
+    /// failed this build still gets a path, said not to avoid it (the
+    /// build then gives up at once: see `Client::build_circuit_or_move_on`).
+    #[test]
+    fn a_path_through_the_only_restricted_middle_left_is_flagged() {
+        use crate::path::tests::relay;
+        use rand::SeedableRng;
+        let c = crate::path::tests::consensus_of(vec![
+            relay(1, 1000, RelayFlags::GUARD),
+            relay(2, 1000, 0),
+            relay(3, 1000, 0),
+            relay(4, 1000, 0),
+        ]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let to = ExitTarget::Relay(&[3; 32]);
+        let guard = [c.relays[0].clone()];
+        let layer2 = [[2; 32]];
+        for named in [vec![], vec![[2; 32]]] {
+            let (g, p, avoids) =
+                guard_and_path(&mut rng, &c, &to, &guard, &[], &named, &layer2).unwrap();
+            let ids = p.map(|r| r.identity[0]);
+            assert_eq!((g.identity[0], ids), (1, [1, 2, 3]));
+            assert_eq!(avoids, named.is_empty());
+        }
     }
 
     #[test]

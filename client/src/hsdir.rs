@@ -21,7 +21,6 @@ use tracing::{debug, warn};
 
 use crate::ClientError;
 use crate::client::Client;
-use crate::path::ExitTarget;
 
 /// How long one request to one directory may take, circuit included.
 pub const DIR_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,10 +49,13 @@ async fn request(
     body: Vec<u8>,
 ) -> Result<Vec<u8>, ClientError> {
     let work = async {
-        // The circuit closes when the handle and the stream are gone.
-        let circ = client
-            .build_circuit(&ExitTarget::Relay(&dir.identity))
-            .await?;
+        // The circuit closes when the handle and the stream are gone. A
+        // fetch can ask another directory; an upload is to this one.
+        let circ = if method == "GET" {
+            client.build_circuit_or_move_on(&dir.identity).await?
+        } else {
+            (client.build_circuit(&crate::path::ExitTarget::Relay(&dir.identity))).await?
+        };
         circ.dir_talk(|io| http::exchange(io, &dir.nickname, method, path, body, MAX_LEN))
             .await?
             .map_err(ClientError::from)

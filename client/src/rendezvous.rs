@@ -30,7 +30,6 @@ use crate::ClientError;
 use crate::circuit::CircuitHandle;
 use crate::client::Client;
 use crate::hsdir;
-use crate::path::ExitTarget;
 
 /// How long an introduction point may take to answer INTRODUCE1, circuit
 /// included.
@@ -88,9 +87,7 @@ async fn establish_rendezvous(
     client: &Client,
     rp: &allium_proto::ConsensusRelay,
 ) -> Result<(CircuitHandle, mpsc::Receiver<RelayMsg>, [u8; COOKIE_LEN]), ClientError> {
-    let circ = client
-        .build_circuit(&ExitTarget::Relay(&rp.identity))
-        .await?;
+    let circ = client.build_circuit_or_move_on(&rp.identity).await?;
     let mut msgs = circ.service_messages().ok_or(ClientError::CircuitClosed)?;
     let mut cookie = [0u8; COOKIE_LEN];
     rand::rng().fill(&mut cookie[..]);
@@ -157,7 +154,14 @@ pub async fn connect(
             failed.push(rp.identity);
             match establish_rendezvous(client, &rp).await {
                 Ok((circ, msgs, cookie)) => return Ok((rp, circ, msgs, cookie)),
-                Err(e) => why_rp.push(format!("{}: {e}", rp.nickname)),
+                Err(e) => {
+                    // A relay on the way that failed is not the next
+                    // rendezvous point either, while another will do.
+                    if let ClientError::ExtendFailed { relay, .. } = &e {
+                        failed.push(*relay);
+                    }
+                    why_rp.push(format!("{}: {e}", rp.nickname));
+                }
             }
         }
         Err(rend_failed(format!(
@@ -170,11 +174,7 @@ pub async fn connect(
     // reach the rendezvous point before the cookie does).
     let first_intro = async {
         let relay = c.relay(&points.first()?.relay)?;
-        Some(
-            client
-                .build_circuit(&ExitTarget::Relay(&relay.identity))
-                .await,
-        )
+        Some(client.build_circuit_or_move_on(&relay.identity).await)
     };
     let (waiting, mut prebuilt) = tokio::join!(rp_setup, first_intro);
     let (rp, rp_circ, mut rp_msgs, cookie) = waiting?;
@@ -232,11 +232,7 @@ pub async fn connect(
         let ask = async {
             let circ = match circ {
                 Some(built) => built?,
-                None => {
-                    client
-                        .build_circuit(&ExitTarget::Relay(&relay.identity))
-                        .await?
-                }
+                None => client.build_circuit_or_move_on(&relay.identity).await?,
             };
             let mut msgs = circ.service_messages().ok_or(ClientError::CircuitClosed)?;
             circ.send_service(RelayMsg::Introduce1(Introduce {
