@@ -217,30 +217,12 @@ fn families(n_relays: usize) -> Vec<(usize, usize)> {
 
 /// Make (or reuse) the relays' identity keys; return them in hex.
 fn relay_keys(opts: &TestnetOptions, dir: &Path) -> Result<Vec<String>, TestnetError> {
-    let one = |i: usize| -> Result<String, TestnetError> {
-        let ks = allium_relay::keys::KeyStore::new(&dir.join(format!("relay{i}")));
-        Ok(hex::encode(ks.identity()?.verifying_key().to_bytes()))
-    };
-    // Side by side, on each core: a large network's keys are many files.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = opts.relays.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..opts.relays)
-            .step_by(per)
-            .map(|from| {
-                s.spawn(move || {
-                    (from..opts.relays.min(from + per))
-                        .map(one)
-                        .collect::<Result<Vec<String>, TestnetError>>()
-                })
-            })
-            .collect();
-        parts.into_iter().try_fold(Vec::new(), |mut all, p| {
-            let part = p.join().map_err(|_| other("making relay keys"))??;
-            all.extend(part);
-            Ok(all)
+    (0..opts.relays)
+        .map(|i| {
+            let ks = allium_relay::keys::KeyStore::new(&dir.join(format!("relay{i}")));
+            Ok(hex::encode(ks.identity()?.verifying_key().to_bytes()))
         })
-    })
+        .collect()
 }
 
 /// Make the configs (no files; keys already made).
