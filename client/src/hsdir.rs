@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::ClientError;
 use crate::client::Client;
+use crate::path::ExitTarget;
 
 /// How long one request to one directory may take, circuit included.
 pub const DIR_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,7 +55,9 @@ async fn request(
         let circ = if method == "GET" {
             client.build_circuit_or_move_on(&dir.identity).await?
         } else {
-            (client.build_circuit(&crate::path::ExitTarget::Relay(&dir.identity))).await?
+            client
+                .build_circuit(&ExitTarget::Relay(&dir.identity))
+                .await?
         };
         circ.dir_talk(|io| http::exchange(io, &dir.nickname, method, path, body, MAX_LEN))
             .await?
