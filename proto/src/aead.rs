@@ -21,21 +21,41 @@
 //! its owner increments, so a (key, nonce) pair never repeats.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::cipher::{AES_256, EncryptingKey, EncryptionContext, UnboundCipherKey};
 use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
 
 pub const KEY_LEN: usize = 32;
 pub const TAG_LEN: usize = 16;
 
 /// An AES-256-GCM key, expanded once (the key schedule and the GHASH
 /// tables cost about as much as sealing a cell); the 32 key bytes are not
-/// kept.
-pub struct Key(LessSafeKey);
+/// kept. A key made [`Key::with_keystream`] also holds the bare AES-256
+/// counter mode of the same key, for [`keystream_at`]: the tail of a
+/// keystream without the blocks before it (about 500 bytes more, so only
+/// the keys that need it have it).
+pub struct Key {
+    gcm: LessSafeKey,
+    ctr: Option<Box<EncryptingKey>>,
+}
 
 impl Key {
     pub fn new(k: &[u8; KEY_LEN]) -> Self {
-        Key(LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, k).expect("a 32-byte AES-256 key"),
-        ))
+        Key {
+            gcm: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, k).expect("a 32-byte AES-256 key")),
+            ctr: None,
+        }
+    }
+
+    /// A key that also makes any part of its keystreams on its own.
+    pub fn with_keystream(k: &[u8; KEY_LEN]) -> Self {
+        let ctr = UnboundCipherKey::new(&AES_256, k)
+            .and_then(EncryptingKey::ctr)
+            .expect("a 32-byte AES-256 key");
+        Key {
+            ctr: Some(Box::new(ctr)),
+            ..Key::new(k)
+        }
     }
 }
 
@@ -46,9 +66,10 @@ fn nonce(counter: u64) -> [u8; 12] {
 }
 
 fn seal_raw(k: &Key, nonce: [u8; 12], ad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
-    let tag =
-        k.0.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(ad), buf)
-            .expect("messages far below GCM's limit");
+    let tag = k
+        .gcm
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(ad), buf)
+        .expect("messages far below GCM's limit");
     let mut t = [0u8; TAG_LEN];
     t.copy_from_slice(tag.as_ref());
     t
@@ -56,7 +77,7 @@ fn seal_raw(k: &Key, nonce: [u8; 12], ad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN
 
 fn open_raw(k: &Key, nonce: [u8; 12], ad: &[u8], buf: &mut [u8], tag: &[u8; TAG_LEN]) -> bool {
     let ok = k
-        .0
+        .gcm
         .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(ad), tag, buf)
         .is_ok();
     if !ok {
@@ -85,7 +106,53 @@ pub mod whole {
 /// under that pair does to its message (GCM's counter mode from block 2
 /// on), without the tag.
 pub fn keystream(key: &Key, counter: u64, buf: &mut [u8]) {
+    // As fast as counter mode alone for a cell (the stitched GHASH costs
+    // next to nothing), and every key has it.
     whole::seal(key, counter, &[], buf);
+}
+
+/// XOR bytes `offset..offset + buf.len()` of the keystream of
+/// `(key, counter)` into `buf`. GCM encrypts block `i` of a message under
+/// the counter block `nonce | 2 + i` (32-bit big-endian), so that is
+/// AES-256 in counter mode from block `2 + offset / 16`, less the first
+/// `offset % 16` bytes. A key without [`Key::with_keystream`] computes it
+/// as a seal of the bytes up to `offset + buf.len()`.
+pub fn keystream_at(key: &Key, counter: u64, offset: usize, buf: &mut [u8]) {
+    if buf.is_empty() {
+        return;
+    }
+    let Some(ctr) = &key.ctr else {
+        let mut whole = zeroize::Zeroizing::new(vec![0u8; offset + buf.len()]);
+        whole::seal(key, counter, &[], &mut whole);
+        for (b, k) in buf.iter_mut().zip(&whole[offset..]) {
+            *b ^= k;
+        }
+        return;
+    };
+    let block = u32::try_from(offset / 16 + 2).expect("offsets far below GCM's limit");
+    let mut iv = [0u8; 16];
+    iv[..12].copy_from_slice(&nonce(counter));
+    iv[12..].copy_from_slice(&block.to_be_bytes());
+    let skip = offset % 16;
+    let crypt = |data: &mut [u8], iv: [u8; 16]| {
+        ctr.less_safe_encrypt(data, EncryptionContext::Iv128(iv.into()))
+            .expect("counter mode takes any length");
+    };
+    if skip == 0 {
+        crypt(buf, iv);
+        return;
+    }
+    // Start at the block boundary: the bytes before `offset` are scratch.
+    let mut head = [0u8; 16];
+    let first = buf.len().min(16 - skip);
+    head[skip..skip + first].copy_from_slice(&buf[..first]);
+    crypt(&mut head, iv);
+    buf[..first].copy_from_slice(&head[skip..skip + first]);
+    head.zeroize();
+    if buf.len() > first {
+        iv[12..].copy_from_slice(&(block + 1).to_be_bytes());
+        crypt(&mut buf[first..], iv);
+    }
 }
 
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -160,10 +227,14 @@ mod tests {
     #[test]
     fn keystream_is_the_encryption_half_and_open_checks_everything() {
         let key = Key::new(&[5u8; 32]);
+        let fast = Key::with_keystream(&[5u8; 32]);
         for len in [0usize, 1, 15, 16, 17, 493, 509, 65519] {
             let pt: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
             let mut a = pt.clone();
             keystream(&key, 7, &mut a);
+            let mut a2 = pt.clone();
+            keystream_at(&fast, 7, 0, &mut a2);
+            assert_eq!(a, a2, "counter mode is GCM's keystream, length {len}");
             let mut b = pt.clone();
             let t = whole::seal(&key, 7, &[1], &mut b);
             assert_eq!(a, b);
@@ -179,6 +250,26 @@ mod tests {
             }
             assert!(whole::open(&key, 7, &[1], &mut b, &t));
             assert_eq!(b, pt);
+        }
+    }
+
+    /// Any part of the keystream, alone, is that part of the whole one,
+    /// for offsets on and off the 16-byte blocks and parts that end in,
+    /// at or past the first block.
+    #[test]
+    fn a_part_of_the_keystream_is_that_part_of_the_whole() {
+        for key in [Key::new(&[3u8; 32]), Key::with_keystream(&[3u8; 32])] {
+            let mut whole = vec![0u8; 509];
+            keystream(&key, 1 << 40, &mut whole);
+            for offset in [0usize, 1, 15, 16, 17, 33, 445, 461, 477, 493, 508] {
+                for len in [0usize, 1, 14, 15, 16, 17, 31, 48, 509 - offset] {
+                    let len = len.min(509 - offset);
+                    let mut part: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                    keystream_at(&key, 1 << 40, offset, &mut part);
+                    let want: Vec<u8> = (0..len).map(|i| i as u8 ^ whole[offset + i]).collect();
+                    assert_eq!(part, want, "offset {offset}, length {len}");
+                }
+            }
         }
     }
 }

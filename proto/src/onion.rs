@@ -27,7 +27,7 @@
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::Error;
-use crate::aead::{Key, TAG_LEN, keystream, whole};
+use crate::aead::{Key, TAG_LEN, keystream, keystream_at, whole};
 use crate::cell::PAYLOAD_LEN;
 
 /// Bytes of the body that every layer encrypts.
@@ -55,6 +55,14 @@ impl Direction {
     fn new(key: &[u8; 32]) -> Self {
         Direction {
             key: Key::new(key),
+            counter: 0,
+        }
+    }
+    /// A direction whose keystream's tails are taken alone: the client's
+    /// forward layers (the filler).
+    fn with_keystream(key: &[u8; 32]) -> Self {
+        Direction {
+            key: Key::with_keystream(key),
             counter: 0,
         }
     }
@@ -276,7 +284,7 @@ impl ClientLayers {
             });
         }
         self.hops.push((
-            Direction::new(&keys.forward),
+            Direction::with_keystream(&keys.forward),
             Direction::new(&keys.backward),
         ));
         self.bindings.push(keys.binding());
@@ -319,37 +327,25 @@ impl ClientLayers {
                 "target beyond the circuit",
             ));
         }
-        // The keystreams of the hops up to `target`: their tails make the
-        // filler and the innermost plaintext's tail.
-        let mut streams = [[0u8; BODY_LEN]; MAX_HOPS];
-        for (j, (fwd, _)) in self.hops[..=target].iter().enumerate() {
-            let (key, n) = fwd.current()?;
-            keystream(key, n, &mut streams[j]);
-        }
         // The filler: what the zero blocks appended by hops 0..target look like
-        // in the body hop `target` receives (its last 16*target bytes).
+        // in the body hop `target` receives (its last 16*target bytes). Hop
+        // `j` decrypts the 16*j filler bytes it receives with its keystream's
+        // last 16*j bytes, then appends a zero block.
         let mut filler = [0u8; TAG_LEN * MAX_HOPS];
         let mut flen = 0;
-        for ks in &streams[..target] {
-            let start = BODY_LEN - flen;
-            for (f, k) in filler[..flen].iter_mut().zip(&ks[start..]) {
-                *f ^= k;
-            }
-            filler[flen..flen + TAG_LEN].fill(0);
+        for (fwd, _) in &self.hops[..target] {
+            let (key, n) = fwd.current()?;
+            keystream_at(key, n, BODY_LEN - flen, &mut filler[..flen]);
             flen += TAG_LEN;
         }
         // Innermost layer: the message, then the bytes that encrypt to the
         // filler; sealed for delivery at `target`.
         let split = BODY_LEN - flen;
-        let (tag_field, body) = payload.split_at_mut(TAG_LEN);
-        for ((b, f), k) in body[split..]
-            .iter_mut()
-            .zip(&filler[..flen])
-            .zip(&streams[target][split..])
-        {
-            *b = f ^ k;
-        }
         let (key, n) = self.hops[target].0.current()?;
+        let (tag_field, body) = payload.split_at_mut(TAG_LEN);
+        body[split..].copy_from_slice(&filler[..flen]);
+        filler.zeroize();
+        keystream_at(key, n, split, &mut body[split..]);
         let inner = whole::seal(key, n, AD_DELIVER, body);
         // Each hop before it: its tag and the body minus the tail the hop
         // appends again, sealed for passing on.
@@ -364,7 +360,6 @@ impl ClientLayers {
             fwd.advance();
         }
         tag_field.copy_from_slice(&tag);
-        streams.zeroize();
         Ok(inner)
     }
 
