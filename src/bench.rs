@@ -440,6 +440,10 @@ pub struct Report {
     pub service_stream_mbps: f64,
     pub service_stream_bytes: usize,
     pub service_vs_exit: f64,
+    /// CPU-s per GB of those streams in the service's process and the
+    /// client's (its four layers at each end).
+    pub service_cpu_s_per_gb: f64,
+    pub service_client_cpu_s_per_gb: f64,
     pub service_recovery_s: f64,
 }
 
@@ -1005,19 +1009,33 @@ async fn services(
         50 << 20
     };
     let mut runs = Vec::new();
+    // CPU time comes in clock ticks (10 ms, half a second per GB of a
+    // 20 MiB stream): counted over the three streams together.
+    let (mut svc_cpu, mut client_cpu, mut gb) = (0.0, 0.0, 0.0);
+    let svc_pid = procs.pid("service").ok_or("no service")?;
+    let client_pid = procs.pid("client").ok_or("no client")?;
     for i in 0..3 {
         let user = format!("svc-bulk{i}");
         socks_get_counting(socks, Dest::Host(&host, 80), 1024, Some(&user), None, false).await?;
+        let (s0, c0) = (cpu_secs(svc_pid), cpu_secs(client_pid));
         let f =
             socks_get_counting(socks, Dest::Host(&host, 80), big, Some(&user), None, false).await?;
+        svc_cpu += cpu_secs(svc_pid) - s0;
+        client_cpu += cpu_secs(client_pid) - c0;
+        gb += f.bytes as f64 / 1e9;
         runs.push(f.bytes as f64 / f.total.as_secs_f64() / 1e6);
     }
     rep.service_stream_bytes = big;
     rep.service_stream_mbps = median(&mut runs);
+    rep.service_cpu_s_per_gb = svc_cpu / gb;
+    rep.service_client_cpu_s_per_gb = client_cpu / gb;
     rep.service_vs_exit = rep.service_stream_mbps / rep.single_stream_100mib_mbps.max(1e-9);
     eprintln!(
-        "bench: g. one stream to the service {:.1} MB/s ({:.2}x the exit stream)",
-        rep.service_stream_mbps, rep.service_vs_exit
+        "bench: g. one stream to the service {:.1} MB/s ({:.2}x the exit stream; CPU-s per GB: service {:.2}, client {:.2})",
+        rep.service_stream_mbps,
+        rep.service_vs_exit,
+        rep.service_cpu_s_per_gb,
+        rep.service_client_cpu_s_per_gb
     );
 
     // Kill one introduction point and one directory a fetch may ask
@@ -1209,6 +1227,10 @@ fn print_report(r: &Report) {
         r.service_stream_bytes >> 20,
         r.service_stream_mbps,
         r.service_vs_exit
+    );
+    println!(
+        "g. service: CPU-s per GB, service / client         {:.2} / {:.2}",
+        r.service_cpu_s_per_gb, r.service_client_cpu_s_per_gb
     );
     if r.service_recovery_s.is_nan() {
         println!(
