@@ -516,16 +516,16 @@ impl Client {
             let c = self
                 .consensus()
                 .ok_or_else(|| ClientError::NoConsensus("not bootstrapped yet".into()))?;
-            let usable = {
+            let (usable, unreachable) = {
                 let mut g = lock(&self.inner.guards);
                 g.update(&c, unix_now());
-                g.usable(&c)
+                (g.usable(&c), g.unreachable())
             };
             // Circuits to a chosen relay (onion services') go through the
             // restricted middles.
             let layer2 = if matches!(target, ExitTarget::Relay(_)) {
                 let mut v = lock(&self.inner.vanguards);
-                v.update(&mut rand::rng(), &c, unix_now());
+                v.update(&mut rand::rng(), &c, unix_now(), &unreachable);
                 v.ids()
             } else {
                 Vec::new()
@@ -1319,12 +1319,10 @@ fn learn(guards: &mut GuardSet, guard: &[u8; 32], len: usize, failure: Option<&B
     guards.record_build(guard, failure.map_or(len, |f| f.hops), len);
 }
 
-/// Names that must never reach an exit: service names (valid or not:
-/// checked here, before any network work) and Tor's `.onion` names, which
-/// an exit would hand to the DNS.
 /// Names that must never reach an exit: a service address (returned, to
-/// be reached through the ring; a mistyped one fails here) or a Tor
-/// `.onion` name.
+/// be reached through the ring; a mistyped one fails here, before any
+/// network work) or a Tor `.onion` name, which an exit would hand to the
+/// DNS.
 fn keep_local(host: &str) -> Result<Option<ServiceAddress>, ClientError> {
     if ServiceAddress::claims(host) {
         return Ok(Some(ServiceAddress::parse(host)?));

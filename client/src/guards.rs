@@ -7,7 +7,9 @@
 //! in use at a time); an entry that fails is retried with exponential
 //! backoff instead of being dropped; entries leave the sample when they
 //! leave the consensus or when their lifetime ends, and the sample is
-//! refilled to its size.
+//! refilled to its size. An entry listed without Running stays (first
+//! again when it is back), and another is drawn beside it, up to twice
+//! the size in all.
 //!
 //! Each guard also has its path-bias counts (`pathbias.rs`): a guard whose
 //! circuits fail far more than an honest guard's is disabled, stays in the
@@ -54,6 +56,8 @@ struct Entry {
     stored: Stored,
     failures: u32,
     retry_at: Option<Instant>,
+    /// When it last failed (a connection, or CREATEs left unanswered).
+    failed_at: Option<Instant>,
     /// CREATEs in a row the guard left unanswered.
     unanswered: u32,
     bias: PathBias,
@@ -67,6 +71,7 @@ impl Entry {
             stored,
             failures: 0,
             retry_at: None,
+            failed_at: None,
             unanswered: 0,
             bias: PathBias::default(),
             reported: Verdict::Fine,
@@ -85,6 +90,8 @@ pub struct GuardSet {
     size: usize,
     lifetime: u64,
     retry: Duration,
+    /// When a guard last answered (reached, or a CREATE answered).
+    answered_at: Option<Instant>,
 }
 
 /// CREATEs in a row a guard may leave unanswered before it is backed off
@@ -127,6 +134,7 @@ impl GuardSet {
             size: size.max(1),
             lifetime,
             retry,
+            answered_at: None,
         }
     }
 
@@ -149,8 +157,8 @@ impl GuardSet {
     }
 
     /// Drop guards that left the consensus or outlived their lifetime, and
-    /// fill the sample up again: `size` guards not disabled, and at most
-    /// `size` disabled ones besides.
+    /// fill the sample up again: `size` guards listed Running and not
+    /// disabled, and at most `2 * size` entries in all.
     pub fn update(&mut self, c: &Consensus, now: u64) {
         let before: Vec<[u8; 32]> = self.ids();
         self.entries.retain(|e| {
@@ -172,7 +180,18 @@ impl GuardSet {
             }
             self.save_bias();
         }
-        let enabled = self.entries.iter().filter(|e| !e.bias.disabled).count();
+        // Entries the consensus lists but not as Running guards stay (they
+        // come first again when they are back) but are not counted: a
+        // sample of three with one down leaves a client (or a service)
+        // whose other guard shares a family with the relay a circuit must
+        // end at without a way there until the consensus drops the relay.
+        let enabled = (self.entries.iter())
+            .filter(|e| !e.bias.disabled)
+            .filter(|e| {
+                c.relay(&e.stored.identity)
+                    .is_some_and(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::GUARD))
+            })
+            .count();
         let room = (2 * self.size).saturating_sub(self.entries.len());
         let want = self.size.saturating_sub(enabled).min(room);
         if want > 0 {
@@ -216,11 +235,29 @@ impl GuardSet {
             .collect()
     }
 
+    /// The sampled guards this client itself could not reach (a connection
+    /// failed, or CREATEs went unanswered) and waits to try again, when
+    /// another guard has answered since: with none answering, the client's
+    /// own network is the likelier cause.
+    pub fn unreachable(&self) -> Vec<[u8; 32]> {
+        let now = Instant::now();
+        (self.entries.iter())
+            .filter(|e| {
+                e.retry_at.is_some_and(|t| now < t)
+                    && e.failed_at
+                        .zip(self.answered_at)
+                        .is_some_and(|(f, a)| f < a)
+            })
+            .map(|e| e.stored.identity)
+            .collect()
+    }
+
     /// The guard could not be reached: try the next one, and this one again
     /// after a backoff.
     pub fn failed(&mut self, id: &[u8; 32]) {
         if let Some(e) = self.entries.iter_mut().find(|e| &e.stored.identity == id) {
             e.failures = e.failures.saturating_add(1);
+            e.failed_at = Some(Instant::now());
             let wait = self
                 .retry
                 .saturating_mul(1 << e.failures.min(10).saturating_sub(1))
@@ -232,6 +269,7 @@ impl GuardSet {
 
     pub fn succeeded(&mut self, id: &[u8; 32]) {
         if let Some(e) = self.entries.iter_mut().find(|e| &e.stored.identity == id) {
+            self.answered_at = Some(Instant::now());
             if e.failures > 0 {
                 info!("guard reachable again");
             }
@@ -315,8 +353,6 @@ impl GuardSet {
     }
 }
 
-/// The counts in a `pathbias` file; none if it is missing, unreadable or
-/// of another format.
 /// Write `value` to `file` (postcard, atomically, 0600); a failure is
 /// logged as one to save `what`: the client goes on with what it holds.
 pub(crate) fn save<T: Serialize + ?Sized>(file: &std::path::Path, value: &T, what: &str) {
@@ -330,6 +366,8 @@ pub(crate) fn save<T: Serialize + ?Sized>(file: &std::path::Path, value: &T, wha
     }
 }
 
+/// The counts in a `pathbias` file; none if it is missing, unreadable or
+/// of another format.
 fn load_bias(file: &std::path::Path) -> Vec<StoredBias> {
     let Ok(bytes) = std::fs::read(file) else {
         return Vec::new();
@@ -371,11 +409,59 @@ mod tests {
         // The same sample after a restart.
         let g2 = GuardSet::load(file.clone(), 3, 1000, Duration::from_millis(50));
         assert_eq!(g2.ids(), sample);
-        // A failed guard is skipped, then tried again.
+        // A failed guard is skipped, then tried again. It is said
+        // unreachable once another guard answers, until then.
         g.failed(&first);
         assert_eq!(g.pick(&c).unwrap().identity, sample[1]);
+        assert!(g.unreachable().is_empty(), "no guard answered since");
+        g.succeeded(&sample[1]);
+        assert_eq!(g.unreachable(), vec![first]);
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(g.pick(&c).unwrap().identity, first);
+        assert!(g.unreachable().is_empty());
+        // Guards failing one after another with none answering (the
+        // client's own network down) are none of them unreachable.
+        for id in &sample {
+            g.failed(id);
+        }
+        assert!(g.unreachable().is_empty());
+        std::thread::sleep(Duration::from_millis(120));
+        for id in &sample {
+            g.succeeded(id);
+        }
+        // One listed without Running stays, and another is drawn beside it,
+        // used until it is back; no more than twice the size in all.
+        let mut h = GuardSet::load(d.path().join("g2"), 3, 1000, Duration::from_millis(50));
+        h.update(&c, 100);
+        let three = h.ids();
+        let mut down = consensus(&[1, 2, 3, 4, 5, 6]);
+        let j = down
+            .relays
+            .iter()
+            .position(|r| r.identity == three[0])
+            .unwrap();
+        down.relays[j].flags = RelayFlags(RelayFlags::GUARD | RelayFlags::VALID);
+        h.update(&down, 101);
+        assert_eq!(h.ids().len(), 4);
+        assert_eq!(h.ids()[..3], three[..]);
+        assert_eq!(h.usable(&down).len(), 3);
+        h.update(&c, 102);
+        assert_eq!(
+            h.pick(&c).unwrap().identity,
+            three[0],
+            "first again when back"
+        );
+        let four = h.ids();
+        for r in down
+            .relays
+            .iter_mut()
+            .filter(|r| four.contains(&r.identity))
+        {
+            r.flags = RelayFlags(RelayFlags::GUARD | RelayFlags::VALID);
+        }
+        h.update(&down, 103);
+        assert_eq!(h.ids().len(), 6, "two more, not three");
+        assert_eq!(h.usable(&down).len(), 2);
         // A guard that leaves the consensus leaves the sample, which refills.
         let without: Vec<u8> = (1..=6).filter(|i| [*i; 32] != first).collect();
         let c2 = consensus(&without);
