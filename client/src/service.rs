@@ -226,6 +226,9 @@ const REPUBLISH: Duration = Duration::from_secs(600);
 /// How long a relay whose introduction point was given up is passed over
 /// for a new one.
 const INTRO_SHUNNED: Duration = Duration::from_secs(600);
+/// At most one warning this often for introduction points that could not
+/// be made (the rest at DEBUG).
+const INTRO_WARN_EVERY: Duration = Duration::from_secs(60);
 /// New circuits tried, over a point's life, on the same relay with the
 /// same keys after its circuit closed, before the point is replaced (Tor's
 /// `MAX_INTRO_POINT_CIRCUIT_RETRIES`): a guard or a middle that died
@@ -573,6 +576,10 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
     // and when: not chosen again for a while (one that died stays listed
     // until the authorities notice).
     let mut failed: Vec<([u8; 32], Instant)> = Vec::new();
+    // When an introduction point that could not be made was last logged
+    // as a warning: a network with too few relays for all of them fails
+    // again every second.
+    let mut warned: Option<Instant> = None;
     loop {
         failed.retain(|(_, at)| at.elapsed() < INTRO_SHUNNED);
         let before = intros.len();
@@ -618,7 +625,12 @@ pub async fn run(client: Client, cfg: ServiceConfig) -> Result<(), ClientError> 
                 }
                 Err(e) => {
                     failures += 1;
-                    warn!(%address, "introduction point: {e}");
+                    if warned.is_none_or(|t| t.elapsed() >= INTRO_WARN_EVERY) {
+                        warned = Some(Instant::now());
+                        warn!(%address, "introduction point: {e} (more such failures within a minute are logged at DEBUG)");
+                    } else {
+                        debug!(%address, "introduction point: {e}");
+                    }
                 }
             }
         }
