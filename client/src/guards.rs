@@ -7,7 +7,8 @@
 //! in use at a time); an entry that fails is retried with exponential
 //! backoff instead of being dropped; entries leave the sample when they
 //! leave the consensus or when their lifetime ends, and the sample is
-//! refilled to its size. An entry listed without Running stays (first
+//! refilled to its size. An entry listed without Running, or that this
+//! client could not reach while another guard answered, stays (first
 //! again when it is back), and another is drawn beside it, up to twice
 //! the size in all.
 //!
@@ -157,8 +158,9 @@ impl GuardSet {
     }
 
     /// Drop guards that left the consensus or outlived their lifetime, and
-    /// fill the sample up again: `size` guards listed Running and not
-    /// disabled, and at most `2 * size` entries in all.
+    /// fill the sample up again: `size` guards listed Running, not
+    /// disabled and not [`GuardSet::unreachable`], and at most `2 * size`
+    /// entries in all.
     pub fn update(&mut self, c: &Consensus, now: u64) {
         let before: Vec<[u8; 32]> = self.ids();
         self.entries.retain(|e| {
@@ -180,13 +182,15 @@ impl GuardSet {
             }
             self.save_bias();
         }
-        // Entries the consensus lists but not as Running guards stay (they
-        // come first again when they are back) but are not counted: a
-        // sample of three with one down leaves a client (or a service)
-        // whose other guard shares a family with the relay a circuit must
-        // end at without a way there until the consensus drops the relay.
+        // Entries the consensus lists but not as Running guards, and those
+        // this client found unreachable itself, stay (they come first again
+        // when they are back) but are not counted: a sample of three with
+        // one down leaves a client (or a service) whose other guard shares
+        // a family with the relay a circuit must end at without a way
+        // there until the consensus drops the relay.
+        let unreachable = self.unreachable();
         let enabled = (self.entries.iter())
-            .filter(|e| !e.bias.disabled)
+            .filter(|e| !e.bias.disabled && !unreachable.contains(&e.stored.identity))
             .filter(|e| {
                 c.relay(&e.stored.identity)
                     .is_some_and(|r| r.flags.has(RelayFlags::RUNNING | RelayFlags::GUARD))
@@ -451,7 +455,21 @@ mod tests {
             three[0],
             "first again when back"
         );
-        let four = h.ids();
+        // Two this client could not reach while another answered, still
+        // listed Running: of the four, two count; another is drawn.
+        let listed = h.ids();
+        h.failed(&listed[1]);
+        h.failed(&listed[2]);
+        h.succeeded(&listed[0]);
+        h.update(&c, 103);
+        assert_eq!(h.ids().len(), 5);
+        assert_eq!(h.ids()[..4], listed[..]);
+        std::thread::sleep(Duration::from_millis(80));
+        h.update(&c, 104);
+        assert_eq!(h.ids().len(), 5, "the sample keeps what it drew");
+        let five = h.ids();
+        let mut down = consensus(&[1, 2, 3, 4, 5, 6]);
+        let four = &five[..4];
         for r in down
             .relays
             .iter_mut()
@@ -459,8 +477,8 @@ mod tests {
         {
             r.flags = RelayFlags(RelayFlags::GUARD | RelayFlags::VALID);
         }
-        h.update(&down, 103);
-        assert_eq!(h.ids().len(), 6, "two more, not three");
+        h.update(&down, 105);
+        assert_eq!(h.ids().len(), 6, "one more, to twice the size");
         assert_eq!(h.usable(&down).len(), 2);
         // A guard that leaves the consensus leaves the sample, which refills.
         let without: Vec<u8> = (1..=6).filter(|i| [*i; 32] != first).collect();
