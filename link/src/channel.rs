@@ -10,7 +10,7 @@
 //! * every queue has a size: circuit inboxes ([`CIRC_QUEUE`]), each
 //!   circuit's cells waiting to be written ([`CIRC_OUT_QUEUE`]), the
 //!   DESTROYs answered to the peer ([`URGENT_MAX`]), the sealed bytes not
-//!   yet written ([`OUT_HIGH`], less on a relay with a write rate);
+//!   yet written ([`OUT_HIGH`]);
 //! * a peer that makes us queue DESTROYs faster than it reads them is not
 //!   read from until it takes them, and one that has not read for
 //!   [`WRITE_TIMEOUT`] while we had bytes for it loses its link (reading is
@@ -21,7 +21,10 @@
 //!
 //! Cells waiting to be written wait per circuit, and each frame is filled
 //! from the circuits that have sent least of late ([`crate::sched`]): a
-//! small fetch is not queued behind bulk downloads on the same link.
+//! small fetch is not queued behind bulk downloads on the same link. On a
+//! relay with a write rate, cells are sealed only once the rate grants
+//! them (sealed cells leave in order), and the cells of circuits that
+//! have sent little of late do not wait for the next grant.
 //!
 //! Circuit ids: the side that opened the link allocates ids with the high
 //! bit set, the other side without it; 0 is never used.
@@ -68,9 +71,16 @@ pub const CIRC_OUT_QUEUE: usize = 4 * BATCH_MAX;
 pub const URGENT_MAX: usize = 1024;
 /// Sealed bytes a channel holds for writing before it stops sealing more.
 pub const OUT_HIGH: usize = 128 * 1024;
-/// The same on a relay with a write rate: a millisecond of the rate, at
-/// least this (sealed cells wait in order, whatever their circuit).
+/// The most a channel on a relay with a write rate seals at once: a
+/// millisecond of the rate, at least this.
 pub const OUT_HIGH_LIMITED: usize = 16 * 1024;
+/// Under a write rate, cells of a circuit that has sent fewer than this many
+/// of late (decayed as its priority is, [`crate::sched`]) are not held
+/// back for the next grant: a page fetch or a request goes ahead of the
+/// bulk downloads on the same link.
+pub const QUIET_CELLS: f64 = 1024.0;
+/// Bytes a frame adds to its cells: its length and its tag.
+const FRAME_OVERHEAD: usize = 2 + allium_proto::aead::TAG_LEN;
 /// A peer that has not read anything for this long loses its link.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An idle channel gives back its buffers after this long.
@@ -436,6 +446,8 @@ struct Reactor {
     written: usize,
     /// Cells to seal into the next frame.
     batch: Vec<Cell>,
+    /// Bytes of the frame sealed last.
+    last_frame: usize,
     /// Cells taken from the queue, not yet sealed, by circuit.
     sched: Sched<Taken>,
     opened: Vec<Cell>,
@@ -608,8 +620,19 @@ impl Reactor {
     }
 
     /// Seal what is waiting (DESTROYs first, then by circuit priority) into
-    /// frames while there is room in the output buffer.
-    fn fill(&mut self, queue: &mut mpsc::UnboundedReceiver<Batch>) -> Result<(), LinkError> {
+    /// frames while there is room in the output buffer. Under a write rate
+    /// it seals only what the bucket grants, when what it sealed before is
+    /// written: sealed cells go out in order, whatever their circuit, so a
+    /// cell sealed ahead of its grant would hold back a quiet circuit's
+    /// cell that comes after it. DESTROYs and cells of circuits that have
+    /// sent little of late ([`QUIET_CELLS`]) go out at once, on the
+    /// bucket's allowance for quiet links. Returns whether cells wait for
+    /// the bucket.
+    fn fill(
+        &mut self,
+        queue: &mut mpsc::UnboundedReceiver<Batch>,
+        wbucket: Option<&TokenBucket>,
+    ) -> Result<bool, LinkError> {
         if self.written > 0 && self.written * 2 >= self.out.len() {
             self.out.drain(..self.written);
             self.written = 0;
@@ -618,37 +641,78 @@ impl Reactor {
             self.take_out(b);
         }
         let now = Instant::now().into_std();
-        let (high, limited) = match &self.env.write_bucket {
-            Some(b) => (
-                (b.rate() as usize / 1000).clamp(OUT_HIGH_LIMITED, OUT_HIGH),
-                true,
-            ),
-            None => (OUT_HIGH, false),
+        let Some(b) = wbucket else {
+            while self.out.len() - self.written < OUT_HIGH {
+                if !self.seal_next(now, MAX_CELLS_PER_FRAME, None)? {
+                    break;
+                }
+            }
+            return Ok(false);
         };
-        while self.out.len() - self.written < high {
-            // Under a write rate, no frame much past the mark; else whole
-            // frames (the fewest seals per byte).
-            let room = high - (self.out.len() - self.written);
-            let cells = if limited {
-                (room / CELL_LEN).clamp(1, MAX_CELLS_PER_FRAME)
-            } else {
-                MAX_CELLS_PER_FRAME
-            };
-            let mut batch = std::mem::take(&mut self.batch);
-            let urgent = self.urgent.len().min(cells);
-            batch.extend(self.urgent.drain(..urgent));
-            self.sched
-                .pop(now, cells - batch.len(), &mut batch, release);
-            if batch.is_empty() {
-                self.batch = batch;
+        let frame = |cells: usize| FRAME_OVERHEAD + cells * CELL_LEN;
+        while self.out.len() - self.written < OUT_HIGH
+            && (!self.urgent.is_empty() || self.sched.quiet_waiting(now, QUIET_CELLS))
+        {
+            let g = b.take_quiet(QUIET_MAX);
+            let cells = (g.saturating_sub(FRAME_OVERHEAD) / CELL_LEN).min(MAX_CELLS_PER_FRAME);
+            let sealed = cells > 0 && self.seal_next(now, cells, Some(QUIET_CELLS))?;
+            let used = if sealed { self.last_frame } else { 0 };
+            b.refund(g - used);
+            if !sealed {
                 break;
             }
-            let r = self.transport.seal_cells(&batch, &mut self.out);
-            batch.clear();
-            self.batch = batch;
-            r?;
         }
-        Ok(())
+        let waiting = self.urgent.len() + self.sched.len();
+        if self.written < self.out.len() || waiting == 0 {
+            return Ok(false);
+        }
+        let high = (b.rate() as usize / 1000).clamp(OUT_HIGH_LIMITED, OUT_HIGH);
+        let want = (frame(waiting) + waiting / MAX_CELLS_PER_FRAME * FRAME_OVERHEAD).min(high);
+        let granted = if want <= QUIET_MAX {
+            b.take_quiet(want)
+        } else {
+            b.take_up_to(want)
+        };
+        let mut left = granted;
+        loop {
+            let cells = (left.saturating_sub(FRAME_OVERHEAD) / CELL_LEN).min(MAX_CELLS_PER_FRAME);
+            if cells == 0 || !self.seal_next(now, cells, None)? {
+                break;
+            }
+            left -= self.last_frame;
+        }
+        b.refund(left);
+        Ok(granted == 0)
+    }
+
+    /// Seal up to `cells` waiting cells into one frame: DESTROYs first, then
+    /// by circuit priority (from circuits under `quiet` cells of late only,
+    /// if given). False if there were none.
+    fn seal_next(
+        &mut self,
+        now: std::time::Instant,
+        cells: usize,
+        quiet: Option<f64>,
+    ) -> Result<bool, LinkError> {
+        let mut batch = std::mem::take(&mut self.batch);
+        let urgent = self.urgent.len().min(cells);
+        batch.extend(self.urgent.drain(..urgent));
+        let left = cells - batch.len();
+        match quiet {
+            Some(q) => self.sched.pop_quiet(now, left, q, &mut batch, release),
+            None => self.sched.pop(now, left, &mut batch, release),
+        }
+        if batch.is_empty() {
+            self.batch = batch;
+            return Ok(false);
+        }
+        let before = self.out.len();
+        let r = self.transport.seal_cells(&batch, &mut self.out);
+        batch.clear();
+        self.batch = batch;
+        r?;
+        self.last_frame = self.out.len() - before;
+        Ok(true)
     }
 
     /// Open and dispatch every whole frame in the input buffer.
@@ -687,9 +751,8 @@ impl Reactor {
         let (mut rd, mut wr) = stream.split();
         let bucket = self.env.bucket.clone();
         let wbucket = self.env.write_bucket.clone();
-        // Bandwidth granted by the buckets for the next read and write.
+        // Bandwidth granted by the read bucket for the next read.
         let mut grant = 0usize;
-        let mut wgrant = 0usize;
         // Last time the peer took bytes, or we had none for it.
         let mut progress = Instant::now();
         let mut active = Instant::now();
@@ -710,25 +773,14 @@ impl Reactor {
         tokio::pin!(timer);
         self.open_frames()?;
         loop {
-            self.fill(cells)?;
+            // Held back by our own rate: not the peer's doing.
+            let write_debt = self.fill(cells, wbucket.as_deref())?;
             let pending = self.written < self.out.len();
             if self.closing && !pending && self.urgent.is_empty() && self.sched.is_empty() {
                 return Ok(());
             }
-            let mut wlen = self.out.len() - self.written;
-            if let Some(b) = &wbucket {
-                b.refund(std::mem::take(&mut wgrant));
-                if pending {
-                    wgrant = if wlen <= QUIET_MAX {
-                        b.take_quiet(wlen)
-                    } else {
-                        b.take_up_to(wlen)
-                    };
-                    wlen = wgrant;
-                }
-            }
-            // Held back by our own rate: not the peer's doing.
-            let write_debt = pending && wlen == 0;
+            // What is sealed has its grant.
+            let wlen = self.out.len() - self.written;
             if !pending || write_debt {
                 progress = Instant::now();
             }
@@ -762,9 +814,8 @@ impl Reactor {
                     Some(c) => self.take_out(c),
                     None => return Ok(()),
                 },
-                n = wr.write(&self.out[self.written..self.written + wlen]), if pending && !write_debt => {
+                n = wr.write(&self.out[self.written..self.written + wlen]), if pending => {
                     let n = n?;
-                    wgrant = wgrant.saturating_sub(n);
                     self.count(|s| RelayStats::inc(&s.link_bytes_written, n as u64));
                     self.written += n;
                     if self.written == self.out.len() {
@@ -878,6 +929,7 @@ fn spawn_channel(
         out: Vec::new(),
         written: 0,
         batch: Vec::new(),
+        last_frame: 0,
         sched: Sched::new(Instant::now().into_std()),
         opened: Vec::new(),
         staged: Vec::new(),

@@ -130,14 +130,43 @@ impl<R> Sched<R> {
         now: Instant,
         max: usize,
         out: &mut Vec<Cell>,
+        release: impl FnMut(R, usize),
+    ) {
+        self.pop_below(now, max, f64::INFINITY, out, release);
+    }
+
+    /// The same, from circuits that have sent fewer than `quiet` cells of
+    /// late (decayed as their priority is) only.
+    pub fn pop_quiet(
+        &mut self,
+        now: Instant,
+        max: usize,
+        quiet: f64,
+        out: &mut Vec<Cell>,
+        release: impl FnMut(R, usize),
+    ) {
+        self.pop_below(now, max, quiet, out, release);
+    }
+
+    fn pop_below(
+        &mut self,
+        now: Instant,
+        max: usize,
+        quiet: f64,
+        out: &mut Vec<Cell>,
         mut release: impl FnMut(R, usize),
     ) {
         let weight = self.weight(now);
+        let limit = quiet * weight;
         let mut left = max;
         while left > 0 {
-            let Some(Reverse((s, id))) = self.ready.pop() else {
+            let Some(&Reverse((s, id))) = self.ready.peek() else {
                 break;
             };
+            if s.0 >= limit {
+                break;
+            }
+            self.ready.pop();
             // Entries of removed circuits are stale: skip them.
             let Some(q) = self.circs.get_mut(&id) else {
                 continue;
@@ -145,8 +174,12 @@ impl<R> Sched<R> {
             if !q.ready || q.score != s.0 {
                 continue;
             }
-            // Keep taking from this circuit while it is still the least sent.
-            let next = self.ready.peek().map(|Reverse((s, _))| s.0);
+            // Keep taking from this circuit while it is still the least sent
+            // (and under the limit).
+            let next = self
+                .ready
+                .peek()
+                .map_or(limit, |Reverse((s, _))| s.0.min(limit));
             while left > 0 {
                 let Some(c) = q.cells.pop_front() else { break };
                 out.push(c);
@@ -161,7 +194,7 @@ impl<R> Sched<R> {
                     q.taken = 0;
                     release(room, n);
                 }
-                if next.is_some_and(|s| q.score > s) {
+                if q.score > next {
                     break;
                 }
             }
@@ -171,6 +204,16 @@ impl<R> Sched<R> {
                 self.ready.push(Reverse((Score(q.score), id)));
             }
         }
+    }
+
+    /// Whether the circuit that goes next has sent fewer than `quiet` cells
+    /// of late.
+    pub fn quiet_waiting(&mut self, now: Instant, quiet: f64) -> bool {
+        if self.queued == 0 {
+            return false;
+        }
+        let limit = quiet * self.weight(now);
+        self.ready.peek().is_some_and(|Reverse((s, _))| s.0 < limit)
     }
 
     /// Forget a circuit: its waiting cells are dropped. Returns how many,
@@ -245,6 +288,45 @@ mod tests {
 
     fn seq(c: &Cell) -> u64 {
         u64::from_be_bytes(c.payload[..8].try_into().unwrap())
+    }
+
+    #[test]
+    fn only_quiet_circuits_are_taken_below_a_limit() {
+        let t = Instant::now();
+        let mut s = Sched::new(t);
+        s.push(1, cells(1, 500));
+        let mut out = Vec::new();
+        s.pop(t, 300, &mut out, |_, _| {});
+        assert!(!s.quiet_waiting(t, 256.0), "circuit 1 has sent 300");
+        s.pop_quiet(t, 10, 256.0, &mut out, |_, _| {});
+        assert_eq!(out.len(), 300, "nothing taken from it");
+        // A new circuit is quiet until it has sent as many.
+        s.push(2, cells(2, 400));
+        assert!(s.quiet_waiting(t, 256.0));
+        out.clear();
+        s.pop_quiet(t, 1000, 256.0, &mut out, |_, _| {});
+        assert!(out.iter().all(|c| c.circ_id == CircId(2)));
+        assert!((256..=257).contains(&out.len()), "{}", out.len());
+        assert!(!s.quiet_waiting(t, 256.0));
+        // Counts halve with time: after one half-life both are quiet again
+        // (about 128 and 150 sent), each until it has sent 256 of late.
+        let later = t + HALF_LIFE;
+        assert!(s.quiet_waiting(later, 256.0));
+        out.clear();
+        s.pop_quiet(later, 1000, 256.0, &mut out, |_, _| {});
+        assert_eq!(out[0].circ_id, CircId(2), "the one that sent less first");
+        let n = |id| out.iter().filter(|c| c.circ_id == CircId(id)).count();
+        assert!(
+            (127..=129).contains(&n(2)) && (105..=107).contains(&n(1)),
+            "{} {}",
+            n(1),
+            n(2)
+        );
+        assert!(!s.quiet_waiting(later, 256.0));
+        // Without a limit every cell comes out, in order within a circuit.
+        out.clear();
+        s.pop(later, 1000, &mut out, |_, _| {});
+        assert_eq!(s.len(), 0);
     }
 
     #[test]
