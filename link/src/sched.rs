@@ -323,7 +323,7 @@ mod tests {
             n(2)
         );
         assert!(!s.quiet_waiting(later, 256.0));
-        // Without a limit every cell comes out, in order within a circuit.
+        // Without a limit every cell comes out.
         out.clear();
         s.pop(later, 1000, &mut out, |_, _| {});
         assert_eq!(s.len(), 0);
