@@ -446,8 +446,6 @@ struct Reactor {
     written: usize,
     /// Cells to seal into the next frame.
     batch: Vec<Cell>,
-    /// Bytes of the frame sealed last.
-    last_frame: usize,
     /// Cells taken from the queue, not yet sealed, by circuit.
     sched: Sched<Taken>,
     opened: Vec<Cell>,
@@ -643,7 +641,7 @@ impl Reactor {
         let now = Instant::now().into_std();
         let Some(b) = wbucket else {
             while self.out.len() - self.written < OUT_HIGH {
-                if !self.seal_next(now, MAX_CELLS_PER_FRAME, None)? {
+                if self.seal_next(now, MAX_CELLS_PER_FRAME, f64::INFINITY)? == 0 {
                     break;
                 }
             }
@@ -655,10 +653,9 @@ impl Reactor {
         {
             let g = b.take_quiet(QUIET_MAX);
             let cells = (g.saturating_sub(FRAME_OVERHEAD) / CELL_LEN).min(MAX_CELLS_PER_FRAME);
-            let sealed = cells > 0 && self.seal_next(now, cells, Some(QUIET_CELLS))?;
-            let used = if sealed { self.last_frame } else { 0 };
+            let used = self.seal_next(now, cells, QUIET_CELLS)?;
             b.refund(g - used);
-            if !sealed {
+            if used == 0 {
                 break;
             }
         }
@@ -676,43 +673,40 @@ impl Reactor {
         let mut left = granted;
         loop {
             let cells = (left.saturating_sub(FRAME_OVERHEAD) / CELL_LEN).min(MAX_CELLS_PER_FRAME);
-            if cells == 0 || !self.seal_next(now, cells, None)? {
+            let used = self.seal_next(now, cells, f64::INFINITY)?;
+            if used == 0 {
                 break;
             }
-            left -= self.last_frame;
+            left -= used;
         }
         b.refund(left);
         Ok(granted == 0)
     }
 
     /// Seal up to `cells` waiting cells into one frame: DESTROYs first, then
-    /// by circuit priority (from circuits under `quiet` cells of late only,
-    /// if given). False if there were none.
+    /// by circuit priority, from circuits under `quiet` cells of late
+    /// (`f64::INFINITY`: from any). The frame's bytes; 0 if there were none.
     fn seal_next(
         &mut self,
         now: std::time::Instant,
         cells: usize,
-        quiet: Option<f64>,
-    ) -> Result<bool, LinkError> {
+        quiet: f64,
+    ) -> Result<usize, LinkError> {
         let mut batch = std::mem::take(&mut self.batch);
         let urgent = self.urgent.len().min(cells);
         batch.extend(self.urgent.drain(..urgent));
-        let left = cells - batch.len();
-        match quiet {
-            Some(q) => self.sched.pop_quiet(now, left, q, &mut batch, release),
-            None => self.sched.pop(now, left, &mut batch, release),
-        }
+        self.sched
+            .pop_quiet(now, cells - batch.len(), quiet, &mut batch, release);
         if batch.is_empty() {
             self.batch = batch;
-            return Ok(false);
+            return Ok(0);
         }
         let before = self.out.len();
         let r = self.transport.seal_cells(&batch, &mut self.out);
         batch.clear();
         self.batch = batch;
         r?;
-        self.last_frame = self.out.len() - before;
-        Ok(true)
+        Ok(self.out.len() - before)
     }
 
     /// Open and dispatch every whole frame in the input buffer.
@@ -929,7 +923,6 @@ fn spawn_channel(
         out: Vec::new(),
         written: 0,
         batch: Vec::new(),
-        last_frame: 0,
         sched: Sched::new(Instant::now().into_std()),
         opened: Vec::new(),
         staged: Vec::new(),

@@ -132,23 +132,12 @@ impl<R> Sched<R> {
         out: &mut Vec<Cell>,
         release: impl FnMut(R, usize),
     ) {
-        self.pop_below(now, max, f64::INFINITY, out, release);
+        self.pop_quiet(now, max, f64::INFINITY, out, release);
     }
 
     /// The same, from circuits that have sent fewer than `quiet` cells of
     /// late (decayed as their priority is) only.
     pub fn pop_quiet(
-        &mut self,
-        now: Instant,
-        max: usize,
-        quiet: f64,
-        out: &mut Vec<Cell>,
-        release: impl FnMut(R, usize),
-    ) {
-        self.pop_below(now, max, quiet, out, release);
-    }
-
-    fn pop_below(
         &mut self,
         now: Instant,
         max: usize,
