@@ -315,7 +315,7 @@ impl Authority {
             .collect::<Result<_, _>>()?;
         let mut st = AuthState::default();
         let now = unix_now();
-        let disk = DescriptorStore::new(&cfg.data_dir.join("state"));
+        let mut disk = DescriptorStore::new(&cfg.data_dir.join("state"));
         for (file, d) in disk.load()? {
             match UnverifiedDescriptor::parse(&d)
                 .and_then(|u| u.verify(now, cfg.descriptor_max_age_secs))
@@ -464,9 +464,9 @@ impl Authority {
             debug!(relay = %nickname, id = %short, "descriptor updated");
         }
         AuthStats::set(&self.stats.descriptors_held, st.descriptors.len() as u64);
-        // To disk one file at a time, in the order of the table's changes,
-        // with the table free for readers meanwhile.
-        let disk = lock(&self.disk);
+        // To disk one record at a time, in the order of the table's
+        // changes, with the table free for readers meanwhile.
+        let mut disk = lock(&self.disk);
         drop(st);
         let written = stale
             .iter()
@@ -948,7 +948,7 @@ impl Authority {
             .entry(valid_after)
             .or_default()
             .insert(self.identity, (vote, Bytes::from(bytes.clone())));
-        let disk = lock(&self.disk);
+        let mut disk = lock(&self.disk);
         drop(st);
         for id in stale {
             if let Err(e) = disk.remove(&id) {
@@ -1548,14 +1548,15 @@ pub(crate) mod tests {
     }
 
     /// Descriptors kept by an older authority in one file are taken over
-    /// into one file per relay; a stored descriptor gone stale, or left
-    /// empty, is dropped.
+    /// into the log; a stored descriptor gone stale, or torn by a power
+    /// failure, is dropped.
     #[test]
-    fn descriptors_persist_one_file_each_and_old_state_is_taken_over() {
+    fn descriptors_persist_in_one_log_and_old_state_is_taken_over() {
         let d = tempfile::tempdir().unwrap();
         let cfg = authority(d.path());
         let now = unix_now();
         let key = |i: u8| SigningKey::from_bytes(&[i; 32]);
+        let id = |i: u8| key(i).verifying_key().to_bytes();
         let old = vec![desc(&key(1), now), desc(&key(2), now)];
         let state = cfg.data_dir.join("state");
         store::write_atomic(
@@ -1569,28 +1570,34 @@ pub(crate) mod tests {
         assert!(!state.join("descriptors").exists());
         let newer = desc(&key(1), now + 1);
         a.accept_descriptor(&newer, now + 1).unwrap();
-        let file = |i: u8| {
-            state
-                .join("descriptors.d")
-                .join(hex::encode(key(i).verifying_key().to_bytes()))
-        };
-        assert_eq!(std::fs::read(file(1)).unwrap(), newer);
-        assert_eq!(std::fs::read(file(2)).unwrap(), old[1]);
+        let on_disk = |a: &Authority| lock(&a.disk).load().unwrap();
+        let mut want = vec![(id(1), newer.clone()), (id(2), old[1].clone())];
+        want.sort();
+        assert_eq!(on_disk(&a), want);
         drop(a);
-        // Relay 2's descriptor is stale by the next start.
-        std::fs::write(file(2), desc(&key(2), now - 49 * 3600)).unwrap();
-        // Relay 1's write was lost to a power failure (descriptors are
-        // written without waiting for the disk): an empty file.
-        std::fs::write(file(1), b"").unwrap();
+        // Relay 2's descriptor is stale by the next start, and relay 1's
+        // next upload was torn by a power failure.
+        let mut disk = DescriptorStore::new(&state);
+        disk.put(&id(2), &desc(&key(2), now - 49 * 3600)).unwrap();
+        disk.put(&id(1), &desc(&key(1), now + 2)).unwrap();
+        let log = state.join("descriptors.log");
+        let len = std::fs::metadata(&log).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
         let b = Authority::new(cfg.clone()).unwrap();
-        assert!(lock(&b.state).descriptors.is_empty());
-        assert!(!file(2).exists() && !file(1).exists());
+        let held: Vec<[u8; 32]> = lock(&b.state).descriptors.keys().copied().collect();
+        assert_eq!(held, vec![id(1)]);
+        assert_eq!(on_disk(&b), vec![(id(1), newer.clone())]);
         // Relay 1 uploads again.
-        b.accept_descriptor(&newer, now + 1).unwrap();
+        let again = desc(&key(1), now + 3);
+        b.accept_descriptor(&again, now + 3).unwrap();
         drop(b);
         let c = Authority::new(cfg).unwrap();
-        let held: Vec<[u8; 32]> = lock(&c.state).descriptors.keys().copied().collect();
-        assert_eq!(held, vec![key(1).verifying_key().to_bytes()]);
+        assert_eq!(on_disk(&c), vec![(id(1), again)]);
     }
 
     /// An authority serves its consensus as a diff from each of the last
@@ -1795,7 +1802,7 @@ pub(crate) mod tests {
         let mut want = vec![id(1), id(2), id(4)];
         want.sort();
         assert_eq!(held, want);
-        // On disk, one file per relay held: the evicted one's is gone.
+        // On disk, the relays held: the evicted one's record is gone.
         let on_disk: Vec<[u8; 32]> = lock(&a.disk)
             .load()
             .unwrap()

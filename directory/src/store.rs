@@ -32,19 +32,7 @@ pub fn set_durable(durable: bool) {
 /// Write `bytes` to `path` atomically (temp file, fsync, rename) with
 /// `mode`, creating its directory (0700) if need be.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError> {
-    let durable = DURABLE.load(std::sync::atomic::Ordering::Relaxed);
-    write_replacing(path, bytes, mode, durable)
-}
-
-/// [`write_atomic`] without waiting for the disk: a reader sees the old
-/// bytes or the new, never a mix, but a power failure may lose the write
-/// (or leave an empty file). For what can be had again: a relay's
-/// descriptor, which it uploads again within its publish interval.
-pub fn replace_unsynced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DirError> {
-    write_replacing(path, bytes, mode, false)
-}
-
-fn write_replacing(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<(), DirError> {
+    let sync = DURABLE.load(std::sync::atomic::Ordering::Relaxed);
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     private_dir(dir)?;

@@ -485,7 +485,7 @@ async fn testnet(c: &Corpus) {
         find(dir.path(), n, &mut files);
     }
     files.sort();
-    // Authority 0's votes and descriptors, one file each.
+    // Authority 0's votes, one file each.
     let stored = |d: &str| -> Vec<Vec<u8>> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.path().join("auth0/state").join(d))
             .expect("the authority's store")
@@ -546,7 +546,13 @@ async fn testnet(c: &Corpus) {
             &with_mode(0, &keys::signed_vote(&vote, 0)),
         );
     }
-    for (i, d) in stored("descriptors.d").iter().take(2).enumerate() {
+    // And its descriptors, from its log (read once the network is down).
+    net.shutdown().await;
+    let state = dir.path().join("auth0/state");
+    let held = allium_directory::descstore::DescriptorStore::new(&state)
+        .load()
+        .expect("the authority's descriptors");
+    for (i, (_, d)) in held.iter().take(2).enumerate() {
         n += 1;
         c.put("descriptor", &format!("testnet{i}"), &with_mode(0, d));
         let doc = SignedDocument::parse("d", d, 4096).expect("a descriptor");
@@ -561,7 +567,6 @@ async fn testnet(c: &Corpus) {
     }
     let _ = CONSENSUS_DOMAIN;
     println!("{n} files of the testnet used");
-    net.shutdown().await;
 }
 
 fn main() {
