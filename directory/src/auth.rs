@@ -1333,8 +1333,7 @@ impl Authority {
 
     /// Bind the listener and serve until an error.
     pub async fn run(self: Arc<Self>) -> Result<(), DirError> {
-        let listener = tokio::net::TcpListener::bind(self.cfg.listen)
-            .await
+        let listener = allium_link::listen::bind(self.cfg.listen)
             .map_err(|e| DirError::Config(format!("cannot listen on {}: {e}", self.cfg.listen)))?;
         self.serve(listener).await
     }

@@ -149,6 +149,25 @@ impl Drop for Slot {
     }
 }
 
+/// Connections a listener of [`bind`] queues before they are accepted
+/// (the kernel caps it at its `somaxconn`, 4,096 by default).
+pub const BACKLOG: u32 = 4096;
+
+/// Bind a listener at `addr` with a queue of [`BACKLOG`]. Tokio's default
+/// of 1,024 overflowed when thousands of relays uploaded to an authority
+/// at once, and a connection dropped from a full queue waits for the
+/// kernel's retries (1, 3, 7 s on).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(BACKLOG)
+}
+
 /// The next admitted connection on `l`, with its place in `gate`.
 pub async fn accept(l: &TcpListener, gate: &Arc<Gate>) -> (TcpStream, SocketAddr, Slot) {
     let mut backoff = Duration::from_millis(10);

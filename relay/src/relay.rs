@@ -290,7 +290,6 @@ impl Relay {
         Ok(doc)
     }
 
-    /// Upload the descriptor to every authority; true if all took it.
     /// Upload the descriptor to every authority; true if all took it. A
     /// failure is logged at INFO while `quiet` (an authority that is not up
     /// yet is normal at start), at WARN once it persists.
@@ -495,7 +494,7 @@ impl Relay {
 
     /// Bind the listener and serve until an error.
     pub async fn run(self) -> Result<(), RelayError> {
-        let listener = TcpListener::bind(self.cfg.listen).await.map_err(|e| {
+        let listener = allium_link::listen::bind(self.cfg.listen).map_err(|e| {
             RelayError::Config(format!("cannot listen on {}: {e}", self.cfg.listen))
         })?;
         self.serve(listener).await
