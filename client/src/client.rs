@@ -417,7 +417,7 @@ impl Client {
                     if held.is_none_or(|va| c.valid_after > va) {
                         stale = 0;
                     }
-                    if c.relays.len() >= USABLE_RELAYS {
+                    if usable(&c) {
                         self.reached(
                             Phase::EnoughDirinfo,
                             "consensus verified",
@@ -1183,8 +1183,20 @@ impl Client {
     }
 }
 
-/// A consensus must list this many relays for a circuit to be built.
+/// A consensus must list this many relays as Running for a circuit to be
+/// built.
 const USABLE_RELAYS: usize = 3;
+
+/// Whether consensus `c` can give a circuit: enough Running relays, a
+/// guard and an exit among them. The first consensuses of a network just
+/// started may list thousands of relays, none or few of them tested yet,
+/// and no guard.
+fn usable(c: &Consensus) -> bool {
+    let running = || c.relays.iter().filter(|r| r.flags.has(RelayFlags::RUNNING));
+    running().nth(USABLE_RELAYS - 1).is_some()
+        && running().any(|r| r.flags.has(RelayFlags::GUARD))
+        && running().any(|r| r.flags.has(RelayFlags::EXIT))
+}
 
 /// How long until the next consensus fetch after one that gave consensus
 /// `c` at `now_ms` (milliseconds since the UNIX epoch), and the new count
@@ -1200,13 +1212,13 @@ const USABLE_RELAYS: usize = 3;
 /// again every second; `stale` counts such answers that brought nothing
 /// newer (the caller resets it on one that did).
 ///
-/// A consensus of fewer than [`USABLE_RELAYS`] relays (a network just
-/// started) builds no circuit: its holder, which can do nothing until it
-/// has the next, fetches it in the stretch of [`http::cache_spread_ms`]
-/// after the caches' (the second eighth of the period), once they have it.
+/// A consensus that is not [`usable`] (a network just started) builds no
+/// circuit: its holder, which can do nothing until it has the next,
+/// fetches it in the stretch of [`http::cache_spread_ms`] after the
+/// caches' (the second eighth of the period), once they have it.
 fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
     if c.fresh_until.saturating_mul(1000) > now_ms {
-        if c.relays.len() < USABLE_RELAYS {
+        if !usable(c) {
             let caches_ms = http::cache_spread_ms(c);
             let wait = http::after_fresh(c, now_ms, caches_ms, r);
             return (wait + Duration::from_millis(caches_ms), 0);
@@ -1370,7 +1382,12 @@ mod tests {
     fn a_stale_consensus_backs_off() {
         use crate::path::tests::{consensus_of, relay};
         // Fresh from 0 to 1000, valid until 3000.
-        let mut c = consensus_of((1..=3).map(|i| relay(i, 1000, 0)).collect());
+        let (guard, exit) = (RelayFlags::GUARD, RelayFlags::EXIT);
+        let mut c = consensus_of(vec![
+            relay(1, 1000, guard),
+            relay(2, 1000, 0),
+            relay(3, 1000, exit),
+        ]);
         (c.valid_after, c.fresh_until, c.valid_until) = (0, 1000, 3000);
         let mut stale = 0;
         let waits: Vec<u64> = (0..8)
@@ -1398,7 +1415,12 @@ mod tests {
     fn fetches_spread_over_the_next_period() {
         use crate::path::tests::{consensus_of, relay};
         let ms = |w: Duration| u64::try_from(w.as_millis()).unwrap();
-        let mut c = consensus_of((1..=3).map(|i| relay(i, 1000, 0)).collect());
+        let (guard, exit) = (RelayFlags::GUARD, RelayFlags::EXIT);
+        let mut c = consensus_of(vec![
+            relay(1, 1000, guard),
+            relay(2, 1000, 0),
+            relay(3, 1000, exit),
+        ]);
         (c.valid_after, c.fresh_until, c.valid_until) = (3600, 7200, 14400);
         let mut by_minute = [0u32; 60];
         for r in 0..36_000u64 {
@@ -1439,6 +1461,27 @@ mod tests {
             .map(|r| 4_500 + ms(next_fetch(&few, 4_500, 0, r).0))
             .collect();
         assert_eq!((at.first(), at.last()), (Some(&6_375), Some(&6_749)));
+        // So is one that lists many relays, none of them Running yet, or
+        // many Running and no guard.
+        let untested = Consensus {
+            relays: (1..=16)
+                .map(|i| ConsensusRelay {
+                    flags: RelayFlags(RelayFlags::VALID),
+                    ..relay(i, 1000, 0)
+                })
+                .collect(),
+            ..few
+        };
+        let no_guard = Consensus {
+            relays: (1..=16).map(|i| relay(i, 1000, exit)).collect(),
+            ..untested.clone()
+        };
+        for c in [untested, no_guard] {
+            let latest = (0..10_000u64)
+                .map(|r| 4_500 + ms(next_fetch(&c, 4_500, 0, r).0))
+                .max();
+            assert_eq!(latest, Some(6_749));
+        }
     }
 
     /// A circuit to relay 1 with guards 2 and 1 and no third relay: through
