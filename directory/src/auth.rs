@@ -186,8 +186,8 @@ impl AuthConfig {
 struct Reach {
     ok_at: Option<u64>,
     running_since: Option<u64>,
-    /// When the last test of it ended.
-    tried_at: Option<u64>,
+    /// When it is to be tested next (0: never tested, first of all).
+    due_at: u64,
 }
 
 struct Pending {
@@ -637,6 +637,17 @@ impl Authority {
             .max(held.div_ceil(RETESTS_PER_SEC))
     }
 
+    /// Seconds until relay `id` is tested again: the retest period less up
+    /// to a quarter of it, by the relay's identity, so that relays first
+    /// tested together (a network started at once) drift apart instead of
+    /// coming due in the same second each period, thousands of handshakes
+    /// at a time.
+    fn retest_in(&self, id: &[u8; 32]) -> u64 {
+        let every = self.retest_secs();
+        let spread = u64::from_le_bytes(id[..8].try_into().unwrap_or_default());
+        every - spread % (every / 4 + 1)
+    }
+
     /// A relay reached within this long counts as Running: two retests
     /// and the time one may take (the tests are spread over time, so the
     /// last one of a relay may have come just before the previous vote).
@@ -645,9 +656,8 @@ impl Authority {
     }
 
     /// Keep every relay's reachability fresh, spread over time instead of
-    /// all at the start of a round: a relay is tested again once
-    /// [`Authority::retest_secs`] have passed since its last test ended,
-    /// the longest waiting first, at most [`REACH_AT_ONCE`] at a time (so
+    /// all at the start of a round: a relay is tested again when
+    /// [`Authority::retest_in`] says, the longest waiting first, at most [`REACH_AT_ONCE`] at a time (so
     /// the tests of a large network fit a file-descriptor limit and never
     /// hold up a vote). A relay new to the table, never tested, comes
     /// first, as soon as a test is free to start (within a quarter of a
@@ -672,18 +682,13 @@ impl Authority {
                     let st = lock(&self.state);
                     self.held
                         .store(st.descriptors.len(), std::sync::atomic::Ordering::Relaxed);
-                    let every = self.retest_secs();
                     let mut due: Vec<(u64, &Arc<VerifiedDescriptor>)> = st
                         .descriptors
                         .values()
                         .filter(|d| !flying.contains(&d.desc.identity))
                         .filter_map(|d| {
-                            let tried = st
-                                .reach
-                                .get(&d.desc.identity)
-                                .and_then(|r| r.tried_at)
-                                .unwrap_or(0);
-                            (tried + every <= now).then_some((tried, d))
+                            let at = st.reach.get(&d.desc.identity).map_or(0, |r| r.due_at);
+                            (at <= now).then_some((at, d))
                         })
                         .collect();
                     due.sort_by_key(|(t, _)| *t);
@@ -751,7 +756,7 @@ impl Authority {
             }
         };
         let e = st.reach.entry(id).or_default();
-        e.tried_at = Some(now);
+        e.due_at = now + self.retest_in(&id);
         match reached {
             Ok(()) => {
                 e.ok_at = Some(now);
@@ -1456,6 +1461,18 @@ pub(crate) mod tests {
         // 2,000 relays every 20 s, 5,000 every 50 s: 100 tests a second.
         assert_eq!(at(2000), (20, 45));
         assert_eq!(at(5000), (50, 105));
+        // Relays come due again within the last quarter of the period,
+        // spread by identity.
+        let ids = (0..=255u8).map(|i| {
+            let mut id = [i; 32];
+            id[1] = i.wrapping_mul(37);
+            id
+        });
+        let waits: std::collections::BTreeSet<u64> = ids.map(|id| a.retest_in(&id)).collect();
+        assert_eq!((waits.first(), waits.last()), (Some(&38), Some(&50)));
+        assert_eq!(waits.len(), 13);
+        at(6);
+        assert_eq!(a.retest_in(&[1; 32]), 3);
     }
 
     #[test]
@@ -1725,7 +1742,7 @@ pub(crate) mod tests {
         a.accept_descriptor(&desc(&k, now), now).unwrap();
         let standing = || {
             let st = lock(&a.state);
-            st.reach.get(&id).map(|r| (r.running_since, r.tried_at))
+            st.reach.get(&id).map(|r| (r.running_since, r.due_at))
         };
         assert!(a.record_reach(id, reach::Verdict::Reached));
         let before = standing();
