@@ -1210,7 +1210,10 @@ fn usable(c: &Consensus) -> bool {
 /// one (an authority that has not made a newer one yet, or serves an old
 /// one) backs off from 1 s, doubling up to 5 minutes, instead of asking
 /// again every second; `stale` counts such answers that brought nothing
-/// newer (the caller resets it on one that did).
+/// newer (the caller resets it on one that did). A consensus that is not
+/// [`usable`] backs off no further than the caches' stretch of the period
+/// (at least 1 s): a cache still behind when the client asked made it
+/// wait 1 + 2 + 4 + 8 s for the consensus of a network just started.
 ///
 /// A consensus that is not [`usable`] (a network just started) builds no
 /// circuit: its holder, which can do nothing until it has the next,
@@ -1229,10 +1232,11 @@ fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32)
             .min(3600);
         (http::after_fresh(c, now_ms, spread * 1000, r), 0)
     } else {
-        (
-            Duration::from_secs((1u64 << stale.min(9)).min(300)),
-            stale.saturating_add(1),
-        )
+        let mut wait = Duration::from_secs((1u64 << stale.min(9)).min(300));
+        if !usable(c) {
+            wait = wait.min(Duration::from_millis(http::cache_spread_ms(c).max(1000)));
+        }
+        (wait, stale.saturating_add(1))
     }
 }
 
@@ -1407,6 +1411,16 @@ mod tests {
             next_fetch(&c, 1_000_000, stale, 0),
             (Duration::from_secs(1), 0)
         );
+        // One that gives no circuit backs off to an eighth of its period
+        // at most (125 s of 1,000 s here; 1 s at least).
+        c.fresh_until = 1000;
+        c.relays.retain(|r| !r.flags.has(RelayFlags::GUARD));
+        let waits: Vec<u64> = (0..9)
+            .map(|s| next_fetch(&c, 1_000_000, s, 0).0.as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 125, 125]);
+        (c.valid_after, c.fresh_until, c.valid_until) = (996, 1000, 1010);
+        assert_eq!(next_fetch(&c, 1_000_000, 5, 0).0, Duration::from_secs(1));
     }
 
     /// Clients fetch the next consensus at times spread evenly over the
