@@ -1382,16 +1382,21 @@ mod tests {
         assert_eq!(code("allium.alt.example"), Ok(None));
     }
 
+    /// A consensus of three Running relays, the first a guard and the last
+    /// an exit: the least that gives a circuit.
+    fn usable_three() -> Consensus {
+        use crate::path::tests::{consensus_of, relay};
+        consensus_of(vec![
+            relay(1, 1000, RelayFlags::GUARD),
+            relay(2, 1000, 0),
+            relay(3, 1000, RelayFlags::EXIT),
+        ])
+    }
+
     #[test]
     fn a_stale_consensus_backs_off() {
-        use crate::path::tests::{consensus_of, relay};
         // Fresh from 0 to 1000, valid until 3000.
-        let (guard, exit) = (RelayFlags::GUARD, RelayFlags::EXIT);
-        let mut c = consensus_of(vec![
-            relay(1, 1000, guard),
-            relay(2, 1000, 0),
-            relay(3, 1000, exit),
-        ]);
+        let mut c = usable_three();
         (c.valid_after, c.fresh_until, c.valid_until) = (0, 1000, 3000);
         let mut stale = 0;
         let waits: Vec<u64> = (0..8)
@@ -1429,12 +1434,7 @@ mod tests {
     fn fetches_spread_over_the_next_period() {
         use crate::path::tests::{consensus_of, relay};
         let ms = |w: Duration| u64::try_from(w.as_millis()).unwrap();
-        let (guard, exit) = (RelayFlags::GUARD, RelayFlags::EXIT);
-        let mut c = consensus_of(vec![
-            relay(1, 1000, guard),
-            relay(2, 1000, 0),
-            relay(3, 1000, exit),
-        ]);
+        let mut c = usable_three();
         (c.valid_after, c.fresh_until, c.valid_until) = (3600, 7200, 14400);
         let mut by_minute = [0u32; 60];
         for r in 0..36_000u64 {
@@ -1487,7 +1487,7 @@ mod tests {
             ..few
         };
         let no_guard = Consensus {
-            relays: (1..=16).map(|i| relay(i, 1000, exit)).collect(),
+            relays: (1..=16).map(|i| relay(i, 1000, RelayFlags::EXIT)).collect(),
             ..untested.clone()
         };
         for c in [untested, no_guard] {

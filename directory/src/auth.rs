@@ -657,13 +657,13 @@ impl Authority {
 
     /// Keep every relay's reachability fresh, spread over time instead of
     /// all at the start of a round: a relay is tested again when
-    /// [`Authority::retest_in`] says, the longest waiting first, at most [`REACH_AT_ONCE`] at a time (so
-    /// the tests of a large network fit a file-descriptor limit and never
-    /// hold up a vote). A relay new to the table, never tested, comes
-    /// first, as soon as a test is free to start (within a quarter of a
-    /// second of its upload when fewer are running): one found
-    /// unreachable gives its place in a full table to a newcomer without
-    /// waiting for a round. (A second loop that tested newcomers alone ran
+    /// [`Authority::retest_in`] says, the earliest due first, at most
+    /// [`REACH_AT_ONCE`] at a time (so the tests of a large network fit a
+    /// file-descriptor limit and never hold up a vote). A relay new to the
+    /// table, never tested, comes first, as soon as a test is free to start
+    /// (within a quarter of a second of its upload when fewer are running):
+    /// one found unreachable gives its place in a full table to a newcomer
+    /// without waiting for a round. (A second loop that tested newcomers alone ran
     /// beside this one, and most newcomers were tested by both: at 5,000
     /// new relays, thousands of handshakes twice over.)
     ///
