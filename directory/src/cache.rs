@@ -310,9 +310,18 @@ mod tests {
             c.answer("/consensus").await.unwrap_err().0,
             StatusCode::NOT_FOUND
         );
-        let old = Bytes::from(vec![7u8; 5000]);
-        let mut new = vec![7u8; 5000];
-        new[100] = 9;
+        // Incompressible, as keys and signatures are: only the base can
+        // make a diff small.
+        let mut x = 1u64;
+        let old: Vec<u8> = (0..50_000)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                (x >> 33) as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        new[100] ^= 1;
+        let old = Bytes::from(old);
         c.install(old.clone(), u64::MAX);
         c.install(Bytes::from(new.clone()), u64::MAX);
         // Made when first asked for.

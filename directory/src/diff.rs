@@ -33,6 +33,17 @@ pub fn encode(base: Option<&[u8]>, new: &[u8]) -> Result<Vec<u8>, String> {
 
 /// `new` compressed against `base` (or alone), at zstd level `level`.
 pub fn encode_at(level: i32, base: Option<&[u8]>, new: &[u8]) -> Result<Vec<u8>, String> {
+    // zstd ignores a prefix in the input's own memory, and the answer to
+    // a fetcher that already holds the consensus would be all of it again:
+    // such a base is referenced from a copy.
+    let copy;
+    let base = match base {
+        Some(b) if overlap(b, new) => {
+            copy = b.to_vec();
+            Some(copy.as_slice())
+        }
+        b => b,
+    };
     let e = |c: usize| zstd_safe::get_error_name(c).to_string();
     let mut cx = CCtx::create();
     cx.set_parameter(CParameter::CompressionLevel(level))
@@ -49,6 +60,12 @@ pub fn encode_at(level: i32, base: Option<&[u8]>, new: &[u8]) -> Result<Vec<u8>,
     let mut out = Vec::with_capacity(zstd_safe::compress_bound(new.len()));
     cx.compress2(&mut out, new).map_err(e)?;
     Ok(out)
+}
+
+/// Whether two slices share any memory.
+fn overlap(a: &[u8], b: &[u8]) -> bool {
+    let (a, b) = (a.as_ptr_range(), b.as_ptr_range());
+    a.start < b.end && b.start < a.end
 }
 
 /// The bytes `diff` encodes against `base` (or alone), if at most `max`.
