@@ -283,14 +283,20 @@ impl Client {
     pub async fn refresh_consensus(&self) -> Result<Arc<Consensus>, ClientError> {
         // The consensus held, as cached, is the base of a diff.
         let path = dir::cache_path(&self.inner.cfg.data_dir);
-        let (base, cached) = match self.consensus() {
+        let held = self.consensus();
+        let (base, cached) = match &held {
             Some(held) => {
                 let base = tokio::fs::read(&path).await.ok();
-                let cached = self.fetch_from_caches(&held, base.as_deref()).await;
+                let cached = self.fetch_from_caches(held, base.as_deref()).await;
                 (base, cached)
             }
             None => (None, None),
         };
+        // Still bootstrapping (nothing held that gives a circuit): a
+        // fallback's answer that brings nothing newer sends it on to the
+        // authorities, which have the next consensus first.
+        let bootstrapping = held.as_deref().is_none_or(|c| !usable(c));
+        let is_newer = |c: &Consensus| held.as_ref().is_none_or(|h| h.valid_after < c.valid_after);
         let stats = &self.inner.stats;
         let fallbacks = &self.inner.cfg.fallback_dirs;
         let (c, bytes) = match cached {
@@ -301,19 +307,28 @@ impl Client {
             None => match dir::fetch_from_fallbacks(fallbacks, &self.inner.keys, base.as_deref())
                 .await
             {
-                Some(got) => {
+                Some(got) if !bootstrapping || is_newer(&got.0) => {
                     inc(&stats.consensus_from_fallbacks);
                     got
                 }
-                None => {
+                stale => {
                     let got = dir::fetch_consensus(
                         &self.inner.cfg.authorities,
                         &self.inner.keys,
                         base.as_deref(),
                     )
-                    .await?;
-                    inc(&stats.consensus_from_authorities);
-                    got
+                    .await;
+                    match (got, stale) {
+                        (Ok(got), _) => {
+                            inc(&stats.consensus_from_authorities);
+                            got
+                        }
+                        (Err(_), Some(stale)) => {
+                            inc(&stats.consensus_from_fallbacks);
+                            stale
+                        }
+                        (Err(e), None) => return Err(e),
+                    }
                 }
             },
         };
@@ -1217,14 +1232,16 @@ fn usable(c: &Consensus) -> bool {
 ///
 /// A consensus that is not [`usable`] (a network just started) builds no
 /// circuit: its holder, which can do nothing until it has the next,
-/// fetches it in the stretch of [`http::cache_spread_ms`] after the
-/// caches' (the second eighth of the period), once they have it.
+/// fetches it as soon as it is out: in the first quarter of
+/// [`http::cache_spread_ms`] (a thirty-second of the period), from the
+/// authorities when the fallback directories are still behind
+/// ([`Client::refresh_consensus`]). Only a network just started has such
+/// clients.
 fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
     if c.fresh_until.saturating_mul(1000) > now_ms {
         if !usable(c) {
-            let caches_ms = http::cache_spread_ms(c);
-            let wait = http::after_fresh(c, now_ms, caches_ms, r);
-            return (wait + Duration::from_millis(caches_ms), 0);
+            let soon_ms = http::cache_spread_ms(c) / 4;
+            return (http::after_fresh(c, now_ms, soon_ms, r), 0);
         }
         let spread = c
             .interval()
@@ -1464,7 +1481,7 @@ mod tests {
         assert_eq!(at.len(), 3000);
         assert_eq!((at.first(), at.last()), (Some(&6_000), Some(&8_999)));
         // One that lists too few relays to build a circuit: the next is
-        // fetched in the second eighth of the period, once caches have it.
+        // fetched as soon as it is out, in the first 1/32 of the period.
         let few = Consensus {
             valid_after: 3,
             fresh_until: 6,
@@ -1474,7 +1491,7 @@ mod tests {
         let at: std::collections::BTreeSet<u64> = (0..10_000u64)
             .map(|r| 4_500 + ms(next_fetch(&few, 4_500, 0, r).0))
             .collect();
-        assert_eq!((at.first(), at.last()), (Some(&6_375), Some(&6_749)));
+        assert_eq!((at.first(), at.last()), (Some(&6_000), Some(&6_092)));
         // So is one that lists many relays, none of them Running yet, or
         // many Running and no guard.
         let untested = Consensus {
@@ -1494,7 +1511,7 @@ mod tests {
             let latest = (0..10_000u64)
                 .map(|r| 4_500 + ms(next_fetch(&c, 4_500, 0, r).0))
                 .max();
-            assert_eq!(latest, Some(6_749));
+            assert_eq!(latest, Some(6_092));
         }
     }
 
