@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use allium_directory::{http, unix_now};
+use allium_directory::{http, unix_now, unix_now_ms};
 use allium_proto::doc::MAX_DESCRIPTOR_LEN;
 use allium_proto::policy::ExitPolicy;
 use allium_proto::{
@@ -335,10 +335,10 @@ impl Relay {
         let mut usr1 =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
         let addr = self.cfg.advertised().unwrap_or(self.cfg.listen);
-        // The ORPort self-test: when the consensus first lists this relay
-        // here, then hourly; while it fails, again after 10 s, 20 s, 40 s,
-        // then every minute (the relay it goes through may not list this
-        // one yet when the consensus is new).
+        // The ORPort self-test: once the consensus lists this relay here
+        // and the other relays have had time to fetch it
+        // ([`first_test_in`]), then hourly; while it fails, again after
+        // 10 s, 20 s, 40 s, then every minute.
         let mut test: Option<tokio::task::JoinHandle<crate::selftest::Verdict>> = None;
         let mut next_test = tokio::time::Instant::now();
         let mut tried = false;
@@ -371,9 +371,12 @@ impl Relay {
                     if let Some(c) = c {
                         self.standing.listed(&c, &self.ctx.identity_pub, addr);
                         (listed_before, listed) = (listed, self.listed_at(&c, addr));
-                        if test.is_none() && (!tried || tokio::time::Instant::now() >= next_test) {
+                        if !tried && listed {
+                            let wait = first_test_in(&c, unix_now_ms(), rand::random());
+                            next_test = tokio::time::Instant::now() + wait;
+                            tried = true;
+                        } else if test.is_none() && tried && tokio::time::Instant::now() >= next_test {
                             test = self.start_self_test(&c, addr, !listed_before);
-                            tried |= test.is_some();
                         }
                     }
                 }
@@ -463,7 +466,7 @@ impl Relay {
             }
             crate::selftest::through(&via, &mine, &inbound)
                 .await
-                .unless_lagging(lag_until, allium_directory::unix_now_ms())
+                .unless_lagging(lag_until, unix_now_ms())
         }))
     }
 
@@ -646,6 +649,18 @@ impl Relay {
 
 /// When the ORPort self-test runs again after `failures` failures in a row:
 /// an hour after a success, then 10 s, 20 s, 40 s, and every minute.
+/// How long from `now_ms` (milliseconds since the UNIX epoch) until the
+/// first self-test once consensus `c` lists the relay: not before the
+/// other relays may have fetched it (a relay still holding the one before
+/// refuses to extend to one it does not list, which proves nothing), then
+/// at a moment `r` picks in the caches' fetch window, so that the relays a
+/// new consensus lists together do not all test at once.
+fn first_test_in(c: &allium_proto::Consensus, now_ms: u64, r: u64) -> Duration {
+    let from = crate::selftest::others_may_lag_until(c).max(now_ms);
+    let spread = allium_directory::http::cache_spread_ms(c).max(1);
+    Duration::from_millis(from - now_ms + r % spread)
+}
+
 fn retest_after(failures: u32) -> Duration {
     if failures == 0 {
         Duration::from_secs(3600)
@@ -660,5 +675,27 @@ mod tests {
     fn a_failing_self_test_is_retried_soon_then_every_minute() {
         let secs: Vec<u64> = (0..6).map(|f| super::retest_after(f).as_secs()).collect();
         assert_eq!(secs, [3600, 10, 20, 40, 60, 60]);
+    }
+
+    /// The first test comes once the others may hold the consensus that
+    /// lists the relay (its caches' window and 10 s after it takes effect),
+    /// spread over the caches' window; at once plus the spread if that
+    /// time is past.
+    #[test]
+    fn the_first_self_test_waits_for_the_others_to_fetch_the_consensus() {
+        let c = allium_proto::Consensus {
+            valid_after: 1000,
+            fresh_until: 1008,
+            valid_until: 1024,
+            relays: vec![],
+            weights: Default::default(),
+            shared_random: Default::default(),
+        };
+        let ms = |now, r| super::first_test_in(&c, now, r).as_millis();
+        // The window is an eighth of the 8 s period: 1 s.
+        assert_eq!(ms(1_000_000, 0), 11_000);
+        assert_eq!(ms(1_000_500, 999), 11_499);
+        assert_eq!(ms(1_000_500, 1000), 10_500);
+        assert_eq!(ms(1_020_000, 250), 250);
     }
 }
