@@ -44,6 +44,39 @@ fn other(s: &str) -> TestnetError {
 /// Relays made at once when a testnet starts.
 const MAKE_PARALLEL: usize = 64;
 
+/// Worker threads of the authorities' own runtime.
+const AUTHORITY_THREADS: usize = 2;
+/// Worker threads of the client's own runtime.
+const CLIENT_THREADS: usize = 1;
+
+/// A runtime some roles run on apart from the rest, as they would on
+/// machines of their own; dropped without waiting for its threads, since
+/// a testnet is dropped in async code.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn new(name: &str, threads: usize) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(name)
+            .enable_all()
+            .build()?;
+        Ok(OwnRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("running until dropped").handle()
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Options of `allium testnet`.
 #[derive(Clone, Debug)]
 pub struct TestnetOptions {
@@ -480,6 +513,9 @@ pub struct Testnet {
     pub socks_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
     tasks: JoinSet<(String, Result<(), String>)>,
+    /// After `tasks`: dropped once they are aborted.
+    _authority_rt: OwnRuntime,
+    _client_rt: OwnRuntime,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -517,17 +553,26 @@ impl Testnet {
         let mut next_port = || held.next().ok_or_else(|| other("port block"));
         let mut tasks = JoinSet::new();
 
+        // The authorities get threads of their own: among the tasks of
+        // thousands of relays on the same threads, their voting rounds ran
+        // seconds late and consensuses were lost.
+        let authority_rt = OwnRuntime::new("authority", AUTHORITY_THREADS)?;
         let mut authorities = Vec::new();
         for (i, ac) in p.auths.iter().enumerate() {
-            let l = next_port()?;
+            let l = next_port()?.into_std()?;
             let a = Arc::new(Authority::new(ac.clone())?);
             let identity = a.identity();
             let name = ac.nickname.clone();
             let span = tracing::info_span!("dirauth", name = %name);
             let n = name.clone();
-            let task = tasks.spawn(
-                async move { (n, a.serve(l).await.map_err(|e| e.to_string())) }.instrument(span),
-            );
+            let serve = async move {
+                let served = match TcpListener::from_std(l) {
+                    Ok(l) => a.serve(l).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (n, served)
+            };
+            let task = tasks.spawn_on(serve.instrument(span), authority_rt.handle());
             authorities.push(AuthorityInfo {
                 name,
                 addr: ac.listen,
@@ -600,19 +645,34 @@ impl Testnet {
         if opts.data_dir.is_some() {
             write_configs(&p, &opts)?;
         }
-        let client = Client::new(p.client.clone())?;
+        // The client too, as a user's machine: its fetch and first
+        // circuit waited behind the relays' tasks for seconds.
+        let client_rt = OwnRuntime::new("client", CLIENT_THREADS)?;
+        let client = {
+            let _in = client_rt.handle().enter();
+            Client::new(p.client.clone())?
+        };
         let socks_addr = socks_listener.local_addr()?;
+        let socks_listener = socks_listener.into_std()?;
+        let http_listener = http_listener.map(|l| l.into_std()).transpose()?;
         let c = client.clone();
-        tasks.spawn(
-            async move {
-                (
-                    "client".to_string(),
-                    c.serve(vec![socks_listener], http_listener.into_iter().collect())
-                        .await
-                        .map_err(|e| e.to_string()),
-                )
-            }
-            .instrument(tracing::info_span!("client")),
+        let serve = async move {
+            let listeners = (
+                TcpListener::from_std(socks_listener),
+                http_listener.map(TcpListener::from_std).transpose(),
+            );
+            let served = match listeners {
+                (Ok(socks), Ok(http)) => c
+                    .serve(vec![socks], http.into_iter().collect())
+                    .await
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+            };
+            ("client".to_string(), served)
+        };
+        tasks.spawn_on(
+            serve.instrument(tracing::info_span!("client")),
+            client_rt.handle(),
         );
         Ok(Testnet {
             shaped: opts.shaping.is_some(),
@@ -623,6 +683,8 @@ impl Testnet {
             socks_addr,
             http_addr,
             tasks,
+            _authority_rt: authority_rt,
+            _client_rt: client_rt,
             _tmp: tmp,
         })
     }
