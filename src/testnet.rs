@@ -49,6 +49,41 @@ const AUTHORITY_THREADS: usize = 2;
 /// Worker threads of the client's own runtime.
 const CLIENT_THREADS: usize = 1;
 
+/// Open files a testnet may need per role: a relay's listener, both ends
+/// of its links to other relays and of the authorities' tests of it, its
+/// uploads and fetches.
+const FILES_PER_ROLE: u64 = 8;
+
+/// Raise the process's limit of open files towards what `roles` roles
+/// need, as far as the system lets it: the soft limit, and the hard one
+/// where the process may. A 5,000-relay network at 20,000 ran out:
+/// listeners shed connections and reachability tests and self-tests
+/// failed. Returns the limit in force.
+fn raise_file_limit(roles: usize) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = roles as u64 * FILES_PER_ROLE + 1024;
+    let had = getrlimit(Resource::Nofile);
+    let (soft, hard) = (
+        had.current.unwrap_or(u64::MAX),
+        had.maximum.unwrap_or(u64::MAX),
+    );
+    if soft >= want {
+        return soft;
+    }
+    let to = |current: u64, maximum: u64| Rlimit {
+        current: Some(current),
+        maximum: Some(maximum),
+    };
+    if setrlimit(Resource::Nofile, to(want, hard.max(want))).is_ok() {
+        return want;
+    }
+    let reachable = want.min(hard);
+    match setrlimit(Resource::Nofile, to(reachable, hard)) {
+        Ok(()) => reachable,
+        Err(_) => soft,
+    }
+}
+
 /// A runtime some roles run on apart from the rest, as they would on
 /// machines of their own; dropped without waiting for its threads, since
 /// a testnet is dropped in async code.
@@ -540,6 +575,15 @@ impl Testnet {
             allium_directory::store::set_durable(false);
         }
         let began = std::time::Instant::now();
+        let roles = opts.authorities + opts.relays + 1;
+        let files = raise_file_limit(roles);
+        if files < roles as u64 * FILES_PER_ROLE {
+            tracing::warn!(
+                limit = files,
+                "few open files allowed for {} relays: connections may be shed and tests fail (`ulimit -n`)",
+                opts.relays
+            );
+        }
         let (base, held) = free_block(&opts).await?;
         let keys = authority_keys(&opts, &dir)?;
         let ids = relay_keys(&opts, &dir)?;
