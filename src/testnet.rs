@@ -577,7 +577,7 @@ impl Testnet {
         let began = std::time::Instant::now();
         let roles = opts.authorities + opts.relays + 1;
         let files = raise_file_limit(roles);
-        if files < roles as u64 * FILES_PER_ROLE {
+        if files < roles as u64 * FILES_PER_ROLE + 1024 {
             tracing::warn!(
                 limit = files,
                 "few open files allowed for {} relays: connections may be shed and tests fail (`ulimit -n`)",
@@ -693,6 +693,7 @@ impl Testnet {
         // circuit waited behind the relays' tasks for seconds.
         let client_rt = OwnRuntime::new("client", CLIENT_THREADS)?;
         let client = {
+            // Whatever it spawns runs there too.
             let _in = client_rt.handle().enter();
             Client::new(p.client.clone())?
         };

@@ -292,46 +292,60 @@ impl Client {
             }
             None => (None, None),
         };
-        // Still bootstrapping (nothing held that gives a circuit): a
-        // fallback's answer that brings nothing newer sends it on to the
-        // authorities, which have the next consensus first.
+        // Still bootstrapping (nothing held that gives a circuit): an
+        // answer that brings nothing newer sends it on to the next kind of
+        // source, down to the authorities, which have the next consensus
+        // first; the first such answer is kept in case none has one.
         let bootstrapping = held.as_deref().is_none_or(|c| !usable(c));
-        let is_newer = |c: &Consensus| held.as_ref().is_none_or(|h| h.valid_after < c.valid_after);
+        let enough = |got: &(Arc<Consensus>, bytes::Bytes)| {
+            !bootstrapping
+                || held
+                    .as_ref()
+                    .is_none_or(|h| h.valid_after < got.0.valid_after)
+        };
         let stats = &self.inner.stats;
-        let fallbacks = &self.inner.cfg.fallback_dirs;
-        let (c, bytes) = match cached {
-            Some(got) => {
-                inc(&stats.consensus_from_caches);
-                got
+        let mut stale = None;
+        let from_caches = match cached {
+            Some(got) if enough(&got) => Some(got),
+            got => {
+                stale = got.map(|g| (g, &stats.consensus_from_caches));
+                None
             }
-            None => match dir::fetch_from_fallbacks(fallbacks, &self.inner.keys, base.as_deref())
-                .await
-            {
-                Some(got) if !bootstrapping || is_newer(&got.0) => {
-                    inc(&stats.consensus_from_fallbacks);
-                    got
-                }
-                stale => {
-                    let got = dir::fetch_consensus(
-                        &self.inner.cfg.authorities,
-                        &self.inner.keys,
-                        base.as_deref(),
-                    )
-                    .await;
-                    match (got, stale) {
-                        (Ok(got), _) => {
-                            inc(&stats.consensus_from_authorities);
-                            got
-                        }
-                        (Err(_), Some(stale)) => {
-                            inc(&stats.consensus_from_fallbacks);
-                            stale
-                        }
-                        (Err(e), None) => return Err(e),
+        };
+        let found = match from_caches {
+            Some(got) => Some((got, &stats.consensus_from_caches)),
+            None => {
+                let fallbacks = &self.inner.cfg.fallback_dirs;
+                match dir::fetch_from_fallbacks(fallbacks, &self.inner.keys, base.as_deref()).await
+                {
+                    Some(got) if enough(&got) => Some((got, &stats.consensus_from_fallbacks)),
+                    got => {
+                        stale = stale.or(got.map(|g| (g, &stats.consensus_from_fallbacks)));
+                        None
                     }
                 }
-            },
+            }
         };
+        let ((c, bytes), source) = match found {
+            Some(got) => got,
+            None => {
+                let got = dir::fetch_consensus(
+                    &self.inner.cfg.authorities,
+                    &self.inner.keys,
+                    base.as_deref(),
+                )
+                .await;
+                match (got, stale) {
+                    (Ok(got), _) => (got, &stats.consensus_from_authorities),
+                    (Err(e), Some(stale)) => {
+                        debug!("no newer consensus from the authorities either: {e}");
+                        stale
+                    }
+                    (Err(e), None) => return Err(e),
+                }
+            }
+        };
+        inc(source);
         let newer = self
             .consensus()
             .is_none_or(|old| old.valid_after < c.valid_after);
@@ -1233,9 +1247,9 @@ fn usable(c: &Consensus) -> bool {
 /// A consensus that is not [`usable`] (a network just started) builds no
 /// circuit: its holder, which can do nothing until it has the next,
 /// fetches it as soon as it is out: in the first quarter of
-/// [`http::cache_spread_ms`] (a thirty-second of the period), from the
-/// authorities when the fallback directories are still behind
-/// ([`Client::refresh_consensus`]). Only a network just started has such
+/// [`http::cache_spread_ms`] (a thirty-second of the period), asking
+/// the fallback directories and then the authorities when its guards'
+/// caches are still behind ([`Client::refresh_consensus`]). Only a network just started has such
 /// clients.
 fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
     if c.fresh_until.saturating_mul(1000) > now_ms {

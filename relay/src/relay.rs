@@ -647,8 +647,6 @@ impl Relay {
     }
 }
 
-/// When the ORPort self-test runs again after `failures` failures in a row:
-/// an hour after a success, then 10 s, 20 s, 40 s, and every minute.
 /// How long from `now_ms` (milliseconds since the UNIX epoch) until the
 /// first self-test once consensus `c` lists the relay: not before the
 /// other relays may have fetched it (a relay still holding the one before
@@ -661,6 +659,8 @@ fn first_test_in(c: &allium_proto::Consensus, now_ms: u64, r: u64) -> Duration {
     Duration::from_millis(from - now_ms + r % spread)
 }
 
+/// When the ORPort self-test runs again after `failures` failures in a row:
+/// an hour after a success, then 10 s, 20 s, 40 s, and every minute.
 fn retest_after(failures: u32) -> Duration {
     if failures == 0 {
         Duration::from_secs(3600)
