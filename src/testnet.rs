@@ -58,8 +58,8 @@ const FILES_PER_ROLE: u64 = 8;
 /// need, as far as the system lets it: the soft limit, and the hard one
 /// where the process may. A 5,000-relay network at 20,000 ran out:
 /// listeners shed connections and reachability tests and self-tests
-/// failed. Returns the limit in force.
-fn raise_file_limit(roles: usize) -> u64 {
+/// failed. Says so when it gets fewer.
+fn raise_file_limit(roles: usize) {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let want = roles as u64 * FILES_PER_ROLE + 1024;
     let had = getrlimit(Resource::Nofile);
@@ -68,20 +68,25 @@ fn raise_file_limit(roles: usize) -> u64 {
         had.maximum.unwrap_or(u64::MAX),
     );
     if soft >= want {
-        return soft;
+        return;
     }
     let to = |current: u64, maximum: u64| Rlimit {
         current: Some(current),
         maximum: Some(maximum),
     };
     if setrlimit(Resource::Nofile, to(want, hard.max(want))).is_ok() {
-        return want;
+        return;
     }
     let reachable = want.min(hard);
-    match setrlimit(Resource::Nofile, to(reachable, hard)) {
+    let limit = match setrlimit(Resource::Nofile, to(reachable, hard)) {
         Ok(()) => reachable,
         Err(_) => soft,
-    }
+    };
+    tracing::warn!(
+        limit,
+        "few open files allowed for {} roles: connections may be shed and tests fail (`ulimit -n`)",
+        roles
+    );
 }
 
 /// A runtime some roles run on apart from the rest, as they would on
@@ -575,15 +580,7 @@ impl Testnet {
             allium_directory::store::set_durable(false);
         }
         let began = std::time::Instant::now();
-        let roles = opts.authorities + opts.relays + 1;
-        let files = raise_file_limit(roles);
-        if files < roles as u64 * FILES_PER_ROLE + 1024 {
-            tracing::warn!(
-                limit = files,
-                "few open files allowed for {} relays: connections may be shed and tests fail (`ulimit -n`)",
-                opts.relays
-            );
-        }
+        raise_file_limit(opts.authorities + opts.relays + 1);
         let (base, held) = free_block(&opts).await?;
         let keys = authority_keys(&opts, &dir)?;
         let ids = relay_keys(&opts, &dir)?;

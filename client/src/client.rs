@@ -1247,10 +1247,10 @@ fn usable(c: &Consensus) -> bool {
 /// A consensus that is not [`usable`] (a network just started) builds no
 /// circuit: its holder, which can do nothing until it has the next,
 /// fetches it as soon as it is out: in the first quarter of
-/// [`http::cache_spread_ms`] (a thirty-second of the period), asking
-/// the fallback directories and then the authorities when its guards'
-/// caches are still behind ([`Client::refresh_consensus`]). Only a network just started has such
-/// clients.
+/// [`http::cache_spread_ms`] (a thirty-second of the period), asking the
+/// fallback directories and then the authorities when its guards' caches
+/// are still behind ([`Client::refresh_consensus`]). Only a network just
+/// started has such clients.
 fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32) {
     if c.fresh_until.saturating_mul(1000) > now_ms {
         if !usable(c) {
