@@ -23,7 +23,7 @@ use allium_directory::cache::ConsensusCache;
 use allium_directory::hsdir::{DirView, ServiceDirectory};
 use allium_directory::{AuthorityEntry, http, unix_now, unix_now_ms};
 use allium_proto::{AuthorityKey, Consensus, ConsensusRelay, RelayId};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -34,6 +34,16 @@ const POKE_INTERVAL: Duration = Duration::from_secs(5);
 const STALE_MAX: u64 = 60;
 /// How long a lookup of an unlisted relay waits for a fresher consensus.
 const LOOKUP_WAIT: Duration = Duration::from_secs(5);
+
+/// The relays of one process fetch at most this many consensuses at once,
+/// in turn. A relay fetches one at a time anyway; a test network runs
+/// thousands in one process. When a consensus first lists them all, each
+/// fetches about a megabyte within a second or two: side by side, all of
+/// them held it only seconds later, and no circuit could be extended
+/// through them until then. In turn, the first relays hold it within a
+/// second, and a relay that an extend waits for goes first
+/// ([`take_turn`]).
+static FETCHES: Semaphore = Semaphore::const_new(4);
 
 /// What the consensus says of a relay.
 #[derive(Debug)]
@@ -159,12 +169,19 @@ impl NetView {
         }
         let mut announced = false;
         let (mut failures, mut stale) = (0u32, 0u32);
+        let (mut poked, mut last) = (false, None);
         loop {
+            let turn = match poked {
+                true => None,
+                false => take_turn(&FETCHES, &self.poke, last).await,
+            };
             let fetched = Instant::now();
+            last = Some(fetched);
             // The consensus held is the base of the next diff.
             let held = self.cache.current();
             let fetched_now =
                 http::fetch_verified_consensus(&self.auths, &self.keys, held.as_deref()).await;
+            drop(turn);
             let wait = match fetched_now {
                 Ok((c, bytes)) => {
                     failures = 0;
@@ -197,12 +214,32 @@ impl NetView {
                     http::retry_wait(&e, failures, have, rand::random())
                 }
             };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+            poked = tokio::select! {
+                () = tokio::time::sleep(wait) => false,
                 () = self.poke.notified() => {
                     tokio::time::sleep_until(fetched + POKE_INTERVAL).await;
+                    true
                 }
+            };
+        }
+    }
+}
+
+/// Wait for a turn among the fetches of `turns`, unless `poke` comes first:
+/// a fetch that a lookup waits for goes before those in turn (then at most
+/// every [`POKE_INTERVAL`] after the `last` fetch began), without a turn.
+async fn take_turn<'a>(
+    turns: &'a Semaphore,
+    poke: &Notify,
+    last: Option<Instant>,
+) -> Option<SemaphorePermit<'a>> {
+    tokio::select! {
+        turn = turns.acquire() => turn.ok(),
+        () = poke.notified() => {
+            if let Some(last) = last {
+                tokio::time::sleep_until(last + POKE_INTERVAL).await;
             }
+            None
         }
     }
 }
@@ -231,6 +268,30 @@ fn next_fetch(c: &Consensus, now_ms: u64, stale: u32, r: u64) -> (Duration, u32)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_waits_its_turn_unless_a_lookup_waits_for_it() {
+        let turns = Semaphore::new(1);
+        let poke = Notify::new();
+        let held = turns.acquire().await.unwrap();
+        // All turns taken: no turn before a poke.
+        let waited =
+            tokio::time::timeout(Duration::from_secs(60), take_turn(&turns, &poke, None)).await;
+        assert!(waited.is_err(), "a turn while all were taken");
+        // A poke goes first, without a turn, but not sooner than
+        // POKE_INTERVAL after the last fetch began.
+        let last = Instant::now();
+        poke.notify_one();
+        let poked = tokio::time::timeout(
+            Duration::from_secs(60),
+            take_turn(&turns, &poke, Some(last)),
+        );
+        assert!(poked.await.expect("the poked fetch went first").is_none());
+        assert_eq!(last.elapsed(), POKE_INTERVAL);
+        // A turn given back is taken.
+        drop(held);
+        assert!(take_turn(&turns, &poke, Some(last)).await.is_some());
+    }
 
     #[test]
     fn relays_fetch_early_in_the_period_and_back_off_while_it_is_stale() {
