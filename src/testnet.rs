@@ -154,11 +154,29 @@ pub fn interval_for(relays: usize) -> u64 {
 }
 
 /// How long before each period `allium testnet`'s authorities vote: 3 s,
-/// and one more per 5,000 relays. The vote, the missing descriptors and
-/// the signatures of a few thousand relays cross in a second or two; a
-/// longer interval (for the relays' fetches) need not delay the votes.
+/// and one more per 10,000 relays. On threads of their own, the votes of
+/// 5,000 relays cross in tens of milliseconds, and the consensus is
+/// computed in as few; a longer interval (for the relays' fetches) need
+/// not delay the votes.
 pub fn voting_for(relays: usize) -> u64 {
-    3 + relays as u64 / 5000
+    3 + relays as u64 / 10_000
+}
+
+/// How long after `allium testnet` starts its authorities will have tested
+/// its relays: 2 s, and 1.7 ms a relay (on two cores, 5,000 relays end
+/// their uploads at about 6 s and the authorities' 15,000 first tests at
+/// about 10 s).
+fn tested_after_ms(relays: usize) -> u64 {
+    2000 + 17 * relays as u64 / 10
+}
+
+/// The period offset (`period_offset_secs`) that has a network started at
+/// `start_ms` vote at once past [`tested_after_ms`], `voting_secs` before
+/// a period of `interval_secs`. Rounds aligned to the clock alone would
+/// vote anywhere up to a period later.
+fn period_offset(start_ms: u64, relays: usize, voting_secs: u64, interval_secs: u64) -> u64 {
+    let vote_ms = start_ms + tested_after_ms(relays);
+    (vote_ms.div_ceil(1000) + voting_secs) % interval_secs
 }
 
 impl Default for TestnetOptions {
@@ -580,11 +598,16 @@ impl Testnet {
             allium_directory::store::set_durable(false);
         }
         let began = std::time::Instant::now();
+        let began_ms = allium_directory::unix_now_ms();
         raise_file_limit(opts.authorities + opts.relays + 1);
         let (base, held) = free_block(&opts).await?;
         let keys = authority_keys(&opts, &dir)?;
         let ids = relay_keys(&opts, &dir)?;
         let mut p = plan(&opts, &dir, base, &keys, &ids)?;
+        for a in &mut p.auths {
+            let voting = a.voting_secs.unwrap_or(a.interval_secs);
+            a.period_offset_secs = period_offset(began_ms, opts.relays, voting, a.interval_secs);
+        }
         tracing::debug!(took = ?began.elapsed(), "testnet ports and identity keys");
         // The fallback directories' ports are the last held; the relays
         // bind them themselves.
@@ -891,10 +914,30 @@ mod tests {
             .map(super::interval_for)
             .collect();
         assert_eq!(secs, [3, 3, 4, 5, 7, 11]);
-        let voting: Vec<u64> = [6, 4999, 5000, 10_000]
+        let voting: Vec<u64> = [6, 5000, 9999, 10_000, 50_000]
             .into_iter()
             .map(super::voting_for)
             .collect();
-        assert_eq!(voting, [3, 3, 4, 5]);
+        assert_eq!(voting, [3, 3, 3, 4, 8]);
+    }
+
+    #[test]
+    fn the_first_votes_fall_when_the_relays_are_tested() {
+        // 5,000 relays started at 1000.2 s: tested by 1010.7 s, so the
+        // vote at 1011 s is for the period at 1015 s.
+        let off = super::period_offset(1_000_200, 5000, 4, 11);
+        assert_eq!(off, 1015 % 11);
+        // Whatever the start, the first vote at or past the tests (one
+        // `voting_secs` before a period start `V`, V % 11 == off) comes
+        // within a second of them, not up to a period later.
+        for start_ms in (0..30_000).step_by(77) {
+            let off = super::period_offset(start_ms, 5000, 4, 11);
+            let tested = start_ms + 10_500;
+            let vote_ms = (1..100)
+                .map(|k| (k * 11 + off - 4) * 1000)
+                .find(|v| *v >= tested)
+                .unwrap();
+            assert!(vote_ms - tested < 1000, "started at {start_ms} ms");
+        }
     }
 }

@@ -69,6 +69,12 @@ pub struct AuthConfig {
     /// of a network must use the same: one that votes later than the
     /// others compute is left out of their consensus.
     pub voting_secs: Option<u64>,
+    /// Periods start this many seconds after a multiple of the interval
+    /// (less than the interval; 0 by default). Every authority of a network
+    /// must use the same. A test network sets it so that its first votes
+    /// fall just after its new relays were tested, not up to a period
+    /// later (as Tor's `TestingV3AuthVotingStartOffset`).
+    pub period_offset_secs: u64,
     /// Descriptors older than this are dropped.
     pub descriptor_max_age_secs: u64,
     /// Relays held at most. When the table is full, a new relay takes the
@@ -127,6 +133,7 @@ impl Default for AuthConfig {
             interval_secs: 3600,
             valid_intervals: 3,
             voting_secs: None,
+            period_offset_secs: 0,
             descriptor_max_age_secs: 48 * 3600,
             max_relays: MAX_CONSENSUS_RELAYS,
             allow_private_addresses: false,
@@ -166,6 +173,11 @@ impl AuthConfig {
         {
             return Err(DirError::Config(
                 "voting_secs must be at least 2 and at most interval_secs".into(),
+            ));
+        }
+        if self.period_offset_secs >= self.interval_secs {
+            return Err(DirError::Config(
+                "period_offset_secs must be less than interval_secs".into(),
             ));
         }
         allium_link::metrics::check_listen(self.metrics_listen, self.metrics_allow_remote)
@@ -501,7 +513,8 @@ impl Authority {
 
     /// The period a vote sent now should be for.
     fn upcoming(&self, now: u64) -> u64 {
-        (now / self.cfg.interval_secs + 1) * self.cfg.interval_secs
+        let (i, off) = (self.cfg.interval_secs, self.cfg.period_offset_secs);
+        (now.saturating_sub(off) / i + 1) * i + off
     }
 
     /// Take a vote pushed by another authority.
@@ -524,9 +537,9 @@ impl Authority {
                 format!("vote rejected: future-dated period {}", v.valid_after),
             ));
         }
-        // Periods start at multiples of the interval: any other time would
-        // be one more slot a vote could fill.
-        if v.valid_after % self.cfg.interval_secs != 0 {
+        // Periods start at multiples of the interval (plus the offset): any
+        // other time would be one more slot a vote could fill.
+        if v.valid_after % self.cfg.interval_secs != self.cfg.period_offset_secs {
             return Err((
                 StatusCode::BAD_REQUEST,
                 format!(
@@ -1441,6 +1454,46 @@ pub(crate) mod tests {
         assert_eq!(with(11, Some(4)).unwrap(), 4_000);
         assert!(with(11, Some(12)).is_err(), "longer than the interval");
         assert!(with(11, Some(1)).is_err());
+    }
+
+    #[test]
+    fn periods_start_at_the_offset_and_votes_for_others_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = AuthConfig {
+            interval_secs: 60,
+            period_offset_secs: 7,
+            ..authority(d.path())
+        };
+        assert!(
+            Authority::new(AuthConfig {
+                period_offset_secs: 60,
+                ..cfg.clone()
+            })
+            .is_err(),
+            "an offset of a whole interval"
+        );
+        let a = Authority::new(cfg).unwrap();
+        assert_eq!(a.upcoming(120), 127);
+        assert_eq!(a.upcoming(126), 127);
+        assert_eq!(a.upcoming(127), 187);
+        let now = unix_now();
+        let va = a.upcoming(now);
+        assert_eq!(va % 60, 7);
+        assert_eq!(
+            a.accept_vote(&a.make_vote(va, now), now).unwrap(),
+            "already known"
+        );
+        let aligned = va - 7 + 60;
+        assert_eq!(
+            a.accept_vote(&a.make_vote(aligned, now), now).unwrap_err(),
+            (
+                StatusCode::BAD_REQUEST,
+                format!("vote rejected: {aligned} is not the start of a period")
+            )
+        );
+        // The shared random round of a period is that of the period
+        // without the offset.
+        assert_eq!(Round::of(va, 60), Round::of(va - 7, 60));
     }
 
     #[test]
