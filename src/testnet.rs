@@ -605,8 +605,8 @@ impl Testnet {
         let ids = relay_keys(&opts, &dir)?;
         let mut p = plan(&opts, &dir, base, &keys, &ids)?;
         for a in &mut p.auths {
-            let voting = a.voting_secs.unwrap_or(a.interval_secs);
-            a.period_offset_secs = period_offset(began_ms, opts.relays, voting, a.interval_secs);
+            a.period_offset_secs =
+                period_offset(began_ms, opts.relays, a.voting(), a.interval_secs);
         }
         tracing::debug!(took = ?began.elapsed(), "testnet ports and identity keys");
         // The fallback directories' ports are the last held; the relays

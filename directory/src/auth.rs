@@ -1,7 +1,8 @@
 //! The directory authority (`allium dirauth`).
 //!
-//! Every `interval_secs` (`I`), aligned to the clock, the authorities agree
-//! on the consensus that becomes valid at the next boundary `V`, in the
+//! Every `interval_secs` (`I`), aligned to the clock (`period_offset_secs`
+//! after its multiples), the authorities agree on the consensus that
+//! becomes valid at the next boundary `V`, in the
 //! last `voting_secs` (`D`) before it, while every known relay's
 //! reachability is tested all along:
 //!
@@ -159,6 +160,14 @@ impl Default for AuthConfig {
 }
 
 impl AuthConfig {
+    /// How long before its period a round votes: `voting_secs`, or the
+    /// interval, at most 600 s.
+    pub fn voting(&self) -> u64 {
+        self.voting_secs
+            .unwrap_or(DEFAULT_VOTING_SECS)
+            .min(self.interval_secs)
+    }
+
     /// Whether the values are usable: the periods, `max_relays`, the
     /// metrics address (keys and files are checked when loaded).
     pub fn check(&self) -> Result<(), DirError> {
@@ -1247,8 +1256,7 @@ impl Authority {
 
     /// How long before its period a round votes (`voting_secs`).
     fn voting_ms(&self) -> u64 {
-        let i = self.cfg.interval_secs;
-        1000 * self.cfg.voting_secs.unwrap_or(DEFAULT_VOTING_SECS).min(i)
+        1000 * self.cfg.voting()
     }
 
     /// One voting round for the consensus valid at `va`.

@@ -36,14 +36,16 @@ const STALE_MAX: u64 = 60;
 const LOOKUP_WAIT: Duration = Duration::from_secs(5);
 
 /// The relays of one process fetch at most this many consensuses at once,
-/// in turn. A relay fetches one at a time anyway; a test network runs
-/// thousands in one process. When a consensus first lists them all, each
-/// fetches about a megabyte within a second or two: side by side, all of
-/// them held it only seconds later, and no circuit could be extended
-/// through them until then. In turn, the first relays hold it within a
-/// second, and a relay that an extend waits for goes first
-/// ([`take_turn`]).
-static FETCHES: Semaphore = Semaphore::const_new(4);
+/// in turn, and as many more that extends wait for. A relay fetches one at
+/// a time anyway; a test network runs thousands in one process. When a
+/// consensus first lists them all, each fetches about a megabyte within a
+/// second or two: side by side, all of them held it only seconds later,
+/// and no circuit could be extended through them until then. In turn, the
+/// first relays hold it within a second, and a relay that an extend waits
+/// for goes first ([`take_turn`]).
+const TURNS: usize = 4;
+static FETCHES: Semaphore = Semaphore::const_new(TURNS);
+static FIRST: Semaphore = Semaphore::const_new(TURNS);
 
 /// What the consensus says of a relay.
 #[derive(Debug)]
@@ -171,10 +173,7 @@ impl NetView {
         let (mut failures, mut stale) = (0u32, 0u32);
         let (mut poked, mut last) = (false, None);
         loop {
-            let turn = match poked {
-                true => None,
-                false => take_turn(&FETCHES, &self.poke, last).await,
-            };
+            let turn = take_turn([&FETCHES, &FIRST], &self.poke, poked, last).await;
             let fetched = Instant::now();
             last = Some(fetched);
             // The consensus held is the base of the next diff.
@@ -216,31 +215,34 @@ impl NetView {
             };
             poked = tokio::select! {
                 () = tokio::time::sleep(wait) => false,
-                () = self.poke.notified() => {
-                    tokio::time::sleep_until(fetched + POKE_INTERVAL).await;
-                    true
-                }
+                () = self.poke.notified() => true,
             };
         }
     }
 }
 
-/// Wait for a turn among the fetches of `turns`, unless `poke` comes first:
-/// a fetch that a lookup waits for goes before those in turn (then at most
-/// every [`POKE_INTERVAL`] after the `last` fetch began), without a turn.
+/// Wait for a turn among the fetches of `turns.0`, unless an extend waits
+/// for this one (`poked`, or `poke` comes first): then it waits only for
+/// one of the turns of `turns.1`, kept for such fetches, and never sooner
+/// than [`POKE_INTERVAL`] after the `last` fetch began.
 async fn take_turn<'a>(
-    turns: &'a Semaphore,
+    turns: [&'a Semaphore; 2],
     poke: &Notify,
+    poked: bool,
     last: Option<Instant>,
 ) -> Option<SemaphorePermit<'a>> {
-    tokio::select! {
-        turn = turns.acquire() => turn.ok(),
-        () = poke.notified() => {
-            if let Some(last) = last {
-                tokio::time::sleep_until(last + POKE_INTERVAL).await;
-            }
-            None
+    if !poked {
+        tokio::select! {
+            turn = turns[0].acquire() => return turn.ok(),
+            () = poke.notified() => {}
         }
+    }
+    if let Some(last) = last {
+        tokio::time::sleep_until(last + POKE_INTERVAL).await;
+    }
+    tokio::select! {
+        turn = turns[0].acquire() => turn.ok(),
+        turn = turns[1].acquire() => turn.ok(),
     }
 }
 
@@ -270,27 +272,35 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_fetch_waits_its_turn_unless_a_lookup_waits_for_it() {
-        let turns = Semaphore::new(1);
+    async fn a_fetch_waits_its_turn_unless_an_extend_waits_for_it() {
+        let (turns, first) = (Semaphore::new(1), Semaphore::new(1));
         let poke = Notify::new();
+        let within = |f| tokio::time::timeout(Duration::from_secs(60), f);
         let held = turns.acquire().await.unwrap();
         // All turns taken: no turn before a poke.
-        let waited =
-            tokio::time::timeout(Duration::from_secs(60), take_turn(&turns, &poke, None)).await;
+        let waited = within(take_turn([&turns, &first], &poke, false, None)).await;
         assert!(waited.is_err(), "a turn while all were taken");
-        // A poke goes first, without a turn, but not sooner than
+        // A poke goes first, on a turn kept for it, but not sooner than
         // POKE_INTERVAL after the last fetch began.
         let last = Instant::now();
         poke.notify_one();
-        let poked = tokio::time::timeout(
-            Duration::from_secs(60),
-            take_turn(&turns, &poke, Some(last)),
-        );
-        assert!(poked.await.expect("the poked fetch went first").is_none());
+        let poked = within(take_turn([&turns, &first], &poke, false, Some(last))).await;
+        let poked = poked.expect("the poked fetch went first").unwrap();
         assert_eq!(last.elapsed(), POKE_INTERVAL);
+        // No more of them than the turns kept for them.
+        let last = Instant::now();
+        let more = within(take_turn([&turns, &first], &poke, true, Some(last))).await;
+        assert!(more.is_err(), "a poked fetch beyond the turns kept");
+        drop(poked);
+        let again = take_turn([&turns, &first], &poke, true, Some(last)).await;
+        assert!(again.is_some());
         // A turn given back is taken.
-        drop(held);
-        assert!(take_turn(&turns, &poke, Some(last)).await.is_some());
+        drop((held, again));
+        assert!(
+            take_turn([&turns, &first], &poke, false, None)
+                .await
+                .is_some()
+        );
     }
 
     #[test]
