@@ -153,13 +153,13 @@ pub fn interval_for(relays: usize) -> u64 {
     3 + (relays.saturating_sub(1000) as u64).div_ceil(500)
 }
 
-/// How long before each period `allium testnet`'s authorities vote: 3 s,
-/// and one more per 10,000 relays. On threads of their own, the votes of
+/// How long before each period `allium testnet`'s authorities vote: 2 s
+/// (the least allowed), and one more per 10,000 relays. On threads of their own, the votes of
 /// 5,000 relays cross in tens of milliseconds, and the consensus is
 /// computed in as few; a longer interval (for the relays' fetches) need
 /// not delay the votes.
 pub fn voting_for(relays: usize) -> u64 {
-    3 + relays as u64 / 10_000
+    2 + relays as u64 / 10_000
 }
 
 /// How long after `allium testnet` starts its authorities will have tested
@@ -918,7 +918,7 @@ mod tests {
             .into_iter()
             .map(super::voting_for)
             .collect();
-        assert_eq!(voting, [3, 3, 3, 4, 8]);
+        assert_eq!(voting, [2, 2, 2, 3, 7]);
     }
 
     #[test]
