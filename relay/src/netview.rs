@@ -171,7 +171,7 @@ impl NetView {
         }
         let mut announced = false;
         let (mut failures, mut stale) = (0u32, 0u32);
-        let (mut poked, mut last) = (false, None);
+        let (mut poked, mut last) = (None, None);
         loop {
             let turn = take_turn([&FETCHES, &FIRST], &self.poke, poked, last).await;
             let fetched = Instant::now();
@@ -213,36 +213,48 @@ impl NetView {
                     http::retry_wait(&e, failures, have, rand::random())
                 }
             };
+            // Poked: fetch at the time planned or POKE_INTERVAL after the
+            // last fetch began, whichever comes first.
+            let due = Instant::now() + wait;
             poked = tokio::select! {
-                () = tokio::time::sleep(wait) => false,
-                () = self.poke.notified() => true,
+                () = tokio::time::sleep_until(due) => None,
+                () = self.poke.notified() => Some(due.min(fetched + POKE_INTERVAL)),
             };
         }
     }
 }
 
-/// Wait for a turn among the fetches of `turns.0`, unless an extend waits
-/// for this one (`poked`, or `poke` comes first): then it waits only for
-/// one of the turns of `turns.1`, kept for such fetches, and never sooner
-/// than [`POKE_INTERVAL`] after the `last` fetch began.
+/// Wait for a turn among the fetches of `turns[0]`. Once an extend waits
+/// for this fetch (`poke` comes, or came: `poked` says from when on it may
+/// be made), take one of the turns of `turns[1]`, kept for such fetches,
+/// if it comes first: never sooner than [`POKE_INTERVAL`] after the `last`
+/// fetch began.
 async fn take_turn<'a>(
     turns: [&'a Semaphore; 2],
     poke: &Notify,
-    poked: bool,
+    poked: Option<Instant>,
     last: Option<Instant>,
 ) -> Option<SemaphorePermit<'a>> {
-    if !poked {
+    if let Some(from) = poked {
+        tokio::time::sleep_until(from).await;
+    }
+    let in_turn = turns[0].acquire();
+    tokio::pin!(in_turn);
+    if poked.is_none() {
         tokio::select! {
-            turn = turns[0].acquire() => return turn.ok(),
+            turn = &mut in_turn => return turn.ok(),
             () = poke.notified() => {}
         }
     }
-    if let Some(last) = last {
-        tokio::time::sleep_until(last + POKE_INTERVAL).await;
-    }
+    let first = async {
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + POKE_INTERVAL).await;
+        }
+        turns[1].acquire().await
+    };
     tokio::select! {
-        turn = turns[0].acquire() => turn.ok(),
-        turn = turns[1].acquire() => turn.ok(),
+        turn = in_turn => turn.ok(),
+        turn = first => turn.ok(),
     }
 }
 
@@ -276,31 +288,55 @@ mod tests {
         let (turns, first) = (Semaphore::new(1), Semaphore::new(1));
         let poke = Notify::new();
         let within = |f| tokio::time::timeout(Duration::from_secs(60), f);
+        let take = |poked, last| take_turn([&turns, &first], &poke, poked, last);
         let held = turns.acquire().await.unwrap();
         // All turns taken: no turn before a poke.
-        let waited = within(take_turn([&turns, &first], &poke, false, None)).await;
-        assert!(waited.is_err(), "a turn while all were taken");
+        assert!(
+            within(take(None, None)).await.is_err(),
+            "a turn while all were taken"
+        );
         // A poke goes first, on a turn kept for it, but not sooner than
         // POKE_INTERVAL after the last fetch began.
         let last = Instant::now();
         poke.notify_one();
-        let poked = within(take_turn([&turns, &first], &poke, false, Some(last))).await;
+        let poked = within(take(None, Some(last))).await;
         let poked = poked.expect("the poked fetch went first").unwrap();
         assert_eq!(last.elapsed(), POKE_INTERVAL);
         // No more of them than the turns kept for them.
         let last = Instant::now();
-        let more = within(take_turn([&turns, &first], &poke, true, Some(last))).await;
-        assert!(more.is_err(), "a poked fetch beyond the turns kept");
-        drop(poked);
-        let again = take_turn([&turns, &first], &poke, true, Some(last)).await;
-        assert!(again.is_some());
-        // A turn given back is taken.
-        drop((held, again));
+        let from = Some(last + Duration::from_secs(2));
         assert!(
-            take_turn([&turns, &first], &poke, false, None)
+            within(take(from, Some(last))).await.is_err(),
+            "beyond the turns kept"
+        );
+        drop(poked);
+        // Poked while asleep, every turn in turn taken: the kept turn, at
+        // POKE_INTERVAL.
+        let last = Instant::now();
+        let again = take(Some(last + Duration::from_secs(2)), Some(last)).await;
+        assert!(again.is_some());
+        assert_eq!(last.elapsed(), POKE_INTERVAL);
+        drop(again);
+        // Poked while waiting in turn: a turn given back before
+        // POKE_INTERVAL is taken then, the place in the queue kept.
+        let last = Instant::now();
+        poke.notify_one();
+        let give_back = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(held);
+        };
+        let (turn, ()) = tokio::join!(take(None, Some(last)), give_back);
+        assert!(turn.is_some());
+        assert_eq!(last.elapsed(), Duration::from_secs(1));
+        // Poked while asleep, the turns free: at the time given, not before.
+        drop(turn);
+        let t0 = Instant::now();
+        assert!(
+            take(Some(t0 + Duration::from_secs(2)), None)
                 .await
                 .is_some()
         );
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
     }
 
     #[test]
