@@ -154,10 +154,10 @@ pub fn interval_for(relays: usize) -> u64 {
 }
 
 /// How long before each period `allium testnet`'s authorities vote: 2 s
-/// (the least allowed), and one more per 10,000 relays. On threads of their own, the votes of
-/// 5,000 relays cross in tens of milliseconds, and the consensus is
-/// computed in as few; a longer interval (for the relays' fetches) need
-/// not delay the votes.
+/// (the least allowed), and one more per 10,000 relays. On threads of
+/// their own, the votes of 5,000 relays cross in tens of milliseconds, and
+/// the consensus is computed in as few; a longer interval (for the relays'
+/// fetches) need not delay the votes.
 pub fn voting_for(relays: usize) -> u64 {
     2 + relays as u64 / 10_000
 }
@@ -924,17 +924,17 @@ mod tests {
     #[test]
     fn the_first_votes_fall_when_the_relays_are_tested() {
         // 5,000 relays started at 1000.2 s: tested by 1010.7 s, so the
-        // vote at 1011 s is for the period at 1015 s.
-        let off = super::period_offset(1_000_200, 5000, 4, 11);
-        assert_eq!(off, 1015 % 11);
+        // vote at 1011 s is for the period at 1013 s.
+        let off = super::period_offset(1_000_200, 5000, 2, 11);
+        assert_eq!(off, 1013 % 11);
         // Whatever the start, the first vote at or past the tests (one
         // `voting_secs` before a period start `V`, V % 11 == off) comes
         // within a second of them, not up to a period later.
         for start_ms in (0..30_000).step_by(77) {
-            let off = super::period_offset(start_ms, 5000, 4, 11);
+            let off = super::period_offset(start_ms, 5000, 2, 11);
             let tested = start_ms + 10_500;
             let vote_ms = (1..100)
-                .map(|k| (k * 11 + off - 4) * 1000)
+                .map(|k| (k * 11 + off - 2) * 1000)
                 .find(|v| *v >= tested)
                 .unwrap();
             assert!(vote_ms - tested < 1000, "started at {start_ms} ms");
