@@ -928,15 +928,20 @@ mod tests {
         let off = super::period_offset(1_000_200, 5000, 2, 11);
         assert_eq!(off, 1013 % 11);
         // Whatever the start, the first vote at or past the tests (one
-        // `voting_secs` before a period start `V`, V % 11 == off) comes
+        // `voting_secs` before a period of the authorities' schedule) comes
         // within a second of them, not up to a period later.
         for start_ms in (0..30_000).step_by(77) {
-            let off = super::period_offset(start_ms, 5000, 2, 11);
+            let cfg = super::AuthConfig {
+                interval_secs: 11,
+                voting_secs: Some(2),
+                period_offset_secs: super::period_offset(start_ms, 5000, 2, 11),
+                ..Default::default()
+            };
             let tested = start_ms + 10_500;
-            let vote_ms = (1..100)
-                .map(|k| (k * 11 + off - 2) * 1000)
-                .find(|v| *v >= tested)
-                .unwrap();
+            // The first period voted on at or after `tested`.
+            let va = cfg.period_after((tested + 2000).div_ceil(1000) - 1);
+            let vote_ms = (va - 2) * 1000;
+            assert!(vote_ms >= tested, "started at {start_ms} ms");
             assert!(vote_ms - tested < 1000, "started at {start_ms} ms");
         }
     }

@@ -168,6 +168,12 @@ impl AuthConfig {
             .min(self.interval_secs)
     }
 
+    /// The first period to start after `now` (seconds since the epoch).
+    pub fn period_after(&self, now: u64) -> u64 {
+        let (i, off) = (self.interval_secs.max(1), self.period_offset_secs);
+        (now.saturating_sub(off) / i + 1) * i + off
+    }
+
     /// Whether the values are usable: the periods, `max_relays`, the
     /// metrics address (keys and files are checked when loaded).
     pub fn check(&self) -> Result<(), DirError> {
@@ -522,8 +528,7 @@ impl Authority {
 
     /// The period a vote sent now should be for.
     fn upcoming(&self, now: u64) -> u64 {
-        let (i, off) = (self.cfg.interval_secs, self.cfg.period_offset_secs);
-        (now.saturating_sub(off) / i + 1) * i + off
+        self.cfg.period_after(now)
     }
 
     /// Take a vote pushed by another authority.
