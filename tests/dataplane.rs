@@ -13,6 +13,7 @@ mod common;
 use allium::testnet::{Testnet, TestnetOptions};
 use allium_link::channel;
 use allium_link::limits::QUIET_DEBT;
+use allium_link::shaping::LinkSocket;
 use allium_proto::cell::{self, CELL_LEN, Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::flow::{CircParams, FIXED_INCREMENT, FIXED_WINDOW};
 use allium_proto::link::{LinkTransport, MAX_CELLS_PER_FRAME};
@@ -292,7 +293,7 @@ async fn a_forged_sendme_is_rejected() {
 
 /// Open a client link by hand that never reads: what the relay sends it
 /// piles up in the relay.
-async fn stalled_link(d: &RelayDescriptor) -> (TcpStream, LinkTransport) {
+async fn stalled_link(d: &RelayDescriptor) -> (LinkSocket, LinkTransport) {
     let (s, t, rest) = channel::handshake_nk(d.addr, None, &RelayId(d.identity), &d.link_key)
         .await
         .unwrap();
@@ -303,7 +304,7 @@ async fn stalled_link(d: &RelayDescriptor) -> (TcpStream, LinkTransport) {
 /// Open `n` circuits on a hand-made link and BEGIN a stream to `target` on
 /// each (all in one frame).
 async fn begin_many(
-    s: &mut TcpStream,
+    s: &mut LinkSocket,
     t: &mut LinkTransport,
     d: &RelayDescriptor,
     target: SocketAddr,

@@ -51,6 +51,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::limits::{CircAcct, ConnGuard, QUIET_MAX, QueueMem, TokenBucket};
 use crate::sched::Sched;
+use crate::shaping::LinkSocket;
 use crate::{LinkError, RelayStats};
 
 /// Cells queued toward one circuit. Flow control keeps an honest peer
@@ -737,12 +738,12 @@ impl Reactor {
 
     async fn run(
         &mut self,
-        mut stream: TcpStream,
+        mut stream: LinkSocket,
         cells: &mut mpsc::UnboundedReceiver<Batch>,
         mut ctrl: mpsc::UnboundedReceiver<Ctrl>,
         mut stop: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Result<(), LinkError> {
-        let (mut rd, mut wr) = stream.split();
+        let (mut rd, wr) = stream.split();
         let bucket = self.env.bucket.clone();
         let wbucket = self.env.write_bucket.clone();
         // Bandwidth granted by the read bucket for the next read.
@@ -884,7 +885,7 @@ pub type RelayCheck = Arc<dyn Fn(&RelayId, std::net::IpAddr) -> bool + Send + Sy
 /// Start a channel's task over an established link; `inbuf` holds bytes
 /// that arrived after the handshake.
 fn spawn_channel(
-    stream: TcpStream,
+    stream: LinkSocket,
     transport: LinkTransport,
     inbuf: Vec<u8>,
     setup: ChannelSetup,
@@ -991,7 +992,7 @@ impl LinkIdentity {
 /// Run a handshake step machine over `s`. Returns its result and the bytes
 /// that arrived after the handshake.
 async fn drive<T>(
-    s: &mut TcpStream,
+    s: &mut LinkSocket,
     mut step: impl FnMut(&mut Vec<u8>) -> Result<Action<T>, allium_proto::Error>,
 ) -> Result<(T, Vec<u8>), LinkError> {
     let mut buf = Vec::new();
@@ -1018,7 +1019,7 @@ async fn drive<T>(
 async fn connect_tcp(
     addr: SocketAddr,
     bind: Option<std::net::IpAddr>,
-) -> Result<TcpStream, LinkError> {
+) -> Result<LinkSocket, LinkError> {
     let connect = async {
         match bind {
             None => TcpStream::connect(addr).await,
@@ -1037,7 +1038,7 @@ async fn connect_tcp(
         .await
         .map_err(|_| LinkError::Timeout("TCP connect"))??;
     s.set_nodelay(true)?;
-    Ok(crate::shaping::wrap(s).await?)
+    Ok(LinkSocket::new(s))
 }
 
 /// An NK link to relay `id` (its link key from the consensus or its
@@ -1049,7 +1050,7 @@ pub async fn handshake_nk(
     bind: Option<std::net::IpAddr>,
     id: &RelayId,
     link_key: &LinkKey,
-) -> Result<(TcpStream, LinkTransport, Vec<u8>), LinkError> {
+) -> Result<(LinkSocket, LinkTransport, Vec<u8>), LinkError> {
     let work = async {
         let mut s = connect_tcp(addr, bind).await?;
         let mut hs = Initiator::nk(&mut rand::rng(), link_key)?;
@@ -1134,13 +1135,13 @@ pub async fn connect_xk(
 /// [`LinkIdentity::known_relay`] lists at that address. A relay identity
 /// proven in the handshake is no exemption by itself: anyone can make one.
 pub async fn accept(
-    mut s: TcpStream,
+    s: TcpStream,
     me: &LinkIdentity,
     on_create: CreateHandler,
     conn: Option<ConnGuard>,
 ) -> Result<ChannelHandle, LinkError> {
     s.set_nodelay(true)?;
-    s = crate::shaping::wrap(s).await?;
+    let mut s = LinkSocket::new(s);
     let mut hs = Responder::new(&mut rand::rng(), me.keys());
     let (l, rest) = tokio::time::timeout(HANDSHAKE_TIMEOUT, drive(&mut s, |b| hs.step(b)))
         .await

@@ -7,30 +7,40 @@
 //! It is off unless a test network turns it on ([`set`]: `allium testnet`
 //! and `allium bench` with `--link-delay`, which pass it to the processes
 //! they start through [`ENV`]). Off, it costs one atomic load per link
-//! set up and nothing per byte. On, each link's socket is replaced by one
-//! end of a loopback TCP pair whose other end a pump task forwards to the
-//! real socket: order is kept, the incoming direction is passed on as it
-//! arrives, and at most twice [`MAX_CHUNKS`] writes wait in each link's
-//! delay line before the link's own writes block. A process that takes
-//! shaping from [`ENV`] says so in its log.
+//! set up and nothing per byte. On, what a link writes goes into a delay
+//! line in the process (each write copied once, with the time it is due)
+//! and a task writes it to the socket when it is due, in order; at most
+//! [`MAX_LINE`] bytes wait in a line before the link's own writes block, as
+//! on a socket whose peer is slow. What arrives is read from the socket
+//! as it comes. A process that takes shaping from [`ENV`] says so in its
+//! log.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The environment variable a test network passes shaping in:
 /// `DELAY_MS` or `DELAY_MS,RATE_BYTES_PER_SEC`.
 pub const ENV: &str = "ALLIUM_TEST_LINK_SHAPING";
 
-/// Writes held in one link's delay line at most (each up to 64 KiB).
-pub const MAX_CHUNKS: usize = 1024;
+/// Bytes that wait in one link's delay line at most: 640 MB/s at 50 ms.
+pub const MAX_LINE: usize = 32 << 20;
 
-const CHUNK: usize = 64 * 1024;
+/// Bytes written to the socket at once, at most.
+const CHUNK: usize = 256 * 1024;
+
+/// How long the socket may refuse what is due before the line gives up
+/// (a peer that reads nothing), as a channel's own write timeout.
+const STALL: Duration = crate::channel::WRITE_TIMEOUT;
 
 /// What every link of this process does to what it sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,127 +95,238 @@ fn current() -> Option<Shaping> {
     *SHAPING.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The socket a link should use for `s`: `s` itself unless shaping is on.
-pub(crate) async fn wrap(s: TcpStream) -> std::io::Result<TcpStream> {
-    let Some(shaping) = current() else {
-        return Ok(s);
-    };
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let (inner, pump_end) = tokio::join!(TcpStream::connect(l.local_addr()?), l.accept());
-    let (inner, (pump_end, from)) = (inner?, pump_end?);
-    if from != inner.local_addr()? {
-        return Err(std::io::Error::other(
-            "another process took the link's delay line",
-        ));
-    }
-    inner.set_nodelay(true)?;
-    pump_end.set_nodelay(true)?;
-    tokio::spawn(pump(pump_end, s, shaping));
-    Ok(inner)
+/// The socket of a link: a TCP stream whose writes go through a delay
+/// line when shaping is on.
+pub struct LinkSocket {
+    rd: OwnedReadHalf,
+    wr: LinkWriter,
 }
 
-/// How long the far end may keep sending once the link has closed its
-/// side and everything it sent has left.
-const LINGER: Duration = Duration::from_secs(5);
+/// The sending side of a [`LinkSocket`].
+pub enum LinkWriter {
+    Direct(OwnedWriteHalf),
+    Delayed(DelayLine),
+}
 
-/// Forward between the link's end of the pair and the real socket until
-/// both directions are done (or the link's side is, and [`LINGER`] has
-/// passed).
-async fn pump(local: TcpStream, remote: TcpStream, shaping: Shaping) {
-    let (mut local_rd, mut local_wr) = local.into_split();
-    let (mut remote_rd, mut remote_wr) = remote.into_split();
-    let incoming = async move {
-        let _ = tokio::io::copy(&mut remote_rd, &mut local_wr).await;
-        let _ = local_wr.shutdown().await;
-    };
-    // At most MAX_CHUNKS writes wait in the channel and as many in the
-    // line: when both are full, the link's writes block, as on a real
-    // socket whose peer is slow.
-    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(MAX_CHUNKS);
-    let take = async move {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match local_rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let due = Instant::now() + shaping.delay;
-                    if tx.send((due, buf[..n].to_vec())).await.is_err() {
-                        break;
-                    }
-                }
+impl LinkSocket {
+    /// The socket a link should use for `s`: `s` itself unless shaping is
+    /// on.
+    pub fn new(s: TcpStream) -> LinkSocket {
+        Self::shaped(s, current())
+    }
+
+    fn shaped(s: TcpStream, shaping: Option<Shaping>) -> LinkSocket {
+        let (rd, wr) = s.into_split();
+        let wr = match shaping {
+            None => LinkWriter::Direct(wr),
+            Some(shaping) => LinkWriter::Delayed(DelayLine::start(wr, shaping)),
+        };
+        LinkSocket { rd, wr }
+    }
+
+    /// Both sides, to read and write at once.
+    pub fn split(&mut self) -> (&mut OwnedReadHalf, &mut LinkWriter) {
+        (&mut self.rd, &mut self.wr)
+    }
+}
+
+impl AsyncRead for LinkSocket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.rd).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LinkSocket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.wr).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.wr).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.wr).poll_shutdown(cx)
+    }
+}
+
+impl AsyncWrite for LinkWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            LinkWriter::Direct(w) => Pin::new(w).poll_write(cx, buf),
+            LinkWriter::Delayed(d) => d.poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            LinkWriter::Direct(w) => Pin::new(w).poll_flush(cx),
+            // What is in the line is as good as in a socket's buffer.
+            LinkWriter::Delayed(_) => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            LinkWriter::Direct(w) => Pin::new(w).poll_shutdown(cx),
+            LinkWriter::Delayed(d) => {
+                d.close();
+                Poll::Ready(Ok(()))
             }
         }
-    };
-    let send = async move {
-        // When the link is next free to send, at the rate if there is one.
-        let mut free = Instant::now();
-        let mut line: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
-        let mut batch = Vec::new();
-        // With a rate, bytes leave a millisecond's worth at a time.
-        let quantum = shaping
-            .rate
-            .map_or(CHUNK, |r| ((r / 1000) as usize).clamp(1, CHUNK));
-        'run: loop {
-            if line.is_empty() {
-                match rx.recv().await {
-                    Some(c) => line.push_back(c),
-                    None => break,
-                }
+    }
+}
+
+/// The writes of one link waiting for their time, shared with the task
+/// that sends them.
+#[derive(Default)]
+struct Line {
+    /// Each write and when it is due, in order.
+    q: VecDeque<(Instant, Vec<u8>)>,
+    bytes: usize,
+    /// The link will write no more: send what is left, then shut down.
+    closed: bool,
+    /// The socket failed or stalled: writes fail.
+    failed: bool,
+    /// The link, waiting for room.
+    writer: Option<Waker>,
+}
+
+/// A link's delay line: writes wait here until they are due.
+pub struct DelayLine {
+    line: Arc<(Mutex<Line>, Notify)>,
+    delay: Duration,
+}
+
+impl DelayLine {
+    /// A line in front of `wr`, and the task that empties it.
+    fn start(wr: OwnedWriteHalf, shaping: Shaping) -> DelayLine {
+        let line = Arc::new((Mutex::new(Line::default()), Notify::new()));
+        tokio::spawn(send(line.clone(), wr, shaping));
+        DelayLine {
+            line,
+            delay: shaping.delay,
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let (line, wake) = &*self.line;
+        let mut l = line.lock().unwrap_or_else(|p| p.into_inner());
+        if l.failed || l.closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if l.bytes >= MAX_LINE {
+            l.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = buf.len().min(CHUNK);
+        l.q.push_back((Instant::now() + self.delay, buf[..n].to_vec()));
+        l.bytes += n;
+        if l.q.len() == 1 {
+            wake.notify_one();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn close(&self) {
+        let (line, wake) = &*self.line;
+        line.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        wake.notify_one();
+    }
+}
+
+impl Drop for DelayLine {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Write each write of the line to the socket when it is due, at the rate
+/// if there is one; shut the socket's sending side down once the link has
+/// closed and everything has left.
+async fn send(line: Arc<(Mutex<Line>, Notify)>, mut wr: OwnedWriteHalf, shaping: Shaping) {
+    let (shared, wake) = &*line;
+    // When the link is next free to send, at the rate if there is one.
+    let mut free = Instant::now();
+    // With a rate, bytes leave a millisecond's worth at a time.
+    let quantum = shaping
+        .rate
+        .map_or(CHUNK, |r| ((r / 1000) as usize).clamp(1, CHUNK));
+    let mut batch = Vec::new();
+    loop {
+        let next = {
+            let l = shared.lock().unwrap_or_else(|p| p.into_inner());
+            match l.q.front() {
+                Some(&(due, _)) => Some(due),
+                None if l.closed => break,
+                None => None,
             }
-            while line.len() < MAX_CHUNKS
-                && let Ok(c) = rx.try_recv()
-            {
-                line.push_back(c);
-            }
-            let Some(&(due, _)) = line.front() else {
-                continue;
-            };
-            if due > Instant::now() {
-                tokio::time::sleep_until(due).await;
-                continue;
-            }
-            // Everything due by now leaves together.
-            let now = Instant::now();
-            batch.clear();
-            while let Some((due, b)) = line.front() {
+        };
+        let Some(due) = next else {
+            wake.notified().await;
+            continue;
+        };
+        if due > Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
+        // Everything due by now leaves together.
+        let now = Instant::now();
+        batch.clear();
+        {
+            let mut l = shared.lock().unwrap_or_else(|p| p.into_inner());
+            while let Some((due, b)) = l.q.front() {
                 if *due > now || (!batch.is_empty() && batch.len() + b.len() > CHUNK) {
                     break;
                 }
-                if let Some((_, b)) = line.pop_front() {
+                if let Some((_, b)) = l.q.pop_front() {
+                    l.bytes -= b.len();
                     batch.extend_from_slice(&b);
                 }
             }
-            for piece in batch.chunks(quantum) {
-                if let Some(rate) = shaping.rate {
-                    free = free.max(now);
-                    if free > Instant::now() {
-                        tokio::time::sleep_until(free).await;
-                    }
-                    free += Duration::from_secs_f64(piece.len() as f64 / rate as f64);
+            if let Some(w) = l.writer.take() {
+                w.wake();
+            }
+        }
+        for piece in batch.chunks(quantum) {
+            if let Some(rate) = shaping.rate {
+                free = free.max(now);
+                if free > Instant::now() {
+                    tokio::time::sleep_until(free).await;
                 }
-                if remote_wr.write_all(piece).await.is_err() {
-                    break 'run;
+                free += Duration::from_secs_f64(piece.len() as f64 / rate as f64);
+            }
+            match tokio::time::timeout(STALL, wr.write_all(piece)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    let mut l = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    l.failed = true;
+                    l.q.clear();
+                    l.bytes = 0;
+                    if let Some(w) = l.writer.take() {
+                        w.wake();
+                    }
+                    return;
                 }
             }
         }
-        // Dropping `rx` here unblocks `take` if the far end failed.
-        drop(rx);
-        let _ = remote_wr.shutdown().await;
-    };
-    let outgoing = async {
-        tokio::join!(take, send);
-        tokio::time::sleep(LINGER).await;
-    };
-    tokio::pin!(incoming, outgoing);
-    tokio::select! {
-        () = &mut incoming => outgoing.await,
-        () = &mut outgoing => {}
     }
+    let _ = wr.shutdown().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
 
     /// A connected pair of loopback sockets.
     async fn pair() -> (TcpStream, TcpStream) {
@@ -216,21 +337,17 @@ mod tests {
 
     #[tokio::test]
     async fn what_is_sent_arrives_late_in_order_and_paced() {
-        let (link_end, pump_end) = pair().await;
         let (real, mut far) = pair().await;
         let delay = Duration::from_millis(300);
-        tokio::spawn(pump(
-            pump_end,
-            real,
-            Shaping {
-                delay,
-                rate: Some(1_000_000),
-            },
-        ));
-        let (mut rd, mut wr) = link_end.into_split();
+        let shaping = Shaping {
+            delay,
+            rate: Some(1_000_000),
+        };
+        let mut link = LinkSocket::shaped(real, Some(shaping));
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let t0 = Instant::now();
-        wr.write_all(&data).await.unwrap();
+        link.write_all(&data).await.unwrap();
+        assert!(t0.elapsed() < delay, "the write waited for the line");
         let mut got = vec![0u8; data.len()];
         far.read_exact(&mut got[..1]).await.unwrap();
         let first = t0.elapsed();
@@ -238,23 +355,54 @@ mod tests {
         let last = t0.elapsed();
         assert_eq!(got, data, "bytes changed or reordered");
         assert!(first >= delay, "first byte after {first:?}");
-        // At 1 MB/s, all but the last write take their time on the link.
+        // At 1 MB/s, all but the first millisecond's bytes take their
+        // time on the link.
         assert!(
-            last >= delay + Duration::from_millis(130),
+            last >= delay + Duration::from_millis(190),
             "last byte after {last:?}"
         );
         // What comes back is not delayed by this end.
         let t1 = Instant::now();
         far.write_all(b"back").await.unwrap();
         let mut b = [0u8; 4];
-        rd.read_exact(&mut b).await.unwrap();
+        link.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"back");
         assert!(t1.elapsed() < delay, "the incoming side was delayed");
-        // Closing the link's end closes the far end, after the data.
-        drop(wr);
+        // Closing the link closes the far end, after the data.
+        link.write_all(b"last").await.unwrap();
+        drop(link);
         let mut rest = Vec::new();
         far.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty());
+        assert_eq!(rest, b"last");
+    }
+
+    /// A full line blocks the link's writes until the peer takes bytes,
+    /// and a peer that never reads fails the link's writes in the end.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_line_blocks_and_a_stalled_peer_fails_it() {
+        let (real, far) = pair().await;
+        let shaping = Shaping {
+            delay: Duration::from_millis(10),
+            rate: None,
+        };
+        let mut link = LinkSocket::shaped(real, Some(shaping));
+        let chunk = vec![7u8; CHUNK];
+        let mut written = 0usize;
+        let r = tokio::time::timeout(STALL * 3, async {
+            loop {
+                link.write_all(&chunk).await?;
+                written += chunk.len();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), io::Error>(())
+        })
+        .await;
+        let e = r.expect("the writes failed in time").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+        // The line and the socket's buffers, not more.
+        assert!(written >= MAX_LINE, "{written}");
+        assert!(written < MAX_LINE + (64 << 20), "{written}");
+        drop(far);
     }
 
     #[test]
