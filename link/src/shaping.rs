@@ -6,8 +6,8 @@
 //!
 //! It is off unless a test network turns it on ([`set`]: `allium testnet`
 //! and `allium bench` with `--link-delay`, which pass it to the processes
-//! they start through [`ENV`]). Off, it costs one atomic load per link
-//! set up and nothing per byte. On, what a link writes goes into a delay
+//! they start through [`ENV`]). Off, it costs one lock per link set up
+//! and nothing per byte. On, what a link writes goes into a delay
 //! line in the process (each write copied once, with the time it is due)
 //! and a task writes it to the socket when it is due, in order; at most
 //! [`MAX_LINE`] bytes wait in a line before the link's own writes block, as
@@ -35,7 +35,8 @@ pub const ENV: &str = "ALLIUM_TEST_LINK_SHAPING";
 /// Bytes that wait in one link's delay line at most: 640 MB/s at 50 ms.
 pub const MAX_LINE: usize = 32 << 20;
 
-/// Bytes written to the socket at once, at most.
+/// Bytes one write puts in the line, at most (a larger one is taken in
+/// parts, as a socket takes what fits).
 const CHUNK: usize = 256 * 1024;
 
 /// How long the socket may refuse what is due before the line gives up
@@ -260,46 +261,35 @@ async fn send(line: Arc<(Mutex<Line>, Notify)>, mut wr: OwnedWriteHalf, shaping:
     let quantum = shaping
         .rate
         .map_or(CHUNK, |r| ((r / 1000) as usize).clamp(1, CHUNK));
-    let mut batch = Vec::new();
     loop {
         let next = {
-            let l = shared.lock().unwrap_or_else(|p| p.into_inner());
-            match l.q.front() {
-                Some(&(due, _)) => Some(due),
-                None if l.closed => break,
-                None => None,
+            let mut l = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let next = l.q.pop_front();
+            if let Some((_, b)) = &next {
+                l.bytes -= b.len();
+                if let Some(w) = l.writer.take() {
+                    w.wake();
+                }
+            } else if l.closed {
+                break;
             }
+            next
         };
-        let Some(due) = next else {
+        let Some((due, b)) = next else {
             wake.notified().await;
             continue;
         };
         if due > Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        // Everything due by now leaves together.
-        let now = Instant::now();
-        batch.clear();
-        {
-            let mut l = shared.lock().unwrap_or_else(|p| p.into_inner());
-            while let Some((due, b)) = l.q.front() {
-                if *due > now || (!batch.is_empty() && batch.len() + b.len() > CHUNK) {
-                    break;
-                }
-                if let Some((_, b)) = l.q.pop_front() {
-                    l.bytes -= b.len();
-                    batch.extend_from_slice(&b);
-                }
-            }
-            if let Some(w) = l.writer.take() {
-                w.wake();
-            }
-        }
-        for piece in batch.chunks(quantum) {
+        // Each write leaves as it was written, as it would without a line.
+        for piece in b.chunks(quantum) {
             if let Some(rate) = shaping.rate {
-                free = free.max(now);
-                if free > Instant::now() {
+                let now = Instant::now();
+                if free > now {
                     tokio::time::sleep_until(free).await;
+                } else {
+                    free = now;
                 }
                 free += Duration::from_secs_f64(piece.len() as f64 / rate as f64);
             }
